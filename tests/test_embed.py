@@ -1,0 +1,278 @@
+"""embed: real buffalo_s models on real photos; resumable, deduplicating, safe."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import sort_faces
+from conftest import DATA, ROOT, embed_quiet, tree_fingerprint
+
+
+@pytest.fixture(scope="module")
+def bare_app(pack_dir):
+    """InsightFace as a user would call it directly: the reference."""
+    return sort_faces.load_face_analysis(str(pack_dir), ["detection", "recognition"],
+                                         ["CPUExecutionProvider"], 640)
+
+
+def faces_per_file(cache_path):
+    cache = sort_faces.load_cache(cache_path)
+    counts = np.bincount(cache["face_file"], minlength=cache.n_files)
+    return cache, {path: int(n) for path, n in zip(cache["files"], counts)}
+
+
+def test_face_counts_match_bare_insightface_on_five_celebs(celebs_cache, bare_app):
+    cache, counts = faces_per_file(celebs_cache)
+    images = sorted(p for p in (DATA / "five_celebs").rglob("*.jpg"))
+    assert cache.n_files == len(images) == 118
+    for path in images:
+        reference = bare_app.get(cv2.imread(str(path)))
+        assert counts[str(path)] == len(reference), path
+    assert sum(counts.values()) >= 115  # portraits: nearly every photo has a face
+    # embeddings are unit vectors of the recognition model's size
+    norms = np.linalg.norm(cache["embeddings"], axis=1)
+    assert cache["embeddings"].shape[1] == 512 and np.allclose(norms, 1, atol=1e-4)
+    assert np.all(cache["embedding_norm"] > 1)
+
+
+def test_group_photos_find_every_face(tmp_path, bare_app):
+    summary = embed_quiet(DATA / "group_photos", tmp_path / "g.npz")
+    cache, counts = faces_per_file(tmp_path / "g.npz")
+    assert summary["new"] == 6 and summary["unreadable"] == 0
+    for path, n in counts.items():
+        bgr, _w, _h = sort_faces.decode_image(path)
+        assert n == len(bare_app.get(bgr)), path
+        # 32bit.png (the RGBA one) is a portrait with a cut-off face at the edge
+        assert n >= (1 if path.endswith("32bit.png") else 2), f"{path}: {n} faces"
+    # per-face fields are filled and consistent
+    assert np.all(cache["face_short"] > 10) and np.all(cache["det_score"] > 0.5)
+    assert np.all(cache["blur"] > 0) and cache["kps"].shape[1:] == (5, 2)
+    widths = cache["file_width"][cache["face_file"]]
+    assert np.all(cache["bbox"][:, 0] < widths)
+
+
+def test_alias_recorded_not_reembedded_and_rerun_is_a_noop(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src / "a")
+    (src / "b" / "deeper").mkdir(parents=True)
+    shutil.copy2(src / "a" / "obama.jpg", src / "b" / "deeper" / "renamed copy.JPG")
+    cache_path = tmp_path / "c.npz"
+    first = embed_quiet(src, cache_path)
+    assert first["new"] == 5 and first["aliases"] == 1
+    cache = sort_faces.load_cache(cache_path)
+    aliases = cache.path_aliases()
+    assert list(aliases.values()) == [[str(src / "b" / "deeper" / "renamed copy.JPG")]]
+    assert cache.n_files == 5
+    # the on-disk cache carries the same map as JSON text
+    with np.load(cache_path) as data:
+        assert sort_faces.json.loads(str(data["path_aliases"])) == aliases
+    second = embed_quiet(src, cache_path)
+    assert second["new"] == 0 and second["aliases"] == 0 and second["faces"] == 0
+    # a later run finds a new copy of known content: alias, not embedded again
+    shutil.copy2(src / "a" / "obama2.jpg", src / "third.jpg")
+    third = embed_quiet(src, cache_path)
+    assert third["new"] == 0 and third["aliases"] == 1
+    assert sort_faces.load_cache(cache_path).n_faces == cache.n_faces
+
+
+def _copy_photos(dst: Path, sets=("five_celebs", "lfw10")) -> Path:
+    for name in sets:
+        shutil.copytree(DATA / name, dst / name, ignore=shutil.ignore_patterns("*.csv"))
+    return dst
+
+
+def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
+    src = _copy_photos(tmp_path / "src")
+    reference = tmp_path / "ref.npz"
+    embed_quiet(src, reference, workers=1)
+    killed = tmp_path / "killed.npz"
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(killed),
+               "--model", "buffalo_s", "--flush-every", "10", "--workers", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    journal = sort_faces.journal_dir(killed)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its workers, no chance to flush
+    process.wait()
+    partial = sort_faces.load_cache(killed)  # loads despite the kill
+    assert 0 < partial.n_files < 218
+    (Path(str(killed) + ".lock")).exists()  # left behind: the rerun must take it over
+    summary = embed_quiet(src, killed, workers=1)
+    assert summary["new"] == 218 - partial.n_files
+    a, b = sort_faces.load_cache(reference), sort_faces.load_cache(killed)
+    assert sorted(a["files"]) == sorted(b["files"])
+    assert a.n_faces == b.n_faces
+    order_a, order_b = np.argsort(a["files"]), np.argsort(b["files"])
+    counts_a = np.bincount(a["face_file"], minlength=a.n_files)[order_a]
+    counts_b = np.bincount(b["face_file"], minlength=b.n_files)[order_b]
+    assert np.array_equal(counts_a, counts_b)
+    # same faces: each face of one run has a twin in the other
+    similarity = a["embeddings"] @ b["embeddings"].T
+    assert np.all(similarity.max(axis=1) > 0.999)
+
+
+def _bad_and_odd_files(folder: Path) -> dict:
+    """Synthetic files of every awkward kind, built from a real photo."""
+    photo = DATA / "face_recognition" / "barack_obama" / "obama.jpg"
+    rgb = Image.open(photo).convert("RGB")
+    folder.mkdir(parents=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    data = photo.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(3000))
+    (folder / "text.jpg").write_text("this is not an image\n")
+    rgb.convert("L").save(folder / "gray.jpg")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("LA").save(folder / "la.png")
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    cv2.imwrite(str(folder / "gray16.png"), gray16)
+    cv2.imwrite(str(folder / "rgb16.tif"), np.asarray(rgb)[:, :, ::-1].astype(np.uint16) * 257)
+    return {"bad": ["empty.jpg", "truncated.jpg", "corrupt.png", "text.jpg"],
+            "odd": ["gray.jpg", "rgba.png", "la.png", "palette.png", "cmyk.jpg",
+                    "gray16.png", "rgb16.tif"]}
+
+
+def test_bad_files_are_reported_and_odd_formats_decode(tmp_path, capsys):
+    kinds = _bad_and_odd_files(tmp_path / "src")
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(tmp_path / "src"),
+               str(tmp_path / "c.npz"), "--model", "buffalo_s"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == sort_faces.EXIT_PARTIAL, result.stderr
+    assert "Traceback" not in result.stderr
+    for name in kinds["bad"]:
+        assert name in result.stderr  # each bad file is named with its reason
+    cache, counts = faces_per_file(tmp_path / "c.npz")
+    status = dict(zip(cache["files"], cache["file_status"]))
+    reasons = dict(zip(cache["files"], cache["file_reason"]))
+    src = tmp_path / "src"
+    for name in kinds["bad"]:
+        assert status[str(src / name)] == "unreadable" and reasons[str(src / name)]
+    assert "empty" in reasons[str(src / "empty.jpg")]
+    assert "truncated" in reasons[str(src / "truncated.jpg")]
+    for name in kinds["odd"]:
+        assert status[str(src / name)] == "ok" and counts[str(src / name)] == 1, name
+
+
+def test_decode_handles_exif_orientation_and_huge_images(tmp_path):
+    photo = DATA / "face_recognition" / "joe_biden" / "biden.jpg"
+    upright = Image.open(photo).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels lie on their side
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    bgr, width, height = sort_faces.decode_image(str(tmp_path / "rot.jpg"))
+    assert (width, height) == upright.size and bgr.shape[:2] == (upright.size[1], upright.size[0])
+    big = np.zeros((9000, 12000, 3), np.uint8)
+    big[::50] = 255
+    cv2.imwrite(str(tmp_path / "big.jpg"), big)
+    bgr, width, height = sort_faces.decode_image(str(tmp_path / "big.jpg"))
+    assert (width, height) == (12000, 9000)
+    assert bgr.shape[0] * bgr.shape[1] <= sort_faces.MAX_DECODE_PIXELS
+
+
+def test_exif_rotated_photo_gives_same_faces_as_upright(tmp_path):
+    photo = DATA / "face_recognition" / "joe_biden" / "biden.jpg"
+    upright = Image.open(photo).convert("RGB")
+    src = tmp_path / "src"
+    src.mkdir()
+    upright.save(src / "upright.png")
+    for orientation, transpose in ((6, Image.Transpose.ROTATE_90),
+                                   (8, Image.Transpose.ROTATE_270),
+                                   (3, Image.Transpose.ROTATE_180)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        upright.transpose(transpose).save(src / f"rot{orientation}.png", exif=exif)
+    embed_quiet(src, tmp_path / "c.npz")
+    cache = sort_faces.load_cache(tmp_path / "c.npz")
+    by_name = {Path(p).name: i for i, p in enumerate(cache["files"])}
+    reference = np.flatnonzero(cache["face_file"] == by_name["upright.png"])
+    assert len(reference) == 1
+    for name in ("rot6.png", "rot8.png", "rot3.png"):
+        faces = np.flatnonzero(cache["face_file"] == by_name[name])
+        assert len(faces) == 1, name
+        assert float(cache["embeddings"][faces[0]] @ cache["embeddings"][reference[0]]) > 0.99
+        assert np.abs(cache["bbox"][faces[0]] - cache["bbox"][reference[0]]).max() < 3
+
+
+def test_source_tree_is_byte_identical_after_embed(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "group_photos", src)
+    _bad_and_odd_files(src / "bad")
+    os.symlink(src, src / "bad" / "loop")  # a symlink loop: reported, not fatal
+    before = tree_fingerprint(src)
+    summary = embed_quiet(src, tmp_path / "c.npz")
+    assert summary["skipped_folders"] >= 1
+    assert tree_fingerprint(src) == before
+
+
+def test_concurrent_run_is_refused_and_stale_lock_taken_over(tmp_path):
+    src = DATA / "face_recognition" / "joe_biden"
+    cache = tmp_path / "c.npz"
+    lock = Path(str(cache) + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid}")
+        with pytest.raises(sort_faces.UserError, match="in use by another run"):
+            embed_quiet(src, cache)
+        result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
+                                 str(cache), "--model", "buffalo_s"],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and "in use by another run" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and the next run proceeds
+    assert embed_quiet(src, cache)["new"] == 2
+    assert not lock.exists()
+
+
+def test_mismatched_model_is_refused(tmp_path, pack_dir):
+    import onnx
+
+    src = DATA / "face_recognition" / "joe_biden"
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    other = tmp_path / "other_pack"
+    other.mkdir()
+    for name in sort_faces.OFFLINE_PACK_FILES:
+        (other / name).symlink_to(pack_dir / name)
+    (other / "w600k_mbf.onnx").unlink()
+    model = onnx.load(str(pack_dir / "w600k_mbf.onnx"))
+    onnx.helper.set_model_props(model, {"note": "a different recognition model file"})
+    onnx.save(model, str(other / "w600k_mbf.onnx"))
+    with pytest.raises(sort_faces.UserError, match="cannot be mixed"):
+        embed_quiet(src, cache, model=str(other))
+    with pytest.raises(sort_faces.UserError, match="det_size"):
+        embed_quiet(src, cache, det_size=320)
+    # the cache's own model is used when none is named
+    assert embed_quiet(src, cache, model="auto")["new"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["embed", "/no/such/folder", "x.npz"], "source folder not found"),
+    (["embed", str(DATA), "x.npz", "--model", "/no/such/pack"], "model folder not found"),
+    (["embed", str(DATA), "x.npz", "--workers", "two"], "invalid int value"),
+])
+def test_user_errors_are_one_line_with_exit_2(argv, message):
+    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *argv],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cache_inside_source_is_refused(tmp_path):
+    shutil.copytree(DATA / "face_recognition" / "joe_biden", tmp_path / "src")
+    with pytest.raises(sort_faces.UserError, match="inside the source tree"):
+        embed_quiet(tmp_path / "src", tmp_path / "src" / "cache.npz")

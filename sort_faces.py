@@ -49,6 +49,9 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+from scipy.cluster.hierarchy import fcluster, linkage
 
 # ============================================================================
 # CONSTANTS
@@ -1015,6 +1018,9 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         check_model_matches(cache, identity, cache_path)
         cache.meta.setdefault("model", identity)
         cache.meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
+        sources = cache.meta.setdefault("sources", [])
+        if str(src.resolve()) not in sources:
+            sources.append(str(src.resolve()))
         provider_list = choose_providers(providers)
         workers = workers or default_workers(provider_list)
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
@@ -1166,6 +1172,822 @@ class EmbedRun:
 
 
 # ============================================================================
+# OUTPUT FOLDERS
+# Materialising photos into an output folder: stable flat names, copy / hard
+# link / symlink, and the build-beside-then-swap that keeps a re-run from ever
+# leaving a half-written result. Also the guards that keep outputs away from
+# the user's photos.
+# ============================================================================
+
+# Characters no file system takes (Windows is the strictest) and its reserved names.
+_RESERVED_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                   *(f"LPT{i}" for i in range(1, 10))}
+MAX_NAME_BYTES = 200  # under the common 255-byte limit, leaving room for temp suffixes
+
+
+def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """One flat, stable file name for a source path, safe on every OS.
+
+    The absolute path is flattened (its folders joined with "__"), so the same
+    photo always gets the same name whatever source root a run was given.
+    Reserved characters become "_"; a name too long keeps its start, then a
+    short hash of the full path, then the extension.
+    """
+    absolute = os.path.abspath(path)
+    drive, rest = os.path.splitdrive(absolute)
+    parts = [p for p in rest.replace("\\", "/").split("/") if p]
+    if drive:
+        parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
+    name = "__".join(parts)
+    name = "".join("_" if ch in _RESERVED_CHARS else ch for ch in name).rstrip(" .") or "_"
+    stem, ext = os.path.splitext(name)
+    if stem.split(".")[0].upper() in _RESERVED_NAMES:
+        stem = "_" + stem
+    name = stem + ext
+    if len(name.encode("utf-8")) > max_bytes:
+        digest = hashlib.sha1(absolute.encode("utf-8")).hexdigest()[:10]
+        ext = ext if len(ext.encode("utf-8")) <= 16 else ""
+        room = max_bytes - len(ext.encode("utf-8")) - len(digest) - 1
+        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+        name = f"{stem}~{digest}{ext}"
+    return name
+
+
+def materialise(src: str, dst: Path, link: str) -> str:
+    """Put `src` at `dst` by copy, hardlink or symlink; return the mode used."""
+    if link == "symlink":
+        os.symlink(os.path.abspath(src), dst)
+        return link
+    if link == "hardlink":
+        try:
+            os.link(src, dst)
+            return link
+        except OSError as error:  # across devices, or a file system without links
+            log.info("hardlink %s -> %s failed (%s); copying instead", src, dst, error.strerror)
+    shutil.copy2(src, dst)
+    return "copy"
+
+
+def check_output_location(out: Path, cache_path: Path, cache: FaceCache) -> None:
+    """Refuse an output folder that could touch the photos or the cache."""
+    out = Path(os.path.abspath(out))
+    if os.path.realpath(out) == os.path.realpath(Path(cache_path).parent):
+        raise UserError(f"output {out} is the cache's folder; choose a folder of its own")
+    if is_within(cache_path, out):
+        raise UserError(f"output {out} contains the cache {cache_path}; choose another folder")
+    for source in cache.meta.get("sources", []):
+        if is_within(out, Path(source)):
+            raise UserError(f"output {out} is inside the source tree {source}; "
+                            "nothing is ever written under the source")
+    files = cache["path_seen"]
+    if len(files) and any(is_within(Path(p), out) for p in files[:: max(1, len(files) // 2000)]):
+        raise UserError(f"output {out} holds source photos; choose an empty or new folder")
+    if out.exists() and any(out.iterdir()) and not any(
+            (out / name).exists() for name in ("manifest.json", "refine_manifest.json",
+                                               "export_manifest.json")):
+        raise UserError(f"output {out} exists and is not a face-sets output; "
+                        "choose an empty or new folder")
+
+
+@contextlib.contextmanager
+def building(out: Path):
+    """Yield a fresh folder beside `out`; on success swap it in for `out`.
+
+    A crash leaves `out` as it was (plus a stray .building folder that the next
+    run removes), never a half-written result.
+    """
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stray in out.parent.glob(f".{out.name}.building-*"):
+        pid = stray.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            shutil.rmtree(stray, ignore_errors=True)
+    work = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def materialise_files(folder: Path, paths, link: str) -> list[str]:
+    """Copy/link each path into `folder` under its safe name; return the names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in paths:
+        name = safe_dst_name(path)
+        if name in names:
+            continue
+        try:
+            materialise(path, folder / name, link)
+            names.append(name)
+        except OSError as error:
+            log.warning("cannot materialise %s into %s: %s", path, folder, error.strerror or error)
+    return names
+
+
+# ============================================================================
+# CLUSTERING
+# Identity clusters from embeddings, and the summaries every grouping step
+# needs (centroids, numbering). Distances are cosine: 1 - dot of unit vectors.
+# ============================================================================
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def centroids_of(embeddings: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Unit mean embedding of each label 0..n_labels-1."""
+    sums = np.zeros((n_labels, embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, embeddings)
+    return unit_rows(sums)
+
+
+def order_groups(groups: list[np.ndarray]) -> list[np.ndarray]:
+    """Largest first; ties by smallest member, so numbering is stable."""
+    return sorted((np.sort(g) for g in groups), key=lambda g: (-len(g), int(g[0])))
+
+
+def groups_from_labels(labels: np.ndarray) -> list[np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    return order_groups(np.split(order, bounds)) if len(labels) else []
+
+
+def bcubed(labels_true, labels_pred) -> tuple[float, float]:
+    """BCubed precision and recall of a clustering against true labels."""
+    labels_true, labels_pred = np.asarray(labels_true), np.asarray(labels_pred)
+    _, true_ids = np.unique(labels_true, return_inverse=True)
+    _, pred_ids = np.unique(labels_pred, return_inverse=True)
+    joint = np.zeros((true_ids.max() + 1, pred_ids.max() + 1))
+    np.add.at(joint, (true_ids, pred_ids), 1)
+    both = joint[true_ids, pred_ids]
+    precision = float(np.mean(both / joint.sum(axis=0)[pred_ids]))
+    recall = float(np.mean(both / joint.sum(axis=1)[true_ids]))
+    return precision, recall
+
+
+# ============================================================================
+# CLUSTER
+# Raw identity clusters: person_NNN/ (2+ faces, largest first), _singletons/,
+# _noface/, manifest.json. Every on-disk location of a photo is materialised.
+# ============================================================================
+
+
+def file_locations(cache: FaceCache) -> list[list[str]]:
+    """Per cache file row: every path that holds its content, canonical first."""
+    by_sha = cache.paths_by_sha()
+    return [by_sha.get(sha, [path]) for sha, path in zip(cache["sha256"], cache["files"])]
+
+
+def face_record(cache: FaceCache, face: int, locations) -> dict:
+    file_index = int(cache["face_file"][face])
+    return {"face": int(face), "file": locations[file_index][0],
+            "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
+
+
+def write_group(folder: Path, faces, cache, locations, link) -> dict:
+    """Materialise every location of every photo of `faces` into `folder`."""
+    file_rows = sorted({int(cache["face_file"][f]) for f in faces})
+    paths = [p for row in file_rows for p in locations[row]]
+    return {"faces": [face_record(cache, f, locations) for f in faces],
+            "images": len(file_rows),
+            "outputs": materialise_files(folder, paths, link)}
+
+
+def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "step": step,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cache": str(Path(cache_path).resolve()), "model": cache.meta.get("model"),
+        "parameters": parameters,
+    }
+
+
+def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
+    status = cache["file_status"]
+    noface = [p for row in np.flatnonzero(status == "noface") for p in locations[row]]
+    unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
+                  for row in np.flatnonzero(status == "unreadable")]
+    return noface, unreadable
+
+
+def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
+            link=CLUSTER_DEFAULTS["link"], quiet=False) -> dict:
+    """Raw agglomerative clusters of every cached face into OUT. Returns the manifest."""
+    cache_path, out = Path(cache_path), Path(out)
+    cache = load_cache(cache_path)
+    check_output_location(out, cache_path, cache)
+    started = time.time()
+    labels, info = agglomerative_labels(cache["embeddings"], threshold)
+    groups = groups_from_labels(labels)
+    people = [g for g in groups if len(g) >= 2]
+    singles = np.concatenate([g for g in groups if len(g) == 1] or [np.zeros(0, int)])
+    locations = file_locations(cache)
+    noface, unreadable = noface_and_unreadable(cache, locations)
+    manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
+    manifest["clustering"] = info
+    with building(out) as work:
+        manifest["clusters"] = []
+        for number, faces in enumerate(progress(people, desc="cluster", unit="person"), 1):
+            name = f"person_{number:03d}"
+            entry = write_group(work / name, faces, cache, locations, link)
+            manifest["clusters"].append({"name": name, "size": len(faces), **entry})
+        manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
+        manifest["noface"] = {"files": noface,
+                              "outputs": materialise_files(work / "_noface", noface, link)}
+        manifest["unreadable"] = unreadable
+        manifest["next_number"] = len(people) + 1
+        manifest["extend_runs"] = []
+        manifest["summary"] = {
+            "people": len(people), "faces": int(cache.n_faces),
+            "faces_in_people": int(sum(len(g) for g in people)),
+            "singletons": int(len(singles)), "noface_images": len(noface),
+            "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
+        write_json_atomic(work / "manifest.json", manifest)
+    say("cluster: {people} people ({faces_in_people} faces), {singletons} singletons, "
+        "{noface_images} no-face images -> ".format(**manifest["summary"]) + str(out), quiet)
+    return manifest
+
+
+# ============================================================================
+# REFINE
+# Quality-gated facesets, stages in the spec's order: initial clustering,
+# centroid merge, quality gate, outlier rejection, size filter. The stages are
+# one pure function over arrays; refine() only loads, calls and writes.
+# ============================================================================
+
+
+def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score):
+    """Per face, the list of quality gates it fails (empty = passes)."""
+    checks = (("min_short", np.asarray(face_short) < min_short, "face short edge {:.0f} px < {}",
+               face_short, min_short),
+              ("min_blur", np.asarray(blur) < min_blur, "blur {:.1f} < {}", blur, min_blur),
+              ("min_det_score", np.asarray(det_score) < min_det_score, "det_score {:.2f} < {}",
+               det_score, min_det_score))
+    failures = [[] for _ in range(len(face_short))]
+    for _gate, failed, text, values, limit in checks:
+        for face in np.flatnonzero(failed):
+            failures[face].append(text.format(float(values[face]), limit))
+    return failures
+
+
+def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
+                     initial_threshold, merge_threshold, outlier_threshold, min_faces,
+                     min_short, min_blur, min_det_score):
+    """The refine stages over arrays.
+
+    Parameters
+    ----------
+    embeddings : (N, D) unit vectors
+    face_short, blur, det_score : (N,) per-face quality measurements
+    face_image : (N,) an id of the image each face is in (for the unique-image count)
+
+    Returns
+    -------
+    facesets : list of int arrays, face indices per faceset, largest first
+    dropped : dict face -> (stage, reason)
+    stages : dict, the cluster count after each stage and faces dropped by each gate
+    """
+    n = len(embeddings)
+    labels, info = agglomerative_labels(embeddings, initial_threshold)
+    clusters = groups_from_labels(labels)
+    stages = {"initial_clusters": len(clusters), "clustering": info}
+    # Centroid merge: over-split clusters of one person have close centroids.
+    if len(clusters) > 1:
+        member_labels = np.empty(n, dtype=np.int64)
+        for index, faces in enumerate(clusters):
+            member_labels[faces] = index
+        centroids = centroids_of(embeddings, member_labels, len(clusters))
+        merged, _ = agglomerative_labels(centroids, merge_threshold)
+        clusters = order_groups([np.concatenate([clusters[i] for i in np.flatnonzero(merged == m)])
+                                 for m in np.unique(merged)])
+    stages["after_merge"] = len(clusters)
+    dropped: dict[int, tuple[str, str]] = {}
+    failures = quality_failures(face_short, blur, det_score, min_short=min_short,
+                                min_blur=min_blur, min_det_score=min_det_score)
+    for face, reasons in enumerate(failures):
+        if reasons:
+            dropped[face] = ("quality", "; ".join(reasons))
+    stages["dropped_quality"] = len(dropped)
+    gated = [g[[f not in dropped for f in g]] for g in clusters]
+    gated = [g for g in gated if len(g)]
+    stages["after_quality"] = len(gated)
+    kept = []
+    for faces in gated:
+        if len(faces) >= 4:  # a centroid of 2-3 faces cannot tell which one is off
+            centroid = unit_rows(embeddings[faces].mean(axis=0))
+            distance = 1.0 - embeddings[faces] @ centroid
+            for face, d in zip(faces[distance > outlier_threshold], distance[distance > outlier_threshold]):
+                dropped[int(face)] = ("outlier", f"distance {d:.3f} from its cluster centroid "
+                                                 f"> {outlier_threshold}")
+            faces = faces[distance <= outlier_threshold]
+        kept.append(faces)
+    stages["dropped_outlier"] = sum(1 for s, _ in dropped.values() if s == "outlier")
+    facesets = []
+    for faces in order_groups([k for k in kept if len(k)]):
+        images = len(np.unique(np.asarray(face_image)[faces]))
+        if images >= min_faces:
+            facesets.append(faces)
+        else:
+            for face in faces:
+                dropped[int(face)] = ("size", f"its cluster has {images} unique images "
+                                              f"< min_faces {min_faces}")
+    stages["dropped_size"] = sum(1 for s, _ in dropped.values() if s == "size")
+    stages["facesets"] = len(facesets)
+    return order_groups(facesets) if facesets else [], dropped, stages
+
+
+def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **params) -> dict:
+    """Quality-gated per-person facesets into OUT. Returns the manifest."""
+    params = {**REFINE_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    cache_path, out = Path(cache_path), Path(out)
+    cache = load_cache(cache_path)
+    check_output_location(out, cache_path, cache)
+    started = time.time()
+    facesets, dropped, stages = refine_partition(
+        cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
+        cache["face_file"], **params)
+    locations = file_locations(cache)
+    manifest = run_header("refine", cache_path, cache, {**params, "link": link})
+    manifest["stages"] = stages
+    with building(out) as work:
+        manifest["facesets"] = []
+        for number, faces in enumerate(progress(facesets, desc="refine", unit="faceset"), 1):
+            name = f"faceset_{number:03d}"
+            entry = write_group(work / name, faces, cache, locations, link)
+            centroid = unit_rows(cache["embeddings"][faces].mean(axis=0))
+            manifest["facesets"].append({"name": name, "size": len(faces), **entry,
+                                         "centroid": [round(float(v), 6) for v in centroid]})
+        manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason)
+                               for face, (stage, reason) in sorted(dropped.items())]
+        manifest["next_number"] = len(facesets) + 1
+        manifest["extend_runs"] = []
+        manifest["summary"] = {"facesets": len(facesets), "faces": int(cache.n_faces),
+                               "faces_kept": int(sum(len(f) for f in facesets)),
+                               "seconds": round(time.time() - started, 1)}
+        write_json_atomic(work / "refine_manifest.json", manifest)
+    say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
+        f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
+        f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
+        f"(size filter dropped {stages['dropped_size']} faces) -> {out}", quiet)
+    return manifest
+
+
+# ============================================================================
+# AGGLOMERATIVE CLUSTERING (begin)
+# Largest connected component clustered exactly. Its condensed float64
+# distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
+# (1.8 GB at 15000); bigger components go to the bounded-memory fallback.
+CLUSTER_MAX_COMPONENT = 15000
+
+# Rows per matrix-product block in the edge search.
+CLUSTER_BLOCK_ROWS = 2048
+
+# Elements per similarity tile (float32: 64 MB). Sets the column block width.
+CLUSTER_TILE_ELEMS = 1 << 24
+
+# Extra cosine-distance slack when collecting candidate pairs, to absorb
+# float32 rounding; extra edges only cost time, never change the result.
+CLUSTER_EDGE_MARGIN = 1e-3
+
+# Buffered edges before they are collapsed to one spanning star per component,
+# which bounds edge memory when an identity has very many near-identical faces.
+CLUSTER_EDGE_BUFFER = 1 << 22
+
+# Fallback leader-pass radii as fractions of the threshold; the last one is
+# reused until the group count fits or a pass merges nothing.
+CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
+CLUSTER_LEADER_MAX_PASSES = 8
+
+
+def agglomerative_labels(
+    embeddings,
+    threshold,
+    *,
+    max_component=CLUSTER_MAX_COMPONENT,
+    block_rows=CLUSTER_BLOCK_ROWS,
+):
+    """Average-linkage clustering of face embeddings with a distance threshold.
+
+    Produces the same partition as ``sklearn.cluster.AgglomerativeClustering(
+    n_clusters=None, metric="cosine", linkage="average",
+    distance_threshold=threshold)`` (clusters merge while their average cosine
+    distance is strictly below ``threshold``) without building an N x N
+    matrix, except inside connected components larger than
+    ``max_component``, which use an approximate bounded-memory fallback.
+
+    Parameters
+    ----------
+    embeddings : ndarray of shape (n_samples, n_features)
+        Face embeddings with L2-normalised rows (float32 preferred; other
+        dtypes are converted). Rows that are not unit length are normalised
+        on a copy.
+    threshold : float
+        Cosine distance (``1 - cos``) at and above which clusters stay apart.
+    max_component : int, default=CLUSTER_MAX_COMPONENT
+        Largest connected component (of the graph of pairs closer than
+        ``threshold``) clustered exactly. Larger ones use the fallback, and
+        ``max_component`` also caps its number of groups.
+    block_rows : int, default=CLUSTER_BLOCK_ROWS
+        Rows per block of the blocked similarity search. Tiles hold
+        ``CLUSTER_TILE_ELEMS`` elements.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), dtype int64
+        Cluster labels ``0 .. K-1``, numbered by cluster size descending, ties
+        broken by the smallest member index.
+    info : dict
+        ``n_clusters``, ``n_components`` (components of the threshold graph),
+        ``largest_component``, ``n_edges`` (candidate pairs kept after
+        on-the-fly reduction), ``fallback_components`` (list of
+        ``{"size", "method", "groups", "passes"}``, one per component that used
+        the fallback), ``seconds`` (total), ``seconds_edges``,
+        ``seconds_linkage``.
+    """
+    t_start = time.perf_counter()
+    X = _agglo_unit_rows(embeddings)
+    n = X.shape[0]
+    threshold = float(threshold)
+    max_component = max(2, int(max_component))
+    block_rows = max(1, int(block_rows))
+    info = {"n_clusters": n, "n_components": n, "largest_component": min(n, 1),
+            "n_edges": 0, "fallback_components": [],
+            "seconds": 0.0, "seconds_edges": 0.0, "seconds_linkage": 0.0}
+    if n < 2:
+        info["seconds"] = time.perf_counter() - t_start
+        return np.zeros(n, np.int64), info
+
+    comp, n_edges = _agglo_threshold_components(X, threshold, block_rows)
+    t_edges = time.perf_counter()
+    n_comp = int(comp.max()) + 1
+    sizes = np.bincount(comp, minlength=n_comp)
+    order = np.argsort(comp, kind="stable")
+    starts = np.cumsum(sizes) - sizes
+
+    raw = np.empty(n, np.int64)
+    single = sizes == 1
+    raw[order[starts[single]]] = np.arange(int(single.sum()))
+    next_label = int(single.sum())
+    # fcluster keeps merges at heights <= t; sklearn keeps merges < threshold.
+    cut = np.nextafter(threshold, -np.inf)
+    for c in np.flatnonzero(~single):
+        idx = order[starts[c]:starts[c] + sizes[c]]
+        if idx.size <= max_component:
+            Y = X[idx].astype(np.float64)
+            Y /= np.maximum(np.linalg.norm(Y, axis=1), 1e-12)[:, None]
+            Z = linkage(_agglo_condensed_cosine(Y), method="average")
+            local = fcluster(Z, cut, criterion="distance") - 1
+        else:
+            local, fb = _agglo_fallback(X[idx], threshold, max_component,
+                                        block_rows)
+            info["fallback_components"].append({"size": int(idx.size), **fb})
+        raw[idx] = next_label + local
+        next_label += int(local.max()) + 1
+
+    labels = _agglo_canonical_labels(raw)
+    t_end = time.perf_counter()
+    info.update(n_clusters=int(labels.max()) + 1, n_components=n_comp,
+                largest_component=int(sizes.max()), n_edges=int(n_edges),
+                seconds=t_end - t_start, seconds_edges=t_edges - t_start,
+                seconds_linkage=t_end - t_edges)
+    return labels, info
+
+
+def _agglo_unit_rows(embeddings):
+    """Return a C-contiguous float32 view or copy with unit-length rows."""
+    X = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {X.shape}")
+    sq = np.einsum("ij,ij->i", X, X)
+    if X.shape[0] and np.abs(sq - 1.0).max() > 1e-3:
+        X = X / np.maximum(np.sqrt(sq), 1e-12)[:, None]
+    return X
+
+
+def _agglo_threshold_components(X, threshold, block_rows):
+    """Connected components of the graph of pairs with cosine distance < threshold.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32
+        Unit-length rows.
+    threshold : float
+        Cosine-distance threshold; pairs up to ``threshold +
+        CLUSTER_EDGE_MARGIN`` are linked (a superset is harmless).
+    block_rows : int
+        Rows per block; only the upper triangle is computed.
+
+    Returns
+    -------
+    comp : ndarray of shape (n_samples,), dtype int64
+        Component index of each row.
+    n_edges : int
+        Edges kept after dropping those inside already-known components.
+    """
+    n = X.shape[0]
+    block_cols = max(block_rows, CLUSTER_TILE_ELEMS // block_rows)
+    sim_min = np.float32(1.0 - threshold - CLUSTER_EDGE_MARGIN)
+    tile = np.empty(min(n, block_rows) * min(n, block_cols), np.float32)
+    mask = np.empty(tile.size, bool)
+    comp = np.arange(n)
+    rows, cols, buffered, n_edges = [], [], 0, 0
+
+    def collapse():
+        # Replace all edges by one star per component: at most n - 1 edges.
+        graph = scipy.sparse.coo_matrix(
+            (np.ones(buffered, np.int8), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(n, n))
+        _, lab = scipy.sparse.csgraph.connected_components(graph, directed=False)
+        _, first = np.unique(lab, return_index=True)
+        root = first[lab]
+        keep = np.flatnonzero(root != np.arange(n))
+        return lab, [keep.astype(np.int32)], [root[keep].astype(np.int32)], keep.size
+
+    for r0 in range(0, n, block_rows):
+        r1 = min(r0 + block_rows, n)
+        for c0 in range(r0, n, block_cols):
+            c1 = min(c0 + block_cols, n)
+            w = c1 - c0
+            sim = tile[:(r1 - r0) * w].reshape(r1 - r0, w)
+            np.dot(X[r0:r1], X[c0:c1].T, out=sim)
+            hit = mask[:sim.size].reshape(sim.shape)
+            np.greater_equal(sim, sim_min, out=hit)
+            flat = np.flatnonzero(hit)
+            if flat.size == 0:
+                continue
+            i = (flat // w + r0).astype(np.int32)
+            j = (flat % w + c0).astype(np.int32)
+            keep = comp[i] != comp[j]
+            if c0 == r0:
+                keep &= i < j
+            if not keep.all():
+                i, j = i[keep], j[keep]
+            if i.size:
+                rows.append(i)
+                cols.append(j)
+                buffered += i.size
+                n_edges += i.size
+                if buffered > CLUSTER_EDGE_BUFFER:
+                    comp, rows, cols, buffered = collapse()
+    if buffered:
+        comp = collapse()[0]
+    return comp.astype(np.int64), n_edges
+
+
+def _agglo_condensed_cosine(Y):
+    """Condensed cosine-distance vector (as ``scipy.spatial.distance.pdist``).
+
+    Parameters
+    ----------
+    Y : ndarray of shape (n, n_features), float64
+        Unit-length rows.
+
+    Returns
+    -------
+    condensed : ndarray of shape (n * (n - 1) // 2,), float64
+        Distances clipped at 0, filled block by block so the only large
+        array is the result itself.
+    """
+    n = Y.shape[0]
+    out = np.empty(n * (n - 1) // 2)
+    step = max(1, (CLUSTER_TILE_ELEMS // 2) // n)
+    pos = 0
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        block = Y[r0:r1] @ Y[r0:].T
+        np.subtract(1.0, block, out=block)
+        np.maximum(block, 0.0, out=block)
+        for k in range(r1 - r0):
+            seg = block[k, k + 1:]
+            out[pos:pos + seg.size] = seg
+            pos += seg.size
+    return out
+
+
+def _agglo_fallback(Xc, threshold, max_groups, block_rows):
+    """Bounded-memory approximate average linkage for one oversized component.
+
+    Parameters
+    ----------
+    Xc : ndarray of shape (n, n_features), float32
+        Unit-length rows of the component.
+    threshold : float
+        Cosine-distance threshold.
+    max_groups : int
+        Leader passes continue until at most this many groups remain; the
+        weighted linkage then needs a float32 ``max_groups**2`` matrix.
+    block_rows : int
+        Rows per block in the leader passes.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), dtype int64
+        Local cluster labels ``0 .. k-1``.
+    details : dict
+        ``method`` ("leader+weighted-average", or "leader-only" when the
+        groups never fit under ``max_groups``), ``groups``, ``passes``.
+    """
+    means = Xc.copy()
+    weights = np.ones(len(Xc))
+    item_of = np.arange(len(Xc))
+    passes = 0
+    while len(weights) > max_groups and passes < CLUSTER_LEADER_MAX_PASSES:
+        frac = CLUSTER_LEADER_RADII[min(passes, len(CLUSTER_LEADER_RADII) - 1)]
+        # Heaviest items first, so big groups lead and absorb the small ones.
+        order = np.argsort(-weights, kind="stable")
+        assign, means, new_weights = _agglo_leader_pass(
+            means[order], weights[order], frac * threshold, block_rows)
+        new_of_old = np.empty_like(assign)
+        new_of_old[order] = assign
+        item_of = new_of_old[item_of]
+        passes += 1
+        unchanged = len(new_weights) == len(weights)
+        weights = new_weights
+        if unchanged and frac >= 1.0:
+            break
+    if len(weights) <= max_groups:
+        method = "leader+weighted-average"
+        item_label = _agglo_weighted_linkage(means, weights, threshold)
+    else:
+        method = "leader-only"
+        item_label = np.arange(len(weights))
+    _, labels = np.unique(item_label[item_of], return_inverse=True)
+    return labels.astype(np.int64), {"method": method, "groups": len(weights),
+                                     "passes": passes}
+
+
+def _agglo_leader_pass(means, weights, radius, block_rows):
+    """One greedy leader pass over weighted items.
+
+    Each item joins the existing group with the smallest average cosine
+    distance (``1 - item_mean . group_mean``) if that is below ``radius``,
+    otherwise it founds a new group. Decisions inside a block use the group
+    means from the start of the block.
+
+    Parameters
+    ----------
+    means : ndarray of shape (m, n_features), float32
+        Mean of the unit vectors in each item.
+    weights : ndarray of shape (m,)
+        Number of faces in each item.
+    radius : float
+        Joining distance.
+    block_rows : int
+        Items per block.
+
+    Returns
+    -------
+    assign : ndarray of shape (m,), dtype int64
+        Group of each item.
+    group_means : ndarray of shape (g, n_features), float32
+    group_weights : ndarray of shape (g,)
+    """
+    m, dim = means.shape
+    assign = np.empty(m, np.int64)
+    g_means = np.zeros((m, dim), np.float32)
+    g_weights = np.zeros(m)
+    n_groups = 0
+    for r0 in range(0, m, block_rows):
+        r1 = min(r0 + block_rows, m)
+        B, w = means[r0:r1], weights[r0:r1]
+        a = np.full(r1 - r0, -1, np.int64)
+        if n_groups:
+            best, best_sim = _agglo_best_match(B, g_means[:n_groups])
+            join = 1.0 - best_sim < radius
+            a[join] = best[join]
+        rest = np.flatnonzero(a < 0)
+        if rest.size:
+            # Unmatched items: sequential leader pass among themselves.
+            S = B[rest] @ B[rest].T
+            leaders = []
+            for k in range(rest.size):
+                if leaders:
+                    s = S[k, leaders]
+                    j = int(s.argmax())
+                    if 1.0 - s[j] < radius:
+                        a[rest[k]] = a[rest[leaders[j]]]
+                        continue
+                a[rest[k]] = n_groups
+                n_groups += 1
+                leaders.append(k)
+        # Weighted running means of the groups touched by this block.
+        touched, pos = np.unique(a, return_inverse=True)
+        srt = np.argsort(pos, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(pos[srt]) != 0])
+        add = np.add.reduceat((B * w[:, None])[srt], bounds, axis=0)
+        w_add = np.bincount(pos, weights=w)
+        w_old = g_weights[touched]
+        g_means[touched] = (g_means[touched] * w_old[:, None] + add) / (w_old + w_add)[:, None]
+        g_weights[touched] = w_old + w_add
+        assign[r0:r1] = a
+    return assign, g_means[:n_groups].copy(), g_weights[:n_groups].copy()
+
+
+def _agglo_best_match(B, G):
+    """Index and value of the largest dot product of each row of B with G's rows."""
+    step = max(1, CLUSTER_TILE_ELEMS // max(1, len(B)))
+    best = np.zeros(len(B), np.int64)
+    best_sim = np.full(len(B), -np.inf, np.float32)
+    rows = np.arange(len(B))
+    for c0 in range(0, len(G), step):
+        S = B @ G[c0:c0 + step].T
+        j = S.argmax(axis=1)
+        s = S[rows, j]
+        better = s > best_sim
+        best[better] = j[better] + c0
+        best_sim[better] = s[better]
+    return best, best_sim
+
+
+def _agglo_weighted_linkage(means, weights, threshold):
+    """Size-weighted average linkage (UPGMA) over groups, below a threshold.
+
+    Nearest-neighbour-chain algorithm on a dense float32 matrix. A group whose
+    nearest neighbour is at or beyond ``threshold`` is final, because average
+    linkage is reducible: later merges cannot bring another cluster closer.
+
+    Parameters
+    ----------
+    means : ndarray of shape (m, n_features), float32
+        Mean unit vector of each group; ``1 - means @ means.T`` is the exact
+        average distance between the groups' members.
+    weights : ndarray of shape (m,)
+        Number of faces in each group.
+    threshold : float
+        Merge only while the average distance is strictly below this.
+
+    Returns
+    -------
+    labels : ndarray of shape (m,), dtype int64
+        Index of the surviving group each group was merged into.
+    """
+    m = len(weights)
+    D = means @ means.T
+    np.subtract(np.float32(1.0), D, out=D)
+    size = np.asarray(weights, np.float64).copy()
+    gone = np.zeros(m, np.float32)  # +inf once merged away or final
+    parent = np.arange(m)
+    alive = np.ones(m, bool)
+    chain = []
+    while True:
+        if not chain:
+            start = int(alive.argmax())
+            if not alive[start]:
+                break
+            chain.append(start)
+        a = chain[-1]
+        row = D[a] + gone
+        row[a] = np.inf
+        b = int(row.argmin())
+        if len(chain) > 1 and row[chain[-2]] <= row[b]:
+            b = chain[-2]  # prefer the predecessor on ties so the chain cannot cycle
+        if not row[b] < threshold:
+            alive[a] = False
+            gone[a] = np.inf
+            chain.pop()
+        elif len(chain) > 1 and b == chain[-2]:
+            del chain[-2:]
+            new = (D[a] * size[a] + D[b] * size[b]) / (size[a] + size[b])
+            D[a] = new
+            D[:, a] = new
+            size[a] += size[b]
+            parent[b] = a
+            alive[b] = False
+            gone[b] = np.inf
+        else:
+            chain.append(b)
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _agglo_canonical_labels(raw):
+    """Relabel clusters 0..K-1 by size descending, ties by smallest member index."""
+    _, first, inverse, sizes = np.unique(raw, return_index=True,
+                                         return_inverse=True, return_counts=True)
+    order = np.lexsort((first, -sizes))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.ravel()]
+# AGGLOMERATIVE CLUSTERING (end)
+
+
+# ============================================================================
 # CLI
 # One subparser per subcommand; every flag shows its default in --help.
 # ============================================================================
@@ -1220,7 +2042,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush new results to disk after this many new files")
     add_verbosity_flags(p)
     p.set_defaults(handler=cli_embed)
+
+    p = sub.add_parser("cluster", formatter_class=HelpFormatter,
+                       help="raw identity clusters: person_NNN/, _singletons/, _noface/",
+                       description="Agglomerative clustering (cosine, average linkage) of every "
+                                   "cached face into OUT/person_NNN/ (largest first), "
+                                   "_singletons/ and _noface/, with manifest.json.")
+    p.add_argument("cache", help="the .npz cache written by embed")
+    p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
+    p.add_argument("--threshold", type=float, default=CLUSTER_DEFAULTS["threshold"],
+                   help="cosine distance at and above which clusters stay apart")
+    add_link_flag(p)
+    add_verbosity_flags(p)
+    p.set_defaults(handler=cli_cluster)
+
+    p = sub.add_parser("refine", formatter_class=HelpFormatter,
+                       help="quality-gated per-person facesets: faceset_NNN/",
+                       description="Initial cluster -> centroid merge -> quality gate -> "
+                                   "outlier rejection -> size filter -> OUT/faceset_NNN/ and "
+                                   "refine_manifest.json (every dropped face with its reason).")
+    p.add_argument("cache", help="the .npz cache written by embed")
+    p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
+    refine_help = {
+        "initial_threshold": "cosine distance for stage-1 clustering",
+        "merge_threshold": "centroid-level merge of over-split clusters",
+        "outlier_threshold": "drop a face whose cosine distance from its cluster centroid "
+                             "exceeds this (only in clusters of 4 or more)",
+        "min_faces": "minimum unique images per faceset",
+        "min_short": "minimum short edge of the face box, in pixels",
+        "min_blur": "minimum blur score (Laplacian variance of the face at 112 px)",
+        "min_det_score": "minimum InsightFace detector score",
+    }
+    for key, text in refine_help.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(REFINE_DEFAULTS[key]),
+                       default=REFINE_DEFAULTS[key], help=text)
+    add_link_flag(p)
+    add_verbosity_flags(p)
+    p.set_defaults(handler=cli_refine)
     return parser
+
+
+def add_link_flag(parser) -> None:
+    parser.add_argument("--link", choices=("copy", "hardlink", "symlink"),
+                        default=CLUSTER_DEFAULTS["link"],
+                        help="how photos are put in the output (hardlink falls back to copy "
+                             "across devices)")
+
+
+def cli_cluster(args) -> int:
+    cluster(args.cache, args.out, threshold=args.threshold, link=args.link, quiet=args.quiet)
+    return EXIT_OK
+
+
+def cli_refine(args) -> int:
+    refine(args.cache, args.out, link=args.link, quiet=args.quiet,
+           **{key: getattr(args, key) for key in REFINE_DEFAULTS})
+    return EXIT_OK
 
 
 def cli_embed(args) -> int:

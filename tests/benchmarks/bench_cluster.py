@@ -10,7 +10,7 @@ checks the partition against scikit-learn for N <= 20000.
 
 Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
 one identity holding 5 % of all faces, and 10 % of identities given a
-look-alike "sibling" centre (cos 0.55) so some components span identities.
+look-alike "sibling" centre (cos ~0.6) so some components span identities.
 Faces are ``normalize(centre + sigma * z)`` with ``z ~ N(0, I/512)``; sigma
 in [0.65, 1.0] for most faces gives intra-identity cosine distances of
 0.3-0.5, a 12 % tail up to sigma 1.5 gives harder faces (up to ~0.6).
@@ -70,7 +70,7 @@ def make_faces(n, dim=DIM, seed=0, chunk=20000):
     sib = rng.choice(multi[1:], size=len(multi) // 10, replace=False)
     partner = rng.choice(multi, size=sib.size)
     noise = rng.standard_normal((sib.size, dim)).astype(np.float32) / np.sqrt(dim)
-    centres[sib] = centres[partner] + np.float32(0.9) * noise
+    centres[sib] = centres[partner] + np.float32(1.3) * noise
     centres[sib] /= np.linalg.norm(centres[sib], axis=1, keepdims=True)
 
     truth = rng.permutation(np.repeat(np.arange(n_id), sizes))

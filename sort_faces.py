@@ -1215,18 +1215,26 @@ def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
 
 
 def materialise(src: str, dst: Path, link: str) -> str:
-    """Put `src` at `dst` by copy, hardlink or symlink; return the mode used."""
+    """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
+
+    The file appears whole or not at all (made under a temp name, then renamed).
+    """
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    mode = link
     if link == "symlink":
-        os.symlink(os.path.abspath(src), dst)
-        return link
-    if link == "hardlink":
+        os.symlink(os.path.abspath(src), tmp)
+    elif link == "hardlink":
         try:
-            os.link(src, dst)
-            return link
+            os.link(src, tmp)
         except OSError as error:  # across devices, or a file system without links
             log.info("hardlink %s -> %s failed (%s); copying instead", src, dst, error.strerror)
-    shutil.copy2(src, dst)
-    return "copy"
+            mode = "copy"
+    if mode == "copy":
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+    return mode
 
 
 def check_output_location(out: Path, cache_path: Path, cache: FaceCache) -> None:
@@ -1543,6 +1551,213 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
         f"(size filter dropped {stages['dropped_size']} faces) -> {out}", quiet)
     return manifest
+
+
+# ============================================================================
+# EXTEND
+# Fold faces the manifests do not know yet into an existing cluster and/or
+# refine output: join the nearest person by centroid, or form new numbers
+# after the highest; never renumber, never move an existing member. New files
+# are added in place (each written whole, then renamed) and the manifest is
+# rewritten last, so a crash is repaired by running extend again.
+# ============================================================================
+
+
+def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
+    """Index of, and cosine distance to, the nearest centroid of each row."""
+    if len(centroids) == 0 or len(embeddings) == 0:
+        return np.full(len(embeddings), -1), np.full(len(embeddings), np.inf)
+    similarity = embeddings @ centroids.T
+    best = similarity.argmax(axis=1)
+    return best, 1.0 - similarity[np.arange(len(embeddings)), best]
+
+
+def manifest_face_ids(entries) -> set[int]:
+    return {face["face"] for entry in entries for face in entry["faces"]}
+
+
+def add_faces_to_entry(entry: dict, folder: Path, faces, cache, locations, link) -> None:
+    """Append faces to a manifest group and materialise their photos in place."""
+    entry["faces"] += [face_record(cache, f, locations) for f in faces]
+    entry["size"] = len(entry["faces"])
+    sync_entry_files(entry, folder, cache, locations, link)
+
+
+def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
+    """Materialise every location of every photo of the entry that is missing
+    (new faces, or new aliases of known photos). Returns how many were added."""
+    rows = sorted({int(cache["face_file"][f["face"]]) for f in entry["faces"]})
+    present = set(entry.get("outputs", []))
+    missing = [p for row in rows for p in locations[row] if safe_dst_name(p) not in present]
+    entry["outputs"] = list(entry.get("outputs", [])) + materialise_files(folder, missing, link)
+    entry["images"] = len(rows)
+    return len(missing)
+
+
+def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, where: Path) -> None:
+    made_with = (manifest.get("model") or {}).get("recognition_sha256")
+    if made_with != cache.meta.get("model", {}).get("recognition_sha256"):
+        raise UserError(
+            f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
+            f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
+            "embeddings of two models cannot be compared")
+
+
+def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
+    """Fold new faces into a `cluster` output. Returns the run record, or None
+    when there was nothing to do."""
+    manifest_path = out / "manifest.json"
+    manifest = read_json(manifest_path, "cluster manifest")
+    check_manifest_model(manifest, cache, cache_path, out)
+    threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
+    embeddings = cache["embeddings"]
+    people = manifest["clusters"]
+    known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]])
+    new = np.array([f for f in range(cache.n_faces) if f not in known], dtype=np.int64)
+    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
+              "faces_added": int(len(new)), "joined": {}, "new_people": [], "singletons": 0}
+    # 1. join the nearest existing person
+    centroids = unit_rows(np.array([embeddings[[f["face"] for f in p["faces"]]].mean(axis=0)
+                                    for p in people])) if people else np.zeros((0, 1))
+    best, distance = nearest_centroid(embeddings[new], centroids)
+    joins = distance < threshold
+    for index in np.unique(best[joins]):
+        faces = new[joins & (best == index)]
+        add_faces_to_entry(people[index], out / people[index]["name"], faces, cache, locations, link)
+        record["joined"][people[index]["name"]] = [int(f) for f in faces]
+    # 2. the rest, with the old singletons, may now form new people
+    old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
+    pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
+    labels, _info = agglomerative_labels(embeddings[pool], threshold)
+    number = max([int(p["name"].split("_")[1]) for p in people] + [0]) + 1
+    singles = []
+    for group in groups_from_labels(labels):
+        faces = pool[group]
+        if len(faces) < 2:
+            singles += [int(f) for f in faces]
+            continue
+        entry = {"name": f"person_{number:03d}", "faces": [], "outputs": []}
+        add_faces_to_entry(entry, out / entry["name"], faces, cache, locations, link)
+        people.append(entry)
+        record["new_people"].append(entry["name"])
+        number += 1
+    # 3. singletons: rebuild the list; drop files no remaining singleton face needs
+    singleton_entry = manifest["singletons"]
+    singleton_entry["faces"] = [face_record(cache, f, locations) for f in sorted(singles)]
+    keep_rows = {int(cache["face_file"][f]) for f in singles}
+    keep_names = {safe_dst_name(p) for row in keep_rows for p in locations[row]}
+    for name in set(singleton_entry["outputs"]) - keep_names:
+        with contextlib.suppress(FileNotFoundError):
+            (out / "_singletons" / name).unlink()
+    singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
+    record["singletons"] = len(set(singles) & set(new.tolist()))
+    # 4. aliases found since, and no-face photos
+    aliases_added = sum(sync_entry_files(p, out / p["name"], cache, locations, link) for p in people)
+    aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
+    noface, unreadable = noface_and_unreadable(cache, locations)
+    new_noface = [p for p in noface if p not in set(manifest["noface"]["files"])]
+    manifest["noface"]["files"] += new_noface
+    manifest["noface"]["outputs"] += materialise_files(out / "_noface", new_noface, link)
+    manifest["unreadable"] = unreadable
+    record["noface_added"] = len(new_noface)
+    if not len(new) and not new_noface and not aliases_added:
+        return None
+    manifest["next_number"] = number
+    manifest.setdefault("extend_runs", []).append(record)
+    manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
+                               singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
+    write_json_atomic(manifest_path, manifest)
+    return record
+
+
+def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
+    """Fold new faces into a `refine` output under its own gates."""
+    manifest_path = out / "refine_manifest.json"
+    manifest = read_json(manifest_path, "refine manifest")
+    check_manifest_model(manifest, cache, cache_path, out)
+    params = manifest["parameters"]
+    link = params.get("link", "copy")
+    embeddings = cache["embeddings"]
+    facesets = manifest["facesets"]
+    dropped = {d["face"]: d for d in manifest["dropped"]}
+    known = manifest_face_ids(facesets) | set(dropped)
+    new = np.array([f for f in range(cache.n_faces) if f not in known], dtype=np.int64)
+    if not len(new) and not sum(sync_entry_files(s, out / s["name"], cache, locations, link)
+                                for s in facesets):
+        return None
+    record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
+              "faces_added": int(len(new)), "joined": {}, "new_facesets": [], "dropped": {}}
+    failures = quality_failures(cache["face_short"][new], cache["blur"][new], cache["det_score"][new],
+                                min_short=params["min_short"], min_blur=params["min_blur"],
+                                min_det_score=params["min_det_score"])
+    passing = np.array([not f for f in failures], dtype=bool)
+    for face, reasons in zip(new[~passing], [f for f in failures if f]):
+        dropped[int(face)] = dict(face_record(cache, face, locations), stage="quality",
+                                  reason="; ".join(reasons))
+    candidates = new[passing]
+    centroids = unit_rows(np.array([s["centroid"] for s in facesets])) if facesets else np.zeros((0, 1))
+    best, distance = nearest_centroid(embeddings[candidates], centroids)
+    joins = distance <= params["outlier_threshold"]
+    for index in np.unique(best[joins]):
+        faces = candidates[joins & (best == index)]
+        add_faces_to_entry(facesets[index], out / facesets[index]["name"], faces, cache, locations, link)
+        members = [f["face"] for f in facesets[index]["faces"]]
+        facesets[index]["centroid"] = [round(float(v), 6) for v in
+                                       unit_rows(embeddings[members].mean(axis=0))]
+        record["joined"][facesets[index]["name"]] = [int(f) for f in faces]
+    # the rest, with faces earlier dropped only for the size filter, may form new facesets
+    too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
+    pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
+    sub = {k: params[k] for k in REFINE_DEFAULTS}
+    grown, sub_dropped, _stages = refine_partition(
+        embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
+        cache["face_file"][pool], **sub)
+    number = max([int(s["name"].split("_")[1]) for s in facesets] + [0]) + 1
+    for group in grown:
+        faces = pool[group]
+        entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
+        add_faces_to_entry(entry, out / entry["name"], faces, cache, locations, link)
+        entry["centroid"] = [round(float(v), 6) for v in unit_rows(embeddings[faces].mean(axis=0))]
+        facesets.append(entry)
+        record["new_facesets"].append(entry["name"])
+        for face in faces:
+            dropped.pop(int(face), None)
+        number += 1
+    for local, (stage, reason) in sub_dropped.items():
+        face = int(pool[local])
+        dropped[face] = dict(face_record(cache, face, locations), stage=stage, reason=reason)
+    record["dropped"] = {int(f): dropped[int(f)]["stage"] for f in new if int(f) in dropped}
+    manifest["dropped"] = [dropped[f] for f in sorted(dropped)]
+    manifest["next_number"] = number
+    manifest.setdefault("extend_runs", []).append(record)
+    manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
+                               faces_kept=sum(s["size"] for s in facesets))
+    write_json_atomic(manifest_path, manifest)
+    return record
+
+
+def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
+    """Fold new cache faces into RAW_OUT (and REFINE_OUT) without renumbering."""
+    cache_path = Path(cache_path)
+    cache = load_cache(cache_path)
+    locations = file_locations(cache)
+    results = {}
+    for out, step in ((raw_out, extend_raw), (refine_out, extend_refine)):
+        if out is None:
+            continue
+        out = Path(out)
+        if not out.is_dir():
+            raise UserError(f"output folder not found: {out}")
+        with exclusive_lock(out / ".extend", "output"):
+            results[step.__name__] = record = step(cache, cache_path, out, locations)
+        if record is None:
+            say(f"extend: {out} is up to date", quiet)
+        else:
+            made = record.get("new_people", record.get("new_facesets", []))
+            joined = sum(len(v) for v in record["joined"].values())
+            say(f"extend: {record['faces_added']} new faces into {out}: {joined} joined existing "
+                f"sets, {len(made)} new ({', '.join(made) or 'none'})", quiet)
+    return results
 
 
 # ============================================================================
@@ -2079,7 +2294,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_link_flag(p)
     add_verbosity_flags(p)
     p.set_defaults(handler=cli_refine)
+
+    p = sub.add_parser("extend", formatter_class=HelpFormatter,
+                       help="fold new faces into an existing result without renumbering",
+                       description="Faces in CACHE that RAW_OUT's manifest does not know join the "
+                                   "existing person with the nearest centroid (within the "
+                                   "output's threshold) or form new person_NNN/ after the highest; "
+                                   "with --refine-out the same for facesets, under refine's gates.")
+    p.add_argument("cache", help="the .npz cache (embed the new photos into it first)")
+    p.add_argument("raw_out", help="an output folder written by cluster")
+    p.add_argument("--refine-out", default=None, help="an output folder written by refine")
+    add_verbosity_flags(p)
+    p.set_defaults(handler=cli_extend)
     return parser
+
+
+def cli_extend(args) -> int:
+    extend(args.cache, args.raw_out, args.refine_out, quiet=args.quiet)
+    return EXIT_OK
 
 
 def add_link_flag(parser) -> None:

@@ -2565,7 +2565,9 @@ def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int
     """
     rows = np.asarray(rows, dtype=np.int64)
     hashes = cache["file_phash"][rows]
-    pairs = hamming_pairs(hashes, max_hamming)
+    # Connectivity is enough for groups: k identical hashes (blank images,
+    # burst series) give a chain of k-1 pairs to confirm, not k*(k-1)/2.
+    pairs = hamming_pairs(hashes, max_hamming, connectivity_only=True)
     if not len(pairs):
         return []
     per_file = faces_by_file(cache["face_file"], cache.n_files)
@@ -2631,6 +2633,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
                    for row, (sha, paths) in enumerate(zip(cache["sha256"], locations))
                    if len(paths) > 1]
     readable = np.flatnonzero(cache["file_status"] != "unreadable")
+    per_file = faces_by_file(cache["face_file"], cache.n_files)
     visual = []
     for members, distance in visual_duplicate_groups(cache, readable, hamming):
         keep = choose_keeper(members.tolist(), cache)
@@ -2638,7 +2641,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
                                 "width": int(cache["file_width"][row]),
                                 "height": int(cache["file_height"][row]),
                                 "bytes": int(sizes[row]),
-                                "faces": int(np.sum(cache["face_file"] == row)),
+                                "faces": len(per_file[row]),
                                 "hamming_to_first": distance[row]}
         visual.append({"keep": describe(keep),
                        "others": [describe(r) for r in members.tolist() if r != keep]})

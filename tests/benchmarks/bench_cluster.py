@@ -3,10 +3,14 @@
 Usage::
 
     python tests/benchmarks/bench_cluster.py [N ...] [--threshold T] [--sklearn]
+                                             [--max-component M]
 
 N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
-checks the partition against scikit-learn for N <= 20000.
+checks the partition against scikit-learn for N <= 20000. ``--max-component``
+lowers the exact-linkage limit to exercise the fallback.
+Set AGGLO_IMPL=staging to benchmark work/staging/clustering_section.py even
+when sort_faces.py already has the function.
 
 Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
 one identity holding 5 % of all faces, and 10 % of identities given a
@@ -34,9 +38,12 @@ DIM = 512
 
 
 def load_agglomerative_labels():
-    """``sort_faces.agglomerative_labels``, or the staging copy until it is merged."""
+    """``sort_faces.agglomerative_labels``, or the staging copy until it is merged
+    (forced with AGGLO_IMPL=staging)."""
     sys.path.insert(0, ROOT)
     try:
+        if os.environ.get("AGGLO_IMPL") == "staging":
+            raise ImportError("staging copy requested")
         import sort_faces
 
         return sort_faces.agglomerative_labels
@@ -91,14 +98,15 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(n, threshold, check_sklearn):
+def child(n, threshold, check_sklearn, max_component):
     agglomerative_labels = load_agglomerative_labels()
     t0 = time.perf_counter()
     X, truth = make_faces(n)
     gen_s = time.perf_counter() - t0
     base_mb = peak_mb()
     t0 = time.perf_counter()
-    labels, info = agglomerative_labels(X, threshold)
+    kwargs = {"max_component": max_component} if max_component else {}
+    labels, info = agglomerative_labels(X, threshold, **kwargs)
     wall = time.perf_counter() - t0
     cluster_peak = peak_mb()
     out = {"n": n, "threshold": threshold, "seconds": wall, "gen_seconds": gen_s,
@@ -124,21 +132,24 @@ def main():
     ap.add_argument("sizes", nargs="*", type=int, default=[10000, 100000, 300000])
     ap.add_argument("--threshold", type=float, default=0.6)
     ap.add_argument("--sklearn", action="store_true")
+    ap.add_argument("--max-component", type=int, default=0)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.sizes[0], args.threshold, args.sklearn)
+        child(args.sizes[0], args.threshold, args.sklearn, args.max_component)
         return
     for n in args.sizes:
         cmd = [sys.executable, os.path.abspath(__file__), str(n), "--child",
-               "--threshold", str(args.threshold)] + (["--sklearn"] if args.sklearn else [])
+               "--threshold", str(args.threshold), "--max-component", str(args.max_component)]
+        cmd += ["--sklearn"] if args.sklearn else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"N={n}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
             continue
         r = json.loads(lines[-1][7:])
-        fb = "; ".join(f"{f['size']} faces -> {f['method']} ({f['groups']} groups)"
+        fb = "; ".join(f"{f['size']} faces -> {f['method']} (exact={f['exact']}, "
+                       f"{f['rnn_rounds']} rnn rounds, {f['groups']} dense groups)"
                        for f in r["fallback_components"]) or "none"
         print(f"N={n:>7}  t={r['threshold']}  time {r['seconds']:7.1f} s "
               f"(edges {r['seconds_edges']:.1f} s, linkage {r['seconds_linkage']:.1f} s)  "

@@ -3053,6 +3053,307 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
 
 
 # ============================================================================
+# EXPORT-SWAP
+# Per faceset: tight outlier gate, size gate, near-duplicate collapse, rank by
+# composite quality, then square single-face PNG crops and .fsz bundles that
+# roop-unleashed loads as they are. roop re-detects every face in every PNG
+# (det 640, or 320 with its "default det-size" off) and averages all their
+# embeddings, so each crop is re-detected here at both sizes and must hold
+# exactly one face: other faces are blacked out, or the crop is skipped.
+# ============================================================================
+
+QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "landmark_symmetry": 0.20,
+                   "face_size": 0.15, "sharpness": 0.15}
+# sharpness: log of the blur score between these two (Laplacian variance of the
+# face at 112 px: ~10 is a smear, ~1000 crisp; the shared photos span 20-900).
+SHARPNESS_RANGE = (10.0, 1000.0)
+ROOP_DET_SIZES = (640, 320)
+# A re-detected face is the wanted one when it overlaps the expected box this much.
+CROP_MATCH_IOU = 0.3
+# Black-out is grown by this share of the other face's box, to cover its edges.
+BLACKOUT_GROW = 0.15
+BLACKOUT_ROUNDS = 3
+
+
+def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
+                  out_size, pad_ratio) -> dict[str, np.ndarray]:
+    """The five terms of the composite quality, each in [0, 1].
+
+    frontality        1 - (angle between the face's direction and the line of
+                      sight) / 60 degrees, from the enrich pose (0 if unknown)
+    det_score         the detector score, clipped to [0, 1]
+    landmark_symmetry 1 - RMS mirror residual of the 106 landmarks / 0.75
+                      inter-ocular distances, clipped (0 if unknown)
+    face_size         face short edge / the short edge at which the crop needs
+                      no upscaling (out_size / (1 + 2 pad_ratio)), clipped
+    sharpness         log(blur / 10) / log(1000 / 10), clipped
+    """
+    low, high = SHARPNESS_RANGE
+    native = out_size / (1 + 2 * pad_ratio)
+    blur = np.maximum(np.asarray(blur, dtype=np.float64), 1e-6)
+    return {
+        "frontality": np.nan_to_num(np.asarray(frontality_values, dtype=np.float64), nan=0.0),
+        "det_score": np.clip(np.asarray(det_score, dtype=np.float64), 0, 1),
+        "landmark_symmetry": np.nan_to_num(np.asarray(symmetry, dtype=np.float64), nan=0.0),
+        "face_size": np.clip(np.asarray(face_short, dtype=np.float64) / native, 0, 1),
+        "sharpness": np.clip(np.log(blur / low) / np.log(high / low), 0, 1),
+    }
+
+
+def composite_quality(terms: dict[str, np.ndarray]) -> np.ndarray:
+    return sum(weight * terms[name] for name, weight in QUALITY_WEIGHTS.items())
+
+
+def square_crop_box(bbox, pad_ratio: float) -> tuple[int, int, int]:
+    """(x0, y0, side): a square around the face box, padded on each side."""
+    x1, y1, x2, y2 = np.asarray(bbox, dtype=np.float64)
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), max(2, int(round(side)))
+
+
+def crop_square(bgr: np.ndarray, box: tuple[int, int, int], out_size: int) -> np.ndarray:
+    """The square `box` of the image at out_size x out_size; outside is black
+    (filled, never stretched)."""
+    x0, y0, side = box
+    height, width = bgr.shape[:2]
+    region = bgr[max(y0, 0):min(y0 + side, height), max(x0, 0):min(x0 + side, width)]
+    region = cv2.copyMakeBorder(region, max(0, -y0), max(0, y0 + side - height),
+                                max(0, -x0), max(0, x0 + side - width),
+                                cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    interpolation = cv2.INTER_AREA if side > out_size else cv2.INTER_CUBIC
+    return cv2.resize(region, (out_size, out_size), interpolation=interpolation)
+
+
+def box_in_crop(bbox, box: tuple[int, int, int], out_size: int) -> np.ndarray:
+    x0, y0, side = box
+    scale = out_size / side
+    return (np.asarray(bbox, dtype=np.float64) - [x0, y0, x0, y0]) * scale
+
+
+def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray):
+    """Make `crop` re-detect as exactly the wanted face at every roop det size.
+
+    `detect(image, size)` returns an (K, 4+) array of boxes. Returns
+    (crop or None, reason, faces blacked out).
+    """
+    crop = crop.copy()
+    blacked = 0
+    for _round in range(BLACKOUT_ROUNDS + 1):
+        others = []
+        for size in ROOP_DET_SIZES:
+            boxes = detect(crop, size)
+            iou = box_iou([wanted], boxes[:, :4])[0] if len(boxes) else np.zeros(0)
+            if not len(boxes) or iou.max() < CROP_MATCH_IOU:
+                return None, f"the face is not re-detected in the crop at det {size}", blacked
+            others += [b[:4] for b, overlap in zip(boxes, iou) if overlap < CROP_MATCH_IOU]
+        if not others:
+            return crop, "", blacked
+        if _round == BLACKOUT_ROUNDS:
+            break
+        for other in others:
+            grow = (other[2:] - other[:2]) * BLACKOUT_GROW
+            x1, y1 = np.floor(np.maximum(other[:2] - grow, 0)).astype(int)
+            x2, y2 = np.ceil(np.minimum(other[2:] + grow, crop.shape[1::-1])).astype(int)
+            if box_iou([wanted], [[x1, y1, x2, y2]])[0, 0] > 0.05:
+                return None, "another face overlaps this one", blacked
+            crop[y1:y2, x1:x2] = 0
+            blacked += 1
+    return None, "another face is still detected after blacking out", blacked
+
+
+def export_task(batch: list[tuple]) -> list[dict]:
+    """Worker side: decode, crop and make each crop single-face; PNG bytes back."""
+    detector = _WORKER["app"].det_model
+
+    def detect(image, size):
+        return detector.detect(image, input_size=(size, size))[0]
+
+    results = []
+    for entry, decoded in zip(batch, _WORKER["decoder"].map(_decode_or_reason,
+                                                            [e[0] for e in batch])):
+        _path, bbox, pad_ratio, out_size = entry[:4]
+        if isinstance(decoded, str):
+            results.append({"error": f"cannot read the photo: {decoded}"})
+            continue
+        box = square_crop_box(bbox, pad_ratio)
+        crop, reason, blacked = single_face_crop(
+            detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size))
+        if crop is None:
+            results.append({"error": reason})
+        else:
+            ok, png = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+            results.append({"png": png.tobytes(), "blacked_out": blacked})
+    return results
+
+
+def require_enrich(cache: FaceCache, faces, cache_path: Path) -> None:
+    status = cache.extra.get("enrich_status")
+    faces = np.asarray(list(faces), dtype=np.int64)
+    if status is None or len(status) < cache.n_faces or np.any(status[faces] == ""):
+        raise UserError(f"the cache {cache_path} has faces without landmarks and pose: run "
+                        f"`sort_faces.py enrich {cache_path}` first, or pass --enrich")
+
+
+def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
+    """A flat zip of PNGs (roop lists the zip root for lowercase .png only)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as bundle:
+        for name, source in pngs:
+            bundle.write(source, arcname=name)
+    return path.stat().st_size
+
+
+def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None,
+                candidates=False, enrich_first=False, model=DEFAULT_MODEL,
+                model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
+                quiet=False, **params) -> dict:
+    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
+    params = {**EXPORT_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    started = time.time()
+    cache_path, out = Path(cache_path), Path(out)
+    refined = read_json(Path(refine_manifest_path), "refine manifest")
+    raw = read_json(Path(raw_manifest_path), "cluster manifest") if raw_manifest_path else None
+    if candidates and raw is None:
+        raise UserError("--candidates needs --raw-manifest (the cluster manifest.json)")
+    cache = load_cache(cache_path)
+    for manifest, where in ((refined, refine_manifest_path), (raw, raw_manifest_path)):
+        if manifest is not None:
+            check_manifest_model(manifest, cache, cache_path, Path(where))
+    wanted = manifest_face_ids(refined["facesets"]) | (
+        {f["face"] for f in raw["singletons"]["faces"]} if candidates else set())
+    try:
+        require_enrich(cache, wanted, cache_path)
+    except UserError:
+        if not enrich_first:
+            raise
+        enrich(cache_path, model=model, model_root=model_root, providers=providers,
+               workers=workers, quiet=quiet)
+        cache = load_cache(cache_path)
+    check_output_location(out, cache_path, cache)
+    pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None)
+
+    # score every face the export may use
+    faces = np.array(sorted(wanted), dtype=np.int64)
+    landmarks, pose = enrich_column(cache, "landmark_2d_106"), enrich_column(cache, "pose")
+    terms = quality_terms([frontality(pose[f]) for f in faces], cache["det_score"][faces],
+                          [landmark_symmetry(landmarks[f]) if np.isfinite(landmarks[f]).all()
+                           else np.nan for f in faces],
+                          cache["face_short"][faces], cache["blur"][faces],
+                          out_size=params["out_size"], pad_ratio=params["pad_ratio"])
+    score = dict(zip(faces.tolist(), composite_quality(terms).tolist()))
+    term_of = {f: {name: round(float(values[i]), 4) for name, values in terms.items()}
+               for i, f in enumerate(faces.tolist())}
+    embeddings, locations = cache["embeddings"], file_locations(cache)
+
+    plan = []  # (faceset name, kind, ranked faces, dropped)
+    for faceset in refined["facesets"]:
+        members = np.array([f["face"] for f in faceset["faces"]], dtype=np.int64)
+        centroid = unit_rows(np.asarray(faceset["centroid"], dtype=np.float32))
+        distance = 1.0 - embeddings[members] @ centroid
+        dropped = {int(f): f"distance {d:.3f} from the faceset centroid > "
+                           f"{params['outlier_threshold']}"
+                   for f, d in zip(members, distance) if d > params["outlier_threshold"]}
+        dropped.update({int(f): f"face short edge {cache['face_short'][f]:.0f} px < "
+                                f"{params['min_face_short']}"
+                        for f in members if int(f) not in dropped
+                        and cache["face_short"][f] < params["min_face_short"]})
+        kept = [int(f) for f in members if int(f) not in dropped]
+        rows = np.unique(cache["face_file"][kept]) if kept else np.zeros(0, np.int64)
+        for group, _distance in visual_duplicate_groups(cache, rows, DEFAULT_HAMMING):
+            in_group = [f for f in kept if cache["face_file"][f] in set(group.tolist())]
+            best = max(in_group, key=lambda f: (score[f], -f))
+            for f in in_group:
+                if f != best:
+                    dropped[f] = f"near-duplicate photo of {locations[cache['face_file'][best]][0]}"
+        ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
+        plan.append((faceset["name"], "faceset", ranked, dropped))
+    if candidates:
+        singles = np.array([f["face"] for f in raw["singletons"]["faces"]], dtype=np.int64)
+        centroids = unit_rows(np.array([s["centroid"] for s in refined["facesets"]],
+                                       dtype=np.float32)) if refined["facesets"] else np.zeros((0, 1))
+        best, distance = nearest_centroid(embeddings[singles], centroids)
+        for index, faceset in enumerate(refined["facesets"]):
+            chosen = [int(f) for f, b, d in zip(singles, best, distance)
+                      if b == index and d <= params["candidate_match_threshold"]
+                      and score[int(f)] >= params["candidate_min_score"]]
+            if chosen:
+                plan.append((faceset["name"], "candidate",
+                             sorted(chosen, key=lambda f: (-score[f], f)), {}))
+
+    # crop everything in the model pool (re-detection), then lay out the result
+    tasks = [(existing_location(locations[cache["face_file"][f]],
+                                int(cache["file_size"][cache["face_file"][f]])),
+              cache["bbox"][f], params["pad_ratio"], params["out_size"], f)
+             for _name, _kind, ranked, _dropped in plan for f in ranked]
+    crops: dict[int, dict] = {}
+    for task in tasks:
+        if task[0] is None:
+            crops[task[4]] = {"error": "the photo has moved or vanished since embed"}
+    runnable = [t for t in tasks if t[0] is not None]
+    provider_list = choose_providers(providers)
+    workers = workers or default_workers(provider_list)
+    say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
+        f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
+    with building(out) as work, progress(total=len(runnable), desc="export", unit="crop") as bar:
+        if runnable:
+            def on_result(batch, results):
+                for task, result in zip(batch, results):
+                    crops[task[4]] = result
+                bar.update(len(batch))
+
+            with model_pool(pack_dir, ["detection"], provider_list, identity["det_size"],
+                            workers, identity["embedding_size"]) as pool:
+                batches = (runnable[i:i + TASK_FILES] for i in range(0, len(runnable), TASK_FILES))
+                run_in_pool(pool, export_task, batches, on_result, 2 * workers + 2)
+        manifest = run_header("export-swap", cache_path, cache, params)
+        manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
+                        raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
+                        quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
+        for name, kind, ranked, dropped in plan:
+            folder = work / name if kind == "faceset" else work / "_candidates" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            written, skipped = [], []
+            for face in ranked:
+                result = crops[face]
+                if "error" in result:
+                    skipped.append({"face": face, "reason": result["error"]})
+                    continue
+                png = f"{len(written):04d}.png"
+                (folder / png).write_bytes(result["png"])
+                written.append({"png": png, "rank": len(written), "face": face,
+                                "source": locations[cache["face_file"][face]][0],
+                                "bbox": [round(float(v), 1) for v in cache["bbox"][face]],
+                                "score": round(score[face], 4), "terms": term_of[face],
+                                "blacked_out": result["blacked_out"],
+                                "in_top": len(written) < params["top_n"]})
+            entry = {"name": name, "crops": written, "skipped": skipped,
+                     "dropped": [{"face": f, "source": locations[cache["face_file"][f]][0],
+                                  "reason": r} for f, r in sorted(dropped.items())]}
+            if kind == "faceset":
+                entry["bundles"] = []
+                top = f"{name}_top{params['top_n']}.fsz"
+                for bundle, chosen in ((top, written[: params["top_n"]]), (f"{name}_all.fsz", written)):
+                    if chosen:
+                        size = write_fsz(work / bundle, [(c["png"], folder / c["png"]) for c in chosen])
+                        entry["bundles"].append({"file": bundle, "pngs": len(chosen), "bytes": size})
+                manifest["facesets"].append(entry)
+            else:
+                manifest["candidates"].append(entry)
+        manifest["summary"] = {
+            "facesets": len(manifest["facesets"]),
+            "crops": sum(len(e["crops"]) for e in manifest["facesets"]),
+            "skipped": sum(len(e["skipped"]) for e in manifest["facesets"]),
+            "candidates": sum(len(e["crops"]) for e in manifest["candidates"]),
+            "seconds": round(time.time() - started, 1)}
+        write_json_atomic(work / "export_manifest.json", manifest)
+    say("export-swap: {crops} crops in {facesets} facesets ({skipped} skipped), "
+        "{candidates} candidates -> ".format(**manifest["summary"]) + str(out), quiet)
+    return manifest
+
+
+# ============================================================================
 # AGGLOMERATIVE CLUSTERING (begin)
 # Largest connected component clustered exactly. Its condensed float64
 # distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
@@ -3623,7 +3924,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush results to disk after this many images")
     add_verbosity_flags(p)
     p.set_defaults(handler=cli_enrich)
+
+    p = sub.add_parser("export-swap", formatter_class=HelpFormatter,
+                       help="ranked single-face PNG crops and .fsz bundles for roop-unleashed",
+                       description="Per faceset of REFINE_MANIFEST: tight outlier gate, size gate, "
+                                   "near-duplicate collapse, rank by composite quality "
+                                   "(0.30 frontality + 0.20 det_score + 0.20 landmark_symmetry + "
+                                   "0.15 face_size + 0.15 sharpness), then square PNG crops that "
+                                   "re-detect as exactly one face at det 640 and 320, and "
+                                   "<faceset>_topN.fsz / <faceset>_all.fsz bundles.")
+    p.add_argument("cache", help="the .npz cache (enriched)")
+    p.add_argument("refine_manifest", help="refine_manifest.json written by refine")
+    p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
+    p.add_argument("--raw-manifest", default=None, help="manifest.json written by cluster "
+                                                        "(needed by --candidates)")
+    p.add_argument("--candidates", action="store_true",
+                   help="rescue raw singletons close to a faceset into _candidates/ for review")
+    p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
+    export_help = {
+        "top_n": "size of the <faceset>_topN.fsz bundle",
+        "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
+        "pad_ratio": "padding around the face box on each side, as a share of the box",
+        "out_size": "PNG side in pixels (square)",
+        "min_face_short": "minimum face short edge in pixels",
+        "candidate_match_threshold": "cosine distance cutoff from a singleton to a faceset",
+        "candidate_min_score": "composite quality floor for candidates",
+    }
+    for key, text in export_help.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(EXPORT_DEFAULTS[key]),
+                       default=EXPORT_DEFAULTS[key], help=text)
+    add_model_flags(p)
+    add_verbosity_flags(p)
+    p.set_defaults(handler=cli_export_swap)
     return parser
+
+
+def cli_export_swap(args) -> int:
+    if args.det_size is not None:
+        raise UserError("export-swap re-detects at roop's sizes (640 and 320); drop --det-size")
+    export_swap(args.cache, args.refine_manifest, args.out, raw_manifest_path=args.raw_manifest,
+                candidates=args.candidates, enrich_first=args.enrich, model=args.model,
+                model_root=args.model_root, providers=args.providers, workers=args.workers,
+                quiet=args.quiet, **{key: getattr(args, key) for key in EXPORT_DEFAULTS})
+    return EXIT_OK
 
 
 def cli_enrich(args) -> int:

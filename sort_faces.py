@@ -3131,14 +3131,35 @@ def box_in_crop(bbox, box: tuple[int, int, int], out_size: int) -> np.ndarray:
     return (np.asarray(bbox, dtype=np.float64) - [x0, y0, x0, y0]) * scale
 
 
-def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray):
+def black_out(crop: np.ndarray, boxes, wanted: np.ndarray) -> int | None:
+    """Fill each box (grown a little) with black in place; None if one would
+    cover part of the wanted face."""
+    for other in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        grow = (other[2:] - other[:2]) * BLACKOUT_GROW
+        x1, y1 = np.floor(np.maximum(other[:2] - grow, 0)).astype(int)
+        x2, y2 = np.ceil(np.minimum(other[2:] + grow, crop.shape[1::-1])).astype(int)
+        if x2 <= x1 or y2 <= y1:
+            continue  # entirely outside the crop
+        if box_iou([wanted], [[x1, y1, x2, y2]])[0, 0] > 0.05:
+            return None
+        crop[y1:y2, x1:x2] = 0
+    return len(boxes)
+
+
+def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=()):
     """Make `crop` re-detect as exactly the wanted face at every roop det size.
 
-    `detect(image, size)` returns an (K, 4+) array of boxes. Returns
-    (crop or None, reason, faces blacked out).
+    `detect(image, size)` returns an (K, 4+) array of boxes; `known_others` are
+    the other faces embed found in the photo (crop coordinates), blacked out
+    first so a stronger detector than ours cannot find their remains either.
+    Returns (crop or None, reason, faces blacked out).
     """
     crop = crop.copy()
-    blacked = 0
+    inside = [b for b in np.asarray(known_others, dtype=np.float64).reshape(-1, 4)
+              if b[2] > 0 and b[3] > 0 and b[0] < crop.shape[1] and b[1] < crop.shape[0]]
+    if black_out(crop, inside, wanted) is None:
+        return None, "another face overlaps this one", 0
+    blacked = len(inside)
     for _round in range(BLACKOUT_ROUNDS + 1):
         others = []
         for size in ROOP_DET_SIZES:
@@ -3149,17 +3170,10 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray):
             others += [b[:4] for b, overlap in zip(boxes, iou) if overlap < CROP_MATCH_IOU]
         if not others:
             return crop, "", blacked
-        if _round == BLACKOUT_ROUNDS:
+        if _round == BLACKOUT_ROUNDS or black_out(crop, others, wanted) is None:
             break
-        for other in others:
-            grow = (other[2:] - other[:2]) * BLACKOUT_GROW
-            x1, y1 = np.floor(np.maximum(other[:2] - grow, 0)).astype(int)
-            x2, y2 = np.ceil(np.minimum(other[2:] + grow, crop.shape[1::-1])).astype(int)
-            if box_iou([wanted], [[x1, y1, x2, y2]])[0, 0] > 0.05:
-                return None, "another face overlaps this one", blacked
-            crop[y1:y2, x1:x2] = 0
-            blacked += 1
-    return None, "another face is still detected after blacking out", blacked
+        blacked += len(others)
+    return None, "another face is still detected, or overlaps this one", blacked
 
 
 def export_task(batch: list[tuple]) -> list[dict]:
@@ -3172,13 +3186,14 @@ def export_task(batch: list[tuple]) -> list[dict]:
     results = []
     for entry, decoded in zip(batch, _WORKER["decoder"].map(_decode_or_reason,
                                                             [e[0] for e in batch])):
-        _path, bbox, pad_ratio, out_size = entry[:4]
+        _path, bbox, pad_ratio, out_size, _face, others = entry
         if isinstance(decoded, str):
             results.append({"error": f"cannot read the photo: {decoded}"})
             continue
         box = square_crop_box(bbox, pad_ratio)
         crop, reason, blacked = single_face_crop(
-            detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size))
+            detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),
+            [box_in_crop(other, box, out_size) for other in others])
         if crop is None:
             results.append({"error": reason})
         else:
@@ -3283,9 +3298,11 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
+    per_file = faces_by_file(cache["face_file"], cache.n_files)
     tasks = [(existing_location(locations[cache["face_file"][f]],
                                 int(cache["file_size"][cache["face_file"][f]])),
-              cache["bbox"][f], params["pad_ratio"], params["out_size"], f)
+              cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
+              cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
              for _name, _kind, ranked, _dropped in plan for f in ranked]
     crops: dict[int, dict] = {}
     for task in tasks:

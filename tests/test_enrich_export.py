@@ -1,0 +1,232 @@
+"""enrich and export-swap on real photos and the real buffalo_s models."""
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import sort_faces
+from conftest import DATA, embed_quiet, identity_of
+
+REFINE = {"min_short": 40, "min_faces": 5, "min_blur": 20.0}
+EXPORT = {"min_face_short": 60, "top_n": 5}
+
+
+@pytest.fixture(scope="module")
+def detector(pack_dir):
+    return sort_faces.load_face_analysis(str(pack_dir), ["detection", "recognition"],
+                                         ["CPUExecutionProvider"], 640)
+
+
+@pytest.fixture(scope="module")
+def exported(labeled_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cache = tmp / "cache" / "c.npz"
+    cache.parent.mkdir()
+    shutil.copy2(labeled_cache, cache)
+    raw = sort_faces.cluster(cache, tmp / "raw", quiet=True)
+    refined = sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
+    with pytest.raises(sort_faces.UserError, match="enrich"):
+        sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
+                               quiet=True, **EXPORT)
+    enriched = sort_faces.enrich(cache, quiet=True)
+    plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
+                                   raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,
+                                   **EXPORT)
+    manifest = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json",
+                                      tmp / "swap", raw_manifest_path=tmp / "raw" / "manifest.json",
+                                      candidates=True, quiet=True, **EXPORT)
+    return {"cache": cache, "tmp": tmp, "raw": raw, "refined": refined, "enriched": enriched,
+            "plain": plain, "manifest": manifest, "out": tmp / "swap"}
+
+
+def test_enrich_fills_every_face_and_is_resumable(exported):
+    cache = sort_faces.load_cache(exported["cache"])
+    assert exported["enriched"]["faces"] == cache.n_faces
+    assert np.all(cache.extra["enrich_status"] == "ok")
+    assert set(cache.extra["pose_source"]) == {"pnp106"}
+    assert np.isfinite(cache.extra["landmark_2d_106"]).all()
+    assert np.isfinite(cache.extra["pose"]).all()
+    # landmarks sit on their face
+    boxes = cache["bbox"]
+    centre = cache.extra["landmark_2d_106"].mean(axis=1)
+    assert np.all((centre[:, 0] > boxes[:, 0]) & (centre[:, 0] < boxes[:, 2]))
+    again = sort_faces.enrich(exported["cache"], quiet=True)
+    assert again["faces"] == 0 and again["images"] == 0
+
+
+def test_enrich_reports_vanished_images_and_new_faces(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    (src / "obama1.jpg").unlink()
+    summary = sort_faces.enrich(cache, quiet=True)
+    assert summary["missing"] == 1 and summary["images"] == 5 and summary["faces"] == 4
+    # the vanished photo's face stays to do; new photos get enriched on the next run
+    shutil.copy2(DATA / "face_recognition" / "joe_biden" / "biden.jpg", src / "biden.jpg")
+    embed_quiet(src, cache)
+    summary = sort_faces.enrich(cache, quiet=True)
+    assert summary["faces"] == 1 and summary["missing"] == 1
+
+
+def test_pose_signs_flip_on_a_mirrored_photo(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("obama1.jpg", "obama2.jpg"):  # turned one way and the other
+        image = cv2.imread(str(DATA / "face_recognition" / "barack_obama" / name))
+        cv2.imwrite(str(src / name.replace(".jpg", ".png")), image)
+        cv2.imwrite(str(src / name.replace(".jpg", "_mirror.png")), cv2.flip(image, 1))
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(src, cache_path)
+    sort_faces.enrich(cache_path, quiet=True)
+    cache = sort_faces.load_cache(cache_path)
+    pose = {Path(cache["files"][cache["face_file"][f]]).stem: cache.extra["pose"][f]
+            for f in range(cache.n_faces)}
+    assert pose["obama1"][1] > 10 and pose["obama2"][1] < -10  # sign convention: see README
+    for name in ("obama1", "obama2"):
+        pitch, yaw, roll = pose[name]
+        m_pitch, m_yaw, m_roll = pose[name + "_mirror"]
+        assert np.sign(yaw) == -np.sign(m_yaw) and abs(abs(yaw) - abs(m_yaw)) < 5
+        assert abs(pitch - m_pitch) < 5
+        assert abs(roll) < 1 or np.sign(roll) == -np.sign(m_roll)
+
+
+def faceset_centroids(exported):
+    return {s["name"]: np.asarray(s["centroid"], dtype=np.float32)
+            for s in exported["refined"]["facesets"]}
+
+
+def test_every_bundled_png_is_one_face_of_its_person(exported, detector):
+    out, manifest = exported["out"], exported["manifest"]
+    centroids = faceset_centroids(exported)
+    assert manifest["summary"]["crops"] > 50
+    for entry in manifest["facesets"]:
+        with zipfile.ZipFile(out / f"{entry['name']}_all.fsz") as bundle:
+            for name in bundle.namelist():
+                image = cv2.imdecode(np.frombuffer(bundle.read(name), np.uint8), cv2.IMREAD_COLOR)
+                assert image.shape == (512, 512, 3)
+                for size in (640, 320):
+                    boxes, _ = detector.det_model.detect(image, input_size=(size, size))
+                    assert len(boxes) == 1, (entry["name"], name, size)
+                faces = detector.get(image)
+                similarity = float(faces[0].normed_embedding @ centroids[entry["name"]])
+                assert similarity > 0.3, (entry["name"], name, similarity)
+
+
+def test_crops_agree_with_their_faceset_identity(exported):
+    cache = sort_faces.load_cache(exported["cache"])
+    for entry in exported["manifest"]["facesets"]:
+        people = {identity_of(c["source"]) for c in entry["crops"]}
+        assert len(people) == 1, (entry["name"], people)
+
+
+def test_bundle_names_order_and_contents(exported):
+    out, manifest = exported["out"], exported["manifest"]
+    for entry in manifest["facesets"]:
+        crops = entry["crops"]
+        assert [c["png"] for c in crops] == [f"{i:04d}.png" for i in range(len(crops))]
+        scores = [c["score"] for c in crops]
+        assert scores == sorted(scores, reverse=True)
+        with zipfile.ZipFile(out / f"{entry['name']}_all.fsz") as bundle:
+            names = bundle.namelist()
+            assert names == [c["png"] for c in crops]
+            for name in names:
+                assert bundle.read(name) == (out / entry["name"] / name).read_bytes()
+        with zipfile.ZipFile(out / f"{entry['name']}_top5.fsz") as bundle:
+            assert bundle.namelist() == names[:5]
+        assert [c["in_top"] for c in crops] == [i < 5 for i in range(len(crops))]
+        for crop in crops:
+            terms = crop["terms"]
+            assert all(0 <= v <= 1 for v in terms.values())
+            expected = sum(sort_faces.QUALITY_WEIGHTS[k] * terms[k] for k in terms)
+            assert abs(expected - crop["score"]) < 1e-3
+    listing = sorted(p.name for p in out.iterdir())
+    for entry in manifest["facesets"]:
+        assert {entry["name"], f"{entry['name']}_all.fsz", f"{entry['name']}_top5.fsz"} <= set(listing)
+    saved = json.loads((out / "export_manifest.json").read_text())
+    assert saved["summary"] == manifest["summary"]
+
+
+def test_candidates_only_with_the_flag(exported):
+    assert not (exported["tmp"] / "plain" / "_candidates").exists()
+    assert exported["plain"]["candidates"] == []
+    candidates = exported["manifest"]["candidates"]
+    assert candidates, "singletons near a faceset are offered for review"
+    bundled = {c["face"] for e in exported["manifest"]["facesets"] for c in e["crops"]}
+    centroids = faceset_centroids(exported)
+    cache = sort_faces.load_cache(exported["cache"])
+    singles = {f["face"] for f in exported["raw"]["singletons"]["faces"]}
+    for entry in candidates:
+        folder = exported["out"] / "_candidates" / entry["name"]
+        assert sorted(p.name for p in folder.iterdir()) == [c["png"] for c in entry["crops"]]
+        for crop in entry["crops"]:
+            assert crop["face"] in singles and crop["face"] not in bundled
+            assert crop["score"] >= 0.40
+            distance = 1 - float(cache["embeddings"][crop["face"]] @ centroids[entry["name"]])
+            assert distance <= 0.55 + 1e-4
+
+
+def test_a_group_photo_crop_keeps_out_the_neighbour(tmp_path, detector):
+    """A faceset of one person whose photos include a crowded selfie."""
+    photo = DATA / "group_photos" / "selfie-many-people.jpg"
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy2(photo, src / "group.jpg")
+    image = cv2.imread(str(photo))
+    faces = detector.get(image)
+
+    def neighbours_in_crop(face):  # other faces reaching into its padded crop
+        x0, y0, side = sort_faces.square_crop_box(face.bbox, 0.5)
+        box = [[x0, y0, x0 + side, y0 + side]]
+        return sum(sort_faces.box_iou(box, [o.bbox])[0, 0] > 0 for o in faces if o is not face)
+
+    target = max(faces, key=neighbours_in_crop)
+    assert neighbours_in_crop(target) >= 1
+    alone = image.copy()  # the same person with everyone else blacked out
+    for other in faces:
+        if other is not target:
+            ox1, oy1, ox2, oy2 = other.bbox.astype(int)
+            alone[max(0, oy1 - 20):oy2 + 20, max(0, ox1 - 20):ox2 + 20] = 0
+    x1, y1, x2, y2 = target.bbox.astype(int)
+    pad = x2 - x1
+    for variant, scale in enumerate((1.6, 2.0, 2.4, 2.8)):
+        solo = alone[max(0, y1 - pad):y2 + pad, max(0, x1 - pad):x2 + pad]
+        solo = cv2.resize(solo, None, fx=scale, fy=scale)
+        cv2.imwrite(str(src / f"solo_{variant}.jpg"),
+                    cv2.GaussianBlur(solo, (0, 0), 0.3 * variant + 0.1))
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    sort_faces.enrich(cache, quiet=True)
+    refined = sort_faces.refine(cache, tmp_path / "refined", min_faces=3, min_short=40,
+                                min_blur=5.0, quiet=True)
+    faceset = refined["facesets"][0]
+    assert any(Path(f["file"]).name == "group.jpg" for f in faceset["faces"])
+    manifest = sort_faces.export_swap(cache, tmp_path / "refined" / "refine_manifest.json",
+                                      tmp_path / "swap", min_face_short=60, quiet=True)
+    entry = manifest["facesets"][0]
+    from_group = [c for c in entry["crops"] if Path(c["source"]).name == "group.jpg"]
+    cache_data = sort_faces.load_cache(cache)
+    skipped = [s for s in entry["skipped"]
+               if Path(cache_data["files"][cache_data["face_file"][s["face"]]]).name == "group.jpg"]
+    assert len(from_group) + len(skipped) == 1
+    for crop in from_group:  # written: the neighbours were blacked out
+        assert crop["blacked_out"] >= 1
+        written = cv2.imread(str(tmp_path / "swap" / entry["name"] / crop["png"]))
+        for size in (640, 320):
+            assert len(detector.det_model.detect(written, input_size=(size, size))[0]) == 1
+    for skip in skipped:  # or skipped, with the reason
+        assert "face" in skip["reason"]
+
+
+def test_export_rerun_replaces_output_cleanly(exported):
+    tmp = exported["tmp"]
+    again = sort_faces.export_swap(exported["cache"], tmp / "refined" / "refine_manifest.json",
+                                   exported["out"], quiet=True, **EXPORT)
+    assert not (exported["out"] / "_candidates").exists()  # the old result is gone whole
+    assert again["summary"]["crops"] == exported["manifest"]["summary"]["crops"]
+    assert not list(tmp.glob(".swap.*"))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Fold a new photo folder into an existing result without renumbering, as the
+# spec's "merging a new source into an existing result":
+#   embed NEW into the same cache -> extend raw + facesets -> enrich -> export-swap
+# Usage: scripts/merge.sh NEW_SRC NAME
+#   NAME is the name the first pipeline run used (work/cache/NAME.npz, work/out/NAME/).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ $# -eq 2 ] || { echo "usage: $0 NEW_SRC NAME" >&2; exit 2; }
+src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
+name="$2"
+bash "$root/scripts/setup_venv.sh" requirements.txt
+cd "$root"
+py=(.venv/bin/python sort_faces.py)
+cache="work/cache/$name.npz"
+out="work/out/$name"
+[ -f "$cache" ] || { echo "error: no cache $cache: run scripts/pipeline.sh first" >&2; exit 2; }
+status=0
+step() {
+    local rc=0
+    "${py[@]}" "$@" || rc=$?
+    if [ "$rc" -eq 1 ]; then status=1; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
+}
+step embed "$src" "$cache"
+step extend "$cache" "$out/raw_full" --refine-out "$out/facesets_full"
+step enrich "$cache"
+# shellcheck disable=SC2086
+step export-swap "$cache" "$out/facesets_full/refine_manifest.json" "$out/facesets_swap_ready" \
+    --raw-manifest "$out/raw_full/manifest.json" --candidates ${EXPORT_ARGS:-}
+echo
+for part in raw_full facesets_full facesets_swap_ready; do
+    printf '%-20s %s\n' "$part:" "$root/$out/$part  (review: $root/$out/$part/index.html)"
+done
+exit "$status"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole pipeline on one photo folder, as the spec's "typical end-to-end run":
+#   embed -> cluster -> refine -> dedup -> enrich -> export-swap (--candidates)
+# Usage: scripts/pipeline.sh SRC [NAME]
+#   NAME (default: the folder's name) names the cache work/cache/NAME.npz and the
+#   outputs under work/out/NAME/. Re-running is quick: embed and enrich only do
+#   new photos, and the other steps rebuild their folders from the cache.
+#   Extra flags: REFINE_ARGS="--min-faces 5" EXPORT_ARGS="--top-n 20" scripts/pipeline.sh SRC
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ $# -ge 1 ] || { echo "usage: $0 SRC [NAME]" >&2; exit 2; }
+src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
+name="${2:-$(basename "$src")}"
+bash "$root/scripts/setup_venv.sh" requirements.txt
+cd "$root"
+py=(.venv/bin/python sort_faces.py)
+cache="work/cache/$name.npz"
+out="work/out/$name"
+status=0
+step() {  # run one step; exit code 1 (some files unreadable) is reported, not fatal
+    local rc=0
+    "${py[@]}" "$@" || rc=$?
+    if [ "$rc" -eq 1 ]; then status=1; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
+}
+step embed "$src" "$cache"
+step cluster "$cache" "$out/raw_full"
+# shellcheck disable=SC2086
+step refine "$cache" "$out/facesets_full" ${REFINE_ARGS:-}
+step dedup "$cache"
+step enrich "$cache"
+# shellcheck disable=SC2086
+step export-swap "$cache" "$out/facesets_full/refine_manifest.json" "$out/facesets_swap_ready" \
+    --raw-manifest "$out/raw_full/manifest.json" --candidates ${EXPORT_ARGS:-}
+echo
+printf '%-20s %s\n' "cache:" "$root/$cache" "duplicates:" "$root/work/cache/$name.duplicates.json"
+for part in raw_full facesets_full facesets_swap_ready; do
+    printf '%-20s %s\n' "$part:" "$root/$out/$part  (review: $root/$out/$part/index.html)"
+done
+printf '%-20s %s\n' "logs:" "$root/work/logs/"
+exit "$status"

@@ -1955,6 +1955,11 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
         for problem in problems:
             log.warning("skipped: %s", problem)
+        heif = [p for p in paths if p.lower().endswith(HEIF_EXTENSIONS)]
+        if heif and heif_support():
+            # not recorded in the cache, so a run after installing picks them up
+            log.warning("skipped %d HEIC/HEIF files (%s ...): %s", len(heif), heif[0], heif_support())
+            paths = [p for p in paths if not p.lower().endswith(HEIF_EXTENSIONS)]
         todo = run.triage(paths)
         with contextlib.ExitStack() as stack:
             bar = stack.enter_context(progress(total=len(todo), desc="embed", unit="img"))
@@ -1977,6 +1982,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         run.flush()
         save_cache(cache_path, cache)
     summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
+                   skipped_heif=len(heif) if heif_support() else 0,
                    seconds=round(time.time() - started, 1))
     say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
         "{noface} without a face, {unreadable} unreadable, {seconds} s".format(**summary), quiet)

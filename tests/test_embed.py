@@ -276,3 +276,40 @@ def test_cache_inside_source_is_refused(tmp_path):
     shutil.copytree(DATA / "face_recognition" / "joe_biden", tmp_path / "src")
     with pytest.raises(sort_faces.UserError, match="inside the source tree"):
         embed_quiet(tmp_path / "src", tmp_path / "src" / "cache.npz")
+
+
+def test_heic_photos_are_read_with_orientation(tmp_path):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    photo = DATA / "face_recognition" / "joe_biden" / "biden.jpg"
+    upright = Image.open(photo).convert("RGB")
+    src = tmp_path / "src"
+    src.mkdir()
+    upright.save(src / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # as a phone writes it: pixels on their side, orientation in the container
+    upright.transpose(Image.Transpose.ROTATE_90).save(src / "phone.HEIC", format="HEIF",
+                                                      exif=exif.tobytes(), quality=95)
+    assert Image.open(src / "phone.HEIC").info["original_orientation"] == 6
+    bgr, width, height = sort_faces.decode_image(str(src / "phone.HEIC"))
+    assert (width, height) == upright.size
+    summary = embed_quiet(src, tmp_path / "c.npz")
+    assert summary["new"] == 2 and summary["unreadable"] == 0
+    cache = sort_faces.load_cache(tmp_path / "c.npz")
+    assert cache.n_faces == 2
+    a, b = cache["embeddings"]
+    assert float(a @ b) > 0.98
+
+
+def test_heic_without_pillow_heif_is_skipped_once(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.heic").write_bytes(b"not decodable here")
+    (src / "b.HEIF").write_bytes(b"not decodable here")
+    shutil.copy2(DATA / "face_recognition" / "joe_biden" / "biden.jpg", src / "c.jpg")
+    monkeypatch.setitem(sort_faces._HEIF_STATE, "reason", "pillow-heif is not installed")
+    summary = embed_quiet(src, tmp_path / "c.npz")
+    assert summary["skipped_heif"] == 2 and summary["new"] == 1 and summary["unreadable"] == 0
+    assert list(sort_faces.load_cache(tmp_path / "c.npz")["files"]) == [str(src / "c.jpg")]

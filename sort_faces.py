@@ -2278,6 +2278,582 @@ def bcubed(labels_true, labels_pred) -> tuple[float, float]:
     return precision, recall
 
 
+# Exact method. With average linkage two clusters merge only if the mean of
+# their pairwise distances is below the threshold, which needs at least one
+# pair below it. Final clusters therefore never straddle two connected
+# components of the graph "pair distance < threshold". That graph is found
+# with blocked float32 matrix products (never N x N), and exact average linkage
+# runs inside each component on its condensed distance matrix.
+#
+# Fallback. A component larger than ``max_component`` would need an O(n^2)
+# matrix. For unit vectors the cosine distance is bilinear, so the average
+# distance between member sets A and B is exactly ``1 - mean(A) . mean(B)``
+# and groups can be kept as (mean, count). Reciprocal-nearest-neighbour rounds
+# (exact, since average linkage is reducible) merge mutual nearest pairs and
+# retire groups with nothing closer than the threshold. High-dimensional data
+# has hub clusters that are everyone's nearest neighbour, so these rounds can
+# stall; then a greedy leader pass (approximate) puts items into the group
+# whose average distance to them is below a radius growing towards the
+# threshold. Once at most ``max_component`` groups are active, exact
+# size-weighted average linkage over them finishes. Only leader merges are
+# approximate, each is itself below the threshold, and ``info`` says whether
+# any were needed.
+
+# Largest connected component clustered exactly. Its condensed float64
+# distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
+# (1.8 GB at 15000); bigger components go to the bounded-memory fallback.
+CLUSTER_MAX_COMPONENT = 15000
+
+# Rows per matrix-product block in the edge search.
+CLUSTER_BLOCK_ROWS = 2048
+
+# Elements per similarity tile (float32: 64 MB). Sets the column block width.
+CLUSTER_TILE_ELEMS = 1 << 24
+
+# Extra cosine-distance slack when collecting candidate pairs, to absorb
+# float32 rounding; extra edges only cost time, never change the result.
+CLUSTER_EDGE_MARGIN = 1e-3
+
+# Buffered edges before they are collapsed to one spanning star per component,
+# which bounds edge memory when an identity has very many near-identical faces.
+CLUSTER_EDGE_BUFFER = 1 << 22
+
+# Fallback: a reciprocal-nearest-neighbour round (exact) must remove at least
+# this share of the groups, else greedy leader passes (approximate) take over,
+# with these radii as fractions of the threshold; the last one is reused
+# until the group count fits or a pass merges nothing.
+CLUSTER_RNN_MIN_GAIN = 0.05
+CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
+CLUSTER_LEADER_MAX_PASSES = 8
+
+
+def agglomerative_labels(
+    embeddings,
+    threshold,
+    *,
+    max_component=CLUSTER_MAX_COMPONENT,
+    block_rows=CLUSTER_BLOCK_ROWS,
+):
+    """Average-linkage clustering of face embeddings with a distance threshold.
+
+    Produces the same partition as ``sklearn.cluster.AgglomerativeClustering(
+    n_clusters=None, metric="cosine", linkage="average",
+    distance_threshold=threshold)`` (clusters merge while their average cosine
+    distance is strictly below ``threshold``) without building an N x N
+    matrix. Connected components larger than ``max_component`` use a
+    bounded-memory fallback that may be approximate (see ``info``).
+    Time is O(N**2 * n_features) for the blocked pair search (one float32
+    matrix product over the upper triangle); memory is O(N * n_features)
+    plus ``8 * max_component**2`` bytes for the largest exact component.
+
+    Parameters
+    ----------
+    embeddings : ndarray of shape (n_samples, n_features)
+        Face embeddings with L2-normalised rows (float32 preferred; other
+        dtypes are converted). Rows that are not unit length are normalised
+        on a copy.
+    threshold : float
+        Cosine distance (``1 - cos``) at and above which clusters stay apart.
+    max_component : int, default=CLUSTER_MAX_COMPONENT
+        Largest connected component (of the graph of pairs closer than
+        ``threshold``) clustered with SciPy's exact linkage. Larger ones use
+        the fallback, which also hands at most this many groups to its dense
+        stage (a float32 ``max_component**2`` matrix).
+    block_rows : int, default=CLUSTER_BLOCK_ROWS
+        Rows per block of the blocked similarity search. Tiles hold
+        ``CLUSTER_TILE_ELEMS`` elements.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), dtype int64
+        Cluster labels ``0 .. K-1``, numbered by cluster size descending, ties
+        broken by the smallest member index.
+    info : dict
+        ``n_clusters``, ``n_components`` (components of the threshold graph),
+        ``largest_component``, ``n_edges`` (candidate pairs kept after
+        on-the-fly reduction), ``fallback_components`` (one dict per
+        component that used the fallback: ``size``, ``method``, ``exact``,
+        ``groups``, ``rnn_rounds``, ``leader_passes``; see
+        ``_agglo_fallback``), ``seconds`` (total), ``seconds_edges``,
+        ``seconds_linkage``.
+    """
+    t_start = time.perf_counter()
+    E = np.asarray(embeddings)  # exact linkage uses the caller's precision, like sklearn
+    X = _agglo_unit_rows(E)
+    n = X.shape[0]
+    threshold = float(threshold)
+    max_component = max(2, int(max_component))
+    block_rows = max(1, int(block_rows))
+    info = {"n_clusters": n, "n_components": n, "largest_component": min(n, 1),
+            "n_edges": 0, "fallback_components": [],
+            "seconds": 0.0, "seconds_edges": 0.0, "seconds_linkage": 0.0}
+    if n < 2:
+        info["seconds"] = time.perf_counter() - t_start
+        return np.zeros(n, np.int64), info
+
+    comp, n_edges = _agglo_threshold_components(X, threshold, block_rows)
+    t_edges = time.perf_counter()
+    n_comp = int(comp.max()) + 1
+    sizes = np.bincount(comp, minlength=n_comp)
+    order = np.argsort(comp, kind="stable")
+    starts = np.cumsum(sizes) - sizes
+
+    raw = np.empty(n, np.int64)
+    single = sizes == 1
+    raw[order[starts[single]]] = np.arange(int(single.sum()))
+    next_label = int(single.sum())
+    # fcluster keeps merges at heights <= t; sklearn keeps merges < threshold.
+    cut = np.nextafter(threshold, -np.inf)
+    for c in np.flatnonzero(~single):
+        idx = order[starts[c]:starts[c] + sizes[c]]
+        if idx.size <= max_component:
+            Y = E[idx].astype(np.float64)
+            Y /= np.maximum(np.linalg.norm(Y, axis=1), 1e-12)[:, None]
+            Z = linkage(_agglo_condensed_cosine(Y), method="average")
+            local = fcluster(Z, cut, criterion="distance") - 1
+        else:
+            local, fb = _agglo_fallback(X[idx], threshold, max_component,
+                                        block_rows)
+            info["fallback_components"].append({"size": int(idx.size), **fb})
+        raw[idx] = next_label + local
+        next_label += int(local.max()) + 1
+
+    labels = _agglo_canonical_labels(raw)
+    t_end = time.perf_counter()
+    info.update(n_clusters=int(labels.max()) + 1, n_components=n_comp,
+                largest_component=int(sizes.max()), n_edges=int(n_edges),
+                seconds=t_end - t_start, seconds_edges=t_edges - t_start,
+                seconds_linkage=t_end - t_edges)
+    return labels, info
+
+
+def _agglo_unit_rows(embeddings):
+    """Return a C-contiguous float32 view or copy with unit-length rows."""
+    X = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {X.shape}")
+    sq = np.einsum("ij,ij->i", X, X)
+    if X.shape[0] and np.abs(sq - 1.0).max() > 1e-3:
+        X = X / np.maximum(np.sqrt(sq), 1e-12)[:, None]
+    return X
+
+
+def _agglo_threshold_components(X, threshold, block_rows):
+    """Connected components of the graph of pairs with cosine distance < threshold.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features), float32
+        Unit-length rows.
+    threshold : float
+        Cosine-distance threshold; pairs up to ``threshold +
+        CLUSTER_EDGE_MARGIN`` are linked (a superset is harmless).
+    block_rows : int
+        Rows per block; only the upper triangle is computed.
+
+    Returns
+    -------
+    comp : ndarray of shape (n_samples,), dtype int64
+        Component index of each row.
+    n_edges : int
+        Edges kept after dropping those inside already-known components.
+    """
+    n = X.shape[0]
+    block_cols = max(block_rows, CLUSTER_TILE_ELEMS // block_rows)
+    sim_min = np.float32(1.0 - threshold - CLUSTER_EDGE_MARGIN)
+    tile = np.empty(min(n, block_rows) * min(n, block_cols), np.float32)
+    mask = np.empty(tile.size, bool)
+    comp = np.arange(n)
+    rows, cols, buffered, n_edges = [], [], 0, 0
+
+    def collapse():
+        # Replace all edges by one star per component: at most n - 1 edges.
+        graph = scipy.sparse.coo_matrix(
+            (np.ones(buffered, np.int8), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(n, n))
+        _, lab = scipy.sparse.csgraph.connected_components(graph, directed=False)
+        _, first = np.unique(lab, return_index=True)
+        root = first[lab]
+        keep = np.flatnonzero(root != np.arange(n))
+        return lab, [keep.astype(np.int32)], [root[keep].astype(np.int32)], keep.size
+
+    for r0 in range(0, n, block_rows):
+        r1 = min(r0 + block_rows, n)
+        for c0 in range(r0, n, block_cols):
+            c1 = min(c0 + block_cols, n)
+            w = c1 - c0
+            sim = tile[:(r1 - r0) * w].reshape(r1 - r0, w)
+            np.dot(X[r0:r1], X[c0:c1].T, out=sim)
+            hit = mask[:sim.size].reshape(sim.shape)
+            np.greater_equal(sim, sim_min, out=hit)
+            flat = np.flatnonzero(hit)
+            if flat.size == 0:
+                continue
+            i = (flat // w + r0).astype(np.int32)
+            j = (flat % w + c0).astype(np.int32)
+            keep = comp[i] != comp[j]
+            if c0 == r0:
+                keep &= i < j
+            if not keep.all():
+                i, j = i[keep], j[keep]
+            if i.size:
+                rows.append(i)
+                cols.append(j)
+                buffered += i.size
+                n_edges += i.size
+                if buffered > CLUSTER_EDGE_BUFFER:
+                    comp, rows, cols, buffered = collapse()
+    if buffered:
+        comp = collapse()[0]
+    return comp.astype(np.int64), n_edges
+
+
+def _agglo_condensed_cosine(Y):
+    """Condensed cosine-distance vector (as ``scipy.spatial.distance.pdist``).
+
+    Parameters
+    ----------
+    Y : ndarray of shape (n, n_features), float64
+        Unit-length rows.
+
+    Returns
+    -------
+    condensed : ndarray of shape (n * (n - 1) // 2,), float64
+        Distances clipped at 0, filled block by block so the only large
+        array is the result itself.
+    """
+    n = Y.shape[0]
+    out = np.empty(n * (n - 1) // 2)
+    step = max(1, (CLUSTER_TILE_ELEMS // 2) // n)
+    pos = 0
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        block = Y[r0:r1] @ Y[r0:].T
+        np.subtract(1.0, block, out=block)
+        np.maximum(block, 0.0, out=block)
+        for k in range(r1 - r0):
+            seg = block[k, k + 1:]
+            out[pos:pos + seg.size] = seg
+            pos += seg.size
+    return out
+
+
+def _agglo_fallback(Xc, threshold, max_groups, block_rows):
+    """Bounded-memory average linkage for one oversized component.
+
+    Groups are kept as (mean unit vector, face count); ``1 - mean_A . mean_B``
+    is their exact average distance. Each reciprocal-nearest-neighbour (RNN)
+    round merges every pair of groups that are each other's nearest neighbour
+    and closer than ``threshold``, and retires groups whose nearest neighbour
+    is at or beyond it. Average linkage is reducible, so the exact dendrogram
+    contains those merges and retired groups stay final. Once at most
+    ``max_groups`` groups are active, exact size-weighted average linkage
+    finishes. Only when a round shrinks the active set by less than
+    ``CLUSTER_RNN_MIN_GAIN`` does a greedy leader pass (approximate) run
+    before the next round.
+
+    Parameters
+    ----------
+    Xc : ndarray of shape (n, n_features), float32
+        Unit-length rows of the component.
+    threshold : float
+        Cosine-distance threshold.
+    max_groups : int
+        Active-group count at which the dense weighted linkage (a float32
+        ``max_groups**2`` matrix) takes over.
+    block_rows : int
+        Rows per block in the nearest-neighbour and leader passes.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), dtype int64
+        Local cluster labels ``0 .. k-1``.
+    details : dict
+        ``method`` (stages used, joined by "+": "rnn", "leader",
+        "weighted-average"), ``exact`` (no leader pass, so the result is
+        exact up to float32 rounding), ``groups`` (active groups entering the
+        dense stage), ``rnn_rounds``, ``leader_passes``.
+    """
+    n = len(Xc)
+    means = Xc.copy()
+    weights = np.ones(n)
+    group_of = np.arange(n)  # active group of each face, -1 once labelled
+    labels = np.full(n, -1, np.int64)
+    n_final = rounds = passes = 0
+
+    def regroup(new_of_old):
+        active = group_of >= 0
+        group_of[active] = new_of_old[group_of[active]]
+
+    while len(weights) > max_groups:
+        m = len(weights)
+        new_of_old, means, weights, final = _agglo_rnn_round(
+            means, weights, threshold, block_rows)
+        rounds += 1
+        regroup(new_of_old)
+        if final.any():
+            keep = np.flatnonzero(~final)
+            new_of_old = np.full(final.size, -1, np.int64)
+            new_of_old[keep] = np.arange(keep.size)
+            retired = np.flatnonzero(final[group_of] & (group_of >= 0))
+            labels[retired] = n_final + np.cumsum(final)[group_of[retired]] - 1
+            n_final += int(final.sum())
+            regroup(new_of_old)
+            means, weights = means[keep], weights[keep]
+        if len(weights) <= max_groups or m - len(weights) >= CLUSTER_RNN_MIN_GAIN * m:
+            continue
+        if passes == CLUSTER_LEADER_MAX_PASSES:
+            break
+        frac = CLUSTER_LEADER_RADII[min(passes, len(CLUSTER_LEADER_RADII) - 1)]
+        # Heaviest groups first, so big groups lead and absorb the small ones.
+        order = np.argsort(-weights, kind="stable")
+        assign, means, weights = _agglo_leader_pass(
+            means[order], weights[order], frac * threshold, block_rows)
+        new_of_old = np.empty_like(assign)
+        new_of_old[order] = assign
+        regroup(new_of_old)
+        passes += 1
+
+    dense = 0 < len(weights) <= max_groups
+    if dense:
+        group_label = _agglo_weighted_linkage(means, weights, threshold)
+    else:  # leader passes exhausted: remaining groups stay as they are
+        group_label = np.arange(len(weights))
+    active = group_of >= 0
+    labels[active] = n_final + group_label[group_of[active]]
+    method = "+".join(["rnn"] * (rounds > 0) + ["leader"] * (passes > 0)
+                      + ["weighted-average"] * dense)
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels.ravel().astype(np.int64), {
+        "method": method, "exact": passes == 0, "groups": len(weights),
+        "rnn_rounds": rounds, "leader_passes": passes}
+
+
+def _agglo_rnn_round(means, weights, threshold, block_rows):
+    """One reciprocal-nearest-neighbour round of average linkage.
+
+    Parameters
+    ----------
+    means : ndarray of shape (m, n_features), float32
+        Mean unit vector of each group.
+    weights : ndarray of shape (m,)
+        Number of faces in each group.
+    threshold : float
+        Cosine-distance threshold.
+    block_rows : int
+        Rows per block of the nearest-neighbour search.
+
+    Returns
+    -------
+    new_of_old : ndarray of shape (m,), dtype int64
+        New group index of each old group (merged pairs share one).
+    means : ndarray of shape (m', n_features), float32
+    weights : ndarray of shape (m',)
+    final : ndarray of shape (m',), dtype bool
+        Groups whose nearest neighbour was at or beyond ``threshold``; by
+        reducibility no later merge can involve them.
+    """
+    m = len(weights)
+    nn, sim = _agglo_nearest(means, block_rows)
+    close = 1.0 - sim < threshold
+    idx = np.arange(m)
+    a = np.flatnonzero((nn[nn] == idx) & (idx < nn) & close)
+    b = nn[a]
+    wa, wb = weights[a], weights[b]
+    means = means.copy()
+    means[a] = (means[a] * wa[:, None] + means[b] * wb[:, None]) / (wa + wb)[:, None]
+    weights = weights.copy()
+    weights[a] = wa + wb
+    keep = np.ones(m, bool)
+    keep[b] = False
+    new_of_old = np.cumsum(keep) - 1
+    new_of_old[b] = new_of_old[a]
+    final = np.zeros(int(keep.sum()), bool)
+    final[new_of_old[~close]] = True
+    return new_of_old, means[keep], weights[keep], final
+
+
+def _agglo_nearest(M, block_rows):
+    """Nearest other row (largest dot product) of every row of M, upper-triangle tiles."""
+    m = len(M)
+    step = max(block_rows, CLUSTER_TILE_ELEMS // block_rows)
+    lower = np.tri(min(block_rows, m), dtype=bool)  # diagonal and below
+    best = np.full(m, -np.inf, np.float32)
+    arg = np.zeros(m, np.int64)
+    for r0 in range(0, m, block_rows):
+        r1 = min(r0 + block_rows, m)
+        for c0 in range(r0, m, step):
+            c1 = min(c0 + step, m)
+            S = M[r0:r1] @ M[c0:c1].T
+            if c0 == r0:
+                S[:, :r1 - r0][lower[:r1 - r0, :r1 - r0]] = -np.inf
+            for axis, lo, other in ((1, r0, c0), (0, c0, r0)):
+                j = S.argmax(axis=axis)
+                s = np.take_along_axis(S, np.expand_dims(j, axis), axis).ravel()
+                sl = slice(lo, lo + s.size)
+                better = s > best[sl]
+                best[sl][better] = s[better]
+                arg[sl][better] = j[better] + other
+    return arg, best
+
+
+def _agglo_leader_pass(means, weights, radius, block_rows):
+    """One greedy leader pass over weighted items.
+
+    Each item joins the existing group with the smallest average cosine
+    distance (``1 - item_mean . group_mean``) if that is below ``radius``,
+    otherwise it founds a new group. Decisions inside a block use the group
+    means from the start of the block.
+
+    Parameters
+    ----------
+    means : ndarray of shape (m, n_features), float32
+        Mean of the unit vectors in each item.
+    weights : ndarray of shape (m,)
+        Number of faces in each item.
+    radius : float
+        Joining distance.
+    block_rows : int
+        Items per block.
+
+    Returns
+    -------
+    assign : ndarray of shape (m,), dtype int64
+        Group of each item.
+    group_means : ndarray of shape (g, n_features), float32
+    group_weights : ndarray of shape (g,)
+    """
+    m, dim = means.shape
+    assign = np.empty(m, np.int64)
+    g_means = np.zeros((m, dim), np.float32)
+    g_weights = np.zeros(m)
+    n_groups = 0
+    for r0 in range(0, m, block_rows):
+        r1 = min(r0 + block_rows, m)
+        B, w = means[r0:r1], weights[r0:r1]
+        a = np.full(r1 - r0, -1, np.int64)
+        if n_groups:
+            best, best_sim = _agglo_best_match(B, g_means[:n_groups])
+            join = 1.0 - best_sim < radius
+            a[join] = best[join]
+        rest = np.flatnonzero(a < 0)
+        if rest.size:
+            # Unmatched items: sequential leader pass among themselves.
+            S = B[rest] @ B[rest].T
+            leaders = []
+            for k in range(rest.size):
+                if leaders:
+                    s = S[k, leaders]
+                    j = int(s.argmax())
+                    if 1.0 - s[j] < radius:
+                        a[rest[k]] = a[rest[leaders[j]]]
+                        continue
+                a[rest[k]] = n_groups
+                n_groups += 1
+                leaders.append(k)
+        # Weighted running means of the groups touched by this block.
+        touched, pos = np.unique(a, return_inverse=True)
+        srt = np.argsort(pos, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(pos[srt]) != 0])
+        add = np.add.reduceat((B * w[:, None])[srt], bounds, axis=0)
+        w_add = np.bincount(pos, weights=w)
+        w_old = g_weights[touched]
+        g_means[touched] = (g_means[touched] * w_old[:, None] + add) / (w_old + w_add)[:, None]
+        g_weights[touched] = w_old + w_add
+        assign[r0:r1] = a
+    return assign, g_means[:n_groups].copy(), g_weights[:n_groups].copy()
+
+
+def _agglo_best_match(B, G):
+    """Index and value of the largest dot product of each row of B with G's rows."""
+    step = max(1, CLUSTER_TILE_ELEMS // max(1, len(B)))
+    best = np.zeros(len(B), np.int64)
+    best_sim = np.full(len(B), -np.inf, np.float32)
+    rows = np.arange(len(B))
+    for c0 in range(0, len(G), step):
+        S = B @ G[c0:c0 + step].T
+        j = S.argmax(axis=1)
+        s = S[rows, j]
+        better = s > best_sim
+        best[better] = j[better] + c0
+        best_sim[better] = s[better]
+    return best, best_sim
+
+
+def _agglo_weighted_linkage(means, weights, threshold):
+    """Size-weighted average linkage (UPGMA) over groups, below a threshold.
+
+    Nearest-neighbour-chain algorithm on a dense float32 matrix. A group whose
+    nearest neighbour is at or beyond ``threshold`` is final, because average
+    linkage is reducible: later merges cannot bring another cluster closer.
+
+    Parameters
+    ----------
+    means : ndarray of shape (m, n_features), float32
+        Mean unit vector of each group; ``1 - means @ means.T`` is the exact
+        average distance between the groups' members.
+    weights : ndarray of shape (m,)
+        Number of faces in each group.
+    threshold : float
+        Merge only while the average distance is strictly below this.
+
+    Returns
+    -------
+    labels : ndarray of shape (m,), dtype int64
+        Index of the surviving group each group was merged into.
+    """
+    m = len(weights)
+    D = means @ means.T
+    np.subtract(np.float32(1.0), D, out=D)
+    size = np.asarray(weights, np.float64).copy()
+    gone = np.zeros(m, np.float32)  # +inf once merged away or final
+    parent = np.arange(m)
+    alive = np.ones(m, bool)
+    chain = []
+    while True:
+        if not chain:
+            start = int(alive.argmax())
+            if not alive[start]:
+                break
+            chain.append(start)
+        a = chain[-1]
+        row = D[a] + gone
+        row[a] = np.inf
+        b = int(row.argmin())
+        if len(chain) > 1 and row[chain[-2]] <= row[b]:
+            b = chain[-2]  # prefer the predecessor on ties so the chain cannot cycle
+        if not row[b] < threshold:
+            alive[a] = False
+            gone[a] = np.inf
+            chain.pop()
+        elif len(chain) > 1 and b == chain[-2]:
+            del chain[-2:]
+            new = (D[a] * size[a] + D[b] * size[b]) / (size[a] + size[b])
+            D[a] = new
+            D[:, a] = new
+            size[a] += size[b]
+            parent[b] = a
+            alive[b] = False
+            gone[b] = np.inf
+        else:
+            chain.append(b)
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _agglo_canonical_labels(raw):
+    """Relabel clusters 0..K-1 by size descending, ties by smallest member index."""
+    _, first, inverse, sizes = np.unique(raw, return_index=True,
+                                         return_inverse=True, return_counts=True)
+    order = np.lexsort((first, -sizes))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.ravel()]
+
+
 # ============================================================================
 # CLUSTER
 # Raw identity clusters: person_NNN/ (2+ faces, largest first), _singletons/,
@@ -3374,448 +3950,6 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
     say("export-swap: {crops} crops in {facesets} facesets ({skipped} skipped), "
         "{candidates} candidates -> ".format(**manifest["summary"]) + str(out), quiet)
     return manifest
-
-
-# ============================================================================
-# AGGLOMERATIVE CLUSTERING (begin)
-# Largest connected component clustered exactly. Its condensed float64
-# distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
-# (1.8 GB at 15000); bigger components go to the bounded-memory fallback.
-CLUSTER_MAX_COMPONENT = 15000
-
-# Rows per matrix-product block in the edge search.
-CLUSTER_BLOCK_ROWS = 2048
-
-# Elements per similarity tile (float32: 64 MB). Sets the column block width.
-CLUSTER_TILE_ELEMS = 1 << 24
-
-# Extra cosine-distance slack when collecting candidate pairs, to absorb
-# float32 rounding; extra edges only cost time, never change the result.
-CLUSTER_EDGE_MARGIN = 1e-3
-
-# Buffered edges before they are collapsed to one spanning star per component,
-# which bounds edge memory when an identity has very many near-identical faces.
-CLUSTER_EDGE_BUFFER = 1 << 22
-
-# Fallback leader-pass radii as fractions of the threshold; the last one is
-# reused until the group count fits or a pass merges nothing.
-CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
-CLUSTER_LEADER_MAX_PASSES = 8
-
-
-def agglomerative_labels(
-    embeddings,
-    threshold,
-    *,
-    max_component=CLUSTER_MAX_COMPONENT,
-    block_rows=CLUSTER_BLOCK_ROWS,
-):
-    """Average-linkage clustering of face embeddings with a distance threshold.
-
-    Produces the same partition as ``sklearn.cluster.AgglomerativeClustering(
-    n_clusters=None, metric="cosine", linkage="average",
-    distance_threshold=threshold)`` (clusters merge while their average cosine
-    distance is strictly below ``threshold``) without building an N x N
-    matrix, except inside connected components larger than
-    ``max_component``, which use an approximate bounded-memory fallback.
-
-    Parameters
-    ----------
-    embeddings : ndarray of shape (n_samples, n_features)
-        Face embeddings with L2-normalised rows (float32 preferred; other
-        dtypes are converted). Rows that are not unit length are normalised
-        on a copy.
-    threshold : float
-        Cosine distance (``1 - cos``) at and above which clusters stay apart.
-    max_component : int, default=CLUSTER_MAX_COMPONENT
-        Largest connected component (of the graph of pairs closer than
-        ``threshold``) clustered exactly. Larger ones use the fallback, and
-        ``max_component`` also caps its number of groups.
-    block_rows : int, default=CLUSTER_BLOCK_ROWS
-        Rows per block of the blocked similarity search. Tiles hold
-        ``CLUSTER_TILE_ELEMS`` elements.
-
-    Returns
-    -------
-    labels : ndarray of shape (n_samples,), dtype int64
-        Cluster labels ``0 .. K-1``, numbered by cluster size descending, ties
-        broken by the smallest member index.
-    info : dict
-        ``n_clusters``, ``n_components`` (components of the threshold graph),
-        ``largest_component``, ``n_edges`` (candidate pairs kept after
-        on-the-fly reduction), ``fallback_components`` (list of
-        ``{"size", "method", "groups", "passes"}``, one per component that used
-        the fallback), ``seconds`` (total), ``seconds_edges``,
-        ``seconds_linkage``.
-    """
-    t_start = time.perf_counter()
-    X = _agglo_unit_rows(embeddings)
-    n = X.shape[0]
-    threshold = float(threshold)
-    max_component = max(2, int(max_component))
-    block_rows = max(1, int(block_rows))
-    info = {"n_clusters": n, "n_components": n, "largest_component": min(n, 1),
-            "n_edges": 0, "fallback_components": [],
-            "seconds": 0.0, "seconds_edges": 0.0, "seconds_linkage": 0.0}
-    if n < 2:
-        info["seconds"] = time.perf_counter() - t_start
-        return np.zeros(n, np.int64), info
-
-    comp, n_edges = _agglo_threshold_components(X, threshold, block_rows)
-    t_edges = time.perf_counter()
-    n_comp = int(comp.max()) + 1
-    sizes = np.bincount(comp, minlength=n_comp)
-    order = np.argsort(comp, kind="stable")
-    starts = np.cumsum(sizes) - sizes
-
-    raw = np.empty(n, np.int64)
-    single = sizes == 1
-    raw[order[starts[single]]] = np.arange(int(single.sum()))
-    next_label = int(single.sum())
-    # fcluster keeps merges at heights <= t; sklearn keeps merges < threshold.
-    cut = np.nextafter(threshold, -np.inf)
-    for c in np.flatnonzero(~single):
-        idx = order[starts[c]:starts[c] + sizes[c]]
-        if idx.size <= max_component:
-            Y = X[idx].astype(np.float64)
-            Y /= np.maximum(np.linalg.norm(Y, axis=1), 1e-12)[:, None]
-            Z = linkage(_agglo_condensed_cosine(Y), method="average")
-            local = fcluster(Z, cut, criterion="distance") - 1
-        else:
-            local, fb = _agglo_fallback(X[idx], threshold, max_component,
-                                        block_rows)
-            info["fallback_components"].append({"size": int(idx.size), **fb})
-        raw[idx] = next_label + local
-        next_label += int(local.max()) + 1
-
-    labels = _agglo_canonical_labels(raw)
-    t_end = time.perf_counter()
-    info.update(n_clusters=int(labels.max()) + 1, n_components=n_comp,
-                largest_component=int(sizes.max()), n_edges=int(n_edges),
-                seconds=t_end - t_start, seconds_edges=t_edges - t_start,
-                seconds_linkage=t_end - t_edges)
-    return labels, info
-
-
-def _agglo_unit_rows(embeddings):
-    """Return a C-contiguous float32 view or copy with unit-length rows."""
-    X = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D, got shape {X.shape}")
-    sq = np.einsum("ij,ij->i", X, X)
-    if X.shape[0] and np.abs(sq - 1.0).max() > 1e-3:
-        X = X / np.maximum(np.sqrt(sq), 1e-12)[:, None]
-    return X
-
-
-def _agglo_threshold_components(X, threshold, block_rows):
-    """Connected components of the graph of pairs with cosine distance < threshold.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n_samples, n_features), float32
-        Unit-length rows.
-    threshold : float
-        Cosine-distance threshold; pairs up to ``threshold +
-        CLUSTER_EDGE_MARGIN`` are linked (a superset is harmless).
-    block_rows : int
-        Rows per block; only the upper triangle is computed.
-
-    Returns
-    -------
-    comp : ndarray of shape (n_samples,), dtype int64
-        Component index of each row.
-    n_edges : int
-        Edges kept after dropping those inside already-known components.
-    """
-    n = X.shape[0]
-    block_cols = max(block_rows, CLUSTER_TILE_ELEMS // block_rows)
-    sim_min = np.float32(1.0 - threshold - CLUSTER_EDGE_MARGIN)
-    tile = np.empty(min(n, block_rows) * min(n, block_cols), np.float32)
-    mask = np.empty(tile.size, bool)
-    comp = np.arange(n)
-    rows, cols, buffered, n_edges = [], [], 0, 0
-
-    def collapse():
-        # Replace all edges by one star per component: at most n - 1 edges.
-        graph = scipy.sparse.coo_matrix(
-            (np.ones(buffered, np.int8), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(n, n))
-        _, lab = scipy.sparse.csgraph.connected_components(graph, directed=False)
-        _, first = np.unique(lab, return_index=True)
-        root = first[lab]
-        keep = np.flatnonzero(root != np.arange(n))
-        return lab, [keep.astype(np.int32)], [root[keep].astype(np.int32)], keep.size
-
-    for r0 in range(0, n, block_rows):
-        r1 = min(r0 + block_rows, n)
-        for c0 in range(r0, n, block_cols):
-            c1 = min(c0 + block_cols, n)
-            w = c1 - c0
-            sim = tile[:(r1 - r0) * w].reshape(r1 - r0, w)
-            np.dot(X[r0:r1], X[c0:c1].T, out=sim)
-            hit = mask[:sim.size].reshape(sim.shape)
-            np.greater_equal(sim, sim_min, out=hit)
-            flat = np.flatnonzero(hit)
-            if flat.size == 0:
-                continue
-            i = (flat // w + r0).astype(np.int32)
-            j = (flat % w + c0).astype(np.int32)
-            keep = comp[i] != comp[j]
-            if c0 == r0:
-                keep &= i < j
-            if not keep.all():
-                i, j = i[keep], j[keep]
-            if i.size:
-                rows.append(i)
-                cols.append(j)
-                buffered += i.size
-                n_edges += i.size
-                if buffered > CLUSTER_EDGE_BUFFER:
-                    comp, rows, cols, buffered = collapse()
-    if buffered:
-        comp = collapse()[0]
-    return comp.astype(np.int64), n_edges
-
-
-def _agglo_condensed_cosine(Y):
-    """Condensed cosine-distance vector (as ``scipy.spatial.distance.pdist``).
-
-    Parameters
-    ----------
-    Y : ndarray of shape (n, n_features), float64
-        Unit-length rows.
-
-    Returns
-    -------
-    condensed : ndarray of shape (n * (n - 1) // 2,), float64
-        Distances clipped at 0, filled block by block so the only large
-        array is the result itself.
-    """
-    n = Y.shape[0]
-    out = np.empty(n * (n - 1) // 2)
-    step = max(1, (CLUSTER_TILE_ELEMS // 2) // n)
-    pos = 0
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
-        block = Y[r0:r1] @ Y[r0:].T
-        np.subtract(1.0, block, out=block)
-        np.maximum(block, 0.0, out=block)
-        for k in range(r1 - r0):
-            seg = block[k, k + 1:]
-            out[pos:pos + seg.size] = seg
-            pos += seg.size
-    return out
-
-
-def _agglo_fallback(Xc, threshold, max_groups, block_rows):
-    """Bounded-memory approximate average linkage for one oversized component.
-
-    Parameters
-    ----------
-    Xc : ndarray of shape (n, n_features), float32
-        Unit-length rows of the component.
-    threshold : float
-        Cosine-distance threshold.
-    max_groups : int
-        Leader passes continue until at most this many groups remain; the
-        weighted linkage then needs a float32 ``max_groups**2`` matrix.
-    block_rows : int
-        Rows per block in the leader passes.
-
-    Returns
-    -------
-    labels : ndarray of shape (n,), dtype int64
-        Local cluster labels ``0 .. k-1``.
-    details : dict
-        ``method`` ("leader+weighted-average", or "leader-only" when the
-        groups never fit under ``max_groups``), ``groups``, ``passes``.
-    """
-    means = Xc.copy()
-    weights = np.ones(len(Xc))
-    item_of = np.arange(len(Xc))
-    passes = 0
-    while len(weights) > max_groups and passes < CLUSTER_LEADER_MAX_PASSES:
-        frac = CLUSTER_LEADER_RADII[min(passes, len(CLUSTER_LEADER_RADII) - 1)]
-        # Heaviest items first, so big groups lead and absorb the small ones.
-        order = np.argsort(-weights, kind="stable")
-        assign, means, new_weights = _agglo_leader_pass(
-            means[order], weights[order], frac * threshold, block_rows)
-        new_of_old = np.empty_like(assign)
-        new_of_old[order] = assign
-        item_of = new_of_old[item_of]
-        passes += 1
-        unchanged = len(new_weights) == len(weights)
-        weights = new_weights
-        if unchanged and frac >= 1.0:
-            break
-    if len(weights) <= max_groups:
-        method = "leader+weighted-average"
-        item_label = _agglo_weighted_linkage(means, weights, threshold)
-    else:
-        method = "leader-only"
-        item_label = np.arange(len(weights))
-    _, labels = np.unique(item_label[item_of], return_inverse=True)
-    return labels.astype(np.int64), {"method": method, "groups": len(weights),
-                                     "passes": passes}
-
-
-def _agglo_leader_pass(means, weights, radius, block_rows):
-    """One greedy leader pass over weighted items.
-
-    Each item joins the existing group with the smallest average cosine
-    distance (``1 - item_mean . group_mean``) if that is below ``radius``,
-    otherwise it founds a new group. Decisions inside a block use the group
-    means from the start of the block.
-
-    Parameters
-    ----------
-    means : ndarray of shape (m, n_features), float32
-        Mean of the unit vectors in each item.
-    weights : ndarray of shape (m,)
-        Number of faces in each item.
-    radius : float
-        Joining distance.
-    block_rows : int
-        Items per block.
-
-    Returns
-    -------
-    assign : ndarray of shape (m,), dtype int64
-        Group of each item.
-    group_means : ndarray of shape (g, n_features), float32
-    group_weights : ndarray of shape (g,)
-    """
-    m, dim = means.shape
-    assign = np.empty(m, np.int64)
-    g_means = np.zeros((m, dim), np.float32)
-    g_weights = np.zeros(m)
-    n_groups = 0
-    for r0 in range(0, m, block_rows):
-        r1 = min(r0 + block_rows, m)
-        B, w = means[r0:r1], weights[r0:r1]
-        a = np.full(r1 - r0, -1, np.int64)
-        if n_groups:
-            best, best_sim = _agglo_best_match(B, g_means[:n_groups])
-            join = 1.0 - best_sim < radius
-            a[join] = best[join]
-        rest = np.flatnonzero(a < 0)
-        if rest.size:
-            # Unmatched items: sequential leader pass among themselves.
-            S = B[rest] @ B[rest].T
-            leaders = []
-            for k in range(rest.size):
-                if leaders:
-                    s = S[k, leaders]
-                    j = int(s.argmax())
-                    if 1.0 - s[j] < radius:
-                        a[rest[k]] = a[rest[leaders[j]]]
-                        continue
-                a[rest[k]] = n_groups
-                n_groups += 1
-                leaders.append(k)
-        # Weighted running means of the groups touched by this block.
-        touched, pos = np.unique(a, return_inverse=True)
-        srt = np.argsort(pos, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, np.diff(pos[srt]) != 0])
-        add = np.add.reduceat((B * w[:, None])[srt], bounds, axis=0)
-        w_add = np.bincount(pos, weights=w)
-        w_old = g_weights[touched]
-        g_means[touched] = (g_means[touched] * w_old[:, None] + add) / (w_old + w_add)[:, None]
-        g_weights[touched] = w_old + w_add
-        assign[r0:r1] = a
-    return assign, g_means[:n_groups].copy(), g_weights[:n_groups].copy()
-
-
-def _agglo_best_match(B, G):
-    """Index and value of the largest dot product of each row of B with G's rows."""
-    step = max(1, CLUSTER_TILE_ELEMS // max(1, len(B)))
-    best = np.zeros(len(B), np.int64)
-    best_sim = np.full(len(B), -np.inf, np.float32)
-    rows = np.arange(len(B))
-    for c0 in range(0, len(G), step):
-        S = B @ G[c0:c0 + step].T
-        j = S.argmax(axis=1)
-        s = S[rows, j]
-        better = s > best_sim
-        best[better] = j[better] + c0
-        best_sim[better] = s[better]
-    return best, best_sim
-
-
-def _agglo_weighted_linkage(means, weights, threshold):
-    """Size-weighted average linkage (UPGMA) over groups, below a threshold.
-
-    Nearest-neighbour-chain algorithm on a dense float32 matrix. A group whose
-    nearest neighbour is at or beyond ``threshold`` is final, because average
-    linkage is reducible: later merges cannot bring another cluster closer.
-
-    Parameters
-    ----------
-    means : ndarray of shape (m, n_features), float32
-        Mean unit vector of each group; ``1 - means @ means.T`` is the exact
-        average distance between the groups' members.
-    weights : ndarray of shape (m,)
-        Number of faces in each group.
-    threshold : float
-        Merge only while the average distance is strictly below this.
-
-    Returns
-    -------
-    labels : ndarray of shape (m,), dtype int64
-        Index of the surviving group each group was merged into.
-    """
-    m = len(weights)
-    D = means @ means.T
-    np.subtract(np.float32(1.0), D, out=D)
-    size = np.asarray(weights, np.float64).copy()
-    gone = np.zeros(m, np.float32)  # +inf once merged away or final
-    parent = np.arange(m)
-    alive = np.ones(m, bool)
-    chain = []
-    while True:
-        if not chain:
-            start = int(alive.argmax())
-            if not alive[start]:
-                break
-            chain.append(start)
-        a = chain[-1]
-        row = D[a] + gone
-        row[a] = np.inf
-        b = int(row.argmin())
-        if len(chain) > 1 and row[chain[-2]] <= row[b]:
-            b = chain[-2]  # prefer the predecessor on ties so the chain cannot cycle
-        if not row[b] < threshold:
-            alive[a] = False
-            gone[a] = np.inf
-            chain.pop()
-        elif len(chain) > 1 and b == chain[-2]:
-            del chain[-2:]
-            new = (D[a] * size[a] + D[b] * size[b]) / (size[a] + size[b])
-            D[a] = new
-            D[:, a] = new
-            size[a] += size[b]
-            parent[b] = a
-            alive[b] = False
-            gone[b] = np.inf
-        else:
-            chain.append(b)
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return parent
-        parent = grand
-
-
-def _agglo_canonical_labels(raw):
-    """Relabel clusters 0..K-1 by size descending, ties by smallest member index."""
-    _, first, inverse, sizes = np.unique(raw, return_index=True,
-                                         return_inverse=True, return_counts=True)
-    order = np.lexsort((first, -sizes))
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
-    return rank[inverse.ravel()]
-# AGGLOMERATIVE CLUSTERING (end)
 
 
 # ============================================================================

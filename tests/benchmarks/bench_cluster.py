@@ -9,8 +9,6 @@ N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
 checks the partition against scikit-learn for N <= 20000. ``--max-component``
 lowers the exact-linkage limit to exercise the fallback.
-Set AGGLO_IMPL=staging to benchmark work/staging/clustering_section.py even
-when sort_faces.py already has the function.
 
 Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
 one identity holding 5 % of all faces, and 10 % of identities given a
@@ -23,7 +21,6 @@ cosine distance ~0.9-1.0.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -38,21 +35,10 @@ DIM = 512
 
 
 def load_agglomerative_labels():
-    """``sort_faces.agglomerative_labels``, or the staging copy until it is merged
-    (forced with AGGLO_IMPL=staging)."""
     sys.path.insert(0, ROOT)
-    try:
-        if os.environ.get("AGGLO_IMPL") == "staging":
-            raise ImportError("staging copy requested")
-        import sort_faces
+    import sort_faces
 
-        return sort_faces.agglomerative_labels
-    except (ImportError, AttributeError):
-        path = os.path.join(ROOT, "work", "staging", "clustering_section.py")
-        spec = importlib.util.spec_from_file_location("clustering_section", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.agglomerative_labels
+    return sort_faces.agglomerative_labels
 
 
 def make_faces(n, dim=DIM, seed=0, chunk=20000):

@@ -1,0 +1,133 @@
+"""The pipeline as users run it: the recipe scripts, and the README's two
+commands on a fresh clone."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import sort_faces
+from conftest import DATA, ROOT
+
+GATES = {"REFINE_ARGS": "--min-short 40 --min-faces 5 --min-blur 20",
+         "EXPORT_ARGS": "--min-face-short 60 --top-n 8"}
+
+
+def run_script(script, *args, env=None, cwd=ROOT):
+    environment = dict(os.environ, **(env or {}))
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=environment, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipe")
+    src = tmp / "photos"
+    for name in ("five_celebs", "group_photos"):
+        shutil.copytree(DATA / name, src / name, ignore=shutil.ignore_patterns("*.csv"))
+    name = f"recipe-test-{os.getpid()}"
+    first = run_script("pipeline.sh", src, name, env=GATES)
+    out = ROOT / "work" / "out" / name
+    cache = ROOT / "work" / "cache" / f"{name}.npz"
+    yield {"tmp": tmp, "src": src, "name": name, "first": first, "out": out, "cache": cache}
+    shutil.rmtree(out, ignore_errors=True)
+    for path in cache.parent.glob(f"{name}.*"):
+        path.unlink()
+
+
+def test_pipeline_recipe_produces_every_output(recipe_run):
+    result, out = recipe_run["first"], recipe_run["out"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("cache:", "duplicates:", "raw_full:", "facesets_full:", "facesets_swap_ready:"):
+        assert line in result.stdout
+    assert recipe_run["cache"].is_file()
+    assert recipe_run["cache"].with_name(f"{recipe_run['name']}.duplicates.json").is_file()
+    raw = json.loads((out / "raw_full" / "manifest.json").read_text())
+    refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+    export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())
+    assert raw["clusters"] and refined["facesets"] and export["facesets"]
+    # every faceset in the export came from the refine manifest, with its members
+    members = {s["name"]: {f["face"] for f in s["faces"]} for s in refined["facesets"]}
+    for entry in export["facesets"]:
+        assert entry["name"] in members
+        assert {c["face"] for c in entry["crops"]} <= members[entry["name"]]
+        for bundle in entry["bundles"]:
+            with zipfile.ZipFile(out / "facesets_swap_ready" / bundle["file"]) as archive:
+                names = archive.namelist()
+                assert names and all(re.fullmatch(r"\d{4}\.png", n) for n in names)
+                for n in names:
+                    image = cv2.imdecode(np.frombuffer(archive.read(n), np.uint8), cv2.IMREAD_COLOR)
+                    assert image.shape == (512, 512, 3)
+    assert export["candidates"] is not None
+
+
+def test_pipeline_rerun_is_quick_and_keeps_numbers(recipe_run):
+    out = recipe_run["out"]
+    before = json.loads((out / "raw_full" / "manifest.json").read_text())
+    again = run_script("pipeline.sh", recipe_run["src"], recipe_run["name"], env=GATES)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 new" in again.stdout and "0 faces in 0 images" in again.stdout
+    after = json.loads((out / "raw_full" / "manifest.json").read_text())
+    assert [(c["name"], c["size"]) for c in after["clusters"]] == \
+           [(c["name"], c["size"]) for c in before["clusters"]]
+
+
+def test_merge_recipe_folds_new_photos_without_renumbering(recipe_run):
+    out = recipe_run["out"]
+    before = json.loads((out / "raw_full" / "manifest.json").read_text())
+    before_sets = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+    new = recipe_run["tmp"] / "new"
+    shutil.copytree(DATA / "lfw10", new / "lfw10", ignore=shutil.ignore_patterns("*.csv"))
+    result = run_script("merge.sh", new, recipe_run["name"], env=GATES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((out / "raw_full" / "manifest.json").read_text())
+    after_sets = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+    for old, new_manifest, key in ((before, after, "clusters"), (before_sets, after_sets, "facesets")):
+        now = {e["name"]: [f["face"] for f in e["faces"]] for e in new_manifest[key]}
+        for entry in old[key]:
+            faces = [f["face"] for f in entry["faces"]]
+            assert now[entry["name"]][: len(faces)] == faces
+    highest = max(int(c["name"].split("_")[1]) for c in before["clusters"])
+    created = after["extend_runs"][-1]["new_people"]
+    assert created and min(int(n.split("_")[1]) for n in created) == highest + 1
+    export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())
+    assert {e["name"] for e in export["facesets"]} == {s["name"] for s in after_sets["facesets"]}
+
+
+def test_recipe_refuses_a_missing_folder():
+    result = run_script("pipeline.sh", "/no/such/photos")
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_readme_commands_work_on_a_fresh_clone(tmp_path):
+    """A newcomer: clone, then the README's two commands, with no .venv yet."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(bash scripts/\S+\.sh.*)$", readme.split("## ")[0], re.MULTILINE)
+    assert [c.split()[1] for c in commands] == ["scripts/pipeline.sh", "scripts/test.sh"]
+    clone = tmp_path / "face-sets"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    assert not (clone / ".venv").exists()
+    photos = tmp_path / "photos"
+    shutil.copytree(DATA / "face_recognition", photos, ignore=shutil.ignore_patterns("*.csv"))
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("FACESETS_LOG_DIR", None)
+    first = subprocess.run(["bash", "scripts/pipeline.sh", str(photos)], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (clone / ".venv" / "bin" / "python").exists()
+    assert (clone / "work" / "out" / "photos" / "raw_full" / "manifest.json").is_file()
+    assert list((clone / "work" / "logs").glob("embed-*.log"))
+    # the test command, on a quick selection (the whole suite is what CI runs)
+    second = subprocess.run(["bash", "scripts/test.sh", "-q", "-p", "no:warnings",
+                             "tests/test_cluster_refine.py", "-k", "safe_dst_name or defaults"],
+                            cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert re.search(r"\b2 passed\b", second.stdout)

@@ -94,6 +94,16 @@ REFINE_DEFAULTS = {
     "min_blur": 40.0,
     "min_det_score": 0.6,
 }
+REFINE_HELP = {
+    "initial_threshold": "cosine distance for stage-1 clustering",
+    "merge_threshold": "centroid-level merge of over-split clusters",
+    "outlier_threshold": "drop a face whose cosine distance from its cluster centroid exceeds "
+                         "this (only in clusters of 4 or more)",
+    "min_faces": "minimum unique images per faceset",
+    "min_short": "minimum short edge of the face box, in pixels",
+    "min_blur": "minimum blur score (Laplacian variance of the face at 112 px)",
+    "min_det_score": "minimum InsightFace detector score",
+}
 CLUSTER_DEFAULTS = {"threshold": REFINE_DEFAULTS["initial_threshold"], "link": "copy"}
 EXPORT_DEFAULTS = {
     "top_n": 30,
@@ -103,6 +113,15 @@ EXPORT_DEFAULTS = {
     "min_face_short": 100,
     "candidate_match_threshold": 0.55,
     "candidate_min_score": 0.40,
+}
+EXPORT_HELP = {
+    "top_n": "size of the <faceset>_topN.fsz bundle",
+    "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
+    "pad_ratio": "padding around the face box on each side, as a share of the box",
+    "out_size": "PNG side in pixels (square)",
+    "min_face_short": "minimum face short edge in pixels",
+    "candidate_match_threshold": "cosine distance cutoff from a singleton to a faceset",
+    "candidate_min_score": "composite quality floor for candidates",
 }
 
 EXIT_OK = 0
@@ -526,6 +545,28 @@ def rows_from_records(records: list[dict], columns: dict, embedding_size: int) -
     return out
 
 
+def existing_location(locations: list[str], size: int) -> str | None:
+    """The first location that still holds a file of the cached size."""
+    for path in locations:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == size:
+                return path
+    return None
+
+
+def file_locations(cache: FaceCache) -> list[list[str]]:
+    """Per cache file row: every path that holds its content, canonical first."""
+    by_sha = cache.paths_by_sha()
+    return [by_sha.get(sha, [path]) for sha, path in zip(cache["sha256"], cache["files"])]
+
+
+def faces_by_file(face_file: np.ndarray, n_files: int) -> list[np.ndarray]:
+    """Face indices of each file row."""
+    order = np.argsort(face_file, kind="stable")
+    bounds = np.searchsorted(face_file[order], np.arange(n_files + 1))
+    return [order[bounds[i]:bounds[i + 1]] for i in range(n_files)]
+
+
 # ============================================================================
 # IMAGES
 # Real libraries hold EXIF-rotated JPEGs, grayscale and 16-bit scans, CMYK
@@ -624,6 +665,15 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
     if oriented.size != image.size:  # EXIF rotated by 90 degrees
         full_w, full_h = full_h, full_w
     return np.ascontiguousarray(rgb[:, :, ::-1]), int(full_w), int(full_h)
+
+
+def _decode_or_reason(path: str):
+    try:
+        return decode_image(path)
+    except UnreadableImage as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - a decoder bug must not end the run
+        return f"decoder error: {type(error).__name__}: {error}"
 
 
 # ============================================================================
@@ -894,6 +944,17 @@ def blur_score(gray: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -
     interpolation = cv2.INTER_AREA if crop.shape[0] > scale else cv2.INTER_LINEAR
     crop = cv2.resize(crop, (scale, scale), interpolation=interpolation)
     return float(cv2.Laplacian(crop, cv2.CV_64F).var())
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every pair of (x1, y1, x2, y2) boxes: (A, B)."""
+    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 1, 4)
+    b = np.asarray(boxes_b, dtype=np.float64).reshape(1, -1, 4)
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = width * height
+    area = lambda box: (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
 
 
 # ============================================================================
@@ -1836,274 +1897,6 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
 
 
 # ============================================================================
-# EMBED
-# Scan, sha256-group, decode, detect and embed; resumable through the cache.
-# Hashing runs in threads of this process while a pool of model processes
-# decodes (one thread ahead) and embeds; results are flushed as journal chunks.
-# ============================================================================
-
-
-def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarray]:
-    """Detect and embed every face of one image: a dict of FACE_COLUMNS arrays
-    (face_file left at 0 for the caller to set)."""
-    faces = app.get(bgr)
-    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    records = []
-    for face in faces:
-        raw = np.asarray(face.embedding, dtype=np.float32)
-        norm = float(np.linalg.norm(raw))
-        records.append({
-            "embeddings": raw / max(norm, 1e-12),
-            "embedding_norm": norm,
-            "face_file": 0,
-            "bbox": np.asarray(face.bbox, dtype=np.float32),
-            "kps": np.asarray(face.kps, dtype=np.float32),
-            "det_score": float(face.det_score),
-            "face_short": float(face_short_edge(face.bbox)[0]),
-            "blur": blur_score(gray, face.bbox),
-        })
-    return rows_from_records(records, FACE_COLUMNS, embedding_size)
-
-
-def _decode_or_reason(path: str):
-    try:
-        return decode_image(path)
-    except UnreadableImage as error:
-        return str(error)
-    except Exception as error:  # noqa: BLE001 - a decoder bug must not end the run
-        return f"decoder error: {type(error).__name__}: {error}"
-
-
-def embed_task(batch: list[tuple]) -> list[dict]:
-    """Worker side: decode (a thread ahead) and embed each file of a batch
-    of (path, ...) entries."""
-    app, decoder = _WORKER["app"], _WORKER["decoder"]
-    results = []
-    for decoded in decoder.map(_decode_or_reason, [entry[0] for entry in batch]):
-        if isinstance(decoded, str):
-            results.append({"status": "unreadable", "reason": decoded})
-            continue
-        bgr, width, height = decoded
-        faces = embed_image(app, bgr, _WORKER["embedding_size"])
-        results.append({
-            "status": "ok" if len(faces["face_file"]) else "noface", "reason": "",
-            "width": width, "height": height, "phash": perceptual_hash(bgr), "faces": faces,
-        })
-    return results
-
-
-def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
-    """Refuse to mix embeddings of two models in one cache."""
-    recorded = cache.meta.get("model")
-    if not recorded:
-        return
-    for key in ("recognition_sha256", "det_size"):
-        if recorded.get(key) != identity.get(key):
-            raise UserError(
-                f"cache {cache_path} was made with model {recorded.get('pack')} "
-                f"({key}={recorded.get(key)}), not {identity.get('pack')} "
-                f"({key}={identity.get(key)}); embeddings of two models cannot be mixed: "
-                f"use another cache path or the cache's model")
-
-
-def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None):
-    """The pack a step should use: the cache's own, unless one is named explicitly
-    (which must then be the same model)."""
-    recorded = cache.meta.get("model")
-    if model == DEFAULT_MODEL and recorded:
-        pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
-    else:
-        pack_name, pack_dir = resolve_model(model, model_root)
-    identity = model_identity(pack_name, pack_dir, det_size or
-                              (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
-    return pack_name, pack_dir, identity
-
-
-def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
-          det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
-          quiet=False) -> dict:
-    """Embed every new image under `src` into the cache at `cache_path`.
-
-    Returns the run summary (also printed): files seen, new, aliases, faces,
-    noface, unreadable, seconds.
-    """
-    started = time.time()
-    src, cache_path = Path(src), Path(cache_path)
-    if not src.is_dir():
-        raise UserError(f"source folder not found or not a folder: {src}")
-    if not os.access(src, os.R_OK | os.X_OK):
-        raise UserError(f"source folder is not readable: {src}")
-    if is_within(cache_path.parent, src):
-        raise UserError(f"the cache {cache_path} must not be inside the source tree {src} "
-                        "(nothing is ever written under the source)")
-    with exclusive_lock(cache_path, "cache"):
-        cache = load_cache(cache_path, must_exist=False)
-        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size)
-        check_model_matches(cache, identity, cache_path)
-        cache.meta.setdefault("model", identity)
-        if not cache.n_files:
-            cache.meta["phash"] = PHASH_VERSION
-        cache.meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
-        sources = cache.meta.setdefault("sources", [])
-        if str(src.resolve()) not in sources:
-            sources.append(str(src.resolve()))
-        provider_list = choose_providers(providers)
-        workers = workers or default_workers(provider_list)
-        say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
-            f"{workers} worker(s), {provider_list[0]})", quiet)
-        run = EmbedRun(cache, cache_path, flush_every)
-        paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
-        for problem in problems:
-            log.warning("skipped: %s", problem)
-        heif = [p for p in paths if p.lower().endswith(HEIF_EXTENSIONS)]
-        if heif and heif_support():
-            # not recorded in the cache, so a run after installing picks them up
-            log.warning("skipped %d HEIC/HEIF files (%s ...): %s", len(heif), heif[0], heif_support())
-            paths = [p for p in paths if not p.lower().endswith(HEIF_EXTENSIONS)]
-        todo = run.triage(paths)
-        with contextlib.ExitStack() as stack:
-            bar = stack.enter_context(progress(total=len(todo), desc="embed", unit="img"))
-            run.bar = bar
-            if todo:
-                pool = stack.enter_context(model_pool(
-                    pack_dir, ["detection", "recognition"], provider_list,
-                    identity["det_size"], workers, identity["embedding_size"]))
-                hasher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
-                hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
-                try:
-                    run_in_pool(pool, embed_task, run.batches(hashed), run.on_result,
-                                max_inflight=2 * workers + 2)
-                except KeyboardInterrupt:
-                    run.flush()
-                    save_cache(cache_path, cache)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise UserError(f"interrupted: {run.summary['new']} new files saved to "
-                                    f"{cache_path}; run the same command to go on") from None
-        run.flush()
-        save_cache(cache_path, cache)
-    summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
-                   skipped_heif=len(heif) if heif_support() else 0,
-                   seconds=round(time.time() - started, 1))
-    say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
-        "{noface} without a face, {unreadable} unreadable, {seconds} s".format(**summary), quiet)
-    return summary
-
-
-class EmbedRun:
-    """The bookkeeping of one embed run: what to hash, what to embed, what to flush."""
-
-    def __init__(self, cache: FaceCache, cache_path: Path, flush_every: int):
-        self.cache, self.cache_path, self.flush_every = cache, cache_path, max(1, flush_every)
-        self.known_paths = cache.path_table()
-        self.known_sha = {sha: i for i, sha in enumerate(cache["sha256"])}
-        self.pending_sha: set[str] = set()
-        self.new_files: list[dict] = []
-        self.new_faces: list[dict[str, np.ndarray]] = []
-        self.new_paths: list[dict] = []
-        self.bar = None
-        self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable": 0}
-        self.unreadable: list[str] = []
-
-    def triage(self, paths: list[str]) -> list[tuple[str, int, int]]:
-        """Paths that need hashing: unknown, or changed since the cache saw them."""
-        todo = []
-        for path in paths:
-            try:
-                info = os.stat(path)
-            except OSError as error:
-                self._report_unreadable(path, f"cannot stat ({error.strerror})")
-                continue
-            known = self.known_paths.get(path)
-            if known and known[1] == info.st_size and known[2] == info.st_mtime_ns:
-                continue
-            todo.append((path, info.st_size, info.st_mtime_ns))
-        return todo
-
-    @staticmethod
-    def hash_entry(entry):
-        path, size, mtime_ns = entry
-        try:
-            return path, size, mtime_ns, sha256_file(path)
-        except OSError as error:
-            return path, size, mtime_ns, OSError(error.strerror or str(error))
-
-    def batches(self, hashed):
-        """Group hashed files into model tasks, recording aliases on the way."""
-        batch = []
-        for path, size, mtime_ns, sha in hashed:
-            if isinstance(sha, OSError):
-                self._report_unreadable(path, f"cannot read ({sha})")
-                self.bar.update(1)
-                continue
-            self.new_paths.append({"path_seen": path, "path_sha256": sha,
-                                   "path_size": size, "path_mtime_ns": mtime_ns})
-            if sha in self.known_sha or sha in self.pending_sha:
-                if self.known_paths.get(path, ("",))[0] != sha:  # not just a touched file
-                    self.summary["aliases"] += 1
-                    log.info("alias: %s (content already cached)", path)
-                self.bar.update(1)
-                self._maybe_flush()
-                continue
-            self.pending_sha.add(sha)
-            batch.append((path, size, mtime_ns, sha))
-            if len(batch) == TASK_FILES:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    def on_result(self, batch, results) -> None:
-        for (path, size, mtime_ns, sha), result in zip(batch, results):
-            file_index = self.cache.n_files + len(self.new_files)
-            status = result["status"]
-            self.new_files.append({
-                "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
-                "file_width": result.get("width", 0), "file_height": result.get("height", 0),
-                "file_status": status, "file_reason": result["reason"],
-                "file_phash": result.get("phash", 0),
-            })
-            self.pending_sha.discard(sha)
-            self.known_sha[sha] = file_index
-            self.summary["new"] += 1
-            if status == "unreadable":
-                self._report_unreadable(path, result["reason"])
-            elif status == "noface":
-                self.summary["noface"] += 1
-            faces = result.get("faces")
-            if faces is not None and len(faces["face_file"]):
-                faces["face_file"][:] = file_index
-                self.new_faces.append(faces)
-                self.summary["faces"] += len(faces["face_file"])
-            self.bar.update(1)
-        self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
-        self._maybe_flush()
-
-    def _report_unreadable(self, path: str, reason: str) -> None:
-        log.warning("unreadable: %s: %s", path, reason)
-        self.unreadable.append(path)
-        self.summary["unreadable"] += 1
-
-    def _maybe_flush(self) -> None:
-        if len(self.new_files) >= self.flush_every or len(self.new_paths) >= 20 * self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        """Durably record every finished file (and only finished files)."""
-        ready = [p for p in self.new_paths if p["path_sha256"] in self.known_sha]
-        if not self.new_files and not ready:
-            return
-        size = self.cache.embedding_size
-        rows = rows_from_records(self.new_files, FILE_COLUMNS, size)
-        rows.update(rows_from_records(ready, PATH_COLUMNS, size))
-        faces = self.new_faces or [rows_from_records([], FACE_COLUMNS, size)]
-        rows.update({key: np.concatenate([f[key] for f in faces]) for key in FACE_COLUMNS})
-        write_journal_chunk(self.cache_path, self.cache, rows)
-        self.cache.append(rows)
-        self.new_files, self.new_faces = [], []
-        self.new_paths = [p for p in self.new_paths if p["path_sha256"] not in self.known_sha]
-
-
-# ============================================================================
 # OUTPUT FOLDERS
 # Materialising photos into an output folder: stable flat names, copy / hard
 # link / symlink, and the build-beside-then-swap that keeps a re-run from ever
@@ -2232,6 +2025,51 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
         except OSError as error:
             log.warning("cannot materialise %s into %s: %s", path, folder, error.strerror or error)
     return names
+
+
+def face_record(cache: FaceCache, face: int, locations) -> dict:
+    file_index = int(cache["face_file"][face])
+    return {"face": int(face), "file": locations[file_index][0],
+            "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
+
+
+def write_group(folder: Path, faces, cache, locations, link) -> dict:
+    """Materialise every location of every photo of `faces` into `folder`."""
+    file_rows = sorted({int(cache["face_file"][f]) for f in faces})
+    paths = [p for row in file_rows for p in locations[row]]
+    return {"faces": [face_record(cache, f, locations) for f in faces],
+            "images": len(file_rows),
+            "outputs": materialise_files(folder, paths, link)}
+
+
+def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "step": step,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cache": str(Path(cache_path).resolve()), "model": cache.meta.get("model"),
+        "parameters": parameters,
+    }
+
+
+def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
+    status = cache["file_status"]
+    noface = [p for row in np.flatnonzero(status == "noface") for p in locations[row]]
+    unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
+                  for row in np.flatnonzero(status == "unreadable")]
+    return noface, unreadable
+
+
+def manifest_face_ids(entries) -> set[int]:
+    return {face["face"] for entry in entries for face in entry["faces"]}
+
+
+def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, where: Path) -> None:
+    made_with = (manifest.get("model") or {}).get("recognition_sha256")
+    if made_with != cache.meta.get("model", {}).get("recognition_sha256"):
+        raise UserError(
+            f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
+            f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
+            "embeddings of two models cannot be compared")
 
 
 # ============================================================================
@@ -2854,49 +2692,279 @@ def _agglo_canonical_labels(raw):
     return rank[inverse.ravel()]
 
 
+def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
+    """Index of, and cosine distance to, the nearest centroid of each row."""
+    if len(centroids) == 0 or len(embeddings) == 0:
+        return np.full(len(embeddings), -1), np.full(len(embeddings), np.inf)
+    similarity = embeddings @ centroids.T
+    best = similarity.argmax(axis=1)
+    return best, 1.0 - similarity[np.arange(len(embeddings)), best]
+
+
+# ============================================================================
+# EMBED
+# Scan, sha256-group, decode, detect and embed; resumable through the cache.
+# Hashing runs in threads of this process while a pool of model processes
+# decodes (one thread ahead) and embeds; results are flushed as journal chunks.
+# ============================================================================
+
+
+def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarray]:
+    """Detect and embed every face of one image: a dict of FACE_COLUMNS arrays
+    (face_file left at 0 for the caller to set)."""
+    faces = app.get(bgr)
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    records = []
+    for face in faces:
+        raw = np.asarray(face.embedding, dtype=np.float32)
+        norm = float(np.linalg.norm(raw))
+        records.append({
+            "embeddings": raw / max(norm, 1e-12),
+            "embedding_norm": norm,
+            "face_file": 0,
+            "bbox": np.asarray(face.bbox, dtype=np.float32),
+            "kps": np.asarray(face.kps, dtype=np.float32),
+            "det_score": float(face.det_score),
+            "face_short": float(face_short_edge(face.bbox)[0]),
+            "blur": blur_score(gray, face.bbox),
+        })
+    return rows_from_records(records, FACE_COLUMNS, embedding_size)
+
+
+def embed_task(batch: list[tuple]) -> list[dict]:
+    """Worker side: decode (a thread ahead) and embed each file of a batch
+    of (path, ...) entries."""
+    app, decoder = _WORKER["app"], _WORKER["decoder"]
+    results = []
+    for decoded in decoder.map(_decode_or_reason, [entry[0] for entry in batch]):
+        if isinstance(decoded, str):
+            results.append({"status": "unreadable", "reason": decoded})
+            continue
+        bgr, width, height = decoded
+        faces = embed_image(app, bgr, _WORKER["embedding_size"])
+        results.append({
+            "status": "ok" if len(faces["face_file"]) else "noface", "reason": "",
+            "width": width, "height": height, "phash": perceptual_hash(bgr), "faces": faces,
+        })
+    return results
+
+
+def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
+    """Refuse to mix embeddings of two models in one cache."""
+    recorded = cache.meta.get("model")
+    if not recorded:
+        return
+    for key in ("recognition_sha256", "det_size"):
+        if recorded.get(key) != identity.get(key):
+            raise UserError(
+                f"cache {cache_path} was made with model {recorded.get('pack')} "
+                f"({key}={recorded.get(key)}), not {identity.get('pack')} "
+                f"({key}={identity.get(key)}); embeddings of two models cannot be mixed: "
+                f"use another cache path or the cache's model")
+
+
+def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None):
+    """The pack a step should use: the cache's own, unless one is named explicitly
+    (which must then be the same model)."""
+    recorded = cache.meta.get("model")
+    if model == DEFAULT_MODEL and recorded:
+        pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
+    else:
+        pack_name, pack_dir = resolve_model(model, model_root)
+    identity = model_identity(pack_name, pack_dir, det_size or
+                              (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
+    return pack_name, pack_dir, identity
+
+
+def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
+          det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
+          quiet=False) -> dict:
+    """Embed every new image under `src` into the cache at `cache_path`.
+
+    Returns the run summary (also printed): files seen, new, aliases, faces,
+    noface, unreadable, seconds.
+    """
+    started = time.time()
+    src, cache_path = Path(src), Path(cache_path)
+    if not src.is_dir():
+        raise UserError(f"source folder not found or not a folder: {src}")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise UserError(f"source folder is not readable: {src}")
+    if is_within(cache_path.parent, src):
+        raise UserError(f"the cache {cache_path} must not be inside the source tree {src} "
+                        "(nothing is ever written under the source)")
+    with exclusive_lock(cache_path, "cache"):
+        cache = load_cache(cache_path, must_exist=False)
+        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size)
+        check_model_matches(cache, identity, cache_path)
+        cache.meta.setdefault("model", identity)
+        if not cache.n_files:
+            cache.meta["phash"] = PHASH_VERSION
+        cache.meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
+        sources = cache.meta.setdefault("sources", [])
+        if str(src.resolve()) not in sources:
+            sources.append(str(src.resolve()))
+        provider_list = choose_providers(providers)
+        workers = workers or default_workers(provider_list)
+        say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
+            f"{workers} worker(s), {provider_list[0]})", quiet)
+        run = EmbedRun(cache, cache_path, flush_every)
+        paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
+        for problem in problems:
+            log.warning("skipped: %s", problem)
+        heif = [p for p in paths if p.lower().endswith(HEIF_EXTENSIONS)]
+        if heif and heif_support():
+            # not recorded in the cache, so a run after installing picks them up
+            log.warning("skipped %d HEIC/HEIF files (%s ...): %s", len(heif), heif[0], heif_support())
+            paths = [p for p in paths if not p.lower().endswith(HEIF_EXTENSIONS)]
+        todo = run.triage(paths)
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(progress(total=len(todo), desc="embed", unit="img"))
+            run.bar = bar
+            if todo:
+                pool = stack.enter_context(model_pool(
+                    pack_dir, ["detection", "recognition"], provider_list,
+                    identity["det_size"], workers, identity["embedding_size"]))
+                hasher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
+                hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
+                try:
+                    run_in_pool(pool, embed_task, run.batches(hashed), run.on_result,
+                                max_inflight=2 * workers + 2)
+                except KeyboardInterrupt:
+                    run.flush()
+                    save_cache(cache_path, cache)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise UserError(f"interrupted: {run.summary['new']} new files saved to "
+                                    f"{cache_path}; run the same command to go on") from None
+        run.flush()
+        save_cache(cache_path, cache)
+    summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
+                   skipped_heif=len(heif) if heif_support() else 0,
+                   seconds=round(time.time() - started, 1))
+    say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
+        "{noface} without a face, {unreadable} unreadable, {seconds} s".format(**summary), quiet)
+    return summary
+
+
+class EmbedRun:
+    """The bookkeeping of one embed run: what to hash, what to embed, what to flush."""
+
+    def __init__(self, cache: FaceCache, cache_path: Path, flush_every: int):
+        self.cache, self.cache_path, self.flush_every = cache, cache_path, max(1, flush_every)
+        self.known_paths = cache.path_table()
+        self.known_sha = {sha: i for i, sha in enumerate(cache["sha256"])}
+        self.pending_sha: set[str] = set()
+        self.new_files: list[dict] = []
+        self.new_faces: list[dict[str, np.ndarray]] = []
+        self.new_paths: list[dict] = []
+        self.bar = None
+        self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable": 0}
+        self.unreadable: list[str] = []
+
+    def triage(self, paths: list[str]) -> list[tuple[str, int, int]]:
+        """Paths that need hashing: unknown, or changed since the cache saw them."""
+        todo = []
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except OSError as error:
+                self._report_unreadable(path, f"cannot stat ({error.strerror})")
+                continue
+            known = self.known_paths.get(path)
+            if known and known[1] == info.st_size and known[2] == info.st_mtime_ns:
+                continue
+            todo.append((path, info.st_size, info.st_mtime_ns))
+        return todo
+
+    @staticmethod
+    def hash_entry(entry):
+        path, size, mtime_ns = entry
+        try:
+            return path, size, mtime_ns, sha256_file(path)
+        except OSError as error:
+            return path, size, mtime_ns, OSError(error.strerror or str(error))
+
+    def batches(self, hashed):
+        """Group hashed files into model tasks, recording aliases on the way."""
+        batch = []
+        for path, size, mtime_ns, sha in hashed:
+            if isinstance(sha, OSError):
+                self._report_unreadable(path, f"cannot read ({sha})")
+                self.bar.update(1)
+                continue
+            self.new_paths.append({"path_seen": path, "path_sha256": sha,
+                                   "path_size": size, "path_mtime_ns": mtime_ns})
+            if sha in self.known_sha or sha in self.pending_sha:
+                if self.known_paths.get(path, ("",))[0] != sha:  # not just a touched file
+                    self.summary["aliases"] += 1
+                    log.info("alias: %s (content already cached)", path)
+                self.bar.update(1)
+                self._maybe_flush()
+                continue
+            self.pending_sha.add(sha)
+            batch.append((path, size, mtime_ns, sha))
+            if len(batch) == TASK_FILES:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def on_result(self, batch, results) -> None:
+        for (path, size, mtime_ns, sha), result in zip(batch, results):
+            file_index = self.cache.n_files + len(self.new_files)
+            status = result["status"]
+            self.new_files.append({
+                "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
+                "file_width": result.get("width", 0), "file_height": result.get("height", 0),
+                "file_status": status, "file_reason": result["reason"],
+                "file_phash": result.get("phash", 0),
+            })
+            self.pending_sha.discard(sha)
+            self.known_sha[sha] = file_index
+            self.summary["new"] += 1
+            if status == "unreadable":
+                self._report_unreadable(path, result["reason"])
+            elif status == "noface":
+                self.summary["noface"] += 1
+            faces = result.get("faces")
+            if faces is not None and len(faces["face_file"]):
+                faces["face_file"][:] = file_index
+                self.new_faces.append(faces)
+                self.summary["faces"] += len(faces["face_file"])
+            self.bar.update(1)
+        self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
+        self._maybe_flush()
+
+    def _report_unreadable(self, path: str, reason: str) -> None:
+        log.warning("unreadable: %s: %s", path, reason)
+        self.unreadable.append(path)
+        self.summary["unreadable"] += 1
+
+    def _maybe_flush(self) -> None:
+        if len(self.new_files) >= self.flush_every or len(self.new_paths) >= 20 * self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Durably record every finished file (and only finished files)."""
+        ready = [p for p in self.new_paths if p["path_sha256"] in self.known_sha]
+        if not self.new_files and not ready:
+            return
+        size = self.cache.embedding_size
+        rows = rows_from_records(self.new_files, FILE_COLUMNS, size)
+        rows.update(rows_from_records(ready, PATH_COLUMNS, size))
+        faces = self.new_faces or [rows_from_records([], FACE_COLUMNS, size)]
+        rows.update({key: np.concatenate([f[key] for f in faces]) for key in FACE_COLUMNS})
+        write_journal_chunk(self.cache_path, self.cache, rows)
+        self.cache.append(rows)
+        self.new_files, self.new_faces = [], []
+        self.new_paths = [p for p in self.new_paths if p["path_sha256"] not in self.known_sha]
+
+
 # ============================================================================
 # CLUSTER
 # Raw identity clusters: person_NNN/ (2+ faces, largest first), _singletons/,
 # _noface/, manifest.json. Every on-disk location of a photo is materialised.
 # ============================================================================
-
-
-def file_locations(cache: FaceCache) -> list[list[str]]:
-    """Per cache file row: every path that holds its content, canonical first."""
-    by_sha = cache.paths_by_sha()
-    return [by_sha.get(sha, [path]) for sha, path in zip(cache["sha256"], cache["files"])]
-
-
-def face_record(cache: FaceCache, face: int, locations) -> dict:
-    file_index = int(cache["face_file"][face])
-    return {"face": int(face), "file": locations[file_index][0],
-            "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
-
-
-def write_group(folder: Path, faces, cache, locations, link) -> dict:
-    """Materialise every location of every photo of `faces` into `folder`."""
-    file_rows = sorted({int(cache["face_file"][f]) for f in faces})
-    paths = [p for row in file_rows for p in locations[row]]
-    return {"faces": [face_record(cache, f, locations) for f in faces],
-            "images": len(file_rows),
-            "outputs": materialise_files(folder, paths, link)}
-
-
-def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION, "step": step,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "cache": str(Path(cache_path).resolve()), "model": cache.meta.get("model"),
-        "parameters": parameters,
-    }
-
-
-def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
-    status = cache["file_status"]
-    noface = [p for row in np.flatnonzero(status == "noface") for p in locations[row]]
-    unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
-                  for row in np.flatnonzero(status == "unreadable")]
-    return noface, unreadable
 
 
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
@@ -3094,13 +3162,6 @@ DEDUP_MAX_KEYPOINT_SHIFT = 0.08
 DEDUP_MAX_UNMATCHED_FACE = 0.12
 
 
-def faces_by_file(face_file: np.ndarray, n_files: int) -> list[np.ndarray]:
-    """Face indices of each file row."""
-    order = np.argsort(face_file, kind="stable")
-    bounds = np.searchsorted(face_file[order], np.arange(n_files + 1))
-    return [order[bounds[i]:bounds[i + 1]] for i in range(n_files)]
-
-
 def keypoint_layout(bboxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
     """Key points relative to their face box: (N, 5, 2), box width = 1."""
     bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
@@ -3264,19 +3325,6 @@ def duplicates_path(cache_path: Path) -> Path:
 # ============================================================================
 
 
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
-    """Index of, and cosine distance to, the nearest centroid of each row."""
-    if len(centroids) == 0 or len(embeddings) == 0:
-        return np.full(len(embeddings), -1), np.full(len(embeddings), np.inf)
-    similarity = embeddings @ centroids.T
-    best = similarity.argmax(axis=1)
-    return best, 1.0 - similarity[np.arange(len(embeddings)), best]
-
-
-def manifest_face_ids(entries) -> set[int]:
-    return {face["face"] for entry in entries for face in entry["faces"]}
-
-
 def add_faces_to_entry(entry: dict, folder: Path, faces, cache, locations, link) -> None:
     """Append faces to a manifest group and materialise their photos in place."""
     entry["faces"] += [face_record(cache, f, locations) for f in faces]
@@ -3293,15 +3341,6 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     entry["outputs"] = list(entry.get("outputs", [])) + materialise_files(folder, missing, link)
     entry["images"] = len(rows)
     return len(missing)
-
-
-def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, where: Path) -> None:
-    made_with = (manifest.get("model") or {}).get("recognition_sha256")
-    if made_with != cache.meta.get("model", {}).get("recognition_sha256"):
-        raise UserError(
-            f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
-            f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
-            "embeddings of two models cannot be compared")
 
 
 def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
@@ -3498,17 +3537,6 @@ def empty_enrich_rows(key: str, count: int) -> np.ndarray:
     return np.full((count, *shape), fill, dtype=dtype)
 
 
-def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """Intersection over union of every pair of (x1, y1, x2, y2) boxes: (A, B)."""
-    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 1, 4)
-    b = np.asarray(boxes_b, dtype=np.float64).reshape(1, -1, 4)
-    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = width * height
-    area = lambda box: (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
-
-
 def enrich_task(batch: list[tuple]) -> list[dict]:
     """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
     app, decoder = _WORKER["app"], _WORKER["decoder"]
@@ -3540,15 +3568,6 @@ def enrich_task(batch: list[tuple]) -> list[dict]:
                 out["enrich_status"][index] = "nomatch"
         results.append(out)
     return results
-
-
-def existing_location(locations: list[str], size: int) -> str | None:
-    """The first location that still holds a file of the cached size."""
-    for path in locations:
-        with contextlib.suppress(OSError):
-            if os.path.getsize(path) == size:
-                return path
-    return None
 
 
 def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, providers=None,
@@ -4028,19 +4047,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refine_manifest.json (every dropped face with its reason).")
     p.add_argument("cache", help="the .npz cache written by embed")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
-    refine_help = {
-        "initial_threshold": "cosine distance for stage-1 clustering",
-        "merge_threshold": "centroid-level merge of over-split clusters",
-        "outlier_threshold": "drop a face whose cosine distance from its cluster centroid "
-                             "exceeds this (only in clusters of 4 or more)",
-        "min_faces": "minimum unique images per faceset",
-        "min_short": "minimum short edge of the face box, in pixels",
-        "min_blur": "minimum blur score (Laplacian variance of the face at 112 px)",
-        "min_det_score": "minimum InsightFace detector score",
-    }
-    for key, text in refine_help.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(REFINE_DEFAULTS[key]),
-                       default=REFINE_DEFAULTS[key], help=text)
+    add_table_flags(p, REFINE_DEFAULTS, REFINE_HELP)
     add_link_flag(p)
     add_verbosity_flags(p)
     p.set_defaults(handler=cli_refine)
@@ -4098,18 +4105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", action="store_true",
                    help="rescue raw singletons close to a faceset into _candidates/ for review")
     p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
-    export_help = {
-        "top_n": "size of the <faceset>_topN.fsz bundle",
-        "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
-        "pad_ratio": "padding around the face box on each side, as a share of the box",
-        "out_size": "PNG side in pixels (square)",
-        "min_face_short": "minimum face short edge in pixels",
-        "candidate_match_threshold": "cosine distance cutoff from a singleton to a faceset",
-        "candidate_min_score": "composite quality floor for candidates",
-    }
-    for key, text in export_help.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(EXPORT_DEFAULTS[key]),
-                       default=EXPORT_DEFAULTS[key], help=text)
+    add_table_flags(p, EXPORT_DEFAULTS, EXPORT_HELP)
     add_model_flags(p)
     add_verbosity_flags(p)
     p.set_defaults(handler=cli_export_swap)
@@ -4144,6 +4140,13 @@ def cli_dedup(args) -> int:
 def cli_extend(args) -> int:
     extend(args.cache, args.raw_out, args.refine_out, quiet=args.quiet)
     return EXIT_OK
+
+
+def add_table_flags(parser, defaults: dict, helps: dict) -> None:
+    """One --flag per entry of a defaults table (the spec's tables)."""
+    for key, text in helps.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(defaults[key]),
+                            default=defaults[key], help=text)
 
 
 def add_link_flag(parser) -> None:

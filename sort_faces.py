@@ -918,6 +918,36 @@ def run_in_pool(pool, task, batches, on_result, max_inflight: int):
         drain(block=True)
 
 
+def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
+                   identity: dict, providers: list[str], workers: int, on_interrupt=None) -> None:
+    """Run `task` over `batches` in a fresh pool of model workers.
+
+    On Ctrl-C the pool is stopped, `on_interrupt()` saves what is done, and the
+    user is told how to go on.
+    """
+    with model_pool(pack_dir, modules, providers, identity["det_size"], workers,
+                    identity["embedding_size"]) as pool:
+        try:
+            run_in_pool(pool, task, batches, on_result, max_inflight=2 * workers + 2)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if on_interrupt is None:
+                raise
+            on_interrupt()
+            raise UserError("interrupted: the work done so far is saved; run the same command "
+                            "to go on") from None
+
+
+def in_batches(items: list, size: int = TASK_FILES):
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
+def worker_setup(providers: str | None, workers: int | None) -> tuple[list[str], int]:
+    """(provider list, worker count) from the --providers and --workers flags."""
+    provider_list = choose_providers(providers)
+    return provider_list, workers or default_workers(provider_list)
+
+
 # ============================================================================
 # GEOMETRY AND QUALITY
 # Per-face measurements that are pure functions of arrays.
@@ -2804,8 +2834,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         sources = cache.meta.setdefault("sources", [])
         if str(src.resolve()) not in sources:
             sources.append(str(src.resolve()))
-        provider_list = choose_providers(providers)
-        workers = workers or default_workers(provider_list)
+        provider_list, workers = worker_setup(providers, workers)
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
             f"{workers} worker(s), {provider_list[0]})", quiet)
         run = EmbedRun(cache, cache_path, flush_every)
@@ -2818,24 +2847,14 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
             log.warning("skipped %d HEIC/HEIF files (%s ...): %s", len(heif), heif[0], heif_support())
             paths = [p for p in paths if not p.lower().endswith(HEIF_EXTENSIONS)]
         todo = run.triage(paths)
-        with contextlib.ExitStack() as stack:
-            bar = stack.enter_context(progress(total=len(todo), desc="embed", unit="img"))
-            run.bar = bar
+        with progress(total=len(todo), desc="embed", unit="img") as run.bar:
             if todo:
-                pool = stack.enter_context(model_pool(
-                    pack_dir, ["detection", "recognition"], provider_list,
-                    identity["det_size"], workers, identity["embedding_size"]))
-                hasher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2))
-                hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
-                try:
-                    run_in_pool(pool, embed_task, run.batches(hashed), run.on_result,
-                                max_inflight=2 * workers + 2)
-                except KeyboardInterrupt:
-                    run.flush()
-                    save_cache(cache_path, cache)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise UserError(f"interrupted: {run.summary['new']} new files saved to "
-                                    f"{cache_path}; run the same command to go on") from None
+                with concurrent.futures.ThreadPoolExecutor(2) as hasher:
+                    hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
+                    run_model_step(embed_task, run.batches(hashed), run.on_result,
+                                   pack_dir=pack_dir, modules=["detection", "recognition"],
+                                   identity=identity, providers=provider_list, workers=workers,
+                                   on_interrupt=lambda: (run.flush(), save_cache(cache_path, cache)))
         run.flush()
         save_cache(cache_path, cache)
     summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
@@ -3630,21 +3649,13 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             if len(pending) >= flush_every:
                 flush()
 
-        provider_list = choose_providers(providers)
-        workers = workers or default_workers(provider_list)
+        provider_list, workers = worker_setup(providers, workers)
         with progress(total=len(tasks), desc="enrich", unit="img") as bar:
             if tasks:
-                with model_pool(pack_dir, modules, provider_list, identity["det_size"], workers,
-                                identity["embedding_size"]) as pool:
-                    batches = (tasks[i:i + TASK_FILES] for i in range(0, len(tasks), TASK_FILES))
-                    try:
-                        run_in_pool(pool, enrich_task, batches, on_result, 2 * workers + 2)
-                    except KeyboardInterrupt:
-                        flush()
-                        save_cache(cache_path, cache)
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        raise UserError("interrupted: progress saved; run the same command "
-                                        "to go on") from None
+                run_model_step(enrich_task, in_batches(tasks), on_result, pack_dir=pack_dir,
+                               modules=modules, identity=identity, providers=provider_list,
+                               workers=workers,
+                               on_interrupt=lambda: (flush(), save_cache(cache_path, cache)))
         flush()
         save_cache(cache_path, cache)
     summary["seconds"] = round(time.time() - started, 1)
@@ -3910,8 +3921,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if task[0] is None:
             crops[task[4]] = {"error": "the photo has moved or vanished since embed"}
     runnable = [t for t in tasks if t[0] is not None]
-    provider_list = choose_providers(providers)
-    workers = workers or default_workers(provider_list)
+    provider_list, workers = worker_setup(providers, workers)
     say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
     with building(out) as work, progress(total=len(runnable), desc="export", unit="crop") as bar:
@@ -3921,10 +3931,9 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                     crops[task[4]] = result
                 bar.update(len(batch))
 
-            with model_pool(pack_dir, ["detection"], provider_list, identity["det_size"],
-                            workers, identity["embedding_size"]) as pool:
-                batches = (runnable[i:i + TASK_FILES] for i in range(0, len(runnable), TASK_FILES))
-                run_in_pool(pool, export_task, batches, on_result, 2 * workers + 2)
+            run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,
+                           modules=["detection"], identity=identity, providers=provider_list,
+                           workers=workers)
         manifest = run_header("export-swap", cache_path, cache, params)
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,

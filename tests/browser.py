@@ -2,11 +2,12 @@
 
 The page's own inline script does the counting: opened as
 ``file://.../index.html?check=1`` it switches every thumbnail to eager loading,
-waits until each one decoded or failed (``img.decode()``), then writes a JSON
-summary into ``<pre id="review-check">``. Chromium runs with ``--dump-dom``
-and ``--virtual-time-budget``: virtual time does not advance while file loads
-are pending, so the DOM is dumped after the script finished; the summary is
-parsed back out of the dump.
+waits for each one's load or error event, then writes a JSON summary into
+``<pre id="review-check">``. Chromium runs with ``--dump-dom`` and
+``--virtual-time-budget``: virtual time does not advance while file loads are
+pending, so the DOM is dumped after the script finished; the summary is parsed
+back out of the dump. (Waiting on ``img.decode()`` instead does not work: the
+virtual clock does not wait for decoding and the dump comes first.)
 
 Chromium is Debian's ``chromium`` package (``apt-get install -y chromium``).
 It runs as root here, hence ``--no-sandbox``. Set CHROMIUM to a binary to use

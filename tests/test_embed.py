@@ -121,6 +121,27 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     assert np.all(similarity.max(axis=1) > 0.999)
 
 
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    src = _copy_photos(tmp_path / "src", sets=("lfw10",))
+    cache = tmp_path / "c.npz"
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
+               "--model", "buffalo_s", "--flush-every", "5", "--workers", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = sort_faces.journal_dir(cache)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(journal.glob("*.npz")):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and "interrupted" in err and "Traceback" not in err
+    assert cache.exists() and not journal.exists()  # saved whole, journal folded in
+    assert not Path(str(cache) + ".lock").exists()
+    saved = sort_faces.load_cache(cache).n_files
+    assert 5 <= saved < 100
+    assert embed_quiet(src, cache)["new"] == 100 - saved
+
+
 def _bad_and_odd_files(folder: Path) -> dict:
     """Synthetic files of every awkward kind, built from a real photo."""
     photo = DATA / "face_recognition" / "barack_obama" / "obama.jpg"

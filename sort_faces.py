@@ -33,7 +33,9 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import hashlib
+import html
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -46,6 +48,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections import deque
 from pathlib import Path
@@ -960,17 +963,18 @@ def face_short_edge(bboxes: np.ndarray) -> np.ndarray:
     return np.minimum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
 
 
-def blur_score(gray: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -> float:
-    """Laplacian variance of the face crop resized to `scale` x `scale`.
+def blur_score(bgr: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -> float:
+    """Laplacian variance of the grayscale face crop resized to `scale` x `scale`.
 
     Fixed scale makes the score comparable across image sizes; higher is sharper.
     """
-    height, width = gray.shape[:2]
+    height, width = bgr.shape[:2]
     x1, y1, x2, y2 = np.round(np.asarray(bbox, dtype=np.float64)).astype(int)
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
     if x2 - x1 < 2 or y2 - y1 < 2:
         return 0.0
-    crop = gray[y1:y2, x1:x2]
+    crop = bgr[y1:y2, x1:x2]
+    crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
     interpolation = cv2.INTER_AREA if crop.shape[0] > scale else cv2.INTER_LINEAR
     crop = cv2.resize(crop, (scale, scale), interpolation=interpolation)
     return float(cv2.Laplacian(crop, cv2.CV_64F).var())
@@ -2732,6 +2736,652 @@ def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
 
 
 # ============================================================================
+# REVIEW PAGES
+# Every output folder gets an index.html that people open straight from the
+# file system to judge clusters by eye: a row per person with a strip of face
+# thumbnails. One self-contained HTML file (inline CSS and JS, nothing fetched
+# from the network) plus a _thumbs/ folder of small JPEG face crops.
+# ============================================================================
+
+REVIEW_PAGE_NAME = "index.html"
+THUMBS_DIR_NAME = "_thumbs"
+# 112 px, the face size the blur score is measured at (BLUR_SCALE_PX): enough
+# to tell people apart, ~5 KB a JPEG, ~50 KB decoded in a browser.
+THUMB_SIZE = 112
+THUMB_PAD = 0.25  # share of the face box's longer side added on each side
+THUMB_JPEG_QUALITY = 85
+# Shown at this CSS size: 12 faces a line in a 1280 px window.
+THUMB_DISPLAY_PX = 96
+
+
+# ---------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------
+
+
+# Which axes of the shown picture run backwards over the stored pixels, per
+# EXIF orientation as ImageOps.exif_transpose applies it (5-8 also swap axes).
+_ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
+                         5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
+
+
+def _decode_reference_scale(path: str, full_w: int, full_h: int) -> float:
+    """Full-resolution pixels per pixel of decode_image's output.
+
+    decode_image reduces images above MAX_DECODE_PIXELS by an integer factor
+    (JPEG draft mode when it can, else Image.reduce), and face boxes live in
+    that reduced frame.
+    """
+    from PIL import Image
+
+    factor = 1
+    while full_w * full_h / (factor * factor) > MAX_DECODE_PIXELS:
+        factor *= 2
+    if factor == 1:
+        return 1.0
+    with Image.open(path) as probe:  # header only: draft() sets the size, decodes nothing
+        if probe.format == "JPEG":
+            drafted = probe.draft("RGB", (full_w // factor, full_h // factor))
+            if drafted is not None and probe.size != (full_w, full_h):
+                return full_w / drafted[1][2]  # draft's box: the full image in drafted pixels
+    return float(factor)
+
+
+def _square_box(bbox, pad: float) -> tuple[float, float, float, float]:
+    """Square around a face box, padded by ``pad`` of its longer side each side."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    half = max(x2 - x1, y2 - y1, 1.0) * (0.5 + pad)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def _map_axis(lo: float, hi: float, reversed_: bool, full: int, from_scale: float,
+              to_scale: float, to_size: int) -> tuple[float, float]:
+    """An interval along one shown axis, from decode_image's frame to ours.
+
+    Both frames are the stored pixels reduced by a scale (a reduced image ends
+    in a partial pixel: ceil(full / scale) pixels), then possibly flipped. A
+    flip puts that partial pixel first, so the interval is unflipped, rescaled
+    and flipped again rather than just rescaled: that would be off by up to
+    half a reduced pixel, 4 full-resolution pixels at 1/8.
+    """
+    from_size = math.ceil(full / from_scale)
+    ends = []
+    for t in (lo, hi):
+        stored = (from_size - t if reversed_ else t) * from_scale / to_scale
+        ends.append(to_size - stored if reversed_ else stored)
+    return min(ends), max(ends)
+
+
+def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUMB_PAD,
+                    quality: int = THUMB_JPEG_QUALITY) -> list[bytes]:
+    """JPEG thumbnails of several faces of one photo, decoding it once.
+
+    Parameters
+    ----------
+    path : str
+        The photo.
+    bboxes : sequence of (x1, y1, x2, y2)
+        Face boxes in the frame of ``decode_image(path)``: EXIF orientation
+        applied, and images above MAX_DECODE_PIXELS reduced by its integer factor.
+    size : int, default=THUMB_SIZE
+        Side of the square thumbnails, in pixels.
+    pad : float, default=THUMB_PAD
+        Margin added on each side, as a share of the box's longer side.
+    quality : int, default=THUMB_JPEG_QUALITY
+        JPEG quality.
+
+    Returns
+    -------
+    thumbs : list of bytes
+        One JPEG per box, ``size`` x ``size`` RGB; the parts of the square
+        outside the photo are black.
+
+    Notes
+    -----
+    JPEGs are decoded through Pillow's draft mode at the smallest scale
+    (1/1, 1/2, 1/4 or 1/8) that still gives the smallest face's square at
+    least ``size`` pixels, so a 12 MP photo with a large face costs a 1/64
+    decode. Raises OSError (or ValueError) when the photo cannot be decoded.
+    """
+    from PIL import Image, ImageOps
+
+    squares = [_square_box(box, pad) for box in bboxes]
+    if not squares:
+        return []
+    Image.MAX_IMAGE_PIXELS = None  # as decode_image: the file was already accepted there
+    if path.lower().endswith(HEIF_EXTENSIONS):
+        heif_support()  # registers pillow-heif's opener when it is installed
+    # As decode_image: Pillow warns about odd EXIF and palettes it reads fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            full_w, full_h = image.size
+            ref_scale = _decode_reference_scale(path, full_w, full_h)
+            scale = 1.0
+            if image.format == "JPEG":
+                side_full = min(right - left for left, _, right, _ in squares) * ref_scale
+                reduce_by = side_full / size
+                if reduce_by >= 2:
+                    # draft() picks the largest 1/2^k reduction whose result is at
+                    # least this size, so the square keeps >= size pixels.
+                    drafted = image.draft("RGB", (math.ceil(full_w / reduce_by),
+                                                  math.ceil(full_h / reduce_by)))
+                    if drafted is not None:
+                        scale = full_w / drafted[1][2]
+            image.load()
+            orientation = image.getexif().get(0x0112, 1)
+            oriented = ImageOps.exif_transpose(image)
+    rev_x, rev_y = _ORIENTATION_REVERSED.get(orientation, (False, False))
+    # Shown x runs along the stored y for orientations 5-8 (exif_transpose swaps).
+    full_x, full_y = (full_h, full_w) if orientation in (5, 6, 7, 8) else (full_w, full_h)
+    if oriented.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # _to_rgb8 scales deep images by their maximum: use the whole image's,
+        # as decode_image does, not each crop's.
+        oriented = Image.fromarray(_to_rgb8(oriented))
+
+    thumbs = []
+    for square in squares:
+        left, right = _map_axis(square[0], square[2], rev_x, full_x, ref_scale, scale, oriented.width)
+        top, bottom = _map_axis(square[1], square[3], rev_y, full_y, ref_scale, scale, oriented.height)
+        x0, y0 = math.floor(left), math.floor(top)
+        x1, y1 = max(math.ceil(right), x0 + 1), max(math.ceil(bottom), y0 + 1)
+        canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)  # black outside the photo
+        inner = (max(x0, 0), max(y0, 0), min(x1, oriented.width), min(y1, oriented.height))
+        if inner[0] < inner[2] and inner[1] < inner[3]:
+            # Crop first, convert after: alpha is composited on white only where
+            # there is photo, and converting a crop is cheaper than the photo.
+            pixels = _to_rgb8(oriented.crop(inner))
+            canvas[inner[1] - y0:inner[3] - y0, inner[0] - x0:inner[2] - x0] = pixels
+        # resize's box takes the fractional square, so the crop is not rounded.
+        box = (left - x0, top - y0, right - x0, bottom - y0)
+        thumb = Image.fromarray(canvas).resize((size, size), Image.Resampling.LANCZOS, box=box)
+        buffer = io.BytesIO()
+        thumb.save(buffer, "JPEG", quality=quality, optimize=True)
+        thumbs.append(buffer.getvalue())
+    return thumbs
+
+
+def face_thumbnail(path: str, bbox, size: int = THUMB_SIZE) -> bytes:
+    """JPEG thumbnail of one face: a padded square crop, resized to size x size.
+
+    Parameters
+    ----------
+    path : str
+        The photo.
+    bbox : (x1, y1, x2, y2)
+        Face box in the frame of ``decode_image(path)`` (EXIF orientation
+        applied, images above MAX_DECODE_PIXELS reduced by its factor).
+    size : int, default=THUMB_SIZE
+        Side of the square thumbnail, in pixels.
+
+    Returns
+    -------
+    jpeg : bytes
+        RGB JPEG (quality THUMB_JPEG_QUALITY); black where the padded square
+        leaves the photo. See face_thumbnails for several faces of one photo.
+    """
+    return face_thumbnails(path, [bbox], size)[0]
+
+
+def thumb_file_name(path: str, bbox, size: int = THUMB_SIZE) -> str:
+    """Stable file name under _thumbs/ for one face: the same face gets the same
+    name on every run, so a re-run can keep thumbnails it already has."""
+    key = "|".join([os.path.abspath(path), *(f"{float(v):.1f}" for v in bbox), str(size)])
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:20] + ".jpg"
+
+
+# ---------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------
+
+_REVIEW_CSS = """
+:root{color-scheme:light;--bg:#f5f6f8;--fg:#1c2230;--muted:#5d6677;--line:#dfe3ea;
+--card:#fff;--link:#1a5fd0;--top:#e0a100;--bad:#cf222e;--dup:#8250df}
+*{box-sizing:border-box}
+[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+a{color:var(--link);text-decoration:none}
+a:hover{text-decoration:underline}
+header{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;align-items:baseline;
+gap:4px 16px;padding:10px 16px;background:rgba(245,246,248,.97);border-bottom:1px solid var(--line)}
+h1{margin:0;font-size:18px}
+.summary{color:var(--muted)}
+.tools{margin-left:auto;display:flex;align-items:baseline;gap:8px}
+#shown{color:var(--muted);font-size:13px}
+#filter{font:inherit;padding:4px 8px;width:16em;border:1px solid #c4cad4;border-radius:6px;background:#fff}
+main{padding:12px 16px 48px}
+.files{margin:0 0 12px;padding:8px 10px;background:var(--card);border:1px solid var(--line);border-radius:8px}
+.files ul{margin:4px 0 0;padding-left:20px}
+.files .size{color:var(--muted)}
+.row{margin:0 0 10px;padding:8px 10px 10px;background:var(--card);border:1px solid var(--line);
+border-radius:8px;content-visibility:auto;contain-intrinsic-size:auto 150px}
+.head{display:flex;flex-wrap:wrap;align-items:baseline;gap:2px 12px;margin:0 0 6px}
+.head .name{font-size:15px;font-weight:600;overflow-wrap:anywhere}
+.sub{color:var(--muted);font-size:13px}
+details.row>summary{cursor:pointer;list-style-position:outside;margin-left:14px}
+details.row>summary .head{display:inline-flex;margin:0}
+details.row[open]>summary{margin-bottom:6px}
+.more{margin-top:6px}
+.more>summary{cursor:pointer;color:var(--muted);font-size:13px;margin-bottom:4px}
+.strip{display:flex;flex-wrap:wrap;gap:4px}
+.t{position:relative;display:block;flex:none;width:%(px)dpx;height:%(px)dpx;border-radius:4px;
+overflow:hidden;background:#e6e9ee}
+.t img{display:block;width:100%%;height:100%%;font-size:10px;color:var(--muted)}
+.t:hover{box-shadow:0 0 0 2px var(--link)}
+.t.mark::after{content:"";position:absolute;inset:0;border:3px dashed #8c959f;border-radius:4px}
+.t.mark-top::after{border:3px solid var(--top)}
+.t.mark-dropped img{opacity:.55}
+.t.mark-dropped::after{border:3px solid var(--bad)}
+.t.mark-dup::after{border:3px dashed var(--dup)}
+.badge{position:absolute;right:2px;bottom:2px;z-index:1;padding:0 4px;border-radius:3px;
+background:rgba(0,0,0,.68);color:#fff;font-size:11px;line-height:16px}
+.empty{color:var(--muted);font-style:italic}
+""" % {"px": THUMB_DISPLAY_PX}
+
+# Filter rows by name. With ?eager in the URL every thumbnail loads at once;
+# with ?check the page also waits until each one loaded or failed, then writes
+# a JSON summary into <pre id="review-check"> (what tests/browser.py reads).
+# It waits on load/error events, not img.decode(): Chromium's
+# --virtual-time-budget holds the clock while files load, but not while
+# images decode, so a decode() promise can still be pending at the DOM dump.
+_REVIEW_JS = """
+(function(){
+var rows=document.querySelectorAll('[data-row]'),box=document.getElementById('filter'),
+shown=document.getElementById('shown'),pending=0;
+function apply(){
+var q=box.value.trim().toLowerCase(),n=0;
+for(var i=0;i<rows.length;i++){var ok=!q||rows[i].getAttribute('data-name').indexOf(q)>=0;
+rows[i].hidden=!ok;if(ok)n++;}
+shown.textContent=q?n+' of '+rows.length+' shown':rows.length+' rows';}
+box.addEventListener('input',function(){if(!pending){pending=1;
+requestAnimationFrame(function(){pending=0;apply();});}});
+document.addEventListener('keydown',function(e){
+if(e.key==='/'&&document.activeElement!==box){e.preventDefault();box.focus();}});
+apply();
+var q=location.search;
+if(!/[?&](eager|check)\\b/.test(q))return;
+var imgs=[].slice.call(document.querySelectorAll('img[data-thumb]'));
+imgs.forEach(function(im){im.loading='eager';});
+if(!/[?&]check\\b/.test(q))return;
+Promise.all(imgs.map(function(im){return new Promise(function(done){
+if(im.complete)done();else{im.addEventListener('load',done);im.addEventListener('error',done);}});}))
+.then(function(){
+var bad=imgs.filter(function(im){return !(im.naturalWidth>0);});
+document.getElementById('review-check').textContent=JSON.stringify({done:true,
+rows:rows.length,thumbs:imgs.length,decoded:imgs.length-bad.length,
+failed:bad.slice(0,20).map(function(im){return im.getAttribute('src');}),
+title:document.title});});
+})();
+"""
+
+
+def _url(path: str) -> str:
+    """A relative POSIX path as an escaped URL attribute value."""
+    return html.escape(urllib.parse.quote(str(path), safe="/"), quote=True)
+
+
+def _human_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    value = count / 1024
+    for unit in ("KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            break
+        value /= 1024
+    return f"{value:.1f} {unit}"
+
+
+def _thumb_html(thumb: dict, default_alt: str) -> str:
+    e = html.escape
+    classes = "t"
+    mark = thumb.get("mark")
+    if mark:
+        # A mark becomes a CSS class: keep it to characters a class name takes.
+        safe = "".join(ch for ch in str(mark).lower() if ch.isalnum() or ch in "-_")
+        classes += " mark" + (f" mark-{safe}" if safe else "")
+    title = thumb.get("title")
+    title_attr = f' title="{e(str(title))}"' if title else ""
+    alt = thumb.get("alt", default_alt)
+    # loading before src: browsers that once read attributes in order still lazy-load.
+    img = (f'<img data-thumb loading="lazy" decoding="async" width="{THUMB_SIZE}" '
+           f'height="{THUMB_SIZE}" alt="{e(str(alt))}" src="{_url(thumb["src"])}">')
+    badge = thumb.get("badge")
+    if badge is not None and str(badge) != "":
+        img += f'<span class="badge">{e(str(badge))}</span>'
+    if thumb.get("href"):
+        return f'<a class="{classes}" href="{_url(thumb["href"])}"{title_attr}>{img}</a>'
+    return f'<span class="{classes}"{title_attr}>{img}</span>'
+
+
+def _strip_html(thumbs, default_alt: str) -> str:
+    if not thumbs:
+        return '<div class="strip"><span class="empty">no faces</span></div>'
+    return '<div class="strip">' + "".join(_thumb_html(t, default_alt) for t in thumbs) + "</div>"
+
+
+def _group_html(group: dict) -> str:
+    e = html.escape
+    name = str(group["name"])
+    href = group.get("href")
+    label = f'<a href="{_url(href)}">{e(name)}</a>' if href else e(name)
+    subtitle = group.get("subtitle")
+    head = f'<span class="name">{label}</span>'
+    if subtitle:
+        head += f'<span class="sub">{e(str(subtitle))}</span>'
+    body = _strip_html(group.get("thumbs") or [], name)
+    for section in group.get("sections") or []:
+        body += (f'<details class="more"><summary>{e(str(section.get("heading", "")))}</summary>'
+                 f'{_strip_html(section.get("thumbs") or [], name)}</details>')
+    data = f'data-row data-name="{e(name.lower())}"'
+    if group.get("collapsed"):
+        return (f'<details class="row" {data}><summary><span class="head">{head}</span></summary>'
+                f'{body}</details>\n')
+    return f'<section class="row" {data}><div class="head">{head}</div>{body}</section>\n'
+
+
+def render_review_page(page: dict) -> str:
+    """The review page of one output folder, as a self-contained HTML document.
+
+    Parameters
+    ----------
+    page : dict
+        ``title`` (str): the <title> and <h1>.
+        ``summary`` (str, optional): one line under the title, in the sticky header.
+        ``groups`` (list of dict): one row each, in order, with ``name`` (str),
+        ``href`` (folder link, optional), ``subtitle`` (optional), ``thumbs``,
+        ``sections`` (optional list of ``{"heading", "thumbs"}`` shown as
+        closed <details> under the strip) and ``collapsed`` (bool: the whole
+        row inside a closed <details>).
+        A thumb is ``{"src", "href", "title", "badge", "mark", "alt"}``; only
+        ``src`` is required. ``mark`` "top", "dropped" and "dup" have their
+        own outline; other marks a neutral one.
+        ``files`` (optional list of ``{"name", "href", "bytes"}``): downloads
+        listed above the rows.
+        Every src/href is a path relative to the page, with "/" separators.
+
+    Returns
+    -------
+    html : str
+        Inline CSS and JS, nothing fetched but the thumbnails and links. Rows
+        carry ``data-row``, thumbnail images ``data-thumb``. Opened with
+        ``?eager`` every thumbnail loads at once; with ``?check`` the page also
+        writes a JSON summary (rows, thumbs, decoded: naturalWidth > 0,
+        failed, title) into ``<pre id="review-check">`` once every thumbnail
+        loaded or failed.
+    """
+    e = html.escape
+    title = str(page.get("title", "review"))
+    summary = page.get("summary")
+    parts = [
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        '<meta name="referrer" content="no-referrer">\n',
+        f"<title>{e(title)}</title>\n<style>{_REVIEW_CSS}</style>\n</head>\n<body>\n",
+        f"<header><h1>{e(title)}</h1>",
+        f'<span class="summary">{e(str(summary))}</span>' if summary else "",
+        '<span class="tools"><span id="shown"></span>'
+        '<input id="filter" type="search" placeholder="filter by name  ( / )" '
+        'aria-label="filter rows by name" autocomplete="off"></span></header>\n<main>\n',
+    ]
+    files = page.get("files") or []
+    if files:
+        items = []
+        for item in files:
+            size = item.get("bytes")
+            size_html = f' <span class="size">({_human_bytes(int(size))})</span>' if size is not None else ""
+            items.append(f'<li><a href="{_url(item.get("href", item["name"]))}">'
+                         f'{e(str(item["name"]))}</a>{size_html}</li>')
+        parts.append(f'<div class="files">Files<ul>{"".join(items)}</ul></div>\n')
+    parts.extend(_group_html(group) for group in page.get("groups") or [])
+    parts.append('</main>\n<pre id="review-check" hidden></pre>\n'
+                 f"<script>{_REVIEW_JS}</script>\n</body>\n</html>\n")
+    return "".join(parts)
+
+
+def write_review_page(folder: Path, page: dict) -> Path:
+    """Write ``folder/index.html`` atomically (temp file beside it, then rename).
+
+    Parameters
+    ----------
+    folder : Path
+        The output folder; its ``_thumbs/`` should already hold the thumbnails.
+    page : dict
+        As for render_review_page.
+
+    Returns
+    -------
+    path : Path
+        The written index.html.
+    """
+    path = Path(folder) / REVIEW_PAGE_NAME
+    with atomic_output(path, "wb") as handle:  # bytes: UTF-8 whatever the locale
+        handle.write(render_review_page(page).encode("utf-8"))
+    return path
+
+
+# Faces shown in a person's strip: the nearest to the centroid, then the
+# farthest few, where a wrong member would be. Loose rows (singletons, no-face
+# images, dropped faces) show at most REVIEW_MAX_LOOSE thumbnails.
+REVIEW_NEAREST = 24
+REVIEW_FARTHEST = 6
+REVIEW_MAX_LOOSE = 300
+
+
+def strip_faces(embeddings: np.ndarray, faces, nearest: int = REVIEW_NEAREST,
+                farthest: int = REVIEW_FARTHEST) -> list[int]:
+    """The faces of a strip, nearest the group's centroid first, then the
+    `farthest` farthest (all of them, in that order, for a small group)."""
+    faces = np.asarray(faces, dtype=np.int64)
+    if len(faces) == 0:
+        return []
+    centroid = unit_rows(embeddings[faces].mean(axis=0))
+    ordered = faces[np.argsort(1.0 - embeddings[faces] @ centroid, kind="stable")].tolist()
+    if len(ordered) <= nearest + farthest:
+        return ordered
+    return ordered[:nearest] + ordered[-farthest:]
+
+
+def face_thumb(cache: FaceCache, locations, face: int, folder: str | None, **extra) -> dict:
+    """A strip entry for one cached face, linking to its materialised photo."""
+    path = locations[int(cache["face_file"][face])][0]
+    thumb = {"face": int(face), "title": extra.pop("title", path)}
+    if folder is not None:
+        thumb["href"] = f"{folder}/{safe_dst_name(path)}"
+    thumb.update(extra)
+    return thumb
+
+
+def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations,
+                    reuse_from: Path | None = None) -> dict:
+    """Give every strip entry of `page` a src under folder/_thumbs/.
+
+    An entry names what to show: "face" (a cached face), "image" (a whole cached
+    photo) or "png" (a file, e.g. an exported crop, path relative to folder).
+    A thumbnail already in folder/_thumbs or in reuse_from/_thumbs (the output
+    this one replaces) is reused; entries whose photo cannot be read are dropped.
+    """
+    thumbs_dir = Path(folder) / THUMBS_DIR_NAME
+    thumbs_dir.mkdir(parents=True, exist_ok=True)
+    entries = [t for g in page["groups"] for t in
+               [*g.get("thumbs", []), *(t for s in g.get("sections", []) for t in s["thumbs"])]]
+
+    def source(entry):
+        if "png" in entry:
+            return str(Path(folder) / entry["png"]), entry["box"], 0.0
+        if "image" in entry:
+            row = entry["image"]
+            size = (cache["file_width"][row], cache["file_height"][row])
+            return locations[row][0], (0, 0, *size), 0.0
+        row = int(cache["face_file"][entry["face"]])
+        return existing_location(locations[row], int(cache["file_size"][row])) or \
+            locations[row][0], tuple(cache["bbox"][entry["face"]]), THUMB_PAD
+
+    todo: dict[tuple, list] = {}
+    for entry in entries:
+        path, bbox, pad = source(entry)
+        name = thumb_file_name(path, bbox) if pad else \
+            thumb_file_name(path, bbox).replace(".jpg", "-whole.jpg")
+        entry["src"] = f"{THUMBS_DIR_NAME}/{name}"
+        target = thumbs_dir / name
+        old = reuse_from / THUMBS_DIR_NAME / name if reuse_from else None
+        if target.exists():
+            continue
+        if old is not None and old.exists():
+            shutil.copy2(old, target)
+            continue
+        todo.setdefault((path, pad), []).append((bbox, target))
+
+    def make(item):
+        (path, pad), wanted = item
+        try:
+            images = face_thumbnails(path, [bbox for bbox, _ in wanted], pad=pad)
+        except (OSError, ValueError, UnreadableImage) as error:
+            log.warning("no thumbnail for %s: %s", path, error)
+            return
+        for (_bbox, target), jpeg in zip(wanted, images):
+            with atomic_output(target) as handle:
+                handle.write(jpeg)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(progress(pool.map(make, todo.items()), total=len(todo), desc="thumbnails",
+                      unit="photo", leave=False))
+    for group in page["groups"]:
+        group["thumbs"] = [t for t in group.get("thumbs", []) if (Path(folder) / t["src"]).exists()]
+        for section in group.get("sections", []):
+            section["thumbs"] = [t for t in section["thumbs"] if (Path(folder) / t["src"]).exists()]
+    return page
+
+
+def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
+    """The review page of a cluster (or extended) output."""
+    embeddings, summary = cache["embeddings"], manifest["summary"]
+    groups = []
+    for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"])):
+        faces = [f["face"] for f in entry["faces"]]
+        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+                       "subtitle": f"{entry['size']} faces in {entry['images']} images",
+                       "thumbs": [face_thumb(cache, locations, f, entry["name"])
+                                  for f in strip_faces(embeddings, faces)]})
+    singles = [f["face"] for f in manifest["singletons"]["faces"]]
+    groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
+                   "subtitle": f"{len(singles)} faces that match no one",
+                   "thumbs": [face_thumb(cache, locations, f, "_singletons")
+                              for f in singles[:REVIEW_MAX_LOOSE]]})
+    noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
+    listed = set(manifest["noface"]["files"])
+    noface_rows = [r for r in noface_rows if locations[r][0] in listed]
+    groups.append({"name": "_noface", "href": "_noface/", "collapsed": True,
+                   "subtitle": f"{len(manifest['noface']['files'])} images without a face",
+                   "thumbs": [{"image": r, "title": locations[r][0],
+                               "href": f"_noface/{safe_dst_name(locations[r][0])}"}
+                              for r in noface_rows[:REVIEW_MAX_LOOSE]]})
+    n_images = len({int(cache["face_file"][f]) for f in range(cache.n_faces)}) + len(noface_rows)
+    return {"title": f"cluster: {Path(manifest['cache']).name}",
+            "summary": f"{len(manifest['clusters'])} people, {len(singles)} singletons, "
+                       f"{len(manifest['noface']['files'])} no-face images, "
+                       f"{summary['faces']} faces, {n_images} images",
+            "groups": groups}
+
+
+def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
+    """The review page of a refine output: facesets, and what each gate dropped."""
+    embeddings = cache["embeddings"]
+    by_faceset: dict = {}
+    for drop in manifest["dropped"]:
+        by_faceset.setdefault(drop.get("faceset"), []).append(drop)
+
+    def dropped_sections(drops, folder):
+        sections = []
+        for stage in ("quality", "outlier", "size"):
+            chosen = [d for d in drops if d["stage"] == stage]
+            if chosen:
+                sections.append({"heading": f"dropped by the {stage} gate ({len(chosen)})",
+                                 "thumbs": [face_thumb(cache, locations, d["face"], None,
+                                                       title=f"{d['file']}: {d['reason']}",
+                                                       mark="dropped")
+                                            for d in chosen[:REVIEW_MAX_LOOSE]]})
+        return sections
+
+    groups = []
+    for entry in manifest["facesets"]:
+        faces = [f["face"] for f in entry["faces"]]
+        drops = by_faceset.get(entry["name"], [])
+        counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
+                           for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
+        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+                       "subtitle": f"{entry['size']} faces in {entry['images']} images"
+                                   + (f"; dropped: {counts}" if counts else ""),
+                       "thumbs": [face_thumb(cache, locations, f, entry["name"])
+                                  for f in strip_faces(embeddings, faces)],
+                       "sections": dropped_sections(drops, entry["name"])})
+    loose = by_faceset.get(None, [])
+    groups.append({"name": "not in any faceset", "collapsed": True,
+                   "subtitle": f"{len(loose)} faces dropped with their whole cluster or alone",
+                   "thumbs": [], "sections": dropped_sections(loose, None)})
+    stages = manifest["stages"]
+    return {"title": f"refine: {Path(manifest['cache']).name}",
+            "summary": f"{len(manifest['facesets'])} facesets; clusters {stages['initial_clusters']}"
+                       f" -> {stages['after_merge']} after merge; dropped {stages['dropped_quality']}"
+                       f" (quality), {stages['dropped_outlier']} (outlier), "
+                       f"{stages['dropped_size']} (size)",
+            "groups": groups}
+
+
+def export_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
+    """The review page of an export: ranked crops with scores, bundles, candidates."""
+    def crop_thumb(crop, folder):
+        terms = ", ".join(f"{k} {v:.2f}" for k, v in crop["terms"].items())
+        side = manifest["parameters"]["out_size"]
+        return {"png": f"{folder}/{crop['png']}", "box": (0, 0, side, side),
+                "href": f"{folder}/{crop['png']}",
+                "badge": f"{crop['score']:.2f}", "mark": "top" if crop.get("in_top") else None,
+                "title": f"#{crop['rank']} score {crop['score']:.3f} = {terms}\n{crop['source']}"}
+
+    candidates = {c["name"]: c for c in manifest["candidates"]}
+    groups, files = [], []
+    for entry in manifest["facesets"]:
+        sections = []
+        if entry["skipped"]:
+            sections.append({"heading": f"skipped crops ({len(entry['skipped'])})",
+                             "thumbs": [face_thumb(cache, locations, s["face"], None,
+                                                   title=s["reason"], mark="dropped")
+                                        for s in entry["skipped"]]})
+        if entry["dropped"]:
+            sections.append({"heading": f"dropped before cropping ({len(entry['dropped'])})",
+                             "thumbs": [face_thumb(cache, locations, d["face"], None,
+                                                   title=f"{d['source']}: {d['reason']}",
+                                                   mark="dropped")
+                                        for d in entry["dropped"][:REVIEW_MAX_LOOSE]]})
+        if entry["name"] in candidates:
+            crops = candidates[entry["name"]]["crops"]
+            sections.append({"heading": f"candidates for review ({len(crops)})",
+                             "thumbs": [crop_thumb(c, f"_candidates/{entry['name']}") for c in crops]})
+        top = sum(1 for c in entry["crops"] if c.get("in_top"))
+        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+                       "subtitle": f"{len(entry['crops'])} crops, top {top} bundled in "
+                                   f"{entry['name']}_top{manifest['parameters']['top_n']}.fsz",
+                       "thumbs": [crop_thumb(c, entry["name"]) for c in entry["crops"]],
+                       "sections": sections})
+        files += [{"name": b["file"], "href": b["file"], "bytes": b["bytes"]}
+                  for b in entry.get("bundles", [])]
+    summary = manifest["summary"]
+    return {"title": "export-swap: roop-unleashed bundles",
+            "summary": f"{summary['facesets']} facesets, {summary['crops']} crops "
+                       f"({summary['skipped']} skipped), {summary['candidates']} candidates; "
+                       "hover a crop for its score terms",
+            "groups": groups, "files": files}
+
+
+def write_review(folder: Path, page: dict, cache: FaceCache | None, locations,
+                 reuse_from: Path | None = None) -> Path:
+    """Thumbnails, then index.html, for one output folder."""
+    fill_thumbnails(folder, page, cache, locations, reuse_from)
+    return write_review_page(folder, page)
+
+
+# ============================================================================
 # EMBED
 # Scan, sha256-group, decode, detect and embed; resumable through the cache.
 # Hashing runs in threads of this process while a pool of model processes
@@ -2743,7 +3393,6 @@ def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarr
     """Detect and embed every face of one image: a dict of FACE_COLUMNS arrays
     (face_file left at 0 for the caller to set)."""
     faces = app.get(bgr)
-    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     records = []
     for face in faces:
         raw = np.asarray(face.embedding, dtype=np.float32)
@@ -2756,7 +3405,7 @@ def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarr
             "kps": np.asarray(face.kps, dtype=np.float32),
             "det_score": float(face.det_score),
             "face_short": float(face_short_edge(face.bbox)[0]),
-            "blur": blur_score(gray, face.bbox),
+            "blur": blur_score(bgr, face.bbox),
         })
     return rows_from_records(records, FACE_COLUMNS, embedding_size)
 
@@ -3019,6 +3668,8 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             "singletons": int(len(singles)), "noface_images": len(noface),
             "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "manifest.json", manifest)
+        write_review(work, cluster_review_page(manifest, cache, locations), cache, locations,
+                     reuse_from=out)
     say("cluster: {people} people ({faces_in_people} faces), {singletons} singletons, "
         "{noface_images} no-face images -> ".format(**manifest["summary"]) + str(out), quiet)
     return manifest
@@ -3062,6 +3713,8 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     facesets : list of int arrays, face indices per faceset, largest first
     dropped : dict face -> (stage, reason)
     stages : dict, the cluster count after each stage and faces dropped by each gate
+    origin : dict dropped face -> index in `facesets` of the faceset its cluster
+        became, or -1
     """
     n = len(embeddings)
     labels, info = agglomerative_labels(embeddings, initial_threshold)
@@ -3109,7 +3762,14 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
                                               f"< min_faces {min_faces}")
     stages["dropped_size"] = sum(1 for s, _ in dropped.values() if s == "size")
     stages["facesets"] = len(facesets)
-    return order_groups(facesets) if facesets else [], dropped, stages
+    facesets = order_groups(facesets) if facesets else []
+    # which faceset each dropped face's (merged) cluster became, for the review page
+    cluster_of = np.full(n, -1, dtype=np.int64)
+    for index, faces in enumerate(clusters):
+        cluster_of[faces] = index
+    faceset_of_cluster = {int(cluster_of[faces[0]]): number for number, faces in enumerate(facesets)}
+    origin = {face: faceset_of_cluster.get(int(cluster_of[face]), -1) for face in dropped}
+    return facesets, dropped, stages, origin
 
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **params) -> dict:
@@ -3119,7 +3779,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache)
     started = time.time()
-    facesets, dropped, stages = refine_partition(
+    facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], **params)
     locations = file_locations(cache)
@@ -3133,7 +3793,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
             centroid = unit_rows(cache["embeddings"][faces].mean(axis=0))
             manifest["facesets"].append({"name": name, "size": len(faces), **entry,
                                          "centroid": [round(float(v), 6) for v in centroid]})
-        manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason)
+        manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
+                                    faceset=f"faceset_{origin[face] + 1:03d}" if origin[face] >= 0
+                                    else None)
                                for face, (stage, reason) in sorted(dropped.items())]
         manifest["next_number"] = len(facesets) + 1
         manifest["extend_runs"] = []
@@ -3141,6 +3803,8 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
                                "faces_kept": int(sum(len(f) for f in facesets)),
                                "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "refine_manifest.json", manifest)
+        write_review(work, refine_review_page(manifest, cache, locations), cache, locations,
+                     reuse_from=out)
     say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
         f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
@@ -3426,6 +4090,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
+    write_review(out, cluster_review_page(manifest, cache, locations), cache, locations)
     return record
 
 
@@ -3468,7 +4133,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
     sub = {k: params[k] for k in REFINE_DEFAULTS}
-    grown, sub_dropped, _stages = refine_partition(
+    grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], **sub)
     number = max([int(s["name"].split("_")[1]) for s in facesets] + [0]) + 1
@@ -3492,6 +4157,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
                                faces_kept=sum(s["size"] for s in facesets))
     write_json_atomic(manifest_path, manifest)
+    write_review(out, refine_review_page(manifest, cache, locations), cache, locations)
     return record
 
 
@@ -3975,6 +4641,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             "candidates": sum(len(e["crops"]) for e in manifest["candidates"]),
             "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "export_manifest.json", manifest)
+        write_review(work, export_review_page(manifest, cache, locations), cache, locations,
+                     reuse_from=out)
     say("export-swap: {crops} crops in {facesets} facesets ({skipped} skipped), "
         "{candidates} candidates -> ".format(**manifest["summary"]) + str(out), quiet)
     return manifest

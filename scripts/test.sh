@@ -4,6 +4,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_venv.sh" requirements-test.txt
+# The review-page tests open pages in a real browser: Debian's Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: install Chromium (apt-get install chromium) for the browser tests" >&2
+    fi
+fi
 cd "$root"
 for arg in "$@"; do  # paths given: run those instead of the whole tests/ folder
     case "$arg" in tests/*|tests) exec .venv/bin/python -m pytest "$@" ;; esac

@@ -44,6 +44,9 @@ CHROMIUM_FLAGS = (
     "--mute-audio",
     "--hide-scrollbars",
     "--force-device-scale-factor=1",
+    # Headless Chromium turns lazy image loading off (every loading="lazy"
+    # image loads at once); this turns it back on, as in a desktop browser.
+    "--blink-settings=lazyLoadEnabled=true",
 )
 # Virtual milliseconds the page may run; pending file loads do not count.
 CHECK_BUDGET_MS = 15000

@@ -51,7 +51,8 @@ def test_cluster_output_layout_and_numbering(labeled_run, tmp_path):
     names = [c["name"] for c in manifest["clusters"]]
     assert names == [f"person_{i:03d}" for i in range(1, len(names) + 1)]
     on_disk = sorted(p.name for p in out.iterdir())
-    assert on_disk == sorted(names + ["_noface", "_singletons", "manifest.json"])
+    assert on_disk == sorted(names + ["_noface", "_singletons", "_thumbs", "index.html",
+                                      "manifest.json"])
     for entry in manifest["clusters"]:
         assert sorted(os.listdir(out / entry["name"])) == sorted(entry["outputs"])
     # every face is in exactly one place
@@ -181,7 +182,7 @@ def test_refine_quality_gates_and_outliers_on_crafted_faces():
     blur = np.full(n, 300.0)
     det_score = np.full(n, 0.9)
     face_short[0], blur[1], det_score[2] = 60, 12, 0.4   # small, blurred, low score
-    facesets, dropped, stages = sort_faces.refine_partition(
+    facesets, dropped, stages, _origin = sort_faces.refine_partition(
         embeddings, face_short, blur, det_score, np.arange(n), **_gates(outlier_threshold=0.3))
     assert dropped[0][0] == "quality" and "short edge" in dropped[0][1]
     assert dropped[1][0] == "quality" and "blur" in dropped[1][1]
@@ -191,7 +192,7 @@ def test_refine_quality_gates_and_outliers_on_crafted_faces():
     assert [len(f) for f in facesets] == [12, 9]
     assert stages["dropped_quality"] == 3 and stages["dropped_outlier"] == 1
     # the size filter counts unique images: 12 faces from 4 images is too few
-    facesets, dropped, _ = sort_faces.refine_partition(
+    facesets, dropped, *_ = sort_faces.refine_partition(
         embeddings, face_short, blur, det_score, np.arange(n) % 4,
         **_gates(outlier_threshold=0.3))
     assert facesets == [] and {s for s, _ in dropped.values()} == {"quality", "outlier", "size"}
@@ -205,7 +206,7 @@ def test_refine_centroid_merge_joins_an_over_split_person():
     subs = [_noisy_faces(rng, centre, 1, np.sqrt(0.75))[0] for _ in range(2)]
     faces = np.vstack([_noisy_faces(rng, s, 10, np.sqrt(0.55)) for s in subs])
     good = np.ones(len(faces))
-    facesets, _dropped, stages = sort_faces.refine_partition(
+    facesets, _dropped, stages, _origin = sort_faces.refine_partition(
         faces, good * 150, good * 300, good * 0.9, np.arange(len(faces)), **_gates())
     assert stages["initial_clusters"] >= 2 and stages["after_merge"] < stages["initial_clusters"]
     assert len(facesets) == 1 and len(facesets[0]) == 20

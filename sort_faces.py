@@ -1364,7 +1364,7 @@ PHASH_BLOCK_SIZE = 8
 # (|DC| + 1) is treated as flat (blank) and hashes to 0.
 PHASH_FLAT_RTOL = 1e-4
 # Default maximum Hamming distance for "same photo" candidates, measured
-# with work/staging/measure_phash.py (see the docstring of hamming_pairs).
+# with tests/benchmarks/measure_phash.py (see the docstring of hamming_pairs).
 PHASH_DEFAULT_MAX_DISTANCE = 12
 
 # Maximum number of candidate pairs materialised at once (memory bound:
@@ -1422,7 +1422,7 @@ def perceptual_hash(image_bgr: np.ndarray) -> np.uint64:
 
     Notes
     -----
-    Measured on 234 real face photos (work/staging/measure_phash.py):
+    Measured on 234 real face photos (tests/benchmarks/measure_phash.py):
     JPEG re-encode at quality 30, half-size resize, PNG round trip and
     +10 % brightness move the hash by at most 4 bits; a 3 % crop in total
     (1.5 % per side) by at most 10 bits; cutting 3 % off one edge by at
@@ -1795,7 +1795,7 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int, *,
 
     Notes
     -----
-    Measured defaults (work/staging/measure_phash.py, 234 face photos):
+    Measured defaults (tests/benchmarks/measure_phash.py, 234 face photos):
     variants of a photo (JPEG q30, half size, PNG, +10 % brightness,
     3 % total crop) are within 10 bits (99th percentile of all variants
     including a 3 % crop on every side: 12); different photos of different
@@ -3820,9 +3820,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
 # are not called duplicates. Only reports; never deletes.
 # ============================================================================
 
-# Measured on the shared photos (work/staging/measure_phash.py in the issue
-# note): edits of one photo (JPEG q30, half size, 3% crop, PNG, brightness)
-# stay within 12 bits at the 99th percentile, different people start at 14.
+# Measured on the shared photos (tests/benchmarks/measure_phash.py): edits of
+# one photo (JPEG q30, half size, 3% crop, PNG, brightness) stay within 12
+# bits at the 99th percentile, different people start at 14.
 DEFAULT_HAMMING = PHASH_DEFAULT_MAX_DISTANCE
 PHASH_VERSION = "dct32-1:9"  # bump when perceptual_hash changes
 # Face evidence for a visual pair, measured on edited copies of the shared

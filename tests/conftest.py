@@ -1,6 +1,7 @@
 """Shared fixtures: the real photos, the real offline model, small real caches."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,6 +52,35 @@ def labeled_cache(tmp_path_factory):
     embed_quiet(DATA / "five_celebs", cache)
     embed_quiet(DATA / "lfw10", cache)
     return cache
+
+
+# The shared photos' faces are 55-110 px: gates lowered so facesets form.
+REFINE = {"min_short": 40, "min_faces": 5, "min_blur": 20.0}
+EXPORT = {"min_face_short": 60, "top_n": 5}
+
+
+@pytest.fixture(scope="session")
+def labeled_export(labeled_cache, tmp_path_factory):
+    """labeled_cache copied, clustered, refined, enriched and exported (with and
+    without candidates); checks on the way that export needs enrich."""
+    tmp = tmp_path_factory.mktemp("export")
+    cache = tmp / "cache" / "c.npz"
+    cache.parent.mkdir()
+    shutil.copy2(labeled_cache, cache)
+    raw = sort_faces.cluster(cache, tmp / "raw", quiet=True)
+    refined = sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
+    with pytest.raises(sort_faces.UserError, match="enrich"):
+        sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
+                               quiet=True, **EXPORT)
+    enriched = sort_faces.enrich(cache, quiet=True)
+    plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
+                                   raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,
+                                   **EXPORT)
+    manifest = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json",
+                                      tmp / "swap", raw_manifest_path=tmp / "raw" / "manifest.json",
+                                      candidates=True, quiet=True, **EXPORT)
+    return {"cache": cache, "tmp": tmp, "raw": raw, "refined": refined, "enriched": enriched,
+            "plain": plain, "manifest": manifest, "out": tmp / "swap"}
 
 
 def identity_of(path: str) -> str:

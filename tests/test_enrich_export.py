@@ -12,8 +12,7 @@ import pytest
 import sort_faces
 from conftest import DATA, embed_quiet, identity_of
 
-REFINE = {"min_short": 40, "min_faces": 5, "min_blur": 20.0}
-EXPORT = {"min_face_short": 60, "top_n": 5}
+from conftest import EXPORT
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +22,8 @@ def detector(pack_dir):
 
 
 @pytest.fixture(scope="module")
-def exported(labeled_cache, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    cache = tmp / "cache" / "c.npz"
-    cache.parent.mkdir()
-    shutil.copy2(labeled_cache, cache)
-    raw = sort_faces.cluster(cache, tmp / "raw", quiet=True)
-    refined = sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
-    with pytest.raises(sort_faces.UserError, match="enrich"):
-        sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
-                               quiet=True, **EXPORT)
-    enriched = sort_faces.enrich(cache, quiet=True)
-    plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
-                                   raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,
-                                   **EXPORT)
-    manifest = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json",
-                                      tmp / "swap", raw_manifest_path=tmp / "raw" / "manifest.json",
-                                      candidates=True, quiet=True, **EXPORT)
-    return {"cache": cache, "tmp": tmp, "raw": raw, "refined": refined, "enriched": enriched,
-            "plain": plain, "manifest": manifest, "out": tmp / "swap"}
+def exported(labeled_export):
+    return labeled_export
 
 
 def test_enrich_fills_every_face_and_is_resumable(exported):
@@ -225,8 +207,10 @@ def test_a_group_photo_crop_keeps_out_the_neighbour(tmp_path, detector):
 
 def test_export_rerun_replaces_output_cleanly(exported):
     tmp = exported["tmp"]
+    out = tmp / "swap-again"
+    shutil.copytree(exported["out"], out)
     again = sort_faces.export_swap(exported["cache"], tmp / "refined" / "refine_manifest.json",
-                                   exported["out"], quiet=True, **EXPORT)
-    assert not (exported["out"] / "_candidates").exists()  # the old result is gone whole
+                                   out, quiet=True, **EXPORT)
+    assert not (out / "_candidates").exists()  # the old result is gone whole
     assert again["summary"]["crops"] == exported["manifest"]["summary"]["crops"]
-    assert not list(tmp.glob(".swap.*"))
+    assert not list(tmp.glob(".swap-again.*"))

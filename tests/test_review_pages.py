@@ -12,22 +12,10 @@ import sort_faces
 from browser import check_page, chromium_path
 from conftest import DATA, ROOT, embed_quiet
 
-REFINE = {"min_short": 40, "min_faces": 5, "min_blur": 20.0}
-
 
 @pytest.fixture(scope="module")
-def outputs(labeled_cache, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pages")
-    cache = tmp / "cache" / "c.npz"
-    cache.parent.mkdir()
-    shutil.copy2(labeled_cache, cache)
-    raw = sort_faces.cluster(cache, tmp / "raw", quiet=True)
-    refined = sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
-    sort_faces.enrich(cache, quiet=True)
-    export = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
-                                    raw_manifest_path=tmp / "raw" / "manifest.json",
-                                    candidates=True, min_face_short=60, quiet=True)
-    return {"tmp": tmp, "cache": cache, "raw": raw, "refined": refined, "export": export}
+def outputs(labeled_export):
+    return labeled_export
 
 
 def links(page: Path) -> list[str]:
@@ -90,7 +78,7 @@ def test_refine_page_shows_what_each_gate_dropped(outputs):
 
 def test_export_page_shows_scores_bundles_and_candidates(outputs):
     text = (outputs["tmp"] / "swap" / "index.html").read_text()
-    for entry in outputs["export"]["facesets"]:
+    for entry in outputs["manifest"]["facesets"]:
         for bundle in entry["bundles"]:
             assert bundle["file"] in text
         for crop in entry["crops"]:

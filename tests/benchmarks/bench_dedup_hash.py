@@ -22,13 +22,9 @@ For each D (default 8 10 12) it times, in seconds:
 checks that every planted group lies inside one found group and that both
 modes give the same groups, and prints peak resident memory.
 
-Functions come from ``sort_faces`` (project root) when it defines
-``hamming_pairs`` and ``group_pairs``, else from
-``work/staging/phash_section.py``.
 """
 
 import argparse
-import importlib.util
 import os
 import resource
 import sys
@@ -37,24 +33,13 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGING = os.path.join(ROOT, "work", "staging", "phash_section.py")
 
 
 def load_functions():
-    """(hamming_pairs, group_pairs, source): sort_faces, or the staging copy."""
     sys.path.insert(0, ROOT)
-    try:
-        import sort_faces
-        if hasattr(sort_faces, "hamming_pairs") and hasattr(sort_faces, "group_pairs"):
-            return sort_faces.hamming_pairs, sort_faces.group_pairs, "sort_faces"
-    except ImportError:
-        pass
-    finally:
-        sys.path.pop(0)
-    spec = importlib.util.spec_from_file_location("phash_section", STAGING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.hamming_pairs, module.group_pairs, os.path.relpath(STAGING, ROOT)
+    import sort_faces
+
+    return sort_faces.hamming_pairs, sort_faces.group_pairs, "sort_faces"
 
 
 def make_hashes(n, n_identical, n_groups, max_distance, rng):

@@ -619,6 +619,27 @@ def _to_rgb8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+# The common photo (an upright 8-bit JPEG or PNG, complete) decodes in half the
+# time with OpenCV; everything else takes Pillow's careful path. A JPEG counts
+# as complete when it ends with its end-of-image marker, a PNG with IEND:
+# OpenCV returns a truncated image's partial pixels without an error.
+_COMPLETE_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def opencv_can_decode(image, data: bytes) -> np.ndarray | None:
+    """BGR pixels by OpenCV when `image` (an opened Pillow header) is a plain
+    complete upright RGB/gray JPEG or PNG within MAX_DECODE_PIXELS, else None."""
+    ending = _COMPLETE_ENDINGS.get(image.format)
+    if ending is None or image.mode not in ("RGB", "L") or \
+            image.size[0] * image.size[1] > MAX_DECODE_PIXELS or \
+            not data.rstrip(b"\0").endswith(ending) or image.getexif().get(0x0112, 1) != 1:
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[1::-1] != image.size or bgr.dtype != np.uint8:
+        return None
+    return bgr
+
+
 def decode_image(path: str) -> tuple[np.ndarray, int, int]:
     """Decode a photo as it is meant to be seen.
 
@@ -638,12 +659,17 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
             raise UnreadableImage("empty file (0 bytes)")
         if path.lower().endswith(HEIF_EXTENSIONS) and heif_support():
             raise UnreadableImage(f"HEIC/HEIF skipped: {heif_support()}")
+        with open(path, "rb") as handle:
+            data = handle.read()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 full_w, full_h = image.size
                 if full_w * full_h > MAX_IMAGE_PIXELS:
                     raise UnreadableImage(f"image too large ({full_w}x{full_h})")
+                fast = opencv_can_decode(image, data)
+                if fast is not None:
+                    return fast, int(full_w), int(full_h)
                 factor = 1
                 while full_w * full_h / (factor * factor) > MAX_DECODE_PIXELS:
                     factor *= 2

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import datetime as _dt
 import hashlib
@@ -925,46 +926,87 @@ def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_siz
         initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size))
 
 
-def run_in_pool(pool, task, batches, on_result, max_inflight: int):
-    """Feed `batches` to `pool` with at most `max_inflight` outstanding tasks.
+class ModelPool:
+    """A pool of model workers that survives a worker crash.
 
-    `batches` is consumed lazily (it may be hashing files as it goes), and
-    `on_result(batch, result)` runs in this process as each task finishes.
+    A decoder or model that crashes the process on some file (a segfault, or
+    the kernel killing it) breaks the whole pool. The pool is then rebuilt and
+    the batches that were in flight are run again one file at a time, so the
+    file that crashes alone is found: `on_result` gets `crash_result(reason)`
+    for it and the run goes on.
     """
-    inflight: dict = {}
 
-    def drain(block: bool):
-        done, _ = concurrent.futures.wait(
-            inflight, timeout=None if block else 0,
-            return_when=concurrent.futures.FIRST_COMPLETED)
+    def __init__(self, make_pool, task, on_result, crash_result, max_inflight: int):
+        self.make_pool, self.task, self.on_result = make_pool, task, on_result
+        self.crash_result, self.max_inflight = crash_result, max_inflight
+        self.pool = make_pool()
+        self.inflight: dict = {}
+        self.suspects: list = []
+
+    def run(self, batches) -> None:
+        """Feed `batches` (consumed lazily: it may be hashing files as it goes)
+        with at most max_inflight outstanding tasks; results arrive in
+        `on_result(batch, result)` in this process."""
+        for batch in batches:
+            self.inflight[self.pool.submit(self.task, batch)] = batch
+            self.drain(block=len(self.inflight) >= self.max_inflight)
+        while self.inflight:
+            self.drain(block=True)
+
+    def drain(self, block: bool) -> None:
+        done, _ = concurrent.futures.wait(self.inflight, timeout=None if block else 0,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
-            on_result(inflight.pop(future), future.result())
+            batch = self.inflight.pop(future)
+            try:
+                result = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                self.suspects.append(batch)
+                continue
+            self.on_result(batch, result)
+        if self.suspects:
+            self.recover()
 
-    for batch in batches:
-        inflight[pool.submit(task, batch)] = batch
-        drain(block=len(inflight) >= max_inflight)
-    while inflight:
-        drain(block=True)
+    def recover(self) -> None:
+        suspects = self.suspects + list(self.inflight.values())
+        self.suspects, self.inflight = [], {}
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self.make_pool()
+        for entry in (entry for batch in suspects for entry in batch):
+            try:
+                result = self.pool.submit(self.task, [entry]).result()
+            except concurrent.futures.process.BrokenProcessPool:
+                log.warning("a model worker crashed on %s; recorded, and the run goes on", entry[0])
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self.make_pool()
+                result = [self.crash_result("the decoder or model crashed on this file")]
+            self.on_result([entry], result)
+
+    def shutdown(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
 def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
-                   identity: dict, providers: list[str], workers: int, on_interrupt=None) -> None:
+                   identity: dict, providers: list[str], workers: int, crash_result,
+                   on_interrupt=None) -> None:
     """Run `task` over `batches` in a fresh pool of model workers.
 
     On Ctrl-C the pool is stopped, `on_interrupt()` saves what is done, and the
     user is told how to go on.
     """
-    with model_pool(pack_dir, modules, providers, identity["det_size"], workers,
-                    identity["embedding_size"]) as pool:
-        try:
-            run_in_pool(pool, task, batches, on_result, max_inflight=2 * workers + 2)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            if on_interrupt is None:
-                raise
-            on_interrupt()
-            raise UserError("interrupted: the work done so far is saved; run the same command "
-                            "to go on") from None
+    pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
+                                        workers, identity["embedding_size"]),
+                     task, on_result, crash_result, max_inflight=2 * workers + 2)
+    try:
+        pool.run(batches)
+    except KeyboardInterrupt:
+        pool.shutdown(cancel=True)
+        if on_interrupt is None:
+            raise
+        on_interrupt()
+        raise UserError("interrupted: the work done so far is saved; run the same command "
+                        "to go on") from None
+    pool.shutdown()
 
 
 def in_batches(items: list, size: int = TASK_FILES):
@@ -3529,6 +3571,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                     run_model_step(embed_task, run.batches(hashed), run.on_result,
                                    pack_dir=pack_dir, modules=["detection", "recognition"],
                                    identity=identity, providers=provider_list, workers=workers,
+                                   crash_result=lambda reason: {"status": "unreadable",
+                                                                "reason": reason},
                                    on_interrupt=lambda: (run.flush(), save_cache(cache_path, cache)))
         run.flush()
         save_cache(cache_path, cache)
@@ -4346,7 +4390,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             if tasks:
                 run_model_step(enrich_task, in_batches(tasks), on_result, pack_dir=pack_dir,
                                modules=modules, identity=identity, providers=provider_list,
-                               workers=workers,
+                               workers=workers, crash_result=lambda reason: {"error": reason},
                                on_interrupt=lambda: (flush(), save_cache(cache_path, cache)))
         flush()
         save_cache(cache_path, cache)
@@ -4625,7 +4669,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
 
             run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,
                            modules=["detection"], identity=identity, providers=provider_list,
-                           workers=workers)
+                           workers=workers, crash_result=lambda reason: {"error": reason})
         manifest = run_header("export-swap", cache_path, cache, params)
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,

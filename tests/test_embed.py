@@ -334,3 +334,32 @@ def test_heic_without_pillow_heif_is_skipped_once(tmp_path, monkeypatch):
     summary = embed_quiet(src, tmp_path / "c.npz")
     assert summary["skipped_heif"] == 2 and summary["new"] == 1 and summary["unreadable"] == 0
     assert list(sort_faces.load_cache(tmp_path / "c.npz")["files"]) == [str(src / "c.jpg")]
+
+
+def test_a_worker_crash_is_survived_and_the_file_named(tmp_path, pack_dir):
+    from crashing_task import embed_or_crash
+
+    photos = sorted((DATA / "five_celebs" / "madonna").glob("*.jpg"))[:10]
+    src = tmp_path / "src"
+    src.mkdir()
+    for index, photo in enumerate(photos):
+        name = f"CRASH_{photo.name}" if index == 5 else photo.name
+        shutil.copy2(photo, src / name)
+    entries = [(str(p),) for p in sorted(src.iterdir())]
+    results = {}
+
+    def on_result(batch, outcome):
+        for entry, result in zip(batch, outcome):
+            results[entry[0]] = result
+
+    identity = sort_faces.model_identity("buffalo_s", pack_dir, 640)
+    sort_faces.run_model_step(
+        embed_or_crash, sort_faces.in_batches(entries), on_result, pack_dir=pack_dir,
+        modules=["detection", "recognition"], identity=identity,
+        providers=["CPUExecutionProvider"], workers=2,
+        crash_result=lambda reason: {"status": "unreadable", "reason": reason})
+    assert sorted(results) == sorted(e[0] for e in entries)  # every file answered once
+    crashed = [p for p, r in results.items() if r["status"] == "unreadable"]
+    assert [Path(p).name for p in crashed] == [f"CRASH_{photos[5].name}"]
+    assert "crashed" in results[crashed[0]]["reason"]
+    assert sum(r["status"] == "ok" for r in results.values()) >= 8

@@ -1,0 +1,13 @@
+"""A model task that kills its worker process on files named CRASH*, as a
+decoder segfault would (importable by the spawned workers)."""
+
+import os
+from pathlib import Path
+
+import sort_faces
+
+
+def embed_or_crash(batch):
+    if any(Path(entry[0]).name.startswith("CRASH") for entry in batch):
+        os._exit(3)
+    return sort_faces.embed_task(batch)

@@ -115,3 +115,15 @@ def test_visual_groups_on_the_labeled_sets_are_the_same_picture(labeled_cache, t
                              interpolation=cv2.INTER_AREA).astype(float) for p in members]
         for image in images[1:]:
             assert np.abs(image - images[0]).mean() < 12, members
+
+
+def test_a_cache_without_perceptual_hashes_gets_them(duplicated, tmp_path):
+    cache_path = tmp_path / "old.npz"
+    cache = sort_faces.load_cache(duplicated["cache"])
+    expected = cache["file_phash"].copy()
+    cache.meta.pop("phash")  # as written before hashes were stored
+    cache._chunks["file_phash"] = [np.zeros_like(expected)]
+    sort_faces.save_cache(cache_path, cache)
+    report = sort_faces.dedup(cache_path, quiet=True)
+    assert np.array_equal(sort_faces.load_cache(cache_path)["file_phash"], expected)
+    assert report["summary"]["visual_groups"] == duplicated["report"]["summary"]["visual_groups"]

@@ -363,3 +363,27 @@ def test_a_worker_crash_is_survived_and_the_file_named(tmp_path, pack_dir):
     assert [Path(p).name for p in crashed] == [f"CRASH_{photos[5].name}"]
     assert "crashed" in results[crashed[0]]["reason"]
     assert sum(r["status"] == "ok" for r in results.values()) >= 8
+
+
+def test_auto_model_falls_back_to_offline_pack_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(sort_faces, "_download_pack", lambda name, root: None)  # offline
+    caplog.set_level("WARNING", logger="face-sets")
+    name, folder = sort_faces.resolve_model("auto", model_root=str(tmp_path / "models"))
+    assert name == "buffalo_s" and (folder / "w600k_mbf.onnx").exists()
+    warning = [r.getMessage() for r in caplog.records if "buffalo_l" in r.getMessage()]
+    assert len(warning) == 1 and "--model" in warning[0]
+    with pytest.raises(sort_faces.UserError, match="not available"):
+        sort_faces.resolve_model("antelopev2", model_root=str(tmp_path / "models"))
+
+
+def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):
+    src = DATA / "face_recognition" / "joe_biden"
+    base = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src)]
+    quiet = subprocess.run(base + [str(tmp_path / "q.npz"), "--model", "buffalo_s", "--quiet"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    loud = subprocess.run(base + [str(tmp_path / "v.npz"), "--model", "buffalo_s", "--verbose"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert loud.returncode == 0 and "embed done" in loud.stdout
+    logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log"))
+    assert logs and "embed done" in logs[-1].read_text()

@@ -214,3 +214,16 @@ def test_export_rerun_replaces_output_cleanly(exported):
     assert not (out / "_candidates").exists()  # the old result is gone whole
     assert again["summary"]["crops"] == exported["manifest"]["summary"]["crops"]
     assert not list(tmp.glob(".swap-again.*"))
+
+
+def test_export_with_enrich_flag_enriches_first(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache = tmp_path / "cache" / "c.npz"
+    embed_quiet(src, cache)
+    sort_faces.refine(cache, tmp_path / "refined", min_faces=3, min_short=40, quiet=True)
+    manifest = sort_faces.export_swap(cache, tmp_path / "refined" / "refine_manifest.json",
+                                      tmp_path / "swap", enrich_first=True, min_face_short=60,
+                                      quiet=True)
+    assert manifest["summary"]["crops"] >= 3
+    assert np.all(sort_faces.load_cache(cache).extra["enrich_status"] == "ok")

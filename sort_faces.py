@@ -559,9 +559,18 @@ def existing_location(locations: list[str], size: int) -> str | None:
 
 
 def file_locations(cache: FaceCache) -> list[list[str]]:
-    """Per cache file row: every path that holds its content, canonical first."""
+    """Per cache file row: every path that holds its content, canonical first.
+
+    Empty for content no path holds any more (a photo edited in place is a new
+    row; its old row must not be materialised from the edited file).
+    """
     by_sha = cache.paths_by_sha()
-    return [by_sha.get(sha, [path]) for sha, path in zip(cache["sha256"], cache["files"])]
+    return [by_sha.get(sha, []) for sha in cache["sha256"]]
+
+
+def label_path(cache: FaceCache, locations, row: int) -> str:
+    """The path to show for a file row: where it is now, else where it was."""
+    return locations[row][0] if locations[row] else str(cache["files"][row])
 
 
 def faces_by_file(face_file: np.ndarray, n_files: int) -> list[np.ndarray]:
@@ -2085,18 +2094,27 @@ def check_output_location(out: Path, cache_path: Path, cache: FaceCache) -> None
                         "choose an empty or new folder")
 
 
+def owner_alive(path: Path) -> bool:
+    """Is the process named by a `...-<pid>` suffix still running?"""
+    pid = path.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and pid_alive(int(pid))
+
+
 @contextlib.contextmanager
 def building(out: Path):
     """Yield a fresh folder beside `out`; on success swap it in for `out`.
 
     A crash leaves `out` as it was (plus a stray .building folder that the next
-    run removes), never a half-written result.
+    run removes), never a half-written result; a crash between the two renames
+    of the swap is undone by the next run.
     """
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stray in out.parent.glob(f".{out.name}.building-*"):
-        pid = stray.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not pid_alive(int(pid)):
+    previous = [p for p in out.parent.glob(f".{out.name}.old-*") if not owner_alive(p)]
+    if previous and not out.exists():  # a crash between the two renames below
+        os.replace(previous.pop(), out)
+    for stray in previous + list(out.parent.glob(f".{out.name}.building-*")):
+        if not owner_alive(stray):
             shutil.rmtree(stray, ignore_errors=True)
     work = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -2131,7 +2149,7 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
 
 def face_record(cache: FaceCache, face: int, locations) -> dict:
     file_index = int(cache["face_file"][face])
-    return {"face": int(face), "file": locations[file_index][0],
+    return {"face": int(face), "file": label_path(cache, locations, file_index),
             "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
 
 
@@ -3253,9 +3271,10 @@ def strip_faces(embeddings: np.ndarray, faces, nearest: int = REVIEW_NEAREST,
 
 def face_thumb(cache: FaceCache, locations, face: int, folder: str | None, **extra) -> dict:
     """A strip entry for one cached face, linking to its materialised photo."""
-    path = locations[int(cache["face_file"][face])][0]
+    row = int(cache["face_file"][face])
+    path = label_path(cache, locations, row)
     thumb = {"face": int(face), "title": extra.pop("title", path)}
-    if folder is not None:
+    if folder is not None and locations[row]:
         thumb["href"] = f"{folder}/{safe_dst_name(path)}"
     thumb.update(extra)
     return thumb
@@ -3281,14 +3300,17 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
         if "image" in entry:
             row = entry["image"]
             size = (cache["file_width"][row], cache["file_height"][row])
-            return locations[row][0], (0, 0, *size), 0.0
+            return label_path(cache, locations, row), (0, 0, *size), 0.0
         row = int(cache["face_file"][entry["face"]])
-        return existing_location(locations[row], int(cache["file_size"][row])) or \
-            locations[row][0], tuple(cache["bbox"][entry["face"]]), THUMB_PAD
+        return existing_location(locations[row], int(cache["file_size"][row])), \
+            tuple(cache["bbox"][entry["face"]]), THUMB_PAD
 
     todo: dict[tuple, list] = {}
     for entry in entries:
         path, bbox, pad = source(entry)
+        if path is None:  # the photo is gone: no thumbnail, the entry is left out
+            entry["src"] = f"{THUMBS_DIR_NAME}/missing"
+            continue
         name = thumb_file_name(path, bbox) if pad else \
             thumb_file_name(path, bbox).replace(".jpg", "-whole.jpg")
         entry["src"] = f"{THUMBS_DIR_NAME}/{name}"
@@ -3339,11 +3361,11 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
     listed = set(manifest["noface"]["files"])
-    noface_rows = [r for r in noface_rows if locations[r][0] in listed]
+    noface_rows = [r for r in noface_rows if label_path(cache, locations, r) in listed]
     groups.append({"name": "_noface", "href": "_noface/", "collapsed": True,
                    "subtitle": f"{len(manifest['noface']['files'])} images without a face",
-                   "thumbs": [{"image": r, "title": locations[r][0],
-                               "href": f"_noface/{safe_dst_name(locations[r][0])}"}
+                   "thumbs": [{"image": r, "title": label_path(cache, locations, r),
+                               "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
     n_images = len({int(cache["face_file"][f]) for f in range(cache.n_faces)}) + len(noface_rows)
     return {"title": f"cluster: {Path(manifest['cache']).name}",
@@ -4000,7 +4022,8 @@ def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for row, value in progress(pool.map(one, todo), total=len(todo), desc="phash", unit="img"):
             if value is None:
-                log.warning("no perceptual hash for %s: missing or unreadable", locations[row][0])
+                log.warning("no perceptual hash for %s: missing or unreadable",
+                            label_path(cache, locations, row))
             else:
                 hashes[row] = value
     cache._chunks["file_phash"] = [hashes]
@@ -4033,7 +4056,8 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
     visual = []
     for members, distance in visual_duplicate_groups(cache, readable, hamming):
         keep = choose_keeper(members.tolist(), cache)
-        describe = lambda row: {"path": locations[row][0], "aliases": locations[row][1:],  # noqa: E731
+        describe = lambda row: {"path": label_path(cache, locations, row),  # noqa: E731
+                                "aliases": locations[row][1:],
                                 "width": int(cache["file_width"][row]),
                                 "height": int(cache["file_height"][row]),
                                 "bytes": int(sizes[row]),
@@ -4352,7 +4376,8 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
         for row, faces in sorted(by_file.items()):
             path = existing_location(locations[row], int(cache["file_size"][row]))
             if path is None:
-                log.warning("skipped: %s has moved or vanished since embed", locations[row][0])
+                log.warning("skipped: %s has moved or vanished since embed",
+                            label_path(cache, locations, row))
                 summary["missing"] += 1
                 continue
             tasks.append((path, cache["bbox"][faces], cache["kps"][faces], faces))
@@ -4629,7 +4654,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             best = max(in_group, key=lambda f: (score[f], -f))
             for f in in_group:
                 if f != best:
-                    dropped[f] = f"near-duplicate photo of {locations[cache['face_file'][best]][0]}"
+                    dropped[f] = ("near-duplicate photo of "
+                                  + label_path(cache, locations, cache["face_file"][best]))
         ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
         plan.append((faceset["name"], "faceset", ranked, dropped))
     if candidates:
@@ -4686,13 +4712,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 png = f"{len(written):04d}.png"
                 (folder / png).write_bytes(result["png"])
                 written.append({"png": png, "rank": len(written), "face": face,
-                                "source": locations[cache["face_file"][face]][0],
+                                "source": label_path(cache, locations, cache["face_file"][face]),
                                 "bbox": [round(float(v), 1) for v in cache["bbox"][face]],
                                 "score": round(score[face], 4), "terms": term_of[face],
                                 "blacked_out": result["blacked_out"],
                                 "in_top": len(written) < params["top_n"]})
             entry = {"name": name, "crops": written, "skipped": skipped,
-                     "dropped": [{"face": f, "source": locations[cache["face_file"][f]][0],
+                     "dropped": [{"face": f,
+                                  "source": label_path(cache, locations, cache["face_file"][f]),
                                   "reason": r} for f, r in sorted(dropped.items())]}
             if kind == "faceset":
                 entry["bundles"] = []

@@ -1,6 +1,8 @@
 """cluster and refine: real embeddings of labeled photos, crafted gate inputs."""
 
 import json
+import subprocess
+import sys
 import os
 import shutil
 from pathlib import Path
@@ -241,3 +243,35 @@ def test_refine_cli_defaults_match_the_spec(capsys):
         "initial_threshold": 0.55, "merge_threshold": 0.40, "outlier_threshold": 0.55,
         "min_faces": 15, "min_short": 90, "min_blur": 40.0, "min_det_score": 0.6}
     assert parser.parse_args(["cluster", "c.npz", "out"]).threshold == 0.55
+
+
+def test_a_photo_edited_in_place_is_not_materialised_as_its_old_self(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    edited = src / "obama.jpg"
+    edited.write_bytes((DATA / "face_recognition" / "joe_biden" / "biden.jpg").read_bytes())
+    assert embed_quiet(src, cache)["new"] == 1  # the new content is a new row
+    manifest = sort_faces.cluster(cache, tmp_path / "out", quiet=True)
+    obama = max(manifest["clusters"], key=lambda c: c["size"])
+    assert obama["size"] == 5  # the old face is still Obama's, as cached
+    name = sort_faces.safe_dst_name(str(edited))
+    assert name not in obama["outputs"] and not (tmp_path / "out" / obama["name"] / name).exists()
+    holders = [c["name"] for c in manifest["clusters"] if name in c["outputs"]]
+    singles = name in manifest["singletons"]["outputs"]
+    assert len(holders) + singles == 1 and obama["name"] not in holders
+
+
+def test_a_crash_during_the_swap_is_undone_by_the_next_run(labeled_run, tmp_path):
+    cache_path, out, manifest = labeled_run
+    target = tmp_path / "raw"
+    shutil.copytree(out, target)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    os.replace(target, tmp_path / f".raw.old-{dead.pid}")  # killed between the renames
+    (tmp_path / f".raw.building-{dead.pid}").mkdir()
+    with sort_faces.building(target) as work:
+        assert (target / "manifest.json").exists()  # the last result is back
+        (work / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -11,16 +11,22 @@ One file, one subcommand function each, over shared helpers:
     enrich       landmarks and pose for every cached face
     export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
 
-Sections, in order (search for the banner lines):
+Sections, in order (search for the banner lines): shared helpers first,
+then one section per subcommand, then the command line.
 
-    CONSTANTS            every default, in one place
+    CONSTANTS            every default, in one place (the spec's tables)
     ERRORS AND LOGGING   user errors, exit codes, per-step log files
     FILES AND ATOMIC IO  atomic writes, locks, the source-tree scan, sha256
-    CACHE                the .npz cache and its journal of flushed chunks
+    CACHE                the .npz cache, its journal of flushed chunks, file locations
     IMAGES               decoding real photo libraries into 8-bit BGR
-    MODEL                InsightFace packs, providers, the worker pool
-    GEOMETRY AND QUALITY per-face measurements (blur, size)
-    EMBED                the embed subcommand
+    MODEL                InsightFace packs, providers, the crash-proof worker pool
+    GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
+    POSE AND SYMMETRY    head pose, landmark symmetry, frontality
+    PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
+    OUTPUT FOLDERS       stable names, copy/link, build-beside-then-swap, manifests
+    CLUSTERING           scalable exact average-linkage clustering, centroids
+    REVIEW PAGES         index.html and face thumbnails for every output folder
+    EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP   the subcommands
     CLI                  argparse wiring
 
 Import it (``import sort_faces``) to call any helper directly.

@@ -3373,7 +3373,7 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                    "thumbs": [{"image": r, "title": label_path(cache, locations, r),
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
-    n_images = len({int(cache["face_file"][f]) for f in range(cache.n_faces)}) + len(noface_rows)
+    n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
     return {"title": f"cluster: {Path(manifest['cache']).name}",
             "summary": f"{len(manifest['clusters'])} people, {len(singles)} singletons, "
                        f"{len(manifest['noface']['files'])} no-face images, "
@@ -3982,9 +3982,11 @@ def same_faces(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> boo
     return bool(np.all(unmatched < DEDUP_MAX_UNMATCHED_FACE))
 
 
-def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int):
+def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int,
+                            per_file: list[np.ndarray] | None = None):
     """Groups of file rows (among `rows`) that show the same picture.
 
+    `per_file` is faces_by_file of the cache, for callers that already have it.
     Returns a list of (rows array, {row: hamming distance to the group's first row}).
     """
     rows = np.asarray(rows, dtype=np.int64)
@@ -3994,7 +3996,8 @@ def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int
     pairs = hamming_pairs(hashes, max_hamming, connectivity_only=True)
     if not len(pairs):
         return []
-    per_file = faces_by_file(cache["face_file"], cache.n_files)
+    if per_file is None:
+        per_file = faces_by_file(cache["face_file"], cache.n_files)
     sizes = np.stack([cache["file_width"], cache["file_height"]], axis=1)
     embeddings, bboxes, kps = cache["embeddings"], cache["bbox"], cache["kps"]
     confirmed = [pair for pair in pairs
@@ -4060,7 +4063,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
     readable = np.flatnonzero(cache["file_status"] != "unreadable")
     per_file = faces_by_file(cache["face_file"], cache.n_files)
     visual = []
-    for members, distance in visual_duplicate_groups(cache, readable, hamming):
+    for members, distance in visual_duplicate_groups(cache, readable, hamming, per_file):
         keep = choose_keeper(members.tolist(), cache)
         describe = lambda row: {"path": label_path(cache, locations, row),  # noqa: E731
                                 "aliases": locations[row][1:],
@@ -4641,6 +4644,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                for i, f in enumerate(faces.tolist())}
     embeddings, locations = cache["embeddings"], file_locations(cache)
 
+    per_file = faces_by_file(cache["face_file"], cache.n_files)
     plan = []  # (faceset name, kind, ranked faces, dropped)
     for faceset in refined["facesets"]:
         members = np.array([f["face"] for f in faceset["faces"]], dtype=np.int64)
@@ -4655,7 +4659,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                         and cache["face_short"][f] < params["min_face_short"]})
         kept = [int(f) for f in members if int(f) not in dropped]
         rows = np.unique(cache["face_file"][kept]) if kept else np.zeros(0, np.int64)
-        for group, _distance in visual_duplicate_groups(cache, rows, DEFAULT_HAMMING):
+        for group, _distance in visual_duplicate_groups(cache, rows, DEFAULT_HAMMING, per_file):
             in_group = [f for f in kept if cache["face_file"][f] in set(group.tolist())]
             best = max(in_group, key=lambda f: (score[f], -f))
             for f in in_group:
@@ -4678,7 +4682,6 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
-    per_file = faces_by_file(cache["face_file"], cache.n_files)
     tasks = [(existing_location(locations[cache["face_file"][f]],
                                 int(cache["file_size"][cache["face_file"][f]])),
               cache["bbox"][f], params["pad_ratio"], params["out_size"], f,

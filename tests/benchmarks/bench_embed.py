@@ -40,26 +40,23 @@ def main():
     import logging
     logging.disable(logging.WARNING)
     pack_name, pack_dir = sort_faces.resolve_model("buffalo_s")
-    files = []
-    for folder in args.folders:
-        found, _ = sort_faces.scan_images(Path(folder))
-        files += found
-    files = files * args.repeat
+    photos = [p for folder in args.folders for p in sort_faces.scan_images(Path(folder))[0]]
+    n = len(photos) * args.repeat
     with tempfile.TemporaryDirectory() as tmp:
-        # embed dedups identical content, so repeats are distinct copies: symlink farms
+        # embed dedups identical content, so each pass gets distinct copies: a
+        # trailing byte changes the sha256, not the pixels
         for rep in range(args.repeat):
-            for folder in args.folders:
-                (Path(tmp) / "src" / f"r{rep}").mkdir(parents=True, exist_ok=True)
-            for i, f in enumerate(files[: len(files) // args.repeat]):
-                data = Path(f).read_bytes() + b"\0" * (rep + 1)  # distinct sha, same pixels
-                (Path(tmp) / "src" / f"r{rep}" / f"{i}_{Path(f).name}").write_bytes(data)
+            folder = Path(tmp) / "src" / f"r{rep}"
+            folder.mkdir(parents=True)
+            for i, photo in enumerate(photos):
+                data = Path(photo).read_bytes() + b"\0" * (rep + 1)
+                (folder / f"{i}_{Path(photo).name}").write_bytes(data)
         bare_seconds, bare_faces = bare_loop(pack_dir, sorted((Path(tmp) / "src").rglob("*.*")))
         started = time.perf_counter()
         summary = sort_faces.embed(Path(tmp) / "src", Path(tmp) / "cache.npz",
                                    model="buffalo_s", quiet=True)
         embed_seconds = time.perf_counter() - started
-    n = len(files)
-    print(f"images: {n} ({args.repeat} passes over {n // args.repeat} photos)")
+    print(f"images: {n} ({args.repeat} passes over {len(photos)} photos)")
     print(f"bare single-process loop: {bare_seconds:6.1f} s  {n / bare_seconds:6.1f} img/s  "
           f"{bare_faces} faces")
     print(f"sort_faces embed        : {embed_seconds:6.1f} s  {n / embed_seconds:6.1f} img/s  "

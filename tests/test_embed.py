@@ -387,3 +387,20 @@ def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):
     assert loud.returncode == 0 and "embed done" in loud.stdout
     logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log"))
     assert logs and "embed done" in logs[-1].read_text()
+
+
+def test_unchanged_paths_are_not_hashed_again(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "joe_biden", src)
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    hashed = []
+    original = sort_faces.sha256_file
+    monkeypatch.setattr(sort_faces, "sha256_file", lambda p, *a: (
+        hashed.append(p) if str(p).startswith(str(src)) else None) or original(p, *a))
+    assert embed_quiet(src, cache)["new"] == 0
+    assert hashed == []  # size and mtime unchanged: trusted without reading
+    touched = src / "biden.jpg"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    summary = embed_quiet(src, cache)
+    assert hashed == [str(touched)] and summary["new"] == 0 and summary["aliases"] == 0

@@ -2185,6 +2185,21 @@ def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[
     return noface, unreadable
 
 
+def centroid_record(embeddings: np.ndarray, faces) -> list[float]:
+    """The unit mean embedding of `faces`, rounded for a manifest."""
+    return [round(float(v), 6) for v in unit_rows(embeddings[np.asarray(faces)].mean(axis=0))]
+
+
+def next_number(entries) -> int:
+    """One past the highest NNN of the entries' `name_NNN` names."""
+    return max([int(e["name"].rsplit("_", 1)[1]) for e in entries] + [0]) + 1
+
+
+def faces_not_in(n_faces: int, known: set[int]) -> np.ndarray:
+    """Face indices 0..n_faces-1 that a manifest does not know yet."""
+    return np.setdiff1d(np.arange(n_faces, dtype=np.int64), np.fromiter(known, np.int64))
+
+
 def manifest_face_ids(entries) -> set[int]:
     return {face["face"] for entry in entries for face in entry["faces"]}
 
@@ -3538,9 +3553,10 @@ def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> N
                 f"use another cache path or the cache's model")
 
 
-def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None):
-    """The pack a step should use: the cache's own, unless one is named explicitly
-    (which must then be the same model)."""
+def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None,
+                    cache_path: Path):
+    """The pack a step should use: the cache's own, unless one is named explicitly,
+    which must then be the same model (else UserError)."""
     recorded = cache.meta.get("model")
     if model == DEFAULT_MODEL and recorded:
         pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
@@ -3548,6 +3564,7 @@ def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int
         pack_name, pack_dir = resolve_model(model, model_root)
     identity = model_identity(pack_name, pack_dir, det_size or
                               (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
+    check_model_matches(cache, identity, cache_path)
     return pack_name, pack_dir, identity
 
 
@@ -3570,8 +3587,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                         "(nothing is ever written under the source)")
     with exclusive_lock(cache_path, "cache"):
         cache = load_cache(cache_path, must_exist=False)
-        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size)
-        check_model_matches(cache, identity, cache_path)
+        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size,
+                                                        cache_path)
         cache.meta.setdefault("model", identity)
         if not cache.n_files:
             cache.meta["phash"] = PHASH_VERSION
@@ -3888,9 +3905,8 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
         for number, faces in enumerate(progress(facesets, desc="refine", unit="faceset"), 1):
             name = f"faceset_{number:03d}"
             entry = write_group(work / name, faces, cache, locations, link)
-            centroid = unit_rows(cache["embeddings"][faces].mean(axis=0))
             manifest["facesets"].append({"name": name, "size": len(faces), **entry,
-                                         "centroid": [round(float(v), 6) for v in centroid]})
+                                         "centroid": centroid_record(cache["embeddings"], faces)})
         manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
                                     faceset=f"faceset_{origin[face] + 1:03d}" if origin[face] >= 0
                                     else None)
@@ -4139,7 +4155,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     embeddings = cache["embeddings"]
     people = manifest["clusters"]
     known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]])
-    new = np.array([f for f in range(cache.n_faces) if f not in known], dtype=np.int64)
+    new = faces_not_in(cache.n_faces, known)
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
               "faces_added": int(len(new)), "joined": {}, "new_people": [], "singletons": 0}
     # 1. join the nearest existing person
@@ -4155,7 +4171,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
     labels, _info = agglomerative_labels(embeddings[pool], threshold)
-    number = max([int(p["name"].split("_")[1]) for p in people] + [0]) + 1
+    number = next_number(people)
     singles = []
     for group in groups_from_labels(labels):
         faces = pool[group]
@@ -4181,7 +4197,8 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     aliases_added = sum(sync_entry_files(p, out / p["name"], cache, locations, link) for p in people)
     aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
-    new_noface = [p for p in noface if p not in set(manifest["noface"]["files"])]
+    listed = set(manifest["noface"]["files"])
+    new_noface = [p for p in noface if p not in listed]
     manifest["noface"]["files"] += new_noface
     manifest["noface"]["outputs"] += materialise_files(out / "_noface", new_noface, link)
     manifest["unreadable"] = unreadable
@@ -4208,7 +4225,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     facesets = manifest["facesets"]
     dropped = {d["face"]: d for d in manifest["dropped"]}
     known = manifest_face_ids(facesets) | set(dropped)
-    new = np.array([f for f in range(cache.n_faces) if f not in known], dtype=np.int64)
+    new = faces_not_in(cache.n_faces, known)
     if not len(new) and not sum(sync_entry_files(s, out / s["name"], cache, locations, link)
                                 for s in facesets):
         return None
@@ -4228,9 +4245,8 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     for index in np.unique(best[joins]):
         faces = candidates[joins & (best == index)]
         add_faces_to_entry(facesets[index], out / facesets[index]["name"], faces, cache, locations, link)
-        members = [f["face"] for f in facesets[index]["faces"]]
-        facesets[index]["centroid"] = [round(float(v), 6) for v in
-                                       unit_rows(embeddings[members].mean(axis=0))]
+        facesets[index]["centroid"] = centroid_record(
+            embeddings, [f["face"] for f in facesets[index]["faces"]])
         record["joined"][facesets[index]["name"]] = [int(f) for f in faces]
     # the rest, with faces earlier dropped only for the size filter, may form new facesets
     too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
@@ -4239,12 +4255,12 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], **sub)
-    number = max([int(s["name"].split("_")[1]) for s in facesets] + [0]) + 1
+    number = next_number(facesets)
     for group in grown:
         faces = pool[group]
         entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
         add_faces_to_entry(entry, out / entry["name"], faces, cache, locations, link)
-        entry["centroid"] = [round(float(v), 6) for v in unit_rows(embeddings[faces].mean(axis=0))]
+        entry["centroid"] = centroid_record(embeddings, faces)
         facesets.append(entry)
         record["new_facesets"].append(entry["name"])
         for face in faces:
@@ -4365,8 +4381,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
     cache_path = Path(cache_path)
     with exclusive_lock(cache_path, "cache"):
         cache = load_cache(cache_path)
-        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None)
-        check_model_matches(cache, identity, cache_path)
+        pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
         if "landmark_2d_106" not in identity["tasks"]:
             raise UserError(f"model {pack_name} has no 106-point landmark model (2d106det.onnx); "
                             "enrich needs one")
@@ -4629,7 +4644,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                workers=workers, quiet=quiet)
         cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache)
-    pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None)
+    pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
 
     # score every face the export may use
     faces = np.array(sorted(wanted), dtype=np.int64)
@@ -4803,88 +4818,76 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=ArgumentParser)
 
-    p = sub.add_parser("embed", formatter_class=HelpFormatter,
-                       help="scan a photo tree and embed every face into a resumable cache",
-                       description="Recursively scan SRC, detect and embed every face into the "
-                                   ".npz CACHE. Resumable; byte-identical files are embedded once.")
+    p = add_command(sub, "embed", cli_embed,
+                    help="scan a photo tree and embed every face into a resumable cache",
+                    description="Recursively scan SRC, detect and embed every face into the "
+                                ".npz CACHE. Resumable; byte-identical files are embedded once.")
     p.add_argument("src", help="photo folder to scan (never written to)")
     p.add_argument("cache", help="the .npz cache to create or extend")
     add_model_flags(p)
     p.add_argument("--flush-every", type=int, default=DEFAULT_FLUSH_EVERY,
                    help="flush new results to disk after this many new files")
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_embed)
 
-    p = sub.add_parser("cluster", formatter_class=HelpFormatter,
-                       help="raw identity clusters: person_NNN/, _singletons/, _noface/",
-                       description="Agglomerative clustering (cosine, average linkage) of every "
-                                   "cached face into OUT/person_NNN/ (largest first), "
-                                   "_singletons/ and _noface/, with manifest.json.")
+    p = add_command(sub, "cluster", cli_cluster,
+                    help="raw identity clusters: person_NNN/, _singletons/, _noface/",
+                    description="Agglomerative clustering (cosine, average linkage) of every "
+                                "cached face into OUT/person_NNN/ (largest first), "
+                                "_singletons/ and _noface/, with manifest.json.")
     p.add_argument("cache", help="the .npz cache written by embed")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
     p.add_argument("--threshold", type=float, default=CLUSTER_DEFAULTS["threshold"],
                    help="cosine distance at and above which clusters stay apart")
     add_link_flag(p)
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_cluster)
 
-    p = sub.add_parser("refine", formatter_class=HelpFormatter,
-                       help="quality-gated per-person facesets: faceset_NNN/",
-                       description="Initial cluster -> centroid merge -> quality gate -> "
-                                   "outlier rejection -> size filter -> OUT/faceset_NNN/ and "
-                                   "refine_manifest.json (every dropped face with its reason).")
+    p = add_command(sub, "refine", cli_refine,
+                    help="quality-gated per-person facesets: faceset_NNN/",
+                    description="Initial cluster -> centroid merge -> quality gate -> "
+                                "outlier rejection -> size filter -> OUT/faceset_NNN/ and "
+                                "refine_manifest.json (every dropped face with its reason).")
     p.add_argument("cache", help="the .npz cache written by embed")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
     add_table_flags(p, REFINE_DEFAULTS, REFINE_HELP)
     add_link_flag(p)
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_refine)
 
-    p = sub.add_parser("extend", formatter_class=HelpFormatter,
-                       help="fold new faces into an existing result without renumbering",
-                       description="Faces in CACHE that RAW_OUT's manifest does not know join the "
-                                   "existing person with the nearest centroid (within the "
-                                   "output's threshold) or form new person_NNN/ after the highest; "
-                                   "with --refine-out the same for facesets, under refine's gates.")
+    p = add_command(sub, "extend", cli_extend,
+                    help="fold new faces into an existing result without renumbering",
+                    description="Faces in CACHE that RAW_OUT's manifest does not know join the "
+                                "existing person with the nearest centroid (within the "
+                                "output's threshold) or form new person_NNN/ after the highest; "
+                                "with --refine-out the same for facesets, under refine's gates.")
     p.add_argument("cache", help="the .npz cache (embed the new photos into it first)")
     p.add_argument("raw_out", help="an output folder written by cluster")
     p.add_argument("--refine-out", default=None, help="an output folder written by refine")
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_extend)
 
-    p = sub.add_parser("dedup", formatter_class=HelpFormatter,
-                       help="report byte-identical and visual near-duplicate photos",
-                       description="Write <cache>.duplicates.json beside the cache: byte-identical "
-                                   "groups and visual near-duplicate groups (perceptual hash, "
-                                   "confirmed by the faces), each naming the file to keep. "
-                                   "Only reports; never deletes.")
+    p = add_command(sub, "dedup", cli_dedup,
+                    help="report byte-identical and visual near-duplicate photos",
+                    description="Write <cache>.duplicates.json beside the cache: byte-identical "
+                                "groups and visual near-duplicate groups (perceptual hash, "
+                                "confirmed by the faces), each naming the file to keep. "
+                                "Only reports; never deletes.")
     p.add_argument("cache", help="the .npz cache written by embed")
     p.add_argument("--hamming", type=int, default=DEFAULT_HAMMING,
                    help="largest perceptual-hash distance (of 64 bits) for a visual pair; edits "
                         "of one photo measured <= 12, different people >= 14")
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_dedup)
 
-    p = sub.add_parser("enrich", formatter_class=HelpFormatter,
-                       help="landmarks (106 2D, 68 3D when the pack has it) and pose per face",
-                       description="Re-detect the faces of each cached image and store, per cached "
-                                   "face, landmark_2d_106, pose (pitch, yaw, roll in degrees) and, "
-                                   "with a 3D landmark model, landmark_3d_68. Resumable.")
+    p = add_command(sub, "enrich", cli_enrich,
+                    help="landmarks (106 2D, 68 3D when the pack has it) and pose per face",
+                    description="Re-detect the faces of each cached image and store, per cached "
+                                "face, landmark_2d_106, pose (pitch, yaw, roll in degrees) and, "
+                                "with a 3D landmark model, landmark_3d_68. Resumable.")
     p.add_argument("cache", help="the .npz cache written by embed")
     add_model_flags(p)
     p.add_argument("--flush-every", type=int, default=DEFAULT_FLUSH_EVERY,
                    help="flush results to disk after this many images")
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_enrich)
 
-    p = sub.add_parser("export-swap", formatter_class=HelpFormatter,
-                       help="ranked single-face PNG crops and .fsz bundles for roop-unleashed",
-                       description="Per faceset of REFINE_MANIFEST: tight outlier gate, size gate, "
-                                   "near-duplicate collapse, rank by composite quality "
-                                   "(0.30 frontality + 0.20 det_score + 0.20 landmark_symmetry + "
-                                   "0.15 face_size + 0.15 sharpness), then square PNG crops that "
-                                   "re-detect as exactly one face at det 640 and 320, and "
-                                   "<faceset>_topN.fsz / <faceset>_all.fsz bundles.")
+    p = add_command(sub, "export-swap", cli_export_swap,
+                    help="ranked single-face PNG crops and .fsz bundles for roop-unleashed",
+                    description="Per faceset of REFINE_MANIFEST: tight outlier gate, size gate, "
+                                "near-duplicate collapse, rank by composite quality "
+                                "(0.30 frontality + 0.20 det_score + 0.20 landmark_symmetry + "
+                                "0.15 face_size + 0.15 sharpness), then square PNG crops that "
+                                "re-detect as exactly one face at det 640 and 320, and "
+                                "<faceset>_topN.fsz / <faceset>_all.fsz bundles.")
     p.add_argument("cache", help="the .npz cache (enriched)")
     p.add_argument("refine_manifest", help="refine_manifest.json written by refine")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
@@ -4895,8 +4898,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
     add_table_flags(p, EXPORT_DEFAULTS, EXPORT_HELP)
     add_model_flags(p)
-    add_verbosity_flags(p)
-    p.set_defaults(handler=cli_export_swap)
     return parser
 
 
@@ -4928,6 +4929,16 @@ def cli_dedup(args) -> int:
 def cli_extend(args) -> int:
     extend(args.cache, args.raw_out, args.refine_out, quiet=args.quiet)
     return EXIT_OK
+
+
+def add_command(sub, name: str, handler, help: str, description: str):
+    """A subcommand parser that shows defaults, runs `handler`, and takes
+    --quiet / --verbose like every other."""
+    parser = sub.add_parser(name, formatter_class=HelpFormatter, help=help,
+                            description=description)
+    parser.set_defaults(handler=handler)
+    add_verbosity_flags(parser)
+    return parser
 
 
 def add_table_flags(parser, defaults: dict, helps: dict) -> None:

@@ -101,7 +101,6 @@ def test_every_bundled_png_is_one_face_of_its_person(exported, detector):
 
 
 def test_crops_agree_with_their_faceset_identity(exported):
-    cache = sort_faces.load_cache(exported["cache"])
     for entry in exported["manifest"]["facesets"]:
         people = {identity_of(c["source"]) for c in entry["crops"]}
         assert len(people) == 1, (entry["name"], people)

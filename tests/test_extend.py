@@ -3,9 +3,7 @@
 import json
 import shutil
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sort_faces
@@ -71,7 +69,7 @@ def test_no_number_changes_and_no_member_moves(extended):
 
 def test_new_faces_of_known_people_join_their_person(extended):
     cache = sort_faces.load_cache(extended["cache"])
-    before, after = extended["before_raw"], extended["after_raw"]
+    before = extended["before_raw"]
     majority = {e["name"]: Counter(identity(cache, f["face"]) for f in e["faces"]).most_common(1)[0][0]
                 for e in before["clusters"]}
     joined = extended["result"]["extend_raw"]["joined"]

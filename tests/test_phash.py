@@ -4,9 +4,6 @@ Photo-based tests read the shared real photos (``../shared/data/faces``
 relative to the project root); they are only read, never written.
 """
 
-import os
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -3,7 +3,6 @@ known angles, then the real buffalo_s 2d106 model on real photos."""
 
 import math
 import os
-import sys
 
 import cv2
 import numpy as np

@@ -7,13 +7,11 @@ import re
 import shutil
 import subprocess
 import zipfile
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-import sort_faces
 from conftest import DATA, ROOT
 
 GATES = {"REFINE_ARGS": "--min-short 40 --min-faces 5 --min-blur 20",

@@ -11,7 +11,6 @@ package; .ci/run installs it).
 import html
 import os
 import re
-import sys
 import time
 import urllib.parse
 from pathlib import Path

@@ -5,7 +5,6 @@ import shutil
 import urllib.parse
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sort_faces

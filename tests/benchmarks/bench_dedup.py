@@ -10,7 +10,6 @@ then times `sort_faces.dedup` on it: load, hash search, face confirmation,
 report. Not collected by pytest.
 """
 
-import json
 import resource
 import sys
 import tempfile

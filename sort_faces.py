@@ -929,6 +929,13 @@ def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding
     _WORKER["embedding_size"] = embedding_size
 
 
+def decoded_batch(batch: list[tuple]):
+    """Worker side: (entry, decode_image result or the reason it failed) for each
+    (path, ...) entry, decoding one file ahead of the model on the worker's thread."""
+    paths = [entry[0] for entry in batch]
+    return zip(batch, _WORKER["decoder"].map(_decode_or_reason, paths))
+
+
 def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
                workers: int, embedding_size: int = 512) -> concurrent.futures.ProcessPoolExecutor:
     """Worker processes that each hold their own model sessions."""
@@ -3524,9 +3531,9 @@ def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarr
 def embed_task(batch: list[tuple]) -> list[dict]:
     """Worker side: decode (a thread ahead) and embed each file of a batch
     of (path, ...) entries."""
-    app, decoder = _WORKER["app"], _WORKER["decoder"]
+    app = _WORKER["app"]
     results = []
-    for decoded in decoder.map(_decode_or_reason, [entry[0] for entry in batch]):
+    for _entry, decoded in decoded_batch(batch):
         if isinstance(decoded, str):
             results.append({"status": "unreadable", "reason": decoded})
             continue
@@ -4343,9 +4350,9 @@ def empty_enrich_rows(key: str, count: int) -> np.ndarray:
 
 def enrich_task(batch: list[tuple]) -> list[dict]:
     """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
-    app, decoder = _WORKER["app"], _WORKER["decoder"]
+    app = _WORKER["app"]
     results = []
-    for entry, decoded in zip(batch, decoder.map(_decode_or_reason, [e[0] for e in batch])):
+    for entry, decoded in decoded_batch(batch):
         _path, boxes, kps = entry[:3]
         if isinstance(decoded, str):
             results.append({"error": decoded})
@@ -4581,8 +4588,7 @@ def export_task(batch: list[tuple]) -> list[dict]:
         return detector.detect(image, input_size=(size, size))[0]
 
     results = []
-    for entry, decoded in zip(batch, _WORKER["decoder"].map(_decode_or_reason,
-                                                            [e[0] for e in batch])):
+    for entry, decoded in decoded_batch(batch):
         _path, bbox, pad_ratio, out_size, _face, others = entry
         if isinstance(decoded, str):
             results.append({"error": f"cannot read the photo: {decoded}"})

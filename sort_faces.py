@@ -62,18 +62,43 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import scipy.sparse
 import scipy.sparse.csgraph
 from scipy.cluster.hierarchy import fcluster, linkage
+
+__version__ = "0.5.0"
+
+# What tests and importing callers use; everything else is an implementation detail.
+__all__ = [
+    "__version__", "UserError", "Interrupted", "main", "build_parser",
+    # the subcommands
+    "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap",
+    # options, caches, manifests, outputs
+    "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
+    "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
+    "exclusive_lock", "pid_alive", "display",
+    # images and models
+    "decode_image", "UnreadableImage", "resolve_model", "offline_pack_dir", "run_model_step",
+    "in_batches", "embed_task", "too_small_for_faces",
+    # pure functions over arrays
+    "agglomerative_labels", "refine_partition", "quality_failures", "perceptual_hash",
+    "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
+    "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
+]
 
 # ============================================================================
 # CONSTANTS
 # Every default lives here and matches the spec's tables; argparse reads them.
 # ============================================================================
 
-SCHEMA_VERSION = 1
+# Cache schema: 2 adds the journal chunk header (sequence, first rows, checksum).
+SCHEMA_VERSION = 2
+# Manifests (manifest.json, refine_manifest.json, export_manifest.json).
+MANIFEST_VERSION = 1
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# .gif: the first frame, as a still photo (animated GIFs are rarely of people).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 HEIF_EXTENSIONS = (".heic", ".heif")
 
 DEFAULT_MODEL = "auto"
@@ -91,6 +116,12 @@ TASK_FILES = 4
 MAX_DECODE_PIXELS = 100_000_000
 # Images above this are refused outright: even a reduced decode is not worth it.
 MAX_IMAGE_PIXELS = 2_000_000_000
+# The memory one file may take while it is decoded, in one worker. Formats that
+# cannot decode at a reduced scale (PNG, TIFF, WebP, ...) are refused above it.
+MAX_DECODE_BYTES = 1 << 30
+# An image whose short side, at the detector's scale, is under this many pixels
+# cannot hold a detectable face (and makes the detector's resize fail).
+MIN_DETECT_SIDE_PX = 8
 # The blur score is measured on the face crop resized to this square, so that a
 # face photographed at 4000 px and one at 400 px are judged on the same scale.
 BLUR_SCALE_PX = 112
@@ -134,9 +165,36 @@ EXPORT_HELP = {
     "candidate_min_score": "composite quality floor for candidates",
 }
 
+# Every numeric option, checked in one place (check_option) by argparse and by
+# the library functions alike: (kind, lowest, highest), bounds inclusive, None
+# for no bound. Cosine distances lie in [0, 2].
+OPTION_RULES = {
+    "threshold": ("float", 0.0, 2.0),
+    "initial_threshold": ("float", 0.0, 2.0),
+    "merge_threshold": ("float", 0.0, 2.0),
+    "outlier_threshold": ("float", 0.0, 2.0),
+    "candidate_match_threshold": ("float", 0.0, 2.0),
+    "min_faces": ("int", 1, None),
+    "min_short": ("float", 0.0, None),
+    "min_blur": ("float", 0.0, None),
+    "min_det_score": ("float", 0.0, 1.0),
+    "candidate_min_score": ("float", 0.0, 1.0),
+    "top_n": ("int", 1, None),
+    "pad_ratio": ("float", 0.0, 4.0),
+    "out_size": ("int", 64, 4096),
+    "min_face_short": ("float", 0.0, None),
+    "workers": ("int", 1, None),
+    "flush_every": ("int", 1, None),
+    "hamming": ("int", 0, 64),
+    # SCRFD's strides need a multiple of 32.
+    "det_size": ("int", 160, 2048),
+}
+DET_SIZE_MULTIPLE = 32
+
 EXIT_OK = 0
-EXIT_PARTIAL = 1  # finished, but some files were reported unreadable
+EXIT_PARTIAL = 1  # finished, but some files were reported unreadable or damaged
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 
 
 # ============================================================================
@@ -151,6 +209,93 @@ log = logging.getLogger("face-sets")
 class UserError(Exception):
     """A mistake the user can fix (missing cache, wrong argument, ...)."""
 
+    exit_code = EXIT_USAGE
+
+
+class Interrupted(UserError):
+    """Ctrl-C, SIGTERM or SIGHUP: the work done so far is saved."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def display(text) -> str:
+    """`text` as it can be printed, logged or put in a page: bytes of a file
+    name that are not UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def check_option(name: str, value):
+    """`value` checked against OPTION_RULES[name]; UserError naming the flag if
+    it is out of range, not finite, or not a number of the right kind."""
+    kind, low, high = OPTION_RULES[name]
+    flag = "--" + name.replace("_", "-")
+    wanted = "an integer" if kind == "int" else "a number"
+    ok_type = isinstance(value, (int, np.integer)) if kind == "int" else \
+        isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, (bool, np.bool_)) or not ok_type:
+        raise UserError(f"{flag} must be {wanted}, not {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, not {value}")
+    value = int(value) if kind == "int" else float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"between {low} and {high}" if low is not None and high is not None else \
+            (f"at least {low}" if low is not None else f"at most {high}")
+        raise UserError(f"{flag} must be {span}, not {value}")
+    if name == "det_size" and value % DET_SIZE_MULTIPLE:
+        raise UserError(f"{flag} must be a multiple of {DET_SIZE_MULTIPLE} (the detector's "
+                        f"strides), not {value}")
+    return value
+
+
+def check_options(**values) -> dict:
+    """check_option for each given name=value; None (meaning 'the default') passes."""
+    return {name: None if value is None else check_option(name, value)
+            for name, value in values.items()}
+
+
+def table_params(defaults: dict, params: dict) -> dict:
+    """A defaults table (REFINE_DEFAULTS, EXPORT_DEFAULTS) overridden by the
+    given params (None keeps a default), each checked; unknown names refused."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
+    merged = {**defaults, **{k: v for k, v in params.items() if v is not None}}
+    return {name: check_option(name, value) if name in OPTION_RULES else value
+            for name, value in merged.items()}
+
+
+def check_link(link: str) -> str:
+    if link not in ("copy", "hardlink", "symlink"):
+        raise UserError(f"--link must be copy, hardlink or symlink, not {link!r}")
+    return link
+
+
+def option_type(name: str):
+    """An argparse `type` that parses a flag and checks it with check_option."""
+    kind = OPTION_RULES[name][0]
+
+    def parse(text: str):
+        try:
+            value = int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind == 'int' else 'a number'}, not {text!r}") from None
+        try:
+            return check_option(name, value)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = kind
+    return parse
+
+
+_LOG_FILE: list[Path] = []  # the current run's log file, once setup_logging made it
+
+
+def log_path() -> Path:
+    """The log file of this run (or the log folder, before there is one)."""
+    return _LOG_FILE[-1] if _LOG_FILE else log_dir()
+
 
 def log_dir() -> Path:
     return Path(os.environ.get("FACESETS_LOG_DIR", WORK_DIR / "logs"))
@@ -164,22 +309,40 @@ def setup_logging(step: str, verbosity: int = 0) -> Path:
     path = directory / f"{step}-{stamp}-{os.getpid()}.log"
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_handler)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     console.setLevel({-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO))
+    console.addFilter(lambda record: not getattr(record, "summary", False))
     log.addHandler(console)
     log.propagate = False
+    _LOG_FILE[:] = [path]
     return path
 
 
 def say(message: str, quiet: bool = False) -> None:
     """A summary line for the user (stdout) that also goes to the log."""
-    log.debug(message)
+    message = display(message)
+    log.info(message, extra={"summary": True})  # the console handler leaves it to print
     if not quiet:
         print(message, flush=True)
+
+
+# SIGTERM and SIGHUP end a run the way Ctrl-C does (work saved, pool stopped).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
+def _stop_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_stop_signals() -> None:
+    """Make SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop_signal)
 
 
 def progress(iterable=None, **kwargs):
@@ -237,34 +400,47 @@ def read_json(path: Path, what: str):
         raise UserError(f"cannot read {what} {path}: {error}") from None
 
 
-def pid_alive(pid: int) -> bool:
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None if there is none."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:  # it exists, but we may not look at it
+        return 0.0
+
+
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """Is process `pid` running (and, given `started`, the same process, not a
+    later one that reused its number)? Portable: psutil, never os.kill, which
+    on Windows terminates the process it is asked about."""
+    began = process_started(int(pid))
+    if began is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    return started is None or not began or abs(began - started) < 1.0
 
 
 @contextlib.contextmanager
 def exclusive_lock(target: Path, what: str):
     """Hold `<target>.lock` for the duration; refuse if a live process holds it.
 
-    The lock records host and pid, so a lock left behind by a killed run (its
-    pid no longer alive on this host) is taken over instead of blocking forever.
+    The lock records host, pid and the process's start time, so a lock left
+    behind by a killed run (its process gone, or its pid reused) is taken over
+    instead of blocking forever.
     """
     lock_path = Path(str(target) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{socket.gethostname()} {os.getpid()}"
+    me = f"{socket.gethostname()} {os.getpid()} {process_started(os.getpid()) or 0.0:.3f}"
     for _attempt in range(2):
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                host, pid = lock_path.read_text().split()
-                stale = host == socket.gethostname() and not pid_alive(int(pid))
+                host, pid, *began = lock_path.read_text().split()
+                stale = host == socket.gethostname() and not pid_alive(
+                    int(pid), float(began[0]) if began else None)
             except (OSError, ValueError):
+                host, pid = "?", "?"
                 stale = True  # unreadable or half-written lock: its writer died
             if not stale:
                 raise UserError(
@@ -293,16 +469,31 @@ def is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def inside(root: Path, *parts: str) -> Path:
+    """root/parts..., refused (UserError) unless it resolves inside `root`.
+
+    Every path a step writes or deletes under an output is made here, so a
+    name taken from a manifest can never reach outside the output it owns.
+    """
+    path = Path(root).joinpath(*parts)
+    if any(not part or part in (".", "..") or os.path.isabs(part) for part in parts) or \
+            not is_within(path, root) or path == Path(root):
+        raise UserError(f"refusing to write {display(path)}: outside the output {display(root)}")
+    return path
+
+
 def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
     """All image files under `root`, sorted, and the problems met on the way.
 
     Follows symlinked folders once each: a link back to an ancestor (a loop)
-    is reported and skipped, as is a folder that cannot be read.
+    is reported and skipped, as is a folder that cannot be read. An entry named
+    like an image that is not a regular file (a dangling symlink, a FIFO, a
+    socket, a device) is reported and never opened.
 
     Returns
     -------
     paths : list of str, absolute paths as the user sees them (links kept)
-    problems : list of str, one line per skipped folder
+    problems : list of str, one line per skipped folder or entry
     """
     paths, problems, seen_dirs = [], [], set()
     stack = [Path(os.path.abspath(root))]
@@ -323,11 +514,30 @@ def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
             try:
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=True) and entry.name.lower().endswith(extensions):
+                elif not entry.name.lower().endswith(extensions):
+                    continue
+                elif entry.is_file(follow_symlinks=True):
                     paths.append(entry.path)
+                else:
+                    problems.append(f"{entry.path}: {special_file_kind(entry.path)}, skipped")
             except OSError as error:
                 problems.append(f"{entry.path}: cannot stat ({error.strerror or error})")
     return sorted(paths), problems
+
+
+def special_file_kind(path: str) -> str:
+    """What a path that is neither a folder nor a regular file is, in words."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "dangling symlink" if os.path.islink(path) else "cannot stat"
+    for test, words in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return "not a regular file: " + words
+    return "not a regular file"
 
 
 def sha256_file(path: str, block_size: int = 1 << 20) -> str:
@@ -366,6 +576,8 @@ FILE_COLUMNS = {
     "file_mtime_ns": (np.int64, ()), "file_width": (np.int32, ()),
     "file_height": (np.int32, ()), "file_status": ("U", ()),
     "file_reason": ("U", ()), "file_phash": (np.uint64, ()),
+    # libjpeg's corrupt-data warning when the decoder filled in damaged data
+    "file_damage": ("U", ()),
 }
 FACE_COLUMNS = {
     "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
@@ -396,6 +608,8 @@ class FaceCache:
         self.meta = meta or {}
         self._chunks: dict[str, list[np.ndarray]] = {}
         self.extra: dict[str, np.ndarray] = {}  # columns added by later steps
+        self.journal_problem: str | None = None  # why loading stopped before the journal's end
+        self.unapplied: list[Path] = []  # the chunks not applied, for a writer to set aside
 
     @property
     def embedding_size(self) -> int:
@@ -463,14 +677,119 @@ def journal_dir(cache_path: Path) -> Path:
     return Path(str(cache_path) + ".journal")
 
 
+# A chunk carries a header: its sequence number, the table sizes before it (the
+# first file, face and path row it appends) and a checksum of its arrays. A
+# chunk is applied only if it is the next in sequence, whole, and starts where
+# the cache ends, so a lost or damaged chunk can never shift the rows after it.
+JOURNAL_VERSION = 2
+# A reader whose cache was folded (main file replaced, chunks removed) while it
+# read starts again, this many times at most.
+LOAD_ATTEMPTS = 5
+
+
+class _CacheChanged(Exception):
+    """The cache was folded while it was being read: read it again."""
+
+
 def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 
 
+def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def table_sizes(cache: "FaceCache") -> dict[str, int]:
+    """Rows in each table: where the next chunk's rows start."""
+    return {"files": cache.n_files, "faces": cache.n_faces,
+            "paths": sum(len(c) for c in cache._chunks.get("path_seen", []))}
+
+
+def fill_missing_columns(arrays: dict[str, np.ndarray], embedding_size: int) -> None:
+    """Give a table's rows the columns a newer version added (a cache or chunk
+    written before them): empty strings and zeros."""
+    for columns in TABLES.values():
+        present = [key for key in columns if key in arrays]
+        if not present:
+            continue
+        rows = len(arrays[present[0]])
+        for key, (dtype, shape) in columns.items():
+            if key not in arrays:
+                empty = empty_column(dtype, shape, embedding_size)
+                arrays[key] = np.zeros((rows, *empty.shape[1:]), dtype=empty.dtype)
+
+
+def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
+                  embedding_size: int) -> str | None:
+    """Why rows (a main file's, or a chunk's appended at table sizes `first`)
+    cannot be part of a cache: ragged tables, or faces pointing at a file row
+    that is not in the file table (for a chunk: not in the chunk itself)."""
+    counts = {}
+    for table, columns in TABLES.items():
+        lengths = {len(arrays[key]) for key in columns if key in arrays}
+        if len(lengths) > 1:
+            return f"the {table} table has columns of different lengths {sorted(lengths)}"
+        counts[table] = lengths.pop() if lengths else 0
+    if counts["faces"]:
+        embeddings = arrays.get("embeddings")
+        if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
+            return "its embeddings are not an N x embedding-size array"
+        face_file = np.asarray(arrays["face_file"], dtype=np.int64)
+        if face_file.min() < first["files"] or face_file.max() >= first["files"] + counts["files"]:
+            return "faces point at file rows outside its file table"
+    updates = arrays.get("update_face_index")
+    if updates is not None and len(updates) and (
+            np.min(updates) < 0 or np.max(updates) >= first["faces"] + counts["faces"]):
+        return "it updates faces the cache does not have"
+    return None
+
+
 def load_cache(cache_path: Path, must_exist: bool = True) -> FaceCache:
-    """Read a cache and any journal chunks a killed run left behind."""
+    """Read a cache and the journal chunks a running or killed run left behind.
+
+    The result is one consistent snapshot: the main file plus the chunks that
+    continue it without a gap. If a run folds the journal while this reads
+    (the main file replaced, chunks removed), the read starts again.
+    """
     cache_path = Path(cache_path)
+    for _attempt in range(LOAD_ATTEMPTS):
+        before = _file_identity(cache_path)
+        try:
+            cache = _read_cache(cache_path, must_exist)
+        except _CacheChanged:
+            continue
+        if _file_identity(cache_path) == before:
+            if cache.journal_problem:
+                log.warning("cache %s: %s", display(cache_path), cache.journal_problem)
+            return cache
+    raise UserError(f"cache {cache_path} kept changing while it was read; try again")
+
+
+def _file_identity(path: Path):
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def journal_chunks(cache_path: Path) -> list[tuple[int, Path]]:
+    """(sequence number, path) of each chunk file, in order."""
+    chunks = []
+    for chunk in journal_dir(cache_path).glob("*.npz"):
+        if chunk.stem.isdigit():
+            chunks.append((int(chunk.stem), chunk))
+    return sorted(chunks)
+
+
+def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
     if not cache_path.exists() and not journal_dir(cache_path).exists():
         if must_exist:
             raise UserError(f"cache not found: {cache_path} (run `embed` first)")
@@ -480,26 +799,90 @@ def load_cache(cache_path: Path, must_exist: bool = True) -> FaceCache:
         try:
             arrays = _npz_arrays(cache_path)
             cache.meta = json.loads(str(arrays.pop("meta")))
+            if not isinstance(cache.meta, dict):
+                raise ValueError("meta is not a JSON object")
+        except FileNotFoundError:
+            raise _CacheChanged from None
         except Exception as error:  # noqa: BLE001 - any decode failure means the same
-            raise UserError(f"cannot read cache {cache_path}: {error}") from None
-        if cache.meta.get("schema_version", 0) > SCHEMA_VERSION:
+            raise UserError(f"{cache_path} is not a face-sets cache ({type(error).__name__}: "
+                            f"{display(error)})") from None
+        version = cache.meta.get("schema_version", 0)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise UserError(f"cache {cache_path} was written by a newer face-sets "
-                            f"(schema {cache.meta['schema_version']})")
+                            f"(schema {version!r}); this is {__version__}")
         arrays.pop("path_aliases", None)
+        fill_missing_columns(arrays, cache.embedding_size)
+        problem = table_problem(arrays, {"files": 0, "faces": 0, "paths": 0},
+                                cache.embedding_size)
+        if problem:
+            raise UserError(f"cache {cache_path} is damaged: {problem}")
         _absorb(cache, arrays)
-    for chunk in sorted(journal_dir(cache_path).glob("*.npz")):
-        seq = int(chunk.stem)
-        if seq <= cache.meta.get("journal_applied", 0):
-            continue
-        try:
-            arrays = _npz_arrays(chunk)
-        except Exception as error:  # noqa: BLE001
-            log.warning("ignoring unreadable journal chunk %s: %s", chunk, error)
-            continue
+    expected = int(cache.meta.get("journal_applied", 0)) + 1
+    for seq, chunk in journal_chunks(cache_path):
+        if seq < expected:
+            continue  # folded into the main file already; its run died before removing it
+        if seq > expected:
+            cache.journal_problem = f"journal chunk {expected:08d}.npz is missing"
+        else:
+            try:
+                arrays = _npz_arrays(chunk)
+            except FileNotFoundError:
+                raise _CacheChanged from None
+            except Exception as error:  # noqa: BLE001 - truncated, not a zip, anything
+                arrays, cache.journal_problem = None, \
+                    f"journal chunk {chunk.name} is unreadable ({type(error).__name__})"
+            if arrays is not None:
+                cache.journal_problem = _chunk_problem(cache, arrays, seq, chunk)
+        if cache.journal_problem:
+            cache.unapplied = [path for number, path in journal_chunks(cache_path)
+                               if number >= expected]
+            cache.journal_problem += ("; it and the chunks after it are not applied, and the "
+                                      "next embed redoes their files")
+            break
+        fill_missing_columns(arrays, cache.embedding_size)
         chunk_meta = json.loads(str(arrays.pop("meta")))
         cache.meta.update({k: v for k, v in chunk_meta.items() if k != "journal_applied"})
         cache.meta["journal_applied"] = seq
         _absorb(cache, arrays)
+        expected += 1
+    return cache
+
+
+def _chunk_problem(cache: FaceCache, arrays: dict, seq: int, chunk: Path) -> str | None:
+    """Why a chunk cannot be applied next (None if it can). Takes its header out."""
+    first = table_sizes(cache)
+    header_text = arrays.pop("chunk", None)
+    try:
+        json.loads(str(arrays["meta"]))
+        header = json.loads(str(header_text)) if header_text is not None else None
+    except (KeyError, ValueError):
+        return f"journal chunk {chunk.name} has no readable meta"
+    if header is not None:  # a chunk of this version: check it fully
+        if header.get("checksum") != arrays_checksum(arrays):
+            return f"journal chunk {chunk.name} is damaged (checksum mismatch)"
+        if header.get("seq") != seq:
+            return f"journal chunk {chunk.name} says it is chunk {header.get('seq')}"
+        if header.get("first") != first:
+            return (f"journal chunk {chunk.name} continues a cache of {header.get('first')} "
+                    f"rows, not this one's {first}")
+    problem = table_problem(arrays, first, cache.embedding_size)
+    return f"journal chunk {chunk.name}: {problem}" if problem else None
+
+
+def open_cache_for_writing(cache_path: Path, must_exist: bool = True) -> FaceCache:
+    """load_cache for a step that holds the cache's lock and will write it.
+
+    Chunks that could not be applied (after a gap or a damaged chunk) are
+    renamed to *.discarded, so that the chunks this run writes in their place
+    can never be mixed up with them; the run then redoes their files.
+    """
+    cache = load_cache(cache_path, must_exist)
+    for chunk in cache.unapplied:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(chunk, chunk.with_name(chunk.name + ".discarded"))
+            log.warning("cache %s: set aside %s as %s.discarded", display(cache_path),
+                        chunk.name, chunk.name)
+    cache.unapplied = []
     return cache
 
 
@@ -518,11 +901,15 @@ def _absorb(cache: FaceCache, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_journal_chunk(cache_path: Path, cache: FaceCache, rows: dict[str, np.ndarray]) -> None:
-    """Flush new rows durably without rewriting the whole cache."""
+    """Flush new rows durably without rewriting the whole cache. Call it before
+    appending `rows` to `cache`: the header records where they start."""
     seq = cache.meta.get("journal_applied", 0) + 1
     meta = dict(cache.meta, journal_applied=seq)
+    arrays = {"meta": np.array(json.dumps(meta, sort_keys=True)), **rows}
+    header = {"journal_version": JOURNAL_VERSION, "seq": seq, "first": table_sizes(cache),
+              "checksum": arrays_checksum(arrays)}
     with atomic_output(journal_dir(cache_path) / f"{seq:08d}.npz") as handle:
-        np.savez(handle, meta=np.array(json.dumps(meta, sort_keys=True)), **rows)
+        np.savez(handle, chunk=np.array(json.dumps(header)), **arrays)
     cache.meta["journal_applied"] = seq
 
 
@@ -535,8 +922,8 @@ def save_cache(cache_path: Path, cache: FaceCache) -> None:
     # only leaves chunks that the next load skips.
     folder = journal_dir(cache_path)
     if folder.exists():
-        for chunk in folder.glob("*.npz"):
-            if int(chunk.stem) <= cache.meta.get("journal_applied", 0):
+        for seq, chunk in journal_chunks(cache_path):
+            if seq <= cache.meta.get("journal_applied", 0):
                 chunk.unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()
@@ -577,6 +964,11 @@ def file_locations(cache: FaceCache) -> list[list[str]]:
 def label_path(cache: FaceCache, locations, row: int) -> str:
     """The path to show for a file row: where it is now, else where it was."""
     return locations[row][0] if locations[row] else str(cache["files"][row])
+
+
+def face_damage(cache: FaceCache) -> np.ndarray:
+    """Per face, the damage its photo's decoder reported ('' for none)."""
+    return cache["file_damage"][cache["face_file"]] if cache.n_faces else np.zeros(0, str)
 
 
 def faces_by_file(face_file: np.ndarray, n_files: int) -> list[np.ndarray]:
@@ -620,8 +1012,8 @@ def _to_rgb8(image) -> np.ndarray:
     from PIL import Image
 
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
+    if mode in DEEP_MODES:
+        values = np.asarray(image, dtype=np.float32)
         top = 1.0 if mode == "F" and values.max(initial=0) <= 1.0 else (
             65535.0 if values.max(initial=0) > 255 else 255.0)
         gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
@@ -632,28 +1024,95 @@ def _to_rgb8(image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
-# The common photo (an upright 8-bit JPEG or PNG, complete) decodes in half the
-# time with OpenCV; everything else takes Pillow's careful path. A JPEG counts
-# as complete when it ends with its end-of-image marker, a PNG with IEND:
-# OpenCV returns a truncated image's partial pixels without an error.
+# Pillow modes of more than 8 bits per sample (scaled down to 8 by _to_rgb8).
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Bytes per pixel Pillow keeps in memory for a mode (multi-band modes take 4).
+_PILLOW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+                 "I": 4, "F": 4}
+# A JPEG or PNG is complete when it ends with its end marker (zeros after it
+# are common): OpenCV and libjpeg return a cut file's partial pixels silently.
 _COMPLETE_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+# libjpeg warnings that mean the pixels are not all the file's own: the rest
+# was filled in (a cut file padded with zeros and an end marker decodes so).
+# A few stray bytes before a marker, which some cameras write, are not damage.
+JPEG_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+JPEG_HARMLESS_EXTRANEOUS_BYTES = 16
 
 
-def opencv_can_decode(image, data: bytes) -> np.ndarray | None:
-    """BGR pixels by OpenCV when `image` (an opened Pillow header) is a plain
-    complete upright RGB/gray JPEG or PNG within MAX_DECODE_PIXELS, else None."""
-    ending = _COMPLETE_ENDINGS.get(image.format)
-    if ending is None or image.mode not in ("RGB", "L") or \
-            image.size[0] * image.size[1] > MAX_DECODE_PIXELS or \
-            not data.rstrip(b"\0").endswith(ending) or image.getexif().get(0x0112, 1) != 1:
+def reduce_factor(width: int, height: int) -> int:
+    """The power of 2 an image is reduced by while decoding (MAX_DECODE_PIXELS)."""
+    factor = 1
+    while width * height / (factor * factor) > MAX_DECODE_PIXELS:
+        factor *= 2
+    return factor
+
+
+def decode_memory_problem(image_format: str, mode: str, width: int, height: int,
+                          factor: int, file_bytes: int, common: bool = False) -> str | None:
+    """Why decoding would take more than MAX_DECODE_BYTES, or None.
+
+    The common photo (`common`: decode_common_photo takes it) decodes straight
+    to 8-bit BGR at the reduced size (JPEG in the DCT), then is copied upright.
+    Anything else is loaded by Pillow first (`_PILLOW_BYTES` a pixel, 4 for
+    colour), whole unless it is a JPEG, then reduced, turned upright and
+    converted to 8-bit RGB at the reduced size.
+    """
+    out = width * height / (factor * factor)
+    if common:
+        need = file_bytes + out * 3 * 2
+    else:
+        stored = _PILLOW_BYTES.get(mode, 4)
+        loaded = out if image_format == "JPEG" else width * height
+        deep = 4 if mode in DEEP_MODES else 0  # the float32 copy _to_rgb8 scales with
+        need = file_bytes + loaded * (stored + deep) + out * (stored + 3)
+    if need <= MAX_DECODE_BYTES:
         return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[1::-1] != image.size or bgr.dtype != np.uint8:
+    return (f"image too large to decode within {MAX_DECODE_BYTES >> 20} MB "
+            f"({width}x{height} {image_format or 'image'} would need about {need / 2**20:.0f} MB; "
+            f"{image_format or 'this format'} cannot be decoded at a reduced scale)")
+
+
+def orient(bgr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to decoded pixels, as Pillow's
+    ImageOps.exif_transpose does."""
+    if orientation in (5, 6, 7, 8):
+        bgr = bgr.transpose(1, 0, 2)  # 5 is a transpose; 6, 7, 8 are one and a flip
+        return {5: bgr, 6: bgr[:, ::-1], 7: bgr[::-1, ::-1], 8: bgr[::-1]}[orientation]
+    return {2: bgr[:, ::-1], 3: bgr[::-1, ::-1], 4: bgr[::-1]}.get(orientation, bgr)
+
+
+def jpeg_damage(warning: str) -> str:
+    """The damage a libjpeg warning reports ('' when it reports none)."""
+    if not any(text in warning for text in JPEG_DAMAGE_WARNINGS):
+        return ""
+    import re
+
+    stray = re.search(r"(\d+) extraneous bytes before marker", warning)
+    if stray and int(stray.group(1)) <= JPEG_HARMLESS_EXTRANEOUS_BYTES:
+        return ""
+    return warning.strip().splitlines()[0]
+
+
+def decode_jpeg(data: bytes, min_width: int, min_height: int):
+    """(BGR pixels, damage) by libjpeg-turbo at the coarsest DCT scale that keeps
+    at least min_width x min_height, or None for a JPEG it cannot take (Pillow's
+    path then does). damage is libjpeg's corrupt-data warning, or ''."""
+    import simplejpeg
+
+    options = {"colorspace": "BGR", "min_width": min_width, "min_height": min_height}
+    try:
+        return simplejpeg.decode_jpeg(data, strict=True, **options), ""
+    except ValueError as error:
+        warning = str(error)
+    if warning.startswith("tj") or "Unsupported" in warning:
+        return None  # a layout turbojpeg does not decode (CMYK, 4 channels, ...)
+    try:
+        return simplejpeg.decode_jpeg(data, strict=False, **options), jpeg_damage(warning)
+    except ValueError:
         return None
-    return bgr
 
 
 def decode_image(path: str) -> tuple[np.ndarray, int, int]:
@@ -665,14 +1124,24 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
         (larger images are reduced by an integer factor while decoding)
     width, height : int, the oriented size at full resolution
 
-    Raises UnreadableImage with the reason.
+    Raises UnreadableImage with the reason. decode_image_checked also says
+    whether the decoder had to fill in damaged data.
     """
+    return decode_image_checked(path)[:3]
+
+
+def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
+    """decode_image, plus the damage libjpeg reported ('' for none)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clear reason
+    Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+        if size == 0:
             raise UnreadableImage("empty file (0 bytes)")
+        if size > MAX_DECODE_BYTES // 2:
+            raise UnreadableImage(f"file too large to decode within {MAX_DECODE_BYTES >> 20} MB "
+                                  f"({size >> 20} MB)")
         if path.lower().endswith(HEIF_EXTENSIONS) and heif_support():
             raise UnreadableImage(f"HEIC/HEIF skipped: {heif_support()}")
         with open(path, "rb") as handle:
@@ -683,42 +1152,94 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
                 full_w, full_h = image.size
                 if full_w * full_h > MAX_IMAGE_PIXELS:
                     raise UnreadableImage(f"image too large ({full_w}x{full_h})")
-                fast = opencv_can_decode(image, data)
+                if min(full_w, full_h) < 1:
+                    raise UnreadableImage("image has no pixels")
+                factor = reduce_factor(full_w, full_h)
+                common = is_common_photo(image, data, factor)
+                problem = decode_memory_problem(image.format, image.mode, full_w, full_h,
+                                                factor, len(data), common)
+                if problem:
+                    raise UnreadableImage(problem)
+                orientation = image.getexif().get(0x0112, 1)
+                fast = decode_common_photo(image, data, factor) if common else None
                 if fast is not None:
-                    return fast, int(full_w), int(full_h)
-                factor = 1
-                while full_w * full_h / (factor * factor) > MAX_DECODE_PIXELS:
-                    factor *= 2
+                    bgr, damage = fast
+                    if orientation in (5, 6, 7, 8):
+                        full_w, full_h = full_h, full_w
+                    return np.ascontiguousarray(orient(bgr, orientation)), int(full_w), \
+                        int(full_h), damage
                 if factor > 1 and image.format == "JPEG":
                     image.draft("RGB", (full_w // factor, full_h // factor))
                 image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
+                orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels
                 if factor > 1 and image.size == (full_w, full_h):
                     image = image.reduce(factor)
-                oriented = ImageOps.exif_transpose(image)
+                oriented = image if orientation == 1 else ImageOps.exif_transpose(image)
                 rgb = _to_rgb8(oriented)
+                del image, oriented  # the Pillow copies, before the BGR one is made
+                bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if rgb.ndim == 3 else rgb
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
         raise UnreadableImage("not an image, or a format that cannot be decoded") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         if "truncated" in reason.lower():
             reason = "truncated file (" + reason + ")"
         raise UnreadableImage(reason) from None
-    if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
+    if bgr.ndim != 3 or min(bgr.shape[:2]) < 1:
         raise UnreadableImage("image has no pixels")
-    if oriented.size != image.size:  # EXIF rotated by 90 degrees
+    if orientation in (5, 6, 7, 8):  # EXIF rotated by 90 degrees
         full_w, full_h = full_h, full_w
-    return np.ascontiguousarray(rgb[:, :, ::-1]), int(full_w), int(full_h)
+    return bgr, int(full_w), int(full_h), ""
+
+
+def is_common_photo(image, data: bytes, factor: int) -> bool:
+    """Is `image` (an opened Pillow header) a complete 8-bit RGB or gray JPEG,
+    or such a PNG that needs no reduction? decode_common_photo takes those."""
+    ending = _COMPLETE_ENDINGS.get(image.format)
+    return ending is not None and image.mode in ("RGB", "L") and \
+        data.rstrip(b"\0").endswith(ending) and (image.format == "JPEG" or factor == 1)
+
+
+def decode_common_photo(image, data: bytes, factor: int):
+    """(BGR pixels as stored, damage) for a common photo (is_common_photo), or
+    None for Pillow's path.
+
+    A JPEG decodes by libjpeg-turbo (reduced by `factor` in the DCT, corrupt
+    data reported), a PNG by OpenCV: the same pixels as Pillow's, in half the
+    time.
+    """
+    full_w, full_h = image.size
+    if image.format == "JPEG":
+        decoded = decode_jpeg(data, full_w // factor, full_h // factor)
+        if decoded is None or decoded[0].shape[1] != math.ceil(full_w / factor):
+            return None
+        return decoded
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[1::-1] != image.size or bgr.dtype != np.uint8:
+        return None
+    return bgr, ""
 
 
 def _decode_or_reason(path: str):
+    """decode_image_checked's result, or the reason it failed (a string)."""
     try:
-        return decode_image(path)
+        return decode_image_checked(path)
     except UnreadableImage as error:
         return str(error)
+    except MemoryError:
+        return f"image too large to decode within the memory available"
     except Exception as error:  # noqa: BLE001 - a decoder bug must not end the run
         return f"decoder error: {type(error).__name__}: {error}"
+
+
+def too_small_for_faces(width: int, height: int, det_size: int) -> bool:
+    """True when an image's short side, scaled to the detector's input (its
+    long side to det_size), is under MIN_DETECT_SIDE_PX: no face can be found
+    there, and the detector's own resize would fail (a 641x1 or 1x5000 image)."""
+    short, long = min(width, height), max(width, height)
+    return short < MIN_DETECT_SIDE_PX or short * det_size / long < MIN_DETECT_SIDE_PX
 
 
 # ============================================================================
@@ -918,22 +1439,61 @@ def load_face_analysis(pack_dir: str, modules: list[str], providers: list[str],
     return app
 
 
+class WorkerStartError(Exception):
+    """A model worker could not load its model (raised in the worker, re-raised here)."""
+
+
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself.
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
     warnings.filterwarnings("ignore")
     device_id = 0
     with contextlib.suppress(Exception):
         device_id = device_queue.get_nowait()
-    _WORKER["app"] = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
+    try:
+        _WORKER["app"] = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
+    except Exception as error:  # noqa: BLE001 - told to the parent by the first task
+        _WORKER["error"] = f"{type(error).__name__}: {error}"
     _WORKER["decoder"] = concurrent.futures.ThreadPoolExecutor(1)
     _WORKER["embedding_size"] = embedding_size
+    _WORKER["det_size"] = det_size
+
+
+def pool_canary() -> int:
+    """A task that needs nothing but a working worker (to tell a pool that cannot
+    run at all from one file that crashes it)."""
+    if "error" in _WORKER:
+        raise WorkerStartError(_WORKER["error"])
+    return os.getpid()
 
 
 def decoded_batch(batch: list[tuple]):
-    """Worker side: (entry, decode_image result or the reason it failed) for each
-    (path, ...) entry, decoding one file ahead of the model on the worker's thread."""
+    """Worker side: (entry, decode_image_checked result or the reason it failed)
+    for each (path, ...) entry, decoding one file ahead of the model on the
+    worker's thread."""
     paths = [entry[0] for entry in batch]
     return zip(batch, _WORKER["decoder"].map(_decode_or_reason, paths))
+
+
+def per_file(batch: list[tuple], work, failed) -> list:
+    """Worker side: `work(entry, decoded)` for each file of a batch; a file that
+    cannot be decoded, or on which the model raises, gets `failed(reason)`, so
+    one odd image never ends the run for the others."""
+    pool_canary()
+    results = []
+    for entry, decoded in decoded_batch(batch):
+        if isinstance(decoded, str):
+            results.append(failed(decoded))
+            continue
+        try:
+            results.append(work(entry, decoded))
+        except MemoryError:
+            results.append(failed("ran out of memory on this image"))
+        except Exception as error:  # noqa: BLE001 - recorded against this file only
+            results.append(failed(f"the model failed on this image: {type(error).__name__}: "
+                                  f"{error}".strip()))
+    return results
 
 
 def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
@@ -948,6 +1508,13 @@ def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_siz
         initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size))
 
 
+class PoolFailure(Exception):
+    """The model workers cannot run at all (not one file's fault)."""
+
+
+CRASH_REASON = "the decoder or model crashed on this file"
+
+
 class ModelPool:
     """A pool of model workers that survives a worker crash.
 
@@ -955,7 +1522,9 @@ class ModelPool:
     the kernel killing it) breaks the whole pool. The pool is then rebuilt and
     the batches that were in flight are run again one file at a time, so the
     file that crashes alone is found: `on_result` gets `crash_result(reason)`
-    for it and the run goes on.
+    for it and the run goes on. If a fresh pool cannot even run an empty task,
+    the fault is the pool's, not the file's: PoolFailure, and nothing is
+    recorded against the files in flight.
     """
 
     def __init__(self, make_pool, task, on_result, crash_result, max_inflight: int):
@@ -985,49 +1554,86 @@ class ModelPool:
             except concurrent.futures.process.BrokenProcessPool:
                 self.suspects.append(batch)
                 continue
+            except WorkerStartError as error:
+                raise PoolFailure(f"the model workers could not load the model: {error}") from None
             self.on_result(batch, result)
         if self.suspects:
             self.recover()
 
+    def restart(self) -> None:
+        self.stop()
+        self.pool = self.make_pool()
+        try:
+            self.pool.submit(pool_canary).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise PoolFailure("the model workers stop as soon as they start "
+                              "(out of memory, or a broken install?)") from None
+        except WorkerStartError as error:
+            raise PoolFailure(f"the model workers could not load the model: {error}") from None
+
     def recover(self) -> None:
         suspects = self.suspects + list(self.inflight.values())
         self.suspects, self.inflight = [], {}
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self.make_pool()
+        self.restart()
         for entry in (entry for batch in suspects for entry in batch):
             try:
                 result = self.pool.submit(self.task, [entry]).result()
             except concurrent.futures.process.BrokenProcessPool:
-                log.warning("a model worker crashed on %s; recorded, and the run goes on", entry[0])
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self.make_pool()
-                result = [self.crash_result("the decoder or model crashed on this file")]
+                self.restart()  # PoolFailure if a fresh pool cannot run at all
+                log.warning("a model worker crashed on %s", display(entry[0]))
+                result = [self.crash_result(CRASH_REASON)]
             self.on_result([entry], result)
 
-    def shutdown(self, cancel: bool = False) -> None:
-        self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+    def stop(self) -> None:
+        """Stop every worker now: queued work is dropped, running work killed."""
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.kill()
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.join(timeout=10)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
                    identity: dict, providers: list[str], workers: int, crash_result,
-                   on_interrupt=None) -> None:
+                   n_tasks: int | None = None, on_stop=None) -> None:
     """Run `task` over `batches` in a fresh pool of model workers.
 
-    On Ctrl-C the pool is stopped, `on_interrupt()` saves what is done, and the
-    user is told how to go on.
+    The pool never starts more workers than there are tasks (`n_tasks`, when
+    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
+    saves what is done, and Interrupted tells the user how to go on. When the
+    pool cannot run at all, `on_stop()` saves what is done and the run ends
+    with a UserError; the files in flight are not recorded.
     """
+    workers = check_option("workers", workers)
+    if n_tasks is not None:
+        workers = max(1, min(workers, n_tasks))
     pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
                                         workers, identity["embedding_size"]),
                      task, on_result, crash_result, max_inflight=2 * workers + 2)
     try:
         pool.run(batches)
     except KeyboardInterrupt:
-        pool.shutdown(cancel=True)
-        if on_interrupt is None:
+        pool.stop()
+        if on_stop is None:
             raise
-        on_interrupt()
-        raise UserError("interrupted: the work done so far is saved; run the same command "
-                        "to go on") from None
+        on_stop()
+        raise Interrupted("interrupted: the work done so far is saved; run the same command "
+                          "to go on") from None
+    except PoolFailure as error:
+        pool.stop()
+        if on_stop is not None:
+            on_stop()
+        raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
+                        "done before is saved") from None
+    except BaseException:
+        pool.stop()
+        raise
     pool.shutdown()
 
 
@@ -1035,9 +1641,20 @@ def in_batches(items: list, size: int = TASK_FILES):
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
+def n_batches(count: int, size: int = TASK_FILES) -> int:
+    return -(-count // size)
+
+
 def worker_setup(providers: str | None, workers: int | None) -> tuple[list[str], int]:
     """(provider list, worker count) from the --providers and --workers flags."""
     provider_list = choose_providers(providers)
+    if workers is not None:
+        workers = check_option("workers", workers)
+        cores = os.cpu_count() or 1
+        if workers > cores and provider_list[0] == "CPUExecutionProvider":
+            log.warning("--workers %d is more than the %d cores here: each worker holds its own "
+                        "model (about 0.3 GB), and more than one a core is rarely faster",
+                        workers, cores)
     return provider_list, workers or default_workers(provider_list)
 
 
@@ -2035,32 +2652,43 @@ _RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)
 MAX_NAME_BYTES = 200  # under the common 255-byte limit, leaving room for temp suffixes
 
 
+def _name_char(ch: str) -> str:
+    """One character of a flat output name: reserved ones become "_", a byte of
+    the source name that is not UTF-8 (a lone surrogate here) becomes %XX."""
+    if "\udc80" <= ch <= "\udcff":
+        return f"%{ord(ch) - 0xDC00:02X}"
+    return "_" if ch in _RESERVED_CHARS else ch
+
+
 def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     """One flat, stable file name for a source path, safe on every OS.
 
     The absolute path is flattened (its folders joined with "__"), so the same
     photo always gets the same name whatever source root a run was given.
-    Reserved characters become "_"; a name too long keeps its start, then a
-    short hash of the full path, then the extension.
+    Reserved characters become "_" and bytes that are not UTF-8 "%XX"; a name
+    that this changed, or that could be read as another path's ("a/b__c" and
+    "a__b/c"), gets a short hash of the full path before its extension, so two
+    sources never share a name. A name too long keeps its start, then the hash.
     """
     absolute = os.path.abspath(path)
     drive, rest = os.path.splitdrive(absolute)
-    parts = [p for p in rest.replace("\\", "/").split("/") if p]
+    separators = "/\\" if os.sep == "\\" else "/"
+    parts = [p for p in "".join("/" if ch in separators else ch for ch in rest).split("/") if p]
     if drive:
         parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
-    name = "__".join(parts)
-    name = "".join("_" if ch in _RESERVED_CHARS else ch for ch in name).rstrip(" .") or "_"
+    plain = "__".join(parts)
+    name = "".join(_name_char(ch) for ch in plain).rstrip(" .") or "_"
+    lossy = name != plain or "%" in plain or any("__" in part for part in parts)
     stem, ext = os.path.splitext(name)
     if stem.split(".")[0].upper() in _RESERVED_NAMES:
-        stem = "_" + stem
-    name = stem + ext
-    if len(name.encode("utf-8")) > max_bytes:
-        digest = hashlib.sha1(absolute.encode("utf-8")).hexdigest()[:10]
-        ext = ext if len(ext.encode("utf-8")) <= 16 else ""
+        stem, lossy = "_" + stem, True
+    digest = hashlib.sha1(os.fsencode(absolute)).hexdigest()[:10]
+    ext = ext if len(ext.encode("utf-8")) <= 16 else ""
+    if lossy or len((stem + ext).encode("utf-8")) > max_bytes:
         room = max_bytes - len(ext.encode("utf-8")) - len(digest) - 1
         stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
-        name = f"{stem}~{digest}{ext}"
-    return name
+        return f"{stem}~{digest}{ext}"
+    return stem + ext
 
 
 def materialise(src: str, dst: Path, link: str) -> str:
@@ -2086,8 +2714,9 @@ def materialise(src: str, dst: Path, link: str) -> str:
     return mode
 
 
-def check_output_location(out: Path, cache_path: Path, cache: FaceCache) -> None:
-    """Refuse an output folder that could touch the photos or the cache."""
+def check_output_location(out: Path, cache_path: Path, cache: FaceCache, kind: str) -> None:
+    """Refuse an output folder that could touch the photos or the cache, or that
+    face-sets did not make (claim_output)."""
     out = Path(os.path.abspath(out))
     if os.path.realpath(out) == os.path.realpath(Path(cache_path).parent):
         raise UserError(f"output {out} is the cache's folder; choose a folder of its own")
@@ -2100,11 +2729,81 @@ def check_output_location(out: Path, cache_path: Path, cache: FaceCache) -> None
     files = cache["path_seen"]
     if len(files) and any(is_within(Path(p), out) for p in files[:: max(1, len(files) // 2000)]):
         raise UserError(f"output {out} holds source photos; choose an empty or new folder")
-    if out.exists() and any(out.iterdir()) and not any(
-            (out / name).exists() for name in ("manifest.json", "refine_manifest.json",
-                                               "export_manifest.json")):
-        raise UserError(f"output {out} exists and is not a face-sets output; "
-                        "choose an empty or new folder")
+    claim_output(out, kind)
+
+
+# Every output folder face-sets builds holds this marker: the kind of output
+# and a random id. A step replaces or changes a folder only if it holds the
+# marker of its own kind (or is a face-sets output from before markers, every
+# entry of which its manifest accounts for).
+OUTPUT_MARKER = ".face-sets-output.json"
+MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
+                  "export-swap": "export_manifest.json"}
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The ownership marker of a folder, or None if it has no valid one."""
+    try:
+        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("tool") == "face-sets" and \
+            marker.get("kind") in MANIFEST_FILES and isinstance(marker.get("id"), str):
+        return marker
+    return None
+
+
+def write_marker(folder: Path, kind: str, output_id: str | None = None) -> None:
+    import uuid
+
+    write_json_atomic(Path(folder) / OUTPUT_MARKER, {
+        "tool": "face-sets", "kind": kind, "id": output_id or uuid.uuid4().hex,
+        "version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds")})
+
+
+def claim_output(out: Path, kind: str) -> str | None:
+    """May a `kind` step replace or change the folder `out`? Returns the id of
+    the output it will replace (None for a new or empty folder); UserError if
+    the folder is a file, another kind of output, or not face-sets' at all."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {display(out)} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    marker = read_marker(out) or adopt_unmarked_output(out, kind)
+    if marker is None:
+        raise UserError(f"output {display(out)} exists and was not made by face-sets (it has no "
+                        f"{OUTPUT_MARKER}); nothing in it is touched: choose an empty or new folder")
+    if marker["kind"] != kind:
+        raise UserError(f"output {display(out)} is a face-sets {marker['kind']} output, not a "
+                        f"{kind} one; give {kind} a folder of its own")
+    return marker["id"]
+
+
+def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
+    """Mark an output made before markers existed, if its manifest is valid and
+    accounts for every entry of the folder; else None (not ours)."""
+    manifest_path = out / MANIFEST_FILES[kind]
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = load_manifest(manifest_path, kind)
+    except UserError:
+        return None
+    names = {MANIFEST_FILES[kind], REVIEW_PAGE_NAME, THUMBS_DIR_NAME, ".extend.lock"}
+    entries = manifest.get("clusters", []) + manifest.get("facesets", [])
+    names |= {entry["name"] for entry in entries}
+    names |= {bundle["file"] for entry in entries for bundle in entry.get("bundles", [])}
+    names |= {"_singletons", "_noface"} if kind == "cluster" else set()
+    names |= {"_candidates"} if kind == "export-swap" else set()
+    for entry in os.scandir(out):
+        if entry.name not in names and not (entry.name.startswith(".") and
+                                            entry.name.endswith(".tmp")):
+            return None
+    write_marker(out, kind)
+    log.info("output %s was made by an earlier face-sets: marked as a %s output",
+             display(out), kind)
+    return read_marker(out)
 
 
 def owner_alive(path: Path) -> bool:
@@ -2113,25 +2812,39 @@ def owner_alive(path: Path) -> bool:
     return pid.isdigit() and pid_alive(int(pid))
 
 
+def remove_stray(folder: Path) -> None:
+    """Remove a dead run's build folder beside an output, if face-sets made it
+    (it holds a marker, or nothing at all)."""
+    if read_marker(folder) is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 @contextlib.contextmanager
-def building(out: Path):
+def building(out: Path, kind: str):
     """Yield a fresh folder beside `out`; on success swap it in for `out`.
 
-    A crash leaves `out` as it was (plus a stray .building folder that the next
+    Only an output face-sets made of this kind is replaced (claim_output). A
+    crash leaves `out` as it was (plus a stray .building folder that the next
     run removes), never a half-written result; a crash between the two renames
     of the swap is undone by the next run.
     """
     out = Path(os.path.abspath(out))
+    output_id = claim_output(out, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = [p for p in out.parent.glob(f".{out.name}.old-*") if not owner_alive(p)]
+    previous = [p for p in out.parent.glob(f".{out.name}.old-*")
+                if not owner_alive(p) and read_marker(p) is not None]
     if previous and not out.exists():  # a crash between the two renames below
         os.replace(previous.pop(), out)
     for stray in previous + list(out.parent.glob(f".{out.name}.building-*")):
         if not owner_alive(stray):
-            shutil.rmtree(stray, ignore_errors=True)
+            remove_stray(stray)
     work = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    remove_stray(work)
     work.mkdir()
+    write_marker(work, kind, output_id)
     try:
         yield work
     except BaseException:
@@ -2144,6 +2857,12 @@ def building(out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def output_lock(out: Path):
+    """The lock a step holds while it builds or changes an output: `<out>.lock`
+    beside it, so two runs never write one output at once."""
+    return exclusive_lock(Path(os.path.abspath(out)), "output")
+
+
 def materialise_files(folder: Path, paths, link: str) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -2153,10 +2872,11 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
         if name in names:
             continue
         try:
-            materialise(path, folder / name, link)
+            materialise(path, inside(folder, name), link)
             names.append(name)
         except OSError as error:
-            log.warning("cannot materialise %s into %s: %s", path, folder, error.strerror or error)
+            log.warning("cannot materialise %s into %s: %s", display(path), display(folder),
+                        error.strerror or error)
     return names
 
 
@@ -2177,7 +2897,7 @@ def write_group(folder: Path, faces, cache, locations, link) -> dict:
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
     return {
-        "schema_version": SCHEMA_VERSION, "step": step,
+        "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": step,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "cache": str(Path(cache_path).resolve()), "model": cache.meta.get("model"),
         "parameters": parameters,
@@ -2218,6 +2938,184 @@ def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, whe
             f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
             f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
             "embeddings of two models cannot be compared")
+
+
+# ---------------------------------------------------------------------------
+# Manifests: one loader that validates, for every kind. A manifest is input
+# like any other: a name in it becomes a folder, a face id an array index, an
+# output a file to delete. Anything not of the tool's own form is refused.
+# ---------------------------------------------------------------------------
+
+ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
+                       "export-swap": r"faceset_\d{3,9}"}
+
+
+class _ManifestCheck:
+    """Validation helpers that name the manifest and the place of a problem."""
+
+    def __init__(self, path: Path, n_faces: int | None, embedding_size: int | None):
+        self.path, self.n_faces, self.embedding_size = path, n_faces, embedding_size
+        self.faces_seen: set[int] = set()
+
+    def fail(self, where: str, problem: str):
+        raise UserError(f"manifest {display(self.path)}: {where}: {problem}")
+
+    def obj(self, value, where: str, *keys: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, "is not a JSON object")
+        for key in keys:
+            if key not in value:
+                self.fail(where, f"has no {key!r}")
+        return value
+
+    def items(self, value, where: str) -> list:
+        if not isinstance(value, list):
+            self.fail(where, "is not a list")
+        return value
+
+    def integer(self, value, where: str, low: int | None = None, high: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"{value!r} is not an integer")
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.fail(where, f"{value} is out of range")
+        return value
+
+    def numbers(self, value, where: str, count: int | None = None) -> list:
+        values = self.items(value, where)
+        if count is not None and len(values) != count:
+            self.fail(where, f"has {len(values)} numbers, not {count}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in values):
+            self.fail(where, "holds something that is not a finite number")
+        return values
+
+    def text(self, value, where: str) -> str:
+        if not isinstance(value, str):
+            self.fail(where, f"{value!r} is not a string")
+        return value
+
+    def file_name(self, value, where: str) -> str:
+        """A plain name of a file inside one folder (nothing that can leave it)."""
+        name = self.text(value, where)
+        if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or \
+                len(os.fsencode(name)) > 255:
+            self.fail(where, f"{name!r} is not a plain file name")
+        return name
+
+    def unique(self, values: list, where: str) -> list:
+        if len(set(values)) != len(values):
+            self.fail(where, "has duplicates")
+        return values
+
+    def face(self, value, where: str) -> int:
+        high = None if self.n_faces is None else self.n_faces - 1
+        face = self.integer(value, where, 0, high)
+        if face in self.faces_seen:
+            self.fail(where, f"face {face} is listed twice")
+        self.faces_seen.add(face)
+        return face
+
+    def face_records(self, value, where: str, *keys: str) -> None:
+        for index, record in enumerate(self.items(value, where)):
+            here = f"{where}[{index}]"
+            self.obj(record, here, "face", *keys)
+            self.face(record["face"], here + ".face")
+            if "bbox" in record:
+                self.numbers(record["bbox"], here + ".bbox", 4)
+
+    def entries(self, value, where: str, pattern: str) -> list[dict]:
+        """Named groups (person_NNN, faceset_NNN): names of the tool's form, unique."""
+        import re
+
+        entries = self.items(value, where)
+        for index, entry in enumerate(entries):
+            here = f"{where}[{index}]"
+            self.obj(entry, here, "name")
+            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]):
+                self.fail(here + ".name", f"{entry['name']!r} is not a name face-sets gives")
+        self.unique([entry["name"] for entry in entries], where + " names")
+        return entries
+
+    def group(self, entry: dict, where: str) -> None:
+        """A group whose photos were materialised: faces, outputs (file names)."""
+        self.obj(entry, where, "faces", "outputs")
+        self.face_records(entry["faces"], where + ".faces")
+        outputs = [self.file_name(o, f"{where}.outputs") for o in self.items(entry["outputs"],
+                                                                              where + ".outputs")]
+        self.unique(outputs, where + ".outputs")
+
+
+def load_manifest(path: Path, kind: str, n_faces: int | None = None,
+                  embedding_size: int | None = None) -> dict:
+    """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap").
+
+    Checks its schema version and step, the types of what later steps use,
+    face ids (within `n_faces` when given, each listed once), names of the
+    tool's own form without duplicates, output file names that stay inside
+    their folder, and the parameters (check_option). UserError names the
+    manifest and the problem.
+    """
+    manifest = read_json(Path(path), f"{kind} manifest")
+    check = _ManifestCheck(Path(path), n_faces, embedding_size)
+    check.obj(manifest, "the manifest", "schema_version", "step", "parameters")
+    check.integer(manifest["schema_version"], "schema_version", 1, MANIFEST_VERSION)
+    if manifest["step"] != kind:
+        check.fail("step", f"is {manifest['step']!r}, not {kind!r}")
+    parameters = check.obj(manifest["parameters"], "parameters")
+    for name, value in parameters.items():
+        if name in OPTION_RULES:
+            try:
+                check_option(name, value)
+            except UserError as error:
+                check.fail(f"parameters.{name}", str(error))
+    if "link" in parameters:
+        try:
+            check_link(parameters["link"])
+        except UserError as error:
+            check.fail("parameters.link", str(error))
+    if manifest.get("model") is not None:
+        check.obj(manifest["model"], "model")
+    pattern = ENTRY_NAME_PATTERNS[kind]
+    if kind == "cluster":
+        check.obj(manifest, "the manifest", "clusters", "singletons", "noface")
+        for key in ("threshold", "link"):
+            if key not in parameters:
+                check.fail("parameters", f"has no {key!r}")
+        for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
+            check.group(entry, f"clusters[{index}]")
+        check.group(manifest["singletons"], "singletons")
+        noface = check.obj(manifest["noface"], "noface", "files", "outputs")
+        for item in check.items(noface["files"], "noface.files"):
+            check.text(item, "noface.files")
+        check.unique([check.file_name(o, "noface.outputs")
+                      for o in check.items(noface["outputs"], "noface.outputs")], "noface.outputs")
+    elif kind == "refine":
+        check.obj(manifest, "the manifest", "facesets", "dropped")
+        for key in REFINE_DEFAULTS:
+            if key not in parameters:
+                check.fail("parameters", f"has no {key!r}")
+        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
+            check.group(entry, f"facesets[{index}]")
+            check.obj(entry, f"facesets[{index}]", "centroid")
+            check.numbers(entry["centroid"], f"facesets[{index}].centroid", embedding_size)
+        check.face_records(manifest["dropped"], "dropped", "stage")
+    else:
+        check.obj(manifest, "the manifest", "facesets", "candidates")
+        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
+            here = f"facesets[{index}]"
+            check.obj(entry, here, "crops", "bundles")
+            for crop in check.items(entry["crops"], here + ".crops"):
+                check.file_name(check.obj(crop, here + ".crops", "png")["png"], here + ".crops")
+            for bundle in check.items(entry["bundles"], here + ".bundles"):
+                name = check.file_name(check.obj(bundle, here + ".bundles", "file")["file"],
+                                       here + ".bundles")
+                if not name.startswith(entry["name"] + "_") or not name.endswith(".fsz"):
+                    check.fail(here + ".bundles", f"{name!r} is not a bundle of {entry['name']}")
+        check.entries(manifest["candidates"], "candidates", pattern)
+    if "next_number" in manifest:
+        entries = manifest.get("clusters", manifest.get("facesets", []))
+        check.integer(manifest["next_number"], "next_number", next_number(entries))
+    return manifest
 
 
 # ============================================================================
@@ -3042,7 +3940,7 @@ def thumb_file_name(path: str, bbox, size: int = THUMB_SIZE) -> str:
     """Stable file name under _thumbs/ for one face: the same face gets the same
     name on every run, so a re-run can keep thumbnails it already has."""
     key = "|".join([os.path.abspath(path), *(f"{float(v):.1f}" for v in bbox), str(size)])
-    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:20] + ".jpg"
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".jpg"
 
 
 # ---------------------------------------------------------------------------
@@ -3133,7 +4031,8 @@ title:document.title});});
 
 def _url(path: str) -> str:
     """A relative POSIX path as an escaped URL attribute value."""
-    return html.escape(urllib.parse.quote(str(path), safe="/"), quote=True)
+    return html.escape(urllib.parse.quote(str(path), safe="/", errors="surrogateescape"),
+                       quote=True)
 
 
 def _human_bytes(count: int) -> str:
@@ -3271,7 +4170,7 @@ def write_review_page(folder: Path, page: dict) -> Path:
     """
     path = Path(folder) / REVIEW_PAGE_NAME
     with atomic_output(path, "wb") as handle:  # bytes: UTF-8 whatever the locale
-        handle.write(render_review_page(page).encode("utf-8"))
+        handle.write(display(render_review_page(page)).encode("utf-8"))
     return path
 
 
@@ -3531,19 +4430,19 @@ def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarr
 def embed_task(batch: list[tuple]) -> list[dict]:
     """Worker side: decode (a thread ahead) and embed each file of a batch
     of (path, ...) entries."""
-    app = _WORKER["app"]
-    results = []
-    for _entry, decoded in decoded_batch(batch):
-        if isinstance(decoded, str):
-            results.append({"status": "unreadable", "reason": decoded})
-            continue
-        bgr, width, height = decoded
-        faces = embed_image(app, bgr, _WORKER["embedding_size"])
-        results.append({
-            "status": "ok" if len(faces["face_file"]) else "noface", "reason": "",
-            "width": width, "height": height, "phash": perceptual_hash(bgr), "faces": faces,
-        })
-    return results
+    return per_file(batch, _embed_one, lambda reason: {"status": "unreadable", "reason": reason})
+
+
+def _embed_one(_entry, decoded) -> dict:
+    bgr, width, height, damage = decoded
+    result = {"reason": "", "damage": damage, "width": width, "height": height,
+              "phash": perceptual_hash(bgr)}
+    if too_small_for_faces(bgr.shape[1], bgr.shape[0], _WORKER["det_size"]):
+        faces = rows_from_records([], FACE_COLUMNS, _WORKER["embedding_size"])
+        result["reason"] = f"too small or too thin to hold a face ({width}x{height})"
+    else:
+        faces = embed_image(_WORKER["app"], bgr, _WORKER["embedding_size"])
+    return dict(result, status="ok" if len(faces["face_file"]) else "noface", faces=faces)
 
 
 def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
@@ -3584,16 +4483,19 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     noface, unreadable, seconds.
     """
     started = time.time()
+    check_options(det_size=det_size, workers=workers, flush_every=flush_every)
     src, cache_path = Path(src), Path(cache_path)
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
+    if cache_path.is_dir():
+        raise UserError(f"the cache {cache_path} is a folder; give the path of a .npz file")
     if not os.access(src, os.R_OK | os.X_OK):
         raise UserError(f"source folder is not readable: {src}")
     if is_within(cache_path.parent, src):
         raise UserError(f"the cache {cache_path} must not be inside the source tree {src} "
                         "(nothing is ever written under the source)")
     with exclusive_lock(cache_path, "cache"):
-        cache = load_cache(cache_path, must_exist=False)
+        cache = open_cache_for_writing(cache_path, must_exist=False)
         pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size,
                                                         cache_path)
         cache.meta.setdefault("model", identity)
@@ -3609,7 +4511,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         run = EmbedRun(cache, cache_path, flush_every)
         paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
         for problem in problems:
-            log.warning("skipped: %s", problem)
+            log.warning("skipped: %s", display(problem))
         heif = [p for p in paths if p.lower().endswith(HEIF_EXTENSIONS)]
         if heif and heif_support():
             # not recorded in the cache, so a run after installing picks them up
@@ -3623,17 +4525,33 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                     run_model_step(embed_task, run.batches(hashed), run.on_result,
                                    pack_dir=pack_dir, modules=["detection", "recognition"],
                                    identity=identity, providers=provider_list, workers=workers,
-                                   crash_result=lambda reason: {"status": "unreadable",
+                                   n_tasks=n_batches(len(todo)),
+                                   crash_result=lambda reason: {"status": "crashed",
                                                                 "reason": reason},
-                                   on_interrupt=lambda: (run.flush(), save_cache(cache_path, cache)))
+                                   on_stop=lambda: (run.flush(), save_cache(cache_path, cache)))
         run.flush()
         save_cache(cache_path, cache)
-    summary = dict(run.summary, seen=len(paths), skipped_folders=len(problems),
+        run.summary.update(run.tree_report(paths))
+    summary = dict(run.summary, seen=len(paths), skipped=len(problems),
                    skipped_heif=len(heif) if heif_support() else 0,
                    seconds=round(time.time() - started, 1))
+    for path in run.known_unreadable:
+        log.info("still unreadable (known): %s", display(path))
     say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
-        "{noface} without a face, {unreadable} unreadable, {seconds} s".format(**summary), quiet)
+        "{noface} without a face, {unreadable} unreadable ({unreadable_new} new), {damaged} damaged, "
+        "{skipped} skipped, {crashed} crashed (tried again next run), {seconds} s"
+        .format(**summary), quiet)
+    if embed_incomplete(summary):
+        log.warning("embed: %d unreadable, %d damaged, %d skipped and %d crashed in %s (each "
+                    "named in the log %s)", summary["unreadable"], summary["damaged"],
+                    summary["skipped"], summary["crashed"], display(src), display(log_path()))
     return summary
+
+
+def embed_incomplete(summary: dict) -> bool:
+    """Did an embed run leave files of its tree unread, damaged or for next time?"""
+    return bool(summary["unreadable"] or summary["damaged"] or summary["skipped"]
+                or summary["crashed"])
 
 
 class EmbedRun:
@@ -3648,8 +4566,11 @@ class EmbedRun:
         self.new_faces: list[dict[str, np.ndarray]] = []
         self.new_paths: list[dict] = []
         self.bar = None
-        self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable": 0}
-        self.unreadable: list[str] = []
+        self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable_new": 0,
+                        "crashed": 0}
+        self.unreadable: list[str] = []  # reported by this run (cannot stat, read or decode)
+        self.known_unreadable: list[str] = []
+        self.suspects = cache.meta.setdefault("crash_suspects", {})
 
     def triage(self, paths: list[str]) -> list[tuple[str, int, int]]:
         """Paths that need hashing: unknown, or changed since the cache saw them."""
@@ -3701,19 +4622,33 @@ class EmbedRun:
 
     def on_result(self, batch, results) -> None:
         for (path, size, mtime_ns, sha), result in zip(batch, results):
+            self.pending_sha.discard(sha)
+            status, reason = result["status"], result["reason"]
+            if status == "crashed":
+                if sha not in self.suspects:  # the first time: not recorded, tried again next run
+                    self.suspects[sha] = {"path": path, "reason": reason,
+                                          "time": _dt.datetime.now().isoformat(timespec="seconds")}
+                    log.warning("crashed: %s: %s; it is tried once more on the next run",
+                                display(path), reason)
+                    self.summary["crashed"] += 1
+                    self.bar.update(1)
+                    continue
+                status, reason = "unreadable", f"{reason} (on two runs)"
+            self.suspects.pop(sha, None)
             file_index = self.cache.n_files + len(self.new_files)
-            status = result["status"]
             self.new_files.append({
                 "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
                 "file_width": result.get("width", 0), "file_height": result.get("height", 0),
-                "file_status": status, "file_reason": result["reason"],
-                "file_phash": result.get("phash", 0),
+                "file_status": status, "file_reason": reason,
+                "file_phash": result.get("phash", 0), "file_damage": result.get("damage", ""),
             })
-            self.pending_sha.discard(sha)
             self.known_sha[sha] = file_index
             self.summary["new"] += 1
             if status == "unreadable":
-                self._report_unreadable(path, result["reason"])
+                self._report_unreadable(path, reason)
+            elif result.get("damage"):
+                log.warning("damaged: %s: %s (decoded with the damage filled in; its faces are "
+                            "kept out of facesets)", display(path), result["damage"])
             elif status == "noface":
                 self.summary["noface"] += 1
             faces = result.get("faces")
@@ -3726,9 +4661,27 @@ class EmbedRun:
         self._maybe_flush()
 
     def _report_unreadable(self, path: str, reason: str) -> None:
-        log.warning("unreadable: %s: %s", path, reason)
+        log.warning("unreadable: %s: %s", display(path), reason)
         self.unreadable.append(path)
-        self.summary["unreadable"] += 1
+        self.summary["unreadable_new"] += 1
+
+    def tree_report(self, paths: list[str]) -> dict:
+        """Unreadable and damaged files among `paths` (the tree this run scanned),
+        whether this run found them or an earlier one did."""
+        table, status, damage = self.cache.path_table(), self.cache["file_status"], \
+            self.cache["file_damage"]
+        unreadable, damaged = set(self.unreadable), set()
+        for path in paths:
+            row = self.known_sha.get(table.get(path, ("",))[0])
+            if row is None or row >= len(status):
+                continue
+            if status[row] == "unreadable":
+                if path not in unreadable:
+                    self.known_unreadable.append(path)
+                unreadable.add(path)
+            elif damage[row]:
+                damaged.add(path)
+        return {"unreadable": len(unreadable), "damaged": len(damaged)}
 
     def _maybe_flush(self) -> None:
         if len(self.new_files) >= self.flush_every or len(self.new_paths) >= 20 * self.flush_every:
@@ -3760,9 +4713,11 @@ class EmbedRun:
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             link=CLUSTER_DEFAULTS["link"], quiet=False) -> dict:
     """Raw agglomerative clusters of every cached face into OUT. Returns the manifest."""
+    threshold = check_option("threshold", threshold)
+    link = check_link(link)
     cache_path, out = Path(cache_path), Path(out)
     cache = load_cache(cache_path)
-    check_output_location(out, cache_path, cache)
+    check_output_location(out, cache_path, cache, "cluster")
     started = time.time()
     labels, info = agglomerative_labels(cache["embeddings"], threshold)
     groups = groups_from_labels(labels)
@@ -3772,7 +4727,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     noface, unreadable = noface_and_unreadable(cache, locations)
     manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
     manifest["clustering"] = info
-    with building(out) as work:
+    with output_lock(out), building(out, "cluster") as work:
         manifest["clusters"] = []
         for number, faces in enumerate(progress(people, desc="cluster", unit="person"), 1):
             name = f"person_{number:03d}"
@@ -3805,23 +4760,38 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
 # ============================================================================
 
 
-def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score):
-    """Per face, the list of quality gates it fails (empty = passes)."""
-    checks = (("min_short", np.asarray(face_short) < min_short, "face short edge {:.0f} px < {}",
-               face_short, min_short),
-              ("min_blur", np.asarray(blur) < min_blur, "blur {:.1f} < {}", blur, min_blur),
-              ("min_det_score", np.asarray(det_score) < min_det_score, "det_score {:.2f} < {}",
-               det_score, min_det_score))
+# Refine's quality gate: per option, the per-face measurement it is the floor
+# of and how a failure reads. A face fails a gate when its value is below the
+# floor. A new gate is one line here (and its default in REFINE_DEFAULTS).
+QUALITY_GATES = (
+    ("min_short", "face_short", "face short edge {value:.0f} px < {limit}"),
+    ("min_blur", "blur", "blur {value:.1f} < {limit}"),
+    ("min_det_score", "det_score", "det_score {value:.2f} < {limit}"),
+)
+
+
+def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score,
+                     damage=None):
+    """Per face, the list of quality gates it fails (empty = passes).
+
+    `damage` (per face: the damage its photo's decoder reported, '' for none)
+    fails a face whatever its measurements: part of such a photo is filled in.
+    """
+    values = {"face_short": face_short, "blur": blur, "det_score": det_score}
+    limits = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
     failures = [[] for _ in range(len(face_short))]
-    for _gate, failed, text, values, limit in checks:
-        for face in np.flatnonzero(failed):
-            failures[face].append(text.format(float(values[face]), limit))
+    for option, measure, text in QUALITY_GATES:
+        column, limit = np.asarray(values[measure]), limits[option]
+        for face in np.flatnonzero(column < limit):
+            failures[face].append(text.format(value=float(column[face]), limit=limit))
+    for face in np.flatnonzero(np.asarray(damage if damage is not None else [], dtype=str) != ""):
+        failures[face].append(f"its photo is damaged ({damage[face]})")
     return failures
 
 
 def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
                      initial_threshold, merge_threshold, outlier_threshold, min_faces,
-                     min_short, min_blur, min_det_score):
+                     min_short, min_blur, min_det_score, damage=None):
     """The refine stages over arrays.
 
     Parameters
@@ -3829,6 +4799,8 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     embeddings : (N, D) unit vectors
     face_short, blur, det_score : (N,) per-face quality measurements
     face_image : (N,) an id of the image each face is in (for the unique-image count)
+    damage : (N,) str, optional: the damage each face's photo has ('' for none);
+        a face of a damaged photo fails the quality gate
 
     Returns
     -------
@@ -3854,7 +4826,7 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     stages["after_merge"] = len(clusters)
     dropped: dict[int, tuple[str, str]] = {}
     failures = quality_failures(face_short, blur, det_score, min_short=min_short,
-                                min_blur=min_blur, min_det_score=min_det_score)
+                                min_blur=min_blur, min_det_score=min_det_score, damage=damage)
     for face, reasons in enumerate(failures):
         if reasons:
             dropped[face] = ("quality", "; ".join(reasons))
@@ -3896,18 +4868,19 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **params) -> dict:
     """Quality-gated per-person facesets into OUT. Returns the manifest."""
-    params = {**REFINE_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    params = table_params(REFINE_DEFAULTS, params)
+    link = check_link(link)
     cache_path, out = Path(cache_path), Path(out)
     cache = load_cache(cache_path)
-    check_output_location(out, cache_path, cache)
+    check_output_location(out, cache_path, cache, "refine")
     started = time.time()
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
-        cache["face_file"], **params)
+        cache["face_file"], damage=face_damage(cache), **params)
     locations = file_locations(cache)
     manifest = run_header("refine", cache_path, cache, {**params, "link": link})
     manifest["stages"] = stages
-    with building(out) as work:
+    with output_lock(out), building(out, "refine") as work:
         manifest["facesets"] = []
         for number, faces in enumerate(progress(facesets, desc="refine", unit="faceset"), 1):
             name = f"faceset_{number:03d}"
@@ -4072,10 +5045,11 @@ def choose_keeper(rows, cache: FaceCache) -> int:
 
 def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
     """Write <cache>.duplicates.json: byte-identical and visual duplicate groups."""
+    hamming = check_option("hamming", hamming)
     started = time.time()
     cache_path = Path(cache_path)
     with exclusive_lock(cache_path, "cache"):
-        cache = load_cache(cache_path)
+        cache = open_cache_for_writing(cache_path)
         ensure_phashes(cache_path, cache, quiet)
     locations = file_locations(cache)
     sizes = cache["file_size"]
@@ -4102,7 +5076,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
         for other in group["others"]:
             removable.update({p: other["bytes"] for p in [other["path"], *other["aliases"]]})
     report = {
-        "schema_version": SCHEMA_VERSION, "step": "dedup",
+        "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": "dedup",
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "cache": str(cache_path.resolve()), "parameters": {"hamming": hamming},
         "byte_identical": byte_groups, "visual": visual,
@@ -4155,8 +5129,8 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
 def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
     """Fold new faces into a `cluster` output. Returns the run record, or None
     when there was nothing to do."""
-    manifest_path = out / "manifest.json"
-    manifest = read_json(manifest_path, "cluster manifest")
+    manifest_path = out / MANIFEST_FILES["cluster"]
+    manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
     threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
     embeddings = cache["embeddings"]
@@ -4172,7 +5146,8 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     joins = distance < threshold
     for index in np.unique(best[joins]):
         faces = new[joins & (best == index)]
-        add_faces_to_entry(people[index], out / people[index]["name"], faces, cache, locations, link)
+        add_faces_to_entry(people[index], inside(out, people[index]["name"]), faces, cache,
+                           locations, link)
         record["joined"][people[index]["name"]] = [int(f) for f in faces]
     # 2. the rest, with the old singletons, may now form new people
     old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
@@ -4186,7 +5161,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
             singles += [int(f) for f in faces]
             continue
         entry = {"name": f"person_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, out / entry["name"], faces, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry["name"]), faces, cache, locations, link)
         people.append(entry)
         record["new_people"].append(entry["name"])
         number += 1
@@ -4197,11 +5172,12 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     keep_names = {safe_dst_name(p) for row in keep_rows for p in locations[row]}
     for name in set(singleton_entry["outputs"]) - keep_names:
         with contextlib.suppress(FileNotFoundError):
-            (out / "_singletons" / name).unlink()
+            inside(out, "_singletons", name).unlink()
     singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
-    aliases_added = sum(sync_entry_files(p, out / p["name"], cache, locations, link) for p in people)
+    aliases_added = sum(sync_entry_files(p, inside(out, p["name"]), cache, locations, link)
+                        for p in people)
     aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
     listed = set(manifest["noface"]["files"])
@@ -4223,8 +5199,8 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
 
 def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
     """Fold new faces into a `refine` output under its own gates."""
-    manifest_path = out / "refine_manifest.json"
-    manifest = read_json(manifest_path, "refine manifest")
+    manifest_path = out / MANIFEST_FILES["refine"]
+    manifest = load_manifest(manifest_path, "refine", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
     params = manifest["parameters"]
     link = params.get("link", "copy")
@@ -4233,14 +5209,15 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     dropped = {d["face"]: d for d in manifest["dropped"]}
     known = manifest_face_ids(facesets) | set(dropped)
     new = faces_not_in(cache.n_faces, known)
-    if not len(new) and not sum(sync_entry_files(s, out / s["name"], cache, locations, link)
+    if not len(new) and not sum(sync_entry_files(s, inside(out, s["name"]), cache, locations, link)
                                 for s in facesets):
         return None
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
               "faces_added": int(len(new)), "joined": {}, "new_facesets": [], "dropped": {}}
     failures = quality_failures(cache["face_short"][new], cache["blur"][new], cache["det_score"][new],
                                 min_short=params["min_short"], min_blur=params["min_blur"],
-                                min_det_score=params["min_det_score"])
+                                min_det_score=params["min_det_score"],
+                                damage=face_damage(cache)[new])
     passing = np.array([not f for f in failures], dtype=bool)
     for face, reasons in zip(new[~passing], [f for f in failures if f]):
         dropped[int(face)] = dict(face_record(cache, face, locations), stage="quality",
@@ -4251,7 +5228,8 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     joins = distance <= params["outlier_threshold"]
     for index in np.unique(best[joins]):
         faces = candidates[joins & (best == index)]
-        add_faces_to_entry(facesets[index], out / facesets[index]["name"], faces, cache, locations, link)
+        add_faces_to_entry(facesets[index], inside(out, facesets[index]["name"]), faces, cache,
+                           locations, link)
         facesets[index]["centroid"] = centroid_record(
             embeddings, [f["face"] for f in facesets[index]["faces"]])
         record["joined"][facesets[index]["name"]] = [int(f) for f in faces]
@@ -4261,12 +5239,12 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     sub = {k: params[k] for k in REFINE_DEFAULTS}
     grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
-        cache["face_file"][pool], **sub)
+        cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
     number = next_number(facesets)
     for group in grown:
         faces = pool[group]
         entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, out / entry["name"], faces, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry["name"]), faces, cache, locations, link)
         entry["centroid"] = centroid_record(embeddings, faces)
         facesets.append(entry)
         record["new_facesets"].append(entry["name"])
@@ -4293,13 +5271,14 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
     cache = load_cache(cache_path)
     locations = file_locations(cache)
     results = {}
-    for out, step in ((raw_out, extend_raw), (refine_out, extend_refine)):
+    for out, step, kind in ((raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")):
         if out is None:
             continue
         out = Path(out)
         if not out.is_dir():
             raise UserError(f"output folder not found: {out}")
-        with exclusive_lock(out / ".extend", "output"):
+        with output_lock(out):
+            claim_output(out, kind)
             results[step.__name__] = record = step(cache, cache_path, out, locations)
         if record is None:
             say(f"extend: {out} is up to date", quiet)
@@ -4350,44 +5329,42 @@ def empty_enrich_rows(key: str, count: int) -> np.ndarray:
 
 def enrich_task(batch: list[tuple]) -> list[dict]:
     """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
-    app = _WORKER["app"]
-    results = []
-    for entry, decoded in decoded_batch(batch):
-        _path, boxes, kps = entry[:3]
-        if isinstance(decoded, str):
-            results.append({"error": decoded})
-            continue
-        bgr = decoded[0]
-        found = app.get(bgr)
-        out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
-        iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
-        for index in range(len(boxes)):
-            match = int(iou[index].argmax()) if iou.shape[1] else -1
-            face = found[match] if match >= 0 and iou[index, match] >= ENRICH_MIN_IOU else None
-            landmarks = getattr(face, "landmark_2d_106", None) if face is not None else None
-            if landmarks is not None:
-                out["landmark_2d_106"][index] = landmarks
-                out["pose"][index] = pose_from_landmarks_2d(landmarks, bgr.shape[1], bgr.shape[0])
-                out["pose_source"][index] = "pnp106"
-                out["enrich_status"][index] = "ok"
-                if getattr(face, "landmark_3d_68", None) is not None:
-                    out["landmark_3d_68"][index] = face.landmark_3d_68
-                    out["pose_3d68"][index] = face.pose
-            else:  # the detector no longer finds it: a cheaper pose from the 5 key points
-                out["pose"][index] = pose_from_kps5(kps[index], bgr.shape[1], bgr.shape[0])
-                out["pose_source"][index] = "kps5"
-                out["enrich_status"][index] = "nomatch"
-        results.append(out)
-    return results
+    return per_file(batch, _enrich_one, lambda reason: {"error": reason})
+
+
+def _enrich_one(entry, decoded) -> dict:
+    _path, boxes, kps = entry[:3]
+    bgr = decoded[0]
+    found = _WORKER["app"].get(bgr)
+    out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
+    iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
+    for index in range(len(boxes)):
+        match = int(iou[index].argmax()) if iou.shape[1] else -1
+        face = found[match] if match >= 0 and iou[index, match] >= ENRICH_MIN_IOU else None
+        landmarks = getattr(face, "landmark_2d_106", None) if face is not None else None
+        if landmarks is not None:
+            out["landmark_2d_106"][index] = landmarks
+            out["pose"][index] = pose_from_landmarks_2d(landmarks, bgr.shape[1], bgr.shape[0])
+            out["pose_source"][index] = "pnp106"
+            out["enrich_status"][index] = "ok"
+            if getattr(face, "landmark_3d_68", None) is not None:
+                out["landmark_3d_68"][index] = face.landmark_3d_68
+                out["pose_3d68"][index] = face.pose
+        else:  # the detector no longer finds it: a cheaper pose from the 5 key points
+            out["pose"][index] = pose_from_kps5(kps[index], bgr.shape[1], bgr.shape[0])
+            out["pose_source"][index] = "kps5"
+            out["enrich_status"][index] = "nomatch"
+    return out
 
 
 def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, providers=None,
            workers=None, flush_every=DEFAULT_FLUSH_EVERY, quiet=False) -> dict:
     """Add landmarks and pose to every cached face that lacks them."""
+    check_options(workers=workers, flush_every=flush_every)
     started = time.time()
     cache_path = Path(cache_path)
     with exclusive_lock(cache_path, "cache"):
-        cache = load_cache(cache_path)
+        cache = open_cache_for_writing(cache_path)
         pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
         if "landmark_2d_106" not in identity["tasks"]:
             raise UserError(f"model {pack_name} has no 106-point landmark model (2d106det.onnx); "
@@ -4446,8 +5423,9 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             if tasks:
                 run_model_step(enrich_task, in_batches(tasks), on_result, pack_dir=pack_dir,
                                modules=modules, identity=identity, providers=provider_list,
-                               workers=workers, crash_result=lambda reason: {"error": reason},
-                               on_interrupt=lambda: (flush(), save_cache(cache_path, cache)))
+                               workers=workers, n_tasks=n_batches(len(tasks)),
+                               crash_result=lambda reason: {"error": reason},
+                               on_stop=lambda: (flush(), save_cache(cache_path, cache)))
         flush()
         save_cache(cache_path, cache)
     summary["seconds"] = round(time.time() - started, 1)
@@ -4582,27 +5560,24 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=
 
 def export_task(batch: list[tuple]) -> list[dict]:
     """Worker side: decode, crop and make each crop single-face; PNG bytes back."""
+    return per_file(batch, _export_one, lambda reason: {"error": f"cannot read the photo: {reason}"})
+
+
+def _export_one(entry, decoded) -> dict:
     detector = _WORKER["app"].det_model
 
     def detect(image, size):
         return detector.detect(image, input_size=(size, size))[0]
 
-    results = []
-    for entry, decoded in decoded_batch(batch):
-        _path, bbox, pad_ratio, out_size, _face, others = entry
-        if isinstance(decoded, str):
-            results.append({"error": f"cannot read the photo: {decoded}"})
-            continue
-        box = square_crop_box(bbox, pad_ratio)
-        crop, reason, blacked = single_face_crop(
-            detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),
-            [box_in_crop(other, box, out_size) for other in others])
-        if crop is None:
-            results.append({"error": reason})
-        else:
-            ok, png = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 6])
-            results.append({"png": png.tobytes(), "blacked_out": blacked})
-    return results
+    _path, bbox, pad_ratio, out_size, _face, others = entry
+    box = square_crop_box(bbox, pad_ratio)
+    crop, reason, blacked = single_face_crop(
+        detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),
+        [box_in_crop(other, box, out_size) for other in others])
+    if crop is None:
+        return {"error": reason}
+    _ok, png = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    return {"png": png.tobytes(), "blacked_out": blacked}
 
 
 def require_enrich(cache: FaceCache, faces, cache_path: Path) -> None:
@@ -4628,17 +5603,20 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
                 quiet=False, **params) -> dict:
     """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
-    params = {**EXPORT_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    params = table_params(EXPORT_DEFAULTS, params)
+    check_options(workers=workers)
     started = time.time()
     cache_path, out = Path(cache_path), Path(out)
-    refined = read_json(Path(refine_manifest_path), "refine manifest")
-    raw = read_json(Path(raw_manifest_path), "cluster manifest") if raw_manifest_path else None
-    if candidates and raw is None:
+    if candidates and raw_manifest_path is None:
         raise UserError("--candidates needs --raw-manifest (the cluster manifest.json)")
     cache = load_cache(cache_path)
+    refined = load_manifest(refine_manifest_path, "refine", cache.n_faces, cache.embedding_size)
+    raw = load_manifest(raw_manifest_path, "cluster", cache.n_faces, cache.embedding_size) \
+        if raw_manifest_path else None
     for manifest, where in ((refined, refine_manifest_path), (raw, raw_manifest_path)):
         if manifest is not None:
             check_manifest_model(manifest, cache, cache_path, Path(where))
+    check_output_location(out, cache_path, cache, "export-swap")
     wanted = manifest_face_ids(refined["facesets"]) | (
         {f["face"] for f in raw["singletons"]["faces"]} if candidates else set())
     try:
@@ -4649,7 +5627,6 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         enrich(cache_path, model=model, model_root=model_root, providers=providers,
                workers=workers, quiet=quiet)
         cache = load_cache(cache_path)
-    check_output_location(out, cache_path, cache)
     pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
 
     # score every face the export may use
@@ -4716,7 +5693,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
     provider_list, workers = worker_setup(providers, workers)
     say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
-    with building(out) as work, progress(total=len(runnable), desc="export", unit="crop") as bar:
+    with output_lock(out), building(out, "export-swap") as work, \
+            progress(total=len(runnable), desc="export", unit="crop") as bar:
         if runnable:
             def on_result(batch, results):
                 for task, result in zip(batch, results):
@@ -4725,13 +5703,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
 
             run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,
                            modules=["detection"], identity=identity, providers=provider_list,
-                           workers=workers, crash_result=lambda reason: {"error": reason})
+                           workers=workers, n_tasks=n_batches(len(runnable)),
+                           crash_result=lambda reason: {"error": reason})
         manifest = run_header("export-swap", cache_path, cache, params)
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
                         quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
         for name, kind, ranked, dropped in plan:
-            folder = work / name if kind == "faceset" else work / "_candidates" / name
+            folder = inside(work, name) if kind == "faceset" else inside(work, "_candidates", name)
             folder.mkdir(parents=True, exist_ok=True)
             written, skipped = [], []
             for face in ranked:
@@ -4740,7 +5719,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                     skipped.append({"face": face, "reason": result["error"]})
                     continue
                 png = f"{len(written):04d}.png"
-                (folder / png).write_bytes(result["png"])
+                inside(folder, png).write_bytes(result["png"])
                 written.append({"png": png, "rank": len(written), "face": face,
                                 "source": label_path(cache, locations, cache["face_file"][face]),
                                 "bbox": [round(float(v), 1) for v in cache["bbox"][face]],
@@ -4756,7 +5735,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 top = f"{name}_top{params['top_n']}.fsz"
                 for bundle, chosen in ((top, written[: params["top_n"]]), (f"{name}_all.fsz", written)):
                     if chosen:
-                        size = write_fsz(work / bundle, [(c["png"], folder / c["png"]) for c in chosen])
+                        size = write_fsz(inside(work, bundle),
+                                         [(c["png"], folder / c["png"]) for c in chosen])
                         entry["bundles"].append({"file": bundle, "pngs": len(chosen), "bytes": size})
                 manifest["facesets"].append(entry)
             else:
@@ -4806,9 +5786,9 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--providers", default=None,
                         help="comma-separated onnxruntime providers (default: CUDA, then CoreML, "
                              "then CPU, as available)")
-    parser.add_argument("--det-size", type=int, default=None,
+    parser.add_argument("--det-size", type=option_type("det_size"), default=None,
                         help=f"detector input size (default {DEFAULT_DET_SIZE}, or the cache's)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=option_type("workers"), default=None,
                         help="model worker processes (default: core count; one per GPU on CUDA)")
 
 
@@ -4831,7 +5811,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="photo folder to scan (never written to)")
     p.add_argument("cache", help="the .npz cache to create or extend")
     add_model_flags(p)
-    p.add_argument("--flush-every", type=int, default=DEFAULT_FLUSH_EVERY,
+    p.add_argument("--flush-every", type=option_type("flush_every"), default=DEFAULT_FLUSH_EVERY,
                    help="flush new results to disk after this many new files")
 
     p = add_command(sub, "cluster", cli_cluster,
@@ -4841,7 +5821,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "_singletons/ and _noface/, with manifest.json.")
     p.add_argument("cache", help="the .npz cache written by embed")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
-    p.add_argument("--threshold", type=float, default=CLUSTER_DEFAULTS["threshold"],
+    p.add_argument("--threshold", type=option_type("threshold"), default=CLUSTER_DEFAULTS["threshold"],
                    help="cosine distance at and above which clusters stay apart")
     add_link_flag(p)
 
@@ -4872,7 +5852,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "confirmed by the faces), each naming the file to keep. "
                                 "Only reports; never deletes.")
     p.add_argument("cache", help="the .npz cache written by embed")
-    p.add_argument("--hamming", type=int, default=DEFAULT_HAMMING,
+    p.add_argument("--hamming", type=option_type("hamming"), default=DEFAULT_HAMMING,
                    help="largest perceptual-hash distance (of 64 bits) for a visual pair; edits "
                         "of one photo measured <= 12, different people >= 14")
 
@@ -4883,7 +5863,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with a 3D landmark model, landmark_3d_68. Resumable.")
     p.add_argument("cache", help="the .npz cache written by embed")
     add_model_flags(p)
-    p.add_argument("--flush-every", type=int, default=DEFAULT_FLUSH_EVERY,
+    p.add_argument("--flush-every", type=option_type("flush_every"), default=DEFAULT_FLUSH_EVERY,
                    help="flush results to disk after this many images")
 
     p = add_command(sub, "export-swap", cli_export_swap,
@@ -4926,8 +5906,6 @@ def cli_enrich(args) -> int:
 
 
 def cli_dedup(args) -> int:
-    if not 0 <= args.hamming <= 64:
-        raise UserError("--hamming must be between 0 and 64")
     dedup(args.cache, hamming=args.hamming, quiet=args.quiet)
     return EXIT_OK
 
@@ -4950,7 +5928,7 @@ def add_command(sub, name: str, handler, help: str, description: str):
 def add_table_flags(parser, defaults: dict, helps: dict) -> None:
     """One --flag per entry of a defaults table (the spec's tables)."""
     for key, text in helps.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(defaults[key]),
+        parser.add_argument("--" + key.replace("_", "-"), type=option_type(key),
                             default=defaults[key], help=text)
 
 
@@ -4976,7 +5954,7 @@ def cli_embed(args) -> int:
     summary = embed(args.src, args.cache, model=args.model, model_root=args.model_root,
                     det_size=args.det_size, providers=args.providers, workers=args.workers,
                     flush_every=args.flush_every, quiet=args.quiet)
-    return EXIT_PARTIAL if summary["unreadable"] else EXIT_OK
+    return EXIT_PARTIAL if embed_incomplete(summary) else EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -4984,15 +5962,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     verbosity = -1 if getattr(args, "quiet", False) else (1 if getattr(args, "verbose", False) else 0)
     log_path = setup_logging(args.command, verbosity)
+    install_stop_signals()
     try:
         return args.handler(args)
     except UserError as error:
-        log.debug("user error: %s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        log.info("stopped: %s", error)
+        print(f"error: {' '.join(display(error).split())}", file=sys.stderr)  # one line
+        return error.exit_code
     except KeyboardInterrupt:
+        log.info("interrupted")
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception:
         log.debug("unexpected error", exc_info=True)
         print(f"unexpected error (a bug: please report it); the log is {log_path}", file=sys.stderr)

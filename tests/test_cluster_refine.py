@@ -54,7 +54,7 @@ def test_cluster_output_layout_and_numbering(labeled_run, tmp_path):
     assert names == [f"person_{i:03d}" for i in range(1, len(names) + 1)]
     on_disk = sorted(p.name for p in out.iterdir())
     assert on_disk == sorted(names + ["_noface", "_singletons", "_thumbs", "index.html",
-                                      "manifest.json"])
+                                      "manifest.json", sort_faces.OUTPUT_MARKER])
     for entry in manifest["clusters"]:
         assert sorted(os.listdir(out / entry["name"])) == sorted(entry["outputs"])
     # every face is in exactly one place
@@ -136,7 +136,7 @@ def test_output_locations_that_could_touch_photos_are_refused(tmp_path):
     foreign = tmp_path / "documents"
     foreign.mkdir()
     (foreign / "letter.txt").write_text("mine")
-    with pytest.raises(sort_faces.UserError, match="not a face-sets output"):
+    with pytest.raises(sort_faces.UserError, match="not made by face-sets"):
         sort_faces.refine(cache, foreign, quiet=True)
     assert (foreign / "letter.txt").read_text() == "mine"
     with pytest.raises(sort_faces.UserError, match="cache not found"):
@@ -145,7 +145,9 @@ def test_output_locations_that_could_touch_photos_are_refused(tmp_path):
 
 def test_safe_dst_name_is_flat_stable_and_bounded():
     name = sort_faces.safe_dst_name("/mnt/x/src/nl/a b/IMG:1?.JPG")
-    assert name == "mnt__x__src__nl__a b__IMG_1_.JPG"
+    # reserved characters replaced: a hash of the path keeps the name unique
+    assert name.startswith("mnt__x__src__nl__a b__IMG_1_~") and name.endswith(".JPG")
+    assert sort_faces.safe_dst_name("/mnt/x/src/nl/a b/IMG_1.JPG") == "mnt__x__src__nl__a b__IMG_1.JPG"
     assert sort_faces.safe_dst_name("/mnt/x/src/nl/a b/IMG:1?.JPG") == name
     assert sort_faces.safe_dst_name("/a/b_c.jpg") != sort_faces.safe_dst_name("/a_b/c.jpg")
     long = "/photos/" + "é" * 300 + ".jpeg"
@@ -271,7 +273,7 @@ def test_a_crash_during_the_swap_is_undone_by_the_next_run(labeled_run, tmp_path
     dead.wait()  # a pid that no longer runs
     os.replace(target, tmp_path / f".raw.old-{dead.pid}")  # killed between the renames
     (tmp_path / f".raw.building-{dead.pid}").mkdir()
-    with sort_faces.building(target) as work:
+    with sort_faces.building(target, "cluster") as work:
         assert (target / "manifest.json").exists()  # the last result is back
         (work / "manifest.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

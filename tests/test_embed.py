@@ -134,7 +134,8 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _out, err = process.communicate(timeout=60)
-    assert process.returncode == 2 and "interrupted" in err and "Traceback" not in err
+    assert process.returncode == sort_faces.EXIT_INTERRUPTED and "interrupted" in err
+    assert "Traceback" not in err
     assert cache.exists() and not journal.exists()  # saved whole, journal folded in
     assert not Path(str(cache) + ".lock").exists()
     saved = sort_faces.load_cache(cache).n_files
@@ -233,7 +234,7 @@ def test_source_tree_is_byte_identical_after_embed(tmp_path):
     os.symlink(src, src / "bad" / "loop")  # a symlink loop: reported, not fatal
     before = tree_fingerprint(src)
     summary = embed_quiet(src, tmp_path / "c.npz")
-    assert summary["skipped_folders"] >= 1
+    assert summary["skipped"] >= 1
     assert tree_fingerprint(src) == before
 
 
@@ -284,7 +285,7 @@ def test_mismatched_model_is_refused(tmp_path, pack_dir):
 @pytest.mark.parametrize("argv, message", [
     (["embed", "/no/such/folder", "x.npz"], "source folder not found"),
     (["embed", str(DATA), "x.npz", "--model", "/no/such/pack"], "model folder not found"),
-    (["embed", str(DATA), "x.npz", "--workers", "two"], "invalid int value"),
+    (["embed", str(DATA), "x.npz", "--workers", "two"], "must be an integer, not 'two'"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, message):
     result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *argv],

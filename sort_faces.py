@@ -14,16 +14,17 @@ One file, one subcommand function each, over shared helpers:
 Sections, in order (search for the banner lines): shared helpers first,
 then one section per subcommand, then the command line.
 
-    CONSTANTS            every default, in one place (the spec's tables)
-    ERRORS AND LOGGING   user errors, exit codes, per-step log files
-    FILES AND ATOMIC IO  atomic writes, locks, the source-tree scan, sha256
-    CACHE                the .npz cache, its journal of flushed chunks, file locations
-    IMAGES               decoding real photo libraries into 8-bit BGR
+    CONSTANTS            every default and option range, in one place (the spec's tables)
+    ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
+    FILES AND ATOMIC IO  atomic writes, locks, paths kept inside an output, the source scan
+    CACHE                the .npz cache, its journal of checked chunks, consistent reads
+    IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget
     MODEL                InsightFace packs, providers, the crash-proof worker pool
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
-    OUTPUT FOLDERS       stable names, copy/link, build-beside-then-swap, manifests
+    OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
+                         manifests and the one loader that validates them
     CLUSTERING           scalable exact average-linkage clustering, centroids
     REVIEW PAGES         index.html and face thumbnails for every output folder
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP   the subcommands
@@ -200,7 +201,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 # ============================================================================
 # ERRORS AND LOGGING
 # A UserError is something the user can fix: the CLI prints its message on one
-# line and exits 2. Everything long-running logs to work/logs/<step>-<time>.log.
+# line and exits 2 (Interrupted: 130). Options are checked here, against
+# OPTION_RULES, for argparse and library callers alike. SIGTERM and SIGHUP stop
+# a run as Ctrl-C does. Everything long-running logs to work/logs/.
 # ============================================================================
 
 log = logging.getLogger("face-sets")
@@ -619,8 +622,11 @@ class FaceCache:
         chunks = self._chunks.get(key)
         if not chunks:
             for table in TABLES.values():
-                if key in table:
-                    return empty_column(*table[key], self.embedding_size)
+                if key in table:  # a column added after these rows were made: defaults
+                    rows = max((sum(len(c) for c in self._chunks.get(k, [])) for k in table),
+                               default=0)
+                    empty = empty_column(*table[key], self.embedding_size)
+                    return np.zeros((rows, *empty.shape[1:]), dtype=empty.dtype)
             return self.extra[key]
         if len(chunks) > 1:
             chunks[:] = [np.concatenate(chunks)]
@@ -1009,8 +1015,6 @@ def heif_support() -> str | None:
 
 def _to_rgb8(image) -> np.ndarray:
     """Any Pillow mode -> HxWx3 uint8 RGB; alpha is composited over white."""
-    from PIL import Image
-
     mode = image.mode
     if mode in DEEP_MODES:
         values = np.asarray(image, dtype=np.float32)
@@ -1018,17 +1022,26 @@ def _to_rgb8(image) -> np.ndarray:
             65535.0 if values.max(initial=0) > 255 else 255.0)
         gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.mode == "RGBA":
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return composite_on_white(np.asarray(image if mode == "RGBA" else image.convert("RGBA")))
+    return np.array(image if mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+
+
+def composite_on_white(rgba: np.ndarray, rows: int = 512) -> np.ndarray:
+    """RGBA pixels over a white background, as 8-bit RGB, a block of rows at a
+    time (so a large image needs no full-size temporaries)."""
+    out = np.empty((*rgba.shape[:2], 3), np.uint8)
+    for top in range(0, len(rgba), rows):
+        block = rgba[top:top + rows].astype(np.uint16)
+        alpha = block[..., 3:4]
+        out[top:top + rows] = (block[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+    return out
 
 
 # Pillow modes of more than 8 bits per sample (scaled down to 8 by _to_rgb8).
 DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Pillow modes with an alpha band (composited over white by _to_rgb8).
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Bytes per pixel Pillow keeps in memory for a mode (multi-band modes take 4).
 _PILLOW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
                  "I": 4, "F": 4}
@@ -1056,18 +1069,21 @@ def decode_memory_problem(image_format: str, mode: str, width: int, height: int,
 
     The common photo (`common`: decode_common_photo takes it) decodes straight
     to 8-bit BGR at the reduced size (JPEG in the DCT), then is copied upright.
+    Measured by tests/benchmarks/bench_decode_memory.py.
     Anything else is loaded by Pillow first (`_PILLOW_BYTES` a pixel, 4 for
-    colour), whole unless it is a JPEG, then reduced, turned upright and
-    converted to 8-bit RGB at the reduced size.
+    colour), whole unless it is a JPEG, then reduced, turned upright, converted
+    by Pillow unless it is RGB, RGBA or deep, and made 8-bit RGB at the reduced
+    size.
     """
     out = width * height / (factor * factor)
-    if common:
-        need = file_bytes + out * 3 * 2
+    if common:  # OpenCV's PNG decoder holds about one more copy than libjpeg-turbo
+        need = file_bytes + out * 3 * (3 if image_format == "PNG" else 2)
     else:
         stored = _PILLOW_BYTES.get(mode, 4)
         loaded = out if image_format == "JPEG" else width * height
         deep = 4 if mode in DEEP_MODES else 0  # the float32 copy _to_rgb8 scales with
-        need = file_bytes + loaded * (stored + deep) + out * (stored + 3)
+        converted = 0 if mode in ("RGB", "RGBA") or deep else 4
+        need = file_bytes + loaded * (stored + deep) + out * (stored + converted + 3)
     if need <= MAX_DECODE_BYTES:
         return None
     return (f"image too large to decode within {MAX_DECODE_BYTES >> 20} MB "

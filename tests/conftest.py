@@ -16,11 +16,29 @@ import sort_faces  # noqa: E402
 
 def pytest_configure(config):
     os.chdir(ROOT)  # the tool's defaults (work/models, work/logs) are relative to the project
+    config.addinivalue_line("markers", "fast: the quick tier (no model, no browser): "
+                                       "scripts/test.sh --fast")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _logs_in_tmp(tmp_path_factory):
     os.environ["FACESETS_LOG_DIR"] = str(tmp_path_factory.mktemp("logs"))
+
+
+def _work_tree():
+    """What is under work/, but the offline model links every run makes."""
+    work = ROOT / "work"
+    return {str(p.relative_to(work)) for p in work.rglob("*")
+            if p.relative_to(work).parts[0] != "models"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _work_tree_untouched():
+    """The suite leaves nothing in the work tree (tests write under tmp_path)."""
+    before = _work_tree()
+    yield
+    left = sorted(_work_tree() - before)
+    assert not left, f"the tests left files in work/: {left[:10]}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import pytest
 import sort_faces
 from conftest import ROOT
 
+pytestmark = pytest.mark.fast  # no model: the quick tier
+
 COMMANDS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap"]
 
 
@@ -58,3 +60,44 @@ def test_user_errors_end_with_one_line_and_exit_2(argv, message):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def readme_commands():
+    """Every command line in the README's bash blocks (continuations joined)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not re.fullmatch(r"[A-Z_]+=\S+", line):
+                lines.append(line)
+    return lines
+
+
+def test_readme_commands_run_as_written_after_the_setup():
+    import shlex
+
+    commands = readme_commands()
+    tools = [c for c in commands if "sort_faces.py" in c]
+    assert len(tools) >= 6
+    for command in commands:
+        words = shlex.split(command)
+        if "sort_faces.py" in command:
+            # the venv's interpreter: a bare `python` has none of the packages
+            assert words[:2] == [".venv/bin/python", "sort_faces.py"], command
+            argv = [w.replace("$", "x") for w in words[2:]]
+            sort_faces.build_parser().parse_args(argv)  # exits 2 on an unknown flag
+        else:
+            env = [w for w in words if "=" in w and w.split("=")[0].isupper()]
+            words = words[len(env):]
+            assert words[0] in (".venv/bin/python", "bash", "source"), command
+            assert (ROOT / words[1]).exists() or words[1].startswith("/") or \
+                words[0] == "source", command
+
+
+def test_version():
+    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "--version"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"face-sets {sort_faces.__version__}"

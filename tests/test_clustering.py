@@ -9,6 +9,8 @@ from sklearn.metrics import adjusted_rand_score
 import sort_faces as MODULE
 from sort_faces import agglomerative_labels
 
+pytestmark = pytest.mark.fast  # no model: the quick tier
+
 
 def make_faces(n, dim=128, seed=0, big=0.1):
     """Unit embeddings: one large identity, Zipf-sized ones, 10 % singletons,

@@ -366,15 +366,44 @@ def test_a_worker_crash_is_survived_and_the_file_named(tmp_path, pack_dir):
     assert sum(r["status"] == "ok" for r in results.values()) >= 8
 
 
-def test_auto_model_falls_back_to_offline_pack_with_a_warning(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(sort_faces, "_download_pack", lambda name, root: None)  # offline
+def test_auto_model_offline_says_what_it_does_and_leaves_nothing(tmp_path, caplog, monkeypatch):
+    import urllib.request
+
+    # a download that fails at once, as on a machine without a network
+    monkeypatch.setattr(sort_faces, "PACK_URL", "http://127.0.0.1:9/{name}.zip")
+    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
+    tried, real_open = [], urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, *a, **k: tried.append(url) or real_open(url, *a, **k))
     caplog.set_level("WARNING", logger="face-sets")
-    name, folder = sort_faces.resolve_model("auto", model_root=str(tmp_path / "models"))
+    root = tmp_path / "insightface"
+    name, folder = sort_faces.resolve_model("auto", model_root=str(root))
     assert name == "buffalo_s" and (folder / "w600k_mbf.onnx").exists()
-    warning = [r.getMessage() for r in caplog.records if "buffalo_l" in r.getMessage()]
-    assert len(warning) == 1 and "--model" in warning[0]
+    messages = [r.getMessage() for r in caplog.records]
+    announce = [m for m in messages if m.startswith("model: downloading")]
+    assert len(announce) == 1 and "buffalo_l (about 280 MB)" in announce[0]
+    assert str(root / "models" / "buffalo_l") in announce[0]
+    fallback = [m for m in messages if m.startswith("model: using buffalo_s")]
+    assert len(fallback) == 1 and "offline" in fallback[0]
+    assert "a cache keeps the model it was embedded with" in fallback[0]
+    assert not root.exists()  # a failed download leaves nothing behind
+    sort_faces.resolve_model("auto", model_root=str(root))
+    assert len(tried) == 1  # tried once per run, not once per step
     with pytest.raises(sort_faces.UserError, match="not available"):
         sort_faces.resolve_model("antelopev2", model_root=str(tmp_path / "models"))
+
+
+def test_buffalo_s_and_a_model_folder_never_touch_the_network(tmp_path, monkeypatch, pack_dir):
+    import urllib.request
+
+    def no_network(*_args, **_kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
+    assert sort_faces.resolve_model("buffalo_s", str(tmp_path / "r"))[0] == "buffalo_s"
+    assert sort_faces.resolve_model(str(pack_dir), str(tmp_path / "r"))[1] == pack_dir.resolve()
+    assert not (tmp_path / "r").exists()
 
 
 def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):

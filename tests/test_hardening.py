@@ -229,6 +229,7 @@ def test_nan_thresholds_in_a_manifest_are_refused(pipeline, tmp_path):
         sort_faces.extend(cache, tmp_path / "raw", quiet=True)
 
 
+@pytest.mark.fast
 def test_inside_refuses_every_way_out():
     root = Path("/tmp/out")
     for parts in (("..", "x"), ("/etc/passwd",), ("a/../../b",), ("",), (".",)):
@@ -331,6 +332,7 @@ def test_a_reader_during_the_fold_sees_a_whole_cache(journal_run, tmp_path, monk
     assert np.all(cache["face_file"] < cache.n_files)
 
 
+@pytest.mark.fast
 def test_a_file_that_is_not_a_cache_says_so(tmp_path):
     fake = tmp_path / "notes.npz"
     fake.write_bytes(b"just some bytes")
@@ -430,6 +432,7 @@ def test_thin_images_are_no_face_and_every_other_file_is_embedded(tmp_path):
     assert not sort_faces.too_small_for_faces(4000, 3000, 640)
 
 
+@pytest.mark.fast
 def test_a_huge_png_is_refused_with_its_reason_not_decoded(tmp_path):
     path = tmp_path / "huge.png"
     write_png_rows(path, 20000, 20000)
@@ -483,6 +486,7 @@ def test_colliding_and_undecodable_names_go_through_every_step(tmp_path):
     assert tree_fingerprint(src) == before
 
 
+@pytest.mark.fast
 def test_safe_dst_name_is_unique_for_names_that_flatten_alike():
     paths = ["/p/a:b.jpg", "/p/a?b.jpg", "/p/a_b.jpg", "/p/a__b.jpg", "/p/a/_b.jpg",
              "/p/a/b.jpg", "/p__a/b.jpg", os.fsdecode(b"/p/\xff.jpg"), "/p/%FF.jpg",
@@ -528,6 +532,7 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, words", [
     (["cluster", "{cache}", "{tmp}/o", "--threshold", "nan"], "--threshold must be a finite"),
     (["cluster", "{cache}", "{tmp}/o", "--threshold", "inf"], "--threshold must be a finite"),
@@ -544,16 +549,18 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
     (["embed", "{tmp}", "{tmp}/c.npz", "--flush-every", "0"], "--flush-every must be"),
     (["dedup", "{cache}", "--hamming", "70"], "between 0 and 64"),
 ])
-def test_bad_options_are_refused_by_the_command_line(pipeline, tmp_path, argv, words):
-    argv = [a.format(cache=pipeline["cache"], tmp=tmp_path) for a in argv]
+def test_bad_options_are_refused_by_the_command_line(tmp_path, argv, words):
+    # options are checked before anything is read: no cache is needed to refuse them
+    argv = [a.format(cache=tmp_path / "c.npz", tmp=tmp_path) for a in argv]
     code, _out, err = run_cli(*argv)
     assert code == 2 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "c.npz").exists()
 
 
-def test_bad_options_are_refused_by_the_library_functions(pipeline, tmp_path):
-    cache, out = pipeline["cache"], tmp_path / "o"
-    manifest = pipeline["refined"] / "refine_manifest.json"
+@pytest.mark.fast
+def test_bad_options_are_refused_by_the_library_functions(tmp_path):
+    cache, out = tmp_path / "c.npz", tmp_path / "o"
+    manifest = tmp_path / "refine_manifest.json"
     calls = [
         lambda: sort_faces.cluster(cache, out, threshold=float("nan")),
         lambda: sort_faces.cluster(cache, out, threshold="0.5"),
@@ -565,12 +572,12 @@ def test_bad_options_are_refused_by_the_library_functions(pipeline, tmp_path):
         lambda: sort_faces.export_swap(cache, manifest, out, top_n=True),
         lambda: sort_faces.export_swap(cache, manifest, out, workers=0),
         lambda: sort_faces.dedup(cache, hamming=-1),
-        lambda: sort_faces.embed(pipeline["src"], tmp_path / "c.npz", det_size=641),
+        lambda: sort_faces.embed(DATA / "lfw10", tmp_path / "c.npz", det_size=641),
         lambda: sort_faces.enrich(cache, flush_every=0),
     ]
     for call in calls:
-        with pytest.raises(sort_faces.UserError):
-            call()
+        with pytest.raises(sort_faces.UserError, match="^(--|unknown option)"):
+            call()  # refused for the option, before the missing cache is noticed
     assert not out.exists() and not (tmp_path / "c.npz").exists()
 
 
@@ -668,6 +675,7 @@ def test_gif_is_embedded_by_its_first_frame(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_the_lock_never_signals_a_process(tmp_path, monkeypatch):
     """face-sets itself never calls os.kill (on Windows it terminates the process
     it is asked about); psutil's own POSIX check may use signal 0."""

@@ -12,6 +12,8 @@ import pytest
 import sort_faces as ph
 
 from conftest import DATA as FACES  # noqa: E402
+
+pytestmark = pytest.mark.fast  # no model: the quick tier
 SUBSETS = ("five_celebs", "lfw10", "face_recognition")
 DEFAULT = ph.PHASH_DEFAULT_MAX_DISTANCE
 

@@ -11,6 +11,8 @@ import pytest
 import sort_faces as ps
 from conftest import DATA
 
+pytestmark = pytest.mark.fast  # no model: the quick tier
+
 FACES = str(DATA)
 
 FRONTAL = [

@@ -129,3 +129,37 @@ def test_readme_commands_work_on_a_fresh_clone(tmp_path):
                             cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert re.search(r"\b2 passed\b", second.stdout)
+
+
+def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_path):
+    """Five people with 8 photos each: the default --min-faces 15 keeps no one, and
+    refine, export-swap and the pipeline all say so, with the command that helps."""
+    src = tmp_path / "family"
+    for person in sorted(p.name for p in (DATA / "five_celebs").iterdir() if p.is_dir()):
+        shutil.copytree(DATA / "five_celebs" / person, src / person,
+                        ignore=lambda folder, names: sorted(names)[8:])
+    name = f"small-test-{os.getpid()}"
+    try:
+        result = run_script("pipeline.sh", src, name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = ROOT / "work" / "out" / name
+        refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+        size = refined["stages"]["size_filter"]
+        assert refined["facesets"] == [] and size["dropped_people"] >= 2
+        keep = size["suggested_min_faces"]
+        assert keep == min(5, size["largest_images"]) and size["kept_at_suggestion"] >= 1
+        assert "the size filter (--min-faces 15) dropped" in result.stdout
+        assert f"--min-faces {keep}" in result.stdout  # refine's own command
+        assert "nothing to export" in result.stdout
+        rerun = f'REFINE_ARGS="--min-faces {keep}" bash scripts/pipeline.sh {src} {name}'
+        assert rerun in result.stdout
+        again = run_script("pipeline.sh", src, name, env={"REFINE_ARGS": f"--min-faces {keep}"})
+        assert again.returncode == 0, again.stderr[-3000:]
+        refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+        export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())
+        assert len(refined["facesets"]) == size["kept_at_suggestion"] and export["facesets"]
+        assert "REFINE_ARGS=" not in again.stdout
+    finally:
+        shutil.rmtree(ROOT / "work" / "out" / name, ignore_errors=True)
+        for path in (ROOT / "work" / "cache").glob(f"{name}.*"):
+            path.unlink()

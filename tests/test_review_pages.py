@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import sort_faces
-from browser import check_page, chromium_path
-from conftest import DATA, ROOT, embed_quiet
+from browser import check_page, require_chromium
+from conftest import DATA, embed_quiet
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +110,10 @@ def test_extend_rewrites_the_page(tmp_path):
         assert (tmp_path / "raw" / link).exists(), link
 
 
-def test_cluster_page_in_a_real_browser(outputs):
-    assert chromium_path(), "Chromium is not installed (apt-get install -y chromium)"
+def test_cluster_page_in_a_real_browser(outputs, tmp_path):
+    require_chromium()
     page = outputs["tmp"] / "raw" / "index.html"
-    screenshot = ROOT / "work" / "review-cluster.png"  # an artifact to look at
-    screenshot.parent.mkdir(exist_ok=True)
+    screenshot = tmp_path / "review-cluster.png"  # an artifact to look at, never in work/
     result = check_page(page, screenshot=screenshot)
     assert result["done"] and result["rows"] == len(outputs["raw"]["clusters"]) + 2
     assert result["thumbs"] > 100 and result["decoded"] == result["thumbs"]

@@ -50,6 +50,7 @@ import math
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,10 +222,32 @@ class Interrupted(UserError):
     exit_code = EXIT_INTERRUPTED
 
 
-def display(text) -> str:
-    """`text` as it can be printed, logged or put in a page: bytes of a file
-    name that are not UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
+def valid_utf8(text) -> str:
+    """`text` as valid UTF-8 can hold it: bytes of a file name that are not
+    UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def display(text) -> str:
+    """`text` as one line to print or log: valid_utf8, and control characters
+    (a newline, a carriage return, ESC in a file name) written as escapes, so
+    a name can neither forge a line of the report nor drive the terminal."""
+    import unicodedata
+
+    text = valid_utf8(text)
+    if all(ch.isprintable() or ch == " " for ch in text):
+        return text
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+                   else ch for ch in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every log record's message through display(); a traceback, if any, after it."""
+
+    def format(self, record):
+        record = logging.makeLogRecord(record.__dict__)
+        record.msg, record.args = display(record.getMessage()), None
+        return super().format(record)
 
 
 def check_option(name: str, value):
@@ -313,10 +336,10 @@ def setup_logging(step: str, verbosity: int = 0) -> Path:
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
     file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_handler)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(OneLineFormatter("%(message)s"))
     console.setLevel({-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO))
     console.addFilter(lambda record: not getattr(record, "summary", False))
     log.addHandler(console)
@@ -499,14 +522,18 @@ def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
     problems : list of str, one line per skipped folder or entry
     """
     paths, problems, seen_dirs = [], [], set()
-    stack = [Path(os.path.abspath(root))]
+    stack = [(Path(os.path.abspath(root)), frozenset())]  # a folder, and its ancestors' keys
     while stack:
-        folder = stack.pop()
+        folder, ancestors = stack.pop()
         try:
             info = folder.stat()
             key = (info.st_dev, info.st_ino)
-            if key in seen_dirs:
-                problems.append(f"{folder}: folder already scanned (symlink loop), skipped")
+            if key in ancestors:
+                problems.append(f"{folder}: a symlink loop (it leads back to a folder above it), "
+                                "skipped")
+                continue
+            if key in seen_dirs:  # a second link to a folder: its photos are taken once
+                log.info("%s: folder already scanned through another link", display(folder))
                 continue
             seen_dirs.add(key)
             entries = list(os.scandir(folder))
@@ -516,7 +543,7 @@ def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(Path(entry.path))
+                    stack.append((Path(entry.path), ancestors | {key}))
                 elif not entry.name.lower().endswith(extensions):
                     continue
                 elif entry.is_file(follow_symlinks=True):
@@ -581,6 +608,8 @@ FILE_COLUMNS = {
     "file_reason": ("U", ()), "file_phash": (np.uint64, ()),
     # libjpeg's corrupt-data warning when the decoder filled in damaged data
     "file_damage": ("U", ()),
+    # perceptual hashes of the photo turned 90, turned 180 and mirrored (PHASH_TURNS)
+    "file_phash_turns": (np.uint64, (3,)),
 }
 FACE_COLUMNS = {
     "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
@@ -1105,8 +1134,6 @@ def jpeg_damage(warning: str) -> str:
     """The damage a libjpeg warning reports ('' when it reports none)."""
     if not any(text in warning for text in JPEG_DAMAGE_WARNINGS):
         return ""
-    import re
-
     stray = re.search(r"(\d+) extraneous bytes before marker", warning)
     if stray and int(stray.group(1)) <= JPEG_HARMLESS_EXTRANEOUS_BYTES:
         return ""
@@ -2242,6 +2269,40 @@ def perceptual_hash(image_bgr: np.ndarray) -> np.uint64:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     small = cv2.resize(img, (PHASH_DCT_SIZE, PHASH_DCT_SIZE),
                        interpolation=cv2.INTER_AREA)
+    return _phash_bits(small)
+
+
+# The turns and the mirror a copy of a photo may have been given, in the order
+# of perceptual_hashes' variants after the photo as it is.
+PHASH_TURNS = ("turned 90", "turned 180", "mirrored")
+
+
+def perceptual_hashes(image_bgr: np.ndarray) -> np.ndarray:
+    """perceptual_hash of the image as it is, and as it would be turned 90
+    degrees clockwise, turned 180 degrees and mirrored left-right (PHASH_TURNS):
+    four uint64 from one shrink. A copy turned by 270 degrees is found as the
+    original turned by 90 from the copy's side."""
+    img = np.asarray(image_bgr)
+    if img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
+        height, width = img.shape[:2]
+        scale = min(1.0, PHASH_WORK_SIZE / max(height, width))
+        size = (max(PHASH_DCT_SIZE, int(round(width * scale))),
+                max(PHASH_DCT_SIZE, int(round(height * scale))))
+        work = cv2.resize(img[:, :, :3], size, interpolation=cv2.INTER_AREA) if scale < 1 else img
+        gray = cv2.cvtColor(work[:, :, :3].astype(np.float32), cv2.COLOR_BGR2GRAY)
+        small = cv2.resize(gray, (PHASH_DCT_SIZE, PHASH_DCT_SIZE), interpolation=cv2.INTER_AREA)
+    else:
+        small = None
+    if small is None:
+        first = perceptual_hash(image_bgr)
+        return np.array([first] * 4, dtype=np.uint64)
+    variants = (small, cv2.rotate(small, cv2.ROTATE_90_CLOCKWISE),
+                cv2.rotate(small, cv2.ROTATE_180), np.ascontiguousarray(small[:, ::-1]))
+    return np.array([_phash_bits(v) for v in variants], dtype=np.uint64)
+
+
+def _phash_bits(small: np.ndarray) -> np.uint64:
+    """The 64 hash bits of a PHASH_DCT_SIZE square of gray levels."""
     dct = cv2.dct(np.ascontiguousarray(small, dtype=np.float32))
 
     stop = PHASH_BLOCK_START + PHASH_BLOCK_SIZE
@@ -2744,7 +2805,8 @@ def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
         parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
     plain = "__".join(parts)
     name = "".join(_name_char(ch) for ch in plain).rstrip(" .") or "_"
-    lossy = name != plain or "%" in plain or any("__" in part for part in parts)
+    lossy = name != plain or "%" in plain or any("__" in part for part in parts) or \
+        bool(re.search(r"~[0-9a-f]{10}$", os.path.splitext(name)[0]))  # looks like a hashed name
     stem, ext = os.path.splitext(name)
     if stem.split(".")[0].upper() in _RESERVED_NAMES:
         stem, lossy = "_" + stem, True
@@ -3091,8 +3153,6 @@ class _ManifestCheck:
 
     def entries(self, value, where: str, pattern: str) -> list[dict]:
         """Named groups (person_NNN, faceset_NNN): names of the tool's form, unique."""
-        import re
-
         entries = self.items(value, where)
         for index, entry in enumerate(entries):
             here = f"{where}[{index}]"
@@ -4236,7 +4296,7 @@ def write_review_page(folder: Path, page: dict) -> Path:
     """
     path = Path(folder) / REVIEW_PAGE_NAME
     with atomic_output(path, "wb") as handle:  # bytes: UTF-8 whatever the locale
-        handle.write(display(render_review_page(page)).encode("utf-8"))
+        handle.write(valid_utf8(render_review_page(page)).encode("utf-8"))
     return path
 
 
@@ -4501,8 +4561,9 @@ def embed_task(batch: list[tuple]) -> list[dict]:
 
 def _embed_one(_entry, decoded) -> dict:
     bgr, width, height, damage = decoded
+    hashes = perceptual_hashes(bgr)
     result = {"reason": "", "damage": damage, "width": width, "height": height,
-              "phash": perceptual_hash(bgr)}
+              "phash": hashes[0], "phash_turns": hashes[1:]}
     if too_small_for_faces(bgr.shape[1], bgr.shape[0], _WORKER["det_size"]):
         faces = rows_from_records([], FACE_COLUMNS, _WORKER["embedding_size"])
         result["reason"] = f"too small or too thin to hold a face ({width}x{height})"
@@ -4707,6 +4768,7 @@ class EmbedRun:
                 "file_width": result.get("width", 0), "file_height": result.get("height", 0),
                 "file_status": status, "file_reason": reason,
                 "file_phash": result.get("phash", 0), "file_damage": result.get("damage", ""),
+                "file_phash_turns": result.get("phash_turns", np.zeros(3, np.uint64)),
             })
             self.known_sha[sha] = file_index
             self.summary["new"] += 1
@@ -5025,7 +5087,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
 # one photo (JPEG q30, half size, 3% crop, PNG, brightness) stay within 12
 # bits at the 99th percentile, different people start at 14.
 DEFAULT_HAMMING = PHASH_DEFAULT_MAX_DISTANCE
-PHASH_VERSION = "dct32-1:9"  # bump when perceptual_hash changes
+PHASH_VERSION = "dct32-1:9+turns"  # bump when perceptual_hash(es) change
 # Face evidence for a visual pair, measured on edited copies of the shared
 # photos (JPEG q30, half size, 3% crop) against two LFW shots of one man from
 # one sitting (Ariel_Sharon 0005/0007, hash distance 10):
@@ -5085,33 +5147,218 @@ def same_faces(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> boo
     return bool(np.all(unmatched < DEDUP_MAX_UNMATCHED_FACE))
 
 
+# Copies the hash cannot see: a crop moves the hash by more than its 12 bits,
+# and a turn by 90 degrees changes it whole. Measured on edited copies of the
+# shared photos (tests/benchmarks/measure_dedup_edits.py, docs/benchmarks.md):
+# - a copy's faces keep near-identical embeddings: crops of 3-10% per side
+#   measured >= 0.95 for 90% of faces, a mirrored copy >= 0.93, while two
+#   shots of one sitting (the Ariel Sharon pair) are at 0.71. So faces at this
+#   similarity or more, one to one, make two photos candidates and, with the
+#   same landmark layout (as it is or mirrored) and the same placement relative
+#   to each other, the same picture in another framing;
+DEDUP_REFRAMED_MIN_FACE_SIMILARITY = 0.9
+# - candidates come from a 64-bit sign code of each face's embedding (centred,
+#   seeded random projections) within this Hamming radius, searched exactly like
+#   the image hashes: a pair at 0.95 differs in ~6 bits, at 0.9 in ~9;
+FACE_CODE_RADIUS = 12
+FACE_CODE_SEED = 20261125
+# - matched faces' centres, relative to each other in face-size units, move at
+#   most this much between the two framings;
+DEDUP_MAX_PLACEMENT_SHIFT = 0.25
+# - a face only one side has was cut off by the crop: it lies this close (a
+#   share of the image) to the border of the wider picture, or is tiny;
+DEDUP_CROP_BORDER = 0.15
+# - a turned copy: the detector misses many turned faces (measured: found in
+#   67% of copies turned by 90, 40% by 180), so a turned pair is taken on its
+#   hash, at most this distance, with the turned shape, and any face found on
+#   both sides at the same (turned) place with the same embedding.
+DEDUP_TURN_MAX_HAMMING = 6
+DEDUP_TURN_MAX_ASPECT_CHANGE = 0.03
+# (a turned face it does find is often upside down or sideways and misplaced:
+# only faces found with at least this score on both sides can veto a pair)
+DEDUP_TURN_SURE_FACE = 0.75
+
+
+def face_codes(embeddings: np.ndarray) -> np.ndarray:
+    """A 64-bit code per face: the signs of its centred embedding on 64 seeded
+    random directions, so near-identical faces share most bits (uint64)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if not len(embeddings):
+        return np.zeros(0, np.uint64)
+    directions = np.random.default_rng(FACE_CODE_SEED).standard_normal(
+        (embeddings.shape[1], 64)).astype(np.float32)
+    bits = (embeddings - embeddings.mean(axis=0)) @ directions > 0
+    return np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel().astype(np.uint64)
+
+
+def mirrored_layout(layout: np.ndarray) -> np.ndarray:
+    """A key-point layout (N, 5, 2) as a mirrored photo shows it: x flipped, and
+    left and right eye and mouth corner swapped."""
+    out = layout[:, [1, 0, 2, 4, 3]].copy()
+    out[..., 0] = 1.0 - out[..., 0]
+    return out
+
+
+def same_faces_reframed(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> bool:
+    """Do two photos show the same faces in another framing (a crop, a resize,
+    a mirror)? One to one at DEDUP_REFRAMED_MIN_FACE_SIMILARITY or more, with
+    the same landmark layout and placement, and faces only one side has cut off
+    at its border (or tiny)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not len(faces_a) or not len(faces_b):
+        return False
+    similarity = embeddings[faces_a] @ embeddings[faces_b].T
+    rows, cols = linear_sum_assignment(-similarity)
+    if np.any(similarity[rows, cols] < DEDUP_REFRAMED_MIN_FACE_SIMILARITY):
+        return False
+    a, b = faces_a[rows], faces_b[cols]
+    layout_a, layout_b = keypoint_layout(bboxes[a], kps[a]), keypoint_layout(bboxes[b], kps[b])
+    mirrored = np.abs(layout_a - mirrored_layout(layout_b)).max() <= DEDUP_MAX_KEYPOINT_SHIFT
+    if not mirrored and np.abs(layout_a - layout_b).max() > DEDUP_MAX_KEYPOINT_SHIFT:
+        return False
+    if len(a) >= 2:  # the matched faces sit the same way relative to each other
+        def placement(faces, flip):
+            centres = (bboxes[faces, :2] + bboxes[faces, 2:]) / 2
+            centres = (centres - centres.mean(axis=0)) / max(1e-6, face_short_edge(bboxes[faces]).mean())
+            return centres * [-1, 1] if flip else centres
+        if np.abs(placement(a, False) - placement(b, mirrored)).max() > DEDUP_MAX_PLACEMENT_SHIFT:
+            return False
+    extra_a, extra_b = np.setdiff1d(faces_a, a), np.setdiff1d(faces_b, b)
+    if len(extra_a) and len(extra_b):
+        return False  # each shows someone the other does not: two pictures
+    extra, size = (extra_a, size_a) if len(extra_a) else (extra_b, size_b)
+    for face in extra:  # cut off by the crop: near the wider picture's border, or tiny
+        box = bboxes[face] / np.tile(np.asarray(size, dtype=np.float64), 2)
+        centre = (box[:2] + box[2:]) / 2
+        near_border = min(*centre, *(1 - centre)) < DEDUP_CROP_BORDER
+        if not near_border and face_short_edge(bboxes[face])[0] / max(1, min(size)) >= \
+                DEDUP_MAX_UNMATCHED_FACE:
+            return False
+    return True
+
+
+def turn_centres(centres: np.ndarray, turn: str) -> np.ndarray:
+    """Face centres (relative to the image, 0-1) of a photo, where a copy given
+    `turn` (one of PHASH_TURNS) shows them."""
+    u, v = centres[:, 0], centres[:, 1]
+    return {"turned 90": np.stack([1 - v, u], axis=1), "turned 180": 1 - centres,
+            "mirrored": np.stack([1 - u, v], axis=1)}[turn]
+
+
+def same_picture_turned(row_a, row_b, turn: str, distance: int, cache, per_file,
+                        sizes: np.ndarray) -> bool:
+    """Is photo b photo a turned (or mirrored), as their hashes say? The shape
+    must turn with it, and faces found on both sides at the same turned place
+    must be the same; a face found on one side only is the detector's miss."""
+    (width, height), (other_w, other_h) = sizes[[row_a, row_b]].tolist()
+    aspect = (height / max(1, width)) if turn == "turned 90" else (width / max(1, height))
+    if distance > DEDUP_TURN_MAX_HAMMING or \
+            abs(aspect / max(1e-9, other_w / max(1, other_h)) - 1) > DEDUP_TURN_MAX_ASPECT_CHANGE:
+        return False
+    if turn == "mirrored":  # a mirror keeps every face findable: check them all
+        return same_faces_reframed(per_file[row_a], per_file[row_b], (width, height),
+                                   (other_w, other_h), cache["embeddings"], cache["bbox"],
+                                   cache["kps"]) or not (len(per_file[row_a]) or len(per_file[row_b]))
+    faces_a, faces_b = per_file[row_a], per_file[row_b]
+    if not len(faces_a) or not len(faces_b):
+        return True
+    boxes = cache["bbox"]
+    centres_a = turn_centres((boxes[faces_a, :2] + boxes[faces_a, 2:]) / 2 / [width, height], turn)
+    centres_b = (boxes[faces_b, :2] + boxes[faces_b, 2:]) / 2 / [other_w, other_h]
+    near = np.linalg.norm(centres_a[:, None] - centres_b[None], axis=2) < DEDUP_MAX_CENTRE_SHIFT
+    similar = cache["embeddings"][faces_a] @ cache["embeddings"][faces_b].T
+    scores = cache["det_score"]
+    sure = (scores[faces_a][:, None] >= DEDUP_TURN_SURE_FACE) & \
+        (scores[faces_b][None] >= DEDUP_TURN_SURE_FACE)
+    # two faces the detector is sure of at one place must be the same face
+    return not np.any(near & sure & (similar < DEDUP_MIN_SMALL_FACE_SIMILARITY))
+
+
+def frame_sizes(cache: FaceCache) -> np.ndarray:
+    """(width, height) per file row of the frame its face boxes are in: the
+    oriented size, reduced as decode_image reduces photos above MAX_DECODE_PIXELS."""
+    sizes = np.stack([cache["file_width"], cache["file_height"]], axis=1).astype(np.int64)
+    for row in np.flatnonzero(sizes[:, 0] * sizes[:, 1] > MAX_DECODE_PIXELS):
+        factor = reduce_factor(*sizes[row])
+        sizes[row] = [-(-sizes[row, 0] // factor), -(-sizes[row, 1] // factor)]
+    return sizes
+
+
 def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int,
                             per_file: list[np.ndarray] | None = None):
-    """Groups of file rows (among `rows`) that show the same picture.
+    """Groups of file rows (among `rows`) that show the same picture: a copy
+    re-encoded or resized (the hash and the faces at the same places), turned or
+    mirrored (the hash of the turn), or cropped (the faces, one to one).
 
     `per_file` is faces_by_file of the cache, for callers that already have it.
-    Returns a list of (rows array, {row: hamming distance to the group's first row}).
+    Returns a list of (rows array, {row: (hamming distance to the group's first
+    row, how it joined: "same", a PHASH_TURNS entry or "reframed")}).
     """
     rows = np.asarray(rows, dtype=np.int64)
-    hashes = cache["file_phash"][rows]
-    # Connectivity is enough for groups: k identical hashes (blank images,
-    # burst series) give a chain of k-1 pairs to confirm, not k*(k-1)/2.
-    pairs = hamming_pairs(hashes, max_hamming, connectivity_only=True)
-    if not len(pairs):
-        return []
+    # A flat picture (a blank frame, a pure gradient) hashes to 0 whatever its
+    # colour: it says nothing of which picture it is, so it joins no group.
+    rows = rows[cache["file_phash"][rows] != 0]
     if per_file is None:
         per_file = faces_by_file(cache["face_file"], cache.n_files)
-    sizes = np.stack([cache["file_width"], cache["file_height"]], axis=1)
+    n = len(rows)
+    hashes = cache["file_phash"][rows]
+    # 1. hashes: the photo as it is (within max_hamming), and turned or mirrored
+    # (within the stricter DEDUP_TURN_MAX_HAMMING, a much cheaper search).
+    # Connectivity is enough: k identical hashes (blank images) give k-1 pairs.
+    edges = {}
+    for i, j in hamming_pairs(hashes, max_hamming, connectivity_only=True).tolist():
+        edges.setdefault((i, j), "same")
+    every = np.concatenate([hashes, *cache["file_phash_turns"][rows].T]) if n else hashes
+    turn_radius = min(max_hamming, DEDUP_TURN_MAX_HAMMING)
+    for i, j in hamming_pairs(every, turn_radius, connectivity_only=True).tolist():
+        (vi, ri), (vj, rj) = divmod(i, n), divmod(j, n)
+        if ri == rj or (vi and vj) or not (vi or vj):
+            continue  # one photo's own turns, two turns of two photos, or found above
+        turned_of, copy = (ri, rj) if vi else (rj, ri)  # one's turned hash is the other's own
+        edges.setdefault((turned_of, copy), PHASH_TURNS[max(vi, vj) - 1])
+    # 2. faces: near-identical faces whatever the framing
+    face_rows = np.concatenate([per_file[r] for r in rows]) if n else np.zeros(0, np.int64)
+    if len(face_rows) > 1:
+        local = np.full(cache.n_files, -1, np.int64)
+        local[rows] = np.arange(n)
+        embeddings = cache["embeddings"]
+        for i, j in hamming_pairs(face_codes(embeddings[face_rows]), FACE_CODE_RADIUS).tolist():
+            fi, fj = face_rows[i], face_rows[j]
+            ri, rj = local[cache["face_file"][fi]], local[cache["face_file"][fj]]
+            if ri != rj and float(embeddings[fi] @ embeddings[fj]) >= \
+                    DEDUP_REFRAMED_MIN_FACE_SIMILARITY:
+                edges.setdefault((min(ri, rj), max(ri, rj)), "reframed")
+    sizes = frame_sizes(cache)
     embeddings, bboxes, kps = cache["embeddings"], cache["bbox"], cache["kps"]
-    confirmed = [pair for pair in pairs
-                 if same_faces(per_file[rows[pair[0]]], per_file[rows[pair[1]]],
-                               sizes[rows[pair[0]]], sizes[rows[pair[1]]], embeddings, bboxes, kps)]
-    groups = group_pairs(len(rows), np.asarray(confirmed, dtype=np.int64).reshape(-1, 2))
+    turned = np.concatenate([hashes[:, None], cache["file_phash_turns"][rows]], axis=1) \
+        if n else np.zeros((0, 4), np.uint64)
+
+    def confirmed(pair, how) -> bool:
+        a, b = rows[pair[0]], rows[pair[1]]
+        if how == "same":
+            return same_faces(per_file[a], per_file[b], sizes[a], sizes[b], embeddings, bboxes, kps) \
+                or same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
+                                       embeddings, bboxes, kps)
+        if how == "reframed":
+            return same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
+                                       embeddings, bboxes, kps)
+        distance = int(np.bitwise_count(turned[pair[0], 1 + PHASH_TURNS.index(how)]
+                                        ^ hashes[pair[1]]))
+        return same_picture_turned(a, b, how, distance, cache, per_file, sizes)
+
+    kept = [(pair, how) for pair, how in edges.items() if confirmed(pair, how)]
+    groups = group_pairs(n, np.asarray([p for p, _ in kept], dtype=np.int64).reshape(-1, 2))
+    joined = {}
+    for (i, j), how in kept:
+        joined.setdefault(j, how)
+        joined.setdefault(i, how)
     out = []
     for group in groups:
         members = rows[group]
         distance = np.bitwise_count(hashes[group] ^ hashes[group[0]])
-        out.append((members, dict(zip(members.tolist(), distance.tolist()))))
+        out.append((members, {int(m): (int(d), joined.get(int(g), "same")) for m, d, g in
+                              zip(members, distance, group)}))
     return out
 
 
@@ -5122,14 +5369,14 @@ def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
     status = cache["file_status"]
     todo = np.flatnonzero(status != "unreadable")
     locations = file_locations(cache)
-    hashes = np.zeros(cache.n_files, dtype=np.uint64)
+    hashes = np.zeros((cache.n_files, 4), dtype=np.uint64)
 
     def one(row):
         path = existing_location(locations[row], int(cache["file_size"][row]))
         if path is None:
             return row, None
         decoded = _decode_or_reason(path)
-        return row, None if isinstance(decoded, str) else perceptual_hash(decoded[0])
+        return row, None if isinstance(decoded, str) else perceptual_hashes(decoded[0])
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for row, value in progress(pool.map(one, todo), total=len(todo), desc="phash", unit="img"):
@@ -5138,7 +5385,8 @@ def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
                             label_path(cache, locations, row))
             else:
                 hashes[row] = value
-    cache._chunks["file_phash"] = [hashes]
+    cache._chunks["file_phash"] = [hashes[:, 0].copy()]
+    cache._chunks["file_phash_turns"] = [hashes[:, 1:].copy()]
     cache.meta["phash"] = PHASH_VERSION
     save_cache(cache_path, cache)
     say(f"dedup: computed perceptual hashes for {len(todo)} files", quiet)
@@ -5175,7 +5423,8 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
                                 "height": int(cache["file_height"][row]),
                                 "bytes": int(sizes[row]),
                                 "faces": len(per_file[row]),
-                                "hamming_to_first": distance[row]}
+                                "hamming_to_first": distance[row][0],
+                                "found_as": distance[row][1]}
         visual.append({"keep": describe(keep),
                        "others": [describe(r) for r in members.tolist() if r != keep]})
     removable = {p: e["bytes_each"] for e in byte_groups for p in e["others"]}

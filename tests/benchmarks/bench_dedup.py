@@ -5,7 +5,7 @@
 
 Builds a cache of N images (default 100,000) with random perceptual hashes,
 2% of them planted as near-duplicate pairs (hash within 6 bits, same faces),
-one face per image on average, and a group of 2,000 blank images (hash 0),
+one face per image on average, and 2,000 blank images (hash 0: flat, grouped with nothing),
 then times `sort_faces.dedup` on it: load, hash search, face confirmation,
 report. Not collected by pytest.
 """
@@ -78,7 +78,7 @@ def main():
         seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"images: {n}, visual groups: {report['summary']['visual_groups']} "
-          f"(planted {n // 50} pairs + 1 blank group)")
+          f"(planted {n // 50} pairs; blank images join no group)")
     print(f"dedup: {seconds:.1f} s end to end (load, hash search, face checks, report); "
           f"peak RSS {peak:.0f} MB")
 

@@ -33,6 +33,9 @@ def synthetic_cache(n: int, rng) -> sort_faces.FaceCache:
     for bit in range(3):
         hashes[copies] = hashes[originals] ^ (np.uint64(1) << flips[:, bit].astype(np.uint64))
     hashes[:2000] = 0  # blank images
+    # each photo's hash turned 90, 180 and mirrored: as random as its own
+    turns = rng.integers(0, 2**63, size=(n, 3), dtype=np.int64).astype(np.uint64)
+    turns[copies] = turns[originals]
     faces_per_file = rng.integers(0, 3, size=n)
     faces_per_file[copies] = faces_per_file[originals]
     face_file = np.repeat(np.arange(n), faces_per_file).astype(np.int32)
@@ -54,7 +57,7 @@ def synthetic_cache(n: int, rng) -> sort_faces.FaceCache:
         "file_mtime_ns": np.zeros(n, np.int64), "file_width": np.full(n, 4000, np.int32),
         "file_height": np.full(n, 3000, np.int32),
         "file_status": np.where(faces_per_file > 0, "ok", "noface"),
-        "file_reason": np.full(n, ""), "file_phash": hashes,
+        "file_reason": np.full(n, ""), "file_phash": hashes, "file_phash_turns": turns,
         "embeddings": embeddings, "embedding_norm": np.ones(len(face_file), np.float32),
         "face_file": face_file, "bbox": bbox, "kps": kps,
         "det_score": np.ones(len(face_file), np.float32),

@@ -703,3 +703,22 @@ def test_the_lock_never_signals_a_process(tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------------------
+# The first hour (issue 12): what a result says about itself
+# ---------------------------------------------------------------------------
+
+
+def test_versions_are_recorded_and_summaries_say_what_they_count(pipeline, tmp_path):
+    cache = copy_outputs(pipeline, tmp_path)
+    assert sort_faces.load_cache(cache).meta["face_sets_version"] == sort_faces.__version__
+    for manifest in ("raw/manifest.json", "refined/refine_manifest.json"):
+        assert json.loads((tmp_path / manifest).read_text())["face_sets_version"] == \
+            sort_faces.__version__
+    code, out, err = run_cli("cluster", cache, tmp_path / "again")
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    faces, files = len(manifest["singletons"]["faces"]), len(manifest["singletons"]["outputs"])
+    assert code == 0 and f"{faces} faces of no one else ({files} photos in _singletons/)" in out
+    log = _last_log("cluster")
+    assert " INFO cluster: " in log  # the summary is in the log at INFO, not DEBUG

@@ -2242,6 +2242,28 @@ def perceptual_hash(image_bgr: np.ndarray) -> np.uint64:
     >>> bin(int(h1)).count("1"), bin(int(h1 ^ h2)).count("1") <= 4
     (32, True)
     """
+    return _phash_bits(_phash_square(image_bgr))
+
+
+# The turns and the mirror a copy of a photo may have been given, in the order
+# of perceptual_hashes' variants after the photo as it is.
+PHASH_TURNS = ("turned 90", "turned 180", "mirrored")
+
+
+def perceptual_hashes(image_bgr: np.ndarray) -> np.ndarray:
+    """perceptual_hash of the image as it is, and as it would be turned 90
+    degrees clockwise, turned 180 degrees and mirrored left-right (PHASH_TURNS):
+    four uint64 from one shrink. A copy turned by 270 degrees is found as the
+    original turned by 90 from the copy's side."""
+    small = _phash_square(image_bgr)
+    variants = (small, cv2.rotate(small, cv2.ROTATE_90_CLOCKWISE),
+                cv2.rotate(small, cv2.ROTATE_180), np.ascontiguousarray(small[:, ::-1]))
+    return np.array([_phash_bits(v) for v in variants], dtype=np.uint64)
+
+
+def _phash_square(image_bgr: np.ndarray) -> np.ndarray:
+    """The PHASH_DCT_SIZE square of gray levels a hash is taken from (see
+    perceptual_hash for the inputs it takes)."""
     img = np.asarray(image_bgr)
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
@@ -2269,36 +2291,7 @@ def perceptual_hash(image_bgr: np.ndarray) -> np.uint64:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     small = cv2.resize(img, (PHASH_DCT_SIZE, PHASH_DCT_SIZE),
                        interpolation=cv2.INTER_AREA)
-    return _phash_bits(small)
-
-
-# The turns and the mirror a copy of a photo may have been given, in the order
-# of perceptual_hashes' variants after the photo as it is.
-PHASH_TURNS = ("turned 90", "turned 180", "mirrored")
-
-
-def perceptual_hashes(image_bgr: np.ndarray) -> np.ndarray:
-    """perceptual_hash of the image as it is, and as it would be turned 90
-    degrees clockwise, turned 180 degrees and mirrored left-right (PHASH_TURNS):
-    four uint64 from one shrink. A copy turned by 270 degrees is found as the
-    original turned by 90 from the copy's side."""
-    img = np.asarray(image_bgr)
-    if img.ndim == 3 and img.shape[2] in (3, 4) and img.dtype == np.uint8:
-        height, width = img.shape[:2]
-        scale = min(1.0, PHASH_WORK_SIZE / max(height, width))
-        size = (max(PHASH_DCT_SIZE, int(round(width * scale))),
-                max(PHASH_DCT_SIZE, int(round(height * scale))))
-        work = cv2.resize(img[:, :, :3], size, interpolation=cv2.INTER_AREA) if scale < 1 else img
-        gray = cv2.cvtColor(work[:, :, :3].astype(np.float32), cv2.COLOR_BGR2GRAY)
-        small = cv2.resize(gray, (PHASH_DCT_SIZE, PHASH_DCT_SIZE), interpolation=cv2.INTER_AREA)
-    else:
-        small = None
-    if small is None:
-        first = perceptual_hash(image_bgr)
-        return np.array([first] * 4, dtype=np.uint64)
-    variants = (small, cv2.rotate(small, cv2.ROTATE_90_CLOCKWISE),
-                cv2.rotate(small, cv2.ROTATE_180), np.ascontiguousarray(small[:, ::-1]))
-    return np.array([_phash_bits(v) for v in variants], dtype=np.uint64)
+    return small
 
 
 def _phash_bits(small: np.ndarray) -> np.uint64:

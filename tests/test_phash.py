@@ -314,3 +314,15 @@ def test_different_photos_are_above_default(photo_hashes):
     iu, ju = np.triu_indices(n, 1)
     same = ids[iu] == ids[ju]
     assert len(pairs) <= max(3, int(0.005 * same.sum()))
+
+
+def test_turned_and_mirrored_hashes_are_the_hashes_of_the_turned_pictures():
+    """perceptual_hashes' variants, from one shrink, equal hashing the turned or
+    mirrored picture itself: a turned copy's own hash meets them exactly."""
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (300, 420, 3)).astype(np.uint8), (0, 0), 9)
+    hashes = ph.perceptual_hashes(image)
+    turned = (image, cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE), cv2.rotate(image, cv2.ROTATE_180),
+              np.ascontiguousarray(image[:, ::-1]))
+    assert [int(h) for h in hashes] == [int(ph.perceptual_hash(t)) for t in turned]
+    assert len(set(int(h) for h in hashes)) == 4  # four different hashes of one picture

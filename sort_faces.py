@@ -2821,13 +2821,13 @@ def materialise(src: str, dst: Path, link: str) -> str:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     mode = link
-    if link == "symlink":
-        os.symlink(os.path.abspath(src), tmp)
-    elif link == "hardlink":
+    if link in ("symlink", "hardlink"):
         try:
-            os.link(src, tmp)
-        except OSError as error:  # across devices, or a file system without links
-            log.info("hardlink %s -> %s failed (%s); copying instead", src, dst, error.strerror)
+            (os.symlink if link == "symlink" else os.link)(
+                os.path.abspath(src) if link == "symlink" else src, tmp)
+        except OSError as error:  # across devices, a file system without links, or
+            # Windows without the right to make symlinks: a copy instead
+            log.info("%s %s -> %s failed (%s); copying instead", link, src, dst, error.strerror)
             mode = "copy"
     if mode == "copy":
         shutil.copy2(src, tmp)

@@ -722,3 +722,21 @@ def test_versions_are_recorded_and_summaries_say_what_they_count(pipeline, tmp_p
     assert code == 0 and f"{faces} faces of no one else ({files} photos in _singletons/)" in out
     log = _last_log("cluster")
     assert " INFO cluster: " in log  # the summary is in the log at INFO, not DEBUG
+
+
+@pytest.mark.fast
+def test_a_link_that_cannot_be_made_is_a_copy(tmp_path, monkeypatch):
+    """Windows without the right to make symlinks, or a file system without
+    links: the photo is copied, never left out."""
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(b"pixels")
+
+    def refuse(*_args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", refuse)
+    monkeypatch.setattr(os, "link", refuse)
+    for link in ("symlink", "hardlink"):
+        target = tmp_path / f"{link}.jpg"
+        assert sort_faces.materialise(str(source), target, link) == "copy"
+        assert target.read_bytes() == b"pixels" and not target.is_symlink()

@@ -761,6 +761,23 @@ def fill_missing_columns(arrays: dict[str, np.ndarray], embedding_size: int) -> 
                 arrays[key] = np.zeros((rows, *empty.shape[1:]), dtype=empty.dtype)
 
 
+# The cache's meta (JSON) as later steps read it: key -> the type it must have.
+META_TYPES = {"schema_version": int, "journal_applied": int, "model": dict, "sources": list,
+              "crash_suspects": dict, "phash": str, "created": str, "face_sets_version": str}
+
+
+def meta_problem(meta) -> str | None:
+    """Why a cache's (or a chunk's) meta cannot be used, or None."""
+    if not isinstance(meta, dict):
+        return "its meta is not a JSON object"
+    for key, kind in META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            return f"meta.{key} is {type(meta[key]).__name__}, not {kind.__name__}"
+    if not all(isinstance(s, str) for s in meta.get("sources", [])):
+        return "meta.sources holds something that is not a path"
+    return None
+
+
 def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
                   embedding_size: int) -> str | None:
     """Why rows (a main file's, or a chunk's appended at table sizes `first`)
@@ -841,8 +858,11 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
         except Exception as error:  # noqa: BLE001 - any decode failure means the same
             raise UserError(f"{cache_path} is not a face-sets cache ({type(error).__name__}: "
                             f"{display(error)})") from None
+        problem = meta_problem(cache.meta)
+        if problem:
+            raise UserError(f"cache {cache_path} is damaged: {problem}")
         version = cache.meta.get("schema_version", 0)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise UserError(f"cache {cache_path} was written by a newer face-sets "
                             f"(schema {version!r}); this is {__version__}")
         arrays.pop("path_aliases", None)
@@ -888,10 +908,12 @@ def _chunk_problem(cache: FaceCache, arrays: dict, seq: int, chunk: Path) -> str
     first = table_sizes(cache)
     header_text = arrays.pop("chunk", None)
     try:
-        json.loads(str(arrays["meta"]))
+        problem = meta_problem(json.loads(str(arrays["meta"])))
         header = json.loads(str(header_text)) if header_text is not None else None
     except (KeyError, ValueError):
         return f"journal chunk {chunk.name} has no readable meta"
+    if problem or not isinstance(header, (dict, type(None))):
+        return f"journal chunk {chunk.name} is damaged ({problem or 'its header is not an object'})"
     if header is not None:  # a chunk of this version: check it fully
         if header.get("checksum") != arrays_checksum(arrays):
             return f"journal chunk {chunk.name} is damaged (checksum mismatch)"

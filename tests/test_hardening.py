@@ -740,3 +740,15 @@ def test_a_link_that_cannot_be_made_is_a_copy(tmp_path, monkeypatch):
         target = tmp_path / f"{link}.jpg"
         assert sort_faces.materialise(str(source), target, link) == "copy"
         assert target.read_bytes() == b"pixels" and not target.is_symlink()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("key, value", [("journal_applied", "x"), ("crash_suspects", []),
+                                        ("model", "oops"), ("sources", 5)])
+def test_a_cache_with_a_damaged_meta_is_one_line_not_a_traceback(tmp_path, key, value):
+    arrays = sort_faces.FaceCache({"model": {"embedding_size": 512}}).arrays()
+    arrays["meta"] = np.array(json.dumps({"model": {"embedding_size": 512}, key: value}))
+    with sort_faces.atomic_output(tmp_path / "c.npz") as handle:
+        np.savez(handle, **arrays)
+    code, _out, err = run_cli("cluster", tmp_path / "c.npz", tmp_path / "out")
+    one_line_error(code, err, "is damaged", f"meta.{key}")

@@ -56,6 +56,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import warnings
@@ -127,6 +128,16 @@ MIN_DETECT_SIDE_PX = 8
 # The blur score is measured on the face crop resized to this square, so that a
 # face photographed at 4000 px and one at 400 px are judged on the same scale.
 BLUR_SCALE_PX = 112
+# The reductions libjpeg-turbo makes while it decodes a JPEG (in the DCT).
+DCT_FACTORS = (1, 2, 4, 8)
+# Each face is embedded, and its blur scored, from the photo reduced by the
+# largest power of two that keeps this many pixels across the face (its box's
+# short edge), so a face at 4000 px and the same face at 1000 px give the same
+# crop. The recognizer reads a 112 px crop; below this it would read pixels a
+# reduction averaged away. Measured: tests/benchmarks/measure_face_detail.py.
+FACE_DETAIL_PX = 112
+# The side of the recognizer's aligned crop (InsightFace's norm_crop).
+RECOGNIZER_CROP_PX = 112
 
 REFINE_DEFAULTS = {
     "initial_threshold": 0.55,
@@ -1198,52 +1209,20 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
 
 def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
     """decode_image, plus the damage libjpeg reported ('' for none)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    photo = PhotoPixels(path)
+    bgr = photo.at(photo.reference)
+    return bgr, photo.width, photo.height, photo.damage
 
-    Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
+
+@contextlib.contextmanager
+def decode_errors():
+    """Turn what a decoder raises on a bad file into UnreadableImage(reason)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-        if size > MAX_DECODE_BYTES // 2:
-            raise UnreadableImage(f"file too large to decode within {MAX_DECODE_BYTES >> 20} MB "
-                                  f"({size >> 20} MB)")
-        if path.lower().endswith(HEIF_EXTENSIONS) and heif_support():
-            raise UnreadableImage(f"HEIC/HEIF skipped: {heif_support()}")
-        with open(path, "rb") as handle:
-            data = handle.read()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                full_w, full_h = image.size
-                if full_w * full_h > MAX_IMAGE_PIXELS:
-                    raise UnreadableImage(f"image too large ({full_w}x{full_h})")
-                if min(full_w, full_h) < 1:
-                    raise UnreadableImage("image has no pixels")
-                factor = reduce_factor(full_w, full_h)
-                common = is_common_photo(image, data, factor)
-                problem = decode_memory_problem(image.format, image.mode, full_w, full_h,
-                                                factor, len(data), common)
-                if problem:
-                    raise UnreadableImage(problem)
-                orientation = image.getexif().get(0x0112, 1)
-                fast = decode_common_photo(image, data, factor) if common else None
-                if fast is not None:
-                    bgr, damage = fast
-                    if orientation in (5, 6, 7, 8):
-                        full_w, full_h = full_h, full_w
-                    return np.ascontiguousarray(orient(bgr, orientation)), int(full_w), \
-                        int(full_h), damage
-                if factor > 1 and image.format == "JPEG":
-                    image.draft("RGB", (full_w // factor, full_h // factor))
-                image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
-                orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels
-                if factor > 1 and image.size == (full_w, full_h):
-                    image = image.reduce(factor)
-                oriented = image if orientation == 1 else ImageOps.exif_transpose(image)
-                rgb = _to_rgb8(oriented)
-                del image, oriented  # the Pillow copies, before the BGR one is made
-                bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if rgb.ndim == 3 else rgb
+            yield
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
@@ -1253,11 +1232,145 @@ def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
         if "truncated" in reason.lower():
             reason = "truncated file (" + reason + ")"
         raise UnreadableImage(reason) from None
-    if bgr.ndim != 3 or min(bgr.shape[:2]) < 1:
-        raise UnreadableImage("image has no pixels")
-    if orientation in (5, 6, 7, 8):  # EXIF rotated by 90 degrees
-        full_w, full_h = full_h, full_w
-    return bgr, int(full_w), int(full_h), ""
+
+
+def read_photo(path: str) -> bytes:
+    """A photo file's bytes, or UnreadableImage when it is empty or too large."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    if size > MAX_DECODE_BYTES // 2:
+        raise UnreadableImage(f"file too large to decode within {MAX_DECODE_BYTES >> 20} MB "
+                              f"({size >> 20} MB)")
+    if path.lower().endswith(HEIF_EXTENSIONS) and heif_support():
+        raise UnreadableImage(f"HEIC/HEIF skipped: {heif_support()}")
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def box_reduce(bgr: np.ndarray, factor: int, before: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """The image reduced by an integer factor, each pixel the mean of a factor x
+    factor block (edges replicated to whole blocks, so the size rounds up as
+    libjpeg's DCT scaling rounds it). `before`: the (x, y) pixels of
+    replicated edge before the first block (where the blocks of a photo turned
+    upright start, see PhotoPixels.offset)."""
+    if factor == 1:
+        return bgr
+    height, width = bgr.shape[:2]
+    out_w, out_h = -(-width // factor), -(-height // factor)
+    left, top = before
+    padded = cv2.copyMakeBorder(bgr, top, out_h * factor - height - top, left,
+                                out_w * factor - width - left, cv2.BORDER_REPLICATE)
+    return cv2.resize(padded, (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+
+def coarsest_factor(long_side: int, at_least: int, finest: int = 1) -> int:
+    """The largest power of two (at least `finest`) that keeps `long_side`
+    pixels at `at_least` or more: the reduction a view of that detail takes."""
+    factor = finest
+    while long_side / (factor * 2) >= at_least:
+        factor *= 2
+    return factor
+
+
+class PhotoPixels:
+    """One photo, decoded at the reductions a step asks for.
+
+    `at(factor)` is the upright BGR photo reduced by a power of two (at least
+    `reference`, decode_image's own reduction), each made once. A complete
+    8-bit JPEG is reduced in libjpeg-turbo's DCT while it decodes (1/2, 1/4,
+    1/8: a 12 MP photo at 1/4 in half the time of a full decode), anything else
+    (or everything, with dct=False: embed --full-decode) by box-averaging the
+    reference decode, which gives the same pixels within the DCT's rounding.
+    A coordinate x at a factor f is (x_full + offset) / f (offset() is 0
+    except on an axis EXIF turns backwards, where the blocks start at the far
+    edge of the stored pixels). `damage` is libjpeg's corrupt-data warning,
+    known after the first decode.
+    Raises UnreadableImage with the reason.
+    """
+
+    def __init__(self, path: str, dct: bool = True, data: bytes | None = None):
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
+        self.path, self.views, self.damage = path, {}, ""
+        with decode_errors():
+            self.data = read_photo(path) if data is None else data
+            with Image.open(io.BytesIO(self.data)) as image:  # reads the header only
+                full_w, full_h = image.size
+                if full_w * full_h > MAX_IMAGE_PIXELS:
+                    raise UnreadableImage(f"image too large ({full_w}x{full_h})")
+                if min(full_w, full_h) < 1:
+                    raise UnreadableImage("image has no pixels")
+                self.reference = reduce_factor(full_w, full_h)
+                self.common = is_common_photo(image, self.data, self.reference)
+                problem = decode_memory_problem(image.format, image.mode, full_w, full_h,
+                                                self.reference, len(self.data), self.common)
+                if problem:
+                    raise UnreadableImage(problem)
+                self.orientation = image.getexif().get(0x0112, 1)
+                self.format = image.format
+                self.scales = dct and self.common and image.format == "JPEG"
+                self.stored_size = (full_w, full_h)
+        turned = self.orientation in (5, 6, 7, 8)
+        self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
+
+    def offset(self, factor: int) -> np.ndarray:
+        """(x, y): full-resolution pixels of edge before the first block of
+        the upright photo at `factor`."""
+        factor = max(int(factor), self.reference)
+        reversed_x, reversed_y = _ORIENTATION_REVERSED.get(self.orientation, (False, False))
+        return np.array([(-self.width) % factor if reversed_x else 0,
+                         (-self.height) % factor if reversed_y else 0])
+
+    def _box_reduce(self, source: int, factor: int) -> np.ndarray:
+        before = tuple(int(v) // source for v in self.offset(factor) - self.offset(source))
+        return box_reduce(self.at(source), factor // source, before)
+
+    def at(self, factor: int) -> np.ndarray:
+        factor = max(int(factor), self.reference)
+        if factor not in self.views:
+            with decode_errors():
+                self.views[factor] = self._decode(factor)
+        return self.views[factor]
+
+    def _decode(self, factor: int) -> np.ndarray:
+        if factor != self.reference and not self.scales:
+            return self._box_reduce(self.reference, factor)
+        if factor > max(DCT_FACTORS):
+            return self._box_reduce(max(DCT_FACTORS), factor)
+        if self.common:
+            fast = decode_common_photo(self.format, self.stored_size, self.data, factor)
+            if fast is not None:
+                bgr, self.damage = fast
+                return np.ascontiguousarray(orient(bgr, self.orientation))
+            self.scales = False
+            if factor != self.reference:
+                return self._box_reduce(self.reference, factor)
+        return self._decode_with_pillow()
+
+    def _decode_with_pillow(self) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        factor, (full_w, full_h) = self.reference, self.stored_size
+        with Image.open(io.BytesIO(self.data)) as image:
+            if factor > 1 and image.format == "JPEG":
+                image.draft("RGB", (full_w // factor, full_h // factor))
+            image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
+            orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels
+            if orientation != self.orientation:
+                self.orientation = orientation
+                turned = orientation in (5, 6, 7, 8)
+                self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
+            if factor > 1 and image.size == (full_w, full_h):
+                image = image.reduce(factor)
+            oriented = image if orientation == 1 else ImageOps.exif_transpose(image)
+            rgb = _to_rgb8(oriented)
+            del image, oriented  # the Pillow copies, before the BGR one is made
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if rgb.ndim == 3 else rgb
+        if bgr.ndim != 3 or min(bgr.shape[:2]) < 1:
+            raise UnreadableImage("image has no pixels")
+        return bgr
 
 
 def is_common_photo(image, data: bytes, factor: int) -> bool:
@@ -1268,7 +1381,7 @@ def is_common_photo(image, data: bytes, factor: int) -> bool:
         data.rstrip(b"\0").endswith(ending) and (image.format == "JPEG" or factor == 1)
 
 
-def decode_common_photo(image, data: bytes, factor: int):
+def decode_common_photo(image_format: str, size: tuple[int, int], data: bytes, factor: int):
     """(BGR pixels as stored, damage) for a common photo (is_common_photo), or
     None for Pillow's path.
 
@@ -1276,26 +1389,31 @@ def decode_common_photo(image, data: bytes, factor: int):
     data reported), a PNG by OpenCV: the same pixels as Pillow's, in half the
     time.
     """
-    full_w, full_h = image.size
-    if image.format == "JPEG":
-        decoded = decode_jpeg(data, full_w // factor, full_h // factor)
-        if decoded is None or decoded[0].shape[1] != math.ceil(full_w / factor):
+    full_w, full_h = size
+    if image_format == "JPEG":
+        decoded = decode_jpeg(data, -(-full_w // factor), -(-full_h // factor))
+        if decoded is None or decoded[0].shape[1::-1] != (-(-full_w // factor), -(-full_h // factor)):
             return None
         return decoded
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[1::-1] != image.size or bgr.dtype != np.uint8:
+    if bgr is None or bgr.shape[1::-1] != size or bgr.dtype != np.uint8:
         return None
     return bgr, ""
 
 
 def _decode_or_reason(path: str):
     """decode_image_checked's result, or the reason it failed (a string)."""
+    return decode_or_reason(decode_image_checked, path)
+
+
+def decode_or_reason(decode, *args):
+    """decode(*args), or the reason it failed (a string)."""
     try:
-        return decode_image_checked(path)
+        return decode(*args)
     except UnreadableImage as error:
         return str(error)
     except MemoryError:
-        return f"image too large to decode within the memory available"
+        return "image too large to decode within the memory available"
     except Exception as error:  # noqa: BLE001 - a decoder bug must not end the run
         return f"decoder error: {type(error).__name__}: {error}"
 
@@ -1558,7 +1676,8 @@ class WorkerStartError(Exception):
     """A model worker could not load its model (raised in the worker, re-raised here)."""
 
 
-def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size) -> None:
+def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
+                 options) -> None:
     # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself.
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
@@ -1573,6 +1692,7 @@ def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding
     _WORKER["decoder"] = concurrent.futures.ThreadPoolExecutor(1)
     _WORKER["embedding_size"] = embedding_size
     _WORKER["det_size"] = det_size
+    _WORKER.update(options or {})
 
 
 def pool_canary() -> int:
@@ -1583,21 +1703,22 @@ def pool_canary() -> int:
     return os.getpid()
 
 
-def decoded_batch(batch: list[tuple]):
-    """Worker side: (entry, decode_image_checked result or the reason it failed)
-    for each (path, ...) entry, decoding one file ahead of the model on the
-    worker's thread."""
+def decoded_batch(batch: list[tuple], decode=_decode_or_reason):
+    """Worker side: (entry, `decode(path)`: by default decode_image_checked's
+    result, or the reason it failed) for each (path, ...) entry, decoding one
+    file ahead of the model on the worker's thread."""
     paths = [entry[0] for entry in batch]
-    return zip(batch, _WORKER["decoder"].map(_decode_or_reason, paths))
+    return zip(batch, _WORKER["decoder"].map(decode, paths))
 
 
-def per_file(batch: list[tuple], work, failed) -> list:
+def per_file(batch: list[tuple], work, failed, decode=_decode_or_reason) -> list:
     """Worker side: `work(entry, decoded)` for each file of a batch; a file that
-    cannot be decoded, or on which the model raises, gets `failed(reason)`, so
-    one odd image never ends the run for the others."""
+    cannot be decoded (`decode` returns the reason), or on which the model
+    raises, gets `failed(reason)`, so one odd image never ends the run for the
+    others."""
     pool_canary()
     results = []
-    for entry, decoded in decoded_batch(batch):
+    for entry, decoded in decoded_batch(batch, decode):
         if isinstance(decoded, str):
             results.append(failed(decoded))
             continue
@@ -1612,15 +1733,17 @@ def per_file(batch: list[tuple], work, failed) -> list:
 
 
 def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
-               workers: int, embedding_size: int = 512) -> concurrent.futures.ProcessPoolExecutor:
-    """Worker processes that each hold their own model sessions."""
+               workers: int, embedding_size: int = 512,
+               options: dict | None = None) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that each hold their own model sessions (and `options`,
+    a step's settings its tasks read from _WORKER)."""
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     devices = context.Queue()
     for index in range(workers):
         devices.put(index)
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size))
+        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options))
 
 
 class PoolFailure(Exception):
@@ -1716,8 +1839,9 @@ class ModelPool:
 
 def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
                    identity: dict, providers: list[str], workers: int, crash_result,
-                   n_tasks: int | None = None, on_stop=None) -> None:
-    """Run `task` over `batches` in a fresh pool of model workers.
+                   n_tasks: int | None = None, on_stop=None, options: dict | None = None) -> None:
+    """Run `task` over `batches` in a fresh pool of model workers (which hold
+    `options` for the task to read).
 
     The pool never starts more workers than there are tasks (`n_tasks`, when
     known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
@@ -1729,7 +1853,7 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
     if n_tasks is not None:
         workers = max(1, min(workers, n_tasks))
     pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
-                                        workers, identity["embedding_size"]),
+                                        workers, identity["embedding_size"], options),
                      task, on_result, crash_result, max_inflight=2 * workers + 2)
     try:
         pool.run(batches)
@@ -2301,6 +2425,8 @@ def _phash_square(image_bgr: np.ndarray) -> np.ndarray:
         img = img.astype(np.float32)
     img = np.ascontiguousarray(img)
 
+    if img.ndim == 3:  # gray first: a third of the pixels to shrink
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     height, width = img.shape[:2]
     longest = max(height, width)
     if longest > PHASH_WORK_SIZE:
@@ -2309,8 +2435,6 @@ def _phash_square(image_bgr: np.ndarray) -> np.ndarray:
                 max(PHASH_DCT_SIZE, int(round(height * scale))))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     img = img.astype(np.float32)
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     small = cv2.resize(img, (PHASH_DCT_SIZE, PHASH_DCT_SIZE),
                        interpolation=cv2.INTER_AREA)
     return small
@@ -4547,44 +4671,158 @@ def write_review(folder: Path, page: dict, cache: FaceCache | None, locations,
 # ============================================================================
 
 
-def embed_image(app, bgr: np.ndarray, embedding_size: int) -> dict[str, np.ndarray]:
-    """Detect and embed every face of one image: a dict of FACE_COLUMNS arrays
-    (face_file left at 0 for the caller to set)."""
-    faces = app.get(bgr)
-    records = []
-    for face in faces:
-        raw = np.asarray(face.embedding, dtype=np.float32)
-        norm = float(np.linalg.norm(raw))
-        records.append({
-            "embeddings": raw / max(norm, 1e-12),
-            "embedding_norm": norm,
-            "face_file": 0,
-            "bbox": np.asarray(face.bbox, dtype=np.float32),
-            "kps": np.asarray(face.kps, dtype=np.float32),
-            "det_score": float(face.det_score),
-            "face_short": float(face_short_edge(face.bbox)[0]),
-            "blur": blur_score(bgr, face.bbox),
-        })
+def alignment_matrix(kps: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity that takes a face's five landmarks to the recognizer's
+    aligned crop (InsightFace's norm_crop, RECOGNIZER_CROP_PX square)."""
+    from insightface.utils import face_align
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return face_align.estimate_norm(np.asarray(kps, np.float64), RECOGNIZER_CROP_PX)
+
+
+def face_footprint(matrix: np.ndarray, bbox: np.ndarray) -> np.ndarray:
+    """(x0, y0, x1, y1): the pixels a face's aligned crop (`matrix`) and its
+    box read."""
+    size = RECOGNIZER_CROP_PX
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
+    points = np.vstack([corners @ inverse.T, np.reshape(bbox[:4], (2, 2))])
+    return np.concatenate([points.min(axis=0), points.max(axis=0)])
+
+
+def face_view(image: np.ndarray, reduce: int, bbox, kps):
+    """A face's surroundings in `image`, box-reduced by `reduce`: (pixels, box,
+    alignment matrix) in those pixels' coordinates. The region covers
+    everything the aligned crop and the blur score read, on a grid of whole
+    blocks, so the face's pixels are those of the whole image reduced."""
+    height, width = image.shape[:2]
+    matrix = alignment_matrix(kps)
+    x0, y0, x1, y1 = face_footprint(matrix, bbox) + np.array([-2, -2, 2, 2]) * (reduce + 1)
+    x0, y0 = (max(0, int(v // reduce) * reduce) for v in (x0, y0))
+    x1, y1 = min(width, int(-(-x1 // reduce)) * reduce), min(height, int(-(-y1 // reduce)) * reduce)
+    if x1 <= x0 or y1 <= y0:  # a face box wholly outside the image: nothing to read
+        x0, y0, x1, y1 = 0, 0, width, height
+    origin = np.array([x0, y0], np.float64)
+    pixels = box_reduce(image[y0:y1, x0:x1], reduce)
+    to_image = np.array([[reduce, 0, x0], [0, reduce, y0], [0, 0, 1]], np.float64)
+    return (pixels, (np.asarray(bbox[:4], np.float64).reshape(2, 2) - origin).ravel() / reduce,
+            matrix @ to_image)
+
+
+def detail_factor(short_edge: float, finest: int) -> int:
+    """The reduction (a power of two, at least `finest`) a face of this short
+    edge (full-resolution pixels) is embedded at: the coarsest that keeps
+    FACE_DETAIL_PX across it."""
+    return coarsest_factor(short_edge, FACE_DETAIL_PX, finest)
+
+
+def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
+                timings: dict | None = None) -> dict[str, np.ndarray]:
+    """Detect and embed every face of one photo: a dict of FACE_COLUMNS arrays
+    (face_file left at 0 for the caller to set), boxes and landmarks in
+    decode_image's frame.
+
+    The detector sees the photo at the coarsest reduction whose long side still
+    covers its input (det_size); each face's aligned crop and blur score are
+    made from the photo reduced as far as keeps FACE_DETAIL_PX across the face
+    (detail_factor), read from the detector's view when that is fine enough,
+    else from one finer decode shared by the image's smaller faces.
+    """
+    timings = {} if timings is None else timings
+    clock = time.thread_time()
+    seen = photo.at(detect_factor(photo, det_size))
+    seen_factor = max(detect_factor(photo, det_size), photo.reference)
+    boxes, kpss = app.det_model.detect(seen, max_num=0, metric="default")
+    clock = _lap(timings, "detect", clock)
+    seen_offset = photo.offset(seen_factor)
+    boxes_full = boxes[:, :4].astype(np.float64) * seen_factor - np.tile(seen_offset, 2)
+    kpss_full = np.asarray(kpss, np.float64).reshape(-1, 5, 2) * seen_factor - seen_offset
+    factors = [detail_factor(float(face_short_edge(box)[0]), photo.reference) for box in boxes_full]
+    finer = min([f for f in factors if f < seen_factor], default=None)
+    if finer is not None:
+        photo.at(finer)
+        clock = _lap(timings, "decode finer", clock)
+    crops, blurs = [], []
+    for box, kps, factor in zip(boxes_full, kpss_full, factors):
+        source = seen_factor if factor >= seen_factor else finer
+        offset = photo.offset(source)
+        pixels, box_view, matrix = face_view(photo.at(source), factor // source,
+                                             (box + np.tile(offset, 2)) / source,
+                                             (kps + offset) / source)
+        crops.append(cv2.warpAffine(pixels, matrix, (RECOGNIZER_CROP_PX, RECOGNIZER_CROP_PX),
+                                    borderValue=0.0))  # InsightFace's norm_crop
+        blurs.append(blur_score(pixels, box_view))
+    clock = _lap(timings, "face views", clock)
+    recognizer = app.models["recognition"]
+    raw = recognizer.get_feat(crops).astype(np.float32) if crops else np.zeros((0, embedding_size))
+    _lap(timings, "recognize", clock)
+    norms = np.linalg.norm(raw, axis=1)
+    reference_offset = photo.offset(photo.reference)
+    records = [{
+        "embeddings": raw[i] / max(float(norms[i]), 1e-12),
+        "embedding_norm": float(norms[i]),
+        "face_file": 0,
+        "bbox": ((boxes_full[i] + np.tile(reference_offset, 2)) / photo.reference).astype(np.float32),
+        "kps": ((kpss_full[i] + reference_offset) / photo.reference).astype(np.float32),
+        "det_score": float(boxes[i, 4]),
+        "face_short": float(face_short_edge(boxes_full[i] / photo.reference)[0]),
+        "blur": blurs[i],
+    } for i in range(len(boxes))]
     return rows_from_records(records, FACE_COLUMNS, embedding_size)
+
+
+def detect_factor(photo: PhotoPixels, det_size: int) -> int:
+    """The reduction the detector sees a photo at: the coarsest that keeps its
+    long side at det_size or more (it is resized to det_size anyway)."""
+    return coarsest_factor(max(photo.width, photo.height), det_size, photo.reference)
+
+
+def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
+    """A photo's perceptual_hashes, taken from the detector's view of it (so
+    the same at every resolution, and free once the detector has its view)."""
+    return perceptual_hashes(photo.at(detect_factor(photo, det_size)))
+
+
+def _lap(timings: dict, stage: str, since: float) -> float:
+    """Add this thread's CPU seconds since `since` to timings[stage]."""
+    now = time.thread_time()
+    timings[stage] = timings.get(stage, 0.0) + now - since
+    return now
 
 
 def embed_task(batch: list[tuple]) -> list[dict]:
     """Worker side: decode (a thread ahead) and embed each file of a batch
     of (path, ...) entries."""
-    return per_file(batch, _embed_one, lambda reason: {"status": "unreadable", "reason": reason})
+    dct = not _WORKER.get("full_decode")
+    det_size = _WORKER["det_size"]
+
+    def decode(path):
+        started = time.thread_time()
+        photo = PhotoPixels(path, dct=dct)
+        photo.at(detect_factor(photo, det_size))
+        photo.decode_seconds = time.thread_time() - started
+        return photo
+
+    return per_file(batch, _embed_one, lambda reason: {"status": "unreadable", "reason": reason},
+                    decode=lambda path: decode_or_reason(decode, path))
 
 
-def _embed_one(_entry, decoded) -> dict:
-    bgr, width, height, damage = decoded
-    hashes = perceptual_hashes(bgr)
-    result = {"reason": "", "damage": damage, "width": width, "height": height,
+def _embed_one(_entry, photo: PhotoPixels) -> dict:
+    det_size = _WORKER["det_size"]
+    timings = {"decode": photo.decode_seconds}
+    clock = time.thread_time()
+    hashes = photo_hashes(photo, det_size)
+    _lap(timings, "perceptual hash", clock)
+    result = {"reason": "", "damage": photo.damage, "width": photo.width, "height": photo.height,
               "phash": hashes[0], "phash_turns": hashes[1:]}
-    if too_small_for_faces(bgr.shape[1], bgr.shape[0], _WORKER["det_size"]):
+    if too_small_for_faces(photo.width, photo.height, det_size):
         faces = rows_from_records([], FACE_COLUMNS, _WORKER["embedding_size"])
-        result["reason"] = f"too small or too thin to hold a face ({width}x{height})"
+        result["reason"] = f"too small or too thin to hold a face ({photo.width}x{photo.height})"
     else:
-        faces = embed_image(_WORKER["app"], bgr, _WORKER["embedding_size"])
-    return dict(result, status="ok" if len(faces["face_file"]) else "noface", faces=faces)
+        faces = embed_photo(_WORKER["app"], photo, det_size, _WORKER["embedding_size"], timings)
+    return dict(result, status="ok" if len(faces["face_file"]) else "noface", faces=faces,
+                seconds=timings)
 
 
 def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
@@ -4618,11 +4856,18 @@ def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int
 
 def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
           det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
-          quiet=False) -> dict:
+          full_decode=False, quiet=False) -> dict:
     """Embed every new image under `src` into the cache at `cache_path`.
 
+    JPEGs are decoded only as finely as the detector and each face need
+    (PhotoPixels, embed_photo); `full_decode` decodes every photo whole and
+    reduces it in pixels instead (the same faces, about twice the time on
+    12 MP photos).
+
     Returns the run summary (also printed): files seen, new, aliases, faces,
-    noface, unreadable, seconds.
+    noface, unreadable, seconds, and `stage_seconds`: the CPU seconds of each
+    stage (the workers' decode, detector, recognizer..., summed over workers;
+    this process's scan, hashing and journal writes).
     """
     started = time.time()
     check_options(det_size=det_size, workers=workers, flush_every=flush_every)
@@ -4651,6 +4896,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
             f"{workers} worker(s), {provider_list[0]})", quiet)
         run = EmbedRun(cache, cache_path, flush_every)
+        clock = time.perf_counter()
         paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
         for problem in problems:
             log.warning("skipped: %s", display(problem))
@@ -4660,6 +4906,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
             log.warning("skipped %d HEIC/HEIF files (%s ...): %s", len(heif), heif[0], heif_support())
             paths = [p for p in paths if not p.lower().endswith(HEIF_EXTENSIONS)]
         todo = run.triage(paths)
+        run.add_seconds({"scan": time.perf_counter() - clock})
         with progress(total=len(todo), desc="embed", unit="img") as run.bar:
             if todo:
                 with concurrent.futures.ThreadPoolExecutor(2) as hasher:
@@ -4670,13 +4917,17 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                                    n_tasks=n_batches(len(todo)),
                                    crash_result=lambda reason: {"status": "crashed",
                                                                 "reason": reason},
-                                   on_stop=lambda: (run.flush(), save_cache(cache_path, cache)))
+                                   on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
+                                   options={"full_decode": bool(full_decode)})
         run.flush()
         save_cache(cache_path, cache)
         run.summary.update(run.tree_report(paths))
     summary = dict(run.summary, seen=len(paths), skipped=len(problems),
                    skipped_heif=len(heif) if heif_support() else 0,
-                   seconds=round(time.time() - started, 1))
+                   seconds=round(time.time() - started, 1),
+                   stage_seconds={k: round(v, 2) for k, v in run.stage_seconds.items()})
+    log.info("embed CPU seconds by stage (the workers' summed): %s",
+             ", ".join(f"{k} {v:.1f}" for k, v in run.stage_seconds.items()))
     for path in run.known_unreadable:
         log.info("still unreadable (known): %s", display(path))
     say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
@@ -4713,6 +4964,13 @@ class EmbedRun:
         self.unreadable: list[str] = []  # reported by this run (cannot stat, read or decode)
         self.known_unreadable: list[str] = []
         self.suspects = cache.meta.setdefault("crash_suspects", {})
+        self.stage_seconds: dict[str, float] = {}
+        self._seconds_lock = threading.Lock()  # the hashing threads add theirs too
+
+    def add_seconds(self, seconds: dict) -> None:
+        with self._seconds_lock:
+            for stage, value in seconds.items():
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + value
 
     def triage(self, paths: list[str]) -> list[tuple[str, int, int]]:
         """Paths that need hashing: unknown, or changed since the cache saw them."""
@@ -4729,13 +4987,15 @@ class EmbedRun:
             todo.append((path, info.st_size, info.st_mtime_ns))
         return todo
 
-    @staticmethod
-    def hash_entry(entry):
+    def hash_entry(self, entry):
         path, size, mtime_ns = entry
+        started = time.thread_time()
         try:
             return path, size, mtime_ns, sha256_file(path)
         except OSError as error:
             return path, size, mtime_ns, OSError(error.strerror or str(error))
+        finally:  # the hashing threads' times add up
+            self.add_seconds({"sha256": time.thread_time() - started})
 
     def batches(self, hashed):
         """Group hashed files into model tasks, recording aliases on the way."""
@@ -4764,6 +5024,7 @@ class EmbedRun:
 
     def on_result(self, batch, results) -> None:
         for (path, size, mtime_ns, sha), result in zip(batch, results):
+            self.add_seconds(result.get("seconds", {}))
             self.pending_sha.discard(sha)
             status, reason = result["status"], result["reason"]
             if status == "crashed":
@@ -4840,8 +5101,10 @@ class EmbedRun:
         rows.update(rows_from_records(ready, PATH_COLUMNS, size))
         faces = self.new_faces or [rows_from_records([], FACE_COLUMNS, size)]
         rows.update({key: np.concatenate([f[key] for f in faces]) for key in FACE_COLUMNS})
+        started = time.perf_counter()
         write_journal_chunk(self.cache_path, self.cache, rows)
         self.cache.append(rows)
+        self.add_seconds({"journal": time.perf_counter() - started})
         self.new_files, self.new_faces = [], []
         self.new_paths = [p for p in self.new_paths if p["path_sha256"] not in self.known_sha]
 
@@ -5102,7 +5365,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
 # one photo (JPEG q30, half size, 3% crop, PNG, brightness) stay within 12
 # bits at the 99th percentile, different people start at 14.
 DEFAULT_HAMMING = PHASH_DEFAULT_MAX_DISTANCE
-PHASH_VERSION = "dct32-1:9+turns"  # bump when perceptual_hash(es) change
+# bump when perceptual_hash(es) change; "-2": taken from the detector's view of
+# the photo (photo_hashes), gray before the shrink (old caches are re-hashed once)
+PHASH_VERSION = "dct32-2:9+turns"
 # Face evidence for a visual pair, measured on edited copies of the shared
 # photos (JPEG q30, half size, 3% crop) against two LFW shots of one man from
 # one sitting (Ariel_Sharon 0005/0007, hash distance 10):
@@ -5399,13 +5664,17 @@ def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
     todo = np.flatnonzero(status != "unreadable")
     locations = file_locations(cache)
     hashes = np.zeros((cache.n_files, 4), dtype=np.uint64)
+    det_size = int((cache.meta.get("model") or {}).get("det_size", DEFAULT_DET_SIZE))
 
     def one(row):
         path = existing_location(locations[row], int(cache["file_size"][row]))
         if path is None:
             return row, None
-        decoded = _decode_or_reason(path)
-        return row, None if isinstance(decoded, str) else perceptual_hashes(decoded[0])
+        photo = decode_or_reason(PhotoPixels, path)
+        if isinstance(photo, str):
+            return row, None
+        hashes = decode_or_reason(photo_hashes, photo, det_size)
+        return row, None if isinstance(hashes, str) else hashes
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for row, value in progress(pool.map(one, todo), total=len(todo), desc="phash", unit="img"):
@@ -6221,6 +6490,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--flush-every", type=option_type("flush_every"), default=DEFAULT_FLUSH_EVERY,
                    help="flush new results to disk after this many new files")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every photo whole and reduce it in pixels, instead of letting "
+                        "libjpeg reduce JPEGs while decoding (same faces, slower)")
 
     p = add_command(sub, "cluster", cli_cluster,
                     help="raw identity clusters: person_NNN/, _singletons/, _noface/",
@@ -6361,7 +6633,7 @@ def cli_refine(args) -> int:
 def cli_embed(args) -> int:
     summary = embed(args.src, args.cache, model=args.model, model_root=args.model_root,
                     det_size=args.det_size, providers=args.providers, workers=args.workers,
-                    flush_every=args.flush_every, quiet=args.quiet)
+                    flush_every=args.flush_every, full_decode=args.full_decode, quiet=args.quiet)
     return EXIT_PARTIAL if embed_incomplete(summary) else EXIT_OK
 
 

@@ -2425,16 +2425,18 @@ def _phash_square(image_bgr: np.ndarray) -> np.ndarray:
         img = img.astype(np.float32)
     img = np.ascontiguousarray(img)
 
-    if img.ndim == 3:  # gray first: a third of the pixels to shrink
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     height, width = img.shape[:2]
     longest = max(height, width)
     if longest > PHASH_WORK_SIZE:
+        if img.ndim == 3:  # gray first: a third of the pixels to shrink
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         scale = PHASH_WORK_SIZE / longest
         size = (max(PHASH_DCT_SIZE, int(round(width * scale))),
                 max(PHASH_DCT_SIZE, int(round(height * scale))))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     img = img.astype(np.float32)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     small = cv2.resize(img, (PHASH_DCT_SIZE, PHASH_DCT_SIZE),
                        interpolation=cv2.INTER_AREA)
     return small

@@ -3,9 +3,8 @@ starting point: embed reaches only ~1.1x a bare loop on such photos).
 
     .venv/bin/python tests/benchmarks/bench_decode_stages.py [N_PHOTOS]
 
-Makes N (default 24) photos of 4000x3000 from the shared labeled photos (each
-scaled up into a 4000x3000 frame with its face at a phone portrait's size,
-JPEG quality 92, ~1-2 MB), and a HEIC of one, then times in one process and
+Makes N (default 24) photos of 4000x3000 from the shared labeled photos
+(phone_photos.py: JPEG quality 92, ~1-2 MB), and a HEIC of one, then times in one process and
 one thread, median milliseconds per photo: sha256 of the file, the full decode
 (cv2, libjpeg-turbo, Pillow), libjpeg-turbo's DCT-scaled decodes (1/2, 1/4,
 1/8), the detector at 640 on the full and on the 1/4 decode, the recognizer
@@ -25,26 +24,10 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "faces"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sort_faces  # noqa: E402
-
-
-def phone_photos(folder: Path, count: int) -> list[Path]:
-    sources = sorted(p for s in ("five_celebs", "face_recognition") for p in (DATA / s).rglob("*.jpg"))
-    out = []
-    for index, source in enumerate(sources[::max(1, len(sources) // count)][:count]):
-        image = cv2.imread(str(source))
-        scale = 3000 / image.shape[0]
-        big = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-        frame = cv2.copyMakeBorder(big, 0, 0, 0, max(0, 4000 - big.shape[1]), cv2.BORDER_REFLECT)
-        frame = cv2.GaussianBlur(frame[:3000, :4000], (0, 0), 0.8)
-        noise = np.random.default_rng(index).normal(0, 3, frame.shape)
-        frame = np.clip(frame + noise, 0, 255).astype(np.uint8)  # sensor grain, as a phone's
-        path = folder / f"phone_{index:03d}.jpg"
-        cv2.imwrite(str(path), frame, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        out.append(path)
-    return out
+from phone_photos import make_phone_photos  # noqa: E402
 
 
 def timed(function, repeat=1):
@@ -63,7 +46,7 @@ def main(count: int = 24) -> None:
                                         ["CPUExecutionProvider"], 640)
     detector, recognizer = app.det_model, app.models["recognition"]
     with tempfile.TemporaryDirectory() as tmp:
-        photos = phone_photos(Path(tmp), count)
+        photos = make_phone_photos(Path(tmp), count)
         times: dict[str, list[float]] = {}
 
         def note(stage, ms):
@@ -80,8 +63,10 @@ def main(count: int = 24) -> None:
                 lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))[0])
             reduced = {}
             for factor in (2, 4, 8):
+                height, width = simplejpeg.decode_jpeg_header(data)[:2]
                 ms, reduced[factor] = timed(lambda: simplejpeg.decode_jpeg(
-                    data, colorspace="BGR", min_width=4000 // factor, min_height=3000 // factor))
+                    data, colorspace="BGR", min_width=-(-width // factor),
+                    min_height=-(-height // factor)))
                 note(f"decode 1/{factor}: libjpeg-turbo", ms)
             note("decode_image_checked (today's embed)", timed(
                 lambda: sort_faces.decode_image_checked(str(path)))[0])
@@ -124,9 +109,14 @@ def heic_cost(photo: Path) -> str:
     image.save(buffer, format="HEIF", quality=85)
     data = buffer.getvalue()
     ms_full, _ = timed(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), 3)
+    threads = pillow_heif.options.DECODE_THREADS
+    pillow_heif.options.DECODE_THREADS = 1  # what one worker of a busy pool gets
+    ms_one, _ = timed(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), 3)
+    pillow_heif.options.DECODE_THREADS = threads
     heif = pillow_heif.open_heif(io.BytesIO(data))
     thumbs = [t.size for t in heif[0].thumbnails] if hasattr(heif[0], "thumbnails") else []
-    return (f"HEIC 4000x3000 ({len(data) / 2**20:.1f} MB): full decode {ms_full:.0f} ms; "
+    return (f"HEIC 4000x3000 ({len(data) / 2**20:.1f} MB): full decode {ms_full:.0f} ms wall with "
+            f"libheif's {threads} decode threads, {ms_one:.0f} ms with one; "
             f"pillow-heif offers no scaled decode; thumbnails stored in this file: {thumbs or 'none'}")
 
 

@@ -18,7 +18,8 @@ then one section per subcommand, then the command line.
     ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
     FILES AND ATOMIC IO  atomic writes, locks, paths kept inside an output, the source scan
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
-    IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget
+    IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
+                         at the reductions a step needs (libjpeg's DCT scaling)
     MODEL                InsightFace packs, providers, the crash-proof worker pool
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
@@ -82,12 +83,15 @@ __all__ = [
     "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     # images and models
-    "decode_image", "UnreadableImage", "resolve_model", "offline_pack_dir", "run_model_step",
-    "in_batches", "embed_task", "too_small_for_faces",
+    "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
+    "offline_pack_dir", "run_model_step", "in_batches", "embed_task", "embed_photo",
+    "too_small_for_faces", "photo_hashes",
     # pure functions over arrays
     "agglomerative_labels", "refine_partition", "quality_failures", "perceptual_hash",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
+    "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",
+    "alignment_matrix",
 ]
 
 # ============================================================================
@@ -4670,6 +4674,8 @@ def write_review(folder: Path, page: dict, cache: FaceCache | None, locations,
 # Scan, sha256-group, decode, detect and embed; resumable through the cache.
 # Hashing runs in threads of this process while a pool of model processes
 # decodes (one thread ahead) and embeds; results are flushed as journal chunks.
+# A photo is decoded only as finely as the detector and each face need
+# (embed_photo): a 12 MP JPEG costs about half a full decode's time.
 # ============================================================================
 
 

@@ -10,6 +10,7 @@ One file, one subcommand function each, over shared helpers:
     extend       fold new faces into an existing result without renumbering
     enrich       landmarks and pose for every cached face
     export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
+    people       name, merge, move and reject people; every later cluster keeps it
 
 Sections, in order (search for the banner lines): shared helpers first,
 then one section per subcommand, then the command line.
@@ -28,7 +29,7 @@ then one section per subcommand, then the command line.
                          manifests and the one loader that validates them
     CLUSTERING           scalable exact average-linkage clustering, centroids
     REVIEW PAGES         index.html and face thumbnails for every output folder
-    EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP   the subcommands
+    EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands
     CLI                  argparse wiring
 
 Import it (``import sort_faces``) to call any helper directly.
@@ -37,6 +38,7 @@ Import it (``import sort_faces``) to call any helper directly.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
@@ -59,6 +61,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import warnings
 from collections import deque
@@ -77,9 +80,10 @@ __version__ = "0.5.0"
 __all__ = [
     "__version__", "UserError", "Interrupted", "main", "build_parser",
     # the subcommands
-    "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap",
+    "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people",
     # options, caches, manifests, outputs
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
+    "people_path", "load_decisions", "fold_decisions", "face_key", "face_rows", "keep_numbers",
     "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     # images and models
@@ -3354,7 +3358,12 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                 check.fail("parameters", f"has no {key!r}")
         for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
             check.group(entry, f"clusters[{index}]")
+            if "label" in entry and person_name_problem(entry["label"]):
+                check.fail(f"clusters[{index}].label", person_name_problem(entry["label"]))
         check.group(manifest["singletons"], "singletons")
+        if "rejected" in manifest:
+            check.obj(manifest["rejected"], "rejected", "faces")
+            check.face_records(manifest["rejected"]["faces"], "rejected.faces")
         noface = check.obj(manifest["noface"], "noface", "files", "outputs")
         for item in check.items(noface["files"], "noface.files"):
             check.text(item, "noface.files")
@@ -3488,6 +3497,8 @@ def agglomerative_labels(
     *,
     max_component=CLUSTER_MAX_COMPONENT,
     block_rows=CLUSTER_BLOCK_ROWS,
+    together=None,
+    apart=None,
 ):
     """Average-linkage clustering of face embeddings with a distance threshold.
 
@@ -3517,6 +3528,13 @@ def agglomerative_labels(
     block_rows : int, default=CLUSTER_BLOCK_ROWS
         Rows per block of the blocked similarity search. Tiles hold
         ``CLUSTER_TILE_ELEMS`` elements.
+    together : list of index arrays, optional
+        Must-link groups (a person's decisions, see fold_decisions): each
+        starts as one cluster, whatever the distances inside it.
+    apart : list of (i, j) pairs of indexes into ``together``, optional
+        Cannot-link: those two groups never end in one cluster. A component
+        holding a constraint is clustered by size-weighted average linkage
+        over the groups (exact, the same criterion) with those merges barred.
 
     Returns
     -------
@@ -3547,6 +3565,11 @@ def agglomerative_labels(
         return np.zeros(n, np.int64), info
 
     comp, n_edges = _agglo_threshold_components(X, threshold, block_rows)
+    together = [np.asarray(g, np.int64) for g in (together or []) if len(g)]
+    constrained = np.zeros(n, bool)
+    if together:
+        comp = _agglo_join_components(comp, together)
+        constrained[np.concatenate(together)] = True
     t_edges = time.perf_counter()
     n_comp = int(comp.max()) + 1
     sizes = np.bincount(comp, minlength=n_comp)
@@ -3561,7 +3584,9 @@ def agglomerative_labels(
     cut = np.nextafter(threshold, -np.inf)
     for c in np.flatnonzero(~single):
         idx = order[starts[c]:starts[c] + sizes[c]]
-        if idx.size <= max_component:
+        if constrained[idx].any():
+            local = _agglo_constrained(X, idx, threshold, together, apart or [])
+        elif idx.size <= max_component:
             Y = E[idx].astype(np.float64)
             Y /= np.maximum(np.linalg.norm(Y, axis=1), 1e-12)[:, None]
             Z = linkage(_agglo_condensed_cosine(Y), method="average")
@@ -3580,6 +3605,46 @@ def agglomerative_labels(
                 seconds=t_end - t_start, seconds_edges=t_edges - t_start,
                 seconds_linkage=t_end - t_edges)
     return labels, info
+
+
+def _agglo_join_components(comp, together):
+    """Component labels with each must-link group's components made one."""
+    parent = np.arange(int(comp.max()) + 1)
+
+    def root(c):
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for group in together:
+        first = root(int(comp[group[0]]))
+        for c in np.unique(comp[group]):
+            parent[root(int(c))] = first
+    roots = np.array([root(c) for c in range(len(parent))])
+    return np.unique(roots, return_inverse=True)[1][comp]
+
+
+def _agglo_constrained(X, idx, threshold, together, apart):
+    """Labels (0..) of one component's faces `idx` (sorted) under must-link
+    groups `together` and cannot-link pairs `apart` (indexes into together)."""
+    group = np.arange(len(idx))
+    for g in together:
+        local = np.searchsorted(idx, g[np.isin(g, idx)])
+        if len(local):
+            group[local] = group[local[0]]
+    _, group = np.unique(group, return_inverse=True)
+    weights = np.bincount(group).astype(np.float64)
+    means = np.zeros((len(weights), X.shape[1]), np.float64)
+    np.add.at(means, group, X[idx])
+    means /= weights[:, None]
+    forbid = []
+    for a, b in apart:
+        ga = np.unique(group[np.searchsorted(idx, together[a][np.isin(together[a], idx)])])
+        gb = np.unique(group[np.searchsorted(idx, together[b][np.isin(together[b], idx)])])
+        forbid += [(int(i), int(j)) for i in ga for j in gb if i != j]
+    parent = _agglo_weighted_linkage(means.astype(np.float32), weights, threshold, forbid)
+    return np.unique(parent[group], return_inverse=True)[1]
 
 
 def _agglo_unit_rows(embeddings):
@@ -3935,7 +4000,7 @@ def _agglo_best_match(B, G):
     return best, best_sim
 
 
-def _agglo_weighted_linkage(means, weights, threshold):
+def _agglo_weighted_linkage(means, weights, threshold, forbid=()):
     """Size-weighted average linkage (UPGMA) over groups, below a threshold.
 
     Nearest-neighbour-chain algorithm on a dense float32 matrix. A group whose
@@ -3951,6 +4016,9 @@ def _agglo_weighted_linkage(means, weights, threshold):
         Number of faces in each group.
     threshold : float
         Merge only while the average distance is strictly below this.
+    forbid : pairs of group indexes that never merge (cannot-link); the
+        distance between them is infinite, and stays so for what they join
+        (an average with infinity), so the chain stays reducible.
 
     Returns
     -------
@@ -3960,6 +4028,8 @@ def _agglo_weighted_linkage(means, weights, threshold):
     m = len(weights)
     D = means @ means.T
     np.subtract(np.float32(1.0), D, out=D)
+    for a, b in forbid:
+        D[a, b] = D[b, a] = np.inf
     size = np.asarray(weights, np.float64).copy()
     gone = np.zeros(m, np.float32)  # +inf once merged away or final
     parent = np.arange(m)
@@ -4548,14 +4618,15 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
     groups = []
     for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"])):
         faces = [f["face"] for f in entry["faces"]]
+        label = f"{entry['label']}: " if entry.get("label") else ""
         groups.append({"name": entry["name"], "href": entry["name"] + "/",
-                       "subtitle": f"{entry['size']} faces in {entry['images']} images",
-                       "thumbs": [face_thumb(cache, locations, f, entry["name"])
+                       "subtitle": f"{label}{entry['size']} faces in {entry['images']} images",
+                       "thumbs": [face_thumb(cache, locations, f, entry["name"], badge=f)
                                   for f in strip_faces(embeddings, faces)]})
     singles = [f["face"] for f in manifest["singletons"]["faces"]]
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
                    "subtitle": f"{len(singles)} faces that match no one",
-                   "thumbs": [face_thumb(cache, locations, f, "_singletons")
+                   "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f)
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
     listed = set(manifest["noface"]["files"])
@@ -5124,34 +5195,91 @@ class EmbedRun:
 # ============================================================================
 
 
+def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
+    """(people, singleton faces, rejected faces, clustering info) of a cache
+    at `threshold`, under the people decisions beside it. A person is a
+    cluster of two faces or more, or one that holds a face pinned by a
+    decision (a face moved to a new person is one)."""
+    rejected = np.array(constraints["rejected"], np.int64)
+    kept = faces_not_in(cache.n_faces, set(rejected.tolist()))
+    position = np.full(cache.n_faces, -1, np.int64)
+    position[kept] = np.arange(len(kept))
+    together = [position[np.array(g, np.int64)] for g in constraints["together"]]
+    labels, info = agglomerative_labels(cache["embeddings"][kept], threshold,
+                                        together=together, apart=constraints["apart"])
+    info["decisions"] = {"pinned_groups": len(together), "apart": len(constraints["apart"]),
+                         "rejected": int(len(rejected))}
+    pinned = set(f for g in constraints["together"] for f in g)
+    groups = [kept[g] for g in groups_from_labels(labels)]
+    people = [g for g in groups if len(g) >= 2 or pinned & set(g.tolist())]
+    singles = [g for g in groups if not (len(g) >= 2 or pinned & set(g.tolist()))]
+    return people, np.concatenate(singles or [np.zeros(0, np.int64)]), rejected, info
+
+
+def previous_people(out: Path) -> tuple[list[dict], int]:
+    """The people of the cluster output being rebuilt, and its next free number
+    (none when there is no valid one)."""
+    try:
+        manifest = load_manifest(out / MANIFEST_FILES["cluster"], "cluster")
+    except UserError:
+        return [], 1
+    return manifest["clusters"], int(manifest.get("next_number", next_number(manifest["clusters"])))
+
+
+def person_names(people: list[np.ndarray], previous: tuple[list[dict], int],
+                 constraints: dict) -> tuple[list[str], dict[str, str]]:
+    """person_NNN of each person (keeping the previous output's numbers) and
+    the names decisions gave ({person_NNN: name}; the latest decision wins)."""
+    old_entries, first_free = previous
+    if old_entries:
+        names = keep_numbers(people, old_entries, first_free)
+    else:
+        names = [f"person_{n:03d}" for n in range(1, len(people) + 1)]
+    owner = {int(f): names[i] for i, faces in enumerate(people) for f in faces}
+    labels: dict[str, str] = {}
+    for rows, label in constraints["names"]:
+        counts = collections.Counter(owner[r] for r in rows if r in owner)
+        if counts:
+            person = max(counts, key=lambda n: (counts[n], n))
+            labels = {k: v for k, v in labels.items() if v.casefold() != label.casefold()}
+            labels[person] = label
+    return names, labels
+
+
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             link=CLUSTER_DEFAULTS["link"], quiet=False) -> dict:
-    """Raw agglomerative clusters of every cached face into OUT. Returns the manifest."""
+    """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
+
+    The people decisions beside the cache (people_path) are honoured: faces
+    pinned together start as one person, pinned groups kept apart never join,
+    rejected faces join no one (manifest "rejected"), names become labels.
+    Rebuilding an output keeps its people's numbers (keep_numbers).
+    """
     threshold = check_option("threshold", threshold)
     link = check_link(link)
     cache_path, out = Path(cache_path), Path(out)
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache, "cluster")
     started = time.time()
-    labels, info = agglomerative_labels(cache["embeddings"], threshold)
-    groups = groups_from_labels(labels)
-    people = [g for g in groups if len(g) >= 2]
-    singles = np.concatenate([g for g in groups if len(g) == 1] or [np.zeros(0, int)])
+    constraints = people_constraints(cache_path, cache)
+    people, singles, rejected, info = constrained_people(cache, threshold, constraints)
+    names, labels = person_names(people, previous_people(out), constraints)
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
     manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
     manifest["clustering"] = info
     with output_lock(out), building(out, "cluster") as work:
         manifest["clusters"] = []
-        for number, faces in enumerate(progress(people, desc="cluster", unit="person"), 1):
-            name = f"person_{number:03d}"
+        for name, faces in progress(sorted(zip(names, people)), desc="cluster", unit="person"):
             entry = write_group(work / name, faces, cache, locations, link)
-            manifest["clusters"].append({"name": name, "size": len(faces), **entry})
+            label = {"label": labels[name]} if name in labels else {}
+            manifest["clusters"].append({"name": name, **label, "size": len(faces), **entry})
         manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
+        manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
         manifest["noface"] = {"files": noface,
                               "outputs": materialise_files(work / "_noface", noface, link)}
         manifest["unreadable"] = unreadable
-        manifest["next_number"] = len(people) + 1
+        manifest["next_number"] = next_number(manifest["clusters"])
         manifest["extend_runs"] = []
         manifest["summary"] = {
             "people": len(people), "faces": int(cache.n_faces),
@@ -5797,7 +5925,8 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
     embeddings = cache["embeddings"]
     people = manifest["clusters"]
-    known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]])
+    known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]]) | \
+        manifest_face_ids([manifest.get("rejected", {"faces": []})])
     new = faces_not_in(cache.n_faces, known)
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
               "faces_added": int(len(new)), "joined": {}, "new_people": [], "singletons": 0}
@@ -6440,6 +6569,377 @@ def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n
 
 
 # ============================================================================
+# PEOPLE
+# The user's decisions about people: name, merge, move, reject and undo. They
+# live in one append-only JSON file beside the cache (<cache>.people.json),
+# each keyed by the faces' content (the photo's sha256 and the face's box), so
+# they outlive a rebuilt cache. fold_decisions turns them into constraints on
+# the clustering (faces pinned together, pinned groups kept apart, faces
+# rejected), which `cluster` honours at any threshold; numbers are kept from
+# the output being rebuilt (keep_numbers).
+# ============================================================================
+
+PEOPLE_FORMAT = "face-sets people decisions"
+PEOPLE_VERSION = 1
+PEOPLE_VERBS = ("name", "merge", "move", "reject", "undo")
+MAX_PERSON_NAME_CHARS = 80
+# A face of a rebuilt cache is the decided one when its box overlaps this much
+# (re-embedding moves a box by a pixel or two).
+FACE_KEY_MIN_IOU = 0.5
+
+
+def people_path(cache_path: Path) -> Path:
+    """work/cache/x.npz -> work/cache/x.npz.people.json"""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(cache_path.name + ".people.json")
+
+
+def face_key(cache: FaceCache, face: int) -> dict:
+    """What identifies a face whatever cache holds it: its photo's content and its box."""
+    return {"sha256": str(cache["sha256"][int(cache["face_file"][face])]),
+            "box": [round(float(v), 1) for v in cache["bbox"][face]]}
+
+
+def face_rows(cache: FaceCache, keys: list[dict]) -> np.ndarray:
+    """The cache row of each face key (-1 for a face this cache does not hold)."""
+    file_of = {sha: row for row, sha in enumerate(cache["sha256"])}
+    per_file = faces_by_file(cache["face_file"], cache.n_files)
+    rows = []
+    for key in keys:
+        candidates = per_file[file_of[key["sha256"]]] if key["sha256"] in file_of else []
+        if not len(candidates):
+            rows.append(-1)
+            continue
+        overlap = box_iou(np.array([key["box"]]), cache["bbox"][candidates])[0]
+        best = int(overlap.argmax())
+        rows.append(int(candidates[best]) if overlap[best] >= FACE_KEY_MIN_IOU else -1)
+    return np.array(rows, np.int64)
+
+
+def person_name_problem(name) -> str | None:
+    """Why `name` cannot name a person, or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "a person's name must be some text"
+    if len(name) > MAX_PERSON_NAME_CHARS:
+        return f"a person's name has at most {MAX_PERSON_NAME_CHARS} characters"
+    if any(unicodedata.category(ch).startswith("C") for ch in name) or name != valid_utf8(name):
+        return "a person's name cannot hold control characters or undecodable bytes"
+    return None
+
+
+class _DecisionsCheck(_ManifestCheck):
+    """Validation of a decisions file, naming the file and the decision."""
+
+    def fail(self, where: str, problem: str):
+        raise UserError(f"people decisions {display(self.path)}: {where}: {problem}; nothing "
+                        "was changed (restore the file, or fix the named decision)")
+
+    def key(self, value, where: str) -> dict:
+        self.obj(value, where, "sha256", "box")
+        if not isinstance(value["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", value["sha256"]):
+            self.fail(where + ".sha256", "is not a sha256")
+        self.numbers(value["box"], where + ".box", 4)
+        return value
+
+    def keys(self, value, where: str, empty: bool = False) -> list[dict]:
+        keys = self.items(value, where)
+        if not keys and not empty:
+            self.fail(where, "names no face")
+        return [self.key(k, f"{where}[{i}]") for i, k in enumerate(keys)]
+
+
+def load_decisions(path: Path) -> list[dict]:
+    """The decisions of a people file (none when it does not exist), validated:
+    UserError names the file and the first problem."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = read_json(path, "people decisions")
+    check = _DecisionsCheck(path, None, None)
+    check.obj(data, "the file", "format", "version", "decisions")
+    if data["format"] != PEOPLE_FORMAT:
+        check.fail("format", f"is {data['format']!r}, not {PEOPLE_FORMAT!r}")
+    check.integer(data["version"], "version", 1, PEOPLE_VERSION)
+    decisions = check.items(data["decisions"], "decisions")
+    undone: set[int] = set()
+    for index, decision in enumerate(decisions):
+        where = f"decision {index + 1}"
+        check.obj(decision, where, "id", "time", "verb")
+        check.integer(decision["id"], where + ".id", index + 1, index + 1)
+        check.text(decision["time"], where + ".time")
+        verb = decision["verb"]
+        if verb not in PEOPLE_VERBS:
+            check.fail(where + ".verb", f"{verb!r} is not one of {', '.join(PEOPLE_VERBS)}")
+        if verb == "name":
+            check.obj(decision, where, "faces", "name")
+            check.keys(decision["faces"], where + ".faces")
+            problem = person_name_problem(decision["name"])
+            if problem:
+                check.fail(where + ".name", problem)
+        elif verb == "merge":
+            check.obj(decision, where, "people")
+            people = check.items(decision["people"], where + ".people")
+            if len(people) < 2:
+                check.fail(where + ".people", "a merge needs two people or more")
+            for i, keys in enumerate(people):
+                check.keys(keys, f"{where}.people[{i}]")
+        elif verb == "move":
+            check.obj(decision, where, "faces", "to", "away")
+            check.keys(decision["faces"], where + ".faces")
+            if decision["to"] is not None:
+                check.keys(decision["to"], where + ".to")
+            for i, keys in enumerate(check.items(decision["away"], where + ".away")):
+                check.keys(keys, f"{where}.away[{i}]", empty=True)
+        elif verb == "reject":
+            check.obj(decision, where, "faces")
+            check.keys(decision["faces"], where + ".faces")
+        else:
+            check.obj(decision, where, "undoes")
+            target = check.integer(decision["undoes"], where + ".undoes", 1, index)
+            if decisions[target - 1].get("verb") == "undo" or target in undone:
+                check.fail(where + ".undoes", f"decision {target} cannot be undone (again)")
+            undone.add(target)
+    return decisions
+
+
+def write_decisions(path: Path, decisions: list[dict]) -> None:
+    """The one writer of a people file (atomic; decisions are only appended)."""
+    write_json_atomic(path, {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION,
+                             "face_sets_version": __version__, "decisions": decisions})
+
+
+def active_decisions(decisions: list[dict]) -> list[dict]:
+    """The decisions in force: every one not undone, undos left out."""
+    undone = {d["undoes"] for d in decisions if d["verb"] == "undo"}
+    return [d for d in decisions if d["verb"] != "undo" and d["id"] not in undone]
+
+
+def fold_decisions(decisions: list[dict], rows_of) -> dict:
+    """The constraints decisions put on a cache's faces, in their order (a later
+    decision overrides an earlier one about the same face).
+
+    `rows_of(keys)` gives the cache rows of face keys (-1 for a face the cache
+    lacks: it is left out). Returns `together` (lists of rows pinned into one
+    person), `apart` (pairs of indexes into `together` that stay in different
+    people), `rejected` (rows that join no one) and `names` ((rows, name) in
+    order: the person holding most of the rows takes the name).
+    """
+    group_of: dict[int, int] = {}
+    members: dict[int, set[int]] = {}
+    apart: set[frozenset] = set()
+    rejected: set[int] = set()
+    names: list[tuple[list[int], str]] = []
+    fresh = itertools.count()
+
+    def rows(keys) -> list[int]:
+        return [int(r) for r in rows_of(keys) if r >= 0]
+
+    def release(faces) -> None:
+        for face in faces:
+            group = group_of.pop(face, None)
+            if group is not None:
+                members[group].discard(face)
+
+    def pin(faces) -> int | None:
+        """Pin faces into one new group, taking in the whole groups they were in
+        (and those groups' apart pairs)."""
+        faces = [f for f in faces if f not in rejected]
+        if not faces:
+            return None
+        target = next(fresh)
+        members[target] = set()
+        for face in faces:
+            old = group_of.get(face)
+            if old == target:
+                continue
+            for member in (members.pop(old) if old is not None else set()) | {face}:
+                group_of[member] = target
+                members[target].add(member)
+            for pair in [p for p in apart if old in p]:
+                apart.discard(pair)
+                (other,) = pair - {old}
+                if other != target:
+                    apart.add(frozenset((target, other)))
+        return target
+
+    for decision in active_decisions(decisions):
+        verb = decision["verb"]
+        if verb == "name":
+            names.append((rows(decision["faces"]), decision["name"]))
+        elif verb == "merge":
+            faces = [f for keys in decision["people"] for f in rows(keys)]
+            rejected.difference_update(faces)
+            pin(faces)
+        elif verb == "move":
+            moved = rows(decision["faces"])
+            rejected.difference_update(moved)
+            release(moved)
+            target = pin(moved + (rows(decision["to"]) if decision["to"] is not None else []))
+            for keys in decision["away"]:  # the people they left stay apart from them
+                left = pin([f for f in rows(keys) if f not in set(moved)])
+                if left is not None and target is not None and left != target:
+                    apart.add(frozenset((target, left)))
+        else:  # reject
+            faces = rows(decision["faces"])
+            release(faces)
+            rejected.update(faces)
+    live = [g for g in members if members[g]]
+    index = {g: i for i, g in enumerate(live)}
+    return {"together": [sorted(members[g]) for g in live],
+            "apart": sorted(tuple(sorted(index[g] for g in pair)) for pair in apart
+                            if all(g in index for g in pair) and len(pair) == 2),
+            "rejected": sorted(rejected), "names": names}
+
+
+def people_constraints(cache_path: Path, cache: FaceCache) -> dict:
+    """fold_decisions of the people file beside a cache, on that cache's rows."""
+    decisions = load_decisions(people_path(cache_path))
+    return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
+
+
+def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int) -> list[str]:
+    """person_NNN names for `groups` (largest first) that keep an earlier
+    output's numbers: each earlier person goes to the group holding most of its
+    faces, a group takes the lowest number among those that came to it, and a
+    group no earlier person came to takes the next free number."""
+    group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
+    came: dict[int, list[int]] = {}
+    for entry in old_entries:
+        counts = collections.Counter(group_of[f["face"]] for f in entry["faces"]
+                                     if f["face"] in group_of)
+        if counts:
+            best = max(counts, key=lambda g: (counts[g], -g))
+            came.setdefault(best, []).append(int(entry["name"].split("_")[-1]))
+    number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
+    names = []
+    for g in range(len(groups)):
+        if g in came:
+            names.append(f"person_{min(came[g]):03d}")
+        else:
+            names.append(f"person_{number:03d}")
+            number += 1
+    return names
+
+
+def find_person(manifest: dict, out: Path, wanted: str) -> dict:
+    """The cluster entry a user named: person_NNN, its number, or its name."""
+    entries = manifest["clusters"]
+    for entry in entries:
+        if wanted == entry["name"] or (wanted.isdigit() and int(wanted) == int(entry["name"][7:])) \
+                or wanted.casefold() == str(entry.get("label", "")).casefold():
+            return entry
+    raise UserError(f"{display(wanted)!r} is not a person of {display(out)} (run "
+                    f"`sort_faces.py people {display(out)}` to list its people)")
+
+
+def find_faces(manifest: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
+    """Face ids (cache rows, as the review page shows them) that are in OUT."""
+    in_out = manifest_face_ids(manifest["clusters"]) | manifest_face_ids([manifest["singletons"]])
+    faces = []
+    for text in wanted:
+        text = str(text).removeprefix("face_")
+        if not text.isdigit() or int(text) >= cache.n_faces:
+            raise UserError(f"{display(text)!r} is not a face id of this cache (the review page "
+                            "shows each face's id)")
+        if int(text) not in in_out:
+            raise UserError(f"face {text} is not in {display(out)} (rejected, or added after it "
+                            "was built: run extend)")
+        faces.append(int(text))
+    if len(set(faces)) != len(faces):
+        raise UserError("a face is named twice")
+    return faces
+
+
+def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisions: list[dict],
+                 people_named=(), faces_named=(), name=None, to=None) -> dict:
+    """The decision a `people` command makes, checked against OUT (UserError
+    for an unknown person or face, a merge of a person with itself, a name
+    another person has, nothing to undo)."""
+    keys = lambda faces: [face_key(cache, f) for f in faces]  # noqa: E731
+    faces_of = lambda entry: [f["face"] for f in entry["faces"]]  # noqa: E731
+    decision = {"id": len(decisions) + 1,
+                "time": _dt.datetime.now().isoformat(timespec="seconds"), "verb": verb}
+    if verb == "name":
+        person = find_person(manifest, out, people_named[0])
+        problem = person_name_problem(name)
+        if problem:
+            raise UserError(problem)
+        for other in manifest["clusters"]:
+            if other is not person and str(other.get("label", "")).casefold() == name.casefold():
+                raise UserError(f"{other['name']} is already named {name!r}; names are unique "
+                                "(merge the two, or choose another name)")
+        decision.update(faces=keys(faces_of(person)), name=name)
+    elif verb == "merge":
+        people = [find_person(manifest, out, p) for p in people_named]
+        if len(people) < 2:
+            raise UserError("merge needs two people or more")
+        if len({id(p) for p in people}) != len(people):
+            raise UserError("a person cannot be merged with itself")
+        decision["people"] = [keys(faces_of(p)) for p in people]
+    elif verb == "move":
+        faces = find_faces(manifest, out, faces_named, cache)
+        target = None if to == "new" else find_person(manifest, out, str(to))
+        owners = [p for p in manifest["clusters"] if set(faces_of(p)) & set(faces)]
+        decision.update(faces=keys(faces), to=None if target is None else keys(faces_of(target)),
+                        away=[keys(faces_of(p)) for p in owners if p is not target])
+    elif verb == "reject":
+        decision["faces"] = keys(find_faces(manifest, out, faces_named, cache))
+    else:
+        active = active_decisions(decisions)
+        if not active:
+            raise UserError("nothing to undo")
+        decision["undoes"] = active[-1]["id"]
+    return decision
+
+
+def people_listing(manifest: dict) -> list[dict]:
+    return [{"person": e["name"], "name": e.get("label", ""), "faces": len(e["faces"]),
+             "images": e.get("images", len({f["file"] for f in e["faces"]}))}
+            for e in manifest["clusters"]]
+
+
+def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
+           quiet=False) -> dict:
+    """List the people of a cluster output OUT, or decide about them: name,
+    merge, move, reject, undo. A decision is appended to the people file
+    beside OUT's cache (under the cache's lock) and OUT is rebuilt at once
+    with it (cluster, at OUT's own threshold). Returns {"people": listing,
+    "decision": the decision or None}."""
+    out = Path(out)
+    manifest_path = out / MANIFEST_FILES["cluster"]
+    if not manifest_path.is_file():
+        raise UserError(f"{display(out)} is not a cluster output (no {MANIFEST_FILES['cluster']})")
+    cache_path = Path(check_text_field(load_manifest(manifest_path, "cluster"), "cache",
+                                       manifest_path))
+    cache = load_cache(cache_path)
+    manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
+    if verb is None:
+        listing = people_listing(manifest)
+        for row in listing:
+            say(f"{row['person']}  {display(row['name']) or '-'}  {row['faces']} faces  "
+                f"{row['images']} images", quiet)
+        return {"people": listing, "decision": None}
+    with exclusive_lock(cache_path, "cache"):
+        path = people_path(cache_path)
+        decisions = load_decisions(path)
+        decision = new_decision(verb, manifest, out, cache, decisions, people_named, faces_named,
+                                name, to)
+        write_decisions(path, decisions + [decision])
+    rebuilt = cluster(cache_path, out, threshold=manifest["parameters"]["threshold"],
+                      link=manifest["parameters"]["link"], quiet=True)
+    say(f"people: decision {decision['id']} ({verb}) kept in {display(path)}; {display(out)} "
+        f"rebuilt: {len(rebuilt['clusters'])} people", quiet)
+    return {"people": people_listing(rebuilt), "decision": decision}
+
+
+def check_text_field(manifest: dict, key: str, where: Path) -> str:
+    value = manifest.get(key)
+    if not isinstance(value, str) or not value:
+        raise UserError(f"manifest {display(where)}: {key!r} is not a path")
+    return value
+
+
+# ============================================================================
 # CLI
 # One subparser per subcommand; every flag shows its default in --help.
 # ============================================================================
@@ -6572,7 +7072,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
     add_table_flags(p, EXPORT_DEFAULTS, EXPORT_HELP)
     add_model_flags(p)
+
+    p = add_command(sub, "people", cli_people,
+                    help="list, name, merge, move and reject people; later runs keep it",
+                    description="With OUT alone (a cluster output), list its people. A verb "
+                                "records a decision beside the cache (<cache>.people.json) and "
+                                "rebuilds OUT with it; every later cluster honours it. FACE is "
+                                "the id the review page shows under each face.")
+    p.add_argument("out", help="a cluster output folder")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
+    v = verbs.add_parser("name", help="name a person: name person_003 \"Alice\"")
+    v.add_argument("person")
+    v.add_argument("name")
+    v = verbs.add_parser("merge", help="merge people into the lowest-numbered one")
+    v.add_argument("people", nargs="+", metavar="PERSON")
+    v = verbs.add_parser("move", help="move faces to a person (--to person_003) or a new one "
+                                      "(--to new)")
+    v.add_argument("faces", nargs="+", metavar="FACE")
+    v.add_argument("--to", required=True, help="person_NNN, or new")
+    v = verbs.add_parser("reject", help="faces of no one of interest: they join no person again")
+    v.add_argument("faces", nargs="+", metavar="FACE")
+    verbs.add_parser("undo", help="undo the last decision")
     return parser
+
+
+def cli_people(args) -> int:
+    people(args.out, args.verb, people_named=(
+        [args.person] if args.verb == "name" else getattr(args, "people", ())),
+        faces_named=getattr(args, "faces", ()), name=getattr(args, "name", None),
+        to=getattr(args, "to", None), quiet=args.quiet)
+    return EXIT_OK
 
 
 def cli_export_swap(args) -> int:

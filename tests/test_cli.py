@@ -10,7 +10,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.fast  # no model: the quick tier
 
-COMMANDS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap"]
+COMMANDS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap", "people"]
 
 
 def subparsers():

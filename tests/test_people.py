@@ -46,6 +46,15 @@ def test_merge_pins_people_together_and_a_later_move_takes_a_face_out():
 
 
 @pytest.mark.fast
+def test_a_split_keeps_its_pieces_apart():
+    decisions = decided({"verb": "merge", "people": [keys(1, 2), keys(3, 4, 5)]},
+                        {"verb": "split", "pieces": [keys(1, 2, 3), keys(4), keys(5)]})
+    folded = sort_faces.fold_decisions(decisions, rows_of)
+    assert sorted(folded["together"]) == [[1, 2, 3], [4], [5]]
+    assert len(folded["apart"]) == 3  # every pair of pieces
+
+
+@pytest.mark.fast
 def test_reject_and_undo():
     decisions = decided({"verb": "merge", "people": [keys(1), keys(2)]},
                         {"verb": "reject", "faces": keys(2, 7)},
@@ -183,6 +192,26 @@ def test_decisions_hold_through_rebuilds_at_any_threshold(clustered):
     assert [d["verb"] for d in decisions] == ["name", "merge", "move", "reject", "undo"]
 
 
+def test_refine_honours_the_decisions_made_on_the_cluster_output(clustered, tmp_path):
+    from conftest import REFINE
+
+    cache, out = clustered
+    before = manifest_of(out)
+    first, second = before["clusters"][0], before["clusters"][1]
+    sort_faces.people(out, "name", people_named=[first["name"]], name="Alice", quiet=True)
+    sort_faces.people(out, "merge", people_named=[first["name"], second["name"]], quiet=True)
+    stranger = first["faces"][0]["face"]
+    sort_faces.people(out, "reject", faces_named=[str(stranger)], quiet=True)
+    refined = sort_faces.refine(cache, tmp_path / "refined", quiet=True, **REFINE)
+    owner = {f["face"]: e["name"] for e in refined["facesets"] for f in e["faces"]}
+    merged = [f["face"] for f in first["faces"] + second["faces"] if f["face"] in owner]
+    assert merged and len({owner[f] for f in merged}) == 1  # one faceset, whatever the gates kept
+    alice = next(e for e in refined["facesets"] if e["name"] == owner[merged[0]])
+    assert alice["label"] == "Alice"
+    assert stranger not in owner
+    assert next(d for d in refined["dropped"] if d["face"] == stranger)["stage"] == "rejected"
+
+
 def test_new_photos_join_a_named_person_through_extend(tmp_path):
     cache = tmp_path / "c.npz"
     held_back = tmp_path / "src"
@@ -204,6 +233,57 @@ def test_new_photos_join_a_named_person_through_extend(tmp_path):
     manifest = manifest_of(out)
     alice = next(e for e in manifest["clusters"] if e.get("label") == "Alice")
     assert alice["name"] == first["name"] and alice["size"] > first["size"]
+
+
+def test_split_gives_the_largest_piece_the_old_number(clustered):
+    cache, out = clustered
+    sort_faces.people(out, "merge", people_named=["person_001", "person_002"], quiet=True)
+    merged = manifest_of(out)
+    big = next(e for e in merged["clusters"] if e["name"] == "person_001")
+    with pytest.raises(sort_faces.UserError, match="stays one person"):
+        sort_faces.people(out, "split", people_named=["person_003"], split_threshold=1.99,
+                          quiet=True)
+    sort_faces.people(out, "split", people_named=["person_001"], quiet=True)
+    split = manifest_of(out)
+    owner = person_of(split)
+    pieces = {owner[f["face"]] for f in big["faces"]}
+    assert len(pieces) >= 2 and "person_001" in pieces
+    sizes = {e["name"]: e["size"] for e in split["clusters"]}
+    assert max(pieces, key=lambda n: sizes[n]) == "person_001"
+    assert min(int(n[7:]) for n in pieces - {"person_001"}) >= merged["next_number"]
+    for threshold in (0.55, 0.8):  # the pieces stay apart even where they would join
+        again = person_of(sort_faces.cluster(cache, out, threshold=threshold, quiet=True))
+        assert len({again[f["face"]] for f in big["faces"]}) == len(pieces)
+
+
+def test_suggestions_come_with_their_command_and_respect_decisions(clustered):
+    cache, out = clustered
+    result = sort_faces.people(out, "suggest", quiet=True)
+    suggestions = result["suggestions"]
+    assert suggestions and [s["distance"] for s in suggestions] == sorted(
+        s["distance"] for s in suggestions)
+    threshold = manifest_of(out)["parameters"]["threshold"]
+    assert all(threshold - 1e-6 <= s["distance"] < threshold + sort_faces.SUGGEST_BAND
+               for s in suggestions if s["kind"] == "merge")
+    assert sum(row["suggestions"] for row in result["people"]) == sum(
+        len(s["people"]) for s in suggestions)
+    merge = next(s for s in suggestions if s["kind"] == "merge")
+    words = merge["command"].split()
+    assert words[:3] == ["sort_faces.py", "people", str(out)]
+    code, _out, err = run_cli(*words[1:])
+    assert code == 0, err
+    kept, gone = merge["people"]
+    assert gone not in {e["name"] for e in manifest_of(out)["clusters"]}
+    # split the merged person again: its pieces are kept apart, so never suggested together
+    merged_faces = [f["face"] for f in next(e for e in manifest_of(out)["clusters"]
+                                            if e["name"] == kept)["faces"]]
+    sort_faces.people(out, "split", people_named=[kept], split_threshold=threshold, quiet=True)
+    owner = person_of(manifest_of(out))
+    pieces = {owner[f] for f in merged_faces}
+    assert len(pieces) >= 2
+    for suggestion in sort_faces.people(out, "suggest", quiet=True)["suggestions"]:
+        if suggestion["kind"] == "merge":
+            assert not set(suggestion["people"]) <= pieces, suggestion
 
 
 def test_bad_people_commands_are_one_line_and_change_nothing(clustered):

@@ -1,0 +1,124 @@
+"""How many `people` commands taken from `people suggest` bring five_celebs'
+clusters to its labels' partition (issue 13: fewer is better).
+
+    .venv/bin/python tests/benchmarks/measure_people_suggest.py [--band B] [--set five_celebs]
+
+Embeds the set into a temporary cache, clusters it at the defaults, then acts
+as a careful user: reads the suggestions from the top, skips the wrong ones
+(a merge of two people whose faces are mostly of different labels, a move of
+a face to a person of another label), applies the first right one with its
+command, and starts again, until the partition is the labels' (BCubed 1.0 /
+1.0) or no right suggestion is left. Prints the commands applied, the wrong
+suggestions read on the way, BCubed before and after, and the distances of
+right and wrong suggestions at the start (to choose SUGGEST_BAND). Every face
+is labelled by its photo's folder. Not collected by pytest.
+"""
+
+import argparse
+import collections
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "faces"
+sys.path.insert(0, str(ROOT))
+import sort_faces  # noqa: E402
+
+
+def truth_of(cache, face: int) -> str:
+    return Path(cache["files"][cache["face_file"][face]]).parent.name
+
+
+def partition(manifest) -> dict:
+    labels = {f["face"]: e["name"] for e in manifest["clusters"] for f in e["faces"]}
+    labels.update({f["face"]: f"single_{f['face']}" for f in manifest["singletons"]["faces"]})
+    return labels
+
+
+def score(cache, manifest) -> tuple[float, float]:
+    labels = partition(manifest)
+    faces = sorted(labels)
+    return sort_faces.bcubed([truth_of(cache, f) for f in faces], [labels[f] for f in faces])
+
+
+def majority(cache, manifest, person: str) -> str:
+    entry = next(e for e in manifest["clusters"] if e["name"] == person)
+    return collections.Counter(truth_of(cache, f["face"]) for f in entry["faces"]).most_common(1)[0][0]
+
+
+def right_faces(cache, manifest, suggestion) -> list[int]:
+    """The faces of a move suggestion that belong with its person (a careful
+    user deletes the others from the command before running it)."""
+    person = majority(cache, manifest, suggestion["people"][0])
+    return [f for f in suggestion["faces"] if truth_of(cache, f) == person]
+
+
+def right(cache, manifest, suggestion) -> bool:
+    if suggestion["kind"] == "merge":
+        a, b = suggestion["people"]
+        return majority(cache, manifest, a) == majority(cache, manifest, b)
+    return bool(right_faces(cache, manifest, suggestion))
+
+
+def apply(cache, manifest, out: Path, suggestion) -> int:
+    """Run the suggestion's command (a move without its wrong faces); returns
+    how many wrong faces were left out."""
+    words = shlex.split(suggestion["command"])[3:]  # sort_faces.py people OUT ...
+    if words[0] == "merge":
+        sort_faces.people(out, "merge", people_named=words[1:], quiet=True)
+        return 0
+    faces = right_faces(cache, manifest, suggestion)
+    sort_faces.people(out, "move", faces_named=[str(f) for f in faces], to=words[-1], quiet=True)
+    return len(suggestion["faces"]) - len(faces)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--band", type=float, default=sort_faces.SUGGEST_BAND)
+    parser.add_argument("--set", default="five_celebs")
+    args = parser.parse_args()
+    import logging
+    logging.disable(logging.WARNING)
+    sort_faces.SUGGEST_BAND = args.band
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_path, out = Path(tmp) / "c.npz", Path(tmp) / "raw"
+        sort_faces.embed(DATA / args.set, cache_path, model="buffalo_s", quiet=True)
+        cache = sort_faces.load_cache(cache_path)
+        manifest = sort_faces.cluster(cache_path, out, quiet=True)
+        before = score(cache, manifest)
+        wide = sort_faces.people_suggestions(manifest, out, cache, {"together": [], "apart": []},
+                                             band=0.5)
+        merges = [(s["distance"], right(cache, manifest, s)) for s in wide if s["kind"] == "merge"]
+        moves = [(d, truth_of(cache, f) == majority(cache, manifest, s["people"][0]))
+                 for s in wide if s["kind"] == "move" for d, f in zip(s["distances"], s["faces"])]
+        for kind, pairs in (("merges", merges), ("faces to move", moves)):
+            good = [d for d, ok in pairs if ok]
+            bad = [d for d, ok in pairs if not ok]
+            print(f"{kind} within the threshold + 0.5 at the start: {len(good)} right (distance "
+                  f"{min(good, default=0):.3f}-{max(good, default=0):.3f}), {len(bad)} wrong "
+                  f"(from {min(bad, default=0):.3f})")
+        commands, read_wrong, left_out = 0, 0, 0
+        while score(cache, manifest) != (1.0, 1.0) and commands < 500:
+            suggestions = sort_faces.people(out, "suggest", quiet=True)["suggestions"]
+            pick = next((i for i, s in enumerate(suggestions) if right(cache, manifest, s)), None)
+            if pick is None:
+                break
+            read_wrong += pick
+            left_out += apply(cache, manifest, out, suggestions[pick])
+            commands += 1
+            manifest = sort_faces.load_manifest(out / "manifest.json", "cluster")
+        after = score(cache, manifest)
+        people = len(manifest["clusters"])
+        singles = len(manifest["singletons"]["faces"])
+    print(f"{args.set}, band {args.band}: BCubed P/R {before[0]:.3f}/{before[1]:.3f} -> "
+          f"{after[0]:.3f}/{after[1]:.3f} after {commands} commands from suggest "
+          f"({read_wrong} wrong suggestions read on the way, {left_out} wrong faces taken out of "
+          f"move commands); {people} people, {singles} singletons left")
+
+
+if __name__ == "__main__":
+    main()

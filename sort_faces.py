@@ -2940,6 +2940,10 @@ def _name_char(ch: str) -> str:
     return "_" if ch in _RESERVED_CHARS else ch
 
 
+# A person's name, as it appears in its folder's and bundles' names, in bytes.
+MAX_LABEL_BYTES = 80
+
+
 def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     """One flat, stable file name for a source path, safe on every OS.
 
@@ -2970,6 +2974,18 @@ def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
         stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
         return f"{stem}~{digest}{ext}"
     return stem + ext
+
+
+def entry_folder(entry: dict) -> str:
+    """The folder of a person or faceset: its name, then its label when it has
+    one (person_003_Alice), its characters made safe for every file system as
+    safe_dst_name makes them (reserved ones and separators "_"), at most
+    MAX_LABEL_BYTES of it. The number keeps folders of one output apart."""
+    label = entry.get("label")
+    if not label:
+        return entry["name"]
+    safe = "".join("_" if ch in "/\\" else _name_char(ch) for ch in label).strip(" .")
+    return f"{entry['name']}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
 
 
 def materialise(src: str, dst: Path, link: str) -> str:
@@ -3073,7 +3089,7 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
         return None
     names = {MANIFEST_FILES[kind], REVIEW_PAGE_NAME, THUMBS_DIR_NAME, ".extend.lock"}
     entries = manifest.get("clusters", []) + manifest.get("facesets", [])
-    names |= {entry["name"] for entry in entries}
+    names |= {entry_folder(entry) for entry in entries}
     names |= {bundle["file"] for entry in entries for bundle in entry.get("bundles", [])}
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
     names |= {"_candidates"} if kind == "export-swap" else set()
@@ -3312,6 +3328,8 @@ class _ManifestCheck:
             self.obj(entry, here, "name")
             if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]):
                 self.fail(here + ".name", f"{entry['name']!r} is not a name face-sets gives")
+            if "label" in entry and person_name_problem(entry["label"]):
+                self.fail(here + ".label", person_name_problem(entry["label"]))
         self.unique([entry["name"] for entry in entries], where + " names")
         return entries
 
@@ -3362,8 +3380,6 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                 check.fail("parameters", f"has no {key!r}")
         for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
             check.group(entry, f"clusters[{index}]")
-            if "label" in entry and person_name_problem(entry["label"]):
-                check.fail(f"clusters[{index}].label", person_name_problem(entry["label"]))
         check.group(manifest["singletons"], "singletons")
         if "rejected" in manifest:
             check.obj(manifest["rejected"], "rejected", "faces")
@@ -3380,8 +3396,6 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                 check.fail("parameters", f"has no {key!r}")
         for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
             check.group(entry, f"facesets[{index}]")
-            if "label" in entry and person_name_problem(entry["label"]):
-                check.fail(f"facesets[{index}].label", person_name_problem(entry["label"]))
             check.obj(entry, f"facesets[{index}]", "centroid")
             check.numbers(entry["centroid"], f"facesets[{index}].centroid", embedding_size)
         check.face_records(manifest["dropped"], "dropped", "stage")
@@ -4337,6 +4351,16 @@ overflow:hidden;background:#e6e9ee}
 .badge{position:absolute;right:2px;bottom:2px;z-index:1;padding:0 4px;border-radius:3px;
 background:rgba(0,0,0,.68);color:#fff;font-size:11px;line-height:16px}
 .empty{color:var(--muted);font-style:italic}
+#people{margin:0 0 12px;padding:8px 10px;background:var(--card);border:1px solid var(--line);
+border-radius:8px}
+#people-command{margin:6px 0 0;white-space:pre-wrap;overflow-wrap:anywhere;user-select:all}
+#people-command:empty{display:none}
+#people-suggestions{margin:4px 0 0;padding-left:20px}
+button.pick{font:inherit;font-size:12px;padding:0 6px;border:1px solid #c4cad4;border-radius:4px;
+background:#fff;cursor:pointer;display:none}
+.picking button.pick{display:inline-block}
+.t.sel::after,button.pick.sel{outline:3px solid var(--bad);outline-offset:-3px}
+.t.sel::after{content:"";position:absolute;inset:0}
 """ % {"px": THUMB_DISPLAY_PX}
 
 # Filter rows by name. With ?eager in the URL every thumbnail loads at once;
@@ -4376,6 +4400,51 @@ title:document.title});});
 """
 
 
+# The people panel of a cluster page: with "select" on, a click on a face or on a
+# person's "select" button selects it (instead of opening the photo), and the
+# panel shows the `people` commands the selection makes, to copy.
+_PEOPLE_JS = """
+(function(){
+var panel=document.getElementById('people');if(!panel)return;
+var mode=document.getElementById('people-mode'),out=document.getElementById('people-command');
+var prog=panel.getAttribute('data-program'),dir=panel.getAttribute('data-out');
+function q(s){return /^[A-Za-z0-9_.\\/:=@%+,-]+$/.test(s)?s:"'"+s.replace(/'/g,"'\\''")+"'";}
+function picked(sel,attr){return [].slice.call(document.querySelectorAll(sel+'.sel'))
+.map(function(el){return el.getAttribute(attr);});}
+function compose(){
+var faces=picked('[data-face]','data-face'),people=picked('button.pick','data-person');
+var head=prog+' people '+q(dir)+' ',lines=[];
+if(people.length>1&&!faces.length)lines.push(head+'merge '+people.join(' '));
+if(people.length===1&&faces.length)lines.push(head+'move '+faces.join(' ')+' --to '+people[0]);
+if(people.length===1&&!faces.length){lines.push(head+'name '+people[0]+" 'NAME'");
+lines.push(head+'split '+people[0]);}
+if(faces.length&&!people.length){lines.push(head+'reject '+faces.join(' '));
+lines.push(head+'move '+faces.join(' ')+' --to new');}
+out.textContent=lines.join('\\n');}
+document.addEventListener('click',function(e){
+if(!mode.checked)return;
+var el=e.target.closest('[data-face],button.pick');if(!el)return;
+e.preventDefault();el.classList.toggle('sel');compose();},true);
+mode.addEventListener('change',function(){document.body.classList.toggle('picking',mode.checked);
+if(!mode.checked){[].forEach.call(document.querySelectorAll('.sel'),
+function(el){el.classList.remove('sel');});}compose();});
+})();
+"""
+
+
+def _people_html(people: dict) -> str:
+    """The people panel (see _PEOPLE_JS) and the suggestions, each with its command."""
+    e = html.escape
+    items = "".join(f'<li><code>{e(s["command"])}</code> <span class="sub">distance '
+                    f'{s["distance"]:.3f}</span></li>' for s in people.get("suggestions", []))
+    return (f'<section id="people" data-program="sort_faces.py" data-out="{e(people["out"])}">'
+            '<label><input type="checkbox" id="people-mode"> select faces and people '
+            '(click them) to compose a <code>people</code> command</label>'
+            '<pre id="people-command"></pre>'
+            f'<details class="more"><summary>suggestions ({len(people.get("suggestions", []))})'
+            f'</summary><ul id="people-suggestions">{items}</ul></details></section>\n')
+
+
 def _url(path: str) -> str:
     """A relative POSIX path as an escaped URL attribute value."""
     return html.escape(urllib.parse.quote(str(path), safe="/", errors="surrogateescape"),
@@ -4410,6 +4479,8 @@ def _thumb_html(thumb: dict, default_alt: str) -> str:
     badge = thumb.get("badge")
     if badge is not None and str(badge) != "":
         img += f'<span class="badge">{e(str(badge))}</span>'
+    if isinstance(thumb.get("face"), int) and thumb.get("face_id"):
+        title_attr += f' data-face="{int(thumb["face"])}"'
     if thumb.get("href"):
         return f'<a class="{classes}" href="{_url(thumb["href"])}"{title_attr}>{img}</a>'
     return f'<span class="{classes}"{title_attr}>{img}</span>'
@@ -4430,6 +4501,9 @@ def _group_html(group: dict) -> str:
     head = f'<span class="name">{label}</span>'
     if subtitle:
         head += f'<span class="sub">{e(str(subtitle))}</span>'
+    if group.get("person"):
+        head += (f'<button class="pick" type="button" data-person="{e(str(group["person"]))}">'
+                 'select</button>')
     body = _strip_html(group.get("thumbs") or [], name)
     for section in group.get("sections") or []:
         body += (f'<details class="more"><summary>{e(str(section.get("heading", "")))}</summary>'
@@ -4459,6 +4533,10 @@ def render_review_page(page: dict) -> str:
         own outline; other marks a neutral one.
         ``files`` (optional list of ``{"name", "href", "bytes"}``): downloads
         listed above the rows.
+        ``people`` (optional ``{"out", "suggestions"}``): the panel that composes
+        `people` commands from faces (thumbs with ``face`` and ``face_id``
+        carry ``data-face``) and persons (groups with ``person`` get a
+        "select" button) clicked, and the suggestions with their commands.
         Every src/href is a path relative to the page, with "/" separators.
 
     Returns
@@ -4494,9 +4572,12 @@ def render_review_page(page: dict) -> str:
             items.append(f'<li><a href="{_url(item.get("href", item["name"]))}">'
                          f'{e(str(item["name"]))}</a>{size_html}</li>')
         parts.append(f'<div class="files">Files<ul>{"".join(items)}</ul></div>\n')
+    if page.get("people"):
+        parts.append(_people_html(page["people"]))
     parts.extend(_group_html(group) for group in page.get("groups") or [])
+    people_js = f"<script>{_PEOPLE_JS}</script>\n" if page.get("people") else ""
     parts.append('</main>\n<pre id="review-check" hidden></pre>\n'
-                 f"<script>{_REVIEW_JS}</script>\n</body>\n</html>\n")
+                 f"<script>{_REVIEW_JS}</script>\n{people_js}</body>\n</html>\n")
     return "".join(parts)
 
 
@@ -4618,21 +4699,25 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     return page
 
 
-def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
-    """The review page of a cluster (or extended) output."""
+def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
+                        suggestions=()) -> dict:
+    """The review page of a cluster (or extended) output; with `out` (its final
+    path) the people panel, with `suggestions` listed."""
     embeddings, summary = cache["embeddings"], manifest["summary"]
     groups = []
     for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"])):
         faces = [f["face"] for f in entry["faces"]]
         label = f"{entry['label']}: " if entry.get("label") else ""
-        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
+                       "person": entry["name"],
                        "subtitle": f"{label}{entry['size']} faces in {entry['images']} images",
-                       "thumbs": [face_thumb(cache, locations, f, entry["name"], badge=f)
+                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
+                                             face_id=True)
                                   for f in strip_faces(embeddings, faces)]})
     singles = [f["face"] for f in manifest["singletons"]["faces"]]
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
                    "subtitle": f"{len(singles)} faces that match no one",
-                   "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f)
+                   "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f, face_id=True)
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
     listed = set(manifest["noface"]["files"])
@@ -4643,7 +4728,8 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
     n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
-    return {"title": f"cluster: {Path(manifest['cache']).name}",
+    people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
+    return {"title": f"cluster: {Path(manifest['cache']).name}", "people": people,
             "summary": f"{len(manifest['clusters'])} people, {len(singles)} singletons, "
                        f"{len(manifest['noface']['files'])} no-face images, "
                        f"{summary['faces']} faces, {n_images} images",
@@ -4676,10 +4762,10 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
         counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
                            for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
         label = f"{entry['label']}: " if entry.get("label") else ""
-        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
                        "subtitle": f"{label}{entry['size']} faces in {entry['images']} images"
                                    + (f"; dropped: {counts}" if counts else ""),
-                       "thumbs": [face_thumb(cache, locations, f, entry["name"], badge=f)
+                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f)
                                   for f in strip_faces(embeddings, faces)],
                        "sections": dropped_sections(drops, entry["name"])})
     loose = by_faceset.get(None, [])
@@ -4725,10 +4811,10 @@ def export_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
             sections.append({"heading": f"candidates for review ({len(crops)})",
                              "thumbs": [crop_thumb(c, f"_candidates/{entry['name']}") for c in crops]})
         top = sum(1 for c in entry["crops"] if c.get("in_top"))
-        groups.append({"name": entry["name"], "href": entry["name"] + "/",
+        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
                        "subtitle": f"{len(entry['crops'])} crops, top {top} bundled in "
                                    f"{entry['name']}_top{manifest['parameters']['top_n']}.fsz",
-                       "thumbs": [crop_thumb(c, entry["name"]) for c in entry["crops"]],
+                       "thumbs": [crop_thumb(c, entry_folder(entry)) for c in entry["crops"]],
                        "sections": sections})
         files += [{"name": b["file"], "href": b["file"], "bytes": b["bytes"]}
                   for b in entry.get("bundles", [])]
@@ -5278,8 +5364,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     with output_lock(out), building(out, "cluster") as work:
         manifest["clusters"] = []
         for name, faces in progress(sorted(zip(names, people)), desc="cluster", unit="person"):
-            entry = write_group(work / name, faces, cache, locations, link)
             label = {"label": labels[name]} if name in labels else {}
+            entry = write_group(work / entry_folder({"name": name, **label}), faces, cache,
+                                locations, link)
             manifest["clusters"].append({"name": name, **label, "size": len(faces), **entry})
         manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
         manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
@@ -5295,8 +5382,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             "singleton_files": len(manifest["singletons"]["outputs"]), "noface_images": len(noface),
             "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "manifest.json", manifest)
-        write_review(work, cluster_review_page(manifest, cache, locations), cache, locations,
-                     reuse_from=out)
+        suggestions = people_suggestions(manifest, out, cache, constraints)
+        write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
+                     cache, locations, reuse_from=out)
     say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
         "({singleton_files} photos in _singletons/), {noface_images} no-face images -> "
         .format(**manifest["summary"]) + str(out), quiet)
@@ -5488,8 +5576,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
         manifest["facesets"] = []
         for number, faces in enumerate(progress(facesets, desc="refine", unit="faceset"), 1):
             name = f"faceset_{number:03d}"
-            entry = write_group(work / name, faces, cache, locations, link)
             label = {"label": labels[name]} if name in labels else {}
+            entry = write_group(work / entry_folder({"name": name, **label}), faces, cache,
+                                locations, link)
             manifest["facesets"].append({"name": name, **label, "size": len(faces), **entry,
                                          "centroid": centroid_record(cache["embeddings"], faces)})
         manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
@@ -5965,7 +6054,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     joins = distance < threshold
     for index in np.unique(best[joins]):
         faces = new[joins & (best == index)]
-        add_faces_to_entry(people[index], inside(out, people[index]["name"]), faces, cache,
+        add_faces_to_entry(people[index], inside(out, entry_folder(people[index])), faces, cache,
                            locations, link)
         record["joined"][people[index]["name"]] = [int(f) for f in faces]
     # 2. the rest, with the old singletons, may now form new people
@@ -5995,7 +6084,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
-    aliases_added = sum(sync_entry_files(p, inside(out, p["name"]), cache, locations, link)
+    aliases_added = sum(sync_entry_files(p, inside(out, entry_folder(p)), cache, locations, link)
                         for p in people)
     aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
@@ -6012,7 +6101,9 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
-    write_review(out, cluster_review_page(manifest, cache, locations), cache, locations)
+    suggestions = people_suggestions(manifest, out, cache, people_constraints(cache_path, cache))
+    write_review(out, cluster_review_page(manifest, cache, locations, out, suggestions), cache,
+                 locations)
     return record
 
 
@@ -6028,7 +6119,8 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     dropped = {d["face"]: d for d in manifest["dropped"]}
     known = manifest_face_ids(facesets) | set(dropped)
     new = faces_not_in(cache.n_faces, known)
-    if not len(new) and not sum(sync_entry_files(s, inside(out, s["name"]), cache, locations, link)
+    if not len(new) and not sum(sync_entry_files(s, inside(out, entry_folder(s)), cache, locations,
+                                                  link)
                                 for s in facesets):
         return None
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -6047,7 +6139,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     joins = distance <= params["outlier_threshold"]
     for index in np.unique(best[joins]):
         faces = candidates[joins & (best == index)]
-        add_faces_to_entry(facesets[index], inside(out, facesets[index]["name"]), faces, cache,
+        add_faces_to_entry(facesets[index], inside(out, entry_folder(facesets[index])), faces, cache,
                            locations, link)
         facesets[index]["centroid"] = centroid_record(
             embeddings, [f["face"] for f in facesets[index]["faces"]])
@@ -6528,8 +6620,11 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
                         quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
+        labels = {f["name"]: f["label"] for f in refined["facesets"] if f.get("label")}
         for name, kind, ranked, dropped in plan:
-            folder = inside(work, name) if kind == "faceset" else inside(work, "_candidates", name)
+            label = {"label": labels[name]} if name in labels else {}
+            shown = entry_folder({"name": name, **label})
+            folder = inside(work, shown) if kind == "faceset" else inside(work, "_candidates", shown)
             folder.mkdir(parents=True, exist_ok=True)
             written, skipped = [], []
             for face in ranked:
@@ -6545,14 +6640,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                                 "score": round(score[face], 4), "terms": term_of[face],
                                 "blacked_out": result["blacked_out"],
                                 "in_top": len(written) < params["top_n"]})
-            entry = {"name": name, "crops": written, "skipped": skipped,
+            entry = {"name": name, **label, "crops": written, "skipped": skipped,
                      "dropped": [{"face": f,
                                   "source": label_path(cache, locations, cache["face_file"][f]),
                                   "reason": r} for f, r in sorted(dropped.items())]}
             if kind == "faceset":
                 entry["bundles"] = []
-                top = f"{name}_top{params['top_n']}.fsz"
-                for bundle, chosen in ((top, written[: params["top_n"]]), (f"{name}_all.fsz", written)):
+                top = f"{shown}_top{params['top_n']}.fsz"
+                for bundle, chosen in ((top, written[: params["top_n"]]), (f"{shown}_all.fsz", written)):
                     if chosen:
                         size = write_fsz(inside(work, bundle),
                                          [(c["png"], folder / c["png"]) for c in chosen])

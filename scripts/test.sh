@@ -11,14 +11,17 @@ if [ "${1:-}" = "--fast" ]; then
     shift
     exec .venv/bin/python -m pytest tests -m fast "$@"
 fi
-# The review-page tests open pages in a real browser: Debian's Chromium.
-if ! command -v chromium >/dev/null 2>&1; then
+# The review-page tests open pages in a real browser: Debian's Chromium, driven
+# by Selenium through Debian's ChromeDriver (chromium-driver) where they click.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing Debian's chromium for the review-page tests (apt-get, as root)" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        echo "installing Debian's chromium and chromium-driver for the review-page tests" \
+             "(apt-get, as root)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            chromium chromium-driver >/dev/null
     else
-        echo "note: Chromium is not installed: the review-page tests will fail saying so" \
-             "(apt-get install chromium)" >&2
+        echo "note: Chromium or ChromeDriver is not installed: the review-page tests will" \
+             "fail saying so (apt-get install chromium chromium-driver)" >&2
     fi
 fi
 for arg in "$@"; do  # paths given: run those instead of the whole tests/ folder

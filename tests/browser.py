@@ -174,3 +174,35 @@ def check_page(html_path: Path, screenshot: Path | None = None, timeout=60) -> d
         if not screenshot.is_file():
             raise RuntimeError(f"Chromium wrote no screenshot at {screenshot}")
     return result
+
+
+def require_webdriver() -> str:
+    """The ChromeDriver binary (Debian's chromium-driver) and Selenium, or skip
+    (fail in CI, as require_chromium)."""
+    import importlib.util
+
+    import pytest
+
+    require_chromium()
+    driver = shutil.which("chromedriver")
+    if driver and importlib.util.find_spec("selenium"):
+        return driver
+    message = ("ChromeDriver or Selenium is missing (apt-get install -y chromium-driver; "
+               "pip install selenium): browser test not run")
+    if os.environ.get("FACESETS_REQUIRE_BROWSER"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def selenium_chromium(profile: str):
+    """A Selenium WebDriver on headless Debian Chromium with the flags above."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium_path()
+    for flag in (*CHROMIUM_FLAGS, "--headless=new", f"--user-data-dir={profile}",
+                 "--window-size=1280,2000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(require_webdriver()), options=options)

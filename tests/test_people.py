@@ -168,6 +168,7 @@ def test_decisions_hold_through_rebuilds_at_any_threshold(clustered):
     assert {owner[f] for f in moved_faces} == {second}  # the lowest number kept
     assert third not in {e["name"] for e in merged["clusters"]}
     assert next(e for e in merged["clusters"] if e["name"] == second)["label"] == "Zoë"
+    assert (out / f"{second}_Zoë").is_dir() and not (out / second).exists()  # named folder
     face = before["clusters"][0]["faces"][0]["face"]
     sort_faces.people(out, "move", faces_named=[str(face)], to=second, quiet=True)
     assert person_of(manifest_of(out))[face] == second
@@ -210,29 +211,6 @@ def test_refine_honours_the_decisions_made_on_the_cluster_output(clustered, tmp_
     assert alice["label"] == "Alice"
     assert stranger not in owner
     assert next(d for d in refined["dropped"] if d["face"] == stranger)["stage"] == "rejected"
-
-
-def test_new_photos_join_a_named_person_through_extend(tmp_path):
-    cache = tmp_path / "c.npz"
-    held_back = tmp_path / "src"
-    shutil.copytree(DATA / "five_celebs", held_back)
-    later = tmp_path / "later"
-    later.mkdir()
-    for person in sorted(p for p in held_back.iterdir() if p.is_dir()):
-        photos = sorted(person.iterdir())
-        (later / person.name).mkdir()
-        for photo in photos[len(photos) * 2 // 3:]:
-            photo.rename(later / person.name / photo.name)
-    embed_quiet(held_back, cache)
-    out = tmp_path / "raw"
-    sort_faces.cluster(cache, out, quiet=True)
-    first = manifest_of(out)["clusters"][0]
-    sort_faces.people(out, "name", people_named=[first["name"]], name="Alice", quiet=True)
-    embed_quiet(later, cache)
-    sort_faces.extend(cache, out, quiet=True)
-    manifest = manifest_of(out)
-    alice = next(e for e in manifest["clusters"] if e.get("label") == "Alice")
-    assert alice["name"] == first["name"] and alice["size"] > first["size"]
 
 
 def test_split_gives_the_largest_piece_the_old_number(clustered):
@@ -308,3 +286,123 @@ def test_bad_people_commands_are_one_line_and_change_nothing(clustered):
     assert code == 2 and "people decisions" in err and len(err.strip().splitlines()) == 1
     code, _out, err = run_cli("cluster", cache, out)
     assert code == 2 and "people decisions" in err
+
+
+def test_the_page_composes_the_people_command_in_chromium(clustered, tmp_path):
+    """Real Chromium driven by Selenium and Debian's chromium-driver: select two
+    people, copy the composed merge, run it; then a face and a person: move."""
+    import shlex
+
+    from browser import require_webdriver, selenium_chromium
+    from selenium.webdriver.common.by import By
+
+    require_webdriver()
+    cache, out = clustered
+    page = (out / "index.html").read_text()
+    assert 'id="people"' in page and "data-face=" in page and "<code>sort_faces.py people" in page
+    first, second, third = (e["name"] for e in manifest_of(out)["clusters"][:3])
+    driver = selenium_chromium(str(tmp_path / "profile"))
+    try:
+        driver.get((out / "index.html").as_uri())
+        driver.find_element(By.ID, "people-mode").click()
+        for name in (first, second):
+            driver.find_element(By.CSS_SELECTOR, f'button.pick[data-person="{name}"]').click()
+        command = driver.find_element(By.ID, "people-command").text.strip()
+        assert command == f"sort_faces.py people {out.resolve()} merge {first} {second}"
+        code, _out, err = run_cli(*shlex.split(command)[1:])
+        assert code == 0, err
+        assert second not in {e["name"] for e in manifest_of(out)["clusters"]}
+        driver.get((out / "index.html").as_uri())  # the rebuilt page
+        driver.find_element(By.ID, "people-mode").click()
+        face = driver.find_element(By.CSS_SELECTOR, f'[data-row][data-name="{first}"] [data-face]')
+        face_id = int(face.get_attribute("data-face"))
+        face.click()
+        assert driver.current_url.endswith("index.html")  # selecting does not open the photo
+        driver.find_element(By.CSS_SELECTOR, f'button.pick[data-person="{third}"]').click()
+        lines = driver.find_element(By.ID, "people-command").text.strip().splitlines()
+        assert lines == [f"sort_faces.py people {out.resolve()} move {face_id} --to {third}"]
+        code, _out, err = run_cli(*shlex.split(lines[0])[1:])
+        assert code == 0, err
+        assert person_of(manifest_of(out))[face_id] == third
+    finally:
+        driver.quit()
+
+
+def test_every_decision_holds_through_new_photos_extend_refine_and_export(tmp_path):
+    """lfw10 and five_celebs, two thirds embedded first: name, merge, move and
+    reject on the cluster output; then the last third embedded, extend (raw and
+    refined), refine again, enrich and export-swap: every decision still holds."""
+    from conftest import EXPORT, REFINE
+
+    src, later = tmp_path / "src", tmp_path / "later"
+    for photo_set in ("lfw10", "five_celebs"):
+        for person in sorted(p for p in (DATA / photo_set).iterdir() if p.is_dir()):
+            photos = sorted(person.iterdir())
+            cut = len(photos) * 2 // 3
+            for index, photo in enumerate(photos):
+                target = (src if index < cut else later) / photo_set / person.name / photo.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(photo, target)
+    cache, raw, refined = tmp_path / "c.npz", tmp_path / "raw", tmp_path / "refined"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, raw, quiet=True)
+    sort_faces.refine(cache, refined, quiet=True, **REFINE)
+    data = sort_faces.load_cache(cache)
+    truth = lambda face: Path(data["files"][data["face_file"][face]]).parent.name  # noqa: E731
+    clusters = manifest_of(raw)["clusters"]
+    by_label: dict = {}
+    for entry in clusters:
+        label = collections_majority([truth(f["face"]) for f in entry["faces"]])
+        by_label.setdefault(label, []).append(entry)
+    # merge two people of one identity (the split the threshold left), name the result
+    split = next(entries for entries in by_label.values() if len(entries) >= 2)
+    keep, other = split[0]["name"], split[1]["name"]
+    merged_faces = [f["face"] for e in split[:2] for f in e["faces"]]
+    sort_faces.people(raw, "merge", people_named=[keep, other], quiet=True)
+    sort_faces.people(raw, "name", people_named=[keep], name="Alice", quiet=True)
+    # move a face of the largest other person into a third one; reject a face of a fourth
+    rest = [e for e in manifest_of(raw)["clusters"] if e["name"] != keep]
+    donor, taker, fourth = rest[0], rest[1], rest[2]
+    moved = donor["faces"][0]["face"]
+    donor_faces = [f["face"] for f in donor["faces"][1:]]
+    sort_faces.people(raw, "move", faces_named=[str(moved)], to=taker["name"], quiet=True)
+    stranger = fourth["faces"][0]["face"]
+    sort_faces.people(raw, "reject", faces_named=[str(stranger)], quiet=True)
+
+    def holds(manifest, groups_key="clusters"):
+        owner = {f["face"]: e["name"] for e in manifest[groups_key] for f in e["faces"]}
+        assert len({owner.get(f) for f in merged_faces if f in owner}) <= 1
+        assert stranger not in owner
+        if moved in owner:
+            assert all(owner.get(f) != owner[moved] for f in donor_faces)
+        return owner
+
+    embed_quiet(later, cache)  # new photos
+    sort_faces.extend(cache, raw, refined, quiet=True)
+    after = manifest_of(raw)
+    owner = holds(after)
+    assert owner[moved] == taker["name"] and owner[merged_faces[0]] == keep
+    alice = next(e for e in after["clusters"] if e["name"] == keep)
+    assert alice.get("label") == "Alice" and alice["size"] > len(merged_faces)
+    assert stranger not in {f["face"] for f in after["singletons"]["faces"]}
+    refine_manifest = sort_faces.refine(cache, refined, quiet=True, **REFINE)
+    holds(refine_manifest, "facesets")
+    assert any(e.get("label") == "Alice" for e in refine_manifest["facesets"])
+    sort_faces.enrich(cache, quiet=True)
+    exported = sort_faces.export_swap(cache, refined / "refine_manifest.json", tmp_path / "swap",
+                                      quiet=True, **EXPORT)
+    crops = {c["face"]: e["name"] for e in exported["facesets"] for c in e["crops"]}
+    alice = next(e for e in exported["facesets"] if e.get("label") == "Alice")
+    assert {b["file"] for b in alice["bundles"]} == {
+        f"{alice['name']}_Alice_top{EXPORT['top_n']}.fsz", f"{alice['name']}_Alice_all.fsz"}
+    assert (tmp_path / "swap" / f"{alice['name']}_Alice" / "0000.png").is_file()
+    assert stranger not in crops
+    assert len({crops[f] for f in merged_faces if f in crops}) <= 1
+    if moved in crops:
+        assert all(crops.get(f) != crops[moved] for f in donor_faces)
+
+
+def collections_majority(values):
+    import collections
+
+    return collections.Counter(values).most_common(1)[0][0]

@@ -6778,6 +6778,15 @@ class _DecisionsCheck(_ManifestCheck):
             self.fail(where, "names no face")
         return [self.key(k, f"{where}[{i}]") for i, k in enumerate(keys)]
 
+    def key_lists(self, decision: dict, where: str, field: str, too_few: str) -> None:
+        """decision[field]: two lists of face keys or more (merge's people, split's pieces)."""
+        self.obj(decision, where, field)
+        lists = self.items(decision[field], f"{where}.{field}")
+        if len(lists) < 2:
+            self.fail(f"{where}.{field}", too_few)
+        for i, keys in enumerate(lists):
+            self.keys(keys, f"{where}.{field}[{i}]")
+
 
 def load_decisions(path: Path) -> list[dict]:
     """The decisions of a people file (none when it does not exist), validated:
@@ -6808,12 +6817,7 @@ def load_decisions(path: Path) -> list[dict]:
             if problem:
                 check.fail(where + ".name", problem)
         elif verb == "merge":
-            check.obj(decision, where, "people")
-            people = check.items(decision["people"], where + ".people")
-            if len(people) < 2:
-                check.fail(where + ".people", "a merge needs two people or more")
-            for i, keys in enumerate(people):
-                check.keys(keys, f"{where}.people[{i}]")
+            check.key_lists(decision, where, "people", "a merge needs two people or more")
         elif verb == "move":
             check.obj(decision, where, "faces", "to", "away")
             check.keys(decision["faces"], where + ".faces")
@@ -6825,12 +6829,7 @@ def load_decisions(path: Path) -> list[dict]:
             check.obj(decision, where, "faces")
             check.keys(decision["faces"], where + ".faces")
         elif verb == "split":
-            check.obj(decision, where, "pieces")
-            pieces = check.items(decision["pieces"], where + ".pieces")
-            if len(pieces) < 2:
-                check.fail(where + ".pieces", "a split needs two pieces or more")
-            for i, keys in enumerate(pieces):
-                check.keys(keys, f"{where}.pieces[{i}]")
+            check.key_lists(decision, where, "pieces", "a split needs two pieces or more")
         else:
             check.obj(decision, where, "undoes")
             target = check.integer(decision["undoes"], where + ".undoes", 1, index)

@@ -406,3 +406,39 @@ def collections_majority(values):
     import collections
 
     return collections.Counter(values).most_common(1)[0][0]
+
+
+def test_decisions_outlive_a_rebuilt_cache(clustered, tmp_path):
+    """Decisions are keyed by the photo's content and the face's box: a cache
+    embedded again from scratch (other row numbers) honours them."""
+    cache, out = clustered
+    first, second = (e for e in manifest_of(out)["clusters"][:2])
+    sort_faces.people(out, "merge", people_named=[first["name"], second["name"]], quiet=True)
+    stranger = first["faces"][1]["face"]
+    sort_faces.people(out, "reject", faces_named=[str(stranger)], quiet=True)
+    old = sort_faces.load_cache(cache)
+    keys = {f["face"]: sort_faces.face_key(old, f["face"]) for f in first["faces"] + second["faces"]}
+    rebuilt = tmp_path / "again" / "c.npz"
+    rebuilt.parent.mkdir()
+    embed_quiet(DATA / "five_celebs", rebuilt, workers=1)  # rows need not match the first
+    shutil.copy2(sort_faces.people_path(cache), sort_faces.people_path(rebuilt))
+    new = sort_faces.load_cache(rebuilt)
+    rows = dict(zip(keys, sort_faces.face_rows(new, list(keys.values()))))
+    assert all(r >= 0 for r in rows.values())
+    manifest = sort_faces.cluster(rebuilt, tmp_path / "again" / "raw", threshold=0.40, quiet=True)
+    owner = {f["face"]: e["name"] for e in manifest["clusters"] for f in e["faces"]}
+    together = {owner.get(rows[f]) for f in keys if f != stranger}
+    assert len(together) == 1 and None not in together
+    assert rows[stranger] not in owner
+    assert [f["face"] for f in manifest["rejected"]["faces"]] == [rows[stranger]]
+
+
+def test_two_decisions_at_once_are_serialised_by_the_cache_lock(clustered):
+    cache, out = clustered
+    first = manifest_of(out)["clusters"][0]["name"]
+    with sort_faces.exclusive_lock(cache, "cache"):  # another run deciding now
+        code, _out, err = run_cli("people", out, "name", first, "Alice")
+    assert code == 2 and "in use" in err and len(err.strip().splitlines()) == 1
+    assert not sort_faces.people_path(cache).exists()
+    assert run_cli("people", out, "name", first, "Alice")[0] == 0  # once it is done
+    assert sort_faces.load_decisions(sort_faces.people_path(cache))[0]["name"] == "Alice"

@@ -247,6 +247,12 @@ def valid_utf8(text) -> str:
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def plain_number(text: str) -> int | None:
+    """The number ASCII digits spell, or None (str.isdigit also takes "²" and
+    "٣", which int() refuses or reads as another number)."""
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
+
+
 def display(text) -> str:
     """`text` as one line to print or log: valid_utf8, and control characters
     (a newline, a carriage return, ESC in a file name) written as escapes, so
@@ -855,8 +861,8 @@ def journal_chunks(cache_path: Path) -> list[tuple[int, Path]]:
     """(sequence number, path) of each chunk file, in order."""
     chunks = []
     for chunk in journal_dir(cache_path).glob("*.npz"):
-        if chunk.stem.isdigit():
-            chunks.append((int(chunk.stem), chunk))
+        if plain_number(chunk.stem) is not None:
+            chunks.append((plain_number(chunk.stem), chunk))
     return sorted(chunks)
 
 
@@ -3106,7 +3112,7 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
 def owner_alive(path: Path) -> bool:
     """Is the process named by a `...-<pid>` suffix still running?"""
     pid = path.name.rsplit("-", 1)[-1]
-    return pid.isdigit() and pid_alive(int(pid))
+    return plain_number(pid) is not None and pid_alive(plain_number(pid))
 
 
 def remove_stray(folder: Path) -> None:
@@ -6967,7 +6973,7 @@ def find_person(manifest: dict, out: Path, wanted: str) -> dict:
     """The cluster entry a user named: person_NNN, its number, or its name."""
     entries = manifest["clusters"]
     for entry in entries:
-        if wanted == entry["name"] or (wanted.isdigit() and int(wanted) == int(entry["name"][7:])) \
+        if wanted == entry["name"] or plain_number(wanted) == int(entry["name"][7:]) \
                 or wanted.casefold() == str(entry.get("label", "")).casefold():
             return entry
     raise UserError(f"{display(wanted)!r} is not a person of {display(out)} (run "
@@ -6980,7 +6986,7 @@ def find_faces(manifest: dict, out: Path, wanted, cache: FaceCache) -> list[int]
     faces = []
     for text in wanted:
         text = str(text).removeprefix("face_")
-        if not text.isdigit() or int(text) >= cache.n_faces:
+        if plain_number(text) is None or plain_number(text) >= cache.n_faces:
             raise UserError(f"{display(text)!r} is not a face id of this cache (the review page "
                             "shows each face's id)")
         if int(text) not in in_out:

@@ -277,7 +277,9 @@ def test_bad_people_commands_are_one_line_and_change_nothing(clustered):
                        (("merge", first, first), "itself"),
                        (("move", "99999999", "--to", first), "not a face id"),
                        (("reject", "-3"), "not a face id"),
-                       (("name", first, "bad\x07name"), "control")]:
+                       (("name", first, "bad\x07name"), "control"),
+                       (("move", "²", "--to", first), "not a face id"),  # isdigit, not a number
+                       (("name", "٣", "Bob"), "not a person")]:
         code, _out, err = run_cli("people", out, *args)
         assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (args, err)
         assert path.read_bytes() == saved
@@ -442,3 +444,17 @@ def test_two_decisions_at_once_are_serialised_by_the_cache_lock(clustered):
     assert not sort_faces.people_path(cache).exists()
     assert run_cli("people", out, "name", first, "Alice")[0] == 0  # once it is done
     assert sort_faces.load_decisions(sort_faces.people_path(cache))[0]["name"] == "Alice"
+
+
+@pytest.mark.fast
+def test_numbers_are_ascii_digits_only(tmp_path):
+    assert sort_faces.plain_number("0042") == 42
+    assert sort_faces.plain_number("²") is None and sort_faces.plain_number("٣") is None
+    assert sort_faces.plain_number("-3") is None and sort_faces.plain_number("") is None
+    cache_path = tmp_path / "c.npz"
+    sort_faces.save_cache(cache_path, sort_faces.open_cache_for_writing(cache_path, False))
+    journal = sort_faces.journal_dir(cache_path)
+    journal.mkdir(exist_ok=True)
+    (journal / "².npz").write_bytes(b"not a chunk")  # a stray file, not a chunk: ignored
+    assert sort_faces.journal_chunks(cache_path) == []
+    assert sort_faces.load_cache(cache_path).n_files == 0

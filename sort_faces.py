@@ -250,7 +250,7 @@ def valid_utf8(text) -> str:
 def plain_number(text: str) -> int | None:
     """The number ASCII digits spell, or None (str.isdigit also takes "²" and
     "٣", which int() refuses or reads as another number)."""
-    return int(text) if re.fullmatch(r"[0-9]+", text) else None
+    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
 def display(text) -> str:
@@ -449,6 +449,8 @@ def read_json(path: Path, what: str):
         raise UserError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read {what} {path}: {error}") from None
+    except RecursionError:
+        raise UserError(f"cannot read {what} {path}: nested too deeply") from None
 
 
 def process_started(pid: int) -> float | None:
@@ -3386,6 +3388,8 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                 check.fail("parameters", f"has no {key!r}")
         for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
             check.group(entry, f"clusters[{index}]")
+            if not entry["faces"]:
+                check.fail(f"clusters[{index}].faces", "a person without faces")
         check.group(manifest["singletons"], "singletons")
         if "rejected" in manifest:
             check.obj(manifest["rejected"], "rejected", "faces")
@@ -5315,12 +5319,14 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
     return people, np.concatenate(singles or [np.zeros(0, np.int64)]), rejected, info
 
 
-def previous_people(out: Path) -> tuple[list[dict], int]:
-    """The people of the cluster output being rebuilt, and its next free number
-    (none when there is no valid one)."""
+def previous_people(out: Path, cache_path: Path) -> tuple[list[dict], int]:
+    """The people of the cluster output being rebuilt from the same cache, and
+    its next free number (none when there is no valid one)."""
     try:
         manifest = load_manifest(out / MANIFEST_FILES["cluster"], "cluster")
     except UserError:
+        return [], 1
+    if manifest.get("cache") != str(Path(cache_path).resolve()):
         return [], 1
     return manifest["clusters"], int(manifest.get("next_number", next_number(manifest["clusters"])))
 
@@ -5346,7 +5352,7 @@ def person_names(people: list[np.ndarray], previous: tuple[list[dict], int],
 
 
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
-            link=CLUSTER_DEFAULTS["link"], quiet=False) -> dict:
+            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False) -> dict:
     """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
 
     The people decisions beside the cache (people_path) are honoured: faces
@@ -5362,12 +5368,13 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     started = time.time()
     constraints = people_constraints(cache_path, cache)
     people, singles, rejected, info = constrained_people(cache, threshold, constraints)
-    names, labels = person_names(people, previous_people(out), constraints)
+    names, labels = person_names(people, previous_people(out, cache_path), constraints)
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
     manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
     manifest["clustering"] = info
-    with output_lock(out), building(out, "cluster") as work:
+    with (contextlib.nullcontext() if locked else output_lock(out)), \
+            building(out, "cluster") as work:  # locked: the caller holds OUT's lock
         manifest["clusters"] = []
         for name, faces in progress(sorted(zip(names, people)), desc="cluster", unit="person"):
             label = {"label": labels[name]} if name in labels else {}
@@ -6759,9 +6766,21 @@ def person_name_problem(name) -> str | None:
         return "a person's name must be some text"
     if len(name) > MAX_PERSON_NAME_CHARS:
         return f"a person's name has at most {MAX_PERSON_NAME_CHARS} characters"
-    if any(unicodedata.category(ch).startswith("C") for ch in name) or name != valid_utf8(name):
-        return "a person's name cannot hold control characters or undecodable bytes"
+    if any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+           for ch in name) or name != valid_utf8(name):
+        return "a person's name cannot hold control characters, line breaks or undecodable bytes"
+    if not any(unicodedata.category(ch)[0] in "LNS" for ch in name):
+        return "a person's name needs a letter, a digit or a symbol"
+    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*", name, re.IGNORECASE):
+        return (f"{name!r} would read as a person's number (or as `--to new`); "
+                "choose a name with letters")
     return None
+
+
+def same_name(a, b) -> bool:
+    """Do two names read the same (Unicode-normalised, case-folded)?"""
+    fold = lambda n: unicodedata.normalize("NFKC", str(n)).casefold().strip()  # noqa: E731
+    return fold(a) == fold(b)
 
 
 class _DecisionsCheck(_ManifestCheck):
@@ -6800,7 +6819,14 @@ def load_decisions(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    data = read_json(path, "people decisions")
+    return check_decisions(read_json(path, "people decisions"), path)
+
+
+def check_decisions(data, path: Path) -> list[dict]:
+    """The decisions of a people file's contents (or of a list about to be
+    written), validated: UserError names the file and the first problem."""
+    if isinstance(data, list):
+        data = {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION, "decisions": data}
     check = _DecisionsCheck(path, None, None)
     check.obj(data, "the file", "format", "version", "decisions")
     if data["format"] != PEOPLE_FORMAT:
@@ -6972,9 +6998,12 @@ def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: 
 def find_person(manifest: dict, out: Path, wanted: str) -> dict:
     """The cluster entry a user named: person_NNN, its number, or its name."""
     entries = manifest["clusters"]
+    number = plain_number(wanted.strip().removeprefix("person_"))
+    for entry in entries:  # numbers first: a name never reads as one (person_name_problem)
+        if number is not None and number == int(entry["name"][7:]):
+            return entry
     for entry in entries:
-        if wanted == entry["name"] or plain_number(wanted) == int(entry["name"][7:]) \
-                or wanted.casefold() == str(entry.get("label", "")).casefold():
+        if entry.get("label") and same_name(wanted, entry["label"]):
             return entry
     raise UserError(f"{display(wanted)!r} is not a person of {display(out)} (run "
                     f"`sort_faces.py people {display(out)}` to list its people)")
@@ -7014,10 +7043,10 @@ def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisio
         if problem:
             raise UserError(problem)
         for other in manifest["clusters"]:
-            if other is not person and str(other.get("label", "")).casefold() == name.casefold():
-                raise UserError(f"{other['name']} is already named {name!r}; names are unique "
-                                "(merge the two, or choose another name)")
-        decision.update(faces=keys(faces_of(person)), name=name)
+            if other is not person and other.get("label") and same_name(other["label"], name):
+                raise UserError(f"{other['name']} is already named {other['label']!r}; names "
+                                "are unique (merge the two, or choose another name)")
+        decision.update(faces=keys(faces_of(person)), name=unicodedata.normalize("NFC", name))
     elif verb == "merge":
         people = [find_person(manifest, out, p) for p in people_named]
         if len(people) < 2:
@@ -7027,7 +7056,10 @@ def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisio
         decision["people"] = [keys(faces_of(p)) for p in people]
     elif verb == "move":
         faces = find_faces(manifest, out, faces_named, cache)
-        target = None if to == "new" else find_person(manifest, out, str(to))
+        target = None if str(to).strip().casefold() == "new" else find_person(manifest, out, str(to))
+        if target is not None and set(faces) <= set(faces_of(target)):
+            raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "
+                            f"already in {target['name']}")
         owners = [p for p in manifest["clusters"] if set(faces_of(p)) & set(faces)]
         decision.update(faces=keys(faces), to=None if target is None else keys(faces_of(target)),
                         away=[keys(faces_of(p)) for p in owners if p is not target])
@@ -7142,14 +7174,22 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
             if not suggestions:
                 say("people: no suggestions", quiet)
         return {"people": listing, "decision": None, "suggestions": suggestions}
-    with exclusive_lock(cache_path, "cache"):
-        path = people_path(cache_path)
+    path = people_path(cache_path)
+    # Both locks for the whole decision: read OUT and the decisions, check, write,
+    # rebuild; a second run is refused before it writes anything.
+    with exclusive_lock(cache_path, "cache"), output_lock(out):
+        manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
         decisions = load_decisions(path)
         decision = new_decision(verb, manifest, out, cache, decisions, people_named, faces_named,
                                 name, to, split_threshold)
+        check_decisions(decisions + [decision], path)  # what is written can be read back
         write_decisions(path, decisions + [decision])
-    rebuilt = cluster(cache_path, out, threshold=manifest["parameters"]["threshold"],
-                      link=manifest["parameters"]["link"], quiet=True)
+        try:
+            rebuilt = cluster(cache_path, out, threshold=manifest["parameters"]["threshold"],
+                              link=manifest["parameters"]["link"], quiet=True, locked=True)
+        except UserError as error:
+            raise UserError(f"decision {decision['id']} is kept in {display(path)}, but "
+                            f"{display(out)} was not rebuilt: {error}; run cluster again") from None
     say(f"people: decision {decision['id']} ({verb}) kept in {display(path)}; {display(out)} "
         f"rebuilt: {len(rebuilt['clusters'])} people", quiet)
     return {"people": people_listing(rebuilt), "decision": decision}
@@ -7157,7 +7197,7 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
 
 def check_text_field(manifest: dict, key: str, where: Path) -> str:
     value = manifest.get(key)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise UserError(f"manifest {display(where)}: {key!r} is not a path")
     return value
 

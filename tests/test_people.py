@@ -107,7 +107,7 @@ def test_numbers_are_kept_and_a_merge_keeps_the_lowest():
 @pytest.mark.parametrize("damage", [
     "{not json", '{"format": "something else", "version": 1, "decisions": []}',
     '{"format": "face-sets people decisions", "version": 99, "decisions": []}',
-    "bad verb", "bad id", "bad sha", "undo twice", "empty name"])
+    "bad verb", "bad id", "bad sha", "undo twice", "empty name", "[" * 100000 + "]" * 100000])
 def test_a_damaged_decisions_file_is_one_clear_error(tmp_path, damage):
     path = tmp_path / "c.npz.people.json"
     good = decided({"verb": "name", "faces": keys(1), "name": "Alice"},
@@ -264,12 +264,13 @@ def test_suggestions_come_with_their_command_and_respect_decisions(clustered):
             assert not set(suggestion["people"]) <= pieces, suggestion
 
 
-def test_bad_people_commands_are_one_line_and_change_nothing(clustered):
+def test_bad_people_commands_are_one_line_and_change_nothing(clustered, capsys):
     cache, out = clustered
     path = sort_faces.people_path(cache)
     code, listing, _err = run_cli("people", out)
     assert code == 0 and listing.count("person_") == len(manifest_of(out)["clusters"])
     first, second = (e["name"] for e in manifest_of(out)["clusters"][:2])
+    in_first = manifest_of(out)["clusters"][0]["faces"][0]["face"]
     assert run_cli("people", out, "name", first, "Alice")[0] == 0
     saved = path.read_bytes()
     for args, said in [(("name", "person_999", "Bob"), "not a person"),
@@ -279,8 +280,16 @@ def test_bad_people_commands_are_one_line_and_change_nothing(clustered):
                        (("reject", "-3"), "not a face id"),
                        (("name", first, "bad\x07name"), "control"),
                        (("move", "²", "--to", first), "not a face id"),  # isdigit, not a number
-                       (("name", "٣", "Bob"), "not a person")]:
-        code, _out, err = run_cli("people", out, *args)
+                       (("name", "٣", "Bob"), "not a person"),
+                       (("reject", "9" * 5000), "not a face id"),
+                       (("name", second, "3"), "would read as"),  # a name never hides a number
+                       (("name", second, "New"), "would read as"),
+                       (("name", second, "a\u2028b"), "line breaks"),
+                       (("name", second, "\u0301\u0301"), "needs a letter"),
+                       (("name", second, "ALICE"), "already named 'Alice'"),
+                       (("move", str(in_first), "--to", first), "already in")]:
+        code = sort_faces.main(["people", str(out), *args])  # in this process: quicker
+        err = capsys.readouterr().err
         assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (args, err)
         assert path.read_bytes() == saved
     path.write_text(path.read_text()[:-20])  # damaged by hand
@@ -442,6 +451,9 @@ def test_two_decisions_at_once_are_serialised_by_the_cache_lock(clustered):
         code, _out, err = run_cli("people", out, "name", first, "Alice")
     assert code == 2 and "in use" in err and len(err.strip().splitlines()) == 1
     assert not sort_faces.people_path(cache).exists()
+    with sort_faces.output_lock(out):  # a run rebuilding OUT: refused before anything is written
+        code, _out, err = run_cli("people", out, "name", first, "Alice")
+    assert code == 2 and "in use" in err and not sort_faces.people_path(cache).exists()
     assert run_cli("people", out, "name", first, "Alice")[0] == 0  # once it is done
     assert sort_faces.load_decisions(sort_faces.people_path(cache))[0]["name"] == "Alice"
 
@@ -451,6 +463,7 @@ def test_numbers_are_ascii_digits_only(tmp_path):
     assert sort_faces.plain_number("0042") == 42
     assert sort_faces.plain_number("²") is None and sort_faces.plain_number("٣") is None
     assert sort_faces.plain_number("-3") is None and sort_faces.plain_number("") is None
+    assert sort_faces.plain_number("9" * 5000) is None  # int() refuses over 4300 digits
     cache_path = tmp_path / "c.npz"
     sort_faces.save_cache(cache_path, sort_faces.open_cache_for_writing(cache_path, False))
     journal = sort_faces.journal_dir(cache_path)

@@ -54,6 +54,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1360,7 +1361,7 @@ class PhotoPixels:
             if fast is not None:
                 bgr, self.damage = fast
                 return np.ascontiguousarray(orient(bgr, self.orientation))
-            self.scales = False
+            self.common = self.scales = False  # Pillow's path from here on, not tried again
             if factor != self.reference:
                 return self._box_reduce(self.reference, factor)
         return self._decode_with_pillow()
@@ -4913,8 +4914,8 @@ def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
     """
     timings = {} if timings is None else timings
     clock = time.thread_time()
-    seen = photo.at(detect_factor(photo, det_size))
-    seen_factor = max(detect_factor(photo, det_size), photo.reference)
+    seen_factor = detect_factor(photo, det_size)  # never finer than photo.reference
+    seen = photo.at(seen_factor)
     boxes, kpss = app.det_model.detect(seen, max_num=0, metric="default")
     clock = _lap(timings, "detect", clock)
     seen_offset = photo.offset(seen_factor)
@@ -5313,9 +5314,10 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
     info["decisions"] = {"pinned_groups": len(together), "apart": len(constraints["apart"]),
                          "rejected": int(len(rejected))}
     pinned = set(f for g in constraints["together"] for f in g)
-    groups = [kept[g] for g in groups_from_labels(labels)]
-    people = [g for g in groups if len(g) >= 2 or pinned & set(g.tolist())]
-    singles = [g for g in groups if not (len(g) >= 2 or pinned & set(g.tolist()))]
+    people, singles = [], []
+    for group in (kept[g] for g in groups_from_labels(labels)):
+        is_person = len(group) >= 2 or not pinned.isdisjoint(group.tolist())
+        (people if is_person else singles).append(group)
     return people, np.concatenate(singles or [np.zeros(0, np.int64)]), rejected, info
 
 
@@ -7104,7 +7106,7 @@ def people_suggestions(manifest: dict, out: Path, cache: FaceCache, constraints:
     def allowed(groups_a: set, groups_b: set) -> bool:
         return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
 
-    where = shlex_quote(str(out))
+    where = shlex.quote(str(out))
     found = []
     distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
     for i, j in zip(*np.triu_indices(len(entries), 1)):
@@ -7131,12 +7133,6 @@ def people_suggestions(manifest: dict, out: Path, cache: FaceCache, constraints:
     return sorted(found, key=lambda s: s["distance"])
 
 
-def shlex_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
 def people_listing(manifest: dict, suggestions=()) -> list[dict]:
     concern = collections.Counter(n for s in suggestions for n in s["people"])
     return [{"person": e["name"], "name": e.get("label", ""), "faces": len(e["faces"]),
@@ -7159,8 +7155,8 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
     cache_path = Path(check_text_field(load_manifest(manifest_path, "cluster"), "cache",
                                        manifest_path))
     cache = load_cache(cache_path)
-    manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
     if verb in (None, "suggest"):
+        manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
         suggestions = people_suggestions(manifest, out, cache,
                                          people_constraints(cache_path, cache))
         listing = people_listing(manifest, suggestions)

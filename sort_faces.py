@@ -219,6 +219,19 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 
 
+# What `people` reads of each output it works on: the manifest's list of people
+# and their names' prefix, the faces outside them that a `move` may take (all
+# of a cluster's singletons; of refine's dropped faces, all but the rejected),
+# the parameter `suggest` measures merges and moves against (refine's centroid
+# merge threshold), and the one `split` tightens.
+PEOPLE_OUTPUTS = {
+    "cluster": {"entries": "clusters", "prefix": "person", "threshold": "threshold",
+                "split_from": "threshold"},
+    "refine": {"entries": "facesets", "prefix": "faceset", "threshold": "merge_threshold",
+               "split_from": "initial_threshold"},
+}
+
+
 # ============================================================================
 # ERRORS AND LOGGING
 # A UserError is something the user can fix: the CLI prints its message on one
@@ -3342,6 +3355,22 @@ class _ManifestCheck:
         self.unique([entry["name"] for entry in entries], where + " names")
         return entries
 
+    def former(self, value, pattern: str, entries: list) -> list[dict]:
+        """People gone from an output (name, face ids), whose numbers an undo gives back."""
+        current = {e.get("name") for e in entries}
+        former = self.items(value, "former")
+        for index, entry in enumerate(former):
+            here = f"former[{index}]"
+            self.obj(entry, here, "name", "faces")
+            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]) \
+                    or entry["name"] in current:
+                self.fail(here + ".name", f"{entry['name']!r} is not the name of a person gone")
+            high = None if self.n_faces is None else self.n_faces - 1
+            for face in self.items(entry["faces"], here + ".faces"):
+                self.integer(face, here + ".faces", 0, high)
+        self.unique([entry["name"] for entry in former], "former names")
+        return former
+
     def group(self, entry: dict, where: str) -> None:
         """A group whose photos were materialised: faces, outputs (file names)."""
         self.obj(entry, where, "faces", "outputs")
@@ -3423,9 +3452,11 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                 if not name.startswith(entry["name"] + "_") or not name.endswith(".fsz"):
                     check.fail(here + ".bundles", f"{name!r} is not a bundle of {entry['name']}")
         check.entries(manifest["candidates"], "candidates", pattern)
+    entries = manifest.get("clusters", manifest.get("facesets", []))
+    former = check.former(manifest.get("former", []), pattern, entries)
     if "next_number" in manifest:
-        entries = manifest.get("clusters", manifest.get("facesets", []))
-        check.integer(manifest["next_number"], "next_number", next_number(entries))
+        check.integer(manifest["next_number"], "next_number",
+                      max(next_number(entries), next_number(former)))
     return manifest
 
 
@@ -4747,8 +4778,10 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path |
             "groups": groups}
 
 
-def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
-    """The review page of a refine output: facesets, and what each gate dropped."""
+def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
+                       suggestions=()) -> dict:
+    """The review page of a refine output: facesets, and what each gate dropped;
+    with `out` (its final path) the people panel, with `suggestions` listed."""
     embeddings = cache["embeddings"]
     by_faceset: dict = {}
     for drop in manifest["dropped"]:
@@ -4762,7 +4795,8 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                 sections.append({"heading": f"dropped by the {stage} gate ({len(chosen)})",
                                  "thumbs": [face_thumb(cache, locations, d["face"], None,
                                                        title=f"{d['file']}: {d['reason']}",
-                                                       mark="dropped")
+                                                       mark="dropped", badge=d["face"],
+                                                       face_id=True)
                                             for d in chosen[:REVIEW_MAX_LOOSE]]})
         return sections
 
@@ -4774,9 +4808,11 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                            for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
         label = f"{entry['label']}: " if entry.get("label") else ""
         groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
+                       "person": entry["name"],
                        "subtitle": f"{label}{entry['size']} faces in {entry['images']} images"
                                    + (f"; dropped: {counts}" if counts else ""),
-                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f)
+                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
+                                             face_id=True)
                                   for f in strip_faces(embeddings, faces)],
                        "sections": dropped_sections(drops, entry["name"])})
     loose = by_faceset.get(None, [])
@@ -4784,7 +4820,8 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
                    "subtitle": f"{len(loose)} faces dropped with their whole cluster or alone",
                    "thumbs": [], "sections": dropped_sections(loose, None)})
     stages = manifest["stages"]
-    return {"title": f"refine: {Path(manifest['cache']).name}",
+    people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
+    return {"title": f"refine: {Path(manifest['cache']).name}", "people": people,
             "summary": f"{len(manifest['facesets'])} facesets; clusters {stages['initial_clusters']}"
                        f" -> {stages['after_merge']} after merge; dropped {stages['dropped_quality']}"
                        f" (quality), {stages['dropped_outlier']} (outlier), "
@@ -5321,28 +5358,38 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
     return people, np.concatenate(singles or [np.zeros(0, np.int64)]), rejected, info
 
 
-def previous_people(out: Path, cache_path: Path) -> tuple[list[dict], int]:
-    """The people of the cluster output being rebuilt from the same cache, and
-    its next free number (none when there is no valid one)."""
+def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
+    """What a rebuild of OUT keeps from the output it replaces, when that was
+    made from the same cache: its people (or facesets), the people gone from it
+    that a later rebuild may bring back under their numbers (`former`), and its
+    next free number. Nothing when there is no valid one."""
+    none = {"entries": [], "former": [], "first_free": 1}
     try:
-        manifest = load_manifest(out / MANIFEST_FILES["cluster"], "cluster")
+        manifest = load_manifest(out / MANIFEST_FILES[kind], kind)
     except UserError:
-        return [], 1
+        return none
     if manifest.get("cache") != str(Path(cache_path).resolve()):
-        return [], 1
-    return manifest["clusters"], int(manifest.get("next_number", next_number(manifest["clusters"])))
+        return none
+    entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
+    return {"entries": entries, "former": manifest.get("former", []),
+            "first_free": first_free_number(manifest, entries)}
 
 
-def person_names(people: list[np.ndarray], previous: tuple[list[dict], int],
-                 constraints: dict) -> tuple[list[str], dict[str, str]]:
-    """person_NNN of each person (keeping the previous output's numbers) and
-    the names decisions gave ({person_NNN: name}; the latest decision wins)."""
-    old_entries, first_free = previous
-    if old_entries:
-        names = keep_numbers(people, old_entries, first_free)
-    else:
-        names = [f"person_{n:03d}" for n in range(1, len(people) + 1)]
-    owner = {int(f): names[i] for i, faces in enumerate(people) for f in faces}
+def first_free_number(manifest: dict, entries) -> int:
+    """The number the next new person (or faceset) of an output takes: numbers
+    of people who are gone are never given again."""
+    return max(int(manifest.get("next_number", 1)), next_number(entries),
+               next_number(manifest.get("former", [])))
+
+
+def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
+                 prefix: str = "person", undoing: bool = False) -> tuple[list[str], dict[str, str]]:
+    """prefix_NNN of each group (keeping the previous output's numbers; when
+    `undoing`, a person gone from it comes back under its own) and the names
+    decisions gave ({prefix_NNN: name}; the latest decision wins)."""
+    names = keep_numbers(groups, previous["entries"], previous["first_free"], prefix,
+                         previous["former"] if undoing else ())
+    owner = {int(f): names[i] for i, faces in enumerate(groups) for f in faces}
     labels: dict[str, str] = {}
     for rows, label in constraints["names"]:
         counts = collections.Counter(owner[r] for r in rows if r in owner)
@@ -5353,14 +5400,29 @@ def person_names(people: list[np.ndarray], previous: tuple[list[dict], int],
     return names, labels
 
 
+def former_entries(previous: dict, names: list[str]) -> list[dict]:
+    """The people of the previous output (and those gone before it) that the
+    rebuilt one lacks, with their faces, so that an undo brings them back
+    under their own numbers."""
+    kept = set(names)
+    gone = {}
+    for entry in list(previous["former"]) + list(previous["entries"]):
+        if entry["name"] not in kept:
+            gone[entry["name"]] = sorted(f if isinstance(f, int) else f["face"]
+                                         for f in entry["faces"])
+    return [{"name": name, "faces": faces} for name, faces in sorted(gone.items())]
+
+
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
-            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False) -> dict:
+            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False) -> dict:
     """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
 
     The people decisions beside the cache (people_path) are honoured: faces
     pinned together start as one person, pinned groups kept apart never join,
     rejected faces join no one (manifest "rejected"), names become labels.
     Rebuilding an output keeps its people's numbers (keep_numbers).
+    `locked`: the caller holds OUT's lock; `undoing`: `people undo` rebuilds
+    OUT, and a person the undone decision removed comes back under its number.
     """
     threshold = check_option("threshold", threshold)
     link = check_link(link)
@@ -5370,7 +5432,8 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     started = time.time()
     constraints = people_constraints(cache_path, cache)
     people, singles, rejected, info = constrained_people(cache, threshold, constraints)
-    names, labels = person_names(people, previous_people(out, cache_path), constraints)
+    previous = previous_entries(out, cache_path, "cluster")
+    names, labels = person_names(people, previous, constraints, undoing=undoing)
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
     manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
@@ -5388,7 +5451,10 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
         manifest["noface"] = {"files": noface,
                               "outputs": materialise_files(work / "_noface", noface, link)}
         manifest["unreadable"] = unreadable
-        manifest["next_number"] = next_number(manifest["clusters"])
+        manifest["former"] = former_entries(previous, names)
+        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
+                                                     "former": manifest["former"]},
+                                                    manifest["clusters"])
         manifest["extend_runs"] = []
         manifest["summary"] = {
             "people": len(people), "faces": int(cache.n_faces),
@@ -5397,7 +5463,8 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             "singleton_files": len(manifest["singletons"]["outputs"]), "noface_images": len(noface),
             "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "manifest.json", manifest)
-        suggestions = people_suggestions(manifest, out, cache, constraints)
+        suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
+                                         constraints)
         write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
     say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
@@ -5570,8 +5637,14 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     return facesets, dropped, stages, origin
 
 
-def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **params) -> dict:
-    """Quality-gated per-person facesets into OUT. Returns the manifest."""
+def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
+           undoing=False, **params) -> dict:
+    """Quality-gated per-person facesets into OUT. Returns the manifest.
+
+    The people decisions beside the cache are honoured as `cluster` honours
+    them (refine_partition's constraints); rebuilding an output keeps its
+    facesets' numbers (keep_numbers). `locked` and `undoing` as for cluster.
+    """
     params = table_params(REFINE_DEFAULTS, params)
     link = check_link(link)
     cache_path, out = Path(cache_path), Path(out)
@@ -5582,32 +5655,36 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, **par
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
-    labels = person_names(facesets, ([], 1), constraints)[1]
-    labels = {f"faceset_{k[7:]}": v for k, v in labels.items()}
+    previous = previous_entries(out, cache_path, "refine")
+    names, labels = person_names(facesets, previous, constraints, "faceset", undoing)
     locations = file_locations(cache)
     manifest = run_header("refine", cache_path, cache, {**params, "link": link})
     manifest["stages"] = stages
-    with output_lock(out), building(out, "refine") as work:
+    with (contextlib.nullcontext() if locked else output_lock(out)), \
+            building(out, "refine") as work:
         manifest["facesets"] = []
-        for number, faces in enumerate(progress(facesets, desc="refine", unit="faceset"), 1):
-            name = f"faceset_{number:03d}"
+        for name, faces in progress(sorted(zip(names, facesets), key=lambda p: p[0]),
+                                    desc="refine", unit="faceset"):
             label = {"label": labels[name]} if name in labels else {}
             entry = write_group(work / entry_folder({"name": name, **label}), faces, cache,
                                 locations, link)
             manifest["facesets"].append({"name": name, **label, "size": len(faces), **entry,
                                          "centroid": centroid_record(cache["embeddings"], faces)})
         manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
-                                    faceset=f"faceset_{origin[face] + 1:03d}" if origin[face] >= 0
-                                    else None)
+                                    faceset=names[origin[face]] if origin[face] >= 0 else None)
                                for face, (stage, reason) in sorted(dropped.items())]
-        manifest["next_number"] = len(facesets) + 1
+        manifest["former"] = former_entries(previous, names)
+        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
+                                                     "former": manifest["former"]},
+                                                    manifest["facesets"])
         manifest["extend_runs"] = []
         manifest["summary"] = {"facesets": len(facesets), "faces": int(cache.n_faces),
                                "faces_kept": int(sum(len(f) for f in facesets)),
                                "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "refine_manifest.json", manifest)
-        write_review(work, refine_review_page(manifest, cache, locations), cache, locations,
-                     reuse_from=out)
+        suggestions = people_suggestions(people_view(manifest, "refine"), out, cache, constraints)
+        write_review(work, refine_review_page(manifest, cache, locations, out, suggestions),
+                     cache, locations, reuse_from=out)
     say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
         f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
@@ -6076,7 +6153,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
     labels, _info = agglomerative_labels(embeddings[pool], threshold)
-    number = next_number(people)
+    number = first_free_number(manifest, people)
     singles = []
     for group in groups_from_labels(labels):
         faces = pool[group]
@@ -6116,7 +6193,8 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(manifest, out, cache, people_constraints(cache_path, cache))
+    suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
+                                     people_constraints(cache_path, cache))
     write_review(out, cluster_review_page(manifest, cache, locations, out, suggestions), cache,
                  locations)
     return record
@@ -6166,7 +6244,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
-    number = next_number(facesets)
+    number = first_free_number(manifest, facesets)
     for group in grown:
         faces = pool[group]
         entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
@@ -6187,7 +6265,10 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
                                faces_kept=sum(s["size"] for s in facesets))
     write_json_atomic(manifest_path, manifest)
-    write_review(out, refine_review_page(manifest, cache, locations), cache, locations)
+    suggestions = people_suggestions(people_view(manifest, "refine"), out, cache,
+                                     people_constraints(cache_path, cache))
+    write_review(out, refine_review_page(manifest, cache, locations, out, suggestions), cache,
+                 locations)
     return record
 
 
@@ -6973,47 +7054,74 @@ def people_constraints(cache_path: Path, cache: FaceCache) -> dict:
     return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
 
 
-def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int) -> list[str]:
-    """person_NNN names for `groups` (largest first) that keep an earlier
+def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
+                 prefix: str = "person", former=()) -> list[str]:
+    """prefix_NNN names for `groups` (largest first) that keep an earlier
     output's numbers: each earlier person goes to the group holding most of its
-    faces, a group takes the lowest number among those that came to it, and a
-    group no earlier person came to takes the next free number."""
+    faces, and a group takes the lowest number among those that came to it. A
+    group no earlier person came to takes back the number of a person gone
+    before (`former`: name and face ids) whose faces it holds most of, or else
+    the next free number."""
     group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
-    came: dict[int, list[int]] = {}
-    for entry in old_entries:
-        counts = collections.Counter(group_of[f["face"]] for f in entry["faces"]
-                                     if f["face"] in group_of)
-        if counts:
-            best = max(counts, key=lambda g: (counts[g], -g))
-            came.setdefault(best, []).append(int(entry["name"].split("_")[-1]))
+
+    def arrivals(entries, open_groups) -> dict[int, list[int]]:
+        came: dict[int, list[int]] = {}
+        for entry in entries:
+            counts = collections.Counter(group_of[face] for face in
+                                         (f if isinstance(f, int) else f["face"]
+                                          for f in entry["faces"])
+                                         if face in group_of and group_of[face] in open_groups)
+            if counts:
+                best = max(counts, key=lambda g: (counts[g], -g))
+                came.setdefault(best, []).append(int(entry["name"].rsplit("_", 1)[1]))
+        return came
+
+    came = arrivals(old_entries, set(range(len(groups))))
+    came.update(arrivals(former, set(range(len(groups))) - set(came)))
     number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
     names = []
     for g in range(len(groups)):
         if g in came:
-            names.append(f"person_{min(came[g]):03d}")
+            names.append(f"{prefix}_{min(came[g]):03d}")
         else:
-            names.append(f"person_{number:03d}")
+            names.append(f"{prefix}_{number:03d}")
             number += 1
     return names
 
 
-def find_person(manifest: dict, out: Path, wanted: str) -> dict:
-    """The cluster entry a user named: person_NNN, its number, or its name."""
-    entries = manifest["clusters"]
-    number = plain_number(wanted.strip().removeprefix("person_"))
+def people_view(manifest: dict, kind: str) -> dict:
+    """The people of a cluster or refine output as `people` works on them:
+    entries (person_NNN or faceset_NNN), the loose faces a move may take, the
+    threshold suggestions start at and the one a split tightens."""
+    spec = PEOPLE_OUTPUTS[kind]
+    if kind == "cluster":
+        loose = [f["face"] for f in manifest["singletons"]["faces"]]
+    else:
+        loose = [d["face"] for d in manifest["dropped"] if d.get("stage") != "rejected"]
+    return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
+            "prefix": spec["prefix"], "loose": loose,
+            "threshold": manifest["parameters"][spec["threshold"]],
+            "split_from": manifest["parameters"][spec["split_from"]]}
+
+
+def find_person(view: dict, out: Path, wanted: str) -> dict:
+    """The entry a user named: prefix_NNN, its number, or its name."""
+    entries, prefix = view["entries"], view["prefix"] + "_"
+    number = plain_number(wanted.strip().removeprefix(prefix))
     for entry in entries:  # numbers first: a name never reads as one (person_name_problem)
-        if number is not None and number == int(entry["name"][7:]):
+        if number is not None and number == int(entry["name"][len(prefix):]):
             return entry
     for entry in entries:
         if entry.get("label") and same_name(wanted, entry["label"]):
             return entry
-    raise UserError(f"{display(wanted)!r} is not a person of {display(out)} (run "
-                    f"`sort_faces.py people {display(out)}` to list its people)")
+    noun = "person" if view["kind"] == "cluster" else "faceset"
+    raise UserError(f"{display(wanted)!r} is not a {noun} of {display(out)} (run "
+                    f"`sort_faces.py people {display(out)}` to list them)")
 
 
-def find_faces(manifest: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
+def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
     """Face ids (cache rows, as the review page shows them) that are in OUT."""
-    in_out = manifest_face_ids(manifest["clusters"]) | manifest_face_ids([manifest["singletons"]])
+    in_out = manifest_face_ids(view["entries"]) | set(view["loose"])
     faces = []
     for text in wanted:
         text = str(text).removeprefix("face_")
@@ -7029,7 +7137,7 @@ def find_faces(manifest: dict, out: Path, wanted, cache: FaceCache) -> list[int]
     return faces
 
 
-def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisions: list[dict],
+def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: list[dict],
                  people_named=(), faces_named=(), name=None, to=None,
                  split_threshold=None) -> dict:
     """The decision a `people` command makes, checked against OUT (UserError
@@ -7040,36 +7148,36 @@ def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisio
     decision = {"id": len(decisions) + 1,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"), "verb": verb}
     if verb == "name":
-        person = find_person(manifest, out, people_named[0])
+        person = find_person(view, out, people_named[0])
         problem = person_name_problem(name)
         if problem:
             raise UserError(problem)
-        for other in manifest["clusters"]:
+        for other in view["entries"]:
             if other is not person and other.get("label") and same_name(other["label"], name):
                 raise UserError(f"{other['name']} is already named {other['label']!r}; names "
                                 "are unique (merge the two, or choose another name)")
         decision.update(faces=keys(faces_of(person)), name=unicodedata.normalize("NFC", name))
     elif verb == "merge":
-        people = [find_person(manifest, out, p) for p in people_named]
+        people = [find_person(view, out, p) for p in people_named]
         if len(people) < 2:
             raise UserError("merge needs two people or more")
         if len({id(p) for p in people}) != len(people):
             raise UserError("a person cannot be merged with itself")
         decision["people"] = [keys(faces_of(p)) for p in people]
     elif verb == "move":
-        faces = find_faces(manifest, out, faces_named, cache)
-        target = None if str(to).strip().casefold() == "new" else find_person(manifest, out, str(to))
+        faces = find_faces(view, out, faces_named, cache)
+        target = None if str(to).strip().casefold() == "new" else find_person(view, out, str(to))
         if target is not None and set(faces) <= set(faces_of(target)):
             raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "
                             f"already in {target['name']}")
-        owners = [p for p in manifest["clusters"] if set(faces_of(p)) & set(faces)]
+        owners = [p for p in view["entries"] if set(faces_of(p)) & set(faces)]
         decision.update(faces=keys(faces), to=None if target is None else keys(faces_of(target)),
                         away=[keys(faces_of(p)) for p in owners if p is not target])
     elif verb == "reject":
-        decision["faces"] = keys(find_faces(manifest, out, faces_named, cache))
+        decision["faces"] = keys(find_faces(view, out, faces_named, cache))
     elif verb == "split":
-        person = find_person(manifest, out, people_named[0])
-        tighter = manifest["parameters"]["threshold"] - SPLIT_TIGHTER_BY
+        person = find_person(view, out, people_named[0])
+        tighter = view["split_from"] - SPLIT_TIGHTER_BY
         threshold = check_option("threshold", tighter if split_threshold is None
                                  else split_threshold)
         faces = np.array(faces_of(person), np.int64)
@@ -7087,15 +7195,16 @@ def new_decision(verb: str, manifest: dict, out: Path, cache: FaceCache, decisio
     return decision
 
 
-def people_suggestions(manifest: dict, out: Path, cache: FaceCache, constraints: dict,
+def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dict,
                        band: float | None = None) -> list[dict]:
     """Likely merges (two people whose faces lie, on average, just past OUT's
-    threshold) and moves (a singleton face close to a person), most likely
-    first, each with the command that applies it. Pairs a decision keeps
-    apart are not offered."""
-    threshold = manifest["parameters"]["threshold"]
+    threshold) and moves (a loose face close to a person), most likely
+    first, each with the command that applies it (people_view gives the
+    people, the loose faces and the threshold). Pairs a decision keeps apart
+    are not offered."""
+    threshold = view["threshold"]
     band = SUGGEST_BAND if band is None else band
-    entries = manifest["clusters"]
+    entries = view["entries"]
     embeddings = cache["embeddings"]
     means = np.array([embeddings[[f["face"] for f in e["faces"]]].mean(axis=0) for e in entries]) \
         if entries else np.zeros((0, cache.embedding_size))
@@ -7114,7 +7223,7 @@ def people_suggestions(manifest: dict, out: Path, cache: FaceCache, constraints:
             a, b = sorted((entries[i]["name"], entries[j]["name"]))
             found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
                           "command": f"sort_faces.py people {where} merge {a} {b}"})
-    singles = [f["face"] for f in manifest["singletons"]["faces"]]
+    singles = view["loose"]
     moves: dict[int, list[tuple[float, int]]] = {}
     if singles and len(entries):
         to_person = 1.0 - embeddings[singles] @ means.T
@@ -7133,33 +7242,51 @@ def people_suggestions(manifest: dict, out: Path, cache: FaceCache, constraints:
     return sorted(found, key=lambda s: s["distance"])
 
 
-def people_listing(manifest: dict, suggestions=()) -> list[dict]:
+def people_listing(view: dict, suggestions=()) -> list[dict]:
     concern = collections.Counter(n for s in suggestions for n in s["people"])
     return [{"person": e["name"], "name": e.get("label", ""), "faces": len(e["faces"]),
              "images": e.get("images", len({f["file"] for f in e["faces"]})),
              "suggestions": concern[e["name"]]}
-            for e in manifest["clusters"]]
+            for e in view["entries"]]
+
+
+def people_output(out: Path) -> tuple[str, Path, Path]:
+    """(kind, manifest path, cache path) of the cluster or refine output OUT."""
+    for kind in PEOPLE_OUTPUTS:
+        manifest_path = out / MANIFEST_FILES[kind]
+        if manifest_path.is_file():
+            return kind, manifest_path, Path(check_text_field(load_manifest(manifest_path, kind),
+                                                              "cache", manifest_path))
+    raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
+                    f"{MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']})")
+
+
+def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: dict,
+                          undoing: bool) -> dict:
+    """Rebuild OUT (whose lock the caller holds) at its own parameters."""
+    if kind == "cluster":
+        return cluster(cache_path, out, threshold=parameters["threshold"], link=parameters["link"],
+                       quiet=True, locked=True, undoing=undoing)
+    return refine(cache_path, out, link=parameters.get("link", CLUSTER_DEFAULTS["link"]),
+                  quiet=True, locked=True, undoing=undoing,
+                  **{k: parameters[k] for k in REFINE_DEFAULTS})
 
 
 def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
            split_threshold=None, quiet=False) -> dict:
-    """List the people of a cluster output OUT, or decide about them: name,
-    merge, move, reject, split, undo. A decision is appended to the people file
-    beside OUT's cache (under the cache's lock) and OUT is rebuilt at once
-    with it (cluster, at OUT's own threshold). Returns {"people": listing,
-    "decision": the decision or None}."""
+    """List the people of a cluster output OUT (or the facesets of a refine
+    output), or decide about them: name, merge, move, reject, split, undo. A
+    decision is appended to the people file beside OUT's cache (under the
+    cache's lock) and OUT is rebuilt at once with it, at its own parameters.
+    Returns {"people": listing, "decision": the decision or None}."""
     out = Path(out)
-    manifest_path = out / MANIFEST_FILES["cluster"]
-    if not manifest_path.is_file():
-        raise UserError(f"{display(out)} is not a cluster output (no {MANIFEST_FILES['cluster']})")
-    cache_path = Path(check_text_field(load_manifest(manifest_path, "cluster"), "cache",
-                                       manifest_path))
+    kind, manifest_path, cache_path = people_output(out)
     cache = load_cache(cache_path)
     if verb in (None, "suggest"):
-        manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
-        suggestions = people_suggestions(manifest, out, cache,
-                                         people_constraints(cache_path, cache))
-        listing = people_listing(manifest, suggestions)
+        view = people_view(load_manifest(manifest_path, kind, cache.n_faces,
+                                         cache.embedding_size), kind)
+        suggestions = people_suggestions(view, out, cache, people_constraints(cache_path, cache))
+        listing = people_listing(view, suggestions)
         if verb is None:
             for row in listing:
                 say(f"{row['person']}  {display(row['name']) or '-'}  {row['faces']} faces  "
@@ -7174,21 +7301,22 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
     # Both locks for the whole decision: read OUT and the decisions, check, write,
     # rebuild; a second run is refused before it writes anything.
     with exclusive_lock(cache_path, "cache"), output_lock(out):
-        manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
+        manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
         decisions = load_decisions(path)
-        decision = new_decision(verb, manifest, out, cache, decisions, people_named, faces_named,
-                                name, to, split_threshold)
+        decision = new_decision(verb, people_view(manifest, kind), out, cache, decisions,
+                                people_named, faces_named, name, to, split_threshold)
         check_decisions(decisions + [decision], path)  # what is written can be read back
         write_decisions(path, decisions + [decision])
         try:
-            rebuilt = cluster(cache_path, out, threshold=manifest["parameters"]["threshold"],
-                              link=manifest["parameters"]["link"], quiet=True, locked=True)
+            rebuilt = rebuild_people_output(kind, cache_path, out, manifest["parameters"],
+                                            undoing=verb == "undo")
         except UserError as error:
             raise UserError(f"decision {decision['id']} is kept in {display(path)}, but "
-                            f"{display(out)} was not rebuilt: {error}; run cluster again") from None
+                            f"{display(out)} was not rebuilt: {error}; run {kind} again") from None
+    view = people_view(rebuilt, kind)
     say(f"people: decision {decision['id']} ({verb}) kept in {display(path)}; {display(out)} "
-        f"rebuilt: {len(rebuilt['clusters'])} people", quiet)
-    return {"people": people_listing(rebuilt), "decision": decision}
+        f"rebuilt: {len(view['entries'])} {'people' if kind == 'cluster' else 'facesets'}", quiet)
+    return {"people": people_listing(view), "decision": decision}
 
 
 def check_text_field(manifest: dict, key: str, where: Path) -> str:
@@ -7215,8 +7343,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # usage errors exit 2 with one line, as UserError does
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        line = " ".join(display(message).split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
 
 def add_model_flags(parser) -> None:
@@ -7334,11 +7462,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command(sub, "people", cli_people,
                     help="list, name, merge, move and reject people; later runs keep it",
-                    description="With OUT alone (a cluster output), list its people. A verb "
-                                "records a decision beside the cache (<cache>.people.json) and "
-                                "rebuilds OUT with it; every later cluster honours it. FACE is "
-                                "the id the review page shows under each face.")
-    p.add_argument("out", help="a cluster output folder")
+                    description="With OUT alone (a cluster output, or a refine output whose "
+                                "facesets are its people), list its people. A verb records a "
+                                "decision beside the cache (<cache>.people.json) and rebuilds OUT "
+                                "with it; every later cluster, refine, extend and export-swap "
+                                "honours it. FACE is the id the review page shows under each "
+                                "face.")
+    p.add_argument("out", help="a cluster or refine output folder")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
     v = verbs.add_parser("name", help="name a person: name person_003 \"Alice\"")
     v.add_argument("person")
@@ -7348,7 +7478,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = verbs.add_parser("move", help="move faces to a person (--to person_003) or a new one "
                                       "(--to new)")
     v.add_argument("faces", nargs="+", metavar="FACE")
-    v.add_argument("--to", required=True, help="person_NNN, or new")
+    v.add_argument("--to", required=True, help="person_NNN (faceset_NNN), or new")
     v = verbs.add_parser("reject", help="faces of no one of interest: they join no person again")
     v.add_argument("faces", nargs="+", metavar="FACE")
     v = verbs.add_parser("split", help="re-cluster a person more tightly: the largest piece keeps "

@@ -471,3 +471,121 @@ def test_numbers_are_ascii_digits_only(tmp_path):
     (journal / "².npz").write_bytes(b"not a chunk")  # a stray file, not a chunk: ignored
     assert sort_faces.journal_chunks(cache_path) == []
     assert sort_faces.load_cache(cache_path).n_files == 0
+
+
+# --- numbers that come back, refine outputs as people, one-line usage errors -------
+
+
+@pytest.mark.fast
+def test_a_person_gone_takes_its_number_back_only_from_former():
+    old = [{"name": "person_003", "faces": [{"face": f} for f in (1, 2, 3)]}]
+    former = [{"name": "person_005", "faces": [7, 8]}, {"name": "person_009", "faces": [40]}]
+    groups = [np.array([1, 2, 3]), np.array([7, 8, 30]), np.array([50, 51])]
+    assert sort_faces.keep_numbers(groups, old, 10, former=former) == \
+        ["person_003", "person_005", "person_010"]
+    # a group a current person came to keeps that one, whatever former says
+    groups = [np.array([1, 2, 7, 8])]
+    assert sort_faces.keep_numbers(groups, old, 10, former=former) == ["person_003"]
+    assert sort_faces.keep_numbers([np.array([7, 8])], old, 10, "faceset") == ["faceset_010"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("former", [
+    [{"name": "person_001", "faces": [0]}],      # a person of the output is not gone
+    [{"name": "person_007", "faces": [10**6]}],  # a face the cache lacks
+    [{"name": "../x", "faces": []}],
+    [{"name": "person_007"}],
+    {"name": "person_007", "faces": []}])
+def test_a_tampered_former_list_is_one_clear_error(tmp_path, former):
+    manifest = {"schema_version": 1, "step": "cluster", "parameters": {"threshold": 0.5,
+                                                                       "link": "copy"},
+                "clusters": [{"name": "person_001", "faces": [{"face": 0}, {"face": 1}],
+                              "outputs": ["a.jpg"]}],
+                "singletons": {"faces": [], "outputs": []},
+                "noface": {"files": [], "outputs": []}, "next_number": 8}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    assert sort_faces.load_manifest(path, "cluster", 5)["next_number"] == 8
+    path.write_text(json.dumps(dict(manifest, former=former)))
+    with pytest.raises(sort_faces.UserError, match="former"):
+        sort_faces.load_manifest(path, "cluster", 5)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("argv", [["people"], ["embed", "--workers", "0", "a", "b"], ["bogus"],
+                                  ["people", "x", "move", "1"], ["cluster", "--threshold", "x"]])
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as stopped:
+        sort_faces.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "error:" in err and "--help" in err
+
+
+def test_undo_brings_a_person_back_under_its_own_number(clustered):
+    cache, out = clustered
+    before = manifest_of(out)
+    first, second, third = before["clusters"][:3]
+    faces = lambda entry: sorted(f["face"] for f in entry["faces"])  # noqa: E731
+    sort_faces.people(out, "reject", faces_named=[str(f) for f in faces(third)], quiet=True)
+    gone = manifest_of(out)
+    assert third["name"] not in {e["name"] for e in gone["clusters"]}
+    assert {"name": third["name"], "faces": faces(third)} in gone["former"]
+    sort_faces.cluster(cache, out, threshold=0.6, quiet=True)  # a rebuild between
+    sort_faces.cluster(cache, out, quiet=True)
+    assert third["name"] in {e["name"] for e in manifest_of(out)["former"]}
+    moved = sort_faces.people(out, "move", faces_named=[str(faces(first)[0])], to="new",
+                              quiet=True)
+    new_names = {p["person"] for p in moved["people"]} - {e["name"] for e in before["clusters"]}
+    assert new_names and min(int(n[7:]) for n in new_names) >= before["next_number"]
+    sort_faces.people(out, "undo", quiet=True)  # the move
+    sort_faces.people(out, "undo", quiet=True)  # the reject: the person is back, same number
+    back = {e["name"]: faces(e) for e in manifest_of(out)["clusters"]}
+    assert back[third["name"]] == faces(third)
+    sort_faces.people(out, "merge", people_named=[first["name"], second["name"]], quiet=True)
+    assert second["name"] not in {e["name"] for e in manifest_of(out)["clusters"]}
+    sort_faces.people(out, "undo", quiet=True)
+    back = {e["name"]: faces(e) for e in manifest_of(out)["clusters"]}
+    assert back[first["name"]] == faces(first) and back[second["name"]] == faces(second)
+
+
+def test_people_on_a_refine_output(clustered, tmp_path):
+    """A refine output's facesets are its people: list, name, merge, move, split
+    and undo there, each rebuilding it at its own gates; a later refine keeps
+    the numbers."""
+    from conftest import REFINE
+
+    cache, _raw = clustered
+    out = tmp_path / "refined"
+    sort_faces.refine(cache, out, quiet=True, **REFINE)
+    path = out / "refine_manifest.json"
+    sets = lambda: {e["name"]: sorted(f["face"] for f in e["faces"])  # noqa: E731
+                    for e in json.loads(path.read_text())["facesets"]}
+    start = sets()
+    assert len(start) >= 3
+    code, listing, _err = run_cli("people", out)
+    assert code == 0 and listing.count("faceset_") == len(start)
+    page = (out / "index.html").read_text()
+    assert 'id="people"' in page and 'data-person="faceset_001"' in page and "data-face=" in page
+    sort_faces.people(out, "name", people_named=["faceset_002"], name="Alice", quiet=True)
+    named = json.loads(path.read_text())["facesets"]
+    alice = next(e for e in named if e.get("label") == "Alice")
+    assert alice["name"] == "faceset_002" and (out / "faceset_002_Alice").is_dir()
+    sort_faces.people(out, "merge", people_named=["Alice", "faceset_003"], quiet=True)
+    merged = sets()
+    assert "faceset_003" not in merged
+    assert set(start["faceset_002"] + start["faceset_003"]) <= set(merged["faceset_002"])
+    assert all(merged[n] == start[n] for n in start if n not in ("faceset_002", "faceset_003"))
+    sort_faces.people(out, "undo", quiet=True)
+    assert sets() == start
+    face = start["faceset_001"][0]
+    sort_faces.people(out, "move", faces_named=[str(face)], to="faceset_002", quiet=True)
+    assert face in sets()["faceset_002"]
+    with pytest.raises(sort_faces.UserError, match="not a faceset"):
+        sort_faces.people(out, "name", people_named=["person_001"], name="Bob", quiet=True)
+    again = sets()
+    sort_faces.refine(cache, out, quiet=True, **REFINE)  # a plain refine keeps the numbers
+    assert sets() == again
+    # the same decisions hold on the cluster output of that cache
+    owner = person_of(sort_faces.cluster(cache, tmp_path / "raw2", quiet=True))
+    assert owner[face] == owner[start["faceset_002"][0]]

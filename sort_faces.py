@@ -112,6 +112,19 @@ MANIFEST_VERSION = 1
 # .gif: the first frame, as a still photo (animated GIFs are rarely of people).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 HEIF_EXTENSIONS = (".heic", ".heif")
+# Videos: sampled frames, each a row of the cache like a photo (the VIDEO section).
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp", ".mts")
+# Seconds between a video's samples (embed --video-every). Measured on the
+# shared clip and on 720p H.264 (tests/benchmarks/bench_video.py): see README.
+DEFAULT_VIDEO_EVERY = 1.0
+# Samples a worker decodes in one task: the unit of resume inside a long video
+# (a kill loses at most the segments in flight) and of sharing one among workers.
+VIDEO_SEGMENT_SAMPLES = 16
+# Seek (to the keyframe before the next sample) rather than decode forward when
+# the next sample lies more than this many seconds past the last frame decoded.
+VIDEO_SEEK_GAP_S = 3.0
+# A frame in an output folder is a JPEG still of this quality.
+STILL_JPEG_QUALITY = 95
 
 DEFAULT_MODEL = "auto"
 PREFERRED_PACK = "buffalo_l"
@@ -208,6 +221,7 @@ OPTION_RULES = {
     "workers": ("int", 1, None),
     "flush_every": ("int", 1, None),
     "hamming": ("int", 0, 64),
+    "video_every": ("float", 0.04, 3600.0),
     # SCRFD's strides need a multiple of 32.
     "det_size": ("int", 160, 2048),
 }
@@ -651,6 +665,9 @@ FILE_COLUMNS = {
     "file_damage": ("U", ()),
     # perceptual hashes of the photo turned 90, turned 180 and mirrored (PHASH_TURNS)
     "file_phash_turns": (np.uint64, (3,)),
+    # a sampled video frame: its video's sha256 and its time in seconds ('' and 0
+    # for a photo); the video's own row has status "video"
+    "file_video": ("U", ()), "file_time": (np.float64, ()),
 }
 FACE_COLUMNS = {
     "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
@@ -1045,7 +1062,7 @@ def existing_location(locations: list[str], size: int) -> str | None:
     """The first location that still holds a file of the cached size."""
     for path in locations:
         with contextlib.suppress(OSError):
-            if os.path.getsize(path) == size:
+            if os.path.getsize(getattr(path, "video", path)) == size:
                 return path
     return None
 
@@ -1057,12 +1074,22 @@ def file_locations(cache: FaceCache) -> list[list[str]]:
     row; its old row must not be materialised from the edited file).
     """
     by_sha = cache.paths_by_sha()
-    return [by_sha.get(sha, []) for sha in cache["sha256"]]
+    locations = [by_sha.get(sha, []) for sha in cache["sha256"]]
+    for row in np.flatnonzero(cache["file_video"] != ""):  # a frame: at every path of its video
+        locations[row] = [FrameLocation(p, cache["file_time"][row])
+                          for p in by_sha.get(cache["file_video"][row], [])]
+    return locations
 
 
 def label_path(cache: FaceCache, locations, row: int) -> str:
     """The path to show for a file row: where it is now, else where it was."""
     return locations[row][0] if locations[row] else str(cache["files"][row])
+
+
+def pictures(cache: FaceCache) -> np.ndarray:
+    """File rows that hold a picture: readable photos and videos' frames (not
+    unreadable files, nor a video's own row)."""
+    return np.flatnonzero(~np.isin(cache["file_status"], ("unreadable", "video")))
 
 
 def face_damage(cache: FaceCache) -> np.ndarray:
@@ -1322,6 +1349,9 @@ class PhotoPixels:
     def __init__(self, path: str, dct: bool = True, data: bytes | None = None):
         from PIL import Image
 
+        if isinstance(path, FrameLocation):  # a video's frame, decoded by PyAV
+            self._set_pixels(path, read_video_frame(path))
+            return
         Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
         self.path, self.views, self.damage = path, {}, ""
         with decode_errors():
@@ -1344,6 +1374,25 @@ class PhotoPixels:
                 self.stored_size = (full_w, full_h)
         turned = self.orientation in (5, 6, 7, 8)
         self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
+
+    @classmethod
+    def from_pixels(cls, path: str, bgr: np.ndarray, damage: str = "") -> "PhotoPixels":
+        """A photo already decoded (a video frame, upright): reductions by box averages."""
+        photo = cls.__new__(cls)
+        photo._set_pixels(path, bgr, damage)
+        return photo
+
+    def _set_pixels(self, path: str, bgr: np.ndarray, damage: str = "") -> None:
+        height, width = bgr.shape[:2]
+        if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
+            raise UnreadableImage(f"frame too large or empty ({width}x{height})")
+        self.path, self.damage, self.data, self.format = path, damage, b"", "video"
+        self.width, self.height, self.stored_size = width, height, (width, height)
+        self.orientation, self.common, self.scales = 1, False, False
+        self.reference = reduce_factor(width, height)
+        self.views = {1: bgr}
+        if self.reference > 1:
+            self.views = {self.reference: box_reduce(bgr, self.reference, (0, 0))}
 
     def offset(self, factor: int) -> np.ndarray:
         """(x, y): full-resolution pixels of edge before the first block of
@@ -1454,6 +1503,210 @@ def too_small_for_faces(width: int, height: int, det_size: int) -> bool:
     there, and the detector's own resize would fail (a 641x1 or 1x5000 image)."""
     short, long = min(width, height), max(width, height)
     return short < MIN_DETECT_SIDE_PX or short * det_size / long < MIN_DETECT_SIDE_PX
+
+
+# ============================================================================
+# VIDEO
+# Frames of the videos in a library, sampled by presentation time with PyAV
+# (FFmpeg's libraries in a wheel; imported only when a video is met). A
+# sampled frame is a file row of its own in the cache, shown as
+# "clip.mp4#t=12.345" (the video's path and the frame's time from the
+# video's start) and keyed by the video's sha256 and the sample's time, so a
+# copied video is embedded once and a kill inside a long one resumes at the
+# first segment not yet recorded. The video itself gets a row of status
+# "video" once every segment is in. Outputs show a frame as a JPEG still.
+# ============================================================================
+
+
+class FrameLocation(str):
+    """Where a sampled frame is: a str ("clip.mp4#t=12.345", as manifests and
+    pages show it) that knows its video's path and its time in seconds."""
+
+    def __new__(cls, video: str, time_s: float):
+        self = super().__new__(cls, f"{video}#t={float(time_s):.3f}")
+        self.video, self.time = str(video), float(time_s)
+        return self
+
+    def __reduce__(self):
+        return FrameLocation, (self.video, self.time)
+
+    def still_name(self) -> str:
+        """The file name of its JPEG still in an output folder."""
+        return safe_dst_name(str(self) + ".jpg")
+
+
+def output_name(location: str) -> str:
+    """The name a file row's location takes in an output folder."""
+    return location.still_name() if isinstance(location, FrameLocation) else safe_dst_name(location)
+
+
+def is_video_path(path: str) -> bool:
+    return path.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def frame_key(video_sha: str, target: float) -> str:
+    """The content key of a video's sample at `target` seconds: a sha256 hex,
+    like a photo's, the same in every cache and run."""
+    return hashlib.sha256(f"{video_sha}#t={target:.3f}".encode()).hexdigest()
+
+
+def segment_targets(segment: int, every: float, duration: float | None) -> list[float]:
+    """The sample times (seconds from the video's start) of one segment: the
+    unit a worker decodes and the run records at once."""
+    first = segment * VIDEO_SEGMENT_SAMPLES
+    targets = [round((first + i) * every, 3) for i in range(VIDEO_SEGMENT_SAMPLES)]
+    return [t for t in targets if duration is None or t < duration]
+
+
+def mp4_index_missing(path: str) -> bool:
+    """Is this an MP4/MOV file (an ftyp box first) whose top-level boxes hold
+    no index (moov): a recording cut off before its index was written?"""
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8 or head[4:8] != b"ftyp":
+            return False
+        size, offset, end = int.from_bytes(head[:4], "big"), 0, os.fstat(handle.fileno()).st_size
+        for _ in range(100000):
+            if offset + 8 > end:
+                return True
+            handle.seek(offset)
+            box = handle.read(16)
+            size, kind = int.from_bytes(box[:4], "big"), box[4:8]
+            if kind == b"moov":
+                return False
+            if size == 1 and len(box) == 16:
+                size = int.from_bytes(box[8:16], "big")
+            if size < 8:
+                return True
+            offset += size
+    return False
+
+
+def video_problem(error: Exception, path: str) -> str:
+    """One line on why FFmpeg could not read a video file."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    if mp4_index_missing(path):
+        return ("truncated video: its index (moov) is missing, as when a recording is cut off "
+                "before the end is written; no frame can be placed in time")
+    text = " ".join(str(getattr(error, "strerror", None) or error).split())
+    return f"not a video FFmpeg can read ({text})"
+
+
+@contextlib.contextmanager
+def open_video(path: str):
+    """(container, its first video stream), decoding on one thread; raises
+    UnreadableImage with the reason for a file FFmpeg cannot read, one with
+    no video stream, or one whose codec this FFmpeg lacks."""
+    import av
+
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as error:
+        raise UnreadableImage(video_problem(error, path)) from None
+    try:
+        if not container.streams.video:
+            raise UnreadableImage("no video stream (an audio-only file?)")
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        if codec is None:
+            raise UnreadableImage("its video codec is one this FFmpeg cannot decode")
+        codec.thread_count = 1  # one worker a core already
+        yield container, stream
+    finally:
+        container.close()
+
+
+def probe_video(path: str) -> dict:
+    """Duration (seconds, None when the file does not say), size and codec of
+    a video, from its header (the parent reads this much to plan segments)."""
+    with open_video(path) as (container, stream):
+        duration = None
+        if stream.duration is not None and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        codec = stream.codec_context
+        return {"duration": duration if duration and duration > 0 else None,
+                "width": int(codec.width or 0), "height": int(codec.height or 0),
+                "codec": codec.name}
+
+
+def _decoded_frames(container, stream, damage: list):
+    """Every frame of the stream from where the container stands, a packet
+    that will not decode skipped (noted in `damage`) rather than the rest."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.FFmpegError as error:
+            damage.append(" ".join(str(error).split()))
+
+
+def video_samples(path: str, targets: list[float], seek_gap: float | None = None):
+    """(target, time, upright BGR frame, damage) for each sample time: the
+    frame on screen at that time (seconds from the video's first frame), found
+    by presentation timestamps, so a variable frame rate places it right.
+    Seeks (to the keyframe before it, then decodes forward) when the next
+    target is more than `seek_gap` seconds past the last frame decoded, else
+    decodes forward. Stops at the stream's end. `damage` is '' or what the
+    decoder could not decode since the last keyframe. Raises UnreadableImage
+    when the file cannot be opened.
+    """
+    seek_gap = VIDEO_SEEK_GAP_S if seek_gap is None else seek_gap
+    with open_video(path) as (container, stream):
+        base = stream.time_base
+        start = float(stream.start_time * base) if stream.start_time is not None else 0.0
+        hold = 1.0 / (float(stream.average_rate or 0) or 30.0)  # one frame's time
+        damage: list[str] = []
+        frames = current = upcoming = None  # (time, frame, damage) at or before / after a target
+        for target in targets:
+            last = upcoming or current
+            if frames is None or last is None or target - last[0] > seek_gap:
+                container.seek(max(0, int((start + target) / base)), stream=stream, backward=True)
+                frames, current, upcoming = _decoded_frames(container, stream, damage), None, None
+            if upcoming is not None and upcoming[0] <= target + 1e-6:
+                current, upcoming = upcoming, None
+            while upcoming is None:
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                if frame.time is None:
+                    continue
+                if frame.key_frame:
+                    damage.clear()
+                item = (float(frame.time) - start, frame, "; ".join(damage))
+                if item[0] <= target + 1e-6:
+                    current = item
+                else:
+                    upcoming = item
+            ended = upcoming is None
+            if current is not None and (not ended or target - current[0] <= hold):
+                yield _sample(target, current)
+            elif current is None and not ended and upcoming[0] - target <= hold:
+                yield _sample(target, upcoming)  # the first frame comes a little after
+            elif ended:
+                return
+
+
+def _sample(target: float, item) -> tuple:
+    time_s, frame, damage = item
+    bgr = frame.to_ndarray(format="bgr24")
+    turns = int(round((frame.rotation or 0) / 90)) % 4
+    if turns:  # the display matrix turns it counter-clockwise
+        bgr = np.ascontiguousarray(np.rot90(bgr, turns))
+    return target, max(time_s, 0.0), bgr, damage
+
+
+def read_video_frame(location: FrameLocation) -> np.ndarray:
+    """The upright BGR frame a FrameLocation names (UnreadableImage when its
+    video no longer gives it)."""
+    for _target, _time, bgr, _damage in video_samples(location.video, [location.time],
+                                                       seek_gap=0.0):
+        return bgr
+    raise UnreadableImage(f"no frame at {location.time:.3f} s")
 
 
 # ============================================================================
@@ -3018,6 +3271,15 @@ def materialise(src: str, dst: Path, link: str) -> str:
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
+    if isinstance(src, FrameLocation):  # a video's frame: a JPEG still, whatever the link mode
+        try:
+            still = read_video_frame(src)
+        except UnreadableImage as error:
+            raise OSError(f"its video gives no frame there ({error})") from None
+        ok, jpeg = cv2.imencode(".jpg", still, [cv2.IMWRITE_JPEG_QUALITY, STILL_JPEG_QUALITY])
+        tmp.write_bytes(jpeg.tobytes())
+        os.replace(tmp, dst)
+        return "still"
     mode = link
     if link in ("symlink", "hardlink"):
         try:
@@ -3187,7 +3449,7 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for path in paths:
-        name = safe_dst_name(path)
+        name = output_name(path)
         if name in names:
             continue
         try:
@@ -3224,8 +3486,11 @@ def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) 
 
 
 def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
+    """The photos without a face (every location; a video's frames without one
+    are not listed: _noface/ would fill with stills) and the unreadable files."""
     status = cache["file_status"]
-    noface = [p for row in np.flatnonzero(status == "noface") for p in locations[row]]
+    photo = cache["file_video"] == ""
+    noface = [p for row in np.flatnonzero((status == "noface") & photo) for p in locations[row]]
     unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
                   for row in np.flatnonzero(status == "unreadable")]
     return noface, unreadable
@@ -4270,9 +4535,11 @@ def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUM
     # As decode_image: Pillow warns about odd EXIF and palettes it reads fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as image:
+        frame = isinstance(path, FrameLocation)  # a video's frame: PyAV decodes it
+        with (Image.fromarray(cv2.cvtColor(read_video_frame(path), cv2.COLOR_BGR2RGB)) if frame
+              else Image.open(path)) as image:
             full_w, full_h = image.size
-            ref_scale = _decode_reference_scale(path, full_w, full_h)
+            ref_scale = 1 if frame else _decode_reference_scale(path, full_w, full_h)
             scale = 1.0
             if image.format == "JPEG":
                 side_full = min(right - left for left, _, right, _ in squares) * ref_scale
@@ -4488,7 +4755,10 @@ def _people_html(people: dict) -> str:
 
 
 def _url(path: str) -> str:
-    """A relative POSIX path as an escaped URL attribute value."""
+    """A relative POSIX path as an escaped URL attribute value (a file:// URL,
+    such as a video's at a time, is kept as it is)."""
+    if str(path).startswith("file://"):
+        return html.escape(str(path), quote=True)
     return html.escape(urllib.parse.quote(str(path), safe="/", errors="surrogateescape"),
                        quote=True)
 
@@ -4670,9 +4940,13 @@ def face_thumb(cache: FaceCache, locations, face: int, folder: str | None, **ext
     """A strip entry for one cached face, linking to its materialised photo."""
     row = int(cache["face_file"][face])
     path = label_path(cache, locations, row)
-    thumb = {"face": int(face), "title": extra.pop("title", path)}
-    if folder is not None and locations[row]:
-        thumb["href"] = f"{folder}/{safe_dst_name(path)}"
+    frame = isinstance(path, FrameLocation)
+    thumb = {"face": int(face),
+             "title": extra.pop("title", f"{path.video} at {path.time:.1f} s" if frame else path)}
+    if frame:  # the page links to the video at that time
+        thumb["href"] = f"{Path(path.video).resolve().as_uri()}#t={path.time:.1f}"
+    elif folder is not None and locations[row]:
+        thumb["href"] = f"{folder}/{output_name(path)}"
     thumb.update(extra)
     return thumb
 
@@ -5013,7 +5287,9 @@ def _lap(timings: dict, stage: str, since: float) -> float:
 
 def embed_task(batch: list[tuple]) -> list[dict]:
     """Worker side: decode (a thread ahead) and embed each file of a batch
-    of (path, ...) entries."""
+    of (path, ...) entries, or one segment of a video (embed_segment)."""
+    if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+        return [embed_segment(batch[0])]
     dct = not _WORKER.get("full_decode")
     det_size = _WORKER["det_size"]
 
@@ -5026,6 +5302,43 @@ def embed_task(batch: list[tuple]) -> list[dict]:
 
     return per_file(batch, _embed_one, lambda reason: {"status": "unreadable", "reason": reason},
                     decode=lambda path: decode_or_reason(decode, path))
+
+
+# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)).
+VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "targets")
+
+
+def embed_segment(entry: tuple) -> dict:
+    """Worker side: decode one segment of a video's samples (video_samples)
+    and embed each frame as a photo. Returns {"status": "segment", "frames":
+    [one _embed_one result each, with its target and time], "ended": the
+    video ended (or stopped decoding) before the segment's last sample,
+    "reason": why it stopped early ('' for its end)}."""
+    pool_canary()
+    path, targets = entry[0], entry[-1]
+    frames, seconds, reason = [], {}, ""
+    try:
+        samples = iter(video_samples(path, list(targets)))
+        while True:
+            started = time.thread_time()
+            sample = next(samples, None)
+            if sample is None:
+                break
+            target, time_s, bgr, damage = sample
+            photo = PhotoPixels.from_pixels(FrameLocation(path, time_s), bgr, damage)
+            photo.decode_seconds = time.thread_time() - started
+            frame = _embed_one(None, photo)
+            for stage, value in frame.pop("seconds").items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
+            frames.append(dict(frame, target=target, time=time_s))
+    except UnreadableImage as error:
+        reason = str(error)
+    except MemoryError:
+        reason = "ran out of memory on this video"
+    except Exception as error:  # noqa: BLE001 - recorded against this video only
+        reason = f"decoding or the model failed: {type(error).__name__}: {error}".strip()
+    return {"status": "segment", "frames": frames, "reason": " ".join(reason.split()),
+            "ended": len(frames) < len(targets), "seconds": seconds}
 
 
 def _embed_one(_entry, photo: PhotoPixels) -> dict:
@@ -5076,8 +5389,13 @@ def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int
 
 def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
           det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
-          full_decode=False, quiet=False) -> dict:
-    """Embed every new image under `src` into the cache at `cache_path`.
+          full_decode=False, video_every=DEFAULT_VIDEO_EVERY, quiet=False) -> dict:
+    """Embed every new image and video under `src` into the cache at `cache_path`.
+
+    A video is sampled every `video_every` seconds of presentation time; each
+    sample is a row of its own (the VIDEO section), decoded and embedded in
+    the workers a segment at a time, so a long video shares the workers and a
+    kill inside it loses at most the segments in flight.
 
     JPEGs are decoded only as finely as the detector and each face need
     (PhotoPixels, embed_photo); `full_decode` decodes every photo whole and
@@ -5090,7 +5408,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     this process's scan, hashing and journal writes).
     """
     started = time.time()
-    check_options(det_size=det_size, workers=workers, flush_every=flush_every)
+    check_options(det_size=det_size, workers=workers, flush_every=flush_every,
+                  video_every=video_every)
     src, cache_path = Path(src), Path(cache_path)
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
@@ -5112,12 +5431,13 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         sources = cache.meta.setdefault("sources", [])
         if str(src.resolve()) not in sources:
             sources.append(str(src.resolve()))
+        video_every = check_video_every(cache, float(video_every), cache_path)
         provider_list, workers = worker_setup(providers, workers)
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
             f"{workers} worker(s), {provider_list[0]})", quiet)
-        run = EmbedRun(cache, cache_path, flush_every)
+        run = EmbedRun(cache, cache_path, flush_every, video_every)
         clock = time.perf_counter()
-        paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS)
+        paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS + VIDEO_EXTENSIONS)
         for problem in problems:
             log.warning("skipped: %s", display(problem))
         heif = [p for p in paths if p.lower().endswith(HEIF_EXTENSIONS)]
@@ -5150,7 +5470,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
              ", ".join(f"{k} {v:.1f}" for k, v in run.stage_seconds.items()))
     for path in run.known_unreadable:
         log.info("still unreadable (known): %s", display(path))
-    say("embed done: {seen} files seen, {new} new, {aliases} aliases, {faces} faces, "
+    say("embed done: {seen} files seen, {new} new ({videos} videos: {frames} frames), "
+        "{aliases} aliases, {faces} faces, "
         "{noface} without a face, {unreadable} unreadable ({unreadable_new} new), {damaged} damaged, "
         "{skipped} skipped, {crashed} crashed (tried again next run), {seconds} s"
         .format(**summary), quiet)
@@ -5159,6 +5480,19 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                     "named in the log %s)", summary["unreadable"], summary["damaged"],
                     summary["skipped"], summary["crashed"], display(src), display(log_path()))
     return summary
+
+
+def check_video_every(cache: FaceCache, every: float, cache_path: Path) -> float:
+    """The sampling interval of a cache's videos: one per cache (a frame's key
+    holds its time), so a cache that holds frames keeps its own."""
+    every = check_option("video_every", every)
+    recorded = cache.meta.get("video_every")
+    if recorded is not None and abs(float(recorded) - every) > 1e-9 and \
+            bool((cache["file_video"] != "").any()):
+        raise UserError(f"cache {cache_path} samples videos every {recorded:g} s; give "
+                        f"--video-every {recorded:g}, or use another cache")
+    cache.meta["video_every"] = every
+    return every
 
 
 def embed_incomplete(summary: dict) -> bool:
@@ -5170,8 +5504,11 @@ def embed_incomplete(summary: dict) -> bool:
 class EmbedRun:
     """The bookkeeping of one embed run: what to hash, what to embed, what to flush."""
 
-    def __init__(self, cache: FaceCache, cache_path: Path, flush_every: int):
+    def __init__(self, cache: FaceCache, cache_path: Path, flush_every: int,
+                 video_every: float = DEFAULT_VIDEO_EVERY):
         self.cache, self.cache_path, self.flush_every = cache, cache_path, max(1, flush_every)
+        self.video_every = video_every
+        self.videos: dict[str, dict] = {}  # sha256 -> the state of a video in progress
         self.known_paths = cache.path_table()
         self.known_sha = {sha: i for i, sha in enumerate(cache["sha256"])}
         self.pending_sha: set[str] = set()
@@ -5180,7 +5517,7 @@ class EmbedRun:
         self.new_paths: list[dict] = []
         self.bar = None
         self.summary = {"new": 0, "aliases": 0, "faces": 0, "noface": 0, "unreadable_new": 0,
-                        "crashed": 0}
+                        "crashed": 0, "videos": 0, "frames": 0}
         self.unreadable: list[str] = []  # reported by this run (cannot stat, read or decode)
         self.known_unreadable: list[str] = []
         self.suspects = cache.meta.setdefault("crash_suspects", {})
@@ -5235,6 +5572,9 @@ class EmbedRun:
                 self._maybe_flush()
                 continue
             self.pending_sha.add(sha)
+            if is_video_path(path):
+                yield from self.video_segments(path, size, mtime_ns, sha)
+                continue
             batch.append((path, size, mtime_ns, sha))
             if len(batch) == TASK_FILES:
                 yield batch
@@ -5242,7 +5582,88 @@ class EmbedRun:
         if batch:
             yield batch
 
+    def video_segments(self, path: str, size: int, mtime_ns: int, sha: str):
+        """One task a segment of a video's samples, those already in the cache
+        (a run killed inside it) left out; the video's row once all are in."""
+        try:
+            probe = probe_video(path)
+        except UnreadableImage as error:
+            self.pending_sha.discard(sha)
+            self._add_file(path, size, mtime_ns, sha, {"status": "unreadable",
+                                                        "reason": str(error)})
+            self.bar.update(1)
+            return
+        state = self.videos[sha] = {"path": path, "size": size, "mtime_ns": mtime_ns,
+                                    "probe": probe, "issued": 0, "done": 0, "frames": 0,
+                                    "issuing": True, "ended": False, "problems": [],
+                                    "crashed": ""}
+        for segment in itertools.count():
+            targets = segment_targets(segment, self.video_every, probe["duration"])
+            if not targets or state["ended"]:
+                break
+            known = sum(frame_key(sha, t) in self.known_sha for t in targets)
+            state["frames"] += known
+            if known == len(targets):
+                continue  # recorded by a run that was stopped inside this video
+            state["issued"] += 1
+            yield [(path, size, mtime_ns, sha, segment, tuple(targets))]
+        state["issuing"] = False
+        self._finish_video(sha)
+
+    def on_segment(self, entry: tuple, result: dict) -> None:
+        path, size, mtime_ns, sha, segment, targets = entry
+        state = self.videos[sha]
+        state["done"] += 1
+        if result["status"] == "crashed":
+            state["crashed"] = f"the samples from {targets[0]:.3f} s: {result['reason']}"
+        for frame in result.get("frames", []):
+            key = frame_key(sha, frame["target"])
+            if key in self.known_sha:
+                continue
+            self._add_file(str(FrameLocation(path, frame["time"])), size, mtime_ns, key, frame,
+                           video=(sha, frame["time"]))
+            state["frames"] += 1
+            self.summary["frames"] += 1
+        if result.get("reason"):
+            state["problems"].append(f"from {targets[0]:.3f} s: {result['reason']}")
+        state["ended"] = state["ended"] or bool(result.get("ended"))
+        self.add_seconds(result.get("seconds", {}))
+        self._finish_video(sha)
+        self._maybe_flush()
+
+    def _finish_video(self, sha: str) -> None:
+        """The video's own row, once every segment issued is in: status "video"
+        (its frames are rows of their own) or "unreadable" when none decoded."""
+        state = self.videos[sha]
+        if state["issuing"] or state["done"] < state["issued"]:
+            return
+        del self.videos[sha]
+        self.pending_sha.discard(sha)
+        self.bar.update(1)
+        if state["crashed"] and sha not in self.suspects:  # tried once more on the next run
+            self.suspects[sha] = {"path": state["path"], "reason": state["crashed"],
+                                  "time": _dt.datetime.now().isoformat(timespec="seconds")}
+            log.warning("crashed: %s: %s; it is tried once more on the next run",
+                        display(state["path"]), state["crashed"])
+            self.summary["crashed"] += 1
+            return
+        if state["crashed"]:
+            state["problems"].append(f"crashed on two runs: {state['crashed']}")
+        self.suspects.pop(sha, None)
+        probe, problems = state["probe"], "; ".join(state["problems"])
+        if state["frames"]:
+            result = {"status": "video", "damage": problems,
+                      "reason": f"{state['frames']} frames, one every {self.video_every:g} s",
+                      "width": probe["width"], "height": probe["height"]}
+        else:
+            result = {"status": "unreadable", "reason": problems or "no frame could be decoded"}
+        self._add_file(state["path"], state["size"], state["mtime_ns"], sha, result)
+        self.summary["videos"] += 1
+
     def on_result(self, batch, results) -> None:
+        if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+            self.on_segment(batch[0], results[0])
+            return
         for (path, size, mtime_ns, sha), result in zip(batch, results):
             self.add_seconds(result.get("seconds", {}))
             self.pending_sha.discard(sha)
@@ -5258,31 +5679,40 @@ class EmbedRun:
                     continue
                 status, reason = "unreadable", f"{reason} (on two runs)"
             self.suspects.pop(sha, None)
-            file_index = self.cache.n_files + len(self.new_files)
-            self.new_files.append({
-                "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
-                "file_width": result.get("width", 0), "file_height": result.get("height", 0),
-                "file_status": status, "file_reason": reason,
-                "file_phash": result.get("phash", 0), "file_damage": result.get("damage", ""),
-                "file_phash_turns": result.get("phash_turns", np.zeros(3, np.uint64)),
-            })
-            self.known_sha[sha] = file_index
-            self.summary["new"] += 1
-            if status == "unreadable":
-                self._report_unreadable(path, reason)
-            elif result.get("damage"):
-                log.warning("damaged: %s: %s (decoded with the damage filled in; its faces are "
-                            "kept out of facesets)", display(path), result["damage"])
-            elif status == "noface":
-                self.summary["noface"] += 1
-            faces = result.get("faces")
-            if faces is not None and len(faces["face_file"]):
-                faces["face_file"][:] = file_index
-                self.new_faces.append(faces)
-                self.summary["faces"] += len(faces["face_file"])
+            self._add_file(path, size, mtime_ns, sha, dict(result, status=status, reason=reason))
             self.bar.update(1)
         self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
         self._maybe_flush()
+
+    def _add_file(self, path: str, size: int, mtime_ns: int, sha: str, result: dict,
+                  video: tuple[str, float] = ("", 0.0)) -> None:
+        """A file row (and its faces) for what a worker made of a photo, a
+        video's frame (`video`: its video's sha256 and its time) or a video."""
+        status, reason = result["status"], result.get("reason", "")
+        file_index = self.cache.n_files + len(self.new_files)
+        self.new_files.append({
+            "files": path, "sha256": sha, "file_size": size, "file_mtime_ns": mtime_ns,
+            "file_width": result.get("width", 0), "file_height": result.get("height", 0),
+            "file_status": status, "file_reason": reason,
+            "file_phash": result.get("phash", 0), "file_damage": result.get("damage", ""),
+            "file_phash_turns": result.get("phash_turns", np.zeros(3, np.uint64)),
+            "file_video": video[0], "file_time": video[1],
+        })
+        self.known_sha[sha] = file_index
+        self.summary["new"] += not video[0]
+        if status == "unreadable":
+            self._report_unreadable(path, reason)
+        elif result.get("damage"):
+            (log.info if video[0] else log.warning)(
+                "damaged: %s: %s (decoded with the damage filled in; its faces are kept out of "
+                "facesets)", display(path), result["damage"])
+        elif status == "noface" and not video[0]:
+            self.summary["noface"] += 1
+        faces = result.get("faces")
+        if faces is not None and len(faces["face_file"]):
+            faces["face_file"][:] = file_index
+            self.new_faces.append(faces)
+            self.summary["faces"] += len(faces["face_file"])
 
     def _report_unreadable(self, path: str, reason: str) -> None:
         log.warning("unreadable: %s: %s", display(path), reason)
@@ -6005,8 +6435,7 @@ def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
     """Compute the perceptual hash of files a cache lacks (older caches)."""
     if cache.meta.get("phash") == PHASH_VERSION:
         return
-    status = cache["file_status"]
-    todo = np.flatnonzero(status != "unreadable")
+    todo = pictures(cache)
     locations = file_locations(cache)
     hashes = np.zeros((cache.n_files, 4), dtype=np.uint64)
     det_size = int((cache.meta.get("model") or {}).get("det_size", DEFAULT_DET_SIZE))
@@ -6055,7 +6484,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
                     "bytes_each": int(sizes[row])}
                    for row, (sha, paths) in enumerate(zip(cache["sha256"], locations))
                    if len(paths) > 1]
-    readable = np.flatnonzero(cache["file_status"] != "unreadable")
+    readable = pictures(cache)
     per_file = faces_by_file(cache["face_file"], cache.n_files)
     visual = []
     for members, distance in visual_duplicate_groups(cache, readable, hamming, per_file):
@@ -6119,7 +6548,7 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     (new faces, or new aliases of known photos). Returns how many were added."""
     rows = sorted({int(cache["face_file"][f["face"]]) for f in entry["faces"]})
     present = set(entry.get("outputs", []))
-    missing = [p for row in rows for p in locations[row] if safe_dst_name(p) not in present]
+    missing = [p for row in rows for p in locations[row] if output_name(p) not in present]
     entry["outputs"] = list(entry.get("outputs", [])) + materialise_files(folder, missing, link)
     entry["images"] = len(rows)
     return len(missing)
@@ -6169,7 +6598,7 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     singleton_entry = manifest["singletons"]
     singleton_entry["faces"] = [face_record(cache, f, locations) for f in sorted(singles)]
     keep_rows = {int(cache["face_file"][f]) for f in singles}
-    keep_names = {safe_dst_name(p) for row in keep_rows for p in locations[row]}
+    keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
     for name in set(singleton_entry["outputs"]) - keep_names:
         with contextlib.suppress(FileNotFoundError):
             inside(out, "_singletons", name).unlink()
@@ -7385,6 +7814,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--flush-every", type=option_type("flush_every"), default=DEFAULT_FLUSH_EVERY,
                    help="flush new results to disk after this many new files")
+    p.add_argument("--video-every", type=option_type("video_every"), default=DEFAULT_VIDEO_EVERY,
+                   help="seconds between the frames sampled from each video (one cache keeps "
+                        "one value)")
     p.add_argument("--full-decode", action="store_true",
                    help="decode every photo whole and reduce it in pixels, instead of letting "
                         "libjpeg reduce JPEGs while decoding (same faces, slower)")
@@ -7568,7 +8000,8 @@ def cli_refine(args) -> int:
 def cli_embed(args) -> int:
     summary = embed(args.src, args.cache, model=args.model, model_root=args.model_root,
                     det_size=args.det_size, providers=args.providers, workers=args.workers,
-                    flush_every=args.flush_every, full_decode=args.full_decode, quiet=args.quiet)
+                    flush_every=args.flush_every, full_decode=args.full_decode,
+                    video_every=args.video_every, quiet=args.quiet)
     return EXIT_PARTIAL if embed_incomplete(summary) else EXIT_OK
 
 

@@ -1,0 +1,311 @@
+"""Issue 14: faces from the videos in a library: sampled by presentation time
+with PyAV, one cache row a frame, resumable inside a video, in every step.
+
+The fast tier decodes synthetic videos (made with PyAV from the shared photos
+in a temporary folder) without the model; the model tier embeds the shared
+real clip and synthetic videos of known people."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import sort_faces
+import videos
+from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet
+
+CLIP = videos.CLIP
+LIN = DATA / "face_recognition" / "lin_manuel_miranda"
+
+
+def solid_frames(values, size=(64, 48)) -> list:
+    return [np.full((size[1], size[0], 3), v, np.uint8) for v in values]
+
+
+def write_frames(path: Path, frames, times, **kwargs) -> Path:
+    """A video of these frames at these presentation times (seconds)."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(kwargs.get("codec", "libx264"), rate=1000)  # ms times
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        for pixels, seconds in zip(frames, times):
+            frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
+            frame.pts, frame.time_base = int(round(seconds * 1000)), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# --- fast tier: decoding and sampling, no model ----------------------------------
+
+
+@pytest.mark.fast
+def test_a_frame_location_is_its_label_and_travels_to_workers():
+    where = sort_faces.FrameLocation("/videos/a clip.mp4", 12.3456)
+    assert where == "/videos/a clip.mp4#t=12.346" and where.time == 12.3456
+    back = pickle.loads(pickle.dumps(where))
+    assert isinstance(back, sort_faces.FrameLocation) and back.video == "/videos/a clip.mp4"
+    name = sort_faces.output_name(where)
+    assert name.endswith("#t=12.346.jpg") and "/" not in name
+    assert sort_faces.frame_key("ab" * 32, 12.0) == sort_faces.frame_key("ab" * 32, 12.0004)
+    assert sort_faces.frame_key("ab" * 32, 12.0) != sort_faces.frame_key("ab" * 32, 13.0)
+    assert sort_faces.segment_targets(0, 1.0, 9.2)[-1] == 9.0
+    assert sort_faces.segment_targets(1, 1.0, 9.2) == []
+    assert len(sort_faces.segment_targets(3, 0.5, None)) == sort_faces.VIDEO_SEGMENT_SAMPLES
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("seek_gap", [0.0, 1000.0])  # seek to every sample, or decode forward
+def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path, seek_gap):
+    times = [0.0, 0.1, 0.15, 0.9, 1.05, 2.5, 2.6, 4.0, 4.2]
+    path = write_frames(tmp_path / "vfr.mp4", solid_frames([20 * i for i in range(9)]), times)
+    got = [(target, round(t, 2), int(round(bgr.mean() / 20)))
+           for target, t, bgr, _damage in sort_faces.video_samples(str(path), [0, 1, 2, 3, 4],
+                                                                   seek_gap)]
+    # the frame shown at each time: the last one whose time is not after it
+    assert got == [(0, 0.0, 0), (1, 0.9, 3), (2, 1.05, 4), (3, 2.6, 6), (4, 4.0, 7)]
+
+
+@pytest.mark.fast
+def test_rotation_metadata_and_ten_bit_hevc(tmp_path):
+    photo = videos.people_photos("madonna", 1)[0]
+    upright = videos.letterbox(photo, 320, 240)
+    turned = videos.make_video(tmp_path / "turned.mp4", [(photo, 1)], size=(320, 240),
+                               rotation=90, turn_pixels=1)
+    hevc = videos.make_video(tmp_path / "ten_bit.mkv", [(photo, 1)], size=(320, 240),
+                             codec="libx265", pix_fmt="yuv420p10le")
+    for path in (turned, hevc):
+        (_target, _t, bgr, _damage), = sort_faces.video_samples(str(path), [0.5])
+        assert bgr.shape == upright.shape and bgr.dtype == np.uint8
+        assert np.abs(bgr.astype(int) - upright).mean() < 12, path.name  # upright, same picture
+    assert sort_faces.probe_video(str(hevc))["codec"] == "hevc"
+
+
+@pytest.mark.fast
+def test_bad_videos_are_one_clear_reason(tmp_path):
+    photo = videos.people_photos("madonna", 1)[0]
+    good = videos.make_video(tmp_path / "good.mp4", [(photo, 4)], size=(320, 240), gop=10)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "notes.mov").write_text("not a video at all")
+    videos.truncate(good, tmp_path / "cut.mp4")
+    videos.audio_only(tmp_path / "sound.mp4")
+    mkv = videos.make_video(tmp_path / "a.mkv", [(photo, 1)], size=(320, 240))
+    (tmp_path / "codec.mkv").write_bytes(mkv.read_bytes().replace(b"V_MPEG4/ISO/AVC",
+                                                                  b"V_QUUX4/ISO/AVC"))
+    expected = {"empty.mp4": "empty file", "notes.mov": "not a video",
+                "cut.mp4": r"index \(moov\) is missing", "sound.mp4": "no video stream",
+                "codec.mkv": "codec"}
+    for name, said in expected.items():
+        with pytest.raises(sort_faces.UnreadableImage, match=said):
+            list(sort_faces.video_samples(str(tmp_path / name), [0.0, 1.0]))
+
+
+@pytest.mark.fast
+def test_truncated_with_its_index_first_and_damaged_in_the_middle_keep_what_decodes(tmp_path):
+    photo = videos.people_photos("madonna", 1)[0]
+    good = videos.make_video(tmp_path / "good.mp4", [(photo, 8)], size=(320, 240), gop=10,
+                             faststart=True)
+    targets = [float(t) for t in range(8)]
+    assert len(list(sort_faces.video_samples(str(good), targets))) == 8
+    cut = videos.truncate(good, tmp_path / "cut.mp4", keep=0.6)
+    kept = list(sort_faces.video_samples(str(cut), targets))
+    assert 1 <= len(kept) < 8 and [k[0] for k in kept] == targets[:len(kept)]
+    damaged = videos.damage_middle(good, tmp_path / "damaged.mp4", at=0.5, length=3000)
+    after = list(sort_faces.video_samples(str(damaged), targets))
+    assert len(after) >= 6 and after[-1][0] == 7.0  # the frames past the damage decode too
+
+
+# --- the model tier: real footage and synthetic videos of known people -----------
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """The shared clip and Lin-Manuel Miranda's photo, with an alias copy of
+    the clip, embedded and clustered."""
+    tmp = tmp_path_factory.mktemp("clip")
+    src = tmp / "src"
+    (src / "copy").mkdir(parents=True)
+    shutil.copy2(CLIP, src / CLIP.name)
+    shutil.copy2(CLIP, src / "copy" / "same clip.mp4")
+    for photo in LIN.iterdir():
+        shutil.copy2(photo, src / photo.name)
+    cache = tmp / "c.npz"
+    summary = embed_quiet(src, cache)
+    manifest = sort_faces.cluster(cache, tmp / "raw", quiet=True)
+    return {"tmp": tmp, "src": src, "cache": cache, "summary": summary, "manifest": manifest}
+
+
+def test_frames_and_the_photo_are_one_person_and_the_crowd_is_not(clip_run):
+    cache = sort_faces.load_cache(clip_run["cache"])
+    summary = clip_run["summary"]
+    assert summary["videos"] == 1 and summary["aliases"] == 1  # the copy embedded once
+    assert summary["frames"] == 10  # 9.2 s, one a second
+    frames = np.flatnonzero(cache["file_video"] != "")
+    assert len(frames) == 10 and (cache["file_status"] == "video").sum() == 1
+    faces_in = np.bincount(cache["face_file"], minlength=cache.n_files)
+    crowd = {int(r) for r in frames if faces_in[r] >= 3}  # the audience shots
+    assert crowd
+    photo = next(int(f) for f in range(cache.n_faces)
+                 if cache["file_video"][cache["face_file"][f]] == "")
+    lin = next(e for e in clip_run["manifest"]["clusters"]
+               if photo in {f["face"] for f in e["faces"]})
+    rows = [int(cache["face_file"][f["face"]]) for f in lin["faces"] if f["face"] != photo]
+    assert len(rows) >= 4 and len(set(rows)) == len(rows)  # he is in a frame once
+    assert not crowd & set(rows)
+    assert all(f["file"].startswith(str(clip_run["src"])) for f in lin["faces"])
+
+
+def test_stills_in_the_outputs_and_time_links_on_the_page(clip_run):
+    out = clip_run["tmp"] / "raw"
+    manifest = clip_run["manifest"]
+    stills = sorted(p for e in manifest["clusters"] for p in (out / e["name"]).glob("*#t=*.jpg"))
+    assert stills and not list((out / "_noface").glob("*.jpg"))
+    for still in stills[:3]:
+        image = cv2.imread(str(still))
+        assert image.shape == (360, 640, 3)
+    names = {p.name for p in stills}
+    assert any("same clip.mp4#t=" in n for n in names)  # every location of a frame, as photos
+    page = (out / "index.html").read_text()
+    import re
+
+    links = re.findall(r'href="file://([^"#]*\.mp4)#t=\d+\.\d"', page)  # the video at a time
+    assert links and {Path(urllib.parse.unquote(link)) for link in links} <= \
+        {clip_run["src"] / CLIP.name, clip_run["src"] / "copy" / "same clip.mp4"}
+    assert re.search(r"clip\.mp4 at \d+\.\d s", page)  # the time, shown
+
+
+def test_dedup_reports_consecutive_samples_of_one_shot(tmp_path):
+    photos = videos.people_photos("madonna", 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    videos.make_video(src / "two shots.mp4", [(photos[0], 4), (photos[1], 4)], size=(640, 480))
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    report = sort_faces.dedup(cache, quiet=True)
+    groups = [sorted(x["path"] for x in [g["keep"], *g["others"]]) for g in report["visual"]]
+    assert len(groups) == 2 and all(len(g) == 4 for g in groups)  # one a shot
+    assert all("#t=" in p for g in groups for p in g)
+
+
+def test_export_swap_from_frames_collapses_a_shot(tmp_path, pack_dir):
+    """A refine output and roop bundles from a video of one person in five
+    shots of two seconds: each bundle crop is one face (roop-unleashed's
+    loader takes one face a PNG, at det 640 and 320), one crop a shot."""
+    import zipfile
+
+    detector = sort_faces.load_face_analysis(str(pack_dir), ["detection"],
+                                             ["CPUExecutionProvider"], 640)
+    photos = videos.people_photos("jerry_seinfeld", 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    videos.make_video(src / "interview.mp4", [(p, 2) for p in photos], size=(1280, 720))
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    refined = sort_faces.refine(cache, tmp_path / "refined", quiet=True,
+                                **dict(REFINE, min_faces=3))
+    assert refined["facesets"]
+    sort_faces.enrich(cache, quiet=True)
+    export = sort_faces.export_swap(cache, tmp_path / "refined" / "refine_manifest.json",
+                                    tmp_path / "swap", quiet=True, **EXPORT)
+    big = export["facesets"][0]
+    shots = {crop["source"].rsplit("#t=", 1)[0] + f"@{int(float(crop['source'].rsplit('#t=', 1)[1]) // 2)}"
+             for crop in big["crops"]}
+    assert len(big["crops"]) == len(shots) <= 5  # one crop a shot, not one a sample
+    with zipfile.ZipFile(tmp_path / "swap" / big["bundles"][-1]["file"]) as bundle:
+        names = bundle.namelist()
+        assert len(names) == len(big["crops"])
+        for name in names:
+            image = cv2.imdecode(np.frombuffer(bundle.read(name), np.uint8), cv2.IMREAD_COLOR)
+            for size in (640, 320):
+                boxes, _ = detector.det_model.detect(image, input_size=(size, size))
+                assert len(boxes) == 1, (name, size)
+
+
+def test_a_kill_inside_a_video_resumes_there(tmp_path):
+    photos = videos.people_photos("mindy_kaling", 4)
+    src = tmp_path / "src"
+    src.mkdir()
+    videos.make_video(src / "long.mp4", [(p, 30) for p in photos], size=(640, 360), fps=5)
+    reference = tmp_path / "ref.npz"
+    embed_quiet(src, reference, workers=1)
+    killed = tmp_path / "killed.npz"
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(killed),
+               "--model", "buffalo_s", "--flush-every", "8", "--workers", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    journal = sort_faces.journal_dir(killed)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = sort_faces.load_cache(killed)
+    done = int((partial["file_video"] != "").sum())
+    assert 0 < done < 120 and (partial["file_status"] != "video").all()
+    summary = embed_quiet(src, killed, workers=1)
+    assert summary["frames"] == 120 - done  # resumed where it stopped, not from the start
+    a, b = sort_faces.load_cache(reference), sort_faces.load_cache(killed)
+    assert sorted(a["files"]) == sorted(b["files"]) and a.n_faces == b.n_faces
+    assert np.all((a["embeddings"] @ b["embeddings"].T).max(axis=1) > 0.999)
+
+
+def test_bad_videos_are_reported_and_the_run_goes_on(tmp_path):
+    photo = videos.people_photos("elton_john", 1)[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    good = videos.make_video(src / "good.mp4", [(photo, 3)], size=(640, 360))
+    videos.truncate(good, src / "cut.mp4")
+    (src / "empty.MP4").write_bytes(b"")
+    (src / "letter.avi").write_text("Dear ...")
+    videos.audio_only(src / "voice.m4a.mp4")
+    shutil.copy2(videos.people_photos("elton_john", 2)[1], src / "photo.jpg")
+    cache = tmp_path / "c.npz"
+    code = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
+                           str(cache), "--model", "buffalo_s", "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert code.returncode == 1, code.stderr  # finished, with files reported
+    loaded = sort_faces.load_cache(cache)
+    status = dict(zip([Path(f).name for f in loaded["files"]], loaded["file_status"]))
+    reason = dict(zip([Path(f).name for f in loaded["files"]], loaded["file_reason"]))
+    assert status["good.mp4"] == "video" and status["photo.jpg"] == "ok"
+    for name, said in {"cut.mp4": "moov", "empty.MP4": "empty", "letter.avi": "not a video",
+                       "voice.m4a.mp4": "no video stream"}.items():
+        assert status[name] == "unreadable" and said in reason[name], (name, reason[name])
+    assert (loaded["file_video"] != "").sum() == 3
+
+
+def test_videos_added_later_are_folded_in_by_extend(tmp_path):
+    photos = videos.people_photos("ben_affleck", 6)
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in photos[:4]:
+        shutil.copy2(p, src / p.name)
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    raw = sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    ben = max(raw["clusters"], key=lambda e: e["size"])["name"]
+    videos.make_video(src / "later.mov", [(photos[4], 2), (photos[5], 2)], size=(640, 480))
+    embed_quiet(src, cache, video_every=1.0)
+    with pytest.raises(sort_faces.UserError, match="video-every 1"):
+        embed_quiet(src, cache, video_every=0.5)
+    record = sort_faces.extend(cache, tmp_path / "raw", quiet=True)["extend_raw"]
+    joined = record["joined"].get(ben, [])
+    assert len(joined) >= 3  # the new frames of Ben joined his person
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    entry = next(e for e in manifest["clusters"] if e["name"] == ben)
+    assert any(n.endswith(".jpg") and "later.mov#t=" in n for n in entry["outputs"])

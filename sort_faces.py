@@ -123,6 +123,10 @@ VIDEO_SEGMENT_SAMPLES = 16
 # Seek (to the keyframe before the next sample) rather than decode forward when
 # the next sample lies more than this many seconds past the last frame decoded.
 VIDEO_SEEK_GAP_S = 3.0
+# Within this many seconds before a sample every frame is decoded; before that,
+# frames no other frame refers to are skipped (the frame on screen at the sample
+# is decoded even in a variable frame rate that holds a frame this long).
+VIDEO_FULL_DECODE_S = 0.5
 # A frame in an output folder is a JPEG still of this quality.
 STILL_JPEG_QUALITY = 95
 
@@ -1610,6 +1614,8 @@ def open_video(path: str):
             raise UnreadableImage("no video stream (an audio-only file?)")
         stream = container.streams.video[0]
         codec = stream.codec_context
+        if codec is not None and (codec.width or 0) * (codec.height or 0) > MAX_DECODE_PIXELS:
+            raise UnreadableImage(f"frames too large to decode ({codec.width}x{codec.height})")
         if codec is None:
             raise UnreadableImage("its video codec is one this FFmpeg cannot decode")
         codec.thread_count = 1  # one worker a core already
@@ -1633,12 +1639,18 @@ def probe_video(path: str) -> dict:
                 "codec": codec.name}
 
 
-def _decoded_frames(container, stream, damage: list):
+def _decoded_frames(container, stream, damage: list, wanted_from: list):
     """Every frame of the stream from where the container stands, a packet
-    that will not decode skipped (noted in `damage`) rather than the rest."""
+    that will not decode skipped (noted in `damage`) rather than the rest.
+    Frames no other frame refers to are not decoded while they lie before
+    wanted_from[0] (seconds of stream time): nothing will show them, and
+    that saves about 40% of decoding H.264 with B-frames."""
     import av
 
+    codec, base = stream.codec_context, stream.time_base
     for packet in container.demux(stream):
+        if packet.pts is not None:
+            codec.skip_frame = "NONREF" if packet.pts * base < wanted_from[0] else "DEFAULT"
         try:
             yield from packet.decode()
         except av.error.FFmpegError as error:
@@ -1661,12 +1673,15 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
         start = float(stream.start_time * base) if stream.start_time is not None else 0.0
         hold = 1.0 / (float(stream.average_rate or 0) or 30.0)  # one frame's time
         damage: list[str] = []
+        wanted_from = [0.0]
         frames = current = upcoming = None  # (time, frame, damage) at or before / after a target
         for target in targets:
+            wanted_from[0] = start + target - VIDEO_FULL_DECODE_S
             last = upcoming or current
             if frames is None or last is None or target - last[0] > seek_gap:
                 container.seek(max(0, int((start + target) / base)), stream=stream, backward=True)
-                frames, current, upcoming = _decoded_frames(container, stream, damage), None, None
+                frames = _decoded_frames(container, stream, damage, wanted_from)
+                current = upcoming = None
             if upcoming is not None and upcoming[0] <= target + 1e-6:
                 current, upcoming = upcoming, None
             while upcoming is None:
@@ -5454,7 +5469,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                     run_model_step(embed_task, run.batches(hashed), run.on_result,
                                    pack_dir=pack_dir, modules=["detection", "recognition"],
                                    identity=identity, providers=provider_list, workers=workers,
-                                   n_tasks=n_batches(len(todo)),
+                                   n_tasks=None if any(is_video_path(e[0]) for e in todo)
+                                   else n_batches(len(todo)),  # a video: segments to share
                                    crash_result=lambda reason: {"status": "crashed",
                                                                 "reason": reason},
                                    on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
@@ -5628,6 +5644,8 @@ class EmbedRun:
             state["problems"].append(f"from {targets[0]:.3f} s: {result['reason']}")
         state["ended"] = state["ended"] or bool(result.get("ended"))
         self.add_seconds(result.get("seconds", {}))
+        self.bar.set_postfix(faces=self.summary["faces"], frames=self.summary["frames"],
+                             refresh=True)
         self._finish_video(sha)
         self._maybe_flush()
 
@@ -6480,10 +6498,11 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
         ensure_phashes(cache_path, cache, quiet)
     locations = file_locations(cache)
     sizes = cache["file_size"]
+    frames = cache["file_video"] != ""  # a copied video is one group, not one a frame
     byte_groups = [{"sha256": sha, "keep": paths[0], "others": paths[1:],
                     "bytes_each": int(sizes[row])}
                    for row, (sha, paths) in enumerate(zip(cache["sha256"], locations))
-                   if len(paths) > 1]
+                   if len(paths) > 1 and not frames[row]]
     readable = pictures(cache)
     per_file = faces_by_file(cache["face_file"], cache.n_files)
     visual = []
@@ -6496,13 +6515,15 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
                                 "bytes": int(sizes[row]),
                                 "faces": len(per_file[row]),
                                 "hamming_to_first": distance[row][0],
-                                "found_as": distance[row][1]}
+                                "found_as": distance[row][1],
+                                **({"video_frame": True} if frames[row] else {})}
         visual.append({"keep": describe(keep),
                        "others": [describe(r) for r in members.tolist() if r != keep]})
     removable = {p: e["bytes_each"] for e in byte_groups for p in e["others"]}
     for group in visual:
-        for other in group["others"]:
-            removable.update({p: other["bytes"] for p in [other["path"], *other["aliases"]]})
+        for other in group["others"]:  # a video's frame is no file to remove
+            if not other.get("video_frame"):
+                removable.update({p: other["bytes"] for p in [other["path"], *other["aliases"]]})
     report = {
         "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": "dedup",
         "created": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -55,6 +55,25 @@ def pack_dir():
     return pack
 
 
+def kill_embed_after(src, cache, chunks: int, flush_every: int) -> None:
+    """Run `embed` (one worker) in a process of its own and kill -9 it, with its
+    workers, once `chunks` journal chunks are written: no chance to flush."""
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
+               "--model", "buffalo_s", "--flush-every", str(flush_every), "--workers", "1",
+               "--quiet"]
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    journal = sort_faces.journal_dir(cache)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < chunks:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def embed_quiet(src, cache, **kwargs):
     kwargs.setdefault("model", "buffalo_s")
     kwargs.setdefault("quiet", True)

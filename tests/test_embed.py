@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import sort_faces
-from conftest import DATA, ROOT, embed_quiet, tree_fingerprint
+from conftest import DATA, ROOT, embed_quiet, kill_embed_after, tree_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +95,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     reference = tmp_path / "ref.npz"
     embed_quiet(src, reference, workers=1)
     killed = tmp_path / "killed.npz"
-    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(killed),
-               "--model", "buffalo_s", "--flush-every", "10", "--workers", "1", "--quiet"]
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-    journal = sort_faces.journal_dir(killed)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the run and its workers, no chance to flush
-    process.wait()
+    kill_embed_after(src, killed, chunks=3, flush_every=10)
     partial = sort_faces.load_cache(killed)  # loads despite the kill
     assert 0 < partial.n_files < 218
     (Path(str(killed) + ".lock")).exists()  # left behind: the rerun must take it over

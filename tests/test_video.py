@@ -6,13 +6,10 @@ in a temporary folder) without the model; the model tier embeds the shared
 real clip and synthetic videos of known people."""
 
 import json
-import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import pytest
 
 import sort_faces
 import videos
-from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet
+from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet, kill_embed_after
 
 CLIP = videos.CLIP
 LIN = DATA / "face_recognition" / "lin_manuel_miranda"
@@ -194,13 +191,19 @@ def test_dedup_reports_consecutive_samples_of_one_shot(tmp_path):
     photos = videos.people_photos("madonna", 2)
     src = tmp_path / "src"
     src.mkdir()
-    videos.make_video(src / "two shots.mp4", [(photos[0], 4), (photos[1], 4)], size=(640, 480))
+    video = videos.make_video(src / "two shots.mp4", [(photos[0], 4), (photos[1], 4)],
+                              size=(640, 480))
+    shutil.copy2(video, src / "copy.mp4")
     cache = tmp_path / "c.npz"
     embed_quiet(src, cache)
     report = sort_faces.dedup(cache, quiet=True)
     groups = [sorted(x["path"] for x in [g["keep"], *g["others"]]) for g in report["visual"]]
     assert len(groups) == 2 and all(len(g) == 4 for g in groups)  # one a shot
     assert all("#t=" in p for g in groups for p in g)
+    # the copy is one byte-identical group (the video), and only it could be removed
+    assert [len(g["others"]) for g in report["byte_identical"]] == [1]
+    assert report["byte_identical"][0]["bytes_each"] == video.stat().st_size
+    assert report["summary"]["removable_files"] == 1
 
 
 def test_export_swap_from_frames_collapses_a_shot(tmp_path, pack_dir):
@@ -245,15 +248,7 @@ def test_a_kill_inside_a_video_resumes_there(tmp_path):
     reference = tmp_path / "ref.npz"
     embed_quiet(src, reference, workers=1)
     killed = tmp_path / "killed.npz"
-    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(killed),
-               "--model", "buffalo_s", "--flush-every", "8", "--workers", "1", "--quiet"]
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-    journal = sort_faces.journal_dir(killed)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_embed_after(src, killed, chunks=3, flush_every=8)
     partial = sort_faces.load_cache(killed)
     done = int((partial["file_video"] != "").sum())
     assert 0 < done < 120 and (partial["file_status"] != "video").all()

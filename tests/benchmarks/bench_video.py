@@ -5,6 +5,7 @@ decoding and the model; and the decoding strategies compared alone.
 
     .venv/bin/python tests/benchmarks/bench_video.py [--seconds 120] [--gop 250]
         [--every 1.0] [--size 1280x720] [--keep DIR] [--no-embed]
+        [--strategy all|seek|forward|default] [--full-decode-window S]
 
 1. Makes a video of --seconds at 30 fps (each shared photo of five_celebs and
    lfw10 shown for 3 s, slowly zooming in, so that every frame differs as in
@@ -53,11 +54,14 @@ def make(path: Path, seconds: float, gop: int | None, size) -> Path:
     return path
 
 
-def decode_only(path: Path, every: float) -> None:
+STRATEGIES = {"seek": ("seek to every sample", 0.0), "forward": ("decode forward", 1e9),
+              "default": (f"default (seek past {sort_faces.VIDEO_SEEK_GAP_S:g} s)", None)}
+
+
+def decode_only(path: Path, every: float, strategies) -> None:
     duration = sort_faces.probe_video(str(path))["duration"]
     targets = [round(i * every, 3) for i in range(int(duration / every))]
-    for name, gap in (("seek to every sample", 0.0), ("decode forward", 1e9),
-                      (f"default (seek past {sort_faces.VIDEO_SEEK_GAP_S:g} s)", None)):
+    for name, gap in (STRATEGIES[s] for s in strategies):
         started = time.perf_counter()
         count = sum(1 for _ in sort_faces.video_samples(str(path), targets, gap))
         wall = time.perf_counter() - started
@@ -95,6 +99,11 @@ def main():
     parser.add_argument("--keep", type=Path, default=None,
                         help="a folder to keep the made video in (and reuse it)")
     parser.add_argument("--no-embed", action="store_true")
+    parser.add_argument("--strategy", choices=["all", *STRATEGIES], default="all",
+                        help="the decoding strategies to time alone")
+    parser.add_argument("--full-decode-window", type=float, default=None,
+                        help="seconds before a sample in which every frame is decoded "
+                             "(VIDEO_FULL_DECODE_S; a huge value decodes every frame)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     import logging
@@ -105,7 +114,10 @@ def main():
         path = folder / f"zoom_{int(args.seconds)}s_{size[1]}p_gop{args.gop or 250}.mp4"
         if not path.exists():
             make(path, args.seconds, args.gop, size)
-        decode_only(path, args.every)
+        if args.full_decode_window is not None:
+            sort_faces.VIDEO_FULL_DECODE_S = args.full_decode_window
+        decode_only(path, args.every, list(STRATEGIES) if args.strategy == "all"
+                    else [args.strategy])
         if not args.no_embed:
             embed(path, args.every)
 

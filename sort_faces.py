@@ -123,6 +123,10 @@ VIDEO_SEGMENT_SAMPLES = 16
 # Seek (to the keyframe before the next sample) rather than decode forward when
 # the next sample lies more than this many seconds past the last frame decoded.
 VIDEO_SEEK_GAP_S = 3.0
+# A keyframe this close to a sample's time stands for it (it decodes alone, and a
+# phone's video has one every second or two); otherwise the sample is the frame
+# on screen at its time, decoded forward from the keyframe before.
+VIDEO_KEYFRAME_TOLERANCE_S = 0.5
 # Within this many seconds before a sample every frame is decoded; before that,
 # frames no other frame refers to are skipped (the frame on screen at the sample
 # is decoded even in a variable frame rate that holds a frame this long).
@@ -1657,42 +1661,67 @@ def _decoded_frames(container, stream, damage: list, wanted_from: list):
             damage.append(" ".join(str(error).split()))
 
 
-def video_samples(path: str, targets: list[float], seek_gap: float | None = None):
-    """(target, time, upright BGR frame, damage) for each sample time: the
-    frame on screen at that time (seconds from the video's first frame), found
-    by presentation timestamps, so a variable frame rate places it right.
-    Seeks (to the keyframe before it, then decodes forward) when the next
-    target is more than `seek_gap` seconds past the last frame decoded, else
-    decodes forward. Stops at the stream's end. `damage` is '' or what the
-    decoder could not decode since the last keyframe. Raises UnreadableImage
-    when the file cannot be opened.
+def video_samples(path: str, targets: list[float], seek_gap: float | None = None,
+                  keyframe_tolerance: float | None = None):
+    """(target, time, upright BGR frame, damage) for each sample time
+    (seconds from the video's first frame), found by presentation timestamps,
+    so a variable frame rate places it right: a keyframe within
+    `keyframe_tolerance` of the target, where one falls so (it decodes alone),
+    else the frame on screen at the target.
+
+    To reach a target it seeks (to the keyframe before target + tolerance,
+    then decodes forward) while keyframes keep landing near their targets or
+    the target lies more than `seek_gap` seconds past the last frame decoded;
+    else it decodes forward. Stops at the stream's end. `damage` is '' or what
+    the decoder could not decode since the last keyframe. Raises
+    UnreadableImage when the file cannot be opened.
     """
     seek_gap = VIDEO_SEEK_GAP_S if seek_gap is None else seek_gap
+    tolerance = VIDEO_KEYFRAME_TOLERANCE_S if keyframe_tolerance is None else keyframe_tolerance
     with open_video(path) as (container, stream):
         base = stream.time_base
         start = float(stream.start_time * base) if stream.start_time is not None else 0.0
         hold = 1.0 / (float(stream.average_rate or 0) or 30.0)  # one frame's time
         damage: list[str] = []
         wanted_from = [0.0]
+
+        def pull():
+            """The next decoded frame as (time, frame, damage), or None at the end."""
+            for frame in frames:
+                if frame.time is not None:
+                    if frame.key_frame:
+                        damage.clear()
+                    return float(frame.time) - start, frame, "; ".join(damage)
+            return None
+
         frames = current = upcoming = None  # (time, frame, damage) at or before / after a target
+        keyframes_near = tolerance > 0  # until a seek lands far from its target
+        taken = None  # the time of the last keyframe that stood for a target
         for target in targets:
             wanted_from[0] = start + target - VIDEO_FULL_DECODE_S
             last = upcoming or current
-            if frames is None or last is None or target - last[0] > seek_gap:
-                container.seek(max(0, int((start + target) / base)), stream=stream, backward=True)
+            ahead = None if last is None else target - last[0]
+            if frames is None or ahead is None or ahead > seek_gap or \
+                    (keyframes_near and ahead > tolerance):
+                container.seek(max(0, int((start + target + tolerance) / base)), stream=stream,
+                               backward=True)
                 frames = _decoded_frames(container, stream, damage, wanted_from)
-                current = upcoming = None
+                current, upcoming = None, pull()
+                if upcoming is None:
+                    return
+                if upcoming[1].key_frame and abs(upcoming[0] - target) <= tolerance and \
+                        upcoming[0] != taken:  # one keyframe stands for one target at most
+                    taken = upcoming[0]
+                    yield _sample(target, upcoming)
+                    continue
+                # keyframes far apart: seeking costs decoding from far back; go forward
+                keyframes_near = keyframes_near and target - upcoming[0] <= 2 * tolerance
             if upcoming is not None and upcoming[0] <= target + 1e-6:
                 current, upcoming = upcoming, None
             while upcoming is None:
-                frame = next(frames, None)
-                if frame is None:
+                item = pull()
+                if item is None:
                     break
-                if frame.time is None:
-                    continue
-                if frame.key_frame:
-                    damage.clear()
-                item = (float(frame.time) - start, frame, "; ".join(damage))
                 if item[0] <= target + 1e-6:
                     current = item
                 else:

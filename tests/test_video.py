@@ -39,6 +39,9 @@ def write_frames(path: Path, frames, times, **kwargs) -> Path:
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, 1000)
+        if kwargs.get("gop"):
+            stream.codec_context.gop_size = kwargs["gop"]
+            stream.codec_context.options = {"x264-params": "scenecut=0:keyint-min=1"}
         for pixels, seconds in zip(frames, times):
             frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
             frame.pts, frame.time_base = int(round(seconds * 1000)), Fraction(1, 1000)
@@ -74,9 +77,26 @@ def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path, seek_gap):
     path = write_frames(tmp_path / "vfr.mp4", solid_frames([20 * i for i in range(9)]), times)
     got = [(target, round(t, 2), int(round(bgr.mean() / 20)))
            for target, t, bgr, _damage in sort_faces.video_samples(str(path), [0, 1, 2, 3, 4],
-                                                                   seek_gap)]
+                                                                   seek_gap, 0.0)]
     # the frame shown at each time: the last one whose time is not after it
     assert got == [(0, 0.0, 0), (1, 0.9, 3), (2, 1.05, 4), (3, 2.6, 6), (4, 4.0, 7)]
+
+
+@pytest.mark.fast
+def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
+    """Keyframes every 1.2 s (10 fps): a sample takes one within 0.5 s of it
+    (it decodes alone), never one another sample took, else the frame on screen."""
+    path = write_frames(tmp_path / "gop.mp4", solid_frames([5 * i for i in range(45)]),
+                        [i / 10 for i in range(45)], gop=12)
+    got = [(target, round(t, 2), bgr.mean())
+           for target, t, bgr, _damage in sort_faces.video_samples(str(path), [0, 1, 2, 3, 4],
+                                                                   keyframe_tolerance=0.5)]
+    assert [(target, t) for target, t, _mean in got] == [(0, 0.0), (1, 1.2), (2, 2.4),
+                                                         (3, 3.0), (4, 3.6)]
+    assert all(abs(mean - 50 * t) < 5 for _target, t, mean in got)  # those frames' pixels
+    on_screen = [round(t, 2) for _target, t, _bgr, _damage in
+                 sort_faces.video_samples(str(path), [0, 1, 2, 3, 4], keyframe_tolerance=0.0)]
+    assert on_screen == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 @pytest.mark.fast

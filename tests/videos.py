@@ -52,15 +52,16 @@ def make_video(path: Path, spans, *, fps: int = 10, size=(1280, 720), codec: str
 
     width, height = size
     stored = (height, width) if turn_pixels % 2 else (width, height)
-    frames = []
-    for photo, seconds in spans:
-        frame = letterbox(photo, width, height)
-        count = int(round(seconds * fps))
-        shot = [zoom(frame, 1 + 0.1 * i / count) for i in range(count)] if motion else \
-            [frame] * count
-        if turn_pixels:
-            shot = [np.ascontiguousarray(np.rot90(f, -turn_pixels)) for f in shot]
-        frames += shot
+
+    def frames():  # one at a time: a long video never sits in memory
+        for photo, seconds in spans:
+            still = letterbox(photo, width, height)
+            count = int(round(seconds * fps))
+            for i in range(count):
+                frame = zoom(still, 1 + 0.1 * i / count) if motion else still
+                yield np.ascontiguousarray(np.rot90(frame, -turn_pixels)) if turn_pixels \
+                    else frame
+
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
@@ -73,7 +74,7 @@ def make_video(path: Path, spans, *, fps: int = 10, size=(1280, 720), codec: str
             stream.codec_context.options = {"x265-params": "log-level=none"}
         if rotation:
             stream.set_display_rotation(rotation)
-        for index, pixels in enumerate(frames):
+        for index, pixels in enumerate(frames()):
             frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
             seconds = times[index] if times is not None else index / fps
             frame.pts = int(round(seconds * 1000))

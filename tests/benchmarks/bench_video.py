@@ -11,10 +11,12 @@ decoding and the model; and the decoding strategies compared alone.
    lfw10 shown for 3 s, slowly zooming in, so that every frame differs as in
    real footage; libx264's default keyframe interval, 250 frames, unless
    --gop), or reuses the one in --keep.
-2. Decodes the samples alone (no model), three ways: seeking to every sample
-   (the keyframe before it, then forward), decoding forward through every
-   frame, and the default (seek when the next sample is more than
-   VIDEO_SEEK_GAP_S ahead). Prints samples per second for each.
+2. Decodes the samples alone (no model), four ways: seeking to every sample
+   (the keyframe before it, then forward to the frame on screen), decoding
+   forward through every frame, seeking to every sample and taking a keyframe
+   within VIDEO_KEYFRAME_TOLERANCE_S when one is there, and the default (that,
+   while keyframes keep landing near; else seek only past VIDEO_SEEK_GAP_S).
+   Prints samples per second for each.
 3. Embeds the video into a new cache with the default workers (`embed`, the
    same pool as photos) and prints the wall time, video seconds per wall
    second, and the workers' CPU seconds by stage (decode vs the model).
@@ -54,16 +56,21 @@ def make(path: Path, seconds: float, gop: int | None, size) -> Path:
     return path
 
 
-STRATEGIES = {"seek": ("seek to every sample", 0.0), "forward": ("decode forward", 1e9),
-              "default": (f"default (seek past {sort_faces.VIDEO_SEEK_GAP_S:g} s)", None)}
+STRATEGIES = {  # name: (what it does, seek_gap, keyframe_tolerance)
+    "seek": ("seek to every sample, the frame on screen", 0.0, 0.0),
+    "forward": ("decode forward through every frame", 1e9, 0.0),
+    "keyframes": (f"seek to every sample, a keyframe within "
+                  f"{sort_faces.VIDEO_KEYFRAME_TOLERANCE_S:g} s when one is", 0.0, None),
+    "default": (f"default (keyframes while they land near, else seek past "
+                f"{sort_faces.VIDEO_SEEK_GAP_S:g} s)", None, None)}
 
 
 def decode_only(path: Path, every: float, strategies) -> None:
     duration = sort_faces.probe_video(str(path))["duration"]
     targets = [round(i * every, 3) for i in range(int(duration / every))]
-    for name, gap in (STRATEGIES[s] for s in strategies):
+    for name, gap, tolerance in (STRATEGIES[s] for s in strategies):
         started = time.perf_counter()
-        count = sum(1 for _ in sort_faces.video_samples(str(path), targets, gap))
+        count = sum(1 for _ in sort_faces.video_samples(str(path), targets, gap, tolerance))
         wall = time.perf_counter() - started
         print(f"decode only, {name}: {count} samples in {wall:.1f} s = {count / wall:.1f} "
               f"samples/s = {duration / wall:.1f}x real time on one core")

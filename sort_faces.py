@@ -114,8 +114,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 HEIF_EXTENSIONS = (".heic", ".heif")
 # Videos: sampled frames, each a row of the cache like a photo (the VIDEO section).
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp", ".mts")
-# Seconds between a video's samples (embed --video-every). Measured on the
-# shared clip and on 720p H.264 (tests/benchmarks/bench_video.py): see README.
+# Seconds between a video's samples (embed --video-every): the longest interval
+# at which every 3-second shot is sampled twice, so a person seen that long
+# forms a person; finer doubles the model's work on near-duplicate frames
+# (tests/benchmarks/measure_video_every.py, docs/benchmarks.md).
 DEFAULT_VIDEO_EVERY = 1.0
 # Samples a worker decodes in one task: the unit of resume inside a long video
 # (a kill loses at most the segments in flight) and of sharing one among workers.

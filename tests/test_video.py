@@ -324,3 +324,29 @@ def test_videos_added_later_are_folded_in_by_extend(tmp_path):
     manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     entry = next(e for e in manifest["clusters"] if e["name"] == ben)
     assert any(n.endswith(".jpg") and "later.mov#t=" in n for n in entry["outputs"])
+
+
+def test_people_by_time_span_join_their_photos_in_a_turned_video(tmp_path):
+    """A portrait phone video (pixels stored turned, display matrix 90): the
+    first 4 s show a photo of Madonna, the next 4 s one of Elton John; those
+    photos are in the tree too. Each span's frames join the person of its own
+    photo's face (so they were turned upright), never the other's."""
+    madonna, elton = (videos.people_photos(p, 1)[0] for p in ("madonna", "elton_john"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for photo in (madonna, elton):
+        shutil.copy2(photo, src / f"{photo.parent.name}.jpg")
+    videos.make_video(src / "phone.mov", [(madonna, 4), (elton, 4)], size=(640, 480),
+                      rotation=90, turn_pixels=1)
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache)
+    manifest = sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    placed = 0
+    for entry in manifest["clusters"]:
+        files = {Path(f["file"]).name for f in entry["faces"]}
+        for name in (n for n in files if "#t=" in n):
+            span, other = ("madonna.jpg", "elton_john.jpg") if \
+                float(name.rsplit("#t=", 1)[1]) < 4 else ("elton_john.jpg", "madonna.jpg")
+            assert span in files and other not in files, (name, sorted(files))
+            placed += 1
+    assert placed >= 6  # the 8 samples' faces, nearly all with their photo

@@ -831,7 +831,8 @@ def fill_missing_columns(arrays: dict[str, np.ndarray], embedding_size: int) -> 
 
 # The cache's meta (JSON) as later steps read it: key -> the type it must have.
 META_TYPES = {"schema_version": int, "journal_applied": int, "model": dict, "sources": list,
-              "crash_suspects": dict, "phash": str, "created": str, "face_sets_version": str}
+              "crash_suspects": dict, "phash": str, "created": str, "face_sets_version": str,
+              "video_every": (int, float)}
 
 
 def meta_problem(meta) -> str | None:
@@ -840,7 +841,11 @@ def meta_problem(meta) -> str | None:
         return "its meta is not a JSON object"
     for key, kind in META_TYPES.items():
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
-            return f"meta.{key} is {type(meta[key]).__name__}, not {kind.__name__}"
+            return f"meta.{key} is {type(meta[key]).__name__}, not {getattr(kind, '__name__', 'a number')}"
+    if "video_every" in meta:
+        low, high = OPTION_RULES["video_every"][1:]
+        if not low <= meta["video_every"] <= high:  # NaN fails too
+            return f"meta.video_every is {meta['video_every']!r}, not a number of seconds"
     if not all(isinstance(s, str) for s in meta.get("sources", [])):
         return "meta.sources holds something that is not a path"
     return None
@@ -857,6 +862,16 @@ def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
         if len(lengths) > 1:
             return f"the {table} table has columns of different lengths {sorted(lengths)}"
         counts[table] = lengths.pop() if lengths else 0
+    for key in ("file_video", "file_time"):  # a video's frames: its sha256 and a time
+        if key in arrays and np.asarray(arrays[key]).ndim != 1:
+            return f"its {key} column is not one value a file"
+    if "file_video" in arrays and not all(v == "" or re.fullmatch(r"[0-9a-f]{64}", str(v))
+                                          for v in np.unique(arrays["file_video"])):
+        return "its file_video column holds something that is not a video's sha256"
+    if "file_time" in arrays and len(arrays["file_time"]) and not (
+            np.isfinite(arrays["file_time"]).all() and 0 <= np.min(arrays["file_time"])
+            and np.max(arrays["file_time"]) < 1e9):
+        return "its file_time column holds a time that is not a number of seconds"
     if counts["faces"]:
         embeddings = arrays.get("embeddings")
         if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
@@ -1541,8 +1556,13 @@ class FrameLocation(str):
         return FrameLocation, (self.video, self.time)
 
     def still_name(self) -> str:
-        """The file name of its JPEG still in an output folder."""
-        return safe_dst_name(str(self) + ".jpg")
+        """The file name of its JPEG still in an output folder: the location
+        flattened, then a hash of it, which no photo's name ends with
+        (safe_dst_name hashes a photo name that looks so), so a photo named
+        "clip.mp4#t=1.000.jpg" beside clip.mp4 keeps a name of its own."""
+        stem = safe_dst_name(str(self) + ".jpg", MAX_NAME_BYTES - 11)[:-len(".jpg")]
+        digest = hashlib.sha1(b"video frame\0" + os.fsencode(os.path.abspath(self))).hexdigest()
+        return f"{stem}~{digest[:10]}.jpg"
 
 
 def output_name(location: str) -> str:
@@ -1664,7 +1684,7 @@ def _decoded_frames(container, stream, damage: list, wanted_from: list):
 
 
 def video_samples(path: str, targets: list[float], seek_gap: float | None = None,
-                  keyframe_tolerance: float | None = None):
+                  keyframe_tolerance: float | None = None, status: dict | None = None):
     """(target, time, upright BGR frame, damage) for each sample time
     (seconds from the video's first frame), found by presentation timestamps,
     so a variable frame rate places it right: a keyframe within
@@ -1675,10 +1695,15 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
     then decodes forward) while keyframes keep landing near their targets or
     the target lies more than `seek_gap` seconds past the last frame decoded;
     else it decodes forward. Stops at the stream's end. `damage` is '' or what
-    the decoder could not decode since the last keyframe. Raises
-    UnreadableImage when the file cannot be opened.
+    the decoder could not decode since the last keyframe. A frame is given
+    once: a target finer than the frame rate whose frame the previous target
+    had gets none. `status["ended"]` (when given) is set when the stream ends
+    before the last target. Raises UnreadableImage when the file cannot be
+    opened.
     """
     seek_gap = VIDEO_SEEK_GAP_S if seek_gap is None else seek_gap
+    status = {} if status is None else status
+    status["ended"] = False
     tolerance = VIDEO_KEYFRAME_TOLERANCE_S if keyframe_tolerance is None else keyframe_tolerance
     with open_video(path) as (container, stream):
         base = stream.time_base
@@ -1698,7 +1723,7 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
 
         frames = current = upcoming = None  # (time, frame, damage) at or before / after a target
         keyframes_near = tolerance > 0  # until a seek lands far from its target
-        taken = None  # the time of the last keyframe that stood for a target
+        taken = None  # the time of the last frame given
         for target in targets:
             wanted_from[0] = start + target - VIDEO_FULL_DECODE_S
             last = upcoming or current
@@ -1710,6 +1735,7 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
                 frames = _decoded_frames(container, stream, damage, wanted_from)
                 current, upcoming = None, pull()
                 if upcoming is None:
+                    status["ended"] = True
                     return
                 if upcoming[1].key_frame and abs(upcoming[0] - target) <= tolerance and \
                         upcoming[0] != taken:  # one keyframe stands for one target at most
@@ -1730,11 +1756,17 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
                     upcoming = item
             ended = upcoming is None
             if current is not None and (not ended or target - current[0] <= hold):
-                yield _sample(target, current)
+                chosen = current
             elif current is None and not ended and upcoming[0] - target <= hold:
-                yield _sample(target, upcoming)  # the first frame comes a little after
-            elif ended:
-                return
+                chosen = upcoming  # the first frame comes a little after
+            else:
+                chosen = None
+                if ended:
+                    status["ended"] = True
+                    return
+            if chosen is not None and chosen[0] != taken:
+                taken = chosen[0]
+                yield _sample(target, chosen)
 
 
 def _sample(target: float, item) -> tuple:
@@ -3493,18 +3525,27 @@ def output_lock(out: Path):
 def materialise_files(folder: Path, paths, link: str) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = []
+    names: dict[str, str] = {}
+    failed_videos: set[str] = set()
     for path in paths:
         name = output_name(path)
         if name in names:
+            if names[name] != path:  # safe_dst_name keeps this from happening
+                log.warning("%s and %s would share the name %s in %s; the second is left out",
+                            display(names[name]), display(path), name, display(folder))
             continue
+        video = getattr(path, "video", None)
+        if video in failed_videos:
+            continue  # said once for the video, not once a frame
         try:
             materialise(path, inside(folder, name), link)
-            names.append(name)
+            names[name] = path
         except OSError as error:
-            log.warning("cannot materialise %s into %s: %s", display(path), display(folder),
-                        error.strerror or error)
-    return names
+            if video is not None:
+                failed_videos.add(video)
+            log.warning("cannot materialise %s into %s/: %s", display(video or path),
+                        display(folder.name), error.strerror or error)  # not the build path
+    return list(names)
 
 
 def face_record(cache: FaceCache, face: int, locations) -> dict:
@@ -5362,9 +5403,9 @@ def embed_segment(entry: tuple) -> dict:
     "reason": why it stopped early ('' for its end)}."""
     pool_canary()
     path, targets = entry[0], entry[-1]
-    frames, seconds, reason = [], {}, ""
+    frames, seconds, reason, status = [], {}, "", {"ended": False}
     try:
-        samples = iter(video_samples(path, list(targets)))
+        samples = iter(video_samples(path, list(targets), status=status))
         while True:
             started = time.thread_time()
             sample = next(samples, None)
@@ -5384,7 +5425,7 @@ def embed_segment(entry: tuple) -> dict:
     except Exception as error:  # noqa: BLE001 - recorded against this video only
         reason = f"decoding or the model failed: {type(error).__name__}: {error}".strip()
     return {"status": "segment", "frames": frames, "reason": " ".join(reason.split()),
-            "ended": len(frames) < len(targets), "seconds": seconds}
+            "ended": bool(status["ended"] or reason), "seconds": seconds}
 
 
 def _embed_one(_entry, photo: PhotoPixels) -> dict:
@@ -5643,13 +5684,15 @@ class EmbedRun:
         state = self.videos[sha] = {"path": path, "size": size, "mtime_ns": mtime_ns,
                                     "probe": probe, "issued": 0, "done": 0, "frames": 0,
                                     "issuing": True, "ended": False, "problems": [],
-                                    "crashed": ""}
+                                    "crashed": "", "last_time": -1.0}
         for segment in itertools.count():
             targets = segment_targets(segment, self.video_every, probe["duration"])
             if not targets or state["ended"]:
                 break
-            known = sum(frame_key(sha, t) in self.known_sha for t in targets)
-            state["frames"] += known
+            known = [t for t in targets if frame_key(sha, t) in self.known_sha]
+            state["frames"] += len(known)
+            state["last_time"] = max([state["last_time"], *known])
+            known = len(known)
             if known == len(targets):
                 continue  # recorded by a run that was stopped inside this video
             state["issued"] += 1
@@ -5670,6 +5713,7 @@ class EmbedRun:
             self._add_file(str(FrameLocation(path, frame["time"])), size, mtime_ns, key, frame,
                            video=(sha, frame["time"]))
             state["frames"] += 1
+            state["last_time"] = max(state["last_time"], frame["time"])
             self.summary["frames"] += 1
         if result.get("reason"):
             state["problems"].append(f"from {targets[0]:.3f} s: {result['reason']}")
@@ -5699,7 +5743,12 @@ class EmbedRun:
         if state["crashed"]:
             state["problems"].append(f"crashed on two runs: {state['crashed']}")
         self.suspects.pop(sha, None)
-        probe, problems = state["probe"], "; ".join(state["problems"])
+        probe = state["probe"]
+        short = max(2 * self.video_every, 2.0)  # a file cut short, its header telling the length
+        if state["frames"] and probe["duration"] and state["last_time"] < probe["duration"] - short:
+            state["problems"].append(f"its frames stop at {state['last_time']:.1f} s of the "
+                                     f"{probe['duration']:.1f} s its header gives (cut short?)")
+        problems = "; ".join(state["problems"])
         if state["frames"]:
             result = {"status": "video", "damage": problems,
                       "reason": f"{state['frames']} frames, one every {self.video_every:g} s",

@@ -6,6 +6,7 @@ in a temporary folder) without the model; the model tier embeds the shared
 real clip and synthetic videos of known people."""
 
 import json
+import re
 import pickle
 import shutil
 import subprocess
@@ -62,7 +63,11 @@ def test_a_frame_location_is_its_label_and_travels_to_workers():
     back = pickle.loads(pickle.dumps(where))
     assert isinstance(back, sort_faces.FrameLocation) and back.video == "/videos/a clip.mp4"
     name = sort_faces.output_name(where)
-    assert name.endswith("#t=12.346.jpg") and "/" not in name
+    assert re.search(r"#t=12\.346~[0-9a-f]{10}\.jpg$", name) and "/" not in name
+    # a photo named as the still would be keeps a name of its own
+    photo = sort_faces.output_name("/videos/a clip.mp4#t=12.346.jpg")
+    tricky = sort_faces.output_name(f"/videos/{name}")
+    assert len({name, photo, tricky}) == 3
     assert sort_faces.frame_key("ab" * 32, 12.0) == sort_faces.frame_key("ab" * 32, 12.0004)
     assert sort_faces.frame_key("ab" * 32, 12.0) != sort_faces.frame_key("ab" * 32, 13.0)
     assert sort_faces.segment_targets(0, 1.0, 9.2)[-1] == 9.0
@@ -97,6 +102,42 @@ def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
     on_screen = [round(t, 2) for _target, t, _bgr, _damage in
                  sort_faces.video_samples(str(path), [0, 1, 2, 3, 4], keyframe_tolerance=0.0)]
     assert on_screen == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.fast
+def test_samples_finer_than_the_frame_rate_give_each_frame_once(tmp_path):
+    path = write_frames(tmp_path / "slow.mp4", solid_frames([20 * i for i in range(8)]),
+                        [i / 4 for i in range(8)])  # 4 frames a second, 2 s
+    status = {}
+    got = [round(t, 2) for _target, t, _bgr, _damage in sort_faces.video_samples(
+        str(path), [i / 20 for i in range(60)], keyframe_tolerance=0.0, status=status)]
+    assert got == [i / 4 for i in range(8)] and status["ended"]
+    status = {}
+    assert len(list(sort_faces.video_samples(str(path), [0.0, 1.0], status=status))) == 2
+    assert not status["ended"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("column, value, said", [
+    ("file_time", np.nan, "file_time"), ("file_time", np.inf, "file_time"),
+    ("file_time", -1.0, "file_time"), ("file_video", "../../etc", "file_video"),
+    ("meta", "abc", "video_every"), ("meta", 0, "video_every")])
+def test_a_tampered_video_column_is_one_clear_error(tmp_path, column, value, said):
+    cache = tmp_path / "c.npz"
+    shape = {"files": ["/v/a.mp4#t=0.000", "/v/a.mp4"], "sha256": ["a" * 64, "b" * 64],
+             "file_status": ["noface", "video"], "file_video": ["b" * 64, ""],
+             "file_time": [0.0, 0.0]}
+    arrays = {k: np.array(v) for k, v in shape.items()}
+    meta = {"schema_version": 2, "video_every": 1.0}
+    if column == "meta":
+        meta["video_every"] = value
+    else:
+        arrays[column] = arrays[column].astype(object if isinstance(value, str) else float)
+        arrays[column][0] = value
+        arrays[column] = arrays[column].astype(str if isinstance(value, str) else float)
+    np.savez(cache, meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(sort_faces.UserError, match=said):
+        sort_faces.load_cache(cache)
 
 
 @pytest.mark.fast
@@ -285,6 +326,9 @@ def test_bad_videos_are_reported_and_the_run_goes_on(tmp_path):
     src.mkdir()
     good = videos.make_video(src / "good.mp4", [(photo, 3)], size=(640, 360))
     videos.truncate(good, src / "cut.mp4")
+    whole = videos.make_video(tmp_path / "whole.mp4", [(photo, 8)], size=(640, 360), gop=10,
+                              faststart=True)
+    videos.truncate(whole, src / "cut_after_index.mp4", keep=0.4)
     (src / "empty.MP4").write_bytes(b"")
     (src / "letter.avi").write_text("Dear ...")
     videos.audio_only(src / "voice.m4a.mp4")
@@ -301,7 +345,9 @@ def test_bad_videos_are_reported_and_the_run_goes_on(tmp_path):
     for name, said in {"cut.mp4": "moov", "empty.MP4": "empty", "letter.avi": "not a video",
                        "voice.m4a.mp4": "no video stream"}.items():
         assert status[name] == "unreadable" and said in reason[name], (name, reason[name])
-    assert (loaded["file_video"] != "").sum() == 3
+    damage = dict(zip([Path(f).name for f in loaded["files"]], loaded["file_damage"]))
+    assert status["cut_after_index.mp4"] == "video" and "stop at" in damage["cut_after_index.mp4"]
+    assert not damage["good.mp4"]
 
 
 def test_videos_added_later_are_folded_in_by_extend(tmp_path):

@@ -1,9 +1,23 @@
-"""Benchmark ``agglomerative_labels`` on synthetic ArcFace-like embeddings.
+"""Benchmark ``agglomerative_labels`` on synthetic ArcFace-like embeddings,
+or on faces of real structure (``--real``).
 
 Usage::
 
     python tests/benchmarks/bench_cluster.py [N ...] [--threshold T] [--sklearn]
                                              [--max-component M]
+    python tests/benchmarks/bench_cluster.py --real [N ...] [--method auto|exact|ann]
+                                             [--compare] [--threshold 0.55]
+
+``--real``: the embeddings of the shared photos (five_celebs, lfw10 and
+face_recognition, embedded once with buffalo_s into the cache given by
+``--real-cache``, default /tmp/face-sets-bench-real.npz), each face labelled by
+its photo's folder, multiplied by random orthogonal 512 x 512 matrices: each
+copy keeps every real distance among its own faces and becomes a new set of
+people. Copies are stacked to N faces. Prints time, peak memory, BCubed
+precision/recall/F against the labels, the method and its candidate recall.
+``--compare`` runs the exact path and the approximate one on the same faces
+(each in its own process) and prints the pairwise F of one partition against
+the other and their cluster counts.
 
 N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
@@ -80,6 +94,116 @@ def make_faces(n, dim=DIM, seed=0, chunk=20000):
     return X, truth
 
 
+REAL_SETS = ("five_celebs", "lfw10", "face_recognition")
+
+
+def real_faces(cache_path):
+    """(embeddings, labels) of the shared photos' faces, embedded once."""
+    sys.path.insert(0, ROOT)
+    import sort_faces
+    from pathlib import Path
+
+    data = Path(ROOT).parent / "shared" / "data" / "faces"
+    cache_path = Path(cache_path)
+    if not cache_path.exists():
+        import logging
+        logging.disable(logging.WARNING)
+        for name in REAL_SETS:
+            sort_faces.embed(data / name, cache_path, model="buffalo_s", quiet=True)
+    cache = sort_faces.load_cache(cache_path)
+    folders = np.array([Path(f).parent.name for f in cache["files"]])
+    return np.asarray(cache["embeddings"], np.float32), folders[cache["face_file"]]
+
+
+def make_real(n, cache_path, seed=0):
+    """n faces: copies of the real faces, each turned by its own random
+    orthogonal matrix (a new set of people with the same inner distances)."""
+    base, names = real_faces(cache_path)
+    _, base_labels = np.unique(names, return_inverse=True)
+    people = int(base_labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    X = np.empty((n, base.shape[1]), np.float32)
+    labels = np.empty(n, np.int64)
+    for copy, r0 in enumerate(range(0, n, len(base))):
+        q, r = np.linalg.qr(rng.standard_normal((base.shape[1], base.shape[1])))
+        q *= np.sign(np.diag(r))  # a uniformly random orthogonal matrix
+        rows = min(len(base), n - r0)
+        X[r0:r0 + rows] = base[:rows] @ q.astype(np.float32)
+        labels[r0:r0 + rows] = base_labels[:rows] + copy * people
+    return X, labels
+
+
+def pairwise_f(a, b):
+    """Pairwise F of partition b against partition a (pairs counted exactly)."""
+    def pairs(counts):
+        counts = counts.astype(np.float64)
+        return float((counts * (counts - 1) / 2).sum())
+
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    _, joint = np.unique(ia.astype(np.int64) * (int(ib.max()) + 1) + ib, return_counts=True)
+    both = pairs(joint)
+    precision = both / max(pairs(np.bincount(ib)), 1.0)
+    recall = both / max(pairs(np.bincount(ia)), 1.0)
+    return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def real_child(n, threshold, method, cache_path, save):
+    sys.path.insert(0, ROOT)
+    import sort_faces
+
+    X, truth = make_real(n, cache_path)
+    base_mb = peak_mb()
+    t0 = time.perf_counter()
+    labels, info = sort_faces.agglomerative_labels(X, threshold, method=method)
+    wall = time.perf_counter() - t0
+    precision, recall = sort_faces.bcubed(truth, labels)
+    if save:
+        np.save(save, labels)
+    out = {"n": n, "threshold": threshold, "seconds": wall, "base_mb": base_mb,
+           "peak_mb": peak_mb(), "bcubed_p": precision, "bcubed_r": recall,
+           "bcubed_f": 2 * precision * recall / (precision + recall), "method": info["method"],
+           "candidate_recall": info.get("candidate_recall"), "n_clusters": info["n_clusters"],
+           "seconds_edges": info["seconds_edges"], "seconds_linkage": info["seconds_linkage"],
+           "largest_component": info["largest_component"], "loadavg": os.getloadavg()[0]}
+    print("RESULT " + json.dumps(out))
+
+
+def run_real(args):
+    import tempfile
+
+    for n in args.sizes:
+        methods = ["exact", "ann"] if args.compare else [args.method]
+        results = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in methods:
+                save = os.path.join(tmp, f"{method}.npy")
+                cmd = [sys.executable, os.path.abspath(__file__), str(n), "--real", "--child",
+                       "--threshold", str(args.threshold), "--method", method,
+                       "--real-cache", args.real_cache, "--save", save]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    print(f"N={n} {method}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+                    continue
+                r = results[method] = json.loads(lines[-1][7:])
+                r["labels"] = np.load(save)
+                print(f"N={n:>8} {method:>5}: {r['seconds']:7.1f} s (pairs {r['seconds_edges']:.1f}"
+                      f" s, linkage {r['seconds_linkage']:.1f} s), peak {r['peak_mb']:6.0f} MB "
+                      f"(faces alone {r['base_mb']:.0f} MB), BCubed P/R/F {r['bcubed_p']:.4f}/"
+                      f"{r['bcubed_r']:.4f}/{r['bcubed_f']:.4f}, {r['n_clusters']} clusters, "
+                      f"largest component {r['largest_component']}, load {r['loadavg']:.2f}; "
+                      f"{r['method']}"
+                      + (f", candidate recall {r['candidate_recall']:.5f}"
+                         if r["candidate_recall"] is not None else ""), flush=True)
+        if len(results) == 2:
+            a, b = results["exact"], results["ann"]
+            print(f"N={n:>8} ann against exact: pairwise F {pairwise_f(a['labels'], b['labels']):.6f},"
+                  f" clusters {b['n_clusters']} vs {a['n_clusters']} "
+                  f"({100 * abs(b['n_clusters'] - a['n_clusters']) / a['n_clusters']:.3f}% apart)",
+                  flush=True)
+
+
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -120,7 +244,21 @@ def main():
     ap.add_argument("--sklearn", action="store_true")
     ap.add_argument("--max-component", type=int, default=0)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--real", action="store_true", help="faces of real structure (see above)")
+    ap.add_argument("--method", default="auto", choices=["auto", "exact", "ann"])
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--real-cache", default="/tmp/face-sets-bench-real.npz")
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.real:
+        if args.child:
+            real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save)
+        else:
+            if args.threshold == 0.6 and "--threshold" not in sys.argv:
+                args.threshold = 0.55  # cluster's default
+            real_faces(args.real_cache)  # embedded once, before the timed children
+            run_real(args)
+        return
     if args.child:
         child(args.sizes[0], args.threshold, args.sklearn, args.max_component)
         return

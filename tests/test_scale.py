@@ -1,0 +1,63 @@
+"""Issue 15 (part B): clustering many faces with candidate pairs from faiss's
+inverted lists instead of the all-pairs product. Pure functions, no model."""
+
+import numpy as np
+import pytest
+
+import sort_faces
+
+
+def faces(n: int, people: int, seed: int = 0, spread: float = 0.9) -> np.ndarray:
+    """Unit vectors around `people` random centres (cosine distances inside a
+    person about 0.3-0.5, between people about 1)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((people, 128)) / np.sqrt(128)
+    who = rng.integers(0, people, n)
+    X = centres[who] + spread * rng.standard_normal((n, 128)) / np.sqrt(128)
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.fast
+def test_probing_every_list_gives_the_exact_partition(monkeypatch):
+    X = faces(3000, 150)
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 10**6)
+    exact, exact_info = sort_faces.agglomerative_labels(X, 0.55, method="exact")
+    ann, info = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    assert exact_info["method"] == "exact" and info["method"].startswith("ann: faiss")
+    assert info["candidate_recall"] == 1.0
+    assert np.array_equal(exact, ann)
+
+
+@pytest.mark.fast
+def test_a_missed_pair_can_only_split_a_component(monkeypatch):
+    X = faces(3000, 150, seed=1)
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 1)  # a poor index, on purpose
+    ann, info = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    assert 0 < info["candidate_recall"] < 1
+    components, _ = sort_faces._agglo_threshold_components(X, 0.55, 512)
+    for label in np.unique(ann):  # every cluster lies inside one exact component
+        assert len(np.unique(components[ann == label])) == 1
+    exact, _ = sort_faces.agglomerative_labels(X, 0.55, method="exact")
+    assert ann.max() >= exact.max()  # so never fewer clusters
+
+
+@pytest.mark.fast
+def test_auto_takes_the_index_only_from_its_size(monkeypatch):
+    X = faces(2500, 100, seed=2)
+    assert sort_faces.agglomerative_labels(X, 0.55)[1]["method"] == "exact"
+    monkeypatch.setattr(sort_faces, "CLUSTER_ANN_FROM", 2000)
+    assert sort_faces.agglomerative_labels(X, 0.55)[1]["method"].startswith("ann")
+    with pytest.raises(ValueError, match="method"):
+        sort_faces.agglomerative_labels(X, 0.55, method="fast")
+
+
+@pytest.mark.fast
+def test_bcubed_counts_sparsely_and_agrees_with_the_definition():
+    rng = np.random.default_rng(3)
+    truth, pred = rng.integers(0, 40, 500), rng.integers(0, 60, 500)
+    same_t, same_p = truth[:, None] == truth[None, :], pred[:, None] == pred[None, :]
+    both = (same_t & same_p).sum(axis=1)
+    expected = (np.mean(both / same_p.sum(axis=1)), np.mean(both / same_t.sum(axis=1)))
+    assert np.allclose(sort_faces.bcubed(truth, pred), expected)
+    big = np.arange(1_000_000)  # a million singletons each way: no dense table
+    assert sort_faces.bcubed(big, big[::-1]) == (1.0, 1.0)

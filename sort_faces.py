@@ -3,14 +3,15 @@
 
 One file, one subcommand function each, over shared helpers:
 
-    embed        scan a tree, detect + embed every face into a resumable .npz cache
+    embed        scan a tree, detect + embed every face of its photos and videos into a
+                 resumable .npz cache
     cluster      raw identity clusters: person_NNN/, _singletons/, _noface/
     refine       quality-gated per-person facesets: faceset_NNN/
     dedup        byte-identical and visual near-duplicate report
     extend       fold new faces into an existing result without renumbering
     enrich       landmarks and pose for every cached face
     export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
-    people       name, merge, move and reject people; every later cluster keeps it
+    people       name, merge, move, reject and split people; every later run keeps it
 
 Sections, in order (search for the banner lines): shared helpers first,
 then one section per subcommand, then the command line.
@@ -21,13 +22,15 @@ then one section per subcommand, then the command line.
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
+    VIDEO                frames sampled by presentation time with PyAV, one cache row a frame
     MODEL                InsightFace packs, providers, the crash-proof worker pool
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
                          manifests and the one loader that validates them
-    CLUSTERING           scalable exact average-linkage clustering, centroids
+    CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
+                         faiss's inverted lists for many faces), centroids
     REVIEW PAGES         index.html and face thumbnails for every output folder
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands
     CLI                  argparse wiring
@@ -84,15 +87,19 @@ __all__ = [
     "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people",
     # options, caches, manifests, outputs
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
-    "people_path", "load_decisions", "fold_decisions", "face_key", "face_rows", "keep_numbers",
+    "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
+    "face_rows", "keep_numbers", "people_view", "people_suggestions",
     "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
     "offline_pack_dir", "run_model_step", "in_batches", "embed_task", "embed_photo",
     "too_small_for_faces", "photo_hashes",
+    # videos
+    "FrameLocation", "output_name", "frame_key", "segment_targets", "video_samples",
+    "probe_video", "read_video_frame",
     # pure functions over arrays
-    "agglomerative_labels", "refine_partition", "quality_failures", "perceptual_hash",
+    "agglomerative_labels", "bcubed", "refine_partition", "quality_failures", "perceptual_hash",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
     "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",

@@ -7,6 +7,7 @@ Usage::
                                              [--max-component M]
     python tests/benchmarks/bench_cluster.py --real [N ...] [--method auto|exact|ann]
                                              [--compare] [--threshold 0.55]
+                                             [--grid LISTS:NPROBE ...]
 
 ``--real``: the embeddings of the shared photos (five_celebs, lfw10 and
 face_recognition, embedded once with buffalo_s into the cache given by
@@ -17,7 +18,8 @@ people. Copies are stacked to N faces. Prints time, peak memory, BCubed
 precision/recall/F against the labels, the method and its candidate recall.
 ``--compare`` runs the exact path and the approximate one on the same faces
 (each in its own process) and prints the pairwise F of one partition against
-the other and their cluster counts.
+the other and their cluster counts; ``--grid 1:32 4:128 ...`` does so for the
+index at each lists-per-sqrt(N) : nprobe.
 
 N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
@@ -148,10 +150,13 @@ def pairwise_f(a, b):
     return 2 * precision * recall / max(precision + recall, 1e-12)
 
 
-def real_child(n, threshold, method, cache_path, save):
+def real_child(n, threshold, method, cache_path, save, ann=None):
     sys.path.insert(0, ROOT)
     import sort_faces
 
+    if ann:  # lists per sqrt(N) : nprobe
+        lists, probes = ann.split(":")
+        sort_faces.CLUSTER_ANN.update(lists_per_sqrt=float(lists), nprobe=int(probes))
     X, truth = make_real(n, cache_path)
     base_mb = peak_mb()
     t0 = time.perf_counter()
@@ -173,14 +178,16 @@ def run_real(args):
     import tempfile
 
     for n in args.sizes:
-        methods = ["exact", "ann"] if args.compare else [args.method]
+        methods = ["exact", *(f"ann={g}" for g in args.grid)] if args.grid else \
+            ["exact", "ann"] if args.compare else [args.method]
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
             for method in methods:
-                save = os.path.join(tmp, f"{method}.npy")
+                save = os.path.join(tmp, f"{method.replace(':', '_')}.npy")
                 cmd = [sys.executable, os.path.abspath(__file__), str(n), "--real", "--child",
-                       "--threshold", str(args.threshold), "--method", method,
+                       "--threshold", str(args.threshold), "--method", method.split("=")[0],
                        "--real-cache", args.real_cache, "--save", save]
+                cmd += ["--ann-params", method.split("=")[1]] if "=" in method else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
@@ -196,10 +203,13 @@ def run_real(args):
                       f"{r['method']}"
                       + (f", candidate recall {r['candidate_recall']:.5f}"
                          if r["candidate_recall"] is not None else ""), flush=True)
-        if len(results) == 2:
-            a, b = results["exact"], results["ann"]
-            print(f"N={n:>8} ann against exact: pairwise F {pairwise_f(a['labels'], b['labels']):.6f},"
-                  f" clusters {b['n_clusters']} vs {a['n_clusters']} "
+        for name, b in results.items():
+            if name == "exact" or "exact" not in results:
+                continue
+            a = results["exact"]
+            print(f"N={n:>8} {name} against exact: pairwise F "
+                  f"{pairwise_f(a['labels'], b['labels']):.6f}, clusters {b['n_clusters']} vs "
+                  f"{a['n_clusters']} "
                   f"({100 * abs(b['n_clusters'] - a['n_clusters']) / a['n_clusters']:.3f}% apart)",
                   flush=True)
 
@@ -249,10 +259,15 @@ def main():
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--real-cache", default="/tmp/face-sets-bench-real.npz")
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ann-params", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--grid", nargs="+", default=None, metavar="LISTS:NPROBE",
+                    help="with --real: the exact path, then the index at each lists-per-sqrt(N)"
+                         ":nprobe, each against exact")
     args = ap.parse_args()
     if args.real:
         if args.child:
-            real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save)
+            real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save,
+                       args.ann_params)
         else:
             if args.threshold == 0.6 and "--threshold" not in sys.argv:
                 args.threshold = 0.55  # cluster's default

@@ -118,8 +118,12 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     cache = tmp_path / "c.npz"
     command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
                "--model", "buffalo_s", "--flush-every", "5", "--workers", "1"]
+    # As a terminal runs it in the foreground: Ctrl-C at its default. A suite
+    # started in the background by a shell without job control inherits
+    # SIGINT ignored, and so would the run (seen: it then finished, exit 0).
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = sort_faces.journal_dir(cache)
     deadline = time.time() + 120
     while time.time() < deadline and not list(journal.glob("*.npz")):

@@ -848,11 +848,13 @@ def meta_problem(meta) -> str | None:
         return "its meta is not a JSON object"
     for key, kind in META_TYPES.items():
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
-            return f"meta.{key} is {type(meta[key]).__name__}, not {getattr(kind, '__name__', 'a number')}"
-    if "video_every" in meta:
-        low, high = OPTION_RULES["video_every"][1:]
-        if not low <= meta["video_every"] <= high:  # NaN fails too
-            return f"meta.video_every is {meta['video_every']!r}, not a number of seconds"
+            wanted = getattr(kind, "__name__", "a number")
+            return f"meta.{key} is {type(meta[key]).__name__}, not {wanted}"
+    if "video_every" in meta:  # the option's own rule: NaN, 0 and out of range fail
+        try:
+            check_option("video_every", meta["video_every"])
+        except UserError as error:
+            return f"meta.video_every: {error}"
     if not all(isinstance(s, str) for s in meta.get("sources", [])):
         return "meta.sources holds something that is not a path"
     return None
@@ -5814,8 +5816,7 @@ class EmbedRun:
             known = [t for t in targets if frame_key(sha, t) in self.known_sha]
             state["frames"] += len(known)
             state["last_time"] = max([state["last_time"], *known])
-            known = len(known)
-            if known == len(targets):
+            if len(known) == len(targets):
                 continue  # recorded by a run that was stopped inside this video
             state["issued"] += 1
             yield [(path, size, mtime_ns, sha, segment, tuple(targets))]

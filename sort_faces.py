@@ -154,6 +154,10 @@ WORK_DIR = Path("work")
 
 # Files per worker task: enough for the decode thread to run ahead of the model.
 TASK_FILES = 4
+# embed --ray: the optional extra, and how long a new actor may take to load its
+# model before the cluster is taken to lack room for it.
+RAY_INSTALL = ".venv/bin/python -m pip install -r requirements-ray.txt"
+RAY_ACTOR_START_S = 300
 # Images above this many pixels are decoded at a reduced scale (memory bound).
 MAX_DECODE_PIXELS = 100_000_000
 # Images above this are refused outright: even a reduced decode is not worth it.
@@ -364,6 +368,15 @@ def check_link(link: str) -> str:
     if link not in ("copy", "hardlink", "symlink"):
         raise UserError(f"--link must be copy, hardlink or symlink, not {link!r}")
     return link
+
+
+def check_ray_address(address: str) -> str:
+    """embed --ray: auto (join the running cluster), local (start one here),
+    HOST:PORT of a cluster's head, or ray://HOST:PORT (Ray Client)."""
+    if not isinstance(address, str) or not re.fullmatch(
+            r"auto|local|(ray://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}", address):
+        raise UserError(f"--ray must be auto, local, HOST:PORT or ray://HOST:PORT, not {address!r}")
+    return address
 
 
 def option_type(name: str):
@@ -1634,14 +1647,16 @@ def video_problem(error: Exception, path: str) -> str:
 
 
 @contextlib.contextmanager
-def open_video(path: str):
+def open_video(path: str, data: bytes | None = None):
     """(container, its first video stream), decoding on one thread; raises
     UnreadableImage with the reason for a file FFmpeg cannot read, one with
-    no video stream, or one whose codec this FFmpeg lacks."""
+    no video stream, or one whose codec this FFmpeg lacks. `data`: the file's
+    bytes, read from memory instead of `path` (a Ray actor's copy)."""
     import av
 
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(str(path) if data is None else io.BytesIO(data),
+                            metadata_errors="ignore")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as error:
         raise UnreadableImage(video_problem(error, path)) from None
     try:
@@ -1693,7 +1708,8 @@ def _decoded_frames(container, stream, damage: list, wanted_from: list):
 
 
 def video_samples(path: str, targets: list[float], seek_gap: float | None = None,
-                  keyframe_tolerance: float | None = None, status: dict | None = None):
+                  keyframe_tolerance: float | None = None, status: dict | None = None,
+                  data: bytes | None = None):
     """(target, time, upright BGR frame, damage) for each sample time
     (seconds from the video's first frame), found by presentation timestamps,
     so a variable frame rate places it right: a keyframe within
@@ -1708,13 +1724,13 @@ def video_samples(path: str, targets: list[float], seek_gap: float | None = None
     once: a target finer than the frame rate whose frame the previous target
     had gets none. `status["ended"]` (when given) is set when the stream ends
     before the last target. Raises UnreadableImage when the file cannot be
-    opened.
+    opened. `data`: the file's bytes, read instead of `path` (open_video).
     """
     seek_gap = VIDEO_SEEK_GAP_S if seek_gap is None else seek_gap
     status = {} if status is None else status
     status["ended"] = False
     tolerance = VIDEO_KEYFRAME_TOLERANCE_S if keyframe_tolerance is None else keyframe_tolerance
-    with open_video(path) as (container, stream):
+    with open_video(path, data) as (container, stream):
         base = stream.time_base
         start = float(stream.start_time * base) if stream.start_time is not None else 0.0
         hold = 1.0 / (float(stream.average_rate or 0) or 30.0)  # one frame's time
@@ -2213,9 +2229,12 @@ class ModelPool:
 
 def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
                    identity: dict, providers: list[str], workers: int, crash_result,
-                   n_tasks: int | None = None, on_stop=None, options: dict | None = None) -> None:
+                   n_tasks: int | None = None, on_stop=None, options: dict | None = None,
+                   ray_actor: dict | None = None) -> None:
     """Run `task` over `batches` in a fresh pool of model workers (which hold
-    `options` for the task to read).
+    `options` for the task to read); with `ray_actor` (an actor's resources,
+    ray_actor_plan), embed_task on that many actors of the connected Ray
+    cluster instead (RayPool).
 
     The pool never starts more workers than there are tasks (`n_tasks`, when
     known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
@@ -2226,26 +2245,39 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
     workers = check_option("workers", workers)
     if n_tasks is not None:
         workers = max(1, min(workers, n_tasks))
-    pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
-                                        workers, identity["embedding_size"], options),
-                     task, on_result, crash_result, max_inflight=2 * workers + 2)
+    pool = None
     try:
+        if ray_actor is None:
+            pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
+                                                workers, identity["embedding_size"], options),
+                             task, on_result, crash_result, max_inflight=2 * workers + 2)
+        else:
+            ray = ray_module()
+            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayEmbedWorker)
+            files = ray.put(pack_files(pack_dir, modules))
+            pool = RayPool(ray, lambda: actor.remote(files, modules, providers,
+                                                     identity["det_size"],
+                                                     identity["embedding_size"], options),
+                           workers, on_result, crash_result)
         pool.run(batches)
     except KeyboardInterrupt:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         if on_stop is None:
             raise
         on_stop()
         raise Interrupted("interrupted: the work done so far is saved; run the same command "
                           "to go on") from None
     except PoolFailure as error:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         if on_stop is not None:
             on_stop()
         raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
                         "done before is saved") from None
     except BaseException:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         raise
     pool.shutdown()
 
@@ -2269,6 +2301,244 @@ def worker_setup(providers: str | None, workers: int | None) -> tuple[list[str],
                         "model (about 0.3 GB), and more than one a core is rarely faster",
                         workers, cores)
     return provider_list, workers or default_workers(provider_list)
+
+
+# ============================================================================
+# RAY
+# embed's model stage on a Ray cluster (embed --ray): actors that each hold one
+# model, fed the files' bytes through Ray's object store (so only this machine
+# reads the photos), and ModelPool's recovery when an actor or its node is
+# lost. Ray is an optional extra, imported only here and only for --ray.
+# ============================================================================
+
+
+def ray_module():
+    """The ray package, or UserError naming how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"embed --ray needs Ray, an optional extra: {RAY_INSTALL}") from None
+    return ray
+
+
+def library_module():
+    """This file as the module `sort_faces`, the name Ray's workers import it by
+    (run as a script it is __main__, whose classes Ray would copy by value)."""
+    module = sys.modules.get("sort_faces")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("sort_faces", __file__)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sort_faces"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def ray_session(address: str):
+    """Connected to the Ray cluster at `address` (check_ray_address; "local"
+    starts one on this machine, stopped again at the end), with this file
+    shipped to its workers as the module sort_faces."""
+    ray = ray_module()
+    kind = "start a local Ray cluster" if address == "local" else \
+        f"join the Ray cluster at {address}"
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # Ray's notes on starting up
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, configure_logging=False,
+                     runtime_env={"py_modules": [library_module()]})
+    except (ConnectionError, RuntimeError, ValueError, OSError) as error:
+        raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[list[str], dict, int]:
+    """(providers, one actor's resources, actor count) on the connected
+    cluster: one GPU an actor where it has GPUs, else one CPU; as many actors
+    as GPUs (or CPUs), or --workers."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if providers:
+        provider_list = [p.strip() for p in providers.split(",") if p.strip()]
+    else:
+        provider_list = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpus \
+            else ["CPUExecutionProvider"]
+    on_gpu = gpus > 0 and provider_list[0] == "CUDAExecutionProvider"
+    actor = {"num_gpus": 1, "num_cpus": 0} if on_gpu else {"num_cpus": 1}
+    count = workers or (gpus if on_gpu else int(resources.get("CPU", 1)))
+    return provider_list, actor, max(1, count)
+
+
+def pack_files(pack_dir: Path, modules: list[str]) -> dict[str, bytes]:
+    """The bytes of a pack's ONNX files that serve `modules`, for actors on
+    nodes that do not have the pack."""
+    files = {}
+    for path in sorted(pack_dir.glob("*.onnx")):
+        role = None
+        with contextlib.suppress(Exception):
+            role = onnx_role(path)
+        if role in modules:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def node_pack(files: dict[str, bytes]) -> Path:
+    """A folder on this node holding a pack's files (pack_files): one copy a
+    model under the temp folder, named by the files' digest, shared by the
+    node's actors and runs (the sessions read their files after loading)."""
+    digest = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    folder = Path(tempfile.gettempdir()) / "face-sets-models" / digest.hexdigest()[:24]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        target = folder / Path(name).name
+        if not target.is_file() or target.stat().st_size != len(data):
+            with atomic_output(target) as handle:
+                handle.write(data)
+    return folder
+
+
+class RayEmbedWorker:
+    """A Ray actor holding one model, its pack's files sent as bytes (node_pack)."""
+
+    def __init__(self, files: dict, modules, providers, det_size, embedding_size, options):
+        try:
+            pack = str(node_pack(files))
+        except OSError as error:
+            _WORKER["error"] = f"cannot store the model's files on this node: {error}"
+            return
+        _init_worker(pack, modules, providers, det_size, None, embedding_size, options)
+
+    def ready(self) -> str:
+        """'' once the model is loaded, else why it could not be."""
+        return _WORKER.get("error", "")
+
+    def run(self, batch: list[tuple], data) -> list[dict]:
+        return embed_task(batch, data)
+
+
+def file_payload(path: str):
+    """A photo's bytes for an actor, or the reason they cannot be read."""
+    try:
+        return read_photo(path)
+    except UnreadableImage as error:
+        return str(error)
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+
+
+class RayPool:
+    """ModelPool's contract (run, stop, shutdown; results in `on_result`) on
+    Ray actors.
+
+    Each task carries its files' bytes (a video's, put in the object store
+    once, shared by its segments). An actor that dies (a crash, a kill, its
+    node lost) is replaced, and the batches it had in flight are run again
+    one file at a time on the new one: a file that kills an actor alone gets
+    `crash_result`, as with the local pool. When no actor can start, or none
+    is ready within RAY_ACTOR_START_S: PoolFailure.
+    """
+
+    def __init__(self, ray, make_actor, count: int, on_result, crash_result):
+        self.ray, self.make_actor, self.on_result = ray, make_actor, on_result
+        self.crash_result = crash_result
+        self.max_inflight = 2 * count + 2
+        self.actors = [make_actor() for _ in range(count)]
+        self.generation = [0] * count
+        self.load = [0] * count
+        self.inflight: dict = {}  # ObjectRef -> (actor index, generation, batch)
+        self.video: tuple = ("", None)  # (sha256, ObjectRef of its bytes): the current video
+        self.wait_ready(range(count))
+
+    def wait_ready(self, indexes) -> None:
+        refs = {self.actors[i].ready.remote(): i for i in indexes}
+        try:
+            done, pending = self.ray.wait(list(refs), num_returns=len(refs),
+                                          timeout=RAY_ACTOR_START_S)
+            problems = [self.ray.get(ref) for ref in done]
+        except self.ray.exceptions.RayError as error:
+            raise PoolFailure(f"a Ray actor stopped as it started: {type(error).__name__}") \
+                from None
+        if pending:
+            raise PoolFailure(f"{len(pending)} Ray actor(s) did not start within "
+                              f"{RAY_ACTOR_START_S} s (too few free CPUs or GPUs on the cluster?)")
+        problem = next((p for p in problems if p), "")
+        if problem:
+            raise PoolFailure(f"the Ray actors could not load the model: {problem}")
+
+    def payload(self, batch: list[tuple]):
+        if len(batch[0]) != len(VIDEO_SEGMENT_ENTRY):
+            return [file_payload(entry[0]) for entry in batch]
+        path, sha = batch[0][0], batch[0][3]
+        if self.video[0] != sha:  # segments of one video come together: one copy in the store
+            self.video = (sha, None)
+            with contextlib.suppress(OSError):
+                self.video = (sha, self.ray.put(Path(path).read_bytes()))
+        return self.video[1] if self.video[1] is not None else b""
+
+    def submit(self, batch: list[tuple]) -> None:
+        index = min(range(len(self.actors)), key=self.load.__getitem__)
+        ref = self.actors[index].run.remote(batch, self.payload(batch))
+        self.inflight[ref] = (index, self.generation[index], batch)
+        self.load[index] += 1
+
+    def run(self, batches) -> None:
+        for batch in batches:
+            self.submit(batch)
+            self.drain(block=len(self.inflight) >= self.max_inflight)
+        while self.inflight:
+            self.drain(block=True)
+
+    def drain(self, block: bool) -> None:
+        done, _ = self.ray.wait(list(self.inflight), num_returns=1,
+                                timeout=None if block else 0)
+        for ref in done:
+            index, generation, batch = self.inflight.pop(ref)
+            self.load[index] -= generation == self.generation[index]
+            try:
+                result = self.ray.get(ref)
+            except self.ray.exceptions.RayError as error:  # the actor, its node or its input lost
+                self.recover(index, generation, batch, error)
+                continue
+            self.on_result(batch, result)
+
+    def replace(self, index: int, generation: int, error) -> None:
+        """A fresh actor in place of a lost one (once, however many tasks it had)."""
+        if generation != self.generation[index]:
+            return
+        log.warning("a Ray actor was lost (%s); it is replaced, and its files are run again",
+                    " ".join(str(error).split())[:200])
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[index])
+        self.actors[index] = self.make_actor()
+        self.generation[index] += 1
+        self.load[index] = 0
+        self.wait_ready([index])
+
+    def recover(self, index: int, generation: int, batch: list[tuple], error) -> None:
+        self.replace(index, generation, error)
+        self.video = ("", None)  # put again: the node holding it may be the one lost
+        for entry in batch:
+            generation = self.generation[index]
+            try:
+                result = self.ray.get(self.actors[index].run.remote([entry], self.payload([entry])))
+            except self.ray.exceptions.RayError as again:
+                self.replace(index, generation, again)
+                log.warning("a Ray actor crashed on %s", display(entry[0]))
+                result = [self.crash_result(CRASH_REASON)]
+            self.on_result([entry], result)
+
+    def stop(self) -> None:
+        """Every actor killed now: their work in flight is dropped."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor)
+        self.inflight = {}
+
+    shutdown = stop
 
 
 # ============================================================================
@@ -5496,17 +5766,24 @@ def _lap(timings: dict, stage: str, since: float) -> float:
     return now
 
 
-def embed_task(batch: list[tuple]) -> list[dict]:
+def embed_task(batch: list[tuple], data=None) -> list[dict]:
     """Worker side: decode (a thread ahead) and embed each file of a batch
-    of (path, ...) entries, or one segment of a video (embed_segment)."""
+    of (path, ...) entries, or one segment of a video (embed_segment).
+
+    `data` (a Ray actor's task, whose files are not on its node): each
+    photo's bytes, or the reason they could not be read, in batch order; a
+    segment's video's bytes."""
     if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
-        return [embed_segment(batch[0])]
+        return [embed_segment(batch[0], data)]
     dct = not _WORKER.get("full_decode")
     det_size = _WORKER["det_size"]
+    given = dict(zip((entry[0] for entry in batch), data)) if data is not None else {}
 
     def decode(path):
         started = time.thread_time()
-        photo = PhotoPixels(path, dct=dct)
+        if isinstance(given.get(path), str):
+            raise UnreadableImage(given[path])
+        photo = PhotoPixels(path, dct=dct, data=given.get(path))
         photo.at(detect_factor(photo, det_size))
         photo.decode_seconds = time.thread_time() - started
         return photo
@@ -5519,17 +5796,18 @@ def embed_task(batch: list[tuple]) -> list[dict]:
 VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "targets")
 
 
-def embed_segment(entry: tuple) -> dict:
+def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
     """Worker side: decode one segment of a video's samples (video_samples)
     and embed each frame as a photo. Returns {"status": "segment", "frames":
     [one _embed_one result each, with its target and time], "ended": the
     video ended (or stopped decoding) before the segment's last sample,
-    "reason": why it stopped early ('' for its end)}."""
+    "reason": why it stopped early ('' for its end)}. `data`: the video's
+    bytes, read instead of its path (a Ray actor's task)."""
     pool_canary()
     path, targets = entry[0], entry[-1]
     frames, seconds, reason, status = [], {}, "", {"ended": False}
     try:
-        samples = iter(video_samples(path, list(targets), status=status))
+        samples = iter(video_samples(path, list(targets), status=status, data=data))
         while True:
             started = time.thread_time()
             sample = next(samples, None)
@@ -5600,8 +5878,11 @@ def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int
 
 def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
           det_size=None, providers=None, workers=None, flush_every=DEFAULT_FLUSH_EVERY,
-          full_decode=False, video_every=DEFAULT_VIDEO_EVERY, quiet=False) -> dict:
+          full_decode=False, video_every=DEFAULT_VIDEO_EVERY, ray=None, quiet=False) -> dict:
     """Embed every new image and video under `src` into the cache at `cache_path`.
+
+    `ray` (an address, check_ray_address) runs the model stage on Ray actors
+    (the RAY section); scanning, hashing, the journal and the cache stay here.
 
     A video is sampled every `video_every` seconds of presentation time; each
     sample is a row of its own (the VIDEO section), decoded and embedded in
@@ -5621,6 +5902,9 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     started = time.time()
     check_options(det_size=det_size, workers=workers, flush_every=flush_every,
                   video_every=video_every)
+    if ray is not None:
+        check_ray_address(ray)
+        ray_module()
     src, cache_path = Path(src), Path(cache_path)
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
@@ -5631,7 +5915,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     if is_within(cache_path.parent, src):
         raise UserError(f"the cache {cache_path} must not be inside the source tree {src} "
                         "(nothing is ever written under the source)")
-    with exclusive_lock(cache_path, "cache"):
+    with exclusive_lock(cache_path, "cache"), contextlib.ExitStack() as stack:
         cache = open_cache_for_writing(cache_path, must_exist=False)
         pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, det_size,
                                                         cache_path)
@@ -5643,9 +5927,15 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         if str(src.resolve()) not in sources:
             sources.append(str(src.resolve()))
         video_every = check_video_every(cache, float(video_every), cache_path)
-        provider_list, workers = worker_setup(providers, workers)
+        ray_actor, where = None, ""
+        if ray is None:
+            provider_list, workers = worker_setup(providers, workers)
+        else:
+            cluster = stack.enter_context(ray_session(ray))
+            provider_list, ray_actor, workers = ray_actor_plan(cluster, providers, workers)
+            where = f"Ray at {ray}: "
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
-            f"{workers} worker(s), {provider_list[0]})", quiet)
+            f"{where}{workers} worker(s), {provider_list[0]})", quiet)
         run = EmbedRun(cache, cache_path, flush_every, video_every)
         clock = time.perf_counter()
         paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS + VIDEO_EXTENSIONS)
@@ -5670,7 +5960,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                                    crash_result=lambda reason: {"status": "crashed",
                                                                 "reason": reason},
                                    on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
-                                   options={"full_decode": bool(full_decode)})
+                                   options={"full_decode": bool(full_decode)},
+                                   ray_actor=ray_actor)
         run.flush()
         save_cache(cache_path, cache)
         run.summary.update(run.tree_report(paths))
@@ -5930,9 +6221,9 @@ class EmbedRun:
         elif status == "noface" and not video[0]:
             self.summary["noface"] += 1
         faces = result.get("faces")
-        if faces is not None and len(faces["face_file"]):
-            faces["face_file"][:] = file_index
-            self.new_faces.append(faces)
+        if faces is not None and len(faces["face_file"]):  # (Ray's arrays are read-only)
+            self.new_faces.append(dict(faces, face_file=np.full_like(faces["face_file"],
+                                                                     file_index)))
             self.summary["faces"] += len(faces["face_file"])
 
     def _report_unreadable(self, path: str, reason: str) -> None:
@@ -8044,6 +8335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-decode", action="store_true",
                    help="decode every photo whole and reduce it in pixels, instead of letting "
                         "libjpeg reduce JPEGs while decoding (same faces, slower)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run the model on a Ray cluster: auto (the running one), local (start "
+                        "one here), or HOST:PORT; --workers caps its actors (default: one per "
+                        f"CPU, or per GPU). Needs the extra: {RAY_INSTALL}")
 
     p = add_command(sub, "cluster", cli_cluster,
                     help="raw identity clusters: person_NNN/, _singletons/, _noface/",
@@ -8225,7 +8520,7 @@ def cli_embed(args) -> int:
     summary = embed(args.src, args.cache, model=args.model, model_root=args.model_root,
                     det_size=args.det_size, providers=args.providers, workers=args.workers,
                     flush_every=args.flush_every, full_decode=args.full_decode,
-                    video_every=args.video_every, quiet=args.quiet)
+                    video_every=args.video_every, ray=args.ray, quiet=args.quiet)
     return EXIT_PARTIAL if embed_incomplete(summary) else EXIT_OK
 
 

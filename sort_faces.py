@@ -158,6 +158,7 @@ TASK_FILES = 4
 # model before the cluster is taken to lack room for it.
 RAY_INSTALL = ".venv/bin/python -m pip install -r requirements-ray.txt"
 RAY_ACTOR_START_S = 300
+RAY_CONNECT_S = 10  # a cluster's address must answer within this
 # Images above this many pixels are decoded at a reduced scale (memory bound).
 MAX_DECODE_PIXELS = 100_000_000
 # Images above this are refused outright: even a reduced decode is not worth it.
@@ -2233,8 +2234,8 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
                    ray_actor: dict | None = None) -> None:
     """Run `task` over `batches` in a fresh pool of model workers (which hold
     `options` for the task to read); with `ray_actor` (an actor's resources,
-    ray_actor_plan), embed_task on that many actors of the connected Ray
-    cluster instead (RayPool).
+    ray_actor_plan), on that many actors of the connected Ray cluster instead
+    (RayPool; the task then takes each batch's bytes too, as embed_task does).
 
     The pool never starts more workers than there are tasks (`n_tasks`, when
     known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
@@ -2253,9 +2254,10 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
                              task, on_result, crash_result, max_inflight=2 * workers + 2)
         else:
             ray = ray_module()
-            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayEmbedWorker)
+            task = ray_shipped(task)[0]
+            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayModelWorker)
             files = ray.put(pack_files(pack_dir, modules))
-            pool = RayPool(ray, lambda: actor.remote(files, modules, providers,
+            pool = RayPool(ray, lambda: actor.remote(task, files, modules, providers,
                                                      identity["det_size"],
                                                      identity["embedding_size"], options),
                            workers, on_result, crash_result)
@@ -2333,19 +2335,35 @@ def library_module():
     return module
 
 
+def ray_shipped(task) -> tuple:
+    """(`task` as Ray's workers import it, the files of the modules to ship
+    them for it): this file as the module sort_faces, and the task's own."""
+    library, module = library_module(), sys.modules[task.__module__]
+    if module.__name__ == "__main__":
+        module, task = library, getattr(library, task.__name__)
+    return task, sorted({library.__file__, module.__file__})
+
+
 @contextlib.contextmanager
-def ray_session(address: str):
+def ray_session(address: str, task):
     """Connected to the Ray cluster at `address` (check_ray_address; "local"
-    starts one on this machine, stopped again at the end), with this file
-    shipped to its workers as the module sort_faces."""
+    starts one on this machine, stopped again at the end), shipping its
+    workers the modules that `task` needs (ray_shipped)."""
     ray = ray_module()
     kind = "start a local Ray cluster" if address == "local" else \
         f"join the Ray cluster at {address}"
+    if address not in ("auto", "local"):  # Ray itself would retry an address for minutes
+        host, port = address.removeprefix("ray://").rsplit(":", 1)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_S).close()
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot {kind}: {getattr(error, 'strerror', None) or error}") \
+                from None
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # Ray's notes on starting up
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR, configure_logging=False,
-                     runtime_env={"py_modules": [library_module()]})
+                     runtime_env={"py_modules": ray_shipped(task)[1]})
     except (ConnectionError, RuntimeError, ValueError, OSError) as error:
         raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}") from None
     try:
@@ -2401,10 +2419,12 @@ def node_pack(files: dict[str, bytes]) -> Path:
     return folder
 
 
-class RayEmbedWorker:
-    """A Ray actor holding one model, its pack's files sent as bytes (node_pack)."""
+class RayModelWorker:
+    """A Ray actor holding one model, its pack's files sent as bytes
+    (node_pack), that runs `task(batch, data)` (embed_task)."""
 
-    def __init__(self, files: dict, modules, providers, det_size, embedding_size, options):
+    def __init__(self, task, files: dict, modules, providers, det_size, embedding_size, options):
+        self.task = task
         try:
             pack = str(node_pack(files))
         except OSError as error:
@@ -2416,8 +2436,8 @@ class RayEmbedWorker:
         """'' once the model is loaded, else why it could not be."""
         return _WORKER.get("error", "")
 
-    def run(self, batch: list[tuple], data) -> list[dict]:
-        return embed_task(batch, data)
+    def run(self, batch: list[tuple], data) -> list:
+        return self.task(batch, data)
 
 
 def file_payload(path: str):
@@ -5931,7 +5951,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         if ray is None:
             provider_list, workers = worker_setup(providers, workers)
         else:
-            cluster = stack.enter_context(ray_session(ray))
+            cluster = stack.enter_context(ray_session(ray, embed_task))
             provider_list, ray_actor, workers = ray_actor_plan(cluster, providers, workers)
             where = f"Ray at {ray}: "
         say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "

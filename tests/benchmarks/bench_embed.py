@@ -3,13 +3,17 @@
 
     .venv/bin/python tests/benchmarks/bench_embed.py [PHOTO_FOLDER ...] [--repeat N] [--full-decode]
     .venv/bin/python tests/benchmarks/bench_embed.py --phone 240 [--phone-dir DIR] [--full-decode]
+    .venv/bin/python tests/benchmarks/bench_embed.py --ray local [--repeat N] [--no-bare]
 
 Default photos: every set under ../shared/data/faces. `--phone N` times N 12 MP
 phone-like JPEGs made from the shared photos instead (phone_photos.py; kept in
 --phone-dir to be reused). The bare loop is what a user would write first: one
 FaceAnalysis (default threads), `app.get(cv2.imread(f))` over the same files.
 embed runs into a fresh temp cache each time (hashing, decoding, phash, blur
-and the journal included); `--full-decode` also times `embed --full-decode`.
+and the journal included); `--full-decode` also times `embed --full-decode`;
+`--ray ADDRESS` also times `embed --ray ADDRESS` beside the local pool, with as
+many actors as the pool has workers (starting a local instance is included,
+and also given apart: the seconds until the first file is recorded).
 Then the CPU seconds of each stage per photo, as embed recorded them (the
 workers' stages in their own threads, this process's scan, sha256 and journal).
 Not collected by pytest.
@@ -36,9 +40,25 @@ def timed_bare_loop(pack_dir, files):
 
 
 def timed_embed(src: Path, cache: Path, **options):
-    started = time.perf_counter()
-    summary = sort_faces.embed(src, cache, model="buffalo_s", quiet=True, **options)
-    return time.perf_counter() - started, summary
+    """(seconds, summary); summary["after_first_seconds"]: the seconds from the
+    first result to the end (pool or cluster start and model load left out)."""
+    first = []
+    on_result = sort_faces.EmbedRun.on_result
+
+    def timed_on_result(run, batch, results):
+        if not first:
+            first.append(time.perf_counter())
+        return on_result(run, batch, results)
+
+    sort_faces.EmbedRun.on_result = timed_on_result
+    try:
+        started = time.perf_counter()
+        summary = sort_faces.embed(src, cache, model="buffalo_s", quiet=True, **options)
+        ended = time.perf_counter()
+    finally:
+        sort_faces.EmbedRun.on_result = on_result
+    summary["after_first_seconds"] = ended - first[0] if first else float("nan")
+    return ended - started, summary
 
 
 def main():
@@ -50,6 +70,7 @@ def main():
     parser.add_argument("--phone-dir", help="keep the phone photos here (made once, reused)")
     parser.add_argument("--full-decode", action="store_true", help="also time embed --full-decode")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare loop")
+    parser.add_argument("--ray", metavar="ADDRESS", help="also time embed --ray ADDRESS")
     args = parser.parse_args()
     import logging
     logging.disable(logging.WARNING)
@@ -81,12 +102,19 @@ def main():
         runs = [("sort_faces embed", {})]
         if args.full_decode:
             runs.append(("embed --full-decode", {"full_decode": True}))
+        if args.ray:
+            workers = sort_faces.worker_setup(None, None)[1]
+            runs = [("sort_faces embed", {"workers": workers}),
+                    (f"embed --ray {args.ray}", {"ray": args.ray, "workers": workers})]
         for index, (label, options) in enumerate(runs):
             seconds, summary = timed_embed(Path(tmp) / "src", Path(tmp) / f"cache{index}.npz",
                                            **options)
             ratio = f"  {bare_seconds / seconds:.2f}x the bare loop" if bare_seconds else ""
             print(f"{label:24}: {seconds:6.1f} s  {n / seconds:6.1f} img/s  {summary['faces']} "
                   f"faces (pool start and model load included){ratio}")
+            if args.ray:
+                print(f"    after the first file: {summary['after_first_seconds']:6.1f} s  "
+                      f"{(n - 1) / summary['after_first_seconds']:6.1f} img/s")
             stages = summary["stage_seconds"]
             print("    CPU ms per photo: " + ", ".join(
                 f"{stage} {value * 1000 / n:.1f}" for stage, value in stages.items()))

@@ -4,7 +4,7 @@
 One file, one subcommand function each, over shared helpers:
 
     embed        scan a tree, detect + embed every face of its photos and videos into a
-                 resumable .npz cache
+                 resumable .npz cache (the model on a Ray cluster with --ray)
     cluster      raw identity clusters: person_NNN/, _singletons/, _noface/
     refine       quality-gated per-person facesets: faceset_NNN/
     dedup        byte-identical and visual near-duplicate report
@@ -24,6 +24,8 @@ then one section per subcommand, then the command line.
                          at the reductions a step needs (libjpeg's DCT scaling)
     VIDEO                frames sampled by presentation time with PyAV, one cache row a frame
     MODEL                InsightFace packs, providers, the crash-proof worker pool
+    RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
+                         through the object store, replaced when lost
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
@@ -94,6 +96,7 @@ __all__ = [
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
     "offline_pack_dir", "run_model_step", "in_batches", "embed_task", "embed_photo",
+    "check_ray_address", "RayPool",
     "too_small_for_faces", "photo_hashes",
     # videos
     "FrameLocation", "output_name", "frame_key", "segment_targets", "video_samples",

@@ -2347,6 +2347,65 @@ def ray_shipped(task) -> tuple:
     return task, sorted({library.__file__, module.__file__})
 
 
+def grpc_problem(address: str) -> str:
+    """'' if HOST:PORT answers as a gRPC server does (a Ray head's GCS, or Ray
+    Client), else why not: HTTP/2's connection preface must get the server's
+    SETTINGS frame back within RAY_CONNECT_S."""
+    host, port = address.removeprefix("ray://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_S) as conn:
+            conn.settimeout(RAY_CONNECT_S)
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            head = conn.recv(9)
+    except socket.timeout:
+        return f"nothing answered within {RAY_CONNECT_S} s"
+    except (OSError, ValueError) as error:
+        return str(getattr(error, "strerror", None) or error)
+    if len(head) < 4 or head[3] != 4:  # an HTTP/2 frame of type SETTINGS
+        return "what listens there is not a Ray cluster (no gRPC answer)"
+    return ""
+
+
+@contextlib.contextmanager
+def stderr_captured(sink: list):
+    """What this process writes to its standard error (file descriptor 2, so
+    a library's C++ lines too) meanwhile, appended to `sink` instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            sink.append(held.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def kept_signal_handlers():
+    """This process's handlers of Ctrl-C, SIGTERM and SIGHUP as they were,
+    after code that installs its own (ray.init does: its SIGTERM handler
+    would end the run without saving); SIGTERM and SIGHUP wait meanwhile."""
+    signals = (signal.SIGINT, *STOP_SIGNALS)
+    main = threading.current_thread() is threading.main_thread()
+    saved = {signum: signal.getsignal(signum) for signum in signals}
+    masked = main and hasattr(signal, "pthread_sigmask")
+    if masked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        if main:
+            for signum, handler in saved.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 @contextlib.contextmanager
 def ray_session(address: str, task):
     """Connected to the Ray cluster at `address` (check_ray_address; "local"
@@ -2356,19 +2415,20 @@ def ray_session(address: str, task):
     kind = "start a local Ray cluster" if address == "local" else \
         f"join the Ray cluster at {address}"
     if address not in ("auto", "local"):  # Ray itself would retry an address for minutes
-        host, port = address.removeprefix("ray://").rsplit(":", 1)
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_S).close()
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot {kind}: {getattr(error, 'strerror', None) or error}") \
-                from None
+        problem = grpc_problem(address)
+        if problem:
+            raise UserError(f"cannot {kind}: {problem}")
+    said: list[str] = []  # Ray's own lines while it starts (its C++ core writes to fd 2)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # Ray's notes on starting up
+        with kept_signal_handlers(), stderr_captured(said):
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR, configure_logging=False,
                      runtime_env={"py_modules": ray_shipped(task)[1]})
     except (ConnectionError, RuntimeError, ValueError, OSError) as error:
-        raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}") from None
+        hint = "; the cluster asks for its token: give this process RAY_AUTH_MODE=token (and " \
+            "RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
+            if "InvalidAuthToken" in "".join(said) else ""
+        raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") from None
     try:
         yield ray
     finally:
@@ -2444,13 +2504,9 @@ class RayModelWorker:
 
 
 def file_payload(path: str):
-    """A photo's bytes for an actor, or the reason they cannot be read."""
-    try:
-        return read_photo(path)
-    except UnreadableImage as error:
-        return str(error)
-    except OSError as error:
-        return f"cannot read ({error.strerror or error})"
+    """A photo's bytes for an actor, or the reason they cannot be read (the
+    reason the local pool's workers give)."""
+    return decode_or_reason(read_photo, path)
 
 
 class RayPool:

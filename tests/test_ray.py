@@ -74,6 +74,29 @@ def test_an_address_that_does_not_answer_is_one_line(tmp_path):
     assert not (tmp_path / "c.npz").exists()
 
 
+@pytest.mark.fast
+def test_an_address_where_no_ray_cluster_answers_is_one_line(monkeypatch):
+    """An HTTP server, or a listener that says nothing, is refused at once
+    (Ray itself would retry such an address for many minutes)."""
+    import socket
+
+    monkeypatch.setattr(sort_faces, "RAY_CONNECT_S", 1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+
+        def answer_http():
+            conn, _ = server.accept()
+            conn.recv(100)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+
+        threading.Thread(target=answer_http, daemon=True).start()
+        assert "not a Ray cluster" in sort_faces.grpc_problem(f"127.0.0.1:{port}")
+        assert "nothing answered within 1 s" == sort_faces.grpc_problem(f"127.0.0.1:{port}")
+
+
 class socket_closed_port:
     """A local TCP port nothing listens on."""
 
@@ -204,3 +227,30 @@ def test_a_file_that_crashes_an_actor_is_retried_once_then_recorded(tmp_path, mo
     loaded = sort_faces.load_cache(cache)
     row = list(loaded["files"]).index(str(src / f"CRASH_{crasher.name}"))
     assert loaded["file_status"][row] == "unreadable" and "two runs" in loaded["file_reason"][row]
+
+
+def test_sigterm_in_a_ray_run_saves_the_work_and_leaves_nothing_running(tmp_path):
+    """Ray installs its own SIGTERM handler, which would end the run without
+    saving: embed keeps its own (a stop saves what is done, exit 130)."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "lfw10", src)
+    cache = tmp_path / "c.npz"
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
+               "--model", "buffalo_s", "--workers", "2", "--flush-every", "5", "--ray", "local"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    journal = sort_faces.journal_dir(cache)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=120)
+    assert process.returncode == sort_faces.EXIT_INTERRUPTED, err
+    assert err.strip().splitlines() == ["error: interrupted: the work done so far is saved; run "
+                                        "the same command to go on"]
+    saved = sort_faces.load_cache(cache)
+    assert 10 <= saved.n_files < len(list(src.rglob("*.jpg")))
+    assert not (tmp_path / "c.npz.lock").exists()
+    assert not ray_actor_processes()
+    summary = embed_quiet(src, cache, workers=2)  # the rest, by the local pool
+    assert summary["new"] == len(list(src.rglob("*.jpg"))) - saved.n_files

@@ -1,6 +1,8 @@
 """Issue 15 (part B): clustering many faces with candidate pairs from faiss's
 inverted lists instead of the all-pairs product. Pure functions, no model."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,34 @@ def test_bcubed_counts_sparsely_and_agrees_with_the_definition():
     assert np.allclose(sort_faces.bcubed(truth, pred), expected)
     big = np.arange(1_000_000)  # a million singletons each way: no dense table
     assert sort_faces.bcubed(big, big[::-1]) == (1.0, 1.0)
+
+
+def isolated_pairs(pairs: int, seed: int = 4) -> np.ndarray:
+    """Pairs of faces at cosine similarity about 0.55, each pair far from
+    every other face: what the lists miss most (two faces alone in a sparse
+    part of the space, their lists far apart)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((pairs, 256))  # unrelated faces: cosine 0 +- 0.06
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    z = rng.standard_normal((pairs, 256))
+    z -= (z * a).sum(axis=1, keepdims=True) * a  # at a right angle to a
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    b = a + 1.5 * z  # cosine 1 / sqrt(1 + 1.5**2) = 0.555 with a
+    X = np.concatenate([a, b / np.linalg.norm(b, axis=1, keepdims=True)])
+    return X.astype(np.float32)
+
+
+@pytest.mark.fast
+def test_faces_left_alone_are_compared_again_through_more_lists(monkeypatch):
+    X = isolated_pairs(1500)
+    exact, _ = sort_faces.agglomerative_labels(X, 0.55, method="exact")
+    assert exact.max() + 1 == 1500  # every pair is a cluster
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 2)  # a poor index, on purpose
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "rescue_nprobe", 2)  # and no rescue
+    poor, poor_info = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    assert poor.max() + 1 > 1600 and poor_info["candidate_recall"] < 0.9
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "rescue_nprobe", 10**6)  # every list
+    rescued, info = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    assert np.array_equal(rescued, exact) and info["candidate_recall"] == 1.0
+    assert re.search(r"; [1-9]\d* faces alone compared again through 46 lists with the 3000 "
+                     r"faces of components of at most 3$", info["method"])

@@ -2429,6 +2429,8 @@ def ray_session(address: str, task):
             "RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
             if "InvalidAuthToken" in "".join(said) else ""
         raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") from None
+    if "".join(said).strip():  # kept for the log
+        log.info("Ray, while starting: %s", " ".join("".join(said).split())[:2000])
     try:
         yield ray
     finally:

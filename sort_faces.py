@@ -1980,12 +1980,19 @@ def onnx_role(path: Path) -> str | None:
     return None
 
 
-def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
-    """What the cache records to tell one model from another."""
+def pack_roles(pack_dir: Path) -> dict:
+    """{role: the first ONNX file of the pack serving it} (onnx_role; a file
+    that cannot be read serves none), the file InsightFace loads for a task."""
     roles = {}
     for path in sorted(pack_dir.glob("*.onnx")):
         with contextlib.suppress(Exception):
             roles.setdefault(onnx_role(path), path)
+    return roles
+
+
+def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
+    """What the cache records to tell one model from another."""
+    roles = pack_roles(pack_dir)
     recognition = roles.get("recognition")
     if recognition is None or "detection" not in roles:
         raise UserError(f"model folder {pack_dir} lacks a detection or recognition ONNX file")
@@ -2003,13 +2010,18 @@ def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
     }
 
 
+def provider_names(requested: str) -> list[str]:
+    """The providers a --providers value names, in its order."""
+    return [p.strip() for p in requested.split(",") if p.strip()]
+
+
 def choose_providers(requested: str | None) -> list[str]:
     """--providers, or what onnxruntime offers in the order CUDA, CoreML, CPU."""
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
     if requested:
-        wanted = [p.strip() for p in requested.split(",") if p.strip()]
+        wanted = provider_names(requested)
         missing = [p for p in wanted if p not in available]
         if missing:
             raise UserError(f"onnxruntime here offers {available}, not {missing}")
@@ -2444,7 +2456,7 @@ def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[lis
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if providers:
-        provider_list = [p.strip() for p in providers.split(",") if p.strip()]
+        provider_list = provider_names(providers)
     else:
         provider_list = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpus \
             else ["CPUExecutionProvider"]
@@ -2455,16 +2467,10 @@ def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[lis
 
 
 def pack_files(pack_dir: Path, modules: list[str]) -> dict[str, bytes]:
-    """The bytes of a pack's ONNX files that serve `modules`, for actors on
-    nodes that do not have the pack."""
-    files = {}
-    for path in sorted(pack_dir.glob("*.onnx")):
-        role = None
-        with contextlib.suppress(Exception):
-            role = onnx_role(path)
-        if role in modules:
-            files[path.name] = path.read_bytes()
-    return files
+    """The bytes of the pack's ONNX files that serve `modules` (pack_roles),
+    for actors on nodes that do not have the pack."""
+    return {path.name: path.read_bytes() for role, path in pack_roles(pack_dir).items()
+            if role in modules}
 
 
 def node_pack(files: dict[str, bytes]) -> Path:
@@ -2505,12 +2511,6 @@ class RayModelWorker:
         return self.task(batch, data)
 
 
-def file_payload(path: str):
-    """A photo's bytes for an actor, or the reason they cannot be read (the
-    reason the local pool's workers give)."""
-    return decode_or_reason(read_photo, path)
-
-
 class RayPool:
     """ModelPool's contract (run, stop, shutdown; results in `on_result`) on
     Ray actors.
@@ -2535,9 +2535,9 @@ class RayPool:
         self.wait_ready(range(count))
 
     def wait_ready(self, indexes) -> None:
-        refs = {self.actors[i].ready.remote(): i for i in indexes}
+        refs = [self.actors[i].ready.remote() for i in indexes]
         try:
-            done, pending = self.ray.wait(list(refs), num_returns=len(refs),
+            done, pending = self.ray.wait(refs, num_returns=len(refs),
                                           timeout=RAY_ACTOR_START_S)
             problems = [self.ray.get(ref) for ref in done]
         except self.ray.exceptions.RayError as error:
@@ -2551,8 +2551,8 @@ class RayPool:
             raise PoolFailure(f"the Ray actors could not load the model: {problem}")
 
     def payload(self, batch: list[tuple]):
-        if len(batch[0]) != len(VIDEO_SEGMENT_ENTRY):
-            return [file_payload(entry[0]) for entry in batch]
+        if len(batch[0]) != len(VIDEO_SEGMENT_ENTRY):  # a photo's bytes, or the local
+            return [decode_or_reason(read_photo, entry[0]) for entry in batch]  # pool's reason
         path, sha = batch[0][0], batch[0][3]
         if self.video[0] != sha:  # segments of one video come together: one copy in the store
             self.video = (sha, None)
@@ -4549,9 +4549,9 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS):
     edges = _EdgeComponents(n)
     _agglo_ivf_edges(X, edges, everyone, probes, everyone, assign, nlist, sim_min, block_rows)
     comp, _ = edges.result()
-    sizes = np.bincount(comp)[comp]
-    alone = np.flatnonzero(sizes == 1)
-    small = np.flatnonzero(sizes <= params["rescue_component"])
+    component_size = np.bincount(comp)[comp]  # of each face's component
+    alone = np.flatnonzero(component_size == 1)
+    small = np.flatnonzero(component_size <= params["rescue_component"])
     rescue_probes = probes_of(alone, rescue_nprobe)
     _agglo_ivf_edges(X, edges, alone, rescue_probes, small, assign[small], nlist, sim_min,
                      block_rows)

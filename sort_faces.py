@@ -902,6 +902,10 @@ def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
         embeddings = arrays.get("embeddings")
         if embeddings is None or embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
             return "its embeddings are not an N x embedding-size array"
+        # a row sum is finite exactly when every value is (float32 sums cannot
+        # overflow float64); faiss refuses a NaN outright, a distance hides it
+        if not np.isfinite(embeddings.sum(axis=1, dtype=np.float64)).all():
+            return "its embeddings hold a value that is not a finite number"
         face_file = np.asarray(arrays["face_file"], dtype=np.int64)
         if face_file.min() < first["files"] or face_file.max() >= first["files"] + counts["files"]:
             return "faces point at file rows outside its file table"
@@ -5876,7 +5880,7 @@ def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
         "det_score": float(boxes[i, 4]),
         "face_short": float(face_short_edge(boxes_full[i] / photo.reference)[0]),
         "blur": blurs[i],
-    } for i in range(len(boxes))]
+    } for i in range(len(boxes)) if np.isfinite(norms[i])]  # (the cache refuses a NaN)
     return rows_from_records(records, FACE_COLUMNS, embedding_size)
 
 

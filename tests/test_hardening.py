@@ -752,3 +752,17 @@ def test_a_cache_with_a_damaged_meta_is_one_line_not_a_traceback(tmp_path, key, 
         np.savez(handle, **arrays)
     code, _out, err = run_cli("cluster", tmp_path / "c.npz", tmp_path / "out")
     one_line_error(code, err, "is damaged", f"meta.{key}")
+
+
+def test_a_cache_with_a_non_finite_embedding_is_one_line_not_a_traceback(celebs_cache, tmp_path):
+    """A NaN in the embeddings: the exact search would quietly leave that face
+    alone, and faiss (from 200,000 faces on) would end in a traceback."""
+    with np.load(celebs_cache, allow_pickle=False) as loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
+    arrays["embeddings"] = arrays["embeddings"].copy()
+    arrays["embeddings"][3, 7] = np.nan
+    with sort_faces.atomic_output(tmp_path / "c.npz") as handle:
+        np.savez(handle, **arrays)
+    code, _out, err = run_cli("cluster", tmp_path / "c.npz", tmp_path / "out")
+    one_line_error(code, err, "is damaged", "not a finite number")
+    assert not (tmp_path / "out").exists()

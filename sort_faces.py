@@ -99,8 +99,9 @@ __all__ = [
     "check_ray_address", "RayPool",
     "too_small_for_faces", "photo_hashes",
     # videos
-    "FrameLocation", "output_name", "frame_key", "segment_targets", "video_samples",
-    "probe_video", "read_video_frame",
+    "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
+    "plan_video_samples", "video_plan", "video_frames_at", "video_samples", "probe_video",
+    "read_video_frame",
     # pure functions over arrays
     "agglomerative_labels", "bcubed", "refine_partition", "quality_failures", "perceptual_hash",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
@@ -132,17 +133,18 @@ DEFAULT_VIDEO_EVERY = 1.0
 # Samples a worker decodes in one task: the unit of resume inside a long video
 # (a kill loses at most the segments in flight) and of sharing one among workers.
 VIDEO_SEGMENT_SAMPLES = 16
-# Seek (to the keyframe before the next sample) rather than decode forward when
-# the next sample lies more than this many seconds past the last frame decoded.
-VIDEO_SEEK_GAP_S = 3.0
 # A keyframe this close to a sample's time stands for it (it decodes alone, and a
-# phone's video has one every second or two); otherwise the sample is the frame
-# on screen at its time, decoded forward from the keyframe before.
+# phone's video has one every second or two) unless a sample shows it anyway;
+# otherwise the sample is the frame on screen at its time (plan_video_samples).
 VIDEO_KEYFRAME_TOLERANCE_S = 0.5
-# Within this many seconds before a sample every frame is decoded; before that,
-# frames no other frame refers to are skipped (the frame on screen at the sample
-# is decoded even in a variable frame rate that holds a frame this long).
-VIDEO_FULL_DECODE_S = 0.5
+# A video's frames are planned from its packets' timestamps (index_video): at
+# most this many frames a video (46 hours at 60 fps), stamped within this many
+# seconds of its start (the cache's file_time holds no later time).
+VIDEO_MAX_FRAMES = 10_000_000
+VIDEO_MAX_SECONDS = 1e9
+# A seek that lands past the frame it was for is tried again this many times,
+# from further back each time, then from the start (formats that seek inexactly).
+VIDEO_SEEK_TRIES = 6
 # A frame in an output folder is a JPEG still of this quality.
 STILL_JPEG_QUALITY = 95
 
@@ -896,7 +898,7 @@ def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
         return "its file_video column holds something that is not a video's sha256"
     if "file_time" in arrays and len(arrays["file_time"]) and not (
             np.isfinite(arrays["file_time"]).all() and 0 <= np.min(arrays["file_time"])
-            and np.max(arrays["file_time"]) < 1e9):
+            and np.max(arrays["file_time"]) < VIDEO_MAX_SECONDS):
         return "its file_time column holds a time that is not a number of seconds"
     if counts["faces"]:
         embeddings = arrays.get("embeddings")
@@ -1610,14 +1612,6 @@ def frame_key(video_sha: str, target: float) -> str:
     return hashlib.sha256(f"{video_sha}#t={target:.3f}".encode()).hexdigest()
 
 
-def segment_targets(segment: int, every: float, duration: float | None) -> list[float]:
-    """The sample times (seconds from the video's start) of one segment: the
-    unit a worker decodes and the run records at once."""
-    first = segment * VIDEO_SEGMENT_SAMPLES
-    targets = [round((first + i) * every, 3) for i in range(VIDEO_SEGMENT_SAMPLES)]
-    return [t for t in targets if duration is None or t < duration]
-
-
 def mp4_index_missing(path: str) -> bool:
     """Is this an MP4/MOV file (an ftyp box first) whose top-level boxes hold
     no index (moov): a recording cut off before its index was written?"""
@@ -1682,141 +1676,283 @@ def open_video(path: str, data: bytes | None = None):
         container.close()
 
 
+def _header_probe(container, stream) -> dict:
+    duration = None
+    if stream.duration is not None and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000
+    codec = stream.codec_context
+    return {"duration": duration if duration and duration > 0 else None,
+            "width": int(codec.width or 0), "height": int(codec.height or 0),
+            "codec": codec.name}
+
+
 def probe_video(path: str) -> dict:
     """Duration (seconds, None when the file does not say), size and codec of
-    a video, from its header (the parent reads this much to plan segments)."""
+    a video, from its header alone (a header can lie: index_video reads the
+    frames' own timestamps)."""
     with open_video(path) as (container, stream):
-        duration = None
-        if stream.duration is not None and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / 1_000_000
-        codec = stream.codec_context
-        return {"duration": duration if duration and duration > 0 else None,
-                "width": int(codec.width or 0), "height": int(codec.height or 0),
-                "codec": codec.name}
+        return _header_probe(container, stream)
 
 
-def _decoded_frames(container, stream, damage: list, wanted_from: list):
-    """Every frame of the stream from where the container stands, a packet
-    that will not decode skipped (noted in `damage`) rather than the rest.
-    Frames no other frame refers to are not decoded while they lie before
-    wanted_from[0] (seconds of stream time): nothing will show them, and
-    that saves about 40% of decoding H.264 with B-frames."""
-    import av
-
-    codec, base = stream.codec_context, stream.time_base
+def _origin_pts(container, stream) -> int:
+    """The presentation timestamp a video's times count from: the stream's
+    start, or where it does not say, its first packet's (so a recording that
+    starts at 10^6 s starts at 0 s). The container is left at its start."""
+    if stream.start_time is not None:
+        return int(stream.start_time)
     for packet in container.demux(stream):
         if packet.pts is not None:
-            codec.skip_frame = "NONREF" if packet.pts * base < wanted_from[0] else "DEFAULT"
+            container.seek(packet.pts, stream=stream, backward=True)
+            return int(packet.pts)
+    return 0
+
+
+class VideoIndex:
+    """The frames of a video's first stream, read from its packets (nothing is
+    decoded): each frame's presentation timestamp (`pts`, in the stream's time
+    base) and time in seconds from the video's start, in presentation order,
+    which are keyframes, the pts of the keyframe each is decoded from, how
+    long one frame is shown (`hold`) and the stream time of time 0
+    (`start`, seconds); with the header's `probe` (probe_video) and
+    `problem`: why frames were left out ('' when none were)."""
+
+    __slots__ = ("pts", "times", "keyframes", "key_pts", "hold", "start", "probe", "problem")
+
+    def __init__(self, pts, times, keyframes, hold: float, probe: dict, problem: str = "",
+                 start: float = 0.0):
+        self.start = float(start)
+        self.pts = np.asarray(pts, np.int64)
+        self.times = np.asarray(times, np.float64)
+        self.keyframes = np.asarray(keyframes, bool)
+        self.hold, self.probe, self.problem = float(hold), probe, problem
+        # a frame's keyframe: the last one at or before it (the first frame's own
+        # packet where the stream opens on a frame that is not one)
+        last_key = np.maximum.accumulate(np.where(self.keyframes, np.arange(len(self.pts)), 0)) \
+            if len(self.pts) else np.zeros(0, np.int64)
+        self.key_pts = self.pts[last_key] if len(self.pts) else self.pts
+
+
+def index_video(path: str, data: bytes | None = None) -> VideoIndex:
+    """The frames of a video as its packets give them (VideoIndex). Frames
+    without a timestamp, shown before the start or beyond VIDEO_MAX_SECONDS,
+    or past VIDEO_MAX_FRAMES, are left out; a packet repeating another's
+    timestamp is one frame. Raises UnreadableImage when the file cannot be
+    opened. `data`: the file's bytes (open_video)."""
+    import av
+    from array import array
+
+    with open_video(path, data) as (container, stream):
+        probe = _header_probe(container, stream)
+        origin, base = _origin_pts(container, stream), float(stream.time_base)
+        pts, keys, problems = array("q"), array("b"), []
         try:
-            yield from packet.decode()
+            for packet in container.demux(stream):
+                if packet.pts is None or not packet.size:
+                    continue
+                if len(pts) == VIDEO_MAX_FRAMES:
+                    problems.append(f"more than {VIDEO_MAX_FRAMES:,} frames: the rest are "
+                                    "left out")
+                    break
+                pts.append(packet.pts)
+                keys.append(packet.is_keyframe)
+        except av.error.FFmpegError as error:  # keep the frames before the damage
+            problems.append("its frames stop where the file cannot be read ({})".format(
+                " ".join(str(error).split())))
+        order = np.unique(np.asarray(pts, np.int64), return_index=True)[1]
+        stamps = np.asarray(pts, np.int64)[order]
+        times = (stamps - origin).astype(np.float64) * base
+        shown = times >= 0
+        if (times >= VIDEO_MAX_SECONDS).any():
+            problems.append(f"frames stamped beyond {VIDEO_MAX_SECONDS:.0e} s are left out")
+            shown &= times < VIDEO_MAX_SECONDS
+        rate = float(stream.average_rate or 0)
+        return VideoIndex(stamps[shown], times[shown], np.asarray(keys, bool)[order][shown],
+                          1.0 / rate if rate > 0 else 1.0 / 30, probe, "; ".join(problems),
+                          origin * base)
+
+
+def plan_video_samples(times: np.ndarray, keyframes: np.ndarray, hold: float, every: float,
+                       tolerance: float = VIDEO_KEYFRAME_TOLERANCE_S
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, frames): the sample times every `every` seconds that get a
+    frame, and the index of the frame each gets, planned over the frames
+    (`times` ascending, each shown until the next, the last for `hold`), so
+    the work is bounded by the frame count whatever the duration says.
+
+    A target gets the frame on screen at it (the first frame also stands for
+    the time before it), unless that frame was another target's: then it
+    gets nothing, so every frame is taken once. A target whose frame is not a
+    keyframe takes instead the nearest keyframe within `tolerance` seconds
+    that no target has (it decodes alone).
+    """
+    times, keyframes = np.asarray(times, np.float64), np.asarray(keyframes, bool)
+    if not len(times):
+        return np.zeros(0), np.zeros(0, np.int64)
+    starts = times.copy()
+    starts[0] = min(starts[0], 0.0)
+    ends = np.append(times[1:], times[-1] + hold)
+    targets = np.round(np.ceil((starts - 1e-6) / every) * every, 3) + 0.0  # (no -0.0)
+    on_screen = np.flatnonzero(targets + 1e-6 < ends)  # its first target falls in its time
+    frames = on_screen.copy()
+    free = keyframes.copy()
+    free[on_screen] = False  # a keyframe on screen at a target is that target's
+    keys = np.flatnonzero(keyframes)
+    if tolerance > 0 and len(keys):
+        key_times = times[keys]
+        for slot, frame in enumerate(on_screen):
+            if keyframes[frame]:
+                continue
+            target = targets[frame]
+            near = keys[np.searchsorted(key_times, target - tolerance - 1e-9):
+                        np.searchsorted(key_times, target + tolerance + 1e-9, side="right")]
+            near = near[free[near]]
+            if len(near):
+                chosen = near[np.argmin(np.abs(times[near] - target))]
+                free[chosen], frames[slot] = False, chosen
+    return targets[on_screen], frames
+
+
+def video_plan(index: VideoIndex, every: float,
+               tolerance: float = VIDEO_KEYFRAME_TOLERANCE_S) -> list[tuple]:
+    """The samples of a video (plan_video_samples) as (target, pts, keyframe
+    pts, time) tuples: what a worker needs to decode exactly those frames."""
+    targets, frames = plan_video_samples(index.times, index.keyframes, index.hold, every,
+                                         tolerance)
+    return [(float(t), int(index.pts[f]), int(index.key_pts[f]), float(index.times[f]))
+            for t, f in zip(targets, frames)]
+
+
+def _decoded_frames(container, stream, damage: list, wanted: set):
+    """Every frame of the stream from where the container stands, a packet
+    that will not decode skipped (noted in `damage`, cleared at a keyframe)
+    rather than the rest. Frames no other frame refers to are decoded only
+    when their pts is `wanted` (nothing else will show them: about 40% of
+    decoding H.264 with B-frames)."""
+    import av
+
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+        try:
+            for frame in packet.decode():
+                if frame.key_frame:
+                    damage.clear()
+                yield frame
         except av.error.FFmpegError as error:
             damage.append(" ".join(str(error).split()))
 
 
-def video_samples(path: str, targets: list[float], seek_gap: float | None = None,
-                  keyframe_tolerance: float | None = None, status: dict | None = None,
-                  data: bytes | None = None):
-    """(target, time, upright BGR frame, damage) for each sample time
-    (seconds from the video's first frame), found by presentation timestamps,
-    so a variable frame rate places it right: a keyframe within
-    `keyframe_tolerance` of the target, where one falls so (it decodes alone),
-    else the frame on screen at the target.
+def _frames_at(container, stream, wanted: list[tuple[int, int | None]], reopen):
+    """(pts, upright BGR frame or None, damage or why not) for each (pts,
+    keyframe pts) of `wanted`, in pts order: exactly the frame of that pts,
+    verified. It seeks where a keyframe lies between the last frame decoded
+    and the next wanted one (or that one lies behind), else decodes forward.
+    Where a seek lands past the frame (a format that cannot seek exactly), it
+    decodes from the start (`reopen()` gives the container and stream anew),
+    once. A frame larger than MAX_DECODE_PIXELS is refused before it is
+    converted, whatever the header said."""
+    damage, want = [], {pts for pts, _key in wanted}
+    state = {"frames": None, "pending": None, "last": None}
 
-    To reach a target it seeks (to the keyframe before target + tolerance,
-    then decodes forward) while keyframes keep landing near their targets or
-    the target lies more than `seek_gap` seconds past the last frame decoded;
-    else it decodes forward. Stops at the stream's end. `damage` is '' or what
-    the decoder could not decode since the last keyframe. A frame is given
-    once: a target finer than the frame rate whose frame the previous target
-    had gets none. `status["ended"]` (when given) is set when the stream ends
-    before the last target. Raises UnreadableImage when the file cannot be
-    opened. `data`: the file's bytes, read instead of `path` (open_video).
-    """
-    seek_gap = VIDEO_SEEK_GAP_S if seek_gap is None else seek_gap
-    status = {} if status is None else status
-    status["ended"] = False
-    tolerance = VIDEO_KEYFRAME_TOLERANCE_S if keyframe_tolerance is None else keyframe_tolerance
-    with open_video(path, data) as (container, stream):
-        base = stream.time_base
-        start = float(stream.start_time * base) if stream.start_time is not None else 0.0
-        hold = 1.0 / (float(stream.average_rate or 0) or 30.0)  # one frame's time
-        damage: list[str] = []
-        wanted_from = [0.0]
+    def restart(pts: int | None) -> None:
+        if pts is None:
+            state["container"], state["stream"] = reopen()
+        else:
+            state["container"].seek(pts, stream=state["stream"], backward=True)
+        state["frames"] = _decoded_frames(state["container"], state["stream"], damage, want)
+        state["pending"] = state["last"] = state["first"] = None
 
-        def pull():
-            """The next decoded frame as (time, frame, damage), or None at the end."""
-            for frame in frames:
-                if frame.time is not None:
-                    if frame.key_frame:
-                        damage.clear()
-                    return float(frame.time) - start, frame, "; ".join(damage)
-            return None
+    def find(pts: int):
+        """The frame of `pts`, or None where the stream passes it or ends."""
+        while True:
+            frame, state["pending"] = state["pending"], None
+            frame = frame if frame is not None else next(state["frames"], None)
+            if frame is None:
+                return None
+            if frame.pts is None:
+                continue
+            state["last"] = frame.pts
+            if state["first"] is None:
+                state["first"] = frame.pts
+            if frame.pts >= pts:
+                if frame.pts > pts:
+                    state["pending"] = frame
+                return frame if frame.pts == pts else None
 
-        frames = current = upcoming = None  # (time, frame, damage) at or before / after a target
-        keyframes_near = tolerance > 0  # until a seek lands far from its target
-        taken = None  # the time of the last frame given
-        for target in targets:
-            wanted_from[0] = start + target - VIDEO_FULL_DECODE_S
-            last = upcoming or current
-            ahead = None if last is None else target - last[0]
-            if frames is None or ahead is None or ahead > seek_gap or \
-                    (keyframes_near and ahead > tolerance):
-                container.seek(max(0, int((start + target + tolerance) / base)), stream=stream,
-                               backward=True)
-                frames = _decoded_frames(container, stream, damage, wanted_from)
-                current, upcoming = None, pull()
-                if upcoming is None:
-                    status["ended"] = True
-                    return
-                if upcoming[1].key_frame and abs(upcoming[0] - target) <= tolerance and \
-                        upcoming[0] != taken:  # one keyframe stands for one target at most
-                    taken = upcoming[0]
-                    yield _sample(target, upcoming)
-                    continue
-                # keyframes far apart: seeking costs decoding from far back; go forward
-                keyframes_near = keyframes_near and target - upcoming[0] <= 2 * tolerance
-            if upcoming is not None and upcoming[0] <= target + 1e-6:
-                current, upcoming = upcoming, None
-            while upcoming is None:
-                item = pull()
-                if item is None:
-                    break
-                if item[0] <= target + 1e-6:
-                    current = item
-                else:
-                    upcoming = item
-            ended = upcoming is None
-            if current is not None and (not ended or target - current[0] <= hold):
-                chosen = current
-            elif current is None and not ended and upcoming[0] - target <= hold:
-                chosen = upcoming  # the first frame comes a little after
-            else:
-                chosen = None
-                if ended:
-                    status["ended"] = True
-                    return
-            if chosen is not None and chosen[0] != taken:
-                taken = chosen[0]
-                yield _sample(target, chosen)
+    state["container"], state["stream"] = container, stream
+    for pts, key_pts in sorted(wanted):
+        pending, last = state["pending"], state["last"]
+        seek = state["frames"] is None or (pending is not None and pending.pts > pts) or \
+            (pending is None and last is not None and last >= pts) or \
+            (key_pts is not None and last is not None and key_pts > last)
+        where = key_pts if key_pts is not None and key_pts <= pts else pts
+        for tries in range(VIDEO_SEEK_TRIES + 1 if seek else 0):
+            # a seek that lands past the frame (MPEG-TS seeks by byte position)
+            # is tried again from 1, 2, 4... seconds earlier, the last from the start
+            back = int((2 ** tries - 1) / float(state["stream"].time_base))
+            restart(None if tries == VIDEO_SEEK_TRIES else where - back)
+            frame = find(pts)
+            if frame is not None or (state["first"] is not None and state["first"] <= pts):
+                break
+        else:
+            frame = find(pts)
+        if frame is None:
+            yield pts, None, "; ".join(["no frame of that time decodes", *damage])
+        elif frame.width * frame.height > MAX_DECODE_PIXELS:
+            yield pts, None, f"a frame too large to decode ({frame.width}x{frame.height})"
+        else:
+            yield pts, _upright(frame), "; ".join(damage)
 
 
-def _sample(target: float, item) -> tuple:
-    time_s, frame, damage = item
+def _upright(frame) -> np.ndarray:
     bgr = frame.to_ndarray(format="bgr24")
     turns = int(round((frame.rotation or 0) / 90)) % 4
     if turns:  # the display matrix turns it counter-clockwise
         bgr = np.ascontiguousarray(np.rot90(bgr, turns))
-    return target, max(time_s, 0.0), bgr, damage
+    return bgr
+
+
+def video_frames_at(path: str, wanted: list[tuple[int, int | None]],
+                    data: bytes | None = None):
+    """(pts, upright BGR frame or None, damage or why not) for each (pts,
+    keyframe pts or None) of `wanted` (_frames_at). Raises UnreadableImage
+    when the file cannot be opened. `data`: the file's bytes (open_video)."""
+    with contextlib.ExitStack() as stack:
+        def reopen():
+            return stack.enter_context(open_video(path, data))
+
+        container, stream = reopen()
+        yield from _frames_at(container, stream, wanted, reopen)
+
+
+def video_samples(path: str, every: float, tolerance: float = VIDEO_KEYFRAME_TOLERANCE_S):
+    """(target, time, upright BGR frame, damage) for each sample of a video
+    (index_video, video_plan), as embed takes them: the library's way to read
+    a video's samples whole."""
+    plan = video_plan(index_video(path), every, tolerance)
+    by_pts = {pts: (target, time_s) for target, pts, _key, time_s in plan}
+    for pts, bgr, damage in video_frames_at(path, [(pts, key) for _t, pts, key, _s in plan]):
+        if bgr is not None:
+            yield (*by_pts[pts], bgr, damage)
 
 
 def read_video_frame(location: FrameLocation) -> np.ndarray:
-    """The upright BGR frame a FrameLocation names (UnreadableImage when its
-    video no longer gives it)."""
-    for _target, _time, bgr, _damage in video_samples(location.video, [location.time],
-                                                       seek_gap=0.0):
-        return bgr
+    """The upright BGR frame a FrameLocation names: the frame of exactly that
+    time, the one embed took (UnreadableImage when its video no longer gives
+    it)."""
+    with contextlib.ExitStack() as stack:
+        def reopen():
+            return stack.enter_context(open_video(location.video))
+
+        container, stream = reopen()
+        pts = _origin_pts(container, stream) + int(round(location.time / float(stream.time_base)))
+        for _pts, bgr, reason in _frames_at(container, stream, [(pts, None)], reopen):
+            if bgr is None:
+                raise UnreadableImage(f"no frame at {location.time:.3f} s ({reason})")
+            return bgr
     raise UnreadableImage(f"no frame at {location.time:.3f} s")
 
 
@@ -5929,42 +6065,48 @@ def embed_task(batch: list[tuple], data=None) -> list[dict]:
                     decode=lambda path: decode_or_reason(decode, path))
 
 
-# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)).
-VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "targets")
+# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)):
+# its samples are (target, pts, keyframe pts, time) tuples (video_plan).
+VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "samples")
 
 
 def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
-    """Worker side: decode one segment of a video's samples (video_samples)
-    and embed each frame as a photo. Returns {"status": "segment", "frames":
-    [one _embed_one result each, with its target and time], "ended": the
-    video ended (or stopped decoding) before the segment's last sample,
-    "reason": why it stopped early ('' for its end)}. `data`: the video's
-    bytes, read instead of its path (a Ray actor's task)."""
+    """Worker side: decode exactly the frames of one segment's samples
+    (video_frames_at) and embed each as a photo. Returns {"status":
+    "segment", "frames": [one _embed_one result each, with its target and
+    time], "reason": what could not be decoded ('' when all was)}. `data`:
+    the video's bytes, read instead of its path (a Ray actor's task)."""
     pool_canary()
-    path, targets = entry[0], entry[-1]
-    frames, seconds, reason, status = [], {}, "", {"ended": False}
+    path, samples = entry[0], entry[-1]
+    by_pts = {pts: (target, time_s) for target, pts, _key, time_s in samples}
+    frames, seconds, problems = [], {}, []
     try:
-        samples = iter(video_samples(path, list(targets), status=status, data=data))
+        decoded = iter(video_frames_at(path, [(pts, key) for _t, pts, key, _s in samples], data))
         while True:
             started = time.thread_time()
-            sample = next(samples, None)
-            if sample is None:
+            item = next(decoded, None)
+            if item is None:
                 break
-            target, time_s, bgr, damage = sample
+            pts, bgr, damage = item
+            target, time_s = by_pts[pts]
+            if bgr is None:
+                problems.append(f"at {time_s:.3f} s: {damage}")
+                continue
             photo = PhotoPixels.from_pixels(FrameLocation(path, time_s), bgr, damage)
+            del bgr
             photo.decode_seconds = time.thread_time() - started
             frame = _embed_one(None, photo)
             for stage, value in frame.pop("seconds").items():
                 seconds[stage] = seconds.get(stage, 0.0) + value
             frames.append(dict(frame, target=target, time=time_s))
     except UnreadableImage as error:
-        reason = str(error)
+        problems.append(str(error))
     except MemoryError:
-        reason = "ran out of memory on this video"
+        problems.append("ran out of memory on this video")
     except Exception as error:  # noqa: BLE001 - recorded against this video only
-        reason = f"decoding or the model failed: {type(error).__name__}: {error}".strip()
-    return {"status": "segment", "frames": frames, "reason": " ".join(reason.split()),
-            "ended": bool(status["ended"] or reason), "seconds": seconds}
+        problems.append(f"decoding or the model failed: {type(error).__name__}: {error}".strip())
+    return {"status": "segment", "frames": frames,
+            "reason": " ".join("; ".join(problems).split()), "seconds": seconds}
 
 
 def _embed_one(_entry, photo: PhotoPixels) -> dict:
@@ -6223,40 +6365,45 @@ class EmbedRun:
             yield batch
 
     def video_segments(self, path: str, size: int, mtime_ns: int, sha: str):
-        """One task a segment of a video's samples, those already in the cache
-        (a run killed inside it) left out; the video's row once all are in."""
+        """One task a segment of a video's samples, planned over its frames
+        (index_video, video_plan), those already in the cache (a run killed
+        inside it) left out; the video's row once all are in."""
         try:
-            probe = probe_video(path)
+            index = index_video(path)
         except UnreadableImage as error:
             self.pending_sha.discard(sha)
             self._add_file(path, size, mtime_ns, sha, {"status": "unreadable",
                                                         "reason": str(error)})
             self.bar.update(1)
             return
+        plan = video_plan(index, self.video_every)
+        problems = [index.problem] if index.problem else []
+        duration, short = index.probe["duration"], max(2 * self.video_every, 2.0)
+        # a file cut short, its header telling more (whether it counts its
+        # duration from time 0 or from the stream's start)
+        if plan and duration and index.times[-1] + max(index.start, 0.0) < duration - short:
+            problems.append(f"its frames stop at {index.times[-1]:.1f} s of the "
+                            f"{duration:.1f} s its header gives (cut short?)")
         state = self.videos[sha] = {"path": path, "size": size, "mtime_ns": mtime_ns,
-                                    "probe": probe, "issued": 0, "done": 0, "frames": 0,
-                                    "issuing": True, "ended": False, "problems": [],
-                                    "crashed": "", "last_time": -1.0}
-        for segment in itertools.count():
-            targets = segment_targets(segment, self.video_every, probe["duration"])
-            if not targets or state["ended"]:
-                break
-            known = [t for t in targets if frame_key(sha, t) in self.known_sha]
-            state["frames"] += len(known)
-            state["last_time"] = max([state["last_time"], *known])
-            if len(known) == len(targets):
+                                    "probe": index.probe, "issued": 0, "done": 0, "frames": 0,
+                                    "issuing": True, "problems": problems, "crashed": ""}
+        for segment, first in enumerate(range(0, len(plan), VIDEO_SEGMENT_SAMPLES)):
+            samples = plan[first:first + VIDEO_SEGMENT_SAMPLES]
+            known = sum(frame_key(sha, sample[0]) in self.known_sha for sample in samples)
+            state["frames"] += known
+            if known == len(samples):
                 continue  # recorded by a run that was stopped inside this video
             state["issued"] += 1
-            yield [(path, size, mtime_ns, sha, segment, tuple(targets))]
+            yield [(path, size, mtime_ns, sha, segment, tuple(samples))]
         state["issuing"] = False
         self._finish_video(sha)
 
     def on_segment(self, entry: tuple, result: dict) -> None:
-        path, size, mtime_ns, sha, segment, targets = entry
+        path, size, mtime_ns, sha, segment, samples = entry
         state = self.videos[sha]
         state["done"] += 1
         if result["status"] == "crashed":
-            state["crashed"] = f"the samples from {targets[0]:.3f} s: {result['reason']}"
+            state["crashed"] = f"the samples from {samples[0][3]:.3f} s: {result['reason']}"
         for frame in result.get("frames", []):
             key = frame_key(sha, frame["target"])
             if key in self.known_sha:
@@ -6264,11 +6411,9 @@ class EmbedRun:
             self._add_file(str(FrameLocation(path, frame["time"])), size, mtime_ns, key, frame,
                            video=(sha, frame["time"]))
             state["frames"] += 1
-            state["last_time"] = max(state["last_time"], frame["time"])
             self.summary["frames"] += 1
-        if result.get("reason"):
-            state["problems"].append(f"from {targets[0]:.3f} s: {result['reason']}")
-        state["ended"] = state["ended"] or bool(result.get("ended"))
+        if result.get("reason") and result["status"] != "crashed":
+            state["problems"].append(result["reason"])
         self.add_seconds(result.get("seconds", {}))
         self.bar.set_postfix(faces=self.summary["faces"], frames=self.summary["frames"],
                              refresh=True)
@@ -6295,10 +6440,6 @@ class EmbedRun:
             state["problems"].append(f"crashed on two runs: {state['crashed']}")
         self.suspects.pop(sha, None)
         probe = state["probe"]
-        short = max(2 * self.video_every, 2.0)  # a file cut short, its header telling the length
-        if state["frames"] and probe["duration"] and state["last_time"] < probe["duration"] - short:
-            state["problems"].append(f"its frames stop at {state['last_time']:.1f} s of the "
-                                     f"{probe['duration']:.1f} s its header gives (cut short?)")
         problems = "; ".join(state["problems"])
         if state["frames"]:
             result = {"status": "video", "damage": problems,

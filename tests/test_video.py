@@ -5,6 +5,7 @@ The fast tier decodes synthetic videos (made with PyAV from the shared photos
 in a temporary folder) without the model; the model tier embeds the shared
 real clip and synthetic videos of known people."""
 
+import collections
 import json
 import re
 import pickle
@@ -35,10 +36,11 @@ def write_frames(path: Path, frames, times, **kwargs) -> Path:
     import av
     from fractions import Fraction
 
+    codec = kwargs.get("codec", "libx264")
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(kwargs.get("codec", "libx264"), rate=1000)  # ms times
+        stream = container.add_stream(codec, rate=1000)  # ms times
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         stream.time_base = Fraction(1, 1000)
         if kwargs.get("gop"):
             stream.codec_context.gop_size = kwargs["gop"]
@@ -70,19 +72,14 @@ def test_a_frame_location_is_its_label_and_travels_to_workers():
     assert len({name, photo, tricky}) == 3
     assert sort_faces.frame_key("ab" * 32, 12.0) == sort_faces.frame_key("ab" * 32, 12.0004)
     assert sort_faces.frame_key("ab" * 32, 12.0) != sort_faces.frame_key("ab" * 32, 13.0)
-    assert sort_faces.segment_targets(0, 1.0, 9.2)[-1] == 9.0
-    assert sort_faces.segment_targets(1, 1.0, 9.2) == []
-    assert len(sort_faces.segment_targets(3, 0.5, None)) == sort_faces.VIDEO_SEGMENT_SAMPLES
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("seek_gap", [0.0, 1000.0])  # seek to every sample, or decode forward
-def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path, seek_gap):
+def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path):
     times = [0.0, 0.1, 0.15, 0.9, 1.05, 2.5, 2.6, 4.0, 4.2]
     path = write_frames(tmp_path / "vfr.mp4", solid_frames([20 * i for i in range(9)]), times)
     got = [(target, round(t, 2), int(round(bgr.mean() / 20)))
-           for target, t, bgr, _damage in sort_faces.video_samples(str(path), [0, 1, 2, 3, 4],
-                                                                   seek_gap, 0.0)]
+           for target, t, bgr, _damage in sort_faces.video_samples(str(path), 1.0, 0.0)]
     # the frame shown at each time: the last one whose time is not after it
     assert got == [(0, 0.0, 0), (1, 0.9, 3), (2, 1.05, 4), (3, 2.6, 6), (4, 4.0, 7)]
 
@@ -94,13 +91,12 @@ def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
     path = write_frames(tmp_path / "gop.mp4", solid_frames([5 * i for i in range(45)]),
                         [i / 10 for i in range(45)], gop=12)
     got = [(target, round(t, 2), bgr.mean())
-           for target, t, bgr, _damage in sort_faces.video_samples(str(path), [0, 1, 2, 3, 4],
-                                                                   keyframe_tolerance=0.5)]
+           for target, t, bgr, _damage in sort_faces.video_samples(str(path), 1.0, 0.5)]
     assert [(target, t) for target, t, _mean in got] == [(0, 0.0), (1, 1.2), (2, 2.4),
                                                          (3, 3.0), (4, 3.6)]
     assert all(abs(mean - 50 * t) < 5 for _target, t, mean in got)  # those frames' pixels
     on_screen = [round(t, 2) for _target, t, _bgr, _damage in
-                 sort_faces.video_samples(str(path), [0, 1, 2, 3, 4], keyframe_tolerance=0.0)]
+                 sort_faces.video_samples(str(path), 1.0, 0.0)]
     assert on_screen == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
@@ -108,13 +104,9 @@ def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
 def test_samples_finer_than_the_frame_rate_give_each_frame_once(tmp_path):
     path = write_frames(tmp_path / "slow.mp4", solid_frames([20 * i for i in range(8)]),
                         [i / 4 for i in range(8)])  # 4 frames a second, 2 s
-    status = {}
     got = [round(t, 2) for _target, t, _bgr, _damage in sort_faces.video_samples(
-        str(path), [i / 20 for i in range(60)], keyframe_tolerance=0.0, status=status)]
-    assert got == [i / 4 for i in range(8)] and status["ended"]
-    status = {}
-    assert len(list(sort_faces.video_samples(str(path), [0.0, 1.0], status=status))) == 2
-    assert not status["ended"]
+        str(path), 0.05, 0.0)]
+    assert got == [i / 4 for i in range(8)]
 
 
 @pytest.mark.fast
@@ -149,7 +141,7 @@ def test_rotation_metadata_and_ten_bit_hevc(tmp_path):
     hevc = videos.make_video(tmp_path / "ten_bit.mkv", [(photo, 1)], size=(320, 240),
                              codec="libx265", pix_fmt="yuv420p10le")
     for path in (turned, hevc):
-        (_target, _t, bgr, _damage), = sort_faces.video_samples(str(path), [0.5])
+        (_target, _t, bgr, _damage), = sort_faces.video_samples(str(path), 1.0)
         assert bgr.shape == upright.shape and bgr.dtype == np.uint8
         assert np.abs(bgr.astype(int) - upright).mean() < 12, path.name  # upright, same picture
     assert sort_faces.probe_video(str(hevc))["codec"] == "hevc"
@@ -171,7 +163,7 @@ def test_bad_videos_are_one_clear_reason(tmp_path):
                 "codec.mkv": "codec"}
     for name, said in expected.items():
         with pytest.raises(sort_faces.UnreadableImage, match=said):
-            list(sort_faces.video_samples(str(tmp_path / name), [0.0, 1.0]))
+            list(sort_faces.video_samples(str(tmp_path / name), 1.0))
 
 
 @pytest.mark.fast
@@ -180,13 +172,155 @@ def test_truncated_with_its_index_first_and_damaged_in_the_middle_keep_what_deco
     good = videos.make_video(tmp_path / "good.mp4", [(photo, 8)], size=(320, 240), gop=10,
                              faststart=True)
     targets = [float(t) for t in range(8)]
-    assert len(list(sort_faces.video_samples(str(good), targets))) == 8
+    assert len(list(sort_faces.video_samples(str(good), 1.0))) == 8
     cut = videos.truncate(good, tmp_path / "cut.mp4", keep=0.6)
-    kept = list(sort_faces.video_samples(str(cut), targets))
+    kept = list(sort_faces.video_samples(str(cut), 1.0))
     assert 1 <= len(kept) < 8 and [k[0] for k in kept] == targets[:len(kept)]
     damaged = videos.damage_middle(good, tmp_path / "damaged.mp4", at=0.5, length=3000)
-    after = list(sort_faces.video_samples(str(damaged), targets))
+    after = list(sort_faces.video_samples(str(damaged), 1.0))
     assert len(after) >= 6 and after[-1][0] == 7.0  # the frames past the damage decode too
+
+
+# --- issue 25: the frame embedded is the frame every step shows; a frame is
+# taken once, and a video's work is bounded by its frames ---------------------
+
+
+def every_frame(path: Path) -> dict:
+    """pts -> pixels of every frame of a video, decoded from its start."""
+    import av
+
+    with av.open(str(path)) as container:
+        return {frame.pts: frame.to_ndarray(format="bgr24")
+                for frame in container.decode(container.streams.video[0])}
+
+
+def two_people_clip(path: Path, codec: str = "libx264", gop: int | None = None,
+                    size=(320, 240)) -> Path:
+    """3 s at 10 fps: Madonna until 1.2 s, then Ben Affleck (a keyframe every
+    `gop` frames; every frame is one in MJPEG)."""
+    first, second = (videos.letterbox(videos.people_photos(who, 1)[0], *size)
+                     for who in ("madonna", "ben_affleck"))
+    return write_frames(path, [first] * 12 + [second] * 18, [i / 10 for i in range(30)],
+                        codec=codec, gop=gop)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name, codec, gop", [("mjpeg.mkv", "mjpeg", None),
+                                              ("short_gop.mp4", "libx264", 4)])
+@pytest.mark.parametrize("every", [1.0, 0.3])
+def test_a_still_is_exactly_the_frame_that_was_sampled(tmp_path, name, codec, gop, every):
+    """All-intra MJPEG and H.264 with a keyframe every 0.4 s: the frame a
+    later step reads for a sample's still is the sampled frame itself, not a
+    keyframe near it (which here shows the other person)."""
+    path = two_people_clip(tmp_path / name, codec, gop)
+    truth = every_frame(path)
+    index = sort_faces.index_video(str(path))
+    assert index.pts.tolist() == sorted(truth) and not index.problem
+    plan = sort_faces.video_plan(index, every)
+    assert len({pts for _t, pts, _k, _s in plan}) == len(plan) > 0
+    sampled = list(sort_faces.video_frames_at(str(path), [(pts, key) for _t, pts, key, _s in plan]))
+    assert [pts for pts, _bgr, _damage in sampled] == sorted(pts for _t, pts, _k, _s in plan)
+    for (_target, pts, _key, time_s), (_pts, bgr, _damage) in zip(sorted(plan, key=lambda x: x[1]),
+                                                                  sampled):
+        assert np.array_equal(bgr, truth[pts])
+        still = sort_faces.read_video_frame(sort_faces.FrameLocation(str(path), time_s))
+        assert np.array_equal(still, truth[pts]), (time_s, pts)
+
+
+@pytest.mark.fast
+def test_a_frame_is_taken_once_however_it_is_sampled(tmp_path):
+    """A 6-frame slideshow (a frame every 20 s), sampling finer than the frame
+    rate, and a frame stamped 10^9 s after the first: each frame at most once,
+    the work bounded by the frames, not by the duration the header gives."""
+    shades = solid_frames([30 * i for i in range(6)])
+    slides = write_frames(tmp_path / "slides.mp4", shades, [20.0 * i for i in range(6)])
+    got = [round(t) for _target, t, _bgr, _damage in sort_faces.video_samples(str(slides), 1.0)]
+    assert got == [0, 20, 40, 60, 80, 100]
+    clip = write_frames(tmp_path / "ten_fps.mp4", solid_frames([8 * i for i in range(30)]),
+                        [i / 10 for i in range(30)])
+    fine = [t for _target, t, _bgr, _damage in sort_faces.video_samples(str(clip), 0.04)]
+    assert len(fine) == len(set(fine)) == 30
+    far = write_frames(tmp_path / "far.mkv", shades[:2], [0.0, 1e9])
+    index = sort_faces.index_video(str(far))
+    assert index.probe["duration"] > 1e8  # the header believes it
+    plan = sort_faces.video_plan(index, 1.0)
+    assert [round(s[3]) for s in plan] == [0] and "beyond" in index.problem
+    between = write_frames(tmp_path / "gap.mkv", shades[:2], [0.0, 5e8])
+    assert [round(s[3]) for s in sort_faces.video_plan(sort_faces.index_video(str(between)),
+                                                       0.04)] == [0, 5e8]
+
+
+@pytest.mark.fast
+def test_a_video_that_starts_late_counts_from_its_first_frame(tmp_path):
+    late = write_frames(tmp_path / "late.mkv", solid_frames([40 * i for i in range(5)]),
+                        [1e6 + i for i in range(5)])
+    index = sort_faces.index_video(str(late))
+    assert index.times.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and not index.problem
+    frames = list(sort_faces.video_samples(str(late), 1.0))
+    assert [t for _target, t, _bgr, _damage in frames] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    still = sort_faces.read_video_frame(sort_faces.FrameLocation(str(late), 3.0))
+    assert abs(float(still.mean()) - 120) < 3
+
+
+@pytest.mark.fast
+def test_plan_video_samples_is_bounded_by_the_frames():
+    times = np.array([0.0, 0.5, 1e6, 1e6 + 0.04])
+    targets, frames = sort_faces.plan_video_samples(times, np.ones(4, bool), 0.04, 1.0)
+    assert frames.tolist() == [0, 1, 2] and targets.tolist() == [0.0, 1.0, 1e6]
+    many = np.arange(100_000) / 20  # 83 minutes at 20 fps, sampled every 0.04 s
+    targets, frames = sort_faces.plan_video_samples(many, np.zeros(len(many), bool), 1 / 20,
+                                                    0.04)
+    assert len(set(frames.tolist())) == len(frames) == len(many) and \
+        (np.diff(targets) > 0).all()
+
+
+def mjpeg_of_sizes(path: Path, sizes) -> Path:
+    """An MJPEG video whose header gives the first frame's size and whose
+    frames (one a second, each a JPEG of its own) have these sizes."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuvj420p"
+        stream.time_base = Fraction(1, 1000)
+        for i, (width, height) in enumerate(sizes):
+            _ok, jpeg = cv2.imencode(".jpg", np.full((height, width, 3), 128, np.uint8))
+            packet = av.Packet(jpeg.tobytes())
+            packet.stream, packet.time_base = stream, Fraction(1, 1000)
+            packet.pts = packet.dts = i * 1000
+            packet.is_keyframe = True
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.fast
+def test_a_frame_larger_than_its_header_is_refused_before_it_is_converted(tmp_path):
+    """The header says 64x64; frames 2 and 4 are 16000x12000 (192 MP): those
+    are refused with the reason, the others decode, and the process stays
+    within the memory of one decoded frame (converting one to BGR took 0.58 GB
+    more, and embedding it more still)."""
+    path = mjpeg_of_sizes(tmp_path / "grows.mkv", [(64, 64), (16000, 12000)] * 2)
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+import sort_faces
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+plan = sort_faces.video_plan(sort_faces.index_video({str(path)!r}), 1.0)
+for pts, bgr, why in sort_faces.video_frames_at({str(path)!r}, [(s[1], s[2]) for s in plan]):
+    print(pts, bgr is not None and bgr.shape, why)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print("grew", grew // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "0 (64, 64, 3) " and lines[2] == "2000 (64, 64, 3) "
+    for line in (lines[1], lines[3]):
+        assert line.endswith("False a frame too large to decode (16000x12000)"), line
+    assert int(lines[-1].split()[1]) < 550  # MB: one 16000x12000 frame in FFmpeg is 288
 
 
 # --- the model tier: real footage and synthetic videos of known people -----------
@@ -396,3 +530,88 @@ def test_people_by_time_span_join_their_photos_in_a_turned_video(tmp_path):
             assert span in files and other not in files, (name, sorted(files))
             placed += 1
     assert placed >= 6  # the 8 samples' faces, nearly all with their photo
+
+
+def embed_image(app, image_path: Path) -> np.ndarray:
+    """The embeddings of every face the model finds in an image file."""
+    photo = sort_faces.PhotoPixels(str(image_path))
+    return sort_faces.embed_photo(app, photo, 640, 512)["embeddings"]
+
+
+def test_every_still_in_every_output_is_the_face_that_was_embedded(tmp_path, pack_dir):
+    """Issue 25: clips whose face changes from Madonna to Ben Affleck between
+    two keyframes (MJPEG, all keyframes; H.264 with one every 0.4 s), beside
+    photos of both. Every frame's still in the cluster and refine outputs, and
+    every export crop from a frame, shows the face that was embedded for it
+    (cosine >= 0.99 with the cached embedding; the other person is ~0.1)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    size = (640, 480)
+    two_people_clip(src / "mjpeg.mkv", "mjpeg", size=size)
+    two_people_clip(src / "short_gop.mp4", "libx264", gop=4, size=size)
+    for who in ("madonna", "ben_affleck"):
+        for photo in videos.people_photos(who, 3):
+            shutil.copy2(photo, src / f"{who}_{photo.name}")
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(src, cache_path, video_every=0.3)
+    cache = sort_faces.load_cache(cache_path)
+    app = sort_faces.load_face_analysis(str(pack_dir), ["detection", "recognition"],
+                                        ["CPUExecutionProvider"], 640)
+    raw = sort_faces.cluster(cache_path, tmp_path / "raw", quiet=True)
+    refined = sort_faces.refine(cache_path, tmp_path / "refined", quiet=True,
+                                **dict(REFINE, min_faces=3))
+    sort_faces.enrich(cache_path, quiet=True)
+    export = sort_faces.export_swap(cache_path, tmp_path / "refined" / "refine_manifest.json",
+                                    tmp_path / "swap", quiet=True, **EXPORT)
+    checked = 0
+    for out, entries in ((tmp_path / "raw", raw["clusters"]),
+                         (tmp_path / "refined", refined["facesets"])):
+        for entry in entries:
+            for face in entry["faces"]:
+                if "#t=" not in face["file"]:
+                    continue
+                video, time_s = face["file"].rsplit("#t=", 1)
+                row = int(cache["face_file"][face["face"]])
+                location = sort_faces.FrameLocation(video, float(cache["file_time"][row]))
+                found = embed_image(app, out / entry["name"] / sort_faces.output_name(location))
+                best = float((found @ cache["embeddings"][face["face"]]).max())
+                assert best >= 0.99, (out.name, entry["name"], face["file"], best)
+                checked += 1
+    assert checked >= 2 * 10  # both clips' samples, in both outputs
+    crops = 0
+    for entry in export["facesets"]:
+        for crop in entry["crops"]:
+            if "#t=" in crop["source"]:
+                found = embed_image(app, tmp_path / "swap" / entry["name"] / crop["png"])
+                assert float((found @ cache["embeddings"][crop["face"]]).max()) >= 0.9, crop
+                crops += 1
+    assert crops
+
+
+def test_a_slideshow_and_a_far_frame_are_each_frame_once_and_the_run_ends(tmp_path):
+    """Issue 25: a 6-frame slideshow (a frame every 20 s) gives 6 rows, a
+    frame stamped 10^9 s after the first grows nothing without end, a video
+    that starts at 10^6 s is not damaged for it, and 0.04 s sampling of a
+    10 fps clip gives one row a frame."""
+    photos = videos.people_photos("madonna", 3) + videos.people_photos("elton_john", 3)
+    shots = [videos.letterbox(p, 320, 240) for p in photos]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_frames(src / "slides.mp4", shots, [20.0 * i for i in range(6)])
+    write_frames(src / "far.mkv", shots[:2], [0.0, 1e9])
+    write_frames(src / "late.mkv", shots, [1e6 + i for i in range(6)])
+    cache_path = tmp_path / "c.npz"
+    summary = embed_quiet(src, cache_path)
+    cache = sort_faces.load_cache(cache_path)
+    rows = collections.Counter(Path(f.rsplit("#t=", 1)[0]).name
+                               for f in cache["files"] if "#t=" in f)
+    assert rows == {"slides.mp4": 6, "far.mkv": 1, "late.mkv": 6}
+    damage = dict(zip([Path(f).name for f in cache["files"]], cache["file_damage"]))
+    assert not damage["slides.mp4"] and not damage["late.mkv"] and "beyond" in damage["far.mkv"]
+    assert summary["frames"] == 13
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    write_frames(fine / "ten_fps.mp4", [shots[i // 5] for i in range(30)],
+                 [i / 10 for i in range(30)])
+    summary = embed_quiet(fine, tmp_path / "fine.npz", video_every=0.04)
+    assert summary["frames"] == 30

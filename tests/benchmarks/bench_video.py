@@ -5,18 +5,17 @@ decoding and the model; and the decoding strategies compared alone.
 
     .venv/bin/python tests/benchmarks/bench_video.py [--seconds 120] [--gop 250]
         [--every 1.0] [--size 1280x720] [--keep DIR] [--no-embed]
-        [--strategy all|seek|forward|default] [--full-decode-window S]
+        [--strategy all|default|on-screen]
 
 1. Makes a video of --seconds at 30 fps (each shared photo of five_celebs and
    lfw10 shown for 3 s, slowly zooming in, so that every frame differs as in
    real footage; libx264's default keyframe interval, 250 frames, unless
    --gop), or reuses the one in --keep.
-2. Decodes the samples alone (no model), four ways: seeking to every sample
-   (the keyframe before it, then forward to the frame on screen), decoding
-   forward through every frame, seeking to every sample and taking a keyframe
-   within VIDEO_KEYFRAME_TOLERANCE_S when one is there, and the default (that,
-   while keyframes keep landing near; else seek only past VIDEO_SEEK_GAP_S).
-   Prints samples per second for each.
+2. Indexes the video (every packet's timestamp, nothing decoded: what the
+   parent plans a video's samples from) and decodes the planned samples alone
+   (no model), two ways: the default plan (a keyframe within
+   VIDEO_KEYFRAME_TOLERANCE_S of a sample stands for it) and the frame on
+   screen at every sample. Prints samples per second for each.
 3. Embeds the video into a new cache with the default workers (`embed`, the
    same pool as photos) and prints the wall time, video seconds per wall
    second, and the workers' CPU seconds by stage (decode vs the model).
@@ -56,21 +55,24 @@ def make(path: Path, seconds: float, gop: int | None, size) -> Path:
     return path
 
 
-STRATEGIES = {  # name: (what it does, seek_gap, keyframe_tolerance)
-    "seek": ("seek to every sample, the frame on screen", 0.0, 0.0),
-    "forward": ("decode forward through every frame", 1e9, 0.0),
-    "keyframes": (f"seek to every sample, a keyframe within "
-                  f"{sort_faces.VIDEO_KEYFRAME_TOLERANCE_S:g} s when one is", 0.0, None),
-    "default": (f"default (keyframes while they land near, else seek past "
-                f"{sort_faces.VIDEO_SEEK_GAP_S:g} s)", None, None)}
+STRATEGIES = {  # name: (what it does, keyframe_tolerance)
+    "default": (f"default (a keyframe within {sort_faces.VIDEO_KEYFRAME_TOLERANCE_S:g} s stands "
+                "for a sample)", sort_faces.VIDEO_KEYFRAME_TOLERANCE_S),
+    "on-screen": ("the frame on screen at every sample", 0.0)}
 
 
 def decode_only(path: Path, every: float, strategies) -> None:
-    duration = sort_faces.probe_video(str(path))["duration"]
-    targets = [round(i * every, 3) for i in range(int(duration / every))]
-    for name, gap, tolerance in (STRATEGIES[s] for s in strategies):
+    started = time.perf_counter()
+    index = sort_faces.index_video(str(path))
+    wall = time.perf_counter() - started
+    duration = float(index.times[-1])
+    print(f"index: {len(index.pts)} frames ({int(index.keyframes.sum())} keyframes) in "
+          f"{wall:.2f} s")
+    for name, tolerance in (STRATEGIES[s] for s in strategies):
         started = time.perf_counter()
-        count = sum(1 for _ in sort_faces.video_samples(str(path), targets, gap, tolerance))
+        plan = sort_faces.video_plan(index, every, tolerance)
+        count = sum(bgr is not None for _pts, bgr, _damage in sort_faces.video_frames_at(
+            str(path), [(pts, key) for _t, pts, key, _s in plan]))
         wall = time.perf_counter() - started
         print(f"decode only, {name}: {count} samples in {wall:.1f} s = {count / wall:.1f} "
               f"samples/s = {duration / wall:.1f}x real time on one core")
@@ -108,9 +110,6 @@ def main():
     parser.add_argument("--no-embed", action="store_true")
     parser.add_argument("--strategy", choices=["all", *STRATEGIES], default="all",
                         help="the decoding strategies to time alone")
-    parser.add_argument("--full-decode-window", type=float, default=None,
-                        help="seconds before a sample in which every frame is decoded "
-                             "(VIDEO_FULL_DECODE_S; a huge value decodes every frame)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     import logging
@@ -121,8 +120,6 @@ def main():
         path = folder / f"zoom_{int(args.seconds)}s_{size[1]}p_gop{args.gop or 250}.mp4"
         if not path.exists():
             make(path, args.seconds, args.gop, size)
-        if args.full_decode_window is not None:
-            sort_faces.VIDEO_FULL_DECODE_S = args.full_decode_window
         decode_only(path, args.every, list(STRATEGIES) if args.strategy == "all"
                     else [args.strategy])
         if not args.no_embed:

@@ -22,7 +22,8 @@ then one section per subcommand, then the command line.
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
-    VIDEO                frames sampled by presentation time with PyAV, one cache row a frame
+    VIDEO                frames planned from a video's timestamps and decoded exactly with
+                         PyAV, one cache row a frame
     MODEL                InsightFace packs, providers, the crash-proof worker pool
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
                          through the object store, replaced when lost
@@ -761,6 +762,13 @@ class FaceCache:
         for key, value in rows.items():
             self._chunks.setdefault(key, []).append(np.asarray(value))
 
+    def replace(self, key: str, value: np.ndarray) -> None:
+        """A whole column anew (a table's or an extra one)."""
+        if key in self._chunks:
+            self._chunks[key] = [np.asarray(value)]
+        else:
+            self.extra[key] = np.asarray(value)
+
     @property
     def n_files(self) -> int:
         return sum(len(c) for c in self._chunks.get("files", []))
@@ -811,6 +819,13 @@ def journal_dir(cache_path: Path) -> Path:
 # chunk is applied only if it is the next in sequence, whole, and starts where
 # the cache ends, so a lost or damaged chunk can never shift the rows after it.
 JOURNAL_VERSION = 2
+# Every coordinate a cache stores (boxes, key points, landmarks, face_short) is
+# in the oriented photo at full resolution. A cache (or journal chunk) whose meta
+# lacks this mark was written before 0.6, which kept a photo above
+# MAX_DECODE_PIXELS in its reduced decode's frame: the loader scales those up.
+COORDINATES_MARK = ("coordinates", "full resolution")
+# The enrich columns that hold points in the photo (the rest are angles or words).
+ENRICH_POINT_COLUMNS = ("landmark_2d_106", "landmark_3d_68")
 # A reader whose cache was folded (main file replaced, chunks removed) while it
 # read starts again, this many times at most.
 LOAD_ATTEMPTS = 5
@@ -960,7 +975,7 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
     if not cache_path.exists() and not journal_dir(cache_path).exists():
         if must_exist:
             raise UserError(f"cache not found: {cache_path} (run `embed` first)")
-        return FaceCache()
+        return FaceCache(dict([COORDINATES_MARK]))
     cache = FaceCache()
     if cache_path.exists():
         try:
@@ -987,6 +1002,9 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
         if problem:
             raise UserError(f"cache {cache_path} is damaged: {problem}")
         _absorb(cache, arrays)
+    mark, full = COORDINATES_MARK
+    legacy = LegacyCoordinates(cache, cache.meta.get(mark) != full)
+    cache.meta[mark] = full
     expected = int(cache.meta.get("journal_applied", 0)) + 1
     for seq, chunk in journal_chunks(cache_path):
         if seq < expected:
@@ -1013,9 +1031,52 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
         chunk_meta = json.loads(str(arrays.pop("meta")))
         cache.meta.update({k: v for k, v in chunk_meta.items() if k != "journal_applied"})
         cache.meta["journal_applied"] = seq
+        cache.meta[mark] = full
+        legacy.chunk(arrays, chunk_meta.get(mark) != full)
         _absorb(cache, arrays)
         expected += 1
+    legacy.scale_up(cache)
     return cache
+
+
+class LegacyCoordinates:
+    """Which rows of a cache being read were written before COORDINATES_MARK
+    (their photos above MAX_DECODE_PIXELS hold coordinates of a reduced
+    decode), and scaling them up once every chunk is read."""
+
+    def __init__(self, cache: FaceCache, legacy: bool):
+        self.faces = np.full(cache.n_faces, legacy)  # boxes, key points, face_short
+        self.points = np.full(cache.n_faces, legacy and bool(  # the enrich columns' points
+            set(ENRICH_POINT_COLUMNS) & set(cache.extra)))
+
+    def chunk(self, arrays: dict, legacy: bool) -> None:
+        """Note a chunk's rows (before they are absorbed)."""
+        added = len(arrays.get("face_file", ()))
+        self.faces = np.concatenate([self.faces, np.full(added, legacy)])
+        self.points = np.concatenate([self.points, np.zeros(added, bool)])
+        if any(f"update_{key}" in arrays for key in ENRICH_POINT_COLUMNS):
+            updated = np.asarray(arrays.get("update_face_index", []), np.int64)
+            self.points[updated[(updated >= 0) & (updated < len(self.points))]] = legacy
+
+    def scale_up(self, cache: FaceCache) -> None:
+        if not (self.faces.any() or self.points.any()) or not cache.n_faces:
+            return
+        sizes = cache["file_width"].astype(np.int64) * cache["file_height"].astype(np.int64)
+        big = np.flatnonzero(sizes > MAX_DECODE_PIXELS)
+        if not len(big):
+            return
+        by_row = np.ones(cache.n_files)
+        by_row[big] = [reduce_factor(int(cache["file_width"][r]), int(cache["file_height"][r]))
+                       for r in big]
+        factor = by_row[np.clip(cache["face_file"], 0, cache.n_files - 1)]
+        scale = np.where(self.faces, factor, 1.0)
+        for key, shape in (("bbox", (-1, 1)), ("kps", (-1, 1, 1)), ("face_short", (-1,))):
+            cache.replace(key, (cache[key] * scale.reshape(shape)).astype(cache[key].dtype))
+        scale = np.where(self.points, factor, 1.0)
+        for key in ENRICH_POINT_COLUMNS:
+            if key in cache.extra and len(cache.extra[key]) == cache.n_faces:
+                column = cache.extra[key]
+                cache.replace(key, (column * scale.reshape(-1, 1, 1)).astype(column.dtype))
 
 
 def _chunk_problem(cache: FaceCache, arrays: dict, seq: int, chunk: Path) -> str | None:
@@ -1323,9 +1384,42 @@ def decode_image(path: str) -> tuple[np.ndarray, int, int]:
 
 def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
     """decode_image, plus the damage libjpeg reported ('' for none)."""
+    return decode_image_viewed(path)[:4]
+
+
+def decode_image_viewed(path: str) -> tuple[np.ndarray, int, int, str, "FrameView"]:
+    """decode_image_checked, plus the FrameView that places the cache's
+    full-resolution coordinates in the decoded pixels."""
     photo = PhotoPixels(path)
     bgr = photo.at(photo.reference)
-    return bgr, photo.width, photo.height, photo.damage
+    return bgr, photo.width, photo.height, photo.damage, photo.view(photo.reference)
+
+
+class FrameView:
+    """Where the oriented full-resolution frame (every coordinate the cache
+    stores is in it) lies in pixels decoded at a reduction: a point x_full is
+    at (x_full + offset) / factor (PhotoPixels.offset). Coordinates are
+    boxes (x1, y1, x2, y2) or points (x, y), or (x, y, z) points whose depth
+    scales as x does."""
+
+    __slots__ = ("factor", "offset")
+
+    def __init__(self, factor: int = 1, offset=(0, 0)):
+        self.factor, self.offset = int(factor), np.asarray(offset, np.float64)
+
+    def _shift(self, coords: np.ndarray) -> np.ndarray:
+        shift = np.resize(self.offset, coords.shape[-1])
+        if coords.shape[-1] == 3:
+            shift[2] = 0.0
+        return shift
+
+    def to_view(self, coords) -> np.ndarray:
+        coords = np.asarray(coords, np.float64)
+        return (coords + self._shift(coords)) / self.factor
+
+    def to_full(self, coords) -> np.ndarray:
+        coords = np.asarray(coords, np.float64)
+        return coords * self.factor - self._shift(coords)
 
 
 @contextlib.contextmanager
@@ -1451,6 +1545,11 @@ class PhotoPixels:
         if self.reference > 1:
             self.views = {self.reference: box_reduce(bgr, self.reference, (0, 0))}
 
+    def view(self, factor: int) -> FrameView:
+        """Where full-resolution coordinates lie in at(factor)."""
+        factor = max(int(factor), self.reference)
+        return FrameView(factor, self.offset(factor))
+
     def offset(self, factor: int) -> np.ndarray:
         """(x, y): full-resolution pixels of edge before the first block of
         the upright photo at `factor`."""
@@ -1538,8 +1637,8 @@ def decode_common_photo(image_format: str, size: tuple[int, int], data: bytes, f
 
 
 def _decode_or_reason(path: str):
-    """decode_image_checked's result, or the reason it failed (a string)."""
-    return decode_or_reason(decode_image_checked, path)
+    """decode_image_viewed's result, or the reason it failed (a string)."""
+    return decode_or_reason(decode_image_viewed, path)
 
 
 def decode_or_reason(decode, *args):
@@ -1572,6 +1671,10 @@ def too_small_for_faces(width: int, height: int, det_size: int) -> bool:
 # copied video is embedded once and a kill inside a long one resumes at the
 # first segment not yet recorded. The video itself gets a row of status
 # "video" once every segment is in. Outputs show a frame as a JPEG still.
+# The samples are planned over the frames its packets' timestamps give
+# (index_video, plan_video_samples: each frame once, the work bounded by the
+# frame count), and every read, embed's or a later step's, decodes exactly the
+# frame of a stored timestamp (video_frames_at, read_video_frame).
 # ============================================================================
 
 
@@ -1696,17 +1799,20 @@ def probe_video(path: str) -> dict:
         return _header_probe(container, stream)
 
 
-def _origin_pts(container, stream) -> int:
+def _origin_pts(container, stream, first_pts: int | None = None) -> int:
     """The presentation timestamp a video's times count from: the stream's
-    start, or where it does not say, its first packet's (so a recording that
-    starts at 10^6 s starts at 0 s). The container is left at its start."""
+    start, or where it does not say, its first packet's (`first_pts`, else
+    read here: the container is then left past it), so a recording that
+    starts at 10^6 s starts at 0 s."""
+    import av
+
     if stream.start_time is not None:
         return int(stream.start_time)
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            container.seek(packet.pts, stream=stream, backward=True)
-            return int(packet.pts)
-    return 0
+    if first_pts is None:
+        with contextlib.suppress(av.error.FFmpegError):
+            first_pts = next((p.pts for p in container.demux(stream)
+                              if p.pts is not None and p.size), None)
+    return int(first_pts or 0)
 
 
 class VideoIndex:
@@ -1745,7 +1851,10 @@ def index_video(path: str, data: bytes | None = None) -> VideoIndex:
 
     with open_video(path, data) as (container, stream):
         probe = _header_probe(container, stream)
-        origin, base = _origin_pts(container, stream), float(stream.time_base)
+        base = float(stream.time_base or 0)
+        if not base > 0:
+            raise UnreadableImage("its video stream has no time base: no frame can be placed "
+                                  "in time")
         pts, keys, problems = array("q"), array("b"), []
         try:
             for packet in container.demux(stream):
@@ -1757,9 +1866,10 @@ def index_video(path: str, data: bytes | None = None) -> VideoIndex:
                     break
                 pts.append(packet.pts)
                 keys.append(packet.is_keyframe)
-        except av.error.FFmpegError as error:  # keep the frames before the damage
+        except (av.error.FFmpegError, OverflowError) as error:  # keep the frames before it
             problems.append("its frames stop where the file cannot be read ({})".format(
                 " ".join(str(error).split())))
+        origin = _origin_pts(container, stream, pts[0] if pts else 0)
         order = np.unique(np.asarray(pts, np.int64), return_index=True)[1]
         stamps = np.asarray(pts, np.int64)[order]
         times = (stamps - origin).astype(np.float64) * base
@@ -1827,13 +1937,22 @@ def video_plan(index: VideoIndex, every: float,
 def _decoded_frames(container, stream, damage: list, wanted: set):
     """Every frame of the stream from where the container stands, a packet
     that will not decode skipped (noted in `damage`, cleared at a keyframe)
-    rather than the rest. Frames no other frame refers to are decoded only
-    when their pts is `wanted` (nothing else will show them: about 40% of
-    decoding H.264 with B-frames)."""
+    rather than the rest, and the end where the file cannot be read on.
+    Frames no other frame refers to are decoded only when their pts is
+    `wanted` (nothing else will show them: about 40% of decoding H.264 with
+    B-frames)."""
     import av
 
     codec = stream.codec_context
-    for packet in container.demux(stream):
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets, None)
+        except av.error.FFmpegError as error:  # not even a packet: the damage ends it
+            damage.append(" ".join(str(error).split()))
+            return
+        if packet is None:
+            return
         if packet.pts is not None:
             codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
         try:
@@ -1845,66 +1964,87 @@ def _decoded_frames(container, stream, damage: list, wanted: set):
             damage.append(" ".join(str(error).split()))
 
 
-def _frames_at(container, stream, wanted: list[tuple[int, int | None]], reopen):
-    """(pts, upright BGR frame or None, damage or why not) for each (pts,
-    keyframe pts) of `wanted`, in pts order: exactly the frame of that pts,
-    verified. It seeks where a keyframe lies between the last frame decoded
-    and the next wanted one (or that one lies behind), else decodes forward.
-    Where a seek lands past the frame (a format that cannot seek exactly), it
-    decodes from the start (`reopen()` gives the container and stream anew),
-    once. A frame larger than MAX_DECODE_PIXELS is refused before it is
-    converted, whatever the header said."""
-    damage, want = [], {pts for pts, _key in wanted}
-    state = {"frames": None, "pending": None, "last": None}
+class ExactFrames:
+    """The frames of given presentation timestamps from one open video, asked
+    for in pts order: exactly the frame of each pts, verified.
 
-    def restart(pts: int | None) -> None:
+    It seeks where a keyframe lies between the last frame decoded and the
+    next one asked for (or that one lies behind), else decodes forward. A
+    seek that lands past the frame (MPEG-TS seeks by byte position) is tried
+    again from 1, 2, 4... seconds earlier (VIDEO_SEEK_TRIES), then, once for
+    the whole video, from its start (`reopen()` gives the container anew)."""
+
+    def __init__(self, container, stream, wanted: set, reopen):
+        self.container, self.stream, self.wanted, self.reopen = container, stream, wanted, reopen
+        self.damage: list[str] = []
+        self.frames = self.pending = self.last = self.first = None
+        self.untimed, self.reopened = 0, False
+
+    def restart(self, pts: int | None) -> None:
+        """Decode from the keyframe at or before `pts` (None: from the start)."""
+        import av
+
         if pts is None:
-            state["container"], state["stream"] = reopen()
+            self.container, self.stream = self.reopen()
         else:
-            state["container"].seek(pts, stream=state["stream"], backward=True)
-        state["frames"] = _decoded_frames(state["container"], state["stream"], damage, want)
-        state["pending"] = state["last"] = state["first"] = None
+            with contextlib.suppress(av.error.FFmpegError):  # then on from where it stands
+                self.container.seek(pts, stream=self.stream, backward=True)
+        self.frames = _decoded_frames(self.container, self.stream, self.damage, self.wanted)
+        self.pending = self.last = self.first = None
+        self.untimed = 0
 
-    def find(pts: int):
+    def _find(self, pts: int):
         """The frame of `pts`, or None where the stream passes it or ends."""
         while True:
-            frame, state["pending"] = state["pending"], None
-            frame = frame if frame is not None else next(state["frames"], None)
+            frame, self.pending = self.pending, None
+            frame = frame if frame is not None else next(self.frames, None)
             if frame is None:
                 return None
             if frame.pts is None:
+                self.untimed += 1
                 continue
-            state["last"] = frame.pts
-            if state["first"] is None:
-                state["first"] = frame.pts
+            self.last = frame.pts
+            self.first = frame.pts if self.first is None else self.first
             if frame.pts >= pts:
                 if frame.pts > pts:
-                    state["pending"] = frame
+                    self.pending = frame
                 return frame if frame.pts == pts else None
 
-    state["container"], state["stream"] = container, stream
-    for pts, key_pts in sorted(wanted):
-        pending, last = state["pending"], state["last"]
-        seek = state["frames"] is None or (pending is not None and pending.pts > pts) or \
-            (pending is None and last is not None and last >= pts) or \
-            (key_pts is not None and last is not None and key_pts > last)
+    def get(self, pts: int, key_pts: int | None):
+        """The decoded frame of `pts` (`key_pts`: its keyframe's, where known), or None."""
+        if not (self.frames is None or (self.pending is not None and self.pending.pts > pts)
+                or (self.pending is None and self.last is not None and self.last >= pts)
+                or (key_pts is not None and self.last is not None and key_pts > self.last)):
+            return self._find(pts)  # forward from here
         where = key_pts if key_pts is not None and key_pts <= pts else pts
-        for tries in range(VIDEO_SEEK_TRIES + 1 if seek else 0):
-            # a seek that lands past the frame (MPEG-TS seeks by byte position)
-            # is tried again from 1, 2, 4... seconds earlier, the last from the start
-            back = int((2 ** tries - 1) / float(state["stream"].time_base))
-            restart(None if tries == VIDEO_SEEK_TRIES else where - back)
-            frame = find(pts)
-            if frame is not None or (state["first"] is not None and state["first"] <= pts):
-                break
-        else:
-            frame = find(pts)
+        for tries in range(VIDEO_SEEK_TRIES + 1):
+            if tries == VIDEO_SEEK_TRIES:
+                if self.reopened:
+                    return None
+                self.reopened = True
+            back = int((2 ** tries - 1) / float(self.stream.time_base))
+            self.restart(None if tries == VIDEO_SEEK_TRIES else where - back)
+            frame = self._find(pts)
+            landed_past = self.first > pts if self.first is not None else not self.untimed
+            if frame is not None or not landed_past:
+                return frame  # found, or passed by frames decoded: not a seek's fault
+        return None
+
+
+def _frames_at(container, stream, wanted: list[tuple[int, int | None]], reopen):
+    """(pts, upright BGR frame or None, damage or why not) for each (pts,
+    keyframe pts or None) of `wanted`, in pts order (ExactFrames). A frame
+    larger than MAX_DECODE_PIXELS is refused before it is converted, whatever
+    the header said."""
+    frames = ExactFrames(container, stream, {pts for pts, _key in wanted}, reopen)
+    for pts, key_pts in sorted(wanted):
+        frame = frames.get(pts, key_pts)
         if frame is None:
-            yield pts, None, "; ".join(["no frame of that time decodes", *damage])
+            yield pts, None, "; ".join(["no frame of that time decodes", *frames.damage])
         elif frame.width * frame.height > MAX_DECODE_PIXELS:
             yield pts, None, f"a frame too large to decode ({frame.width}x{frame.height})"
         else:
-            yield pts, _upright(frame), "; ".join(damage)
+            yield pts, _upright(frame), "; ".join(frames.damage)
 
 
 def _upright(frame) -> np.ndarray:
@@ -1948,6 +2088,8 @@ def read_video_frame(location: FrameLocation) -> np.ndarray:
             return stack.enter_context(open_video(location.video))
 
         container, stream = reopen()
+        if not float(stream.time_base or 0) > 0:
+            raise UnreadableImage("its video stream has no time base")
         pts = _origin_pts(container, stream) + int(round(location.time / float(stream.time_base)))
         for _pts, bgr, reason in _frames_at(container, stream, [(pts, None)], reopen):
             if bgr is None:
@@ -2250,7 +2392,7 @@ def pool_canary() -> int:
 
 
 def decoded_batch(batch: list[tuple], decode=_decode_or_reason):
-    """Worker side: (entry, `decode(path)`: by default decode_image_checked's
+    """Worker side: (entry, `decode(path)`: by default decode_image_viewed's
     result, or the reason it failed) for each (path, ...) entry, decoding one
     file ahead of the model on the worker's thread."""
     paths = [entry[0] for entry in batch]
@@ -5199,28 +5341,6 @@ _ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4
                          5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
 
 
-def _decode_reference_scale(path: str, full_w: int, full_h: int) -> float:
-    """Full-resolution pixels per pixel of decode_image's output.
-
-    decode_image reduces images above MAX_DECODE_PIXELS by an integer factor
-    (JPEG draft mode when it can, else Image.reduce), and face boxes live in
-    that reduced frame.
-    """
-    from PIL import Image
-
-    factor = 1
-    while full_w * full_h / (factor * factor) > MAX_DECODE_PIXELS:
-        factor *= 2
-    if factor == 1:
-        return 1.0
-    with Image.open(path) as probe:  # header only: draft() sets the size, decodes nothing
-        if probe.format == "JPEG":
-            drafted = probe.draft("RGB", (full_w // factor, full_h // factor))
-            if drafted is not None and probe.size != (full_w, full_h):
-                return full_w / drafted[1][2]  # draft's box: the full image in drafted pixels
-    return float(factor)
-
-
 def _square_box(bbox, pad: float) -> tuple[float, float, float, float]:
     """Square around a face box, padded by ``pad`` of its longer side each side."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
@@ -5229,20 +5349,18 @@ def _square_box(bbox, pad: float) -> tuple[float, float, float, float]:
     return cx - half, cy - half, cx + half, cy + half
 
 
-def _map_axis(lo: float, hi: float, reversed_: bool, full: int, from_scale: float,
-              to_scale: float, to_size: int) -> tuple[float, float]:
-    """An interval along one shown axis, from decode_image's frame to ours.
-
-    Both frames are the stored pixels reduced by a scale (a reduced image ends
-    in a partial pixel: ceil(full / scale) pixels), then possibly flipped. A
-    flip puts that partial pixel first, so the interval is unflipped, rescaled
-    and flipped again rather than just rescaled: that would be off by up to
-    half a reduced pixel, 4 full-resolution pixels at 1/8.
+def _map_axis(lo: float, hi: float, reversed_: bool, full: int, to_scale: float,
+              to_size: int) -> tuple[float, float]:
+    """An interval along one shown axis, from the full-resolution frame (the
+    cache's) to the stored pixels reduced by `to_scale`, then possibly
+    flipped (a reduced image ends in a partial pixel: ceil(full / scale)
+    pixels). A flip puts that partial pixel first, so the interval is
+    unflipped, rescaled and flipped again rather than just rescaled: that
+    would be off by up to half a reduced pixel, 4 full-resolution pixels at 1/8.
     """
-    from_size = math.ceil(full / from_scale)
     ends = []
     for t in (lo, hi):
-        stored = (from_size - t if reversed_ else t) * from_scale / to_scale
+        stored = (full - t if reversed_ else t) / to_scale
         ends.append(to_size - stored if reversed_ else stored)
     return min(ends), max(ends)
 
@@ -5256,8 +5374,8 @@ def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUM
     path : str
         The photo.
     bboxes : sequence of (x1, y1, x2, y2)
-        Face boxes in the frame of ``decode_image(path)``: EXIF orientation
-        applied, and images above MAX_DECODE_PIXELS reduced by its integer factor.
+        Face boxes as the cache stores them: in the oriented photo (EXIF
+        orientation applied) at full resolution.
     size : int, default=THUMB_SIZE
         Side of the square thumbnails, in pixels.
     pad : float, default=THUMB_PAD
@@ -5293,10 +5411,9 @@ def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUM
         with (Image.fromarray(cv2.cvtColor(read_video_frame(path), cv2.COLOR_BGR2RGB)) if frame
               else Image.open(path)) as image:
             full_w, full_h = image.size
-            ref_scale = 1 if frame else _decode_reference_scale(path, full_w, full_h)
             scale = 1.0
             if image.format == "JPEG":
-                side_full = min(right - left for left, _, right, _ in squares) * ref_scale
+                side_full = min(right - left for left, _, right, _ in squares)
                 reduce_by = side_full / size
                 if reduce_by >= 2:
                     # draft() picks the largest 1/2^k reduction whose result is at
@@ -5318,8 +5435,8 @@ def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUM
 
     thumbs = []
     for square in squares:
-        left, right = _map_axis(square[0], square[2], rev_x, full_x, ref_scale, scale, oriented.width)
-        top, bottom = _map_axis(square[1], square[3], rev_y, full_y, ref_scale, scale, oriented.height)
+        left, right = _map_axis(square[0], square[2], rev_x, full_x, scale, oriented.width)
+        top, bottom = _map_axis(square[1], square[3], rev_y, full_y, scale, oriented.height)
         x0, y0 = math.floor(left), math.floor(top)
         x1, y1 = max(math.ceil(right), x0 + 1), max(math.ceil(bottom), y0 + 1)
         canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)  # black outside the photo
@@ -5346,8 +5463,7 @@ def face_thumbnail(path: str, bbox, size: int = THUMB_SIZE) -> bytes:
     path : str
         The photo.
     bbox : (x1, y1, x2, y2)
-        Face box in the frame of ``decode_image(path)`` (EXIF orientation
-        applied, images above MAX_DECODE_PIXELS reduced by its factor).
+        Face box in the oriented photo at full resolution (as the cache).
     size : int, default=THUMB_SIZE
         Side of the square thumbnail, in pixels.
 
@@ -5983,9 +6099,9 @@ def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
     seen = photo.at(seen_factor)
     boxes, kpss = app.det_model.detect(seen, max_num=0, metric="default")
     clock = _lap(timings, "detect", clock)
-    seen_offset = photo.offset(seen_factor)
-    boxes_full = boxes[:, :4].astype(np.float64) * seen_factor - np.tile(seen_offset, 2)
-    kpss_full = np.asarray(kpss, np.float64).reshape(-1, 5, 2) * seen_factor - seen_offset
+    seen_view = photo.view(seen_factor)
+    boxes_full = seen_view.to_full(boxes[:, :4])
+    kpss_full = seen_view.to_full(np.asarray(kpss, np.float64).reshape(-1, 5, 2))
     factors = [detail_factor(float(face_short_edge(box)[0]), photo.reference) for box in boxes_full]
     finer = min([f for f in factors if f < seen_factor], default=None)
     if finer is not None:
@@ -6006,15 +6122,14 @@ def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
     raw = recognizer.get_feat(crops).astype(np.float32) if crops else np.zeros((0, embedding_size))
     _lap(timings, "recognize", clock)
     norms = np.linalg.norm(raw, axis=1)
-    reference_offset = photo.offset(photo.reference)
     records = [{
         "embeddings": raw[i] / max(float(norms[i]), 1e-12),
         "embedding_norm": float(norms[i]),
         "face_file": 0,
-        "bbox": ((boxes_full[i] + np.tile(reference_offset, 2)) / photo.reference).astype(np.float32),
-        "kps": ((kpss_full[i] + reference_offset) / photo.reference).astype(np.float32),
+        "bbox": boxes_full[i].astype(np.float32),
+        "kps": kpss_full[i].astype(np.float32),
         "det_score": float(boxes[i, 4]),
-        "face_short": float(face_short_edge(boxes_full[i] / photo.reference)[0]),
+        "face_short": float(face_short_edge(boxes_full[i])[0]),
         "blur": blurs[i],
     } for i in range(len(boxes)) if np.isfinite(norms[i])]  # (the cache refuses a NaN)
     return rows_from_records(records, FACE_COLUMNS, embedding_size)
@@ -7136,12 +7251,8 @@ def same_picture_turned(row_a, row_b, turn: str, distance: int, cache, per_file,
 
 def frame_sizes(cache: FaceCache) -> np.ndarray:
     """(width, height) per file row of the frame its face boxes are in: the
-    oriented size, reduced as decode_image reduces photos above MAX_DECODE_PIXELS."""
-    sizes = np.stack([cache["file_width"], cache["file_height"]], axis=1).astype(np.int64)
-    for row in np.flatnonzero(sizes[:, 0] * sizes[:, 1] > MAX_DECODE_PIXELS):
-        factor = reduce_factor(*sizes[row])
-        sizes[row] = [-(-sizes[row, 0] // factor), -(-sizes[row, 1] // factor)]
-    return sizes
+    oriented size at full resolution."""
+    return np.stack([cache["file_width"], cache["file_height"]], axis=1).astype(np.int64)
 
 
 def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int,
@@ -7563,7 +7674,8 @@ def enrich_task(batch: list[tuple]) -> list[dict]:
 
 def _enrich_one(entry, decoded) -> dict:
     _path, boxes, kps = entry[:3]
-    bgr = decoded[0]
+    bgr, view = decoded[0], decoded[4]
+    boxes, kps = view.to_view(boxes), view.to_view(kps)  # the cache's full resolution, here
     found = _WORKER["app"].get(bgr)
     out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
     iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
@@ -7572,12 +7684,12 @@ def _enrich_one(entry, decoded) -> dict:
         face = found[match] if match >= 0 and iou[index, match] >= ENRICH_MIN_IOU else None
         landmarks = getattr(face, "landmark_2d_106", None) if face is not None else None
         if landmarks is not None:
-            out["landmark_2d_106"][index] = landmarks
+            out["landmark_2d_106"][index] = view.to_full(landmarks)
             out["pose"][index] = pose_from_landmarks_2d(landmarks, bgr.shape[1], bgr.shape[0])
             out["pose_source"][index] = "pnp106"
             out["enrich_status"][index] = "ok"
             if getattr(face, "landmark_3d_68", None) is not None:
-                out["landmark_3d_68"][index] = face.landmark_3d_68
+                out["landmark_3d_68"][index] = view.to_full(face.landmark_3d_68)
                 out["pose_3d68"][index] = face.pose
         else:  # the detector no longer finds it: a cheaper pose from the 5 key points
             out["pose"][index] = pose_from_kps5(kps[index], bgr.shape[1], bgr.shape[0])
@@ -7799,6 +7911,8 @@ def _export_one(entry, decoded) -> dict:
         return detector.detect(image, input_size=(size, size))[0]
 
     _path, bbox, pad_ratio, out_size, _face, others = entry
+    view = decoded[4]  # the cache's full-resolution boxes, in the decoded pixels
+    bbox, others = view.to_view(bbox), view.to_view(np.reshape(others, (-1, 4)))
     box = square_crop_box(bbox, pad_ratio)
     crop, reason, blacked = single_face_crop(
         detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),

@@ -199,6 +199,85 @@ def test_decode_handles_exif_orientation_and_huge_images(tmp_path):
     assert bgr.shape[0] * bgr.shape[1] <= sort_faces.MAX_DECODE_PIXELS
 
 
+def big_photo(path: Path, side_w: int, side_h: int, face_photo: Path, face_side: int) -> Path:
+    """A JPEG of side_w x side_h on grey, the photo scaled to face_side across
+    near its centre, written a band at a time (a 200 MP picture as one array
+    would be 0.6 GB)."""
+    face = cv2.resize(cv2.imread(str(face_photo)), (face_side, face_side),
+                      interpolation=cv2.INTER_CUBIC)
+    canvas = np.full((side_h, side_w, 3), 120, np.uint8)
+    top, left = (side_h - face_side) // 3, (side_w - face_side) // 2
+    canvas[top:top + face_side, left:left + face_side] = face
+    cv2.imwrite(str(path), canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return path
+
+
+@pytest.mark.parametrize("size", [(12800, 8600), (16384, 12288)])  # 110 MP, 201 MP
+def test_boxes_of_photos_above_100_mp_are_at_full_resolution(tmp_path, size):
+    """Issue 25: a photo above MAX_DECODE_PIXELS is decoded reduced, but its
+    boxes, key points and face_short are stored at full resolution: twice
+    those of a half-size copy (IoU >= 0.98), so --min-short judges the face
+    at its true size; enrich's landmarks and the review thumbnail agree."""
+    photo = DATA / "lfw10" / sorted(os.listdir(DATA / "lfw10"))[0]
+    photo = next(p for p in sorted(photo.iterdir()) if p.suffix == ".jpg")
+    src = tmp_path / "src"
+    src.mkdir()
+    big = big_photo(src / "big.jpg", *size, photo, 4000)
+    half = cv2.imread(str(big))
+    cv2.imwrite(str(src / "half.jpg"), cv2.resize(half, (size[0] // 2, size[1] // 2),
+                                                  interpolation=cv2.INTER_AREA),
+                [cv2.IMWRITE_JPEG_QUALITY, 90])
+    del half
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(src, cache_path, workers=1)
+    sort_faces.enrich(cache_path, quiet=True, workers=1)
+    cache = sort_faces.load_cache(cache_path)
+    row = {Path(f).name: i for i, f in enumerate(cache["files"])}
+    faces = {name: np.flatnonzero(cache["face_file"] == row[name]) for name in row}
+    assert len(faces["big.jpg"]) == len(faces["half.jpg"]) == 1
+    full, small = faces["big.jpg"][0], faces["half.jpg"][0]
+    assert (cache["file_width"][row["big.jpg"]], cache["file_height"][row["big.jpg"]]) == size
+    iou = sort_faces.box_iou(cache["bbox"][[full]], cache["bbox"][[small]] * 2)[0, 0]
+    assert iou >= 0.98, (cache["bbox"][full], cache["bbox"][small])
+    assert abs(cache["face_short"][full] / cache["face_short"][small] - 2) < 0.05
+    assert cache["face_short"][full] > 1300  # the face is ~1500 px, not half that
+    assert np.abs(cache["kps"][full] - 2 * cache["kps"][small]).max() < 12
+    landmarks = cache.extra["landmark_2d_106"]
+    assert np.abs(landmarks[full] - 2 * landmarks[small]).max() < 25
+    thumbs = [cv2.imdecode(np.frombuffer(sort_faces.face_thumbnail(
+        str(src / name), cache["bbox"][face]), np.uint8), cv2.IMREAD_COLOR).astype(float)
+        for name, face in (("big.jpg", full), ("half.jpg", small))]
+    assert np.abs(thumbs[0] - thumbs[1]).mean() < 6
+
+
+@pytest.mark.fast
+def test_a_cache_from_before_full_resolution_boxes_is_scaled_up_once(tmp_path):
+    """A cache written before issue 25 kept the boxes of a photo above 100 MP in
+    its reduced decode's frame: loading it scales those (and only those) up, and
+    a cache saved since is not scaled again."""
+    import json
+
+    embeddings = np.eye(2, 512, dtype=np.float32)
+    arrays = {"files": np.array(["/p/big.jpg", "/p/small.jpg"]),
+              "sha256": np.array(["a" * 64, "b" * 64]), "file_status": np.array(["ok", "ok"]),
+              "file_width": np.array([12800, 640]), "file_height": np.array([8600, 480]),
+              "face_file": np.array([0, 1]), "embeddings": embeddings,
+              "bbox": np.array([[100, 100, 300, 320], [10, 10, 50, 60]], np.float32),
+              "kps": np.full((2, 5, 2), 50, np.float32),
+              "face_short": np.array([200, 40], np.float32),
+              "landmark_2d_106": np.full((2, 106, 2), 60, np.float32)}
+    path = tmp_path / "old.npz"
+    np.savez(path, meta=np.array(json.dumps({"schema_version": 2})), **arrays)
+    cache = sort_faces.load_cache(path)
+    assert cache["bbox"].tolist() == [[200, 200, 600, 640], [10, 10, 50, 60]]
+    assert cache["face_short"].tolist() == [400, 40] and cache["kps"][0].max() == 100
+    assert cache.extra["landmark_2d_106"][0].max() == 120
+    assert cache.extra["landmark_2d_106"][1].max() == 60
+    sort_faces.save_cache(path, cache)
+    again = sort_faces.load_cache(path)
+    assert again["bbox"].tolist() == cache["bbox"].tolist()
+
+
 def test_exif_rotated_photo_gives_same_faces_as_upright(tmp_path):
     photo = DATA / "face_recognition" / "joe_biden" / "biden.jpg"
     upright = Image.open(photo).convert("RGB")

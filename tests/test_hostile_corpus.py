@@ -291,6 +291,51 @@ def unix_socket(dst: Path, photo: Path, ctx) -> None:
     server.close()
 
 
+def video_of(times, *, mkv: bool = False):
+    """A video (H.264) of the photo shown at these times (seconds), alternately
+    as it is and mirrored, so that every frame differs."""
+    def make(dst: Path, photo: Path, ctx) -> None:
+        import av
+        from fractions import Fraction
+
+        still = np.asarray(rgb(photo).resize((320, 240)))[:, :, ::-1]
+        with av.open(str(dst), "w", format="matroska" if mkv else None) as container:
+            stream = container.add_stream("libx264", rate=1000)
+            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+            stream.time_base = Fraction(1, 1000)
+            for index, seconds in enumerate(times):
+                pixels = np.ascontiguousarray(still if index % 2 == 0 else still[:, ::-1])
+                frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
+                frame.pts, frame.time_base = int(round(seconds * 1000)), Fraction(1, 1000)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return make
+
+
+def mjpeg_growing_frames(dst: Path, photo: Path, ctx) -> None:
+    """MJPEG whose header says 320x240 (the photo's first frame) and whose
+    second frame is a 16000x12000 JPEG (192 MP): a frame past the decode budget
+    the header did not announce."""
+    import av
+    from fractions import Fraction
+
+    small = np.asarray(rgb(photo).resize((320, 240)))[:, :, ::-1]
+    with av.open(str(dst), "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuvj420p"
+        stream.time_base = Fraction(1, 1000)
+        for index, pixels in enumerate([small, np.full((12000, 16000, 3), 90, np.uint8)]):
+            jpeg = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(pixels[:, :, ::-1])).save(jpeg, "JPEG")
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.time_base = stream, Fraction(1, 1000)
+            packet.pts = packet.dts = index * 1000
+            packet.is_keyframe = True
+            container.mux(packet)
+
+
 def hard_link_of(kind_id: str):
     def make(dst: Path, photo: Path, ctx) -> None:
         os.link(ctx.path(kind_id), dst)
@@ -393,6 +438,8 @@ def check_big(kind, run):
     row = run.row(kind)
     assert (run.cache["file_width"][row], run.cache["file_height"][row]) == (BIG_SIDE, BIG_SIDE)
     assert len(run.faces(kind)) == 2
+    # at full resolution (issue 25): the larger person stands right of the middle
+    assert max(run.cache["bbox"][f][0] for f in run.faces(kind)) > BIG_SIDE / 2
 
 
 def check_dedup_of_a_big_photo(kind, run):
@@ -406,6 +453,16 @@ def check_dedup_of_a_big_photo(kind, run):
               for g in run.duplicates["visual"]]
     assert any({big, run.path(kind.id)} <= group for group in groups), groups
     assert not any({big, crop} <= group for group in groups), groups
+
+
+def check_frames(count: int):
+    """The video's frames are `count` rows, each a different frame."""
+    def check(kind, run):
+        sha = run.cache["sha256"][run.row(kind)]
+        frames = np.flatnonzero(run.cache["file_video"] == sha)
+        assert len(frames) == count, sorted(run.cache["files"][frames])
+        assert len(set(run.cache["file_time"][frames])) == count
+    return check
 
 
 def check_first_frame(kind, run):
@@ -575,6 +632,15 @@ KINDS = [
          check=check_pixels(same, 4)),
     Kind("bmp", "formats/photo.bmp", save_as("BMP"), "face", check=check_pixels(same, 1)),
     # --- entries that are not regular files -----------------------------------
+    Kind("video_slideshow_a_frame_every_20_s", "video/slides.mp4",
+         video_of([20.0 * i for i in range(6)]), "video", check=check_frames(6)),
+    Kind("video_frame_stamped_1e9_s_after_the_first", "video/far.mkv",
+         video_of([0.0, 1e9], mkv=True), "video", ("beyond",), check=check_frames(1)),
+    Kind("video_starting_at_1e6_s", "video/late.mkv", video_of([1e6 + i for i in range(4)],
+                                                              mkv=True),
+         "video", check=check_frames(4)),
+    Kind("video_frames_larger_than_its_header", "video/grows.mkv", mjpeg_growing_frames,
+         "video", ("too large to decode (16000x12000)",), check=check_frames(1)),
     Kind("folder_named_jpg", "special/photo.jpg", folder_with_photo, "folder",
          check=check_inner_photo),
     Kind("fifo_jpg", "special/pipe.jpg", fifo, "skipped", ("FIFO",), photo=False),
@@ -736,10 +802,11 @@ class Run:
     def summary(self, step: str = "embed") -> dict:
         line = next(line for line in self.out_text[step].splitlines()
                     if line.startswith("embed done:"))
-        counts = re.findall(r"(\d+) (new|aliases|faces|unreadable|damaged|skipped|crashed)\b(?!\))",
-                            line)
+        counts = re.findall(r"(\d+) (new|aliases|faces|unreadable|damaged|skipped|crashed|videos)"
+                            r"\b(?!\))", line)
         return {key: int(value) for value, key in counts} | \
-            {"seen": int(re.search(r"(\d+) files seen", line)[1])}
+            {"seen": int(re.search(r"(\d+) files seen", line)[1]),
+             "frames": int(re.search(r"(\d+) frames\)", line)[1])}
 
 
 class Context:
@@ -767,7 +834,7 @@ def build_corpus(tmp: Path) -> Run:
             photo = lfw_photo(number)
             number += 1
             run.photo[kind.id] = photo
-            if kind.outcome == "face":
+            if kind.outcome in ("face", "video"):  # a video: its frames, of the photo
                 run.identity[str(dst)] = photo.parent.name
         kind.make(dst, photo, ctx)
     assert number < 90  # LFW[0][9] and LFW[1][9] are two_people's
@@ -879,6 +946,12 @@ def test_each_kind_has_its_outcome(run, kind):
         assert path not in run.table and path not in set(run.cache["files"])
         if kind.outcome == "ignored":
             assert sort_faces.display(path) not in embed_err
+    elif kind.outcome == "video":  # a row of its own, its frames rows of theirs
+        row = run.row(kind)
+        assert run.cache["files"][row] == path and status[row] == "video", reason[row]
+        for word in kind.words:  # named once, as damaged
+            assert word in damage[row], damage[row]
+            assert len(reported(embed_err, path, "damaged")) == 1, embed_err
     if kind.check:
         kind.check(kind, run)
 
@@ -922,11 +995,15 @@ def test_the_embed_summary_counts_each_kind(run):
     assert summary["skipped"] == expected_count("skipped"), summary
     assert summary["aliases"] == expected_count("alias"), summary
     assert summary["unreadable"] == expected_count("unreadable"), summary
-    assert summary["damaged"] == expected_count("damaged"), summary
+    videos = [kind for kind in KINDS if kind.outcome == "video"]
+    damaged_videos = sum(bool(kind.words) for kind in videos)  # their words: the damage
+    assert summary["damaged"] == expected_count("damaged") + damaged_videos, summary
     assert summary["crashed"] == 0, summary
-    rows = sum(expected_count(o) for o in ("face", "noface", "unreadable", "damaged"))
+    rows = sum(expected_count(o) for o in ("face", "noface", "unreadable", "damaged", "video"))
     rows += 2  # special/photo.jpg/inner.jpg and the outside folder's photo
-    assert summary["new"] == rows == run.cache.n_files, summary
+    frames = int((run.cache["file_video"] != "").sum())  # rows of their own, not files
+    assert summary["new"] == rows == run.cache.n_files - frames, summary
+    assert summary["videos"] == len(videos) and summary["frames"] == frames, summary
     assert summary["faces"] == run.cache.n_faces >= expected_count("face")
 
 
@@ -935,7 +1012,7 @@ def test_a_second_embed_finds_nothing_new_and_reports_the_same(run):
     assert again["new"] == 0 and again["aliases"] == 0 and again["faces"] == 0, again
     for key in ("seen", "unreadable", "damaged", "skipped"):
         assert again[key] == first[key], (key, again, first)
-    assert run.cache.n_files == first["new"]
+    assert run.cache.n_files == first["new"] + first["frames"]
 
 
 def test_no_photo_is_embedded_twice(run):
@@ -958,6 +1035,10 @@ def test_every_review_page_is_utf8_and_its_links_resolve(run):
         for link in links:
             target = urllib.parse.unquote(html.unescape(link), errors="surrogateescape")
             assert not target.endswith("/missing"), (page, link)  # a thumbnail not made
+            if target.startswith("file://"):  # a video, at a frame's time
+                video, time_s = target[len("file://"):].rsplit("#t=", 1)
+                assert Path(video).is_file() and float(time_s) >= 0, (page, link)
+                continue
             assert (page.parent / target).exists(), (page, link)
 
 
@@ -997,7 +1078,7 @@ def test_no_two_sources_share_an_output_name(run):
             sources = {p for row in rows for p in locations[row]}
         else:
             sources = set(group["files"])
-        names = {sort_faces.safe_dst_name(p) for p in sources - known}
+        names = {sort_faces.output_name(p) for p in sources - known}
         assert len(names) == len(sources - known), group["folder"]
         assert names <= set(group["outputs"]), group["folder"]
 
@@ -1008,7 +1089,8 @@ def test_every_faceset_is_one_person(run):
     cache, refined = run.cache, run.refined
     assert len(refined["facesets"]) >= 5
     for faceset in refined["facesets"]:
-        people = {run.identity.get(str(cache["files"][cache["face_file"][f["face"]]]))
+        people = {run.identity.get(str(cache["files"][cache["face_file"][f["face"]]])
+                                   .rsplit("#t=", 1)[0])  # a frame: its video's
                   for f in faceset["faces"]} - {None}
         assert len(people) == 1, (faceset["name"], people)
 
@@ -1036,8 +1118,11 @@ def test_every_thumbnail_and_crop_shows_its_own_face(run):
     decoded = {}
 
     def pixels(row):
+        """The decode_image pixels, and where the cache's full-resolution
+        coordinates lie in them (a photo above 100 MP is decoded reduced)."""
         if row not in decoded:
-            decoded[row] = sort_faces.decode_image(locations[row][0])[0]
+            bgr, _w, _h, _damage, view = sort_faces.decode_image_viewed(locations[row][0])
+            decoded[row] = bgr, view
         return decoded[row]
 
     thumbs = run.out / "raw" / sort_faces.THUMBS_DIR_NAME
@@ -1048,8 +1133,9 @@ def test_every_thumbnail_and_crop_shows_its_own_face(run):
             row = int(cache["face_file"][face])
             name = sort_faces.thumb_file_name(locations[row][0], cache["bbox"][face])
             got = np.asarray(Image.open(thumbs / name).convert("RGB"), dtype=np.int16)
-            box = sort_faces._square_box(cache["bbox"][face], sort_faces.THUMB_PAD)
-            want = shown(pixels(row)[:, :, ::-1], box, sort_faces.THUMB_SIZE)
+            bgr, view = pixels(row)
+            box = sort_faces._square_box(view.to_view(cache["bbox"][face]), sort_faces.THUMB_PAD)
+            want = shown(bgr[:, :, ::-1], box, sort_faces.THUMB_SIZE)
             assert np.abs(got - want).mean() < 8, (group["folder"], locations[row][0])
             checked += 1
     assert checked == cache.n_faces
@@ -1062,8 +1148,9 @@ def test_every_thumbnail_and_crop_shows_its_own_face(run):
             face = crop["face"]
             row = int(cache["face_file"][face])
             assert crop["source"] == locations[row][0]
-            want = sort_faces.crop_square(pixels(row), sort_faces.square_crop_box(
-                cache["bbox"][face], pad), side).astype(np.int16)
+            bgr, view = pixels(row)
+            want = sort_faces.crop_square(bgr, sort_faces.square_crop_box(
+                view.to_view(cache["bbox"][face]), pad), side).astype(np.int16)
             got = np.asarray(Image.open(run.out / "swap" / entry["name"] / crop["png"])
                              .convert("RGB"), dtype=np.int16)[:, :, ::-1]
             assert np.abs(got - want).mean() < 1, (entry["name"], crop["png"], crop["source"])

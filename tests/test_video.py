@@ -31,30 +31,6 @@ def solid_frames(values, size=(64, 48)) -> list:
     return [np.full((size[1], size[0], 3), v, np.uint8) for v in values]
 
 
-def write_frames(path: Path, frames, times, **kwargs) -> Path:
-    """A video of these frames at these presentation times (seconds)."""
-    import av
-    from fractions import Fraction
-
-    codec = kwargs.get("codec", "libx264")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=1000)  # ms times
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        stream.time_base = Fraction(1, 1000)
-        if kwargs.get("gop"):
-            stream.codec_context.gop_size = kwargs["gop"]
-            stream.codec_context.options = {"x264-params": "scenecut=0:keyint-min=1"}
-        for pixels, seconds in zip(frames, times):
-            frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
-            frame.pts, frame.time_base = int(round(seconds * 1000)), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 # --- fast tier: decoding and sampling, no model ----------------------------------
 
 
@@ -77,7 +53,7 @@ def test_a_frame_location_is_its_label_and_travels_to_workers():
 @pytest.mark.fast
 def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path):
     times = [0.0, 0.1, 0.15, 0.9, 1.05, 2.5, 2.6, 4.0, 4.2]
-    path = write_frames(tmp_path / "vfr.mp4", solid_frames([20 * i for i in range(9)]), times)
+    path = videos.write_frames(tmp_path / "vfr.mp4", solid_frames([20 * i for i in range(9)]), times)
     got = [(target, round(t, 2), int(round(bgr.mean() / 20)))
            for target, t, bgr, _damage in sort_faces.video_samples(str(path), 1.0, 0.0)]
     # the frame shown at each time: the last one whose time is not after it
@@ -88,7 +64,7 @@ def test_a_variable_frame_rate_samples_the_frame_on_screen(tmp_path):
 def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
     """Keyframes every 1.2 s (10 fps): a sample takes one within 0.5 s of it
     (it decodes alone), never one another sample took, else the frame on screen."""
-    path = write_frames(tmp_path / "gop.mp4", solid_frames([5 * i for i in range(45)]),
+    path = videos.write_frames(tmp_path / "gop.mp4", solid_frames([5 * i for i in range(45)]),
                         [i / 10 for i in range(45)], gop=12)
     got = [(target, round(t, 2), bgr.mean())
            for target, t, bgr, _damage in sort_faces.video_samples(str(path), 1.0, 0.5)]
@@ -102,7 +78,7 @@ def test_a_keyframe_near_a_sample_stands_for_it_once(tmp_path):
 
 @pytest.mark.fast
 def test_samples_finer_than_the_frame_rate_give_each_frame_once(tmp_path):
-    path = write_frames(tmp_path / "slow.mp4", solid_frames([20 * i for i in range(8)]),
+    path = videos.write_frames(tmp_path / "slow.mp4", solid_frames([20 * i for i in range(8)]),
                         [i / 4 for i in range(8)])  # 4 frames a second, 2 s
     got = [round(t, 2) for _target, t, _bgr, _damage in sort_faces.video_samples(
         str(path), 0.05, 0.0)]
@@ -200,7 +176,7 @@ def two_people_clip(path: Path, codec: str = "libx264", gop: int | None = None,
     `gop` frames; every frame is one in MJPEG)."""
     first, second = (videos.letterbox(videos.people_photos(who, 1)[0], *size)
                      for who in ("madonna", "ben_affleck"))
-    return write_frames(path, [first] * 12 + [second] * 18, [i / 10 for i in range(30)],
+    return videos.write_frames(path, [first] * 12 + [second] * 18, [i / 10 for i in range(30)],
                         codec=codec, gop=gop)
 
 
@@ -235,26 +211,26 @@ def test_a_frame_is_taken_once_however_it_is_sampled(tmp_path):
     rate, and a frame stamped 10^9 s after the first: each frame at most once,
     the work bounded by the frames, not by the duration the header gives."""
     shades = solid_frames([30 * i for i in range(6)])
-    slides = write_frames(tmp_path / "slides.mp4", shades, [20.0 * i for i in range(6)])
+    slides = videos.write_frames(tmp_path / "slides.mp4", shades, [20.0 * i for i in range(6)])
     got = [round(t) for _target, t, _bgr, _damage in sort_faces.video_samples(str(slides), 1.0)]
     assert got == [0, 20, 40, 60, 80, 100]
-    clip = write_frames(tmp_path / "ten_fps.mp4", solid_frames([8 * i for i in range(30)]),
+    clip = videos.write_frames(tmp_path / "ten_fps.mp4", solid_frames([8 * i for i in range(30)]),
                         [i / 10 for i in range(30)])
     fine = [t for _target, t, _bgr, _damage in sort_faces.video_samples(str(clip), 0.04)]
     assert len(fine) == len(set(fine)) == 30
-    far = write_frames(tmp_path / "far.mkv", shades[:2], [0.0, 1e9])
+    far = videos.write_frames(tmp_path / "far.mkv", shades[:2], [0.0, 1e9])
     index = sort_faces.index_video(str(far))
     assert index.probe["duration"] > 1e8  # the header believes it
     plan = sort_faces.video_plan(index, 1.0)
     assert [round(s[3]) for s in plan] == [0] and "beyond" in index.problem
-    between = write_frames(tmp_path / "gap.mkv", shades[:2], [0.0, 5e8])
+    between = videos.write_frames(tmp_path / "gap.mkv", shades[:2], [0.0, 5e8])
     assert [round(s[3]) for s in sort_faces.video_plan(sort_faces.index_video(str(between)),
                                                        0.04)] == [0, 5e8]
 
 
 @pytest.mark.fast
 def test_a_video_that_starts_late_counts_from_its_first_frame(tmp_path):
-    late = write_frames(tmp_path / "late.mkv", solid_frames([40 * i for i in range(5)]),
+    late = videos.write_frames(tmp_path / "late.mkv", solid_frames([40 * i for i in range(5)]),
                         [1e6 + i for i in range(5)])
     index = sort_faces.index_video(str(late))
     assert index.times.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and not index.problem
@@ -276,34 +252,14 @@ def test_plan_video_samples_is_bounded_by_the_frames():
         (np.diff(targets) > 0).all()
 
 
-def mjpeg_of_sizes(path: Path, sizes) -> Path:
-    """An MJPEG video whose header gives the first frame's size and whose
-    frames (one a second, each a JPEG of its own) have these sizes."""
-    import av
-    from fractions import Fraction
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=1)
-        stream.width, stream.height = sizes[0]
-        stream.pix_fmt = "yuvj420p"
-        stream.time_base = Fraction(1, 1000)
-        for i, (width, height) in enumerate(sizes):
-            _ok, jpeg = cv2.imencode(".jpg", np.full((height, width, 3), 128, np.uint8))
-            packet = av.Packet(jpeg.tobytes())
-            packet.stream, packet.time_base = stream, Fraction(1, 1000)
-            packet.pts = packet.dts = i * 1000
-            packet.is_keyframe = True
-            container.mux(packet)
-    return path
-
-
 @pytest.mark.fast
 def test_a_frame_larger_than_its_header_is_refused_before_it_is_converted(tmp_path):
     """The header says 64x64; frames 2 and 4 are 16000x12000 (192 MP): those
     are refused with the reason, the others decode, and the process stays
     within the memory of one decoded frame (converting one to BGR took 0.58 GB
     more, and embedding it more still)."""
-    path = mjpeg_of_sizes(tmp_path / "grows.mkv", [(64, 64), (16000, 12000)] * 2)
+    path = videos.mjpeg_of(tmp_path / "grows.mkv", [np.full((h, w, 3), 128, np.uint8)
+                                                   for w, h in [(64, 64), (16000, 12000)] * 2])
     script = f"""
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -599,9 +555,9 @@ def test_a_slideshow_and_a_far_frame_are_each_frame_once_and_the_run_ends(tmp_pa
     shots = [videos.letterbox(p, 320, 240) for p in photos]
     src = tmp_path / "src"
     src.mkdir()
-    write_frames(src / "slides.mp4", shots, [20.0 * i for i in range(6)])
-    write_frames(src / "far.mkv", shots[:2], [0.0, 1e9])
-    write_frames(src / "late.mkv", shots, [1e6 + i for i in range(6)])
+    videos.write_frames(src / "slides.mp4", shots, [20.0 * i for i in range(6)])
+    videos.write_frames(src / "far.mkv", shots[:2], [0.0, 1e9])
+    videos.write_frames(src / "late.mkv", shots, [1e6 + i for i in range(6)])
     cache_path = tmp_path / "c.npz"
     summary = embed_quiet(src, cache_path)
     cache = sort_faces.load_cache(cache_path)
@@ -613,7 +569,7 @@ def test_a_slideshow_and_a_far_frame_are_each_frame_once_and_the_run_ends(tmp_pa
     assert summary["frames"] == 13
     fine = tmp_path / "fine"
     fine.mkdir()
-    write_frames(fine / "ten_fps.mp4", [shots[i // 5] for i in range(30)],
+    videos.write_frames(fine / "ten_fps.mp4", [shots[i // 5] for i in range(30)],
                  [i / 10 for i in range(30)])
     summary = embed_quiet(fine, tmp_path / "fine.npz", video_every=0.04)
     assert summary["frames"] == 30

@@ -86,6 +86,50 @@ def make_video(path: Path, spans, *, fps: int = 10, size=(1280, 720), codec: str
     return Path(path)
 
 
+def write_frames(path: Path, frames, times, **kwargs) -> Path:
+    """A video of these frames at these presentation times (seconds)."""
+    import av
+
+    codec = kwargs.get("codec", "libx264")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=1000)  # ms times
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        if kwargs.get("gop"):
+            stream.codec_context.gop_size = kwargs["gop"]
+            stream.codec_context.options = {"x264-params": "scenecut=0:keyint-min=1"}
+        for pixels, seconds in zip(frames, times):
+            frame = av.VideoFrame.from_ndarray(pixels, format="bgr24")
+            frame.pts, frame.time_base = int(round(seconds * 1000)), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def mjpeg_of(path: Path, frames) -> Path:
+    """An MJPEG video of these BGR frames, one a second, each a JPEG of its own
+    size, the header giving the first one's (as a camera that changes
+    resolution mid-stream writes it)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuvj420p"
+        stream.time_base = Fraction(1, 1000)
+        for index, pixels in enumerate(frames):
+            _ok, jpeg = cv2.imencode(".jpg", pixels)
+            packet = av.Packet(jpeg.tobytes())
+            packet.stream, packet.time_base = stream, Fraction(1, 1000)
+            packet.pts = packet.dts = index * 1000
+            packet.is_keyframe = True
+            container.mux(packet)
+    return Path(path)
+
+
 def people_photos(person: str, count: int, collection: str = "five_celebs") -> list[Path]:
     """The first `count` photos of one person of a shared collection."""
     photos = sorted(p for p in (FACES / collection / person).iterdir()

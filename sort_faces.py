@@ -23,9 +23,11 @@ then one section per subcommand, then the command line.
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
     VIDEO                frames sampled by presentation time with PyAV, one cache row a frame
-    MODEL                InsightFace packs, providers, the crash-proof worker pool
+    MODEL                InsightFace packs, providers, the crash-proof worker pool whose
+                         workers end with the run that started them, even a killed one
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
-                         through the object store, replaced when lost
+                         through the object store, replaced when lost; a local instance
+                         guarded so that it ends with its run
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
@@ -157,11 +159,18 @@ WORK_DIR = Path("work")
 
 # Files per worker task: enough for the decode thread to run ahead of the model.
 TASK_FILES = 4
+# Seconds between a model worker's checks that the run that started it is still
+# its parent: a worker whose run was killed (kill -9) ends within this.
+PARENT_POLL_S = 1.0
 # embed --ray: the optional extra, and how long a new actor may take to load its
 # model before the cluster is taken to lack room for it.
 RAY_INSTALL = ".venv/bin/python -m pip install -r requirements-ray.txt"
 RAY_ACTOR_START_S = 300
 RAY_CONNECT_S = 10  # a cluster's address must answer within this
+# --ray local: how often the guard of the local instance notes its processes
+# (ray_guard), and how long a run waits for the guard once Ray has stopped.
+RAY_GUARD_POLL_S = 0.5
+RAY_GUARD_WAIT_S = 10
 # Images above this many pixels are decoded at a reduced scale (memory bound).
 MAX_DECODE_PIXELS = 100_000_000
 # Images above this are refused outright: even a reduced decode is not worth it.
@@ -2082,11 +2091,33 @@ class WorkerStartError(Exception):
     """A model worker could not load its model (raised in the worker, re-raised here)."""
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` is no longer its parent.
+
+    A worker ignores the stop signals (its run stops it), so a run killed
+    outright (kill -9, the OOM killer) would leave it running for good: the
+    kernel hands it to init, and its task queue never reads as closed (the
+    worker holds a writing end of it too). A daemon thread polls os.getppid()
+    every PARENT_POLL_S and calls os._exit: unlike a check between tasks it
+    also ends a worker busy inside a long model call (the model releases the
+    GIL), and unlike PR_SET_PDEATHSIG it is not tied to the thread that
+    started the worker, nor to Linux.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
-                 options) -> None:
-    # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself.
+                 options, parent_pid: int) -> None:
+    # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself;
+    # a parent that is killed outright leaves its workers to exit_with_parent.
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
     warnings.filterwarnings("ignore")
     device_id = 0
     with contextlib.suppress(Exception):
@@ -2153,7 +2184,8 @@ def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_siz
         devices.put(index)
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options))
+        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options,
+                  os.getpid()))
 
 
 class PoolFailure(Exception):
@@ -2422,6 +2454,60 @@ def kept_signal_handlers():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def ray_guard(poll_s: float, before: list[int]) -> None:
+    """The guard of a local Ray instance, a program of its own (started_guard
+    runs it from this source, importing psutil alone): while its standard
+    input stays open it notes, every `poll_s`, each process under its parent
+    but those in `before` (there when it was started); once that input closes
+    (the run stopped Ray, or was killed outright) it kills those still
+    running. Ray ends most of its processes when the run dies, but its node
+    agents wait on the dead cluster for up to a minute first."""
+    import os
+    import threading
+
+    import psutil
+
+    closed = threading.Event()
+    threading.Thread(target=lambda: (os.read(0, 1), closed.set()), daemon=True).start()
+    run, old = psutil.Process(os.getppid()), set(before) | {os.getpid()}
+    started: dict = {}
+    while not closed.wait(poll_s):
+        try:
+            for process in run.children(recursive=True):
+                if process.pid not in old:
+                    started.setdefault(process.pid, process)
+        except psutil.Error:  # the run is gone (its input closes with it)
+            break
+    for process in started.values():
+        try:
+            process.kill()  # psutil refuses a pid that another process took since
+        except psutil.Error:
+            pass
+
+
+def started_guard():
+    """ray_guard running beside this process, for the processes started under
+    it from now on (in a session of its own, so that a Ctrl-C or a kill of
+    this run's process group does not reach it)."""
+    import inspect
+    import subprocess
+
+    before = [p.pid for p in psutil.Process().children(recursive=True)]
+    program = (f"# face-sets: the guard of a local Ray instance\n{inspect.getsource(ray_guard)}"
+               f"\nray_guard({RAY_GUARD_POLL_S!r}, {before!r})\n")
+    return subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_guard(guard) -> None:
+    """Close the guard's input (it kills what is left of the instance) and wait for it."""
+    with contextlib.suppress(OSError):
+        guard.stdin.close()
+    with contextlib.suppress(Exception):
+        guard.wait(timeout=RAY_GUARD_WAIT_S)
+
+
 @contextlib.contextmanager
 def ray_session(address: str, task):
     """Connected to the Ray cluster at `address` (check_ray_address; "local"
@@ -2435,22 +2521,28 @@ def ray_session(address: str, task):
         if problem:
             raise UserError(f"cannot {kind}: {problem}")
     said: list[str] = []  # Ray's own lines while it starts (its C++ core writes to fd 2)
+    guard = started_guard() if address == "local" else None  # what starts here ends here
     try:
-        with kept_signal_handlers(), stderr_captured(said):
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, configure_logging=False,
-                     runtime_env={"py_modules": ray_shipped(task)[1]})
-    except (ConnectionError, RuntimeError, ValueError, OSError) as error:
-        hint = "; the cluster asks for its token: give this process RAY_AUTH_MODE=token (and " \
-            "RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
-            if "InvalidAuthToken" in "".join(said) else ""
-        raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") from None
-    if "".join(said).strip():  # kept for the log
-        log.info("Ray, while starting: %s", " ".join("".join(said).split())[:2000])
-    try:
-        yield ray
+        try:
+            with kept_signal_handlers(), stderr_captured(said):
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=False,
+                         runtime_env={"py_modules": ray_shipped(task)[1]})
+        except (ConnectionError, RuntimeError, ValueError, OSError) as error:
+            hint = "; the cluster asks for its token: give this process RAY_AUTH_MODE=token " \
+                "(and RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
+                if "InvalidAuthToken" in "".join(said) else ""
+            raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") \
+                from None
+        if "".join(said).strip():  # kept for the log
+            log.info("Ray, while starting: %s", " ".join("".join(said).split())[:2000])
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if guard is not None:
+            stop_guard(guard)
 
 
 def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[list[str], dict, int]:
@@ -2505,7 +2597,9 @@ class RayModelWorker:
         except OSError as error:
             _WORKER["error"] = f"cannot store the model's files on this node: {error}"
             return
-        _init_worker(pack, modules, providers, det_size, None, embedding_size, options)
+        # its parent is its node's raylet, which a killed local run takes with it
+        _init_worker(pack, modules, providers, det_size, None, embedding_size, options,
+                     os.getppid())
 
     def ready(self) -> str:
         """'' once the model is loaded, else why it could not be."""

@@ -32,7 +32,8 @@ then one section per subcommand, then the command line.
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
-                         manifests and the one loader that validates them
+                         all-or-nothing changes in place, manifests and the one loader
+                         that validates them
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
                          faiss's inverted lists for many faces), centroids
     REVIEW PAGES         index.html and face thumbnails for every output folder
@@ -594,14 +595,22 @@ def is_within(path: Path, root: Path) -> bool:
 
 
 def inside(root: Path, *parts: str) -> Path:
-    """root/parts..., refused (UserError) unless it resolves inside `root`.
+    """root/parts..., refused (UserError) unless it lies inside `root`.
 
     Every path a step writes or deletes under an output is made here, so a
     name taken from a manifest can never reach outside the output it owns.
+    A path is judged where it lies in the output, not where a link in it
+    points: each part is a plain name (no "..", no absolute path), every
+    folder on the way resolves inside `root`, and the last part does too or
+    is a link to a file (an entry of a `--link symlink` output: steps replace
+    or remove such a link, never write through it). A link to a folder out
+    of the output is refused: files would be written into it.
     """
     path = Path(root).joinpath(*parts)
-    if any(not part or part in (".", "..") or os.path.isabs(part) for part in parts) or \
-            not is_within(path, root) or path == Path(root):
+    plain = parts and all(part and not os.path.isabs(part) and
+                          not {".", "..", ""} & set(re.split(r"[\\/]", part)) for part in parts)
+    if not plain or not is_within(path.parent, root) or \
+            not (is_within(path, root) or (path.is_symlink() and not path.is_dir())):
         raise UserError(f"refusing to write {display(path)}: outside the output {display(root)}")
     return path
 
@@ -3732,8 +3741,8 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
 # OUTPUT FOLDERS
 # Materialising photos into an output folder: stable flat names, copy / hard
 # link / symlink, and the build-beside-then-swap that keeps a re-run from ever
-# leaving a half-written result. Also the guards that keep outputs away from
-# the user's photos.
+# leaving a half-written result (and extend's all-or-nothing change in place).
+# Also the guards that keep outputs away from the user's photos.
 # ============================================================================
 
 # Characters no file system takes (Windows is the strictest) and its reserved names.
@@ -3972,6 +3981,55 @@ def building(out: Path, kind: str):
         os.replace(out, old)
     os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def output_paths(out: Path) -> set[str]:
+    """Every file, link and folder under `out` (links not followed)."""
+    found = set()
+    for folder, folders, files in os.walk(out):
+        found.update(os.path.join(folder, name) for name in folders + files)
+    return found
+
+
+class InPlaceChange:
+    """What a step changing an output in place (changed_in_place) removes
+    once it has written its manifest."""
+
+    def __init__(self):
+        self.removals: list[Path] = []
+
+    def remove_later(self, path: Path) -> None:
+        self.removals.append(path)
+
+
+@contextlib.contextmanager
+def changed_in_place(out: Path):
+    """Change the output `out` in place, all or nothing (extend): the step adds
+    files, and asks for removals (InPlaceChange.remove_later), which are made
+    only when the block ends, with its manifest written last inside it. If
+    the block fails instead, every path it added under `out` is removed
+    again, nothing is removed, and `out` is as it was; an OSError (a full
+    disk, say) ends the run with one line saying so.
+    """
+    out = Path(out)
+    before = output_paths(out)
+    change = InPlaceChange()
+    try:
+        yield change
+    except BaseException as error:
+        for added in sorted(output_paths(out) - before, key=lambda p: p.count(os.sep)):
+            if os.path.isdir(added) and not os.path.islink(added):
+                shutil.rmtree(added, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(added)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot change {display(out)}: {error.strerror or error}; it is "
+                            "left as it was") from None
+        raise
+    for path in change.removals:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def output_lock(out: Path):
@@ -7277,8 +7335,10 @@ def duplicates_path(cache_path: Path) -> Path:
 # Fold faces the manifests do not know yet into an existing cluster and/or
 # refine output: join the nearest person by centroid, or form new numbers
 # after the highest; never renumber, never move an existing member. New files
-# are added in place (each written whole, then renamed) and the manifest is
-# rewritten last, so a crash is repaired by running extend again.
+# are added in place (each written whole, then renamed), the manifest is
+# rewritten last and only then are files it no longer lists removed; a step
+# that fails before removes what it added (changed_in_place), and a crash is
+# repaired by running extend again.
 # ============================================================================
 
 
@@ -7300,9 +7360,11 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
-def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `cluster` output. Returns the run record, or None
-    when there was nothing to do."""
+def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations,
+               change: InPlaceChange) -> tuple[dict, dict] | None:
+    """Fold new faces into a `cluster` output, its manifest written last (the
+    files it no longer needs go through `change`). Returns the run record and
+    the manifest, or None when there was nothing to do."""
     manifest_path = out / MANIFEST_FILES["cluster"]
     manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
@@ -7346,19 +7408,19 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     keep_rows = {int(cache["face_file"][f]) for f in singles}
     keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
     for name in set(singleton_entry["outputs"]) - keep_names:
-        with contextlib.suppress(FileNotFoundError):
-            inside(out, "_singletons", name).unlink()
+        change.remove_later(inside(out, "_singletons", name))
     singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
     aliases_added = sum(sync_entry_files(p, inside(out, entry_folder(p)), cache, locations, link)
                         for p in people)
-    aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
+    aliases_added += sync_entry_files(singleton_entry, inside(out, "_singletons"), cache,
+                                      locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
     listed = set(manifest["noface"]["files"])
     new_noface = [p for p in noface if p not in listed]
     manifest["noface"]["files"] += new_noface
-    manifest["noface"]["outputs"] += materialise_files(out / "_noface", new_noface, link)
+    manifest["noface"]["outputs"] += materialise_files(inside(out, "_noface"), new_noface, link)
     manifest["unreadable"] = unreadable
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
@@ -7368,15 +7430,13 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
-                                     people_constraints(cache_path, cache))
-    write_review(out, cluster_review_page(manifest, cache, locations, out, suggestions), cache,
-                 locations)
-    return record
+    return record, manifest
 
 
-def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `refine` output under its own gates."""
+def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations,
+                  change: InPlaceChange) -> tuple[dict, dict] | None:
+    """Fold new faces into a `refine` output under its own gates, its manifest
+    written last; as extend_raw (it removes nothing: `change` is unused)."""
     manifest_path = out / MANIFEST_FILES["refine"]
     manifest = load_manifest(manifest_path, "refine", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
@@ -7440,11 +7500,16 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
                                faces_kept=sum(s["size"] for s in facesets))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "refine"), out, cache,
+    return record, manifest
+
+
+def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,
+                          cache_path: Path, locations) -> None:
+    """The review page of an output extend has just changed."""
+    suggestions = people_suggestions(people_view(manifest, kind), out, cache,
                                      people_constraints(cache_path, cache))
-    write_review(out, refine_review_page(manifest, cache, locations, out, suggestions), cache,
-                 locations)
-    return record
+    page = cluster_review_page if kind == "cluster" else refine_review_page
+    write_review(out, page(manifest, cache, locations, out, suggestions), cache, locations)
 
 
 def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
@@ -7461,7 +7526,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
             raise UserError(f"output folder not found: {out}")
         with output_lock(out):
             claim_output(out, kind)
-            results[step.__name__] = record = step(cache, cache_path, out, locations)
+            with changed_in_place(out) as change:  # all or nothing, up to the manifest
+                done = step(cache, cache_path, out, locations, change)
+            record = results[step.__name__] = done[0] if done is not None else None
+            if done is not None:
+                write_extended_review(out, kind, done[1], cache, cache_path, locations)
         if record is None:
             say(f"extend: {out} is up to date", quiet)
         else:

@@ -8336,16 +8336,37 @@ def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: 
 def people_view(manifest: dict, kind: str) -> dict:
     """The people of a cluster or refine output as `people` works on them:
     entries (person_NNN or faceset_NNN), the loose faces a move may take, the
-    threshold suggestions start at and the one a split tightens."""
+    faces no decision can bring into a faceset (`gated`: face -> why), the
+    threshold suggestions start at and the one a split tightens.
+
+    A decision says who a face is; which faces a faceset takes is refine's
+    quality gate, at OUT's own options. So a face that gate drops is not
+    loose: suggest never offers it, and a move of it is refused (gated_move)
+    rather than recorded to change nothing.
+    """
     spec = PEOPLE_OUTPUTS[kind]
     if kind == "cluster":
-        loose = [f["face"] for f in manifest["singletons"]["faces"]]
+        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
     else:
-        loose = [d["face"] for d in manifest["dropped"] if d.get("stage") != "rejected"]
+        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
+                 if d["stage"] == "quality"}
+        loose = [d["face"] for d in manifest["dropped"]
+                 if d["stage"] != "rejected" and d["face"] not in gated]
     return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
-            "prefix": spec["prefix"], "loose": loose,
+            "prefix": spec["prefix"], "loose": loose, "gated": gated,
             "threshold": manifest["parameters"][spec["threshold"]],
             "split_from": manifest["parameters"][spec["split_from"]]}
+
+
+def gated_move(view: dict, out: Path, faces: list[int]) -> None:
+    """UserError when a move names faces refine's quality gate drops (people_view)."""
+    gated = [face for face in faces if face in view["gated"]]
+    if gated:
+        others = f" (and {len(gated) - 1} more of those named)" if len(gated) > 1 else ""
+        raise UserError(f"face {gated[0]}{others} cannot join a faceset of {display(out)}: "
+                        f"refine's quality gate drops it ({display(view['gated'][gated[0]])}); a "
+                        "decision says who a face is, the gates which faces a faceset takes: "
+                        "refine again with lower gates to keep such faces")
 
 
 def find_person(view: dict, out: Path, wanted: str) -> dict:
@@ -8365,7 +8386,7 @@ def find_person(view: dict, out: Path, wanted: str) -> dict:
 
 def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
     """Face ids (cache rows, as the review page shows them) that are in OUT."""
-    in_out = manifest_face_ids(view["entries"]) | set(view["loose"])
+    in_out = manifest_face_ids(view["entries"]) | set(view["loose"]) | set(view["gated"])
     faces = []
     for text in wanted:
         text = str(text).removeprefix("face_")
@@ -8410,6 +8431,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         decision["people"] = [keys(faces_of(p)) for p in people]
     elif verb == "move":
         faces = find_faces(view, out, faces_named, cache)
+        gated_move(view, out, faces)
         target = None if str(to).strip().casefold() == "new" else find_person(view, out, str(to))
         if target is not None and set(faces) <= set(faces_of(target)):
             raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "

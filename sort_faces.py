@@ -24,14 +24,17 @@ then one section per subcommand, then the command line.
                          at the reductions a step needs (libjpeg's DCT scaling)
     VIDEO                frames planned from a video's timestamps and decoded exactly with
                          PyAV, one cache row a frame
-    MODEL                InsightFace packs, providers, the crash-proof worker pool
+    MODEL                InsightFace packs, providers, the crash-proof worker pool whose
+                         workers end with the run that started them, even a killed one
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
-                         through the object store, replaced when lost
+                         through the object store, replaced when lost; a local instance
+                         guarded so that it ends with its run
     GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
-                         manifests and the one loader that validates them
+                         all-or-nothing changes in place, manifests and the one loader
+                         that validates them
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
                          faiss's inverted lists for many faces), centroids
     REVIEW PAGES         index.html and face thumbnails for every output folder
@@ -160,11 +163,18 @@ WORK_DIR = Path("work")
 
 # Files per worker task: enough for the decode thread to run ahead of the model.
 TASK_FILES = 4
+# Seconds between a model worker's checks that the run that started it is still
+# its parent: a worker whose run was killed (kill -9) ends within this.
+PARENT_POLL_S = 1.0
 # embed --ray: the optional extra, and how long a new actor may take to load its
 # model before the cluster is taken to lack room for it.
 RAY_INSTALL = ".venv/bin/python -m pip install -r requirements-ray.txt"
 RAY_ACTOR_START_S = 300
 RAY_CONNECT_S = 10  # a cluster's address must answer within this
+# --ray local: how often the guard of the local instance notes its processes
+# (ray_guard), and how long a run waits for the guard once Ray has stopped.
+RAY_GUARD_POLL_S = 0.5
+RAY_GUARD_WAIT_S = 10
 # Images above this many pixels are decoded at a reduced scale (memory bound).
 MAX_DECODE_PIXELS = 100_000_000
 # Images above this are refused outright: even a reduced decode is not worth it.
@@ -588,14 +598,22 @@ def is_within(path: Path, root: Path) -> bool:
 
 
 def inside(root: Path, *parts: str) -> Path:
-    """root/parts..., refused (UserError) unless it resolves inside `root`.
+    """root/parts..., refused (UserError) unless it lies inside `root`.
 
     Every path a step writes or deletes under an output is made here, so a
     name taken from a manifest can never reach outside the output it owns.
+    A path is judged where it lies in the output, not where a link in it
+    points: each part is a plain name (no "..", no absolute path), every
+    folder on the way resolves inside `root`, and the last part does too or
+    is a link to a file (an entry of a `--link symlink` output: steps replace
+    or remove such a link, never write through it). A link to a folder out
+    of the output is refused: files would be written into it.
     """
     path = Path(root).joinpath(*parts)
-    if any(not part or part in (".", "..") or os.path.isabs(part) for part in parts) or \
-            not is_within(path, root) or path == Path(root):
+    plain = parts and all(part and not os.path.isabs(part) and
+                          not {".", "..", ""} & set(re.split(r"[\\/]", part)) for part in parts)
+    if not plain or not is_within(path.parent, root) or \
+            not (is_within(path, root) or (path.is_symlink() and not path.is_dir())):
         raise UserError(f"refusing to write {display(path)}: outside the output {display(root)}")
     return path
 
@@ -2360,11 +2378,33 @@ class WorkerStartError(Exception):
     """A model worker could not load its model (raised in the worker, re-raised here)."""
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` is no longer its parent.
+
+    A worker ignores the stop signals (its run stops it), so a run killed
+    outright (kill -9, the OOM killer) would leave it running for good: the
+    kernel hands it to init, and its task queue never reads as closed (the
+    worker holds a writing end of it too). A daemon thread polls os.getppid()
+    every PARENT_POLL_S and calls os._exit: unlike a check between tasks it
+    also ends a worker busy inside a long model call (the model releases the
+    GIL), and unlike PR_SET_PDEATHSIG it is not tied to the thread that
+    started the worker, nor to Linux.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
-                 options) -> None:
-    # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself.
+                 options, parent_pid: int) -> None:
+    # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself;
+    # a parent that is killed outright leaves its workers to exit_with_parent.
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
     warnings.filterwarnings("ignore")
     device_id = 0
     with contextlib.suppress(Exception):
@@ -2431,7 +2471,8 @@ def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_siz
         devices.put(index)
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options))
+        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options,
+                  os.getpid()))
 
 
 class PoolFailure(Exception):
@@ -2700,6 +2741,60 @@ def kept_signal_handlers():
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def ray_guard(poll_s: float, before: list[int]) -> None:
+    """The guard of a local Ray instance, a program of its own (started_guard
+    runs it from this source, importing psutil alone): while its standard
+    input stays open it notes, every `poll_s`, each process under its parent
+    but those in `before` (there when it was started); once that input closes
+    (the run stopped Ray, or was killed outright) it kills those still
+    running. Ray ends most of its processes when the run dies, but its node
+    agents wait on the dead cluster for up to a minute first."""
+    import os
+    import threading
+
+    import psutil
+
+    closed = threading.Event()
+    threading.Thread(target=lambda: (os.read(0, 1), closed.set()), daemon=True).start()
+    run, old = psutil.Process(os.getppid()), set(before) | {os.getpid()}
+    started: dict = {}
+    while not closed.wait(poll_s):
+        try:
+            for process in run.children(recursive=True):
+                if process.pid not in old:
+                    started.setdefault(process.pid, process)
+        except psutil.Error:  # the run is gone (its input closes with it)
+            break
+    for process in started.values():
+        try:
+            process.kill()  # psutil refuses a pid that another process took since
+        except psutil.Error:
+            pass
+
+
+def started_guard():
+    """ray_guard running beside this process, for the processes started under
+    it from now on (in a session of its own, so that a Ctrl-C or a kill of
+    this run's process group does not reach it)."""
+    import inspect
+    import subprocess
+
+    before = [p.pid for p in psutil.Process().children(recursive=True)]
+    program = (f"# face-sets: the guard of a local Ray instance\n{inspect.getsource(ray_guard)}"
+               f"\nray_guard({RAY_GUARD_POLL_S!r}, {before!r})\n")
+    return subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_guard(guard) -> None:
+    """Close the guard's input (it kills what is left of the instance) and wait for it."""
+    with contextlib.suppress(OSError):
+        guard.stdin.close()
+    with contextlib.suppress(Exception):
+        guard.wait(timeout=RAY_GUARD_WAIT_S)
+
+
 @contextlib.contextmanager
 def ray_session(address: str, task):
     """Connected to the Ray cluster at `address` (check_ray_address; "local"
@@ -2713,22 +2808,28 @@ def ray_session(address: str, task):
         if problem:
             raise UserError(f"cannot {kind}: {problem}")
     said: list[str] = []  # Ray's own lines while it starts (its C++ core writes to fd 2)
+    guard = started_guard() if address == "local" else None  # what starts here ends here
     try:
-        with kept_signal_handlers(), stderr_captured(said):
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, configure_logging=False,
-                     runtime_env={"py_modules": ray_shipped(task)[1]})
-    except (ConnectionError, RuntimeError, ValueError, OSError) as error:
-        hint = "; the cluster asks for its token: give this process RAY_AUTH_MODE=token (and " \
-            "RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
-            if "InvalidAuthToken" in "".join(said) else ""
-        raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") from None
-    if "".join(said).strip():  # kept for the log
-        log.info("Ray, while starting: %s", " ".join("".join(said).split())[:2000])
-    try:
-        yield ray
+        try:
+            with kept_signal_handlers(), stderr_captured(said):
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=False,
+                         runtime_env={"py_modules": ray_shipped(task)[1]})
+        except (ConnectionError, RuntimeError, ValueError, OSError) as error:
+            hint = "; the cluster asks for its token: give this process RAY_AUTH_MODE=token " \
+                "(and RAY_AUTH_TOKEN, from `ray get-auth-token` on the head)" \
+                if "InvalidAuthToken" in "".join(said) else ""
+            raise UserError(f"cannot {kind}: {' '.join(str(error).split())[:300]}{hint}") \
+                from None
+        if "".join(said).strip():  # kept for the log
+            log.info("Ray, while starting: %s", " ".join("".join(said).split())[:2000])
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if guard is not None:
+            stop_guard(guard)
 
 
 def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[list[str], dict, int]:
@@ -2783,7 +2884,9 @@ class RayModelWorker:
         except OSError as error:
             _WORKER["error"] = f"cannot store the model's files on this node: {error}"
             return
-        _init_worker(pack, modules, providers, det_size, None, embedding_size, options)
+        # its parent is its node's raylet, which a killed local run takes with it
+        _init_worker(pack, modules, providers, det_size, None, embedding_size, options,
+                     os.getppid())
 
     def ready(self) -> str:
         """'' once the model is loaded, else why it could not be."""
@@ -3916,8 +4019,8 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
 # OUTPUT FOLDERS
 # Materialising photos into an output folder: stable flat names, copy / hard
 # link / symlink, and the build-beside-then-swap that keeps a re-run from ever
-# leaving a half-written result. Also the guards that keep outputs away from
-# the user's photos.
+# leaving a half-written result (and extend's all-or-nothing change in place).
+# Also the guards that keep outputs away from the user's photos.
 # ============================================================================
 
 # Characters no file system takes (Windows is the strictest) and its reserved names.
@@ -4156,6 +4259,55 @@ def building(out: Path, kind: str):
         os.replace(out, old)
     os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def output_paths(out: Path) -> set[str]:
+    """Every file, link and folder under `out` (links not followed)."""
+    found = set()
+    for folder, folders, files in os.walk(out):
+        found.update(os.path.join(folder, name) for name in folders + files)
+    return found
+
+
+class InPlaceChange:
+    """What a step changing an output in place (changed_in_place) removes
+    once it has written its manifest."""
+
+    def __init__(self):
+        self.removals: list[Path] = []
+
+    def remove_later(self, path: Path) -> None:
+        self.removals.append(path)
+
+
+@contextlib.contextmanager
+def changed_in_place(out: Path):
+    """Change the output `out` in place, all or nothing (extend): the step adds
+    files, and asks for removals (InPlaceChange.remove_later), which are made
+    only when the block ends, with its manifest written last inside it. If
+    the block fails instead, every path it added under `out` is removed
+    again, nothing is removed, and `out` is as it was; an OSError (a full
+    disk, say) ends the run with one line saying so.
+    """
+    out = Path(out)
+    before = output_paths(out)
+    change = InPlaceChange()
+    try:
+        yield change
+    except BaseException as error:
+        for added in sorted(output_paths(out) - before, key=lambda p: p.count(os.sep)):
+            if os.path.isdir(added) and not os.path.islink(added):
+                shutil.rmtree(added, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(added)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot change {display(out)}: {error.strerror or error}; it is "
+                            "left as it was") from None
+        raise
+    for path in change.removals:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def output_lock(out: Path):
@@ -7435,8 +7587,10 @@ def duplicates_path(cache_path: Path) -> Path:
 # Fold faces the manifests do not know yet into an existing cluster and/or
 # refine output: join the nearest person by centroid, or form new numbers
 # after the highest; never renumber, never move an existing member. New files
-# are added in place (each written whole, then renamed) and the manifest is
-# rewritten last, so a crash is repaired by running extend again.
+# are added in place (each written whole, then renamed), the manifest is
+# rewritten last and only then are files it no longer lists removed; a step
+# that fails before removes what it added (changed_in_place), and a crash is
+# repaired by running extend again.
 # ============================================================================
 
 
@@ -7458,9 +7612,11 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
-def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `cluster` output. Returns the run record, or None
-    when there was nothing to do."""
+def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations,
+               change: InPlaceChange) -> tuple[dict, dict] | None:
+    """Fold new faces into a `cluster` output, its manifest written last (the
+    files it no longer needs go through `change`). Returns the run record and
+    the manifest, or None when there was nothing to do."""
     manifest_path = out / MANIFEST_FILES["cluster"]
     manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
@@ -7504,19 +7660,19 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     keep_rows = {int(cache["face_file"][f]) for f in singles}
     keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
     for name in set(singleton_entry["outputs"]) - keep_names:
-        with contextlib.suppress(FileNotFoundError):
-            inside(out, "_singletons", name).unlink()
+        change.remove_later(inside(out, "_singletons", name))
     singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
     aliases_added = sum(sync_entry_files(p, inside(out, entry_folder(p)), cache, locations, link)
                         for p in people)
-    aliases_added += sync_entry_files(singleton_entry, out / "_singletons", cache, locations, link)
+    aliases_added += sync_entry_files(singleton_entry, inside(out, "_singletons"), cache,
+                                      locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
     listed = set(manifest["noface"]["files"])
     new_noface = [p for p in noface if p not in listed]
     manifest["noface"]["files"] += new_noface
-    manifest["noface"]["outputs"] += materialise_files(out / "_noface", new_noface, link)
+    manifest["noface"]["outputs"] += materialise_files(inside(out, "_noface"), new_noface, link)
     manifest["unreadable"] = unreadable
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
@@ -7526,15 +7682,13 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
-                                     people_constraints(cache_path, cache))
-    write_review(out, cluster_review_page(manifest, cache, locations, out, suggestions), cache,
-                 locations)
-    return record
+    return record, manifest
 
 
-def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `refine` output under its own gates."""
+def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations,
+                  change: InPlaceChange) -> tuple[dict, dict] | None:
+    """Fold new faces into a `refine` output under its own gates, its manifest
+    written last; as extend_raw (it removes nothing: `change` is unused)."""
     manifest_path = out / MANIFEST_FILES["refine"]
     manifest = load_manifest(manifest_path, "refine", cache.n_faces, cache.embedding_size)
     check_manifest_model(manifest, cache, cache_path, out)
@@ -7598,11 +7752,16 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
                                faces_kept=sum(s["size"] for s in facesets))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "refine"), out, cache,
+    return record, manifest
+
+
+def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,
+                          cache_path: Path, locations) -> None:
+    """The review page of an output extend has just changed."""
+    suggestions = people_suggestions(people_view(manifest, kind), out, cache,
                                      people_constraints(cache_path, cache))
-    write_review(out, refine_review_page(manifest, cache, locations, out, suggestions), cache,
-                 locations)
-    return record
+    page = cluster_review_page if kind == "cluster" else refine_review_page
+    write_review(out, page(manifest, cache, locations, out, suggestions), cache, locations)
 
 
 def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
@@ -7619,7 +7778,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
             raise UserError(f"output folder not found: {out}")
         with output_lock(out):
             claim_output(out, kind)
-            results[step.__name__] = record = step(cache, cache_path, out, locations)
+            with changed_in_place(out) as change:  # all or nothing, up to the manifest
+                done = step(cache, cache_path, out, locations, change)
+            record = results[step.__name__] = done[0] if done is not None else None
+            if done is not None:
+                write_extended_review(out, kind, done[1], cache, cache_path, locations)
         if record is None:
             say(f"extend: {out} is up to date", quiet)
         else:
@@ -8428,16 +8591,37 @@ def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: 
 def people_view(manifest: dict, kind: str) -> dict:
     """The people of a cluster or refine output as `people` works on them:
     entries (person_NNN or faceset_NNN), the loose faces a move may take, the
-    threshold suggestions start at and the one a split tightens."""
+    faces no decision can bring into a faceset (`gated`: face -> why), the
+    threshold suggestions start at and the one a split tightens.
+
+    A decision says who a face is; which faces a faceset takes is refine's
+    quality gate, at OUT's own options. So a face that gate drops is not
+    loose: suggest never offers it, and a move of it is refused (gated_move)
+    rather than recorded to change nothing.
+    """
     spec = PEOPLE_OUTPUTS[kind]
     if kind == "cluster":
-        loose = [f["face"] for f in manifest["singletons"]["faces"]]
+        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
     else:
-        loose = [d["face"] for d in manifest["dropped"] if d.get("stage") != "rejected"]
+        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
+                 if d["stage"] == "quality"}
+        loose = [d["face"] for d in manifest["dropped"]
+                 if d["stage"] != "rejected" and d["face"] not in gated]
     return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
-            "prefix": spec["prefix"], "loose": loose,
+            "prefix": spec["prefix"], "loose": loose, "gated": gated,
             "threshold": manifest["parameters"][spec["threshold"]],
             "split_from": manifest["parameters"][spec["split_from"]]}
+
+
+def gated_move(view: dict, out: Path, faces: list[int]) -> None:
+    """UserError when a move names faces refine's quality gate drops (people_view)."""
+    gated = [face for face in faces if face in view["gated"]]
+    if gated:
+        others = f" (and {len(gated) - 1} more of those named)" if len(gated) > 1 else ""
+        raise UserError(f"face {gated[0]}{others} cannot join a faceset of {display(out)}: "
+                        f"refine's quality gate drops it ({display(view['gated'][gated[0]])}); a "
+                        "decision says who a face is, the gates which faces a faceset takes: "
+                        "refine again with lower gates to keep such faces")
 
 
 def find_person(view: dict, out: Path, wanted: str) -> dict:
@@ -8457,7 +8641,7 @@ def find_person(view: dict, out: Path, wanted: str) -> dict:
 
 def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
     """Face ids (cache rows, as the review page shows them) that are in OUT."""
-    in_out = manifest_face_ids(view["entries"]) | set(view["loose"])
+    in_out = manifest_face_ids(view["entries"]) | set(view["loose"]) | set(view["gated"])
     faces = []
     for text in wanted:
         text = str(text).removeprefix("face_")
@@ -8502,6 +8686,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         decision["people"] = [keys(faces_of(p)) for p in people]
     elif verb == "move":
         faces = find_faces(view, out, faces_named, cache)
+        gated_move(view, out, faces)
         target = None if str(to).strip().casefold() == "new" else find_person(view, out, str(to))
         if target is not None and set(faces) <= set(faces_of(target)):
             raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "

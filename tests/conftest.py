@@ -55,23 +55,60 @@ def pack_dir():
     return pack
 
 
+def embed_process(src, cache, flush_every: int, *options: str):
+    """`embed` (buffalo_s, quiet) in a process of its own session, with `options`."""
+    import subprocess
+
+    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
+               "--model", "buffalo_s", "--flush-every", str(flush_every), "--quiet", *options]
+    return subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+
+
+def wait_for_chunks(cache, chunks: int, within: float = 120) -> None:
+    """Until `chunks` journal chunks of `cache` are written (or `within` seconds)."""
+    import time
+
+    journal = sort_faces.journal_dir(cache)
+    deadline = time.time() + within
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < chunks:
+        time.sleep(0.05)
+
+
 def kill_embed_after(src, cache, chunks: int, flush_every: int) -> None:
     """Run `embed` (one worker) in a process of its own and kill -9 it, with its
     workers, once `chunks` journal chunks are written: no chance to flush."""
     import signal
-    import subprocess
-    import time
 
-    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
-               "--model", "buffalo_s", "--flush-every", str(flush_every), "--workers", "1",
-               "--quiet"]
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-    journal = sort_faces.journal_dir(cache)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(journal.glob("*.npz"))) < chunks:
-        time.sleep(0.05)
+    process = embed_process(src, cache, flush_every, "--workers", "1")
+    wait_for_chunks(cache, chunks)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def left_running(processes, within: float) -> list:
+    """Those of `processes` (psutil.Process) still running `within` seconds from
+    now (a zombie has ended). They are killed then: a failing test leaves
+    nothing running on the machine."""
+    import time
+
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.time() + within
+    while time.time() < deadline and any(running(p) for p in processes):
+        time.sleep(0.1)
+    left = [p for p in processes if running(p)]
+    for process in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return left
 
 
 def embed_quiet(src, cache, **kwargs):

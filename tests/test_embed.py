@@ -10,11 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 import sort_faces
-from conftest import DATA, ROOT, embed_quiet, kill_embed_after, tree_fingerprint
+from conftest import (DATA, ROOT, embed_process, embed_quiet, kill_embed_after, left_running,
+                      tree_fingerprint, wait_for_chunks)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,47 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     # same faces: each face of one run has a twin in the other
     similarity = a["embeddings"] @ b["embeddings"].T
     assert np.all(similarity.max(axis=1) > 0.999)
+
+
+def test_kill_9_of_the_run_alone_leaves_no_worker(tmp_path):
+    """kill -9 of embed itself (not its process group, as a terminal's kill
+    or the OOM killer would): within seconds no process it started runs on."""
+    src = _copy_photos(tmp_path / "src", sets=("lfw10",))
+    cache = tmp_path / "c.npz"
+    process = embed_process(src, cache, 5, "--workers", "2")
+    wait_for_chunks(cache, 1)
+    started = psutil.Process(process.pid).children(recursive=True)
+    assert len(started) >= 2  # the workers (and multiprocessing's resource tracker)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert left_running(started, within=5) == []
+
+
+def test_a_worker_busy_in_a_long_model_call_ends_with_its_run(tmp_path, pack_dir):
+    """A worker inside a model call that does not return (crashing_task.stall)
+    ends within seconds of a kill -9 of its run: it does not wait for the call."""
+    busy = tmp_path / "busy"
+    run = f"""import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+import sort_faces
+from crashing_task import stall
+pack = sort_faces.Path({str(pack_dir)!r})
+sort_faces.run_model_step(stall, [[({str(busy)!r},)]], lambda batch, result: None,
+                          pack_dir=pack, modules=["detection"],
+                          identity=sort_faces.model_identity("buffalo_s", pack, 640),
+                          providers=["CPUExecutionProvider"], workers=1,
+                          crash_result=lambda reason: None)
+"""
+    process = subprocess.Popen([sys.executable, "-c", run], cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not busy.exists():
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid written whole
+    worker = psutil.Process(int(busy.read_text()))
+    assert worker.ppid() == process.pid
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert left_running([worker], within=5) == []
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):

@@ -1,8 +1,11 @@
 """extend: new photos fold into an existing result without renumbering."""
 
+import errno
 import json
+import os
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -39,15 +42,36 @@ def members(entries):
 
 
 @pytest.fixture(scope="module")
-def extended(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("extend")
+def halves(tmp_path_factory):
+    """The cache of the first half of the photos, and the cache after the second
+    half was embedded into it (split_sources)."""
+    tmp = tmp_path_factory.mktemp("halves")
     first, second = split_sources(tmp)
     cache = tmp / "cache.npz"
     embed_quiet(first, cache)
-    raw, refined = tmp / "out" / "raw", tmp / "out" / "refined"
-    before_raw = sort_faces.cluster(cache, raw, quiet=True)
-    before_refined = sort_faces.refine(cache, refined, quiet=True, **REFINE)
+    shutil.copy2(cache, tmp / "first.npz")
     embed_quiet(second, cache)
+    return {"first": tmp / "first.npz", "both": cache, "sources": [first, second]}
+
+
+def built_then_grown(halves, tmp: Path, link: str = "copy"):
+    """(cache, raw, refined): cluster and refine outputs of the first half's
+    cache, that cache then grown by the second half (extend has work to do)."""
+    cache = tmp / "cache.npz"
+    shutil.copy2(halves["first"], cache)
+    raw, refined = tmp / "out" / "raw", tmp / "out" / "refined"
+    sort_faces.cluster(cache, raw, link=link, quiet=True)
+    sort_faces.refine(cache, refined, link=link, quiet=True, **REFINE)
+    shutil.copy2(halves["both"], cache)
+    return cache, raw, refined
+
+
+@pytest.fixture(scope="module")
+def extended(halves, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extend")
+    cache, raw, refined = built_then_grown(halves, tmp)
+    before_raw = json.loads((raw / "manifest.json").read_text())
+    before_refined = json.loads((refined / "refine_manifest.json").read_text())
     result = sort_faces.extend(cache, raw, refined, quiet=True)
     return {"cache": cache, "raw": raw, "refined": refined, "before_raw": before_raw,
             "before_refined": before_refined, "result": result,
@@ -123,3 +147,76 @@ def test_extend_refuses_another_models_cache(extended, tmp_path):
     (raw / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(sort_faces.UserError, match="two models"):
         sort_faces.extend(extended["cache"], raw, quiet=True)
+
+
+def contents(root: Path) -> dict:
+    """Every entry under root: a link's target, a file's bytes, or a folder."""
+    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink()
+            else p.read_bytes() if p.is_file() else "folder" for p in sorted(root.rglob("*"))}
+
+
+def test_extend_works_on_a_symlink_output(halves, tmp_path):
+    """A --link symlink output's entries are links to the photos: extend judges
+    a path where it lies in the output, not where a link there points (it
+    refused to remove such a singleton, "outside the output", on every run)."""
+    sources = {root: tree_fingerprint(root) for root in halves["sources"]}
+    cache, raw, refined = built_then_grown(halves, tmp_path, link="symlink")
+    before = json.loads((raw / "manifest.json").read_text())
+    result = sort_faces.extend(cache, raw, refined, quiet=True)
+    assert result["extend_raw"]["new_people"] and result["extend_refine"]["new_facesets"]
+    after = json.loads((raw / "manifest.json").read_text())
+    gone = set(before["singletons"]["outputs"]) - set(after["singletons"]["outputs"])
+    assert gone  # singletons that joined someone: their links are removed
+    for out, key in ((raw, "clusters"), (refined, "facesets")):
+        manifest = json.loads((out / sort_faces.MANIFEST_FILES[
+            "cluster" if key == "clusters" else "refine"]).read_text())
+        folders = {sort_faces.entry_folder(e): set(e["outputs"]) for e in manifest[key]}
+        if key == "clusters":
+            folders["_singletons"] = set(manifest["singletons"]["outputs"])
+        on_disk = {p.name for p in out.iterdir() if p.name.startswith(("person_", "faceset_"))}
+        assert on_disk | {"_singletons"} == set(folders) | {"_singletons"}
+        for folder, outputs in folders.items():
+            assert {p.name for p in (out / folder).iterdir()} == outputs, folder
+            assert all((out / folder / name).is_symlink() for name in outputs)
+    assert sort_faces.extend(cache, raw, refined, quiet=True) == \
+        {"extend_raw": None, "extend_refine": None}
+    assert {root: tree_fingerprint(root) for root in sources} == sources
+
+
+def test_a_failed_extend_leaves_the_output_as_it_was(halves, tmp_path, monkeypatch):
+    """A failure before extend's manifest is written (here the disk fills up
+    as it is written) removes what the run added and removes nothing: one
+    line, and the output is as it was; the next extend does the work."""
+    cache, raw, refined = built_then_grown(halves, tmp_path)
+    before = {out: contents(out) for out in (raw, refined)}
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(sort_faces, "write_json_atomic", disk_full)
+    for outs in ((raw, None), (None, refined)):
+        with pytest.raises(sort_faces.UserError, match="No space left on device; it is left as "
+                                                       "it was"):
+            sort_faces.extend(cache, *outs, quiet=True)
+    assert {out: contents(out) for out in (raw, refined)} == before
+    monkeypatch.undo()
+    result = sort_faces.extend(cache, raw, refined, quiet=True)
+    assert result["extend_raw"]["new_people"] and result["extend_refine"]["new_facesets"]
+
+
+@pytest.mark.fast
+def test_inside_judges_a_path_where_it_lies_not_where_a_link_points(tmp_path):
+    """The link a --link symlink output holds is the output's own entry (a step
+    replaces or removes it); a link to a folder out of the output, last or on
+    the way, is refused: files would be written into it."""
+    out, source = tmp_path / "out", tmp_path / "photos"
+    (out / "_singletons").mkdir(parents=True)
+    source.mkdir()
+    (source / "a.jpg").write_bytes(b"photo")
+    (out / "_singletons" / "a.jpg").symlink_to(source / "a.jpg")
+    (out / "person_001").symlink_to(source)
+    assert sort_faces.inside(out, "_singletons", "a.jpg") == out / "_singletons" / "a.jpg"
+    for parts in (("person_001",), ("person_001", "b.jpg"), ("_singletons", "..", "x"),
+                  ("_singletons/../../x",)):
+        with pytest.raises(sort_faces.UserError, match="outside the output"):
+            sort_faces.inside(out, *parts)

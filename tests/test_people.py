@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, embed_quiet
+from conftest import DATA, embed_quiet, tree_fingerprint
 
 
 def key(i: int) -> dict:
@@ -589,3 +589,37 @@ def test_people_on_a_refine_output(clustered, tmp_path):
     # the same decisions hold on the cluster output of that cache
     owner = person_of(sort_faces.cluster(cache, tmp_path / "raw2", quiet=True))
     assert owner[face] == owner[start["faceset_002"][0]]
+
+
+def test_suggest_offers_only_what_a_move_can_do_on_a_refine_output(clustered, tmp_path):
+    """A decision says who a face is; refine's quality gate, at OUT's options,
+    says which faces a faceset takes. So suggest offers no face that gate
+    drops (it offered 16 such faces for faceset_001, a move recorded them and
+    changed nothing, and suggest offered them again); a move of one is one
+    line, exit 2, recorded nowhere; every move suggest does offer changes OUT."""
+    cache, _raw = clustered
+    out = tmp_path / "refined"
+    manifest = sort_faces.refine(cache, out, quiet=True, min_short=90, min_faces=5,
+                                 min_blur=20.0)
+    gated = {d["face"]: d["reason"] for d in manifest["dropped"] if d["stage"] == "quality"}
+    assert len(gated) > 10
+    moves = [s for s in sort_faces.people(out, "suggest", quiet=True)["suggestions"]
+             if s["kind"] == "move"]
+    assert not {f for s in moves for f in s["faces"]} & set(gated)
+    face = min(gated)
+    before = tree_fingerprint(out)
+    code, _out, err = run_cli("people", out, "move", face, "--to", "faceset_001")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"face {face} cannot join a faceset" in err and gated[face] in err
+    assert not sort_faces.people_path(cache).exists() and tree_fingerprint(out) == before
+    assert moves  # faces dropped as outliers or by the size filter
+    move = moves[0]
+    sort_faces.people(out, "move", faces_named=[str(f) for f in move["faces"]],
+                      to=move["people"][0], quiet=True)
+    rebuilt = json.loads((out / "refine_manifest.json").read_text())
+    target = next(e for e in rebuilt["facesets"] if e["name"] == move["people"][0])
+    assert set(move["faces"]) <= {f["face"] for f in target["faces"]}
+    sort_faces.people(out, "reject", faces_named=[str(face)], quiet=True)  # it is in OUT
+    rebuilt = json.loads((out / "refine_manifest.json").read_text())
+    assert {"face": face, "stage": "rejected"}.items() <= \
+        next(d for d in rebuilt["dropped"] if d["face"] == face).items()

@@ -19,7 +19,7 @@ import pytest
 
 import sort_faces
 import videos
-from conftest import DATA, ROOT, embed_quiet
+from conftest import DATA, ROOT, embed_process, embed_quiet, left_running, wait_for_chunks
 
 
 def run_cli(*args, env=None):
@@ -254,3 +254,18 @@ def test_sigterm_in_a_ray_run_saves_the_work_and_leaves_nothing_running(tmp_path
     assert not ray_actor_processes()
     summary = embed_quiet(src, cache, workers=2)  # the rest, by the local pool
     assert summary["new"] == len(list(src.rglob("*.jpg"))) - saved.n_files
+
+
+def test_kill_9_of_a_local_ray_run_leaves_nothing_running(tmp_path):
+    """kill -9 of the driver alone: the local instance it started (GCS, raylet,
+    its agents, the actors) ends within seconds, not a minute later."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "lfw10", src)
+    cache = tmp_path / "c.npz"
+    process = embed_process(src, cache, 5, "--workers", "1", "--ray", "local")
+    wait_for_chunks(cache, 1)
+    started = psutil.Process(process.pid).children(recursive=True)
+    assert any(p in started for p in ray_actor_processes())
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert left_running(started, within=5) == []

@@ -18,7 +18,8 @@ then one section per subcommand, then the command line.
 
     CONSTANTS            every default and option range, in one place (the spec's tables)
     ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
-    FILES AND ATOMIC IO  atomic writes, locks, paths kept inside an output, the source scan
+    FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files,
+                         paths kept inside an output, the source scan
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
@@ -63,6 +64,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -471,6 +473,8 @@ def progress(iterable=None, **kwargs):
 # FILES AND ATOMIC IO
 # Every write to a cache, manifest or report goes through a temp file in the
 # same folder and os.replace, so a reader sees the old file or the new one.
+# Every read of one goes through open_regular: a FIFO, socket or device in its
+# place is refused with one line, never waited on.
 # ============================================================================
 
 
@@ -503,10 +507,32 @@ def write_json_atomic(path: Path, data) -> None:
         handle.write("\n")
 
 
-def read_json(path: Path, what: str):
+def open_regular(path: Path, what: str):
+    """`path` opened for reading (binary), refused (UserError naming `what`)
+    unless it is a regular file or a link to one: opening a FIFO blocks until
+    a writer comes, a device never ends, a socket cannot be read. Opened
+    without blocking, then judged by what was opened, so nothing can be
+    swapped in between. A missing file raises FileNotFoundError, as open()."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError:  # a socket cannot be opened at all
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}")
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: Path, what: str):
+    """The JSON document of a file (a manifest, the people decisions): UserError
+    when it is missing, not a regular file, not UTF-8 JSON or nested too deep."""
+    try:
+        with open_regular(path, what) as handle:
+            return json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as error:
@@ -551,7 +577,8 @@ def exclusive_lock(target: Path, what: str):
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                host, pid, *began = lock_path.read_text().split()
+                with open_regular(lock_path, "lock") as handle:  # a FIFO: refused, not waited on
+                    host, pid, *began = handle.read().decode().split()
                 stale = host == socket.gethostname() and not pid_alive(
                     int(pid), float(began[0]) if began else None)
             except (OSError, ValueError):
@@ -645,15 +672,14 @@ def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
 
 
 def special_file_kind(path: str) -> str:
-    """What a path that is neither a folder nor a regular file is, in words."""
-    import stat
-
+    """What a path that is not a regular file is, in words."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return "dangling symlink" if os.path.islink(path) else "cannot stat"
     for test, words in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a folder")):
         if test(mode):
             return "not a regular file: " + words
     return "not a regular file"
@@ -818,9 +844,30 @@ class _CacheChanged(Exception):
     """The cache was folded while it was being read: read it again."""
 
 
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+class NotArrays(Exception):
+    """A file that is not an .npz of plain arrays; the message says why, in the
+    user's words (numpy's own speak of pickles and allow_pickle=)."""
+
+
+def _npz_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (`what` names it: a cache, a journal chunk).
+    UserError if it is not a regular file, NotArrays if it is not an .npz of
+    plain arrays, FileNotFoundError if it is gone."""
+    import zipfile
+    import zlib
+
+    with open_regular(path, what) as handle:
+        if not zipfile.is_zipfile(handle):
+            raise NotArrays("it is not an .npz archive")
+        handle.seek(0)
+        try:
+            with np.load(handle, allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+        except ValueError:  # an object array (a pickle), or a member that is no array
+            raise NotArrays("it holds something other than arrays of numbers and text") from None
+        except (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError,
+                RuntimeError):  # cut short, a bad checksum, zip features numpy never writes
+            raise NotArrays("it is damaged or cut short") from None
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -962,15 +1009,12 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
     cache = FaceCache()
     if cache_path.exists():
         try:
-            arrays = _npz_arrays(cache_path)
-            cache.meta = json.loads(str(arrays.pop("meta")))
-            if not isinstance(cache.meta, dict):
-                raise ValueError("meta is not a JSON object")
+            arrays = _npz_arrays(cache_path, "cache")
+            cache.meta = cache_meta(arrays)
         except FileNotFoundError:
             raise _CacheChanged from None
-        except Exception as error:  # noqa: BLE001 - any decode failure means the same
-            raise UserError(f"{cache_path} is not a face-sets cache ({type(error).__name__}: "
-                            f"{display(error)})") from None
+        except NotArrays as error:
+            raise UserError(f"{display(cache_path)} is not a face-sets cache: {error}") from None
         problem = meta_problem(cache.meta)
         if problem:
             raise UserError(f"cache {cache_path} is damaged: {problem}")
@@ -993,12 +1037,12 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
             cache.journal_problem = f"journal chunk {expected:08d}.npz is missing"
         else:
             try:
-                arrays = _npz_arrays(chunk)
+                arrays = _npz_arrays(chunk, "journal chunk")
             except FileNotFoundError:
                 raise _CacheChanged from None
-            except Exception as error:  # noqa: BLE001 - truncated, not a zip, anything
+            except (NotArrays, UserError, OSError) as error:  # truncated, not a zip, a FIFO
                 arrays, cache.journal_problem = None, \
-                    f"journal chunk {chunk.name} is unreadable ({type(error).__name__})"
+                    f"journal chunk {chunk.name} is unreadable ({display(error)})"
             if arrays is not None:
                 cache.journal_problem = _chunk_problem(cache, arrays, seq, chunk)
         if cache.journal_problem:
@@ -1014,6 +1058,20 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
         _absorb(cache, arrays)
         expected += 1
     return cache
+
+
+def cache_meta(arrays: dict[str, np.ndarray]) -> dict:
+    """The meta a cache's arrays carry (taken out of them); NotArrays when
+    there is none: an .npz some other program wrote."""
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except KeyError:
+        raise NotArrays("it has no face-sets meta (an .npz of another program?)") from None
+    except (ValueError, RecursionError):
+        raise NotArrays("its meta is not JSON") from None
+    if not isinstance(meta, dict):
+        raise NotArrays("its meta is not a JSON object")
+    return meta
 
 
 def _chunk_problem(cache: FaceCache, arrays: dict, seq: int, chunk: Path) -> str | None:
@@ -3767,8 +3825,8 @@ MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
 def read_marker(folder: Path) -> dict | None:
     """The ownership marker of a folder, or None if it has no valid one."""
     try:
-        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = read_json(Path(folder) / OUTPUT_MARKER, "output marker")
+    except UserError:  # missing, not a regular file, not JSON
         return None
     if isinstance(marker, dict) and marker.get("tool") == "face-sets" and \
             marker.get("kind") in MANIFEST_FILES and isinstance(marker.get("id"), str):

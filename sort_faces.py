@@ -6551,7 +6551,8 @@ def former_entries(previous: dict, names: list[str]) -> list[dict]:
 
 
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
-            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False) -> dict:
+            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False,
+            decisions=None) -> dict:
     """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
 
     The people decisions beside the cache (people_path) are honoured: faces
@@ -6559,7 +6560,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     rejected faces join no one (manifest "rejected"), names become labels.
     Rebuilding an output keeps its people's numbers (keep_numbers).
     `locked`: the caller holds OUT's lock; `undoing`: `people undo` rebuilds
-    OUT, and a person the undone decision removed comes back under its number.
+    OUT, and a person the undone decision removed comes back under its number;
+    `decisions`: `people` rebuilds OUT with these (the file's and a new one),
+    kept in the people file only once OUT is built (keep_decisions).
     """
     threshold = check_option("threshold", threshold)
     link = check_link(link)
@@ -6567,7 +6570,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache, "cluster")
     started = time.time()
-    constraints = people_constraints(cache_path, cache)
+    constraints = people_constraints(cache_path, cache, decisions)
     people, singles, rejected, info = constrained_people(cache, threshold, constraints)
     previous = previous_entries(out, cache_path, "cluster")
     names, labels = person_names(people, previous, constraints, undoing=undoing)
@@ -6604,6 +6607,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
                                          constraints)
         write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
+        keep_decisions(cache_path, decisions)
     say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
         "({singleton_files} photos in _singletons/), {noface_images} no-face images -> "
         .format(**manifest["summary"]) + str(out), quiet)
@@ -6775,12 +6779,13 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
 
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
-           undoing=False, **params) -> dict:
+           undoing=False, decisions=None, **params) -> dict:
     """Quality-gated per-person facesets into OUT. Returns the manifest.
 
     The people decisions beside the cache are honoured as `cluster` honours
     them (refine_partition's constraints); rebuilding an output keeps its
-    facesets' numbers (keep_numbers). `locked` and `undoing` as for cluster.
+    facesets' numbers (keep_numbers). `locked`, `undoing` and `decisions` as
+    for cluster.
     """
     params = table_params(REFINE_DEFAULTS, params)
     link = check_link(link)
@@ -6788,7 +6793,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache, "refine")
     started = time.time()
-    constraints = people_constraints(cache_path, cache)
+    constraints = people_constraints(cache_path, cache, decisions)
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
@@ -6822,6 +6827,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         suggestions = people_suggestions(people_view(manifest, "refine"), out, cache, constraints)
         write_review(work, refine_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
+        keep_decisions(cache_path, decisions)
     say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
         f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
@@ -8187,10 +8193,20 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
             "rejected": sorted(rejected), "names": names}
 
 
-def people_constraints(cache_path: Path, cache: FaceCache) -> dict:
-    """fold_decisions of the people file beside a cache, on that cache's rows."""
-    decisions = load_decisions(people_path(cache_path))
+def people_constraints(cache_path: Path, cache: FaceCache, decisions=None) -> dict:
+    """fold_decisions of the people file beside a cache (or of `decisions`,
+    the file's and a new one not yet kept), on that cache's rows."""
+    if decisions is None:
+        decisions = load_decisions(people_path(cache_path))
     return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
+
+
+def keep_decisions(cache_path: Path, decisions) -> None:
+    """At the end of a rebuild that `people` asked for (`decisions`: the file's
+    and its new one), just before the rebuilt output replaces the old: keep
+    them. A decision the output cannot take is never kept."""
+    if decisions is not None:
+        write_decisions(people_path(cache_path), decisions)
 
 
 def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
@@ -8401,22 +8417,26 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
 
 
 def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: dict,
-                          undoing: bool) -> dict:
-    """Rebuild OUT (whose lock the caller holds) at its own parameters."""
+                          decisions: list[dict], undoing: bool) -> dict:
+    """Rebuild OUT (whose lock the caller holds) at its own parameters with
+    `decisions`, which are kept only once it is built."""
     if kind == "cluster":
         return cluster(cache_path, out, threshold=parameters["threshold"], link=parameters["link"],
-                       quiet=True, locked=True, undoing=undoing)
+                       quiet=True, locked=True, undoing=undoing, decisions=decisions)
     return refine(cache_path, out, link=parameters.get("link", CLUSTER_DEFAULTS["link"]),
-                  quiet=True, locked=True, undoing=undoing,
+                  quiet=True, locked=True, undoing=undoing, decisions=decisions,
                   **{k: parameters[k] for k in REFINE_DEFAULTS})
 
 
 def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
            split_threshold=None, quiet=False) -> dict:
     """List the people of a cluster output OUT (or the facesets of a refine
-    output), or decide about them: name, merge, move, reject, split, undo. A
-    decision is appended to the people file beside OUT's cache (under the
-    cache's lock) and OUT is rebuilt at once with it, at its own parameters.
+    output), or decide about them: name, merge, move, reject, split, undo. OUT
+    is rebuilt with the decision at once, at its own parameters, and the
+    decision appended to the people file beside OUT's cache (under the
+    cache's lock) just before the rebuilt OUT replaces the old: a decision
+    OUT cannot take (a folder face-sets did not make, anything the rebuild
+    refuses) is never kept.
     Returns {"people": listing, "decision": the decision or None}."""
     out = Path(out)
     kind, manifest_path, cache_path = people_output(out)
@@ -8437,21 +8457,20 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                 say("people: no suggestions", quiet)
         return {"people": listing, "decision": None, "suggestions": suggestions}
     path = people_path(cache_path)
-    # Both locks for the whole decision: read OUT and the decisions, check, write,
-    # rebuild; a second run is refused before it writes anything.
+    # Both locks for the whole decision: read OUT and the decisions, check, rebuild
+    # with the decision and keep it (keep_decisions, as the build ends); a second
+    # run is refused before it writes anything.
     with exclusive_lock(cache_path, "cache"), output_lock(out):
         manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
         decisions = load_decisions(path)
         decision = new_decision(verb, people_view(manifest, kind), out, cache, decisions,
                                 people_named, faces_named, name, to, split_threshold)
         check_decisions(decisions + [decision], path)  # what is written can be read back
-        write_decisions(path, decisions + [decision])
         try:
             rebuilt = rebuild_people_output(kind, cache_path, out, manifest["parameters"],
-                                            undoing=verb == "undo")
+                                            decisions + [decision], undoing=verb == "undo")
         except UserError as error:
-            raise UserError(f"decision {decision['id']} is kept in {display(path)}, but "
-                            f"{display(out)} was not rebuilt: {error}; run {kind} again") from None
+            raise UserError(f"{verb} not kept, nothing changed: {error}") from None
     view = people_view(rebuilt, kind)
     say(f"people: decision {decision['id']} ({verb}) kept in {display(path)}; {display(out)} "
         f"rebuilt: {len(view['entries'])} {'people' if kind == 'cluster' else 'facesets'}", quiet)

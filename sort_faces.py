@@ -298,8 +298,10 @@ class Interrupted(UserError):
 
 def valid_utf8(text) -> str:
     """`text` as valid UTF-8 can hold it: bytes of a file name that are not
-    UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    UTF-8 (kept by Python as lone surrogates) become U+FFFD, as does any other
+    lone surrogate (a JSON file may hold "\\ud800")."""
+    text = re.sub("[\ud800-\udc7f\udd00-\udfff]", "\ufffd", str(text))
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def plain_number(text: str) -> int | None:
@@ -340,8 +342,9 @@ def check_option(name: str, value):
         isinstance(value, (int, float, np.integer, np.floating))
     if isinstance(value, (bool, np.bool_)) or not ok_type:
         raise UserError(f"{flag} must be {wanted}, not {value!r}")
-    if not math.isfinite(value):
-        raise UserError(f"{flag} must be a finite number, not {value}")
+    if not finite_number(value):  # NaN, an infinity, or an integer no float holds
+        shown = "an integer of over 300 digits" if isinstance(value, (int, np.integer)) else value
+        raise UserError(f"{flag} must be a finite number, not {shown}")
     value = int(value) if kind == "int" else float(value)
     if (low is not None and value < low) or (high is not None and value > high):
         span = f"between {low} and {high}" if low is not None and high is not None else \
@@ -357,6 +360,18 @@ def check_options(**values) -> dict:
     """check_option for each given name=value; None (meaning 'the default') passes."""
     return {name: None if value is None else check_option(name, value)
             for name, value in values.items()}
+
+
+def finite_number(value) -> bool:
+    """Is `value` a number (not a bool) that a float holds finitely? A JSON
+    integer of 400 digits is a number no float holds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def table_params(defaults: dict, params: dict) -> dict:
@@ -4077,8 +4092,7 @@ class _ManifestCheck:
         values = self.items(value, where)
         if count is not None and len(values) != count:
             self.fail(where, f"has {len(values)} numbers, not {count}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in values):
+        if not all(finite_number(v) for v in values):
             self.fail(where, "holds something that is not a finite number")
         return values
 
@@ -4088,10 +4102,13 @@ class _ManifestCheck:
         return value
 
     def file_name(self, value, where: str) -> str:
-        """A plain name of a file inside one folder (nothing that can leave it)."""
+        """A plain name of a file inside one folder (nothing that can leave it),
+        in UTF-8 as every name face-sets gives is (safe_dst_name)."""
         name = self.text(value, where)
-        if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or \
-                len(os.fsencode(name)) > 255:
+        if name != valid_utf8(name) or len(name.encode("utf-8")) > 255:
+            self.fail(where, f"{name!r} is not a file name face-sets gives (not UTF-8, or "
+                             "too long)")
+        if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
             self.fail(where, f"{name!r} is not a plain file name")
         return name
 
@@ -6499,12 +6516,18 @@ def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
     """What a rebuild of OUT keeps from the output it replaces, when that was
     made from the same cache: its people (or facesets), the people gone from it
     that a later rebuild may bring back under their numbers (`former`), and its
-    next free number. Nothing when there is no valid one."""
+    next free number. Nothing when it has no manifest or was made from another
+    cache; a manifest that is not valid is refused (UserError), as every step
+    refuses one: a rebuild past it would give its people other numbers."""
     none = {"entries": [], "former": [], "first_free": 1}
-    try:
-        manifest = load_manifest(out / MANIFEST_FILES[kind], kind)
-    except UserError:
+    manifest_path = out / MANIFEST_FILES[kind]
+    if not os.path.lexists(manifest_path):
         return none
+    try:
+        manifest = load_manifest(manifest_path, kind)
+    except UserError as error:
+        raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
+                        "or remove the output to build it afresh") from None
     if manifest.get("cache") != str(Path(cache_path).resolve()):
         return none
     entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
@@ -7270,12 +7293,11 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
-def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `cluster` output. Returns the run record, or None
-    when there was nothing to do."""
+def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
+               constraints: dict) -> dict | None:
+    """Fold new faces into a `cluster` output (its manifest read and checked).
+    Returns the run record, or None when there was nothing to do."""
     manifest_path = out / MANIFEST_FILES["cluster"]
-    manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
-    check_manifest_model(manifest, cache, cache_path, out)
     threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
     embeddings = cache["embeddings"]
     people = manifest["clusters"]
@@ -7338,18 +7360,17 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict
     manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
                                singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
-                                     people_constraints(cache_path, cache))
+    suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache, constraints)
     write_review(out, cluster_review_page(manifest, cache, locations, out, suggestions), cache,
                  locations)
     return record
 
 
-def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> dict | None:
-    """Fold new faces into a `refine` output under its own gates."""
+def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
+                  constraints: dict) -> dict | None:
+    """Fold new faces into a `refine` output (its manifest read and checked)
+    under its own gates."""
     manifest_path = out / MANIFEST_FILES["refine"]
-    manifest = load_manifest(manifest_path, "refine", cache.n_faces, cache.embedding_size)
-    check_manifest_model(manifest, cache, cache_path, out)
     params = manifest["parameters"]
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
@@ -7410,8 +7431,7 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations) -> d
     manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
                                faces_kept=sum(s["size"] for s in facesets))
     write_json_atomic(manifest_path, manifest)
-    suggestions = people_suggestions(people_view(manifest, "refine"), out, cache,
-                                     people_constraints(cache_path, cache))
+    suggestions = people_suggestions(people_view(manifest, "refine"), out, cache, constraints)
     write_review(out, refine_review_page(manifest, cache, locations, out, suggestions), cache,
                  locations)
     return record
@@ -7422,16 +7442,25 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
     cache_path = Path(cache_path)
     cache = load_cache(cache_path)
     locations = file_locations(cache)
-    results = {}
-    for out, step, kind in ((raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")):
-        if out is None:
-            continue
-        out = Path(out)
+    steps = [(Path(out), step, kind) for out, step, kind in (
+        (raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")) if out is not None]
+    for out, _step, _kind in steps:
         if not out.is_dir():
             raise UserError(f"output folder not found: {out}")
-        with output_lock(out):
-            claim_output(out, kind)
-            results[step.__name__] = record = step(cache, cache_path, out, locations)
+    results, records = {}, []
+    with contextlib.ExitStack() as locks:  # every input read and checked before a write
+        manifests = []
+        for out, _step, kind in steps:
+            claim_output(out, kind)  # first: one folder given twice is not "in use"
+            locks.enter_context(output_lock(out))
+            manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
+                                           cache.embedding_size))
+            check_manifest_model(manifests[-1], cache, cache_path, out)
+        constraints = people_constraints(cache_path, cache)
+        for (out, step, _kind), manifest in zip(steps, manifests):
+            results[step.__name__] = record = step(cache, out, locations, manifest, constraints)
+            records.append((out, record))
+    for out, record in records:
         if record is None:
             say(f"extend: {out} is up to date", quiet)
         else:
@@ -8478,9 +8507,14 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
 
 
 def check_text_field(manifest: dict, key: str, where: Path) -> str:
+    """manifest[key], a path; UserError unless it is one this system can name
+    (a lone surrogate that no file name decodes to is not)."""
     value = manifest.get(key)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise UserError(f"manifest {display(where)}: {key!r} is not a path")
+    try:
+        if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
+            raise ValueError
+    except (ValueError, UnicodeEncodeError):
+        raise UserError(f"manifest {display(where)}: {key!r} is not a path") from None
     return value
 
 

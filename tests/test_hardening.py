@@ -829,6 +829,14 @@ def synthetic_cache(tmp: Path, people: int = 2, each: int = 4) -> Path:
     return path
 
 
+def add_a_photo(cache_path: Path) -> None:
+    """One more photo in the cache, its face the first one's: new to its outputs."""
+    cache = sort_faces.load_cache(cache_path)
+    append_rows(cache, [synthetic_rows(Path(cache.meta["sources"][0]) / "new.jpg", (5, 5, 5),
+                                       cache["embeddings"][0], cache.n_files)])
+    sort_faces.save_cache(cache_path, cache)
+
+
 @pytest.fixture()
 def synthetic(tmp_path):
     """A synthetic cache with its cluster output (raw) and refine output (refined)."""
@@ -914,3 +922,58 @@ def test_a_decision_that_cannot_be_applied_is_not_kept(synthetic, capsys, kind):
     assert synthetic["decisions"].read_bytes() == kept
     rebuilt = sort_faces.cluster(synthetic["cache"], synthetic["tmp"] / "again", quiet=True)
     assert [c.get("label") for c in rebuilt["clusters"]] == ["Alice", None]
+
+
+def tamper_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+HUGE = 10 ** 400  # an integer JSON holds, and no float
+
+
+def huge_bbox(manifest):
+    entries = manifest.get("clusters", manifest.get("facesets"))
+    entries[0]["faces"][0]["bbox"][2] = HUGE
+
+
+def surrogate_output(manifest):
+    entries = manifest.get("clusters", manifest.get("facesets"))
+    entries[0]["outputs"][0] = "a\ud800b.jpg"  # JSON writes it as \ud800
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("damage, command", [
+    (damage, command) for damage in ("huge bbox", "surrogate output")
+    for command in ("cluster", "refine", "extend", "people", "export-swap")] + [
+    ("huge box", command) for command in ("cluster", "refine", "extend", "people")])
+def test_a_number_no_float_holds_or_a_name_no_file_has_is_one_line(synthetic, capsys, damage,
+                                                                   command):
+    """A 400-digit integer in a manifest's bbox or a decision's box
+    (OverflowError), an output name with a lone surrogate (UnicodeEncodeError):
+    a traceback in every step that read them."""
+    tmp, cache = synthetic["tmp"], synthetic["cache"]
+    raw, refined = synthetic["raw"], synthetic["refined"]
+    assert sort_faces.main(["people", str(raw), "name", "person_001", "Alice"]) == 0
+    capsys.readouterr()
+    if command == "extend":
+        add_a_photo(cache)  # else extend is up to date and reads no decision
+    argv = {"cluster": ["cluster", cache, raw], "refine": ["refine", cache, refined],
+            "extend": ["extend", cache, raw, "--refine-out", refined], "people": ["people", raw],
+            "export-swap": ["export-swap", cache, refined / "refine_manifest.json",
+                            tmp / "swap"]}[command]
+    if damage == "huge box":
+        tamper_json(synthetic["decisions"],
+                    lambda d: d["decisions"][0]["faces"][0]["box"].__setitem__(1, HUGE))
+        words = ("people decisions", "decision 1.faces[0].box", "not a finite number")
+    else:
+        uses_refine = command in ("refine", "export-swap")
+        manifest = refined / "refine_manifest.json" if uses_refine else raw / "manifest.json"
+        tamper_json(manifest, huge_bbox if damage == "huge bbox" else surrogate_output)
+        where = "facesets[0]" if uses_refine else "clusters[0]"
+        words = (manifest.name, f"{where}.faces[0].bbox", "not a finite number") \
+            if damage == "huge bbox" else (manifest.name, f"{where}.outputs", "not a file name")
+    before = contents(tmp)
+    refused_in_process(capsys, argv, *words)
+    assert contents(tmp) == before

@@ -357,8 +357,10 @@ def check_option(name: str, value):
 
 
 def check_options(**values) -> dict:
-    """check_option for each given name=value; None (meaning 'the default') passes."""
-    return {name: None if value is None else check_option(name, value)
+    """check_option for each given name=value (`providers`: provider_names);
+    None (meaning 'the default') passes."""
+    return {name: None if value is None else
+            provider_names(value) if name == "providers" else check_option(name, value)
             for name, value in values.items()}
 
 
@@ -2088,8 +2090,13 @@ def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
 
 
 def provider_names(requested: str) -> list[str]:
-    """The providers a --providers value names, in its order."""
-    return [p.strip() for p in requested.split(",") if p.strip()]
+    """The providers a --providers value names, in its order; UserError when
+    it names none ("", ",", " ")."""
+    names = [p.strip() for p in str(requested).split(",") if p.strip()]
+    if not names:
+        raise UserError(f"--providers must name one onnxruntime provider or more (such as "
+                        f"CPUExecutionProvider), not {requested!r}")
+    return names
 
 
 def choose_providers(requested: str | None) -> list[str]:
@@ -2097,7 +2104,7 @@ def choose_providers(requested: str | None) -> list[str]:
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
-    if requested:
+    if requested is not None:
         wanted = provider_names(requested)
         missing = [p for p in wanted if p not in available]
         if missing:
@@ -2532,7 +2539,7 @@ def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[lis
     as GPUs (or CPUs), or --workers."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if providers:
+    if providers is not None:
         provider_list = provider_names(providers)
     else:
         provider_list = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpus \
@@ -4395,7 +4402,8 @@ def agglomerative_labels(
         dtypes are converted). Rows that are not unit length are normalised
         on a copy.
     threshold : float
-        Cosine distance (``1 - cos``) at and above which clusters stay apart.
+        Cosine distance (``1 - cos``) at and above which clusters stay apart,
+        in [0, 2] (check_option: UserError otherwise, NaN included).
     max_component : int, default=CLUSTER_MAX_COMPONENT
         Largest connected component (of the graph of pairs closer than
         ``threshold``) clustered with SciPy's exact linkage. Larger ones use
@@ -4434,10 +4442,10 @@ def agglomerative_labels(
         under the threshold the index found, on a sample of faces.
     """
     t_start = time.perf_counter()
+    threshold = check_option("threshold", threshold)  # NaN would make every face one alone
     E = np.asarray(embeddings)  # exact linkage uses the caller's precision, like sklearn
     X = _agglo_unit_rows(E)
     n = X.shape[0]
-    threshold = float(threshold)
     max_component = max(2, int(max_component))
     block_rows = max(1, int(block_rows))
     if method not in ("auto", "exact", "ann"):
@@ -6113,7 +6121,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     """
     started = time.time()
     check_options(det_size=det_size, workers=workers, flush_every=flush_every,
-                  video_every=video_every)
+                  video_every=video_every, providers=providers)
     if ray is not None:
         check_ray_address(ray)
         ray_module()
@@ -7541,7 +7549,7 @@ def _enrich_one(entry, decoded) -> dict:
 def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, providers=None,
            workers=None, flush_every=DEFAULT_FLUSH_EVERY, quiet=False) -> dict:
     """Add landmarks and pose to every cached face that lacks them."""
-    check_options(workers=workers, flush_every=flush_every)
+    check_options(workers=workers, flush_every=flush_every, providers=providers)
     started = time.time()
     cache_path = Path(cache_path)
     with exclusive_lock(cache_path, "cache"):
@@ -7785,7 +7793,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 quiet=False, **params) -> dict:
     """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
     params = table_params(EXPORT_DEFAULTS, params)
-    check_options(workers=workers)
+    check_options(workers=workers, providers=providers)
     started = time.time()
     cache_path, out = Path(cache_path), Path(out)
     if candidates and raw_manifest_path is None:

@@ -558,6 +558,8 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
     (["embed", "{tmp}", "{tmp}/c.npz", "--det-size", "650"], "multiple of 32"),
     (["embed", "{tmp}", "{tmp}/c.npz", "--flush-every", "0"], "--flush-every must be"),
     (["dedup", "{cache}", "--hamming", "70"], "between 0 and 64"),
+    (["embed", "{tmp}", "{tmp}/c.npz", "--providers", ","], "--providers must name"),
+    (["export-swap", "{cache}", "m.json", "{tmp}/o", "--providers", " "], "--providers must name"),
 ])
 def test_bad_options_are_refused_by_the_command_line(tmp_path, argv, words):
     # options are checked before anything is read: no cache is needed to refuse them
@@ -584,6 +586,11 @@ def test_bad_options_are_refused_by_the_library_functions(tmp_path):
         lambda: sort_faces.dedup(cache, hamming=-1),
         lambda: sort_faces.embed(DATA / "lfw10", tmp_path / "c.npz", det_size=641),
         lambda: sort_faces.enrich(cache, flush_every=0),
+        lambda: sort_faces.embed(DATA / "lfw10", tmp_path / "c.npz", providers=","),
+        lambda: sort_faces.enrich(cache, providers=" "),
+        lambda: sort_faces.export_swap(cache, manifest, out, providers=""),
+        lambda: sort_faces.agglomerative_labels(np.eye(3, 8, dtype=np.float32), float("nan")),
+        lambda: sort_faces.agglomerative_labels(np.eye(3, 8, dtype=np.float32), -0.5),
     ]
     for call in calls:
         with pytest.raises(sort_faces.UserError, match="^(--|unknown option)"):

@@ -970,6 +970,10 @@ def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
         # overflow float64); faiss refuses a NaN outright, a distance hides it
         if not np.isfinite(embeddings.sum(axis=1, dtype=np.float64)).all():
             return "its embeddings hold a value that is not a finite number"
+        for key in ("bbox", "kps"):  # a thumbnail or a crop is cut at these coordinates
+            if key in arrays and not np.isfinite(np.asarray(arrays[key], np.float64)).all():
+                return f"its face {'boxes' if key == 'bbox' else 'key points'} hold a value " \
+                       "that is not a finite number"
         face_file = np.asarray(arrays["face_file"], dtype=np.int64)
         if face_file.min() < first["files"] or face_file.max() >= first["files"] + counts["files"]:
             return "faces point at file rows outside its file table"

@@ -984,3 +984,19 @@ def test_a_number_no_float_holds_or_a_name_no_file_has_is_one_line(synthetic, ca
     before = contents(tmp)
     refused_in_process(capsys, argv, *words)
     assert contents(tmp) == before
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("key, value", [("bbox", np.inf), ("bbox", -np.inf), ("kps", np.nan)])
+def test_a_cache_with_a_non_finite_box_is_one_line_not_a_traceback(tmp_path, capsys, key, value):
+    """An infinite box ended cluster in an OverflowError (face_thumbnails)."""
+    cache = synthetic_cache(tmp_path)
+    with np.load(cache, allow_pickle=False) as loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    arrays[key] = arrays[key].copy()
+    arrays[key][2].flat[2] = value
+    with sort_faces.atomic_output(cache) as handle:
+        np.savez(handle, **arrays)
+    refused_in_process(capsys, ["cluster", cache, tmp_path / "out"], "is damaged",
+                       "not a finite number", "boxes" if key == "bbox" else "key points")
+    assert not (tmp_path / "out").exists()

@@ -8040,7 +8040,9 @@ def person_name_problem(name) -> str | None:
         return "a person's name cannot hold control characters, line breaks or undecodable bytes"
     if not any(unicodedata.category(ch)[0] in "LNS" for ch in name):
         return "a person's name needs a letter, a digit or a symbol"
-    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*", name, re.IGNORECASE):
+    # as same_name compares names: "ｐｅｒｓｏｎ＿００１" is "person_001"
+    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*",
+                    unicodedata.normalize("NFKC", name), re.IGNORECASE):
         return (f"{name!r} would read as a person's number (or as `--to new`); "
                 "choose a name with letters")
     return None

@@ -18,7 +18,8 @@ then one section per subcommand, then the command line.
 
     CONSTANTS            every default and option range, in one place (the spec's tables)
     ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
-    FILES AND ATOMIC IO  atomic writes, locks, paths kept inside an output, the source scan
+    FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files,
+                         paths kept inside an output, the source scan
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
@@ -67,6 +68,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -309,8 +311,10 @@ class Interrupted(UserError):
 
 def valid_utf8(text) -> str:
     """`text` as valid UTF-8 can hold it: bytes of a file name that are not
-    UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    UTF-8 (kept by Python as lone surrogates) become U+FFFD, as does any other
+    lone surrogate (a JSON file may hold "\\ud800")."""
+    text = re.sub("[\ud800-\udc7f\udd00-\udfff]", "\ufffd", str(text))
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def plain_number(text: str) -> int | None:
@@ -351,8 +355,9 @@ def check_option(name: str, value):
         isinstance(value, (int, float, np.integer, np.floating))
     if isinstance(value, (bool, np.bool_)) or not ok_type:
         raise UserError(f"{flag} must be {wanted}, not {value!r}")
-    if not math.isfinite(value):
-        raise UserError(f"{flag} must be a finite number, not {value}")
+    if not finite_number(value):  # NaN, an infinity, or an integer no float holds
+        shown = "an integer of over 300 digits" if isinstance(value, (int, np.integer)) else value
+        raise UserError(f"{flag} must be a finite number, not {shown}")
     value = int(value) if kind == "int" else float(value)
     if (low is not None and value < low) or (high is not None and value > high):
         span = f"between {low} and {high}" if low is not None and high is not None else \
@@ -365,9 +370,23 @@ def check_option(name: str, value):
 
 
 def check_options(**values) -> dict:
-    """check_option for each given name=value; None (meaning 'the default') passes."""
-    return {name: None if value is None else check_option(name, value)
+    """check_option for each given name=value (`providers`: provider_names);
+    None (meaning 'the default') passes."""
+    return {name: None if value is None else
+            provider_names(value) if name == "providers" else check_option(name, value)
             for name, value in values.items()}
+
+
+def finite_number(value) -> bool:
+    """Is `value` a number (not a bool) that a float holds finitely? A JSON
+    integer of 400 digits is a number no float holds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def table_params(defaults: dict, params: dict) -> dict:
@@ -484,6 +503,8 @@ def progress(iterable=None, **kwargs):
 # FILES AND ATOMIC IO
 # Every write to a cache, manifest or report goes through a temp file in the
 # same folder and os.replace, so a reader sees the old file or the new one.
+# Every read of one goes through open_regular: a FIFO, socket or device in its
+# place is refused with one line, never waited on.
 # ============================================================================
 
 
@@ -516,10 +537,32 @@ def write_json_atomic(path: Path, data) -> None:
         handle.write("\n")
 
 
-def read_json(path: Path, what: str):
+def open_regular(path: Path, what: str):
+    """`path` opened for reading (binary), refused (UserError naming `what`)
+    unless it is a regular file or a link to one: opening a FIFO blocks until
+    a writer comes, a device never ends, a socket cannot be read. Opened
+    without blocking, then judged by what was opened, so nothing can be
+    swapped in between. A missing file raises FileNotFoundError, as open()."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError:  # a socket cannot be opened at all
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}")
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: Path, what: str):
+    """The JSON document of a file (a manifest, the people decisions): UserError
+    when it is missing, not a regular file, not UTF-8 JSON or nested too deep."""
+    try:
+        with open_regular(path, what) as handle:
+            return json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as error:
@@ -564,7 +607,8 @@ def exclusive_lock(target: Path, what: str):
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                host, pid, *began = lock_path.read_text().split()
+                with open_regular(lock_path, "lock") as handle:  # a FIFO: refused, not waited on
+                    host, pid, *began = handle.read().decode().split()
                 stale = host == socket.gethostname() and not pid_alive(
                     int(pid), float(began[0]) if began else None)
             except (OSError, ValueError):
@@ -666,15 +710,14 @@ def scan_images(root: Path, extensions=IMAGE_EXTENSIONS):
 
 
 def special_file_kind(path: str) -> str:
-    """What a path that is neither a folder nor a regular file is, in words."""
-    import stat
-
+    """What a path that is not a regular file is, in words."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return "dangling symlink" if os.path.islink(path) else "cannot stat"
     for test, words in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a folder")):
         if test(mode):
             return "not a regular file: " + words
     return "not a regular file"
@@ -853,9 +896,30 @@ class _CacheChanged(Exception):
     """The cache was folded while it was being read: read it again."""
 
 
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+class NotArrays(Exception):
+    """A file that is not an .npz of plain arrays; the message says why, in the
+    user's words (numpy's own speak of pickles and allow_pickle=)."""
+
+
+def _npz_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (`what` names it: a cache, a journal chunk).
+    UserError if it is not a regular file, NotArrays if it is not an .npz of
+    plain arrays, FileNotFoundError if it is gone."""
+    import zipfile
+    import zlib
+
+    with open_regular(path, what) as handle:
+        if not zipfile.is_zipfile(handle):
+            raise NotArrays("it is not an .npz archive")
+        handle.seek(0)
+        try:
+            with np.load(handle, allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+        except ValueError:  # an object array (a pickle), or a member that is no array
+            raise NotArrays("it holds something other than arrays of numbers and text") from None
+        except (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError,
+                RuntimeError):  # cut short, a bad checksum, zip features numpy never writes
+            raise NotArrays("it is damaged or cut short") from None
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -941,6 +1005,10 @@ def table_problem(arrays: dict[str, np.ndarray], first: dict[str, int],
         # overflow float64); faiss refuses a NaN outright, a distance hides it
         if not np.isfinite(embeddings.sum(axis=1, dtype=np.float64)).all():
             return "its embeddings hold a value that is not a finite number"
+        for key in ("bbox", "kps"):  # a thumbnail or a crop is cut at these coordinates
+            if key in arrays and not np.isfinite(np.asarray(arrays[key], np.float64)).all():
+                return f"its face {'boxes' if key == 'bbox' else 'key points'} hold a value " \
+                       "that is not a finite number"
         face_file = np.asarray(arrays["face_file"], dtype=np.int64)
         if face_file.min() < first["files"] or face_file.max() >= first["files"] + counts["files"]:
             return "faces point at file rows outside its file table"
@@ -997,15 +1065,12 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
     cache = FaceCache()
     if cache_path.exists():
         try:
-            arrays = _npz_arrays(cache_path)
-            cache.meta = json.loads(str(arrays.pop("meta")))
-            if not isinstance(cache.meta, dict):
-                raise ValueError("meta is not a JSON object")
+            arrays = _npz_arrays(cache_path, "cache")
+            cache.meta = cache_meta(arrays)
         except FileNotFoundError:
             raise _CacheChanged from None
-        except Exception as error:  # noqa: BLE001 - any decode failure means the same
-            raise UserError(f"{cache_path} is not a face-sets cache ({type(error).__name__}: "
-                            f"{display(error)})") from None
+        except NotArrays as error:
+            raise UserError(f"{display(cache_path)} is not a face-sets cache: {error}") from None
         problem = meta_problem(cache.meta)
         if problem:
             raise UserError(f"cache {cache_path} is damaged: {problem}")
@@ -1031,12 +1096,12 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
             cache.journal_problem = f"journal chunk {expected:08d}.npz is missing"
         else:
             try:
-                arrays = _npz_arrays(chunk)
+                arrays = _npz_arrays(chunk, "journal chunk")
             except FileNotFoundError:
                 raise _CacheChanged from None
-            except Exception as error:  # noqa: BLE001 - truncated, not a zip, anything
+            except (NotArrays, UserError, OSError) as error:  # truncated, not a zip, a FIFO
                 arrays, cache.journal_problem = None, \
-                    f"journal chunk {chunk.name} is unreadable ({type(error).__name__})"
+                    f"journal chunk {chunk.name} is unreadable ({display(error)})"
             if arrays is not None:
                 cache.journal_problem = _chunk_problem(cache, arrays, seq, chunk)
         if cache.journal_problem:
@@ -1095,6 +1160,20 @@ class LegacyCoordinates:
             if key in cache.extra and len(cache.extra[key]) == cache.n_faces:
                 column = cache.extra[key]
                 cache.replace(key, (column * scale.reshape(-1, 1, 1)).astype(column.dtype))
+
+
+def cache_meta(arrays: dict[str, np.ndarray]) -> dict:
+    """The meta a cache's arrays carry (taken out of them); NotArrays when
+    there is none: an .npz some other program wrote."""
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except KeyError:
+        raise NotArrays("it has no face-sets meta (an .npz of another program?)") from None
+    except (ValueError, RecursionError):
+        raise NotArrays("its meta is not JSON") from None
+    if not isinstance(meta, dict):
+        raise NotArrays("its meta is not a JSON object")
+    return meta
 
 
 def _chunk_problem(cache: FaceCache, arrays: dict, seq: int, chunk: Path) -> str | None:
@@ -2311,8 +2390,13 @@ def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
 
 
 def provider_names(requested: str) -> list[str]:
-    """The providers a --providers value names, in its order."""
-    return [p.strip() for p in requested.split(",") if p.strip()]
+    """The providers a --providers value names, in its order; UserError when
+    it names none ("", ",", " ")."""
+    names = [p.strip() for p in str(requested).split(",") if p.strip()]
+    if not names:
+        raise UserError(f"--providers must name one onnxruntime provider or more (such as "
+                        f"CPUExecutionProvider), not {requested!r}")
+    return names
 
 
 def choose_providers(requested: str | None) -> list[str]:
@@ -2320,7 +2404,7 @@ def choose_providers(requested: str | None) -> list[str]:
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
-    if requested:
+    if requested is not None:
         wanted = provider_names(requested)
         missing = [p for p in wanted if p not in available]
         if missing:
@@ -2838,7 +2922,7 @@ def ray_actor_plan(ray, providers: str | None, workers: int | None) -> tuple[lis
     as GPUs (or CPUs), or --workers."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if providers:
+    if providers is not None:
         provider_list = provider_names(providers)
     else:
         provider_list = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpus \
@@ -4148,8 +4232,8 @@ MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
 def read_marker(folder: Path) -> dict | None:
     """The ownership marker of a folder, or None if it has no valid one."""
     try:
-        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = read_json(Path(folder) / OUTPUT_MARKER, "output marker")
+    except UserError:  # missing, not a regular file, not JSON
         return None
     if isinstance(marker, dict) and marker.get("tool") == "face-sets" and \
             marker.get("kind") in MANIFEST_FILES and isinstance(marker.get("id"), str):
@@ -4449,8 +4533,7 @@ class _ManifestCheck:
         values = self.items(value, where)
         if count is not None and len(values) != count:
             self.fail(where, f"has {len(values)} numbers, not {count}")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in values):
+        if not all(finite_number(v) for v in values):
             self.fail(where, "holds something that is not a finite number")
         return values
 
@@ -4460,10 +4543,13 @@ class _ManifestCheck:
         return value
 
     def file_name(self, value, where: str) -> str:
-        """A plain name of a file inside one folder (nothing that can leave it)."""
+        """A plain name of a file inside one folder (nothing that can leave it),
+        in UTF-8 as every name face-sets gives is (safe_dst_name)."""
         name = self.text(value, where)
-        if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or \
-                len(os.fsencode(name)) > 255:
+        if name != valid_utf8(name) or len(name.encode("utf-8")) > 255:
+            self.fail(where, f"{name!r} is not a file name face-sets gives (not UTF-8, or "
+                             "too long)")
+        if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
             self.fail(where, f"{name!r} is not a plain file name")
         return name
 
@@ -4750,7 +4836,8 @@ def agglomerative_labels(
         dtypes are converted). Rows that are not unit length are normalised
         on a copy.
     threshold : float
-        Cosine distance (``1 - cos``) at and above which clusters stay apart.
+        Cosine distance (``1 - cos``) at and above which clusters stay apart,
+        in [0, 2] (check_option: UserError otherwise, NaN included).
     max_component : int, default=CLUSTER_MAX_COMPONENT
         Largest connected component (of the graph of pairs closer than
         ``threshold``) clustered with SciPy's exact linkage. Larger ones use
@@ -4789,10 +4876,10 @@ def agglomerative_labels(
         under the threshold the index found, on a sample of faces.
     """
     t_start = time.perf_counter()
+    threshold = check_option("threshold", threshold)  # NaN would make every face one alone
     E = np.asarray(embeddings)  # exact linkage uses the caller's precision, like sklearn
     X = _agglo_unit_rows(E)
     n = X.shape[0]
-    threshold = float(threshold)
     max_component = max(2, int(max_component))
     block_rows = max(1, int(block_rows))
     if method not in ("auto", "exact", "ann"):
@@ -6447,7 +6534,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     """
     started = time.time()
     check_options(det_size=det_size, workers=workers, flush_every=flush_every,
-                  video_every=video_every)
+                  video_every=video_every, providers=providers)
     if ray is not None:
         check_ray_address(ray)
         ray_module()
@@ -6849,12 +6936,18 @@ def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
     """What a rebuild of OUT keeps from the output it replaces, when that was
     made from the same cache: its people (or facesets), the people gone from it
     that a later rebuild may bring back under their numbers (`former`), and its
-    next free number. Nothing when there is no valid one."""
+    next free number. Nothing when it has no manifest or was made from another
+    cache; a manifest that is not valid is refused (UserError), as every step
+    refuses one: a rebuild past it would give its people other numbers."""
     none = {"entries": [], "former": [], "first_free": 1}
-    try:
-        manifest = load_manifest(out / MANIFEST_FILES[kind], kind)
-    except UserError:
+    manifest_path = out / MANIFEST_FILES[kind]
+    if not os.path.lexists(manifest_path):
         return none
+    try:
+        manifest = load_manifest(manifest_path, kind)
+    except UserError as error:
+        raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
+                        "or remove the output to build it afresh") from None
     if manifest.get("cache") != str(Path(cache_path).resolve()):
         return none
     entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
@@ -6901,7 +6994,8 @@ def former_entries(previous: dict, names: list[str]) -> list[dict]:
 
 
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
-            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False) -> dict:
+            link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False,
+            decisions=None) -> dict:
     """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
 
     The people decisions beside the cache (people_path) are honoured: faces
@@ -6909,7 +7003,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     rejected faces join no one (manifest "rejected"), names become labels.
     Rebuilding an output keeps its people's numbers (keep_numbers).
     `locked`: the caller holds OUT's lock; `undoing`: `people undo` rebuilds
-    OUT, and a person the undone decision removed comes back under its number.
+    OUT, and a person the undone decision removed comes back under its number;
+    `decisions`: `people` rebuilds OUT with these (the file's and a new one),
+    kept in the people file only once OUT is built (keep_decisions).
     """
     threshold = check_option("threshold", threshold)
     link = check_link(link)
@@ -6917,7 +7013,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache, "cluster")
     started = time.time()
-    constraints = people_constraints(cache_path, cache)
+    constraints = people_constraints(cache_path, cache, decisions)
     people, singles, rejected, info = constrained_people(cache, threshold, constraints)
     previous = previous_entries(out, cache_path, "cluster")
     names, labels = person_names(people, previous, constraints, undoing=undoing)
@@ -6954,6 +7050,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
                                          constraints)
         write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
+        keep_decisions(cache_path, decisions)
     say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
         "({singleton_files} photos in _singletons/), {noface_images} no-face images -> "
         .format(**manifest["summary"]) + str(out), quiet)
@@ -7125,12 +7222,13 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
 
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
-           undoing=False, **params) -> dict:
+           undoing=False, decisions=None, **params) -> dict:
     """Quality-gated per-person facesets into OUT. Returns the manifest.
 
     The people decisions beside the cache are honoured as `cluster` honours
     them (refine_partition's constraints); rebuilding an output keeps its
-    facesets' numbers (keep_numbers). `locked` and `undoing` as for cluster.
+    facesets' numbers (keep_numbers). `locked`, `undoing` and `decisions` as
+    for cluster.
     """
     params = table_params(REFINE_DEFAULTS, params)
     link = check_link(link)
@@ -7138,7 +7236,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
     cache = load_cache(cache_path)
     check_output_location(out, cache_path, cache, "refine")
     started = time.time()
-    constraints = people_constraints(cache_path, cache)
+    constraints = people_constraints(cache_path, cache, decisions)
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
@@ -7172,6 +7270,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         suggestions = people_suggestions(people_view(manifest, "refine"), out, cache, constraints)
         write_review(work, refine_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
+        keep_decisions(cache_path, decisions)
     say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
         f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
         f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
@@ -7612,14 +7711,13 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
-def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations,
+def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
                change: InPlaceChange) -> tuple[dict, dict] | None:
-    """Fold new faces into a `cluster` output, its manifest written last (the
-    files it no longer needs go through `change`). Returns the run record and
-    the manifest, or None when there was nothing to do."""
+    """Fold new faces into a `cluster` output (its manifest read and checked),
+    the manifest written last (the files it no longer needs go through
+    `change`). Returns the run record and the manifest, or None when there was
+    nothing to do."""
     manifest_path = out / MANIFEST_FILES["cluster"]
-    manifest = load_manifest(manifest_path, "cluster", cache.n_faces, cache.embedding_size)
-    check_manifest_model(manifest, cache, cache_path, out)
     threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
     embeddings = cache["embeddings"]
     people = manifest["clusters"]
@@ -7685,13 +7783,12 @@ def extend_raw(cache: FaceCache, cache_path: Path, out: Path, locations,
     return record, manifest
 
 
-def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations,
+def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
                   change: InPlaceChange) -> tuple[dict, dict] | None:
-    """Fold new faces into a `refine` output under its own gates, its manifest
-    written last; as extend_raw (it removes nothing: `change` is unused)."""
+    """Fold new faces into a `refine` output (its manifest read and checked)
+    under its own gates, its manifest written last; as extend_raw (it removes
+    nothing: `change` is unused)."""
     manifest_path = out / MANIFEST_FILES["refine"]
-    manifest = load_manifest(manifest_path, "refine", cache.n_faces, cache.embedding_size)
-    check_manifest_model(manifest, cache, cache_path, out)
     params = manifest["parameters"]
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
@@ -7756,10 +7853,9 @@ def extend_refine(cache: FaceCache, cache_path: Path, out: Path, locations,
 
 
 def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,
-                          cache_path: Path, locations) -> None:
+                          constraints: dict, locations) -> None:
     """The review page of an output extend has just changed."""
-    suggestions = people_suggestions(people_view(manifest, kind), out, cache,
-                                     people_constraints(cache_path, cache))
+    suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
     page = cluster_review_page if kind == "cluster" else refine_review_page
     write_review(out, page(manifest, cache, locations, out, suggestions), cache, locations)
 
@@ -7769,20 +7865,29 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
     cache_path = Path(cache_path)
     cache = load_cache(cache_path)
     locations = file_locations(cache)
-    results = {}
-    for out, step, kind in ((raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")):
-        if out is None:
-            continue
-        out = Path(out)
+    steps = [(Path(out), step, kind) for out, step, kind in (
+        (raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")) if out is not None]
+    for out, _step, _kind in steps:
         if not out.is_dir():
             raise UserError(f"output folder not found: {out}")
-        with output_lock(out):
-            claim_output(out, kind)
+    results, records = {}, []
+    with contextlib.ExitStack() as locks:  # every input read and checked before a write
+        manifests = []
+        for out, _step, kind in steps:
+            claim_output(out, kind)  # first: one folder given twice is not "in use"
+            locks.enter_context(output_lock(out))
+            manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
+                                           cache.embedding_size))
+            check_manifest_model(manifests[-1], cache, cache_path, out)
+        constraints = people_constraints(cache_path, cache)
+        for (out, step, kind), manifest in zip(steps, manifests):
             with changed_in_place(out) as change:  # all or nothing, up to the manifest
-                done = step(cache, cache_path, out, locations, change)
-            record = results[step.__name__] = done[0] if done is not None else None
+                done = step(cache, out, locations, manifest, change)
+            results[step.__name__] = record = done[0] if done is not None else None
             if done is not None:
-                write_extended_review(out, kind, done[1], cache, cache_path, locations)
+                write_extended_review(out, kind, done[1], cache, constraints, locations)
+            records.append((out, record))
+    for out, record in records:
         if record is None:
             say(f"extend: {out} is up to date", quiet)
         else:
@@ -7864,7 +7969,7 @@ def _enrich_one(entry, decoded) -> dict:
 def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, providers=None,
            workers=None, flush_every=DEFAULT_FLUSH_EVERY, quiet=False) -> dict:
     """Add landmarks and pose to every cached face that lacks them."""
-    check_options(workers=workers, flush_every=flush_every)
+    check_options(workers=workers, flush_every=flush_every, providers=providers)
     started = time.time()
     cache_path = Path(cache_path)
     with exclusive_lock(cache_path, "cache"):
@@ -8110,7 +8215,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 quiet=False, **params) -> dict:
     """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
     params = table_params(EXPORT_DEFAULTS, params)
-    check_options(workers=workers)
+    check_options(workers=workers, providers=providers)
     started = time.time()
     cache_path, out = Path(cache_path), Path(out)
     if candidates and raw_manifest_path is None:
@@ -8353,7 +8458,9 @@ def person_name_problem(name) -> str | None:
         return "a person's name cannot hold control characters, line breaks or undecodable bytes"
     if not any(unicodedata.category(ch)[0] in "LNS" for ch in name):
         return "a person's name needs a letter, a digit or a symbol"
-    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*", name, re.IGNORECASE):
+    # as same_name compares names: "ｐｅｒｓｏｎ＿００１" is "person_001"
+    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*",
+                    unicodedata.normalize("NFKC", name), re.IGNORECASE):
         return (f"{name!r} would read as a person's number (or as `--to new`); "
                 "choose a name with letters")
     return None
@@ -8547,10 +8654,20 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
             "rejected": sorted(rejected), "names": names}
 
 
-def people_constraints(cache_path: Path, cache: FaceCache) -> dict:
-    """fold_decisions of the people file beside a cache, on that cache's rows."""
-    decisions = load_decisions(people_path(cache_path))
+def people_constraints(cache_path: Path, cache: FaceCache, decisions=None) -> dict:
+    """fold_decisions of the people file beside a cache (or of `decisions`,
+    the file's and a new one not yet kept), on that cache's rows."""
+    if decisions is None:
+        decisions = load_decisions(people_path(cache_path))
     return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
+
+
+def keep_decisions(cache_path: Path, decisions) -> None:
+    """At the end of a rebuild that `people` asked for (`decisions`: the file's
+    and its new one), just before the rebuilt output replaces the old: keep
+    them. A decision the output cannot take is never kept."""
+    if decisions is not None:
+        write_decisions(people_path(cache_path), decisions)
 
 
 def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
@@ -8783,22 +8900,26 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
 
 
 def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: dict,
-                          undoing: bool) -> dict:
-    """Rebuild OUT (whose lock the caller holds) at its own parameters."""
+                          decisions: list[dict], undoing: bool) -> dict:
+    """Rebuild OUT (whose lock the caller holds) at its own parameters with
+    `decisions`, which are kept only once it is built."""
     if kind == "cluster":
         return cluster(cache_path, out, threshold=parameters["threshold"], link=parameters["link"],
-                       quiet=True, locked=True, undoing=undoing)
+                       quiet=True, locked=True, undoing=undoing, decisions=decisions)
     return refine(cache_path, out, link=parameters.get("link", CLUSTER_DEFAULTS["link"]),
-                  quiet=True, locked=True, undoing=undoing,
+                  quiet=True, locked=True, undoing=undoing, decisions=decisions,
                   **{k: parameters[k] for k in REFINE_DEFAULTS})
 
 
 def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
            split_threshold=None, quiet=False) -> dict:
     """List the people of a cluster output OUT (or the facesets of a refine
-    output), or decide about them: name, merge, move, reject, split, undo. A
-    decision is appended to the people file beside OUT's cache (under the
-    cache's lock) and OUT is rebuilt at once with it, at its own parameters.
+    output), or decide about them: name, merge, move, reject, split, undo. OUT
+    is rebuilt with the decision at once, at its own parameters, and the
+    decision appended to the people file beside OUT's cache (under the
+    cache's lock) just before the rebuilt OUT replaces the old: a decision
+    OUT cannot take (a folder face-sets did not make, anything the rebuild
+    refuses) is never kept.
     Returns {"people": listing, "decision": the decision or None}."""
     out = Path(out)
     kind, manifest_path, cache_path = people_output(out)
@@ -8819,21 +8940,20 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                 say("people: no suggestions", quiet)
         return {"people": listing, "decision": None, "suggestions": suggestions}
     path = people_path(cache_path)
-    # Both locks for the whole decision: read OUT and the decisions, check, write,
-    # rebuild; a second run is refused before it writes anything.
+    # Both locks for the whole decision: read OUT and the decisions, check, rebuild
+    # with the decision and keep it (keep_decisions, as the build ends); a second
+    # run is refused before it writes anything.
     with exclusive_lock(cache_path, "cache"), output_lock(out):
         manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
         decisions = load_decisions(path)
         decision = new_decision(verb, people_view(manifest, kind), out, cache, decisions,
                                 people_named, faces_named, name, to, split_threshold)
         check_decisions(decisions + [decision], path)  # what is written can be read back
-        write_decisions(path, decisions + [decision])
         try:
             rebuilt = rebuild_people_output(kind, cache_path, out, manifest["parameters"],
-                                            undoing=verb == "undo")
+                                            decisions + [decision], undoing=verb == "undo")
         except UserError as error:
-            raise UserError(f"decision {decision['id']} is kept in {display(path)}, but "
-                            f"{display(out)} was not rebuilt: {error}; run {kind} again") from None
+            raise UserError(f"{verb} not kept, nothing changed: {error}") from None
     view = people_view(rebuilt, kind)
     say(f"people: decision {decision['id']} ({verb}) kept in {display(path)}; {display(out)} "
         f"rebuilt: {len(view['entries'])} {'people' if kind == 'cluster' else 'facesets'}", quiet)
@@ -8841,9 +8961,14 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
 
 
 def check_text_field(manifest: dict, key: str, where: Path) -> str:
+    """manifest[key], a path; UserError unless it is one this system can name
+    (a lone surrogate that no file name decodes to is not)."""
     value = manifest.get(key)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise UserError(f"manifest {display(where)}: {key!r} is not a path")
+    try:
+        if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
+            raise ValueError
+    except (ValueError, UnicodeEncodeError):
+        raise UserError(f"manifest {display(where)}: {key!r} is not a path") from None
     return value
 
 

@@ -3,6 +3,7 @@ fold, pool failures, odd geometry, hostile names, signals and bad options.
 Each test reproduces one way the earlier code lost data, wrote outside its
 output, put a face on a wrong photo or crashed."""
 
+import hashlib
 import json
 import math
 import os
@@ -23,10 +24,11 @@ import sort_faces
 from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet, tree_fingerprint
 
 
-def run_cli(*argv):
+def run_cli(*argv, timeout=None):
     """The command line in a fresh process: (exit code, stdout, stderr)."""
     result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
-                            cwd=ROOT, capture_output=True, text=True, errors="replace")
+                            cwd=ROOT, capture_output=True, text=True, errors="replace",
+                            timeout=timeout)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -315,8 +317,8 @@ def test_a_reader_during_the_fold_sees_a_whole_cache(journal_run, tmp_path, monk
     real_read = sort_faces._npz_arrays
     state = {"folded": False}
 
-    def read(path):
-        arrays = real_read(path)
+    def read(path, *args):
+        arrays = real_read(path, *args)
         if Path(path).name == "00000001.npz" and not state["folded"]:
             state["folded"] = True  # the writer, mid-fold: main file in, chunk 2 gone
             with sort_faces.atomic_output(cache_path) as handle:
@@ -333,14 +335,22 @@ def test_a_reader_during_the_fold_sees_a_whole_cache(journal_run, tmp_path, monk
 
 
 @pytest.mark.fast
-def test_a_file_that_is_not_a_cache_says_so(tmp_path):
+def test_a_file_that_is_not_a_cache_says_so(tmp_path, capsys):
     fake = tmp_path / "notes.npz"
     fake.write_bytes(b"just some bytes")
-    code, _out, err = run_cli("cluster", fake, tmp_path / "out")
-    one_line_error(code, err, "is not a face-sets cache")
     np.savez(tmp_path / "other.npz", x=np.arange(3))
-    code, _out, err = run_cli("cluster", tmp_path / "other.npz", tmp_path / "out")
-    one_line_error(code, err, "is not a face-sets cache")
+    np.savez(tmp_path / "objects.npz", meta=np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "cut.npz", x=np.arange(3000))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:-300])
+    for name, reason in [("notes.npz", "it is not an .npz archive"),
+                         ("other.npz", "it has no face-sets meta"),
+                         ("objects.npz", "it holds something other than arrays of numbers"),
+                         ("cut.npz", "it is not an .npz archive")]:
+        code = sort_faces.main(["cluster", str(tmp_path / name), str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        one_line_error(code, err, name, "is not a face-sets cache: " + reason)
+        assert "pickle" not in err and "Error" not in err, err  # the user's words, not numpy's
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -548,6 +558,8 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
     (["embed", "{tmp}", "{tmp}/c.npz", "--det-size", "650"], "multiple of 32"),
     (["embed", "{tmp}", "{tmp}/c.npz", "--flush-every", "0"], "--flush-every must be"),
     (["dedup", "{cache}", "--hamming", "70"], "between 0 and 64"),
+    (["embed", "{tmp}", "{tmp}/c.npz", "--providers", ","], "--providers must name"),
+    (["export-swap", "{cache}", "m.json", "{tmp}/o", "--providers", " "], "--providers must name"),
 ])
 def test_bad_options_are_refused_by_the_command_line(tmp_path, argv, words):
     # options are checked before anything is read: no cache is needed to refuse them
@@ -574,6 +586,11 @@ def test_bad_options_are_refused_by_the_library_functions(tmp_path):
         lambda: sort_faces.dedup(cache, hamming=-1),
         lambda: sort_faces.embed(DATA / "lfw10", tmp_path / "c.npz", det_size=641),
         lambda: sort_faces.enrich(cache, flush_every=0),
+        lambda: sort_faces.embed(DATA / "lfw10", tmp_path / "c.npz", providers=","),
+        lambda: sort_faces.enrich(cache, providers=" "),
+        lambda: sort_faces.export_swap(cache, manifest, out, providers=""),
+        lambda: sort_faces.agglomerative_labels(np.eye(3, 8, dtype=np.float32), float("nan")),
+        lambda: sort_faces.agglomerative_labels(np.eye(3, 8, dtype=np.float32), -0.5),
     ]
     for call in calls:
         with pytest.raises(sort_faces.UserError, match="^(--|unknown option)"):
@@ -765,4 +782,221 @@ def test_a_cache_with_a_non_finite_embedding_is_one_line_not_a_traceback(celebs_
         np.savez(handle, **arrays)
     code, _out, err = run_cli("cluster", tmp_path / "c.npz", tmp_path / "out")
     one_line_error(code, err, "is damaged", "not a finite number")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 25: the inputs beside the photos (decisions, caches, manifests,
+# options) are refused with one line, and a refused decision is not kept
+# ---------------------------------------------------------------------------
+
+
+def synthetic_rows(path: Path, colour, embedding, file_row: int) -> dict:
+    """A small photo written at `path`, and its rows (file, face, path) for a
+    cache in which it is file row `file_row`, its one face at `embedding`."""
+    Image.new("RGB", (160, 160), colour).save(path)
+    info, sha = path.stat(), hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"files": {"files": str(path), "sha256": sha, "file_size": info.st_size,
+                      "file_mtime_ns": info.st_mtime_ns, "file_width": 160, "file_height": 160,
+                      "file_status": "ok", "file_reason": "", "file_phash": file_row,
+                      "file_damage": "", "file_phash_turns": np.zeros(3, np.uint64),
+                      "file_video": "", "file_time": 0.0},
+            "faces": {"embeddings": embedding / np.linalg.norm(embedding),
+                      "embedding_norm": 20.0, "face_file": file_row,
+                      "bbox": [30.0, 30.0, 130.0, 130.0], "kps": np.full((5, 2), 80.0),
+                      "det_score": 0.9, "face_short": 100.0, "blur": 100.0},
+            "paths": {"path_seen": str(path), "path_sha256": sha, "path_size": info.st_size,
+                      "path_mtime_ns": info.st_mtime_ns}}
+
+
+def append_rows(cache: "sort_faces.FaceCache", rows: list[dict]) -> None:
+    for table, columns in sort_faces.TABLES.items():
+        cache.append(sort_faces.rows_from_records([r[table] for r in rows], columns, 512))
+
+
+def synthetic_cache(tmp: Path, people: int = 2, each: int = 4) -> Path:
+    """A cache of `people` x `each` small photos (one face each, the faces of a
+    person close together, people far apart), made without the model; its
+    photos under tmp/src, the cache at tmp/cache/c.npz."""
+    src = tmp / "src"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(people, 512))
+    rows = [synthetic_rows(src / f"person{person}_{index}.jpg",
+                           (60 + 60 * person, 90, 100 + 20 * index),
+                           centres[person] + rng.normal(0, 0.05, 512), person * each + index)
+            for person in range(people) for index in range(each)]
+    cache = sort_faces.FaceCache({"model": {"pack": "synthetic", "embedding_size": 512,
+                                            "recognition_sha256": "0" * 64, "det_size": 640},
+                                  "sources": [str(src)], "phash": sort_faces.PHASH_VERSION})
+    append_rows(cache, rows)
+    path = tmp / "cache" / "c.npz"
+    path.parent.mkdir()
+    sort_faces.save_cache(path, cache)
+    return path
+
+
+def add_a_photo(cache_path: Path) -> None:
+    """One more photo in the cache, its face the first one's: new to its outputs."""
+    cache = sort_faces.load_cache(cache_path)
+    append_rows(cache, [synthetic_rows(Path(cache.meta["sources"][0]) / "new.jpg", (5, 5, 5),
+                                       cache["embeddings"][0], cache.n_files)])
+    sort_faces.save_cache(cache_path, cache)
+
+
+@pytest.fixture()
+def synthetic(tmp_path):
+    """A synthetic cache with its cluster output (raw) and refine output (refined)."""
+    cache = synthetic_cache(tmp_path)
+    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    sort_faces.refine(cache, tmp_path / "refined", quiet=True, min_faces=3)
+    return {"tmp": tmp_path, "cache": cache, "raw": tmp_path / "raw",
+            "refined": tmp_path / "refined", "decisions": sort_faces.people_path(cache)}
+
+
+def contents(root: Path) -> dict:
+    """Every entry under root, a regular file with its bytes' hash: what a
+    refused run must leave as it was (a lock taken and given back aside)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else p.is_dir() for p in sorted(root.rglob("*"))}
+
+
+def refused_in_process(capsys, argv, *words):
+    """main(argv) in this process (quicker than a fresh one): exit 2, one line."""
+    code = sort_faces.main([str(a) for a in argv])
+    one_line_error(code, capsys.readouterr().err, *words)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("command", ["people", "people name", "cluster", "refine"])
+def test_a_decisions_file_that_is_a_fifo_is_refused_not_waited_on(synthetic, command):
+    """A FIFO as <cache>.people.json held every step that reads it forever
+    (all read it through load_decisions; extend does when it has new faces)."""
+    os.mkfifo(synthetic["decisions"])
+    argv = {"people": ["people", synthetic["raw"]],
+            "people name": ["people", synthetic["raw"], "name", "person_001", "Alice"],
+            "cluster": ["cluster", synthetic["cache"], synthetic["raw"]],
+            "refine": ["refine", synthetic["cache"], synthetic["refined"], "--min-faces", "3"]}[
+        command]
+    before = contents(synthetic["tmp"])
+    code, _out, err = run_cli(*argv, timeout=60)
+    one_line_error(code, err, "people decisions", str(synthetic["decisions"]),
+                   "not a regular file: a FIFO")
+    assert contents(synthetic["tmp"]) == before
+
+
+@pytest.mark.fast
+def test_a_cache_a_manifest_or_a_lock_that_is_not_a_regular_file_is_refused(synthetic):
+    tmp = synthetic["tmp"]
+    os.mkfifo(tmp / "fifo.npz")
+    code, _out, err = run_cli("cluster", tmp / "fifo.npz", tmp / "out", timeout=60)
+    one_line_error(code, err, "cache", "fifo.npz", "a FIFO")
+    manifest = synthetic["refined"] / "refine_manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    code, _out, err = run_cli("export-swap", synthetic["cache"], manifest, tmp / "swap",
+                              timeout=60)
+    one_line_error(code, err, "refine manifest", "a FIFO")
+    os.mkfifo(str(synthetic["cache"]) + ".lock")
+    code, _out, err = run_cli("people", synthetic["raw"], "name", "person_001", "Alice",
+                              timeout=60)
+    one_line_error(code, err, "lock", "a FIFO")
+    assert not synthetic["decisions"].exists() and not (tmp / "out").exists()
+    assert not (tmp / "swap").exists()
+    # a folder where the decisions file goes is named as one, not as a read error
+    synthetic["decisions"].mkdir()
+    with pytest.raises(sort_faces.UserError, match="not a regular file: a folder"):
+        sort_faces.load_decisions(synthetic["decisions"])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("kind", ["cluster", "refine"])
+def test_a_decision_that_cannot_be_applied_is_not_kept(synthetic, capsys, kind):
+    """people on a folder face-sets did not make ended with exit 2, but kept the
+    decision, and the next cluster applied it."""
+    out = synthetic["raw"] if kind == "cluster" else synthetic["refined"]
+    prefix = "person" if kind == "cluster" else "faceset"
+    assert sort_faces.main(["people", str(out), "name", f"{prefix}_001", "Alice"]) == 0
+    kept = synthetic["decisions"].read_bytes()
+    foreign = synthetic["tmp"] / "not ours"
+    shutil.copytree(out, foreign)
+    (foreign / sort_faces.OUTPUT_MARKER).unlink()
+    (foreign / "taxes.txt").write_text("mine")
+    before = contents(synthetic["tmp"])
+    refused_in_process(capsys, ["people", foreign, "name", f"{prefix}_002", "Bob"],
+                       "not kept", "not made by face-sets")
+    assert contents(synthetic["tmp"]) == before
+    assert synthetic["decisions"].read_bytes() == kept
+    rebuilt = sort_faces.cluster(synthetic["cache"], synthetic["tmp"] / "again", quiet=True)
+    assert [c.get("label") for c in rebuilt["clusters"]] == ["Alice", None]
+
+
+def tamper_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+HUGE = 10 ** 400  # an integer JSON holds, and no float
+
+
+def huge_bbox(manifest):
+    entries = manifest.get("clusters", manifest.get("facesets"))
+    entries[0]["faces"][0]["bbox"][2] = HUGE
+
+
+def surrogate_output(manifest):
+    entries = manifest.get("clusters", manifest.get("facesets"))
+    entries[0]["outputs"][0] = "a\ud800b.jpg"  # JSON writes it as \ud800
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("damage, command", [
+    (damage, command) for damage in ("huge bbox", "surrogate output")
+    for command in ("cluster", "refine", "extend", "people", "export-swap")] + [
+    ("huge box", command) for command in ("cluster", "refine", "extend", "people")])
+def test_a_number_no_float_holds_or_a_name_no_file_has_is_one_line(synthetic, capsys, damage,
+                                                                   command):
+    """A 400-digit integer in a manifest's bbox or a decision's box
+    (OverflowError), an output name with a lone surrogate (UnicodeEncodeError):
+    a traceback in every step that read them."""
+    tmp, cache = synthetic["tmp"], synthetic["cache"]
+    raw, refined = synthetic["raw"], synthetic["refined"]
+    assert sort_faces.main(["people", str(raw), "name", "person_001", "Alice"]) == 0
+    capsys.readouterr()
+    if command == "extend":
+        add_a_photo(cache)  # else extend is up to date and reads no decision
+    argv = {"cluster": ["cluster", cache, raw], "refine": ["refine", cache, refined],
+            "extend": ["extend", cache, raw, "--refine-out", refined], "people": ["people", raw],
+            "export-swap": ["export-swap", cache, refined / "refine_manifest.json",
+                            tmp / "swap"]}[command]
+    if damage == "huge box":
+        tamper_json(synthetic["decisions"],
+                    lambda d: d["decisions"][0]["faces"][0]["box"].__setitem__(1, HUGE))
+        words = ("people decisions", "decision 1.faces[0].box", "not a finite number")
+    else:
+        uses_refine = command in ("refine", "export-swap")
+        manifest = refined / "refine_manifest.json" if uses_refine else raw / "manifest.json"
+        tamper_json(manifest, huge_bbox if damage == "huge bbox" else surrogate_output)
+        where = "facesets[0]" if uses_refine else "clusters[0]"
+        words = (manifest.name, f"{where}.faces[0].bbox", "not a finite number") \
+            if damage == "huge bbox" else (manifest.name, f"{where}.outputs", "not a file name")
+    before = contents(tmp)
+    refused_in_process(capsys, argv, *words)
+    assert contents(tmp) == before
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("key, value", [("bbox", np.inf), ("bbox", -np.inf), ("kps", np.nan)])
+def test_a_cache_with_a_non_finite_box_is_one_line_not_a_traceback(tmp_path, capsys, key, value):
+    """An infinite box ended cluster in an OverflowError (face_thumbnails)."""
+    cache = synthetic_cache(tmp_path)
+    with np.load(cache, allow_pickle=False) as loaded:
+        arrays = {name: loaded[name] for name in loaded.files}
+    arrays[key] = arrays[key].copy()
+    arrays[key][2].flat[2] = value
+    with sort_faces.atomic_output(cache) as handle:
+        np.savez(handle, **arrays)
+    refused_in_process(capsys, ["cluster", cache, tmp_path / "out"], "is damaged",
+                       "not a finite number", "boxes" if key == "bbox" else "key points")
     assert not (tmp_path / "out").exists()

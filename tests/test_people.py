@@ -129,6 +129,22 @@ def test_a_damaged_decisions_file_is_one_clear_error(tmp_path, damage):
         sort_faces.load_decisions(path)
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("name", ["ｐｅｒｓｏｎ＿００１", "ＦＡＣＥＳＥＴ_００２", "４２", "ｎｅｗ",
+                                  "perſon_3"])
+def test_a_name_that_normalises_to_a_number_is_refused(tmp_path, name):
+    """Names compare Unicode-normalised (NFKC, same_name), so a full-width
+    ｐｅｒｓｏｎ＿００１ reads as person_001: it was accepted as a name."""
+    assert "would read as" in sort_faces.person_name_problem(name)
+    assert sort_faces.person_name_problem("Ａｌｉｃｅ") is None
+    path = tmp_path / "c.npz.people.json"
+    path.write_text(json.dumps({"format": sort_faces.PEOPLE_FORMAT, "version": 1,
+                                "decisions": decided({"verb": "name", "faces": keys(1),
+                                                      "name": name})}))
+    with pytest.raises(sort_faces.UserError, match="decision 1.name: .*would read as"):
+        sort_faces.load_decisions(path)
+
+
 # --- the model tier: decisions on a real cluster output ----------------------------
 
 
@@ -284,6 +300,7 @@ def test_bad_people_commands_are_one_line_and_change_nothing(clustered, capsys):
                        (("reject", "9" * 5000), "not a face id"),
                        (("name", second, "3"), "would read as"),  # a name never hides a number
                        (("name", second, "New"), "would read as"),
+                       (("name", second, "ｐｅｒｓｏｎ＿００１"), "would read as"),
                        (("name", second, "a\u2028b"), "line breaks"),
                        (("name", second, "\u0301\u0301"), "needs a letter"),
                        (("name", second, "ALICE"), "already named 'Alice'"),

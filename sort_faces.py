@@ -163,6 +163,17 @@ DEFAULT_DET_SIZE = 640
 DEFAULT_FLUSH_EVERY = 50
 WORK_DIR = Path("work")
 
+# Faces that fill the frame (close-ups, selfies, tight crops). SCRFD finds a
+# face whose box spans up to about 416 px of its input (0.65 of the long side at
+# det 640), none past about 540 (tests/benchmarks/measure_close_ups.py). When
+# the first pass finds no face, or only faces of `trigger_px` or more (a close-up,
+# beside which a larger face could have been missed), a second look runs at the
+# input `det_size`, where a face of the whole frame is well inside that range.
+# It keeps a face of `min_face_px` or more (in the first pass's input pixels:
+# what the first pass may have missed, so an ordinary photo keeps exactly its
+# faces) that overlaps no face of the first pass (IoU under `same_face_iou`).
+SECOND_LOOK = {"det_size": 192, "trigger_px": 192, "min_face_px": 384, "same_face_iou": 0.3}
+
 # Files per worker task: enough for the decode thread to run ahead of the model.
 TASK_FILES = 4
 # Seconds between a model worker's checks that the run that started it is still
@@ -233,7 +244,8 @@ EXPORT_DEFAULTS = {
 EXPORT_HELP = {
     "top_n": "size of the <faceset>_topN.fsz bundle",
     "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
-    "pad_ratio": "padding around the face box on each side, as a share of the box",
+    "pad_ratio": "padding around the face box on each side, as a share of the box (at least "
+                 "as far as keeps the face within 60%% of the crop)",
     "out_size": "PNG side in pixels (square)",
     "min_face_short": "minimum face short edge in pixels",
     "candidate_match_threshold": "cosine distance cutoff from a singleton to a faceset",
@@ -2438,6 +2450,47 @@ def default_workers(providers: list[str]) -> int:
 _WORKER: dict = {}
 
 
+def detect_faces(det_model, image: np.ndarray, det_size: int,
+                 second_look_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes (N, 5: x1 y1 x2 y2 score), key points (N, 5, 2)) of every face
+    SCRFD finds in `image`, whatever its size in the frame: the first pass at
+    det_size, and the second look where it may have missed a face that fills
+    the frame (needs_second_look, second_look_keeps). Every step that detects
+    (embed, enrich) detects so; a face of the second look has the box and key
+    points of the view it was found in."""
+    boxes, kpss = det_model.detect(image, input_size=(det_size, det_size), max_num=0,
+                                   metric="default")
+    kpss = np.asarray(kpss, np.float32).reshape(-1, 5, 2)
+    long_side = max(image.shape[:2])
+    if not needs_second_look(boxes, long_side, det_size):
+        return boxes, kpss
+    size = second_look_size or SECOND_LOOK["det_size"]
+    more, more_kps = det_model.detect(image, input_size=(size, size), max_num=0,
+                                      metric="default")
+    keep = second_look_keeps(boxes, more, long_side, det_size)
+    if not len(keep):
+        return boxes, kpss
+    return (np.concatenate([boxes, more[keep]]),
+            np.concatenate([kpss, np.asarray(more_kps, np.float32).reshape(-1, 5, 2)[keep]]))
+
+
+def faces_with_landmarks(app, image: np.ndarray, det_size: int) -> list:
+    """InsightFace's FaceAnalysis.get, with detect_faces for its detection:
+    each face (an insightface Face) with what every other model of `app` adds
+    (landmarks, pose)."""
+    from insightface.app.common import Face
+
+    boxes, kpss = detect_faces(app.det_model, image, det_size)
+    faces = []
+    for box, kps in zip(boxes, kpss):
+        face = Face(bbox=box[:4], kps=kps, det_score=box[4])
+        for task, model in app.models.items():
+            if task != "detection":
+                model.get(image, face)
+        faces.append(face)
+    return faces
+
+
 def load_face_analysis(pack_dir: str, modules: list[str], providers: list[str],
                        det_size: int, device_id: int = 0):
     """An InsightFace FaceAnalysis with single-threaded sessions."""
@@ -3095,6 +3148,38 @@ class RayPool:
 # GEOMETRY AND QUALITY
 # Per-face measurements that are pure functions of arrays.
 # ============================================================================
+
+
+def face_spans(bboxes: np.ndarray, long_side: int, det_size: int) -> np.ndarray:
+    """Each box's long edge in pixels of the detector's input (an image is
+    resized so that its long side is det_size)."""
+    bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+    edges = np.maximum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
+    return edges * det_size / max(int(long_side), 1)
+
+
+def needs_second_look(boxes: np.ndarray, long_side: int, det_size: int,
+                      rule: dict = SECOND_LOOK) -> bool:
+    """Does a first pass that found `boxes` leave room for a face too large
+    for it (SECOND_LOOK)? Only where it found no face, or only large ones."""
+    if det_size <= rule["det_size"]:
+        return False  # the first pass already sees a face of the whole frame
+    spans = face_spans(np.asarray(boxes)[:, :4], long_side, det_size)
+    return not len(spans) or bool(spans.min() >= rule["trigger_px"])
+
+
+def second_look_keeps(first: np.ndarray, second: np.ndarray, long_side: int, det_size: int,
+                      rule: dict = SECOND_LOOK) -> np.ndarray:
+    """Indices of the second look's boxes to keep: large enough that the
+    first pass may have missed them, and none the first pass found."""
+    second = np.asarray(second, np.float64).reshape(-1, np.shape(second)[-1] if len(second) else 4)
+    if not len(second):
+        return np.zeros(0, np.int64)
+    large = face_spans(second[:, :4], long_side, det_size) >= rule["min_face_px"]
+    if len(first):
+        large &= box_iou(second[:, :4], np.asarray(first)[:, :4]).max(axis=1) < \
+            rule["same_face_iou"]
+    return np.flatnonzero(large)
 
 
 def face_short_edge(bboxes: np.ndarray) -> np.ndarray:
@@ -6321,22 +6406,24 @@ def detail_factor(short_edge: float, finest: int) -> int:
 
 
 def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
-                timings: dict | None = None) -> dict[str, np.ndarray]:
+                timings: dict | None = None, detect=None) -> dict[str, np.ndarray]:
     """Detect and embed every face of one photo: a dict of FACE_COLUMNS arrays
-    (face_file left at 0 for the caller to set), boxes and landmarks in
-    decode_image's frame.
+    (face_file left at 0 for the caller to set), boxes and key points in the
+    oriented photo at full resolution.
 
     The detector sees the photo at the coarsest reduction whose long side still
-    covers its input (det_size); each face's aligned crop and blur score are
-    made from the photo reduced as far as keeps FACE_DETAIL_PX across the face
-    (detail_factor), read from the detector's view when that is fine enough,
-    else from one finer decode shared by the image's smaller faces.
+    covers its input (det_size), with a second look for faces that fill the
+    frame (`detect`, by default detect_faces); each face's aligned crop and
+    blur score are made from the photo reduced as far as keeps FACE_DETAIL_PX
+    across the face (detail_factor), read from the detector's view when that
+    is fine enough, else from one finer decode shared by the image's smaller
+    faces.
     """
     timings = {} if timings is None else timings
     clock = time.thread_time()
     seen_factor = detect_factor(photo, det_size)  # never finer than photo.reference
     seen = photo.at(seen_factor)
-    boxes, kpss = app.det_model.detect(seen, max_num=0, metric="default")
+    boxes, kpss = (detect or detect_faces)(app.det_model, seen, det_size)
     clock = _lap(timings, "detect", clock)
     seen_view = photo.view(seen_factor)
     boxes_full = seen_view.to_full(boxes[:, :4])
@@ -7944,7 +8031,7 @@ def _enrich_one(entry, decoded) -> dict:
     _path, boxes, kps = entry[:3]
     bgr, view = decoded[0], decoded[4]
     boxes, kps = view.to_view(boxes), view.to_view(kps)  # the cache's full resolution, here
-    found = _WORKER["app"].get(bgr)
+    found = faces_with_landmarks(_WORKER["app"], bgr, _WORKER["det_size"])
     out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
     iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
     for index in range(len(boxes)):
@@ -8059,6 +8146,10 @@ QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "landmark_symmetry": 0
 # face at 112 px: ~10 is a smear, ~1000 crisp; the shared photos span 20-900).
 SHARPNESS_RANGE = (10.0, 1000.0)
 ROOP_DET_SIZES = (640, 320)
+# A crop is padded so that the face's box spans at most this share of it,
+# whatever --pad-ratio: SCRFD at det 640, as roop-unleashed's loader runs it,
+# finds no face much past 0.65 of the frame (SECOND_LOOK).
+CROP_MAX_FACE_SHARE = 0.6
 # A re-detected face is the wanted one when it overlaps the expected box this much.
 CROP_MATCH_IOU = 0.3
 # Black-out is grown by this share of the other face's box, to cover its edges.
@@ -8096,9 +8187,10 @@ def composite_quality(terms: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def square_crop_box(bbox, pad_ratio: float) -> tuple[int, int, int]:
-    """(x0, y0, side): a square around the face box, padded on each side."""
+    """(x0, y0, side): a square around the face box, padded on each side (at
+    least as far as CROP_MAX_FACE_SHARE needs)."""
     x1, y1, x2, y2 = np.asarray(bbox, dtype=np.float64)
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
+    side = max(x2 - x1, y2 - y1) * max(1 + 2 * pad_ratio, 1 / CROP_MAX_FACE_SHARE)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     return int(round(cx - side / 2)), int(round(cy - side / 2)), max(2, int(round(side)))
 

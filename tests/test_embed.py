@@ -36,9 +36,11 @@ def test_face_counts_match_bare_insightface_on_five_celebs(celebs_cache, bare_ap
     cache, counts = faces_per_file(celebs_cache)
     images = sorted(p for p in (DATA / "five_celebs").rglob("*.jpg"))
     assert cache.n_files == len(images) == 118
+    close_up = DATA / "five_celebs" / "ben_affleck" / "val_2.jpg"  # the face fills 0.81 of it
     for path in images:
         reference = bare_app.get(cv2.imread(str(path)))
-        assert counts[str(path)] == len(reference), path
+        # the one face the bare detector misses: found by embed's second look (issue 26)
+        assert counts[str(path)] == len(reference) + (path == close_up), path
     assert sum(counts.values()) >= 115  # portraits: nearly every photo has a face
     # embeddings are unit vectors of the recognition model's size
     norms = np.linalg.norm(cache["embeddings"], axis=1)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import cv2
 import numpy as np
 import psutil
 import pytest
@@ -124,6 +125,9 @@ def mixed_tree(tmp_path_factory):
     shutil.copy(videos.CLIP, src / "clip.mp4")
     (src / "broken.jpg").write_bytes((DATA / "group_photos" / "couple.jpg").read_bytes()[:200])
     shutil.copy(DATA / "group_photos" / "couple.jpg", src / "copy of couple.jpg")
+    # a tight crop, the face filling the frame: found by the second look (issue 26)
+    photo = cv2.imread(str(DATA / "lfw10" / "Colin_Powell" / "Colin_Powell_0001.jpg"))
+    cv2.imwrite(str(src / "tight crop.jpg"), cv2.resize(photo[70:180, 75:175], (200, 220)))
     return src
 
 
@@ -172,6 +176,8 @@ def test_ray_gives_the_local_pools_rows(mixed_tree, local_cache, tmp_path):
     assert summary["videos"] == 1 and summary["frames"] > 0 and summary["aliases"] == 1
     assert summary["unreadable"] == 1 and summary["crashed"] == 0
     assert (got["file_status"] == "ok").sum() > 100
+    tight = [row for row, path in enumerate(got["files"]) if path.endswith("tight crop.jpg")]
+    assert (got["face_file"] == tight[0]).sum() == 1
     # nothing is left running: the local instance stops with the run
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if "RayModelWorker" in " ".join(p.info["cmdline"] or [])]

@@ -3172,7 +3172,7 @@ def second_look_keeps(first: np.ndarray, second: np.ndarray, long_side: int, det
                       rule: dict = SECOND_LOOK) -> np.ndarray:
     """Indices of the second look's boxes to keep: large enough that the
     first pass may have missed them, and none the first pass found."""
-    second = np.asarray(second, np.float64).reshape(-1, np.shape(second)[-1] if len(second) else 4)
+    second = np.asarray(second, np.float64)
     if not len(second):
         return np.zeros(0, np.int64)
     large = face_spans(second[:, :4], long_side, det_size) >= rule["min_face_px"]

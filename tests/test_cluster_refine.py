@@ -60,8 +60,14 @@ def test_cluster_output_layout_and_numbering(labeled_run, tmp_path):
     # every face is in exactly one place
     labels = manifest_labels(manifest)
     assert len(labels) == sort_faces.load_cache(cache_path).n_faces
-    # the no-face image is listed and materialised
-    assert manifest["noface"]["files"] and os.listdir(out / "_noface")
+    # the no-face images are listed and materialised: none is left here, the one
+    # photo the first pass found no face in being a close-up (issue 26's second look)
+    cache = sort_faces.load_cache(cache_path)
+    noface = sorted(str(f) for f in cache["files"][cache["file_status"] == "noface"])
+    assert sorted(manifest["noface"]["files"]) == noface
+    assert len(os.listdir(out / "_noface")) == len(noface)
+    assert any(f["file"].endswith("ben_affleck/val_2.jpg")
+               for entry in [*manifest["clusters"], manifest["singletons"]] for f in entry["faces"])
     # a re-run into the same folder and one into a new folder number identically
     again = sort_faces.cluster(cache_path, out, quiet=True)
     elsewhere = sort_faces.cluster(cache_path, tmp_path / "other", quiet=True)

@@ -1960,10 +1960,7 @@ def index_video(path: str, data: bytes | None = None) -> VideoIndex:
 
     with open_video(path, data) as (container, stream):
         probe = _header_probe(container, stream)
-        base = float(stream.time_base or 0)
-        if not base > 0:
-            raise UnreadableImage("its video stream has no time base: no frame can be placed "
-                                  "in time")
+        base = stream_time_base(stream)
         pts, keys, problems = array("q"), array("b"), []
         try:
             for packet in container.demux(stream):
@@ -2164,16 +2161,33 @@ def _upright(frame) -> np.ndarray:
     return bgr
 
 
+@contextlib.contextmanager
+def reopenable_video(path: str, data: bytes | None = None):
+    """(container, stream, reopen): open_video's, and a function that opens
+    the video anew (ExactFrames decodes from the start so), every one closed
+    on leaving."""
+    with contextlib.ExitStack() as stack:
+        def reopen():
+            return stack.enter_context(open_video(path, data))
+
+        yield (*reopen(), reopen)
+
+
+def stream_time_base(stream) -> float:
+    """Seconds a pts unit; UnreadableImage when the stream has none."""
+    base = float(stream.time_base or 0)
+    if not base > 0:
+        raise UnreadableImage("its video stream has no time base: no frame can be placed "
+                              "in time")
+    return base
+
+
 def video_frames_at(path: str, wanted: list[tuple[int, int | None]],
                     data: bytes | None = None):
     """(pts, upright BGR frame or None, damage or why not) for each (pts,
     keyframe pts or None) of `wanted` (_frames_at). Raises UnreadableImage
     when the file cannot be opened. `data`: the file's bytes (open_video)."""
-    with contextlib.ExitStack() as stack:
-        def reopen():
-            return stack.enter_context(open_video(path, data))
-
-        container, stream = reopen()
+    with reopenable_video(path, data) as (container, stream, reopen):
         yield from _frames_at(container, stream, wanted, reopen)
 
 
@@ -2192,14 +2206,9 @@ def read_video_frame(location: FrameLocation) -> np.ndarray:
     """The upright BGR frame a FrameLocation names: the frame of exactly that
     time, the one embed took (UnreadableImage when its video no longer gives
     it)."""
-    with contextlib.ExitStack() as stack:
-        def reopen():
-            return stack.enter_context(open_video(location.video))
-
-        container, stream = reopen()
-        if not float(stream.time_base or 0) > 0:
-            raise UnreadableImage("its video stream has no time base")
-        pts = _origin_pts(container, stream) + int(round(location.time / float(stream.time_base)))
+    with reopenable_video(location.video) as (container, stream, reopen):
+        pts = _origin_pts(container, stream) + int(round(location.time /
+                                                         stream_time_base(stream)))
         for _pts, bgr, reason in _frames_at(container, stream, [(pts, None)], reopen):
             if bgr is None:
                 raise UnreadableImage(f"no frame at {location.time:.3f} s ({reason})")

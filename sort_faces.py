@@ -335,6 +335,30 @@ def plain_number(text: str) -> int | None:
     return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
+def as_typed(path, absolute: bool = False) -> str:
+    """`path` as a user would type it in the folder this run started in:
+    relative when it lies below that folder, else absolute (and always
+    absolute with `absolute`, for a page opened from anywhere)."""
+    full = os.path.abspath(str(path))
+    if absolute:
+        return full
+    try:
+        here = os.getcwd()
+    except OSError:  # the current folder was deleted
+        return full
+    relative = os.path.relpath(full, here)
+    return full if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def tool_command(*args, absolute: bool = False) -> str:
+    """The shell line that runs this tool with `args` as pasted, from the folder
+    this run started in (with `absolute`, from anywhere): this interpreter (the
+    venv's, so its packages come along) and this file, each word quoted for a
+    POSIX shell. Every command the tool prints or composes is made here."""
+    words = [as_typed(sys.executable, absolute), as_typed(__file__, absolute)]
+    return " ".join(shlex.quote(str(w)) for w in words + list(args))
+
+
 def display(text) -> str:
     """`text` as one line to print or log: valid_utf8, and control characters
     (a newline, a carriage return, ESC in a file name) written as escapes, so
@@ -5947,9 +5971,11 @@ function(el){el.classList.remove('sel');});}compose();});
 def _people_html(people: dict) -> str:
     """The people panel (see _PEOPLE_JS) and the suggestions, each with its command."""
     e = html.escape
-    items = "".join(f'<li><code>{e(s["command"])}</code> <span class="sub">distance '
-                    f'{s["distance"]:.3f}</span></li>' for s in people.get("suggestions", []))
-    return (f'<section id="people" data-program="sort_faces.py" data-out="{e(people["out"])}">'
+    items = "".join(f'<li><code>{e(tool_command(*s["args"][:1], people["out"], *s["args"][2:], absolute=True))}'
+                    f'</code> <span class="sub">distance {s["distance"]:.3f}</span></li>'
+                    for s in people.get("suggestions", []))
+    return (f'<section id="people" data-program="{e(tool_command(absolute=True))}" '
+            f'data-out="{e(people["out"])}">'
             '<label><input type="checkbox" id="people-mode"> select faces and people '
             '(click them) to compose a <code>people</code> command</label>'
             '<pre id="people-command"></pre>'
@@ -8297,7 +8323,7 @@ def require_enrich(cache: FaceCache, faces, cache_path: Path) -> None:
     faces = np.asarray(list(faces), dtype=np.int64)
     if status is None or len(status) < cache.n_faces or np.any(status[faces] == ""):
         raise UserError(f"the cache {cache_path} has faces without landmarks and pose: run "
-                        f"`sort_faces.py enrich {cache_path}` first, or pass --enrich")
+                        f"`{tool_command('enrich', as_typed(cache_path))}` first, or pass --enrich")
 
 
 def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
@@ -8854,7 +8880,7 @@ def find_person(view: dict, out: Path, wanted: str) -> dict:
             return entry
     noun = "person" if view["kind"] == "cluster" else "faceset"
     raise UserError(f"{display(wanted)!r} is not a {noun} of {display(out)} (run "
-                    f"`sort_faces.py people {display(out)}` to list them)")
+                    f"`{display(tool_command('people', as_typed(out)))}` to list them)")
 
 
 def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
@@ -8954,14 +8980,14 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     def allowed(groups_a: set, groups_b: set) -> bool:
         return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
 
-    where = shlex.quote(str(out))
+    where = as_typed(out)
     found = []
     distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
     for i, j in zip(*np.triu_indices(len(entries), 1)):
         if threshold <= distance[i, j] < threshold + band and allowed(groups_of[i], groups_of[j]):
             a, b = sorted((entries[i]["name"], entries[j]["name"]))
             found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
-                          "command": f"sort_faces.py people {where} merge {a} {b}"})
+                          "args": ["people", where, "merge", a, b]})
     singles = view["loose"]
     moves: dict[int, list[tuple[float, int]]] = {}
     if singles and len(entries):
@@ -8976,8 +9002,9 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
         name = entries[index]["name"]
         found.append({"kind": "move", "faces": faces, "people": [name],
                       "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
-                      "command": f"sort_faces.py people {where} move "
-                                 f"{' '.join(map(str, faces))} --to {name}"})
+                      "args": ["people", where, "move", *map(str, faces), "--to", name]})
+    for suggestion in found:
+        suggestion["command"] = tool_command(*suggestion["args"])
     return sorted(found, key=lambda s: s["distance"])
 
 

@@ -55,6 +55,17 @@ def pack_dir():
     return pack
 
 
+def run_pasted(command: str, cwd=ROOT, timeout: float = 300):
+    """A command line the tool printed, run as a user pastes it: by bash, in the
+    folder the tool ran in (the suite's is the project root). (code, out, err)"""
+    import subprocess
+
+    assert command.split()[0] != "sort_faces.py", f"not runnable as pasted: {command}"
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
+                            errors="replace", timeout=timeout)
+    return result.returncode, result.stdout, result.stderr
+
+
 def embed_process(src, cache, flush_every: int, *options: str):
     """`embed` (buffalo_s, quiet) in a process of its own session, with `options`."""
     import subprocess

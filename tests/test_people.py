@@ -2,6 +2,7 @@
 kept beside the cache, honoured by every later cluster at any threshold."""
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, embed_quiet, tree_fingerprint
+from conftest import DATA, embed_quiet, run_pasted, tree_fingerprint
 
 
 def key(i: int) -> dict:
@@ -262,9 +263,9 @@ def test_suggestions_come_with_their_command_and_respect_decisions(clustered):
     assert sum(row["suggestions"] for row in result["people"]) == sum(
         len(s["people"]) for s in suggestions)
     merge = next(s for s in suggestions if s["kind"] == "merge")
-    words = merge["command"].split()
-    assert words[:3] == ["sort_faces.py", "people", str(out)]
-    code, _out, err = run_cli(*words[1:])
+    words = shlex.split(merge["command"])
+    assert words[2:4] == ["people", sort_faces.as_typed(out)]
+    code, _out, err = run_pasted(merge["command"])
     assert code == 0, err
     kept, gone = merge["people"]
     assert gone not in {e["name"] for e in manifest_of(out)["clusters"]}
@@ -319,7 +320,6 @@ def test_bad_people_commands_are_one_line_and_change_nothing(clustered, capsys):
 def test_the_page_composes_the_people_command_in_chromium(clustered, tmp_path):
     """Real Chromium driven by Selenium and Debian's chromium-driver: select two
     people, copy the composed merge, run it; then a face and a person: move."""
-    import shlex
 
     from browser import require_webdriver, selenium_chromium
     from selenium.webdriver.common.by import By
@@ -327,7 +327,7 @@ def test_the_page_composes_the_people_command_in_chromium(clustered, tmp_path):
     require_webdriver()
     cache, out = clustered
     page = (out / "index.html").read_text()
-    assert 'id="people"' in page and "data-face=" in page and "<code>sort_faces.py people" in page
+    assert 'id="people"' in page and "data-face=" in page and f"<code>{sort_faces.tool_command('people', absolute=True)}" in page
     first, second, third = (e["name"] for e in manifest_of(out)["clusters"][:3])
     driver = selenium_chromium(str(tmp_path / "profile"))
     try:
@@ -336,8 +336,9 @@ def test_the_page_composes_the_people_command_in_chromium(clustered, tmp_path):
         for name in (first, second):
             driver.find_element(By.CSS_SELECTOR, f'button.pick[data-person="{name}"]').click()
         command = driver.find_element(By.ID, "people-command").text.strip()
-        assert command == f"sort_faces.py people {out.resolve()} merge {first} {second}"
-        code, _out, err = run_cli(*shlex.split(command)[1:])
+        program = sort_faces.tool_command(absolute=True)
+        assert command == f"{program} people {out.resolve()} merge {first} {second}"
+        code, _out, err = run_pasted(command, cwd=tmp_path)  # from anywhere
         assert code == 0, err
         assert second not in {e["name"] for e in manifest_of(out)["clusters"]}
         driver.get((out / "index.html").as_uri())  # the rebuilt page
@@ -348,8 +349,8 @@ def test_the_page_composes_the_people_command_in_chromium(clustered, tmp_path):
         assert driver.current_url.endswith("index.html")  # selecting does not open the photo
         driver.find_element(By.CSS_SELECTOR, f'button.pick[data-person="{third}"]').click()
         lines = driver.find_element(By.ID, "people-command").text.strip().splitlines()
-        assert lines == [f"sort_faces.py people {out.resolve()} move {face_id} --to {third}"]
-        code, _out, err = run_cli(*shlex.split(lines[0])[1:])
+        assert lines == [f"{program} people {out.resolve()} move {face_id} --to {third}"]
+        code, _out, err = run_pasted(lines[0], cwd=tmp_path)
         assert code == 0, err
         assert person_of(manifest_of(out))[face_id] == third
     finally:

@@ -68,7 +68,7 @@ def right(cache, manifest, suggestion) -> bool:
 def apply(cache, manifest, out: Path, suggestion) -> int:
     """Run the suggestion's command (a move without its wrong faces); returns
     how many wrong faces were left out."""
-    words = shlex.split(suggestion["command"])[3:]  # sort_faces.py people OUT ...
+    words = suggestion["args"][2:]  # people OUT ...
     if words[0] == "merge":
         sort_faces.people(out, "merge", people_named=words[1:], quiet=True)
         return 0

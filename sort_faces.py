@@ -354,9 +354,35 @@ def tool_command(*args, absolute: bool = False) -> str:
     """The shell line that runs this tool with `args` as pasted, from the folder
     this run started in (with `absolute`, from anywhere): this interpreter (the
     venv's, so its packages come along) and this file, each word quoted for a
-    POSIX shell. Every command the tool prints or composes is made here."""
-    words = [as_typed(sys.executable, absolute), as_typed(__file__, absolute)]
-    return " ".join(shlex.quote(str(w)) for w in words + list(args))
+    POSIX shell; an argument that is a Path is written as_typed. Every command
+    the tool prints or composes is made here."""
+    words = [Path(sys.executable), Path(__file__), *args]
+    return " ".join(shlex.quote(as_typed(w, absolute) if isinstance(w, Path) else str(w))
+                    for w in words)
+
+
+# Nouns whose plural is not noun + "s"; every count the tool prints goes through counted().
+PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images"}
+
+
+def counted(n, noun: str) -> str:
+    """"1 image", "3 images", "2 people": a count and its noun, in number."""
+    return f"{n} {noun if n == 1 else PLURALS.get(noun, noun + 's')}"
+
+
+def option_words(params: dict, defaults: dict, skip=()) -> list[str]:
+    """The command-line words of the options in `params` that differ from
+    `defaults` (`--min-faces 5`, a true flag alone), for a printed command."""
+    words = []
+    for name, value in params.items():
+        if name in skip or name not in defaults or value == defaults[name] or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is not False:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return words
 
 
 def display(text) -> str:
@@ -4810,6 +4836,29 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
     return manifest
 
 
+def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
+                   replace_smaller: bool) -> None:
+    """A re-run that would replace OUT's facesets (refine, export-swap) with
+    fewer than half as many is refused before anything is written (UserError
+    naming what would be lost and the options OUT was made with), unless
+    `replace_smaller` (--replace-smaller): a re-run with other options, or the
+    pipeline's defaults after a run with REFINE_ARGS, never empties a result
+    silently."""
+    path = out / MANIFEST_FILES[kind]
+    if replace_smaller or not os.path.lexists(path):
+        return
+    old = load_manifest(path, kind)
+    had = len(old["facesets"])
+    if 2 * count >= had:
+        return
+    made_with = option_words({k: v for k, v in old["parameters"].items() if k in defaults},
+                             {k: v for k, v in params.items()})
+    raise UserError(f"{display(out)} holds {counted(had, 'faceset')} and this {kind} would leave "
+                    f"{count}: nothing was replaced. To keep them, run with the options they were "
+                    f"made with ({' '.join(made_with) or 'the same'}); to replace them, add "
+                    "--replace-smaller")
+
+
 # ============================================================================
 # CLUSTERING
 # Identity clusters from embeddings, and the summaries every grouping step
@@ -5673,7 +5722,9 @@ def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
 # Every output folder gets an index.html that people open straight from the
 # file system to judge clusters by eye: a row per person with a strip of face
 # thumbnails. One self-contained HTML file (inline CSS and JS, nothing fetched
-# from the network) plus a _thumbs/ folder of small JPEG face crops.
+# from the network) plus a _thumbs/ folder of small JPEG face crops. A page
+# whose output is empty or small says why at its top, with the command that
+# re-runs the step (the *_shortfalls lines, also what the terminal shows).
 # ============================================================================
 
 REVIEW_PAGE_NAME = "index.html"
@@ -5887,6 +5938,12 @@ overflow:hidden;background:#e6e9ee}
 .badge{position:absolute;right:2px;bottom:2px;z-index:1;padding:0 4px;border-radius:3px;
 background:rgba(0,0,0,.68);color:#fff;font-size:11px;line-height:16px}
 .empty{color:var(--muted);font-style:italic}
+.notice{margin:0 0 12px;padding:8px 10px;background:#fff8e1;border:1px solid var(--top);border-radius:8px}
+.notice p{margin:0 0 6px}
+.notice p:last-child{margin:0}
+.notice code{display:block;margin:2px 0 0;white-space:pre-wrap;overflow-wrap:anywhere;user-select:all}
+figure.cap{margin:0;width:%(px)dpx}
+figure.cap figcaption{font-size:11px;line-height:1.25;color:var(--muted);overflow-wrap:anywhere}
 #people{margin:0 0 12px;padding:8px 10px;background:var(--card);border:1px solid var(--line);
 border-radius:8px}
 #people-command{margin:6px 0 0;white-space:pre-wrap;overflow-wrap:anywhere;user-select:all}
@@ -5971,9 +6028,11 @@ function(el){el.classList.remove('sel');});}compose();});
 def _people_html(people: dict) -> str:
     """The people panel (see _PEOPLE_JS) and the suggestions, each with its command."""
     e = html.escape
-    items = "".join(f'<li><code>{e(tool_command(*s["args"][:1], people["out"], *s["args"][2:], absolute=True))}'
-                    f'</code> <span class="sub">distance {s["distance"]:.3f}</span></li>'
-                    for s in people.get("suggestions", []))
+    def command(args):  # OUT as it is on the page: absolute
+        return tool_command(args[0], Path(people["out"]), *args[2:], absolute=True)
+
+    items = "".join(f'<li><code>{e(command(s["args"]))}</code> <span class="sub">distance '
+                    f'{s["distance"]:.3f}</span></li>' for s in people.get("suggestions", []))
     return (f'<section id="people" data-program="{e(tool_command(absolute=True))}" '
             f'data-out="{e(people["out"])}">'
             '<label><input type="checkbox" id="people-mode"> select faces and people '
@@ -6023,8 +6082,13 @@ def _thumb_html(thumb: dict, default_alt: str) -> str:
     if isinstance(thumb.get("face"), int) and thumb.get("face_id"):
         title_attr += f' data-face="{int(thumb["face"])}"'
     if thumb.get("href"):
-        return f'<a class="{classes}" href="{_url(thumb["href"])}"{title_attr}>{img}</a>'
-    return f'<span class="{classes}"{title_attr}>{img}</span>'
+        element = f'<a class="{classes}" href="{_url(thumb["href"])}"{title_attr}>{img}</a>'
+    else:
+        element = f'<span class="{classes}"{title_attr}>{img}</span>'
+    caption = thumb.get("caption")
+    if caption:  # shown under the face, not only on hover
+        return f'<figure class="cap">{element}<figcaption>{e(str(caption))}</figcaption></figure>'
+    return element
 
 
 def _strip_html(thumbs, default_alt: str) -> str:
@@ -6069,9 +6133,13 @@ def render_review_page(page: dict) -> str:
         ``sections`` (optional list of ``{"heading", "thumbs"}`` shown as
         closed <details> under the strip) and ``collapsed`` (bool: the whole
         row inside a closed <details>).
-        A thumb is ``{"src", "href", "title", "badge", "mark", "alt"}``; only
-        ``src`` is required. ``mark`` "top", "dropped" and "dup" have their
+        A thumb is ``{"src", "href", "title", "badge", "mark", "alt",
+        "caption"}``; only ``src`` is required (``caption``: a line shown
+        under it, such as why a face was dropped). ``mark`` "top", "dropped" and "dup" have their
         own outline; other marks a neutral one.
+        ``notice`` (optional list of ``{"text", "command"}``): why the output
+        is empty or small, first on the page, each with the command that
+        re-runs the step (shortfall_notice).
         ``files`` (optional list of ``{"name", "href", "bytes"}``): downloads
         listed above the rows.
         ``people`` (optional ``{"out", "suggestions"}``): the panel that composes
@@ -6104,6 +6172,12 @@ def render_review_page(page: dict) -> str:
         '<input id="filter" type="search" placeholder="filter by name  ( / )" '
         'aria-label="filter rows by name" autocomplete="off"></span></header>\n<main>\n',
     ]
+    notice = page.get("notice") or []
+    if notice:
+        parts.append('<div class="notice" id="notice">' + "".join(
+            f'<p>{e(str(n["text"]))}' + (f'<code>{e(str(n["command"]))}</code>'
+                                         if n.get("command") else "") + "</p>"
+            for n in notice) + "</div>\n")
     files = page.get("files") or []
     if files:
         items = []
@@ -6255,30 +6329,91 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path |
         label = f"{entry['label']}: " if entry.get("label") else ""
         groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
                        "person": entry["name"],
-                       "subtitle": f"{label}{entry['size']} faces in {entry['images']} images",
+                       "subtitle": f"{label}{counted(entry['size'], 'face')} in "
+                                   f"{counted(entry['images'], 'image')}",
                        "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
                                              face_id=True)
                                   for f in strip_faces(embeddings, faces)]})
     singles = [f["face"] for f in manifest["singletons"]["faces"]]
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
-                   "subtitle": f"{len(singles)} faces that match no one",
+                   "subtitle": f"{counted(len(singles), 'single face')}: faces that match no one",
                    "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f, face_id=True)
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
     listed = set(manifest["noface"]["files"])
     noface_rows = [r for r in noface_rows if label_path(cache, locations, r) in listed]
     groups.append({"name": "_noface", "href": "_noface/", "collapsed": True,
-                   "subtitle": f"{len(manifest['noface']['files'])} images without a face",
+                   "subtitle": f"{counted(len(manifest['noface']['files']), 'image')} without a face",
                    "thumbs": [{"image": r, "title": label_path(cache, locations, r),
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
     n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
     return {"title": f"cluster: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{len(manifest['clusters'])} people, {len(singles)} singletons, "
-                       f"{len(manifest['noface']['files'])} no-face images, "
-                       f"{summary['faces']} faces, {n_images} images",
+            "summary": f"{counted(len(manifest['clusters']), 'person')}, "
+                       f"{counted(len(singles), 'single face')}, "
+                       f"{counted(len(manifest['noface']['files']), 'no-face image')}; "
+                       f"{counted(summary['faces'], 'face')} in {counted(n_images, 'image')}",
+            "notice": shortfall_notice(cluster_shortfalls(manifest)),
             "groups": groups}
+
+
+def refine_shortfalls(manifest: dict, out: Path) -> list[tuple[str, list | None]]:
+    """Why the refine output OUT (its `manifest`) has no faceset or lost most
+    of its faces, as the lines a user reads first (the terminal, the top of
+    its page, the export's): each (text, the arguments of the refine command
+    that keeps what is worth keeping, or None). Empty when nothing calls for it."""
+    stages, params = manifest.get("stages") or {}, manifest.get("parameters") or {}
+    faces, n_sets = (manifest.get("summary") or {}).get("faces"), len(manifest["facesets"])
+    if faces == 0:
+        return [("the cache has no faces", None)]
+    lines = []
+    dropped = stages.get("dropped_quality", 0)
+    if dropped and faces and (not n_sets or 2 * dropped >= faces):
+        gates = stages.get("quality_gates") or {}
+        parts = [f"{counted(n, 'face')} under --{option.replace('_', '-')} {params[option]:g}"
+                 for option, n in gates.items() if n and option in params]
+        parts += [f"{gates['damaged']} in damaged photos"] if gates.get("damaged") else []
+        lines.append((f"the quality gate dropped {dropped} of {counted(faces, 'face')}"
+                      + (f" ({', '.join(parts)}; a face may fail several)" if parts else ""), None))
+    size = stages.get("size_filter") or {}
+    if size.get("dropped_people"):
+        text = (f"the size filter (--min-faces {size['min_faces']}) dropped "
+                f"{counted(size['dropped_people'], 'person')} with fewer unique images "
+                f"(the largest has {size['largest_images']})")
+        args = None
+        if size.get("suggested_min_faces"):
+            keep = size["suggested_min_faces"]
+            text += f"; to keep the {size['kept_at_suggestion']} with {keep} or more, re-run"
+            defaults = {**REFINE_DEFAULTS, "link": CLUSTER_DEFAULTS["link"]}
+            args = ["refine", Path(manifest["cache"]), Path(out),
+                    *option_words({**params, "min_faces": keep}, defaults)]
+        lines.append((text, args))
+    if not n_sets and not lines:
+        lines.append(("no cluster kept a face through the gates", None))
+    return lines
+
+
+def shortfall_lines(step: str, lines) -> list[str]:
+    """refine_shortfalls'/export_shortfalls' lines as the terminal shows them."""
+    return [f"{step}: {text}" + (f": {tool_command(*args)}" if args else "") for text, args in lines]
+
+
+def shortfall_notice(lines) -> list[dict]:
+    """The same lines as the top of a review page shows them (commands absolute)."""
+    return [{"text": text, "command": tool_command(*args, absolute=True) if args else None}
+            for text, args in lines]
+
+
+def cluster_shortfalls(manifest: dict) -> list[tuple[str, list | None]]:
+    """Why a cluster output has no person, as refine_shortfalls' lines."""
+    summary = manifest.get("summary") or {}
+    if manifest["clusters"] or not summary.get("faces"):
+        return [] if manifest["clusters"] else [("the cache has no faces", None)]
+    threshold = (manifest.get("parameters") or {}).get("threshold")
+    return [(f"no two faces lie within --threshold {threshold} (cosine distance) of each other, "
+             "so every face is a single face; a looser threshold joins more faces, and more "
+             "wrongly", None)]
 
 
 def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
@@ -6298,8 +6433,8 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
                 sections.append({"heading": f"dropped by the {stage} gate ({len(chosen)})",
                                  "thumbs": [face_thumb(cache, locations, d["face"], None,
                                                        title=f"{d['file']}: {d['reason']}",
-                                                       mark="dropped", badge=d["face"],
-                                                       face_id=True)
+                                                       caption=d["reason"], mark="dropped",
+                                                       badge=d["face"], face_id=True)
                                             for d in chosen[:REVIEW_MAX_LOOSE]]})
         return sections
 
@@ -6312,23 +6447,27 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
         label = f"{entry['label']}: " if entry.get("label") else ""
         groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
                        "person": entry["name"],
-                       "subtitle": f"{label}{entry['size']} faces in {entry['images']} images"
+                       "subtitle": f"{label}{counted(entry['size'], 'face')} in "
+                                   f"{counted(entry['images'], 'image')}"
                                    + (f"; dropped: {counts}" if counts else ""),
                        "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
                                              face_id=True)
                                   for f in strip_faces(embeddings, faces)],
                        "sections": dropped_sections(drops, entry["name"])})
     loose = by_faceset.get(None, [])
-    groups.append({"name": "not in any faceset", "collapsed": True,
-                   "subtitle": f"{len(loose)} faces dropped with their whole cluster or alone",
+    groups.append({"name": "not in any faceset", "collapsed": bool(manifest["facesets"]),
+                   "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "
+                               "or alone",
                    "thumbs": [], "sections": dropped_sections(loose, None)})
     stages = manifest["stages"]
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
     return {"title": f"refine: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{len(manifest['facesets'])} facesets; clusters {stages['initial_clusters']}"
-                       f" -> {stages['after_merge']} after merge; dropped {stages['dropped_quality']}"
-                       f" (quality), {stages['dropped_outlier']} (outlier), "
-                       f"{stages['dropped_size']} (size)",
+            "summary": f"{counted(len(manifest['facesets']), 'faceset')}; "
+                       f"{counted(stages['initial_clusters'], 'cluster')} -> "
+                       f"{stages['after_merge']} after the centroid merge; dropped "
+                       f"{stages['dropped_quality']} (quality), {stages['dropped_outlier']} "
+                       f"(outlier), {stages['dropped_size']} (size)",
+            "notice": shortfall_notice(refine_shortfalls(manifest, out)) if out else [],
             "groups": groups}
 
 
@@ -7173,9 +7312,14 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
         write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
         keep_decisions(cache_path, decisions)
-    say("cluster: {people} people ({faces_in_people} faces), {singletons} faces of no one else "
-        "({singleton_files} photos in _singletons/), {noface_images} no-face images -> "
-        .format(**manifest["summary"]) + str(out), quiet)
+    summary = manifest["summary"]
+    say(f"cluster: {counted(summary['people'], 'person')} "
+        f"({counted(summary['faces_in_people'], 'face')}), "
+        f"{counted(summary['singletons'], 'single face')} "
+        f"({counted(summary['singleton_files'], 'photo')} in _singletons/), "
+        f"{counted(summary['noface_images'], 'no-face image')} -> {out}", quiet)
+    for line in shortfall_lines("cluster", cluster_shortfalls(manifest)):
+        say(line, quiet)
     return manifest
 
 
@@ -7216,35 +7360,38 @@ def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_de
     return failures
 
 
+def quality_gate_counts(failures, faces) -> dict:
+    """Of `faces`, how many fail each quality gate (by its option; `damaged`
+    for a damaged photo), from quality_failures' texts; a face may fail several."""
+    counts = {option: 0 for option, _measure, _text in QUALITY_GATES} | {"damaged": 0}
+    starts = [(option, text.split("{")[0]) for option, _measure, text in QUALITY_GATES]
+    for face in faces:
+        for reason in failures[face]:
+            option = next((o for o, start in starts if reason.startswith(start)), "damaged")
+            counts[option] += 1
+    return counts
+
+
 # A person with this many good images is worth a faceset: roop-unleashed's
 # maintainer advises few, consistent images (rarely more than 8). Suggested
-# when the size filter (--min-faces, 15 by default) drops everyone.
+# when the size filter (--min-faces, 15 by default) drops people, once: at
+# this value or below, nothing lower is suggested (no chain of re-runs).
 SMALL_LIBRARY_MIN_FACES = 5
 
 
 def size_filter_summary(dropped_images: list[int], min_faces: int) -> dict:
     """What the size filter dropped (the unique-image count of each person it
-    dropped) and the --min-faces that would keep the largest of them."""
+    dropped) and the one --min-faces worth a re-run: SMALL_LIBRARY_MIN_FACES
+    (or the largest dropped person's count, when smaller, and 2 or more),
+    offered only when it is below `min_faces` and at most
+    SMALL_LIBRARY_MIN_FACES, so a re-run at it is never offered a lower one."""
     largest = max(dropped_images, default=0)
-    suggested = max(2, min(largest, SMALL_LIBRARY_MIN_FACES)) if largest >= 2 else None
+    suggested = min(largest, SMALL_LIBRARY_MIN_FACES)
+    if suggested < 2 or suggested >= min_faces or min_faces <= SMALL_LIBRARY_MIN_FACES:
+        suggested = None
     return {"min_faces": int(min_faces), "dropped_people": len(dropped_images),
             "largest_images": int(largest), "suggested_min_faces": suggested,
             "kept_at_suggestion": sum(n >= (suggested or 10**9) for n in dropped_images)}
-
-
-def size_filter_advice(summary: dict, command: str) -> str | None:
-    """One line on what the size filter dropped and the command that keeps them
-    (`command`: the refine or pipeline command line, with {min_faces} to fill)."""
-    if not summary or not summary.get("dropped_people"):
-        return None
-    line = (f"the size filter (--min-faces {summary['min_faces']}) dropped "
-            f"{summary['dropped_people']} people with fewer unique images; the largest has "
-            f"{summary['largest_images']}")
-    if summary.get("suggested_min_faces"):
-        line += (f". To keep the {summary['kept_at_suggestion']} with "
-                 f"{summary['suggested_min_faces']} or more: "
-                 + command.format(min_faces=summary["suggested_min_faces"]))
-    return line
 
 
 def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
@@ -7280,7 +7427,7 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     together = [position[np.array(g, np.int64)] for g in constraints["together"]]
     labels, info = agglomerative_labels(np.asarray(embeddings)[kept_faces], initial_threshold,
                                         together=together, apart=constraints["apart"])
-    clusters = [kept_faces[g] for g in groups_from_labels(labels)]
+    clusters = clusters_initial = [kept_faces[g] for g in groups_from_labels(labels)]
     stages = {"initial_clusters": len(clusters), "clustering": info}
     # Centroid merge: over-split clusters of one person have close centroids.
     if len(clusters) > 1:
@@ -7304,6 +7451,9 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
         if reasons and face not in rejected:
             dropped[face] = ("quality", "; ".join(reasons))
     stages["dropped_quality"] = sum(1 for s, _ in dropped.values() if s == "quality")
+    stages["quality_gates"] = quality_gate_counts(
+        failures, [f for f, (stage, _r) in dropped.items() if stage == "quality"])
+    stages["initial_single_faces"] = int(sum(len(c) == 1 for c in clusters_initial))
     gated = [g[[f not in dropped for f in g]] for g in clusters]
     gated = [g for g in gated if len(g)]
     stages["after_quality"] = len(gated)
@@ -7344,7 +7494,7 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
 
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
-           undoing=False, decisions=None, **params) -> dict:
+           undoing=False, decisions=None, replace_smaller=False, **params) -> dict:
     """Quality-gated per-person facesets into OUT. Returns the manifest.
 
     The people decisions beside the cache are honoured as `cluster` honours
@@ -7362,6 +7512,8 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
+    refuse_smaller(out, "refine", len(facesets), {**params, "link": link},
+                   {**REFINE_DEFAULTS, "link": link}, replace_smaller)
     previous = previous_entries(out, cache_path, "refine")
     names, labels = person_names(facesets, previous, constraints, "faceset", undoing)
     locations = file_locations(cache)
@@ -7393,16 +7545,15 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         write_review(work, refine_review_page(manifest, cache, locations, out, suggestions),
                      cache, locations, reuse_from=out)
         keep_decisions(cache_path, decisions)
-    say(f"refine: {stages['initial_clusters']} clusters -> {stages['after_merge']} after merge "
-        f"-> {stages['after_quality']} after quality gate (dropped {stages['dropped_quality']} "
-        f"faces) -> outliers dropped {stages['dropped_outlier']} -> {len(facesets)} facesets "
-        f"(size filter dropped {stages['dropped_size']} faces) -> {out}", quiet)
-    other = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items()
-                     if k != "min_faces" and v != REFINE_DEFAULTS[k])
-    advice = size_filter_advice(stages["size_filter"], f"sort_faces.py refine {cache_path} {out} "
-                                + (other + " " if other else "") + "--min-faces {min_faces}")
-    if advice:
-        say(f"refine: {advice}", quiet)
+    singles = stages["initial_single_faces"]
+    say(f"refine: {counted(stages['initial_clusters'] - singles, 'person')} and "
+        f"{counted(singles, 'single face')} (as cluster counts them) -> "
+        f"{stages['after_merge']} clusters after the centroid merge -> quality gate dropped "
+        f"{counted(stages['dropped_quality'], 'face')}, outliers {stages['dropped_outlier']}, "
+        f"size filter {stages['dropped_size']} -> {counted(len(facesets), 'faceset')} -> {out}",
+        quiet)
+    for line in shortfall_lines("refine", refine_shortfalls(manifest, out)):
+        say(line, quiet)
     return manifest
 
 
@@ -8323,7 +8474,7 @@ def require_enrich(cache: FaceCache, faces, cache_path: Path) -> None:
     faces = np.asarray(list(faces), dtype=np.int64)
     if status is None or len(status) < cache.n_faces or np.any(status[faces] == ""):
         raise UserError(f"the cache {cache_path} has faces without landmarks and pose: run "
-                        f"`{tool_command('enrich', as_typed(cache_path))}` first, or pass --enrich")
+                        f"`{tool_command('enrich', Path(cache_path))}` first, or pass --enrich")
 
 
 def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
@@ -8339,7 +8490,7 @@ def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
 def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None,
                 candidates=False, enrich_first=False, model=DEFAULT_MODEL,
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
-                quiet=False, **params) -> dict:
+                replace_smaller=False, quiet=False, **params) -> dict:
     """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
     params = table_params(EXPORT_DEFAULTS, params)
     check_options(workers=workers, providers=providers)
@@ -8355,6 +8506,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if manifest is not None:
             check_manifest_model(manifest, cache, cache_path, Path(where))
     check_output_location(out, cache_path, cache, "export-swap")
+    refuse_smaller(out, "export-swap", len(refined["facesets"]), params, EXPORT_DEFAULTS,
+                   replace_smaller)
     wanted = manifest_face_ids(refined["facesets"]) | (
         {f["face"] for f in raw["singletons"]["faces"]} if candidates else set())
     try:
@@ -8489,32 +8642,43 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             "candidates": sum(len(e["crops"]) for e in manifest["candidates"]),
             "seconds": round(time.time() - started, 1)}
         write_json_atomic(work / "export_manifest.json", manifest)
-        write_review(work, export_review_page(manifest, cache, locations), cache, locations,
-                     reuse_from=out)
-    say("export-swap: {crops} crops in {facesets} facesets ({skipped} skipped), "
-        "{candidates} candidates -> ".format(**manifest["summary"]) + str(out), quiet)
-    for line in export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"]):
-        say(f"export-swap: {line}", quiet)
+        again = ["export-swap", Path(cache_path), Path(refine_manifest_path), Path(out),
+                 *(["--raw-manifest", Path(raw_manifest_path)] if raw_manifest_path else []),
+                 *(["--candidates"] if candidates else []), *option_words(params, EXPORT_DEFAULTS)]
+        shortfalls = export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"],
+                                       again)
+        page = export_review_page(manifest, cache, locations)
+        page["notice"] = shortfall_notice(shortfalls)
+        write_review(work, page, cache, locations, reuse_from=out)
+    summary = manifest["summary"]
+    say(f"export-swap: {counted(summary['crops'], 'crop')} in "
+        f"{counted(summary['facesets'], 'faceset')} ({summary['skipped']} skipped), "
+        f"{counted(summary['candidates'], 'candidate')} -> {out}", quiet)
+    for line in shortfall_lines("export-swap", shortfalls):
+        say(line, quiet)
     return manifest
 
 
-def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int) -> list[str]:
-    """Why an export is empty or small, one line each: no facesets (and what
-    refine's size filter dropped), or facesets with fewer crops than --top-n."""
+def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int,
+                      again: list) -> list[tuple[str, list | None]]:
+    """Why an export is empty or small, as refine_shortfalls' lines: no
+    facesets (why refine made none, and `again`, this export's own arguments,
+    to run after the refine that fixes it), or facesets with fewer crops than
+    --top-n."""
     lines = []
     if not refined["facesets"]:
-        lines.append(f"nothing to export: {refine_manifest_path} has no facesets")
-        summary = (refined.get("stages") or {}).get("size_filter")
-        advice = size_filter_advice(summary, "sort_faces.py refine CACHE OUT --min-faces "
-                                             "{min_faces}, then export-swap again")
-        if advice and isinstance(summary, dict):
-            lines.append("refine's " + advice)
+        lines.append((f"nothing to export: {display(refine_manifest_path)} has no facesets", None))
+        reasons = refine_shortfalls(refined, Path(refine_manifest_path).parent)
+        lines += [(f"refine's {text}", args) for text, args in reasons]
+        if any(args for _text, args in reasons):
+            lines.append(("then export again", again))
     short = [e for e in manifest["facesets"] if len(e["crops"]) < top_n]
     if short:
         smallest = min(short, key=lambda e: len(e["crops"]))
-        lines.append(f"{len(short)} of {len(manifest['facesets'])} facesets have fewer than "
-                     f"--top-n {top_n} crops (smallest: {smallest['name']}, "
-                     f"{len(smallest['crops'])}); their _top{top_n}.fsz holds all they have")
+        lines.append((f"{len(short)} of {counted(len(manifest['facesets']), 'faceset')} have "
+                      f"fewer than --top-n {top_n} crops (smallest: {smallest['name']}, "
+                      f"{len(smallest['crops'])}); their _top{top_n}.fsz holds all they have",
+                      None))
     return lines
 
 
@@ -8880,7 +9044,7 @@ def find_person(view: dict, out: Path, wanted: str) -> dict:
             return entry
     noun = "person" if view["kind"] == "cluster" else "faceset"
     raise UserError(f"{display(wanted)!r} is not a {noun} of {display(out)} (run "
-                    f"`{display(tool_command('people', as_typed(out)))}` to list them)")
+                    f"`{display(tool_command('people', Path(out)))}` to list them)")
 
 
 def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
@@ -9035,6 +9199,7 @@ def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: di
         return cluster(cache_path, out, threshold=parameters["threshold"], link=parameters["link"],
                        quiet=True, locked=True, undoing=undoing, decisions=decisions)
     return refine(cache_path, out, link=parameters.get("link", CLUSTER_DEFAULTS["link"]),
+                  replace_smaller=True,
                   quiet=True, locked=True, undoing=undoing, decisions=decisions,
                   **{k: parameters[k] for k in REFINE_DEFAULTS})
 
@@ -9190,6 +9355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
     add_table_flags(p, REFINE_DEFAULTS, REFINE_HELP)
     add_link_flag(p)
+    add_replace_smaller_flag(p)
 
     p = add_command(sub, "extend", cli_extend,
                     help="fold new faces into an existing result without renumbering",
@@ -9240,6 +9406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
     add_table_flags(p, EXPORT_DEFAULTS, EXPORT_HELP)
     add_model_flags(p)
+    add_replace_smaller_flag(p)
 
     p = add_command(sub, "people", cli_people,
                     help="list, name, merge, move and reject people; later runs keep it",
@@ -9289,7 +9456,8 @@ def cli_export_swap(args) -> int:
     export_swap(args.cache, args.refine_manifest, args.out, raw_manifest_path=args.raw_manifest,
                 candidates=args.candidates, enrich_first=args.enrich, model=args.model,
                 model_root=args.model_root, providers=args.providers, workers=args.workers,
-                quiet=args.quiet, **{key: getattr(args, key) for key in EXPORT_DEFAULTS})
+                replace_smaller=args.replace_smaller, quiet=args.quiet,
+                **{key: getattr(args, key) for key in EXPORT_DEFAULTS})
     return EXIT_OK
 
 
@@ -9309,6 +9477,12 @@ def cli_dedup(args) -> int:
 def cli_extend(args) -> int:
     extend(args.cache, args.raw_out, args.refine_out, quiet=args.quiet)
     return EXIT_OK
+
+
+def add_replace_smaller_flag(p) -> None:
+    p.add_argument("--replace-smaller", action="store_true",
+                   help="replace OUT even when this run leaves it fewer than half of its "
+                        "facesets (without it, such a re-run is refused and OUT kept)")
 
 
 def add_command(sub, name: str, handler, help: str, description: str):
@@ -9341,8 +9515,8 @@ def cli_cluster(args) -> int:
 
 
 def cli_refine(args) -> int:
-    refine(args.cache, args.out, link=args.link, quiet=args.quiet,
-           **{key: getattr(args, key) for key in REFINE_DEFAULTS})
+    refine(args.cache, args.out, link=args.link, replace_smaller=args.replace_smaller,
+           quiet=args.quiet, **{key: getattr(args, key) for key in REFINE_DEFAULTS})
     return EXIT_OK
 
 

@@ -736,7 +736,9 @@ def test_versions_are_recorded_and_summaries_say_what_they_count(pipeline, tmp_p
     code, out, err = run_cli("cluster", cache, tmp_path / "again")
     manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
     faces, files = len(manifest["singletons"]["faces"]), len(manifest["singletons"]["outputs"])
-    assert code == 0 and f"{faces} faces of no one else ({files} photos in _singletons/)" in out
+    said = (f"{sort_faces.counted(faces, 'single face')} "
+            f"({sort_faces.counted(files, 'photo')} in _singletons/)")
+    assert code == 0 and said in out
     log = _last_log("cluster")
     assert " INFO cluster: " in log  # the summary is in the log at INFO, not DEBUG
 

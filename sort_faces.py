@@ -6875,11 +6875,13 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
              ", ".join(f"{k} {v:.1f}" for k, v in run.stage_seconds.items()))
     for path in run.known_unreadable:
         log.info("still unreadable (known): %s", display(path))
-    say("embed done: {seen} files seen, {new} new ({videos} videos: {frames} frames), "
-        "{aliases} aliases, {faces} faces, "
-        "{noface} without a face, {unreadable} unreadable ({unreadable_new} new), {damaged} damaged, "
-        "{skipped} skipped, {crashed} crashed (tried again next run), {seconds} s"
-        .format(**summary), quiet)
+    n = summary
+    say(f"embed done: {counted(n['seen'], 'file')} seen, {n['new']} new "
+        f"({counted(n['videos'], 'video')}: {counted(n['frames'], 'frame')}), "
+        f"{counted(n['aliases'], 'alias')}, {counted(n['faces'], 'face')}, {n['noface']} without "
+        f"a face, {n['unreadable']} unreadable ({n['unreadable_new']} new), {n['damaged']} "
+        f"damaged, {n['skipped']} skipped, {n['crashed']} crashed (tried again next run), "
+        f"{n['seconds']} s", quiet)
     if embed_incomplete(summary):
         log.warning("embed: %d unreadable, %d damaged, %d skipped and %d crashed in %s (each "
                     "named in the log %s)", summary["unreadable"], summary["damaged"],
@@ -7950,9 +7952,10 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
     }
     target = duplicates_path(cache_path)
     write_json_atomic(target, report)
-    say("dedup: {byte_groups} byte-identical groups, {visual_groups} visual groups; "
-        "{removable_files} files could be removed, freeing {mb:.1f} MB -> ".format(
-            mb=report["summary"]["bytes_freed"] / 1e6, **report["summary"]) + str(target), quiet)
+    n = report["summary"]
+    say(f"dedup: {counted(n['byte_groups'], 'byte-identical group')}, "
+        f"{counted(n['visual_groups'], 'visual group')}; {counted(n['removable_files'], 'file')} "
+        f"could be removed, freeing {n['bytes_freed'] / 1e6:.1f} MB -> {target}", quiet)
     return report
 
 
@@ -8319,8 +8322,9 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
         flush()
         save_cache(cache_path, cache)
     summary["seconds"] = round(time.time() - started, 1)
-    say("enrich done: {faces} faces in {images} images, {nomatch} not re-detected (kps5 pose), "
-        "{missing} images missing, {seconds} s".format(**summary), quiet)
+    say(f"enrich done: {counted(summary['faces'], 'face')} in "
+        f"{counted(summary['images'], 'image')}, {summary['nomatch']} not re-detected (kps5 "
+        f"pose), {counted(summary['missing'], 'image')} missing, {summary['seconds']} s", quiet)
     return summary
 
 

@@ -79,12 +79,31 @@ import warnings
 from collections import deque
 from pathlib import Path
 
-import cv2
-import numpy as np
-import psutil
-import scipy.sparse
-import scipy.sparse.csgraph
-from scipy.cluster.hierarchy import fcluster, linkage
+try:  # the third-party packages, from .venv (scripts/setup_venv.sh)
+    import numpy as np  # first: without it, cv2's import prints lines of its own
+    import cv2
+    import psutil
+    import scipy.sparse
+    import scipy.sparse.csgraph
+    from scipy.cluster.hierarchy import fcluster, linkage
+except ImportError as missing:
+    if __name__ != "__main__":
+        raise  # imported: the caller wants the exception itself
+    # Run as a script by a Python without them (`python3 sort_faces.py`): one line
+    # with the two commands that set up and run it, as pasted here, and exit 2.
+    def _typed(path):  # relative below the current folder, else absolute (as as_typed)
+        with contextlib.suppress(OSError):  # (the current folder deleted)
+            relative = os.path.relpath(path)
+            return path if relative == ".." or relative.startswith(".." + os.sep) else relative
+        return path
+    _root = os.path.dirname(os.path.abspath(__file__))
+    _setup = shlex.join(["bash", _typed(os.path.join(_root, "scripts", "setup_venv.sh"))])
+    _run = shlex.join([_typed(os.path.join(_root, ".venv", "bin", "python")),
+                       _typed(os.path.abspath(__file__)), *sys.argv[1:]])
+    print(f"error: {sys.executable} cannot import {missing.name or 'a package'} "
+          f"({' '.join(str(missing).split())}): set up once with `{_setup}`, then run "
+          f"`{_run}`", file=sys.stderr)
+    sys.exit(2)  # EXIT_USAGE
 
 __version__ = "0.5.0"
 

@@ -6,11 +6,17 @@
 #   outputs under work/out/NAME/. Re-running is quick: embed and enrich only do
 #   new photos, and the other steps rebuild their folders from the cache.
 #   Extra flags: REFINE_ARGS="--min-faces 5" EXPORT_ARGS="--top-n 20" scripts/pipeline.sh SRC
+#   LINK=hardlink (or symlink; default copy): how cluster and refine put the photos in
+#   raw_full/ and facesets_full/ (their --link; scripts/merge.sh's extend keeps it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 SRC [NAME]" >&2; exit 2; }
 src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
 name="${2:-$(basename "$src")}"
+link="${LINK:-copy}"
+case "$link" in copy|hardlink|symlink) ;;
+    *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
+esac
 bash "$root/scripts/setup_venv.sh" requirements.txt
 cd "$root"
 py=(.venv/bin/python sort_faces.py)
@@ -23,9 +29,9 @@ step() {  # run one step; exit code 1 (some files unreadable) is reported, not f
     if [ "$rc" -eq 1 ]; then status=1; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
 }
 step embed "$src" "$cache"
-step cluster "$cache" "$out/raw_full"
+step cluster "$cache" "$out/raw_full" --link "$link"
 # shellcheck disable=SC2086
-step refine "$cache" "$out/facesets_full" ${REFINE_ARGS:-}
+step refine "$cache" "$out/facesets_full" --link "$link" ${REFINE_ARGS:-}
 step dedup "$cache"
 step enrich "$cache"
 # shellcheck disable=SC2086
@@ -40,16 +46,17 @@ printf '%-20s %s\n' "logs:" "$root/work/logs/"
 # Small libraries: refine's size filter (--min-faces 15) may have dropped everyone.
 case " ${REFINE_ARGS:-} " in
     *" --min-faces "*) ;;
-    *) .venv/bin/python - "$out/facesets_full/refine_manifest.json" "$src" "$name" <<'PY'
+    *) .venv/bin/python - "$out/facesets_full/refine_manifest.json" "$src" "$name" "$link" <<'PY'
 import json, shlex, sys
 manifest = json.load(open(sys.argv[1]))
 size = manifest["stages"].get("size_filter") or {}
 if size.get("kept_at_suggestion"):
     n, keep = len(manifest["facesets"]), size["suggested_min_faces"]
+    link = "" if sys.argv[4] == "copy" else f"LINK={sys.argv[4]} "  # as this run had it
     print(f"\n{n} facesets; the size filter (--min-faces {size['min_faces']}) dropped "
           f"{size['dropped_people']} people (the largest has {size['largest_images']} images). "
           f"To keep the {size['kept_at_suggestion']} with {keep} or more, re-run:\n"
-          f"  REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh "
+          f"  {link}REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh "
           f"{shlex.quote(sys.argv[2])} {shlex.quote(sys.argv[3])}")
 PY
     ;;

@@ -15,13 +15,30 @@ import pytest
 from conftest import DATA, ROOT
 
 GATES = {"REFINE_ARGS": "--min-short 40 --min-faces 5 --min-blur 20",
-         "EXPORT_ARGS": "--min-face-short 60 --top-n 8"}
+         "EXPORT_ARGS": "--min-face-short 60 --top-n 8", "LINK": "hardlink"}
 
 
 def run_script(script, *args, env=None, cwd=ROOT):
     environment = dict(os.environ, **(env or {}))
     return subprocess.run(["bash", str(ROOT / "scripts" / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=environment, timeout=1200)
+
+
+def assert_hard_links(out, *sources):
+    """LINK=hardlink: both outputs say so, and every photo of raw_full/ and
+    facesets_full/ is one of the source photos, not a copy (where the two lie
+    on one file system; across devices a hard link falls back to a copy)."""
+    raw = json.loads((out / "raw_full" / "manifest.json").read_text())
+    refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
+    assert raw["parameters"]["link"] == refined["parameters"]["link"] == "hardlink"
+    folders = [f for pattern in ("raw_full/person_*", "raw_full/_singletons",
+                                 "raw_full/_noface", "facesets_full/faceset_*")
+               for f in out.glob(pattern)]
+    photos = [p for f in folders for p in f.iterdir() if p.suffix.lower() in (".jpg", ".png")]
+    assert photos and any(f.parent.name == "facesets_full" for f in folders)
+    if all(os.stat(s).st_dev == os.stat(out).st_dev for s in sources):
+        originals = {(p.stat().st_dev, p.stat().st_ino) for s in sources for p in s.rglob("*")}
+        assert {(p.stat().st_dev, p.stat().st_ino) for p in photos} <= originals
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +81,7 @@ def test_pipeline_recipe_produces_every_output(recipe_run):
                     image = cv2.imdecode(np.frombuffer(archive.read(n), np.uint8), cv2.IMREAD_COLOR)
                     assert image.shape == (512, 512, 3)
     assert export["candidates"] is not None
+    assert_hard_links(out, recipe_run["src"])
 
 
 def test_pipeline_rerun_is_quick_and_keeps_numbers(recipe_run):
@@ -97,11 +115,19 @@ def test_merge_recipe_folds_new_photos_without_renumbering(recipe_run):
     assert created and min(int(n.split("_")[1]) for n in created) == highest + 1
     export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())
     assert {e["name"] for e in export["facesets"]} == {s["name"] for s in after_sets["facesets"]}
+    assert_hard_links(out, recipe_run["src"], new)  # extend keeps the outputs' LINK
 
 
 def test_recipe_refuses_a_missing_folder():
     result = run_script("pipeline.sh", "/no/such/photos")
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+@pytest.mark.fast
+def test_recipe_refuses_an_unknown_link_before_any_step(tmp_path):
+    result = run_script("pipeline.sh", tmp_path, env={"LINK": "reflink"})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: LINK must be copy, hardlink or symlink, not 'reflink'\n"
 
 
 def test_readme_commands_work_on_a_fresh_clone(tmp_path):

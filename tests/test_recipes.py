@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+import sort_faces
 from conftest import DATA, ROOT
 
 GATES = {"REFINE_ARGS": "--min-short 40 --min-faces 5 --min-blur 20",
@@ -185,6 +186,16 @@ def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_
         export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())
         assert len(refined["facesets"]) == size["kept_at_suggestion"] and export["facesets"]
         assert "REFINE_ARGS=" not in again.stdout
+        # a plain re-run (back to --min-faces 15) does not silently empty the result
+        kept = {part: (out / part / manifest).read_bytes() for part, manifest in
+                (("facesets_full", "refine_manifest.json"),
+                 ("facesets_swap_ready", "export_manifest.json"))}
+        plain = run_script("pipeline.sh", src, name)
+        assert plain.returncode == 2
+        assert f"holds {sort_faces.counted(len(refined['facesets']), 'faceset')}" in plain.stderr
+        assert f"--min-faces {keep}" in plain.stderr and "--replace-smaller" in plain.stderr
+        assert all((out / part / manifest).read_bytes() == before for (part, before), manifest in
+                   zip(kept.items(), ("refine_manifest.json", "export_manifest.json")))
     finally:
         shutil.rmtree(ROOT / "work" / "out" / name, ignore_errors=True)
         for path in (ROOT / "work" / "cache").glob(f"{name}.*"):

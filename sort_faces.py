@@ -4341,6 +4341,35 @@ def entry_folder(entry: dict) -> str:
     return f"{entry['name']}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
 
 
+# The folder export-swap rescues a faceset's close singletons into, for review.
+CANDIDATES_DIR = "_candidates"
+
+
+def entry_bundle(entry: dict, top_n: int | None = None) -> str:
+    """The .fsz bundle export-swap writes for a faceset: its folder's name
+    (entry_folder), then _top{top_n} (the best top_n crops) or, without
+    top_n, _all (every crop): faceset_002_Alice_top30.fsz."""
+    return f"{entry_folder(entry)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
+
+
+def candidates_folder(entry: dict) -> str:
+    """Where export-swap puts a faceset's candidates, relative to its output:
+    _candidates/ then the faceset's folder name (entry_folder)."""
+    return f"{CANDIDATES_DIR}/{entry_folder(entry)}"
+
+
+def entry_title(entry: dict) -> str:
+    """How a page heads a person or faceset: its name, then its label when it
+    has one ("faceset_002 Alice"), so that the name filter finds it by either."""
+    return f"{entry['name']} {entry['label']}" if entry.get("label") else entry["name"]
+
+
+def named_entry(name: str, labels: dict) -> dict:
+    """{"name": name} with its label from `labels` ({name: label}) when it has
+    one: what entry_folder, entry_bundle and entry_title take."""
+    return {"name": name, "label": labels[name]} if name in labels else {"name": name}
+
+
 def materialise(src: str, dst: Path, link: str) -> str:
     """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
 
@@ -4454,7 +4483,7 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
     names |= {entry_folder(entry) for entry in entries}
     names |= {bundle["file"] for entry in entries for bundle in entry.get("bundles", [])}
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
-    names |= {"_candidates"} if kind == "export-swap" else set()
+    names |= {CANDIDATES_DIR} if kind == "export-swap" else set()
     for entry in os.scandir(out):
         if entry.name not in names and not (entry.name.startswith(".") and
                                             entry.name.endswith(".tmp")):
@@ -6353,10 +6382,9 @@ def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path |
     groups = []
     for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"])):
         faces = [f["face"] for f in entry["faces"]]
-        label = f"{entry['label']}: " if entry.get("label") else ""
-        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
+        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
                        "person": entry["name"],
-                       "subtitle": f"{label}{counted(entry['size'], 'face')} in "
+                       "subtitle": f"{counted(entry['size'], 'face')} in "
                                    f"{counted(entry['images'], 'image')}",
                        "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
                                              face_id=True)
@@ -6452,7 +6480,7 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
     for drop in manifest["dropped"]:
         by_faceset.setdefault(drop.get("faceset"), []).append(drop)
 
-    def dropped_sections(drops, folder):
+    def dropped_sections(drops):
         sections = []
         for stage in ("quality", "outlier", "size"):
             chosen = [d for d in drops if d["stage"] == stage]
@@ -6471,21 +6499,20 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
         drops = by_faceset.get(entry["name"], [])
         counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
                            for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
-        label = f"{entry['label']}: " if entry.get("label") else ""
-        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
+        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
                        "person": entry["name"],
-                       "subtitle": f"{label}{counted(entry['size'], 'face')} in "
+                       "subtitle": f"{counted(entry['size'], 'face')} in "
                                    f"{counted(entry['images'], 'image')}"
                                    + (f"; dropped: {counts}" if counts else ""),
                        "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
                                              face_id=True)
                                   for f in strip_faces(embeddings, faces)],
-                       "sections": dropped_sections(drops, entry["name"])})
+                       "sections": dropped_sections(drops)})
     loose = by_faceset.get(None, [])
     groups.append({"name": "not in any faceset", "collapsed": bool(manifest["facesets"]),
                    "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "
                                "or alone",
-                   "thumbs": [], "sections": dropped_sections(loose, None)})
+                   "thumbs": [], "sections": dropped_sections(loose)})
     stages = manifest["stages"]
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
     return {"title": f"refine: {Path(manifest['cache']).name}", "people": people,
@@ -6515,31 +6542,36 @@ def export_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
         if entry["skipped"]:
             sections.append({"heading": f"skipped crops ({len(entry['skipped'])})",
                              "thumbs": [face_thumb(cache, locations, s["face"], None,
-                                                   title=s["reason"], mark="dropped")
+                                                   title=s["reason"], caption=s["reason"],
+                                                   mark="dropped")
                                         for s in entry["skipped"]]})
         if entry["dropped"]:
             sections.append({"heading": f"dropped before cropping ({len(entry['dropped'])})",
                              "thumbs": [face_thumb(cache, locations, d["face"], None,
                                                    title=f"{d['source']}: {d['reason']}",
-                                                   mark="dropped")
+                                                   caption=d["reason"], mark="dropped")
                                         for d in entry["dropped"][:REVIEW_MAX_LOOSE]]})
         if entry["name"] in candidates:
-            crops = candidates[entry["name"]]["crops"]
-            sections.append({"heading": f"candidates for review ({len(crops)})",
-                             "thumbs": [crop_thumb(c, f"_candidates/{entry['name']}") for c in crops]})
+            candidate = candidates[entry["name"]]
+            sections.append({"heading": f"candidates for review ({len(candidate['crops'])})",
+                             "thumbs": [crop_thumb(c, candidates_folder(candidate))
+                                        for c in candidate["crops"]]})
         top = sum(1 for c in entry["crops"] if c.get("in_top"))
-        groups.append({"name": entry["name"], "href": entry_folder(entry) + "/",
-                       "subtitle": f"{len(entry['crops'])} crops, top {top} bundled in "
-                                   f"{entry['name']}_top{manifest['parameters']['top_n']}.fsz",
+        bundle = entry_bundle(entry, manifest["parameters"]["top_n"])
+        bundled = f"top {top} bundled in {bundle}" if any(
+            b["file"] == bundle for b in entry.get("bundles", [])) else "no bundle"
+        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
+                       "subtitle": f"{counted(len(entry['crops']), 'crop')}, {bundled}",
                        "thumbs": [crop_thumb(c, entry_folder(entry)) for c in entry["crops"]],
                        "sections": sections})
         files += [{"name": b["file"], "href": b["file"], "bytes": b["bytes"]}
                   for b in entry.get("bundles", [])]
     summary = manifest["summary"]
     return {"title": "export-swap: roop-unleashed bundles",
-            "summary": f"{summary['facesets']} facesets, {summary['crops']} crops "
-                       f"({summary['skipped']} skipped), {summary['candidates']} candidates; "
-                       "hover a crop for its score terms",
+            "summary": f"{counted(summary['facesets'], 'faceset')}, "
+                       f"{counted(summary['crops'], 'crop')} ({summary['skipped']} skipped), "
+                       f"{counted(summary['candidates'], 'candidate')}; hover a crop for its "
+                       "score terms",
             "groups": groups, "files": files}
 
 
@@ -7315,10 +7347,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             building(out, "cluster") as work:  # locked: the caller holds OUT's lock
         manifest["clusters"] = []
         for name, faces in progress(sorted(zip(names, people)), desc="cluster", unit="person"):
-            label = {"label": labels[name]} if name in labels else {}
-            entry = write_group(work / entry_folder({"name": name, **label}), faces, cache,
-                                locations, link)
-            manifest["clusters"].append({"name": name, **label, "size": len(faces), **entry})
+            named = named_entry(name, labels)
+            entry = write_group(work / entry_folder(named), faces, cache, locations, link)
+            manifest["clusters"].append({**named, "size": len(faces), **entry})
         manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
         manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
         manifest["noface"] = {"files": noface,
@@ -7553,10 +7584,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         manifest["facesets"] = []
         for name, faces in progress(sorted(zip(names, facesets), key=lambda p: p[0]),
                                     desc="refine", unit="faceset"):
-            label = {"label": labels[name]} if name in labels else {}
-            entry = write_group(work / entry_folder({"name": name, **label}), faces, cache,
-                                locations, link)
-            manifest["facesets"].append({"name": name, **label, "size": len(faces), **entry,
+            named = named_entry(name, labels)
+            entry = write_group(work / entry_folder(named), faces, cache, locations, link)
+            manifest["facesets"].append({**named, "size": len(faces), **entry,
                                          "centroid": centroid_record(cache["embeddings"], faces)})
         manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
                                     faceset=names[origin[face]] if origin[face] >= 0 else None)
@@ -8051,7 +8081,7 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
             singles += [int(f) for f in faces]
             continue
         entry = {"name": f"person_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry["name"]), faces, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
         people.append(entry)
         record["new_people"].append(entry["name"])
         number += 1
@@ -8135,7 +8165,7 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
     for group in grown:
         faces = pool[group]
         entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry["name"]), faces, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
         entry["centroid"] = centroid_record(embeddings, faces)
         facesets.append(entry)
         record["new_facesets"].append(entry["name"])
@@ -8633,9 +8663,9 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                         quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
         labels = {f["name"]: f["label"] for f in refined["facesets"] if f.get("label")}
         for name, kind, ranked, dropped in plan:
-            label = {"label": labels[name]} if name in labels else {}
-            shown = entry_folder({"name": name, **label})
-            folder = inside(work, shown) if kind == "faceset" else inside(work, "_candidates", shown)
+            named = named_entry(name, labels)
+            folder = inside(work, entry_folder(named) if kind == "faceset" else
+                            candidates_folder(named))
             folder.mkdir(parents=True, exist_ok=True)
             written, skipped = [], []
             for face in ranked:
@@ -8651,14 +8681,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                                 "score": round(score[face], 4), "terms": term_of[face],
                                 "blacked_out": result["blacked_out"],
                                 "in_top": len(written) < params["top_n"]})
-            entry = {"name": name, **label, "crops": written, "skipped": skipped,
+            entry = {**named, "crops": written, "skipped": skipped,
                      "dropped": [{"face": f,
                                   "source": label_path(cache, locations, cache["face_file"][f]),
                                   "reason": r} for f, r in sorted(dropped.items())]}
             if kind == "faceset":
-                entry["bundles"] = []
-                top = f"{shown}_top{params['top_n']}.fsz"
-                for bundle, chosen in ((top, written[: params["top_n"]]), (f"{shown}_all.fsz", written)):
+                entry["bundles"], top_n = [], params["top_n"]
+                for bundle, chosen in ((entry_bundle(named, top_n), written[:top_n]),
+                                       (entry_bundle(named), written)):
                     if chosen:
                         size = write_fsz(inside(work, bundle),
                                          [(c["png"], folder / c["png"]) for c in chosen])

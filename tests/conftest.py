@@ -150,16 +150,25 @@ REFINE = {"min_short": 40, "min_faces": 5, "min_blur": 20.0}
 EXPORT = {"min_face_short": 60, "top_n": 5}
 
 
+# The name labeled_export gives faceset_002 (Mindy Kaling's, which has a
+# candidate): a space and characters beyond ASCII, as a user's names have.
+NAMED_FACESET = ("faceset_002", "Mindy Kaling – Véra")
+
+
 @pytest.fixture(scope="session")
 def labeled_export(labeled_cache, tmp_path_factory):
-    """labeled_cache copied, clustered, refined, enriched and exported (with and
-    without candidates); checks on the way that export needs enrich."""
+    """labeled_cache copied, clustered, refined, NAMED_FACESET named with
+    `people`, enriched and exported (with and without candidates); checks on
+    the way that export needs enrich."""
     tmp = tmp_path_factory.mktemp("export")
     cache = tmp / "cache" / "c.npz"
     cache.parent.mkdir()
     shutil.copy2(labeled_cache, cache)
     raw = sort_faces.cluster(cache, tmp / "raw", quiet=True)
-    refined = sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
+    sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
+    number, name = NAMED_FACESET
+    sort_faces.people(tmp / "refined", "name", people_named=[number], name=name, quiet=True)
+    refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json", "refine")
     with pytest.raises(sort_faces.UserError, match="enrich"):
         sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
                                quiet=True, **EXPORT)

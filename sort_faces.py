@@ -4903,7 +4903,10 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
     path = out / MANIFEST_FILES[kind]
     if replace_smaller or not os.path.lexists(path):
         return
-    old = load_manifest(path, kind)
+    try:
+        old = load_manifest(path, kind)
+    except UserError:  # what the step's own checks of OUT say (refine keeps numbers from it)
+        return
     had = len(old["facesets"])
     if 2 * count >= had:
         return
@@ -7572,9 +7575,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
+    previous = previous_entries(out, cache_path, "refine")
     refuse_smaller(out, "refine", len(facesets), {**params, "link": link},
                    {**REFINE_DEFAULTS, "link": link}, replace_smaller)
-    previous = previous_entries(out, cache_path, "refine")
     names, labels = person_names(facesets, previous, constraints, "faceset", undoing)
     locations = file_locations(cache)
     manifest = run_header("refine", cache_path, cache, {**params, "link": link})

@@ -18,7 +18,8 @@ then one section per subcommand, then the command line.
 
     CONSTANTS            every default and option range, in one place (the spec's tables)
     ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
-    FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files,
+    FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files
+                         (a folder given for one: what was wanted, and the file inside it),
                          paths kept inside an output, the source scan
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
@@ -540,7 +541,8 @@ def progress(iterable=None, **kwargs):
 # Every write to a cache, manifest or report goes through a temp file in the
 # same folder and os.replace, so a reader sees the old file or the new one.
 # Every read of one goes through open_regular: a FIFO, socket or device in its
-# place is refused with one line, never waited on.
+# place is refused with one line, never waited on; a folder given for one says
+# what was wanted and names the file inside it that was likely meant.
 # ============================================================================
 
 
@@ -552,6 +554,9 @@ os.umask(_UMASK)
 def atomic_output(path: Path, mode: str = "wb"):
     """Open a temp file beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():  # a rename onto it would fail at the end
+        raise UserError(f"cannot write {display(path)}: a folder is in its place (move it "
+                        "away, or give another path)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
@@ -587,8 +592,11 @@ def open_regular(path: Path, what: str):
         if os.path.exists(path) and not os.path.isfile(path):
             raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}") from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UserError(folder_in_place(path, what))
         raise UserError(f"{what} {display(path)} is {special_file_kind(str(path))}")
     return os.fdopen(fd, "rb")
 
@@ -757,6 +765,53 @@ def special_file_kind(path: str) -> str:
         if test(mode):
             return "not a regular file: " + words
     return "not a regular file"
+
+
+def folder_in_place(path, what: str) -> str:
+    """The one line for a folder given where a file was wanted (`what`, as
+    open_regular names it): what was wanted, and the file inside the folder
+    that was likely meant (a cache's .npz, an output's manifest)."""
+    path, shown = Path(path), display(path)
+    if what == "cache":
+        line = f"{shown} is a folder, not a cache (.npz)"
+        for kind, name in MANIFEST_FILES.items():  # an output: the cache it was made from
+            try:
+                made_from = read_json(path / name, f"{kind} manifest").get("cache")
+            except (UserError, AttributeError):
+                continue
+            if isinstance(made_from, str):
+                return f"{line}; it is a {kind} output, made from the cache " \
+                       f"{display(as_typed(made_from))}"
+        caches = sorted(p for p in path.glob("*.npz") if p.is_file())
+        if caches:
+            named = ", ".join(display(c) for c in caches[:3])
+            more = f" and {len(caches) - 3} more" if len(caches) > 3 else ""
+            return f"{line}; the cache{'s' if len(caches) > 1 else ''} in it: {named}{more}"
+        return line
+    kind = what.removesuffix(" manifest")
+    if what.endswith(" manifest") and kind in MANIFEST_FILES:
+        name = MANIFEST_FILES[kind]
+        if (path / name).is_file():
+            return f"{shown} is a folder, not a {what}: give the {name} inside it, " \
+                   f"{display(path / name)}"
+        other = [k for k, n in MANIFEST_FILES.items() if (path / n).is_file()]
+        holds = f" (it is a {other[0]} output)" if other else ""
+        return f"{shown} is a folder, not a {what}: a {what} is the {name} a {kind} output " \
+               f"holds, and there is none in it{holds}"
+    return f"{what} {shown} is not a regular file: a folder"
+
+
+def file_in_place(path, wanted: str) -> str:
+    """The one line for `path` given where a folder (`wanted`, in words: "cluster
+    output folder") was wanted and none is: a file (an output's manifest names
+    its folder) or nothing at all."""
+    path, shown = Path(path), display(path)
+    if not path.exists():
+        return f"{wanted} not found: {shown}"
+    line = f"{shown} is a file, not a {wanted}"
+    if path.name in (*MANIFEST_FILES.values(), OUTPUT_MARKER):
+        return f"{line}; give the folder that holds it, {display(path.parent)}"
+    return line
 
 
 def sha256_file(path: str, block_size: int = 1 << 20) -> str:
@@ -6664,7 +6719,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
     if cache_path.is_dir():
-        raise UserError(f"the cache {cache_path} is a folder; give the path of a .npz file")
+        raise UserError(folder_in_place(cache_path, "cache"))
     if not os.access(src, os.R_OK | os.X_OK):
         raise UserError(f"source folder is not readable: {src}")
     if is_within(cache_path.parent, src):
@@ -7989,9 +8044,9 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
     locations = file_locations(cache)
     steps = [(Path(out), step, kind) for out, step, kind in (
         (raw_out, extend_raw, "cluster"), (refine_out, extend_refine, "refine")) if out is not None]
-    for out, _step, _kind in steps:
+    for out, _step, kind in steps:
         if not out.is_dir():
-            raise UserError(f"output folder not found: {out}")
+            raise UserError(file_in_place(out, f"{kind} output folder"))
     results, records = {}, []
     with contextlib.ExitStack() as locks:  # every input read and checked before a write
         manifests = []
@@ -9023,6 +9078,8 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
         if manifest_path.is_file():
             return kind, manifest_path, Path(check_text_field(load_manifest(manifest_path, kind),
                                                               "cache", manifest_path))
+    if not out.is_dir():
+        raise UserError(file_in_place(out, "cluster or refine output folder"))
     raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
                     f"{MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']})")
 

@@ -6027,7 +6027,7 @@ def _people_html(people: dict) -> str:
     """The people panel (see _PEOPLE_JS) and the suggestions, each with its command."""
     e = html.escape
     items = "".join(f'<li><code>{e(tool_command(*s["args"][:1], people["out"], *s["args"][2:], absolute=True))}'
-                    f'</code> <span class="sub">distance {s["distance"]:.3f}</span></li>'
+                    f'</code> <span class="sub">cosine distance {s["distance"]:.3f}</span></li>'
                     for s in people.get("suggestions", []))
     return (f'<section id="people" data-program="{e(tool_command(absolute=True))}" '
             f'data-out="{e(people["out"])}">'

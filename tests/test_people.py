@@ -696,6 +696,7 @@ def test_the_people_list_and_suggest_have_column_headers(clustered, capsys):
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.startswith("cosine distance  command") and "on average" in header
     assert rows and all(float(row.split()[0]) < sort_faces.SUGGEST_MAX_DISTANCE for row in rows)
+    assert "cosine distance 0." in (out / "index.html").read_text()  # the page's list too
     code, _out, err = run_pasted(rows[0].split(None, 1)[1])  # the command after the number
     assert code == 0, err
 

@@ -912,6 +912,45 @@ def test_a_cache_a_manifest_or_a_lock_that_is_not_a_regular_file_is_refused(synt
 
 
 @pytest.mark.fast
+def test_a_folder_given_for_a_file_says_what_was_wanted(synthetic, capsys):
+    """A folder where a cache or a manifest goes is one line that says what was
+    wanted and names the file inside that was meant (issue 27: it said `cache X
+    is not a regular file: a folder`, or `[Errno 21] Is a directory`); so is a
+    manifest given where its output folder goes, and a folder where a report is
+    written (a traceback, IsADirectoryError, at the end of dedup)."""
+    tmp, cache, raw, refined = (synthetic[k] for k in ("tmp", "cache", "raw", "refined"))
+    shelf = cache.parent  # the folder that holds the cache
+    before = contents(tmp)
+    code, _out, err = run_cli("cluster", raw, tmp / "out", timeout=60)
+    one_line_error(code, err, f"{raw} is a folder, not a cache (.npz)",
+                   f"it is a cluster output, made from the cache {cache}")
+    code, _out, err = run_cli("export-swap", cache, refined, tmp / "swap", timeout=60)
+    one_line_error(code, err, f"{refined} is a folder, not a refine manifest",
+                   f"give the refine_manifest.json inside it, {refined / 'refine_manifest.json'}")
+    refused_in_process(capsys, ["export-swap", cache, refined / "refine_manifest.json",
+                                tmp / "swap", "--raw-manifest", raw],
+                       f"{raw} is a folder, not a cluster manifest",
+                       f"give the manifest.json inside it, {raw / 'manifest.json'}")
+    refused_in_process(capsys, ["export-swap", cache, raw, tmp / "swap"],
+                       f"{raw} is a folder, not a refine manifest", "there is none in it",
+                       "(it is a cluster output)")
+    for argv in (["embed", tmp / "src", shelf], ["cluster", shelf, tmp / "out"],
+                 ["refine", shelf, tmp / "out"], ["dedup", shelf], ["enrich", shelf],
+                 ["extend", shelf, raw], ["export-swap", shelf, refined / "refine_manifest.json",
+                                          tmp / "swap"]):
+        refused_in_process(capsys, argv, f"{shelf} is a folder, not a cache (.npz)",
+                           f"the cache in it: {cache}")
+    for argv in (["extend", cache, raw / "manifest.json"], ["people", raw / "manifest.json"],
+                 ["extend", cache, raw, "--refine-out", refined / "refine_manifest.json"]):
+        refused_in_process(capsys, argv, f"{argv[-1]} is a file, not a",
+                           f"output folder; give the folder that holds it, {argv[-1].parent}")
+    assert contents(tmp) == before
+    report = sort_faces.duplicates_path(cache)
+    report.mkdir()
+    refused_in_process(capsys, ["dedup", cache], f"cannot write {report}: a folder is in its place")
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("kind", ["cluster", "refine"])
 def test_a_decision_that_cannot_be_applied_is_not_kept(synthetic, capsys, kind):
     """people on a folder face-sets did not make ended with exit 2, but kept the

@@ -1,19 +1,24 @@
-"""How many `people` commands taken from `people suggest` bring five_celebs'
-clusters to its labels' partition (issue 13: fewer is better).
+"""Where `people suggest` should stop (SUGGEST_MAX_DISTANCE), and how many
+`people` commands taken from it bring a labeled set's clusters to its labels'
+partition (issue 13: fewer is better).
 
-    .venv/bin/python tests/benchmarks/measure_people_suggest.py [--band B] [--set five_celebs]
+    .venv/bin/python tests/benchmarks/measure_people_suggest.py [--max-distance D]
+        [--set five_celebs [lfw10 ...]]
 
-Embeds the set into a temporary cache, clusters it at the defaults, then acts
-as a careful user: reads the suggestions from the top, skips the wrong ones
-(a merge of two people whose faces are mostly of different labels, a move of
-a face to a person of another label), applies the first right one with its
-command, and starts again, until the partition is the labels' (BCubed 1.0 /
-1.0) or no right suggestion is left. The singletons then left are rejected in
-one more command (in five_celebs they are strangers in the photos, not the
-folder's celebrity), and BCubed is given again over the faces kept. Prints the commands applied, the wrong
-suggestions read on the way, BCubed before and after, and the distances of
-right and wrong suggestions at the start (to choose SUGGEST_BAND). Every face
-is labelled by its photo's folder. Not collected by pytest.
+Embeds the sets into one temporary cache. First the distances: clustered at
+0.45, 0.55 and 0.65 and refined (conftest's lowered gates), every merge and
+move suggest could offer, right or wrong (a merge of two people whose faces
+are mostly of different labels, a move of a face to a person of another
+label): the range of the right ones, where the wrong ones start, and what the
+cut at D offers. Then, clustered at the defaults, it acts as a careful user:
+reads the suggestions from the top, skips the wrong ones, applies the first
+right one with its command, and starts again, until the partition is the
+labels' (BCubed 1.0 / 1.0) or no right suggestion is left. The singletons
+then left are rejected in one more command (in five_celebs they are
+strangers in the photos, not the folder's celebrity), and BCubed is given
+again over the faces kept. Prints the commands applied, the wrong suggestions
+read on the way and BCubed before and after. Every face is labelled by its
+photo's folder. Not collected by pytest.
 """
 
 import argparse
@@ -77,31 +82,69 @@ def apply(cache, manifest, out: Path, suggestion) -> int:
     return len(suggestion["faces"]) - len(faces)
 
 
+def spread(values) -> str:
+    values = sorted(values)
+    if not values:
+        return "none"
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f}-{values[-1]:.3f}"
+
+
+def distances(cache, view, out: Path, ceiling: float) -> str:
+    """Every merge and move `suggest` could offer on a people view, right or
+    wrong, and what the cut at `ceiling` offers of them."""
+    wide = sort_faces.people_suggestions(view, out, cache, {"together": [], "apart": []},
+                                         ceiling=2.0)
+    entries = {e["name"]: e for e in view["entries"]}
+    label = {name: collections.Counter(truth_of(cache, f["face"]) for f in e["faces"])
+             .most_common(1)[0][0] for name, e in entries.items()}
+    found = {"merge": ([], []), "move": ([], [])}
+    for s in wide:
+        if s["kind"] == "merge":
+            a, b = s["people"]
+            found["merge"][label[a] != label[b]].append(s["distance"])
+        else:
+            for d, f in zip(s["distances"], s["faces"]):
+                found["move"][truth_of(cache, f) != label[s["people"][0]]].append(d)
+    parts = []
+    for kind, (good, bad) in found.items():
+        under = [d for d in good if d < ceiling]
+        past = [d for d in good if d >= ceiling]
+        offered_bad = sum(d < ceiling for d in bad)
+        parts.append(f"{kind}s right {spread(under)}" + (f" (+{len(past)} at {spread(past)})"
+                                                         if past else "")
+                     + f", wrong from {min(bad, default=float('nan')):.3f}; offered "
+                     f"{len(under)} right, {offered_bad} wrong")
+    return f"{len(entries)} people: " + "; ".join(parts)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--band", type=float, default=sort_faces.SUGGEST_BAND)
-    parser.add_argument("--set", default="five_celebs")
+    parser.add_argument("--max-distance", type=float, default=sort_faces.SUGGEST_MAX_DISTANCE)
+    parser.add_argument("--set", nargs="+", default=["five_celebs"])
     args = parser.parse_args()
     import logging
     logging.disable(logging.WARNING)
-    sort_faces.SUGGEST_BAND = args.band
+    sort_faces.SUGGEST_MAX_DISTANCE = args.max_distance
+    name = "+".join(args.set)
     with tempfile.TemporaryDirectory() as tmp:
         cache_path, out = Path(tmp) / "c.npz", Path(tmp) / "raw"
-        sort_faces.embed(DATA / args.set, cache_path, model="buffalo_s", quiet=True)
+        for one in args.set:
+            sort_faces.embed(DATA / one, cache_path, model="buffalo_s", quiet=True)
         cache = sort_faces.load_cache(cache_path)
+        for threshold in (0.45, 0.55, 0.65):
+            manifest = sort_faces.cluster(cache_path, Path(tmp) / f"at{threshold}",
+                                          threshold=threshold, quiet=True)
+            print(f"{name}, cluster at {threshold}: " + distances(
+                cache, sort_faces.people_view(manifest, "cluster"), Path(tmp) / "x",
+                args.max_distance))
+        refined = sort_faces.refine(cache_path, Path(tmp) / "refined", quiet=True, min_short=40,
+                                    min_faces=5, min_blur=20.0)  # conftest's REFINE
+        print(f"{name}, refined (merge threshold "
+              f"{refined['parameters']['merge_threshold']}): " + distances(
+                  cache, sort_faces.people_view(refined, "refine"), Path(tmp) / "x",
+                  args.max_distance))
         manifest = sort_faces.cluster(cache_path, out, quiet=True)
         before = score(cache, manifest)
-        wide = sort_faces.people_suggestions(sort_faces.people_view(manifest, "cluster"), out,
-                                             cache, {"together": [], "apart": []}, band=0.5)
-        merges = [(s["distance"], right(cache, manifest, s)) for s in wide if s["kind"] == "merge"]
-        moves = [(d, truth_of(cache, f) == majority(cache, manifest, s["people"][0]))
-                 for s in wide if s["kind"] == "move" for d, f in zip(s["distances"], s["faces"])]
-        for kind, pairs in (("merges", merges), ("faces to move", moves)):
-            good = [d for d, ok in pairs if ok]
-            bad = [d for d, ok in pairs if not ok]
-            print(f"{kind} within the threshold + 0.5 at the start: {len(good)} right (distance "
-                  f"{min(good, default=0):.3f}-{max(good, default=0):.3f}), {len(bad)} wrong "
-                  f"(from {min(bad, default=0):.3f})")
         commands, read_wrong, left_out = 0, 0, 0
         while score(cache, manifest) != (1.0, 1.0) and commands < 500:
             suggestions = sort_faces.people(out, "suggest", quiet=True)["suggestions"]
@@ -128,8 +171,8 @@ def main():
             sort_faces.people(out, "reject", faces_named=[str(f) for f in leftover], quiet=True)
             manifest = sort_faces.load_manifest(out / "manifest.json", "cluster")
         rejected = score(cache, manifest)
-    print(f"{args.set}, band {args.band}: BCubed P/R {before[0]:.3f}/{before[1]:.3f} -> "
-          f"{after[0]:.3f}/{after[1]:.3f} after {commands} commands from suggest "
+    print(f"{name}, max distance {args.max_distance}: BCubed P/R {before[0]:.3f}/{before[1]:.3f} "
+          f"-> {after[0]:.3f}/{after[1]:.3f} after {commands} commands from suggest "
           f"({read_wrong} wrong suggestions read on the way, {left_out} wrong faces taken out of "
           f"move commands); {people} people, {singles} singletons left")
     if leftover:

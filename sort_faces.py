@@ -14,32 +14,46 @@ One file, one subcommand function each, over shared helpers:
     people       name, merge, move, reject and split people; every later run keeps it
 
 Sections, in order (search for the banner lines): shared helpers first,
-then one section per subcommand, then the command line.
+then one section per subcommand, then the command line. A section uses only
+the sections above it and its own code (tests/test_structure.py checks it);
+a subcommand's section may run an earlier subcommand whole (export-swap
+--enrich runs enrich; people rebuilds with cluster or refine), and the CLI,
+last, wires them all.
 
-    CONSTANTS            every default and option range, in one place (the spec's tables)
-    ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files
+    CONSTANTS            every default, option range and table, in one place (the spec's
+                         tables first, then each section's, under its name)
+    ERRORS AND LOGGING   user errors, option checks, exit codes, signals, per-step log files,
+                         the commands the tool prints (as pasted) and counts in number
     FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files
                          (a folder given for one: what was wanted, and the file inside it),
-                         paths kept inside an output, the source scan
+                         paths kept inside an output, the source scan, stable output names
+                         of photos and video frames
     CACHE                the .npz cache, its journal of checked chunks, consistent reads
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
     VIDEO                frames planned from a video's timestamps and decoded exactly with
                          PyAV, one cache row a frame
+    PIXELS               a cache row's pixels, photo or frame, at the reduction a step needs
+    GEOMETRY             box sizes and overlaps, the second look's spans, unit vectors
+    POSE AND SYMMETRY    head pose, landmark symmetry, frontality
+    QUALITY              the blur score, refine's quality gate, export-swap's ranking terms
     MODEL                InsightFace packs, providers, the crash-proof worker pool whose
                          workers end with the run that started them, even a killed one
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
                          through the object store, replaced when lost; a local instance
                          guarded so that it ends with its run
-    GEOMETRY AND QUALITY per-face measurements (blur, size, box overlap)
-    POSE AND SYMMETRY    head pose, landmark symmetry, frontality
+    MODEL STEPS          one entry for a model step: the local pool, or Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
                          all-or-nothing changes in place, manifests and the one loader
                          that validates them
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
-                         faiss's inverted lists for many faces), centroids
-    REVIEW PAGES         index.html and face thumbnails for every output folder
+                         faiss's inverted lists for many faces), centroids, refine's stages
+    DUPLICATES           visual near-duplicate groups confirmed by their faces
+    REVIEW PAGES         index.html and face thumbnails for every output folder, and why an
+                         output is empty or small
+    PEOPLE AND NUMBERING the people decisions and their constraints, the numbers an output
+                         keeps across rebuilds, an output's people and the suggestions
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands
     CLI                  argparse wiring
 
@@ -138,7 +152,8 @@ __all__ = [
 
 # ============================================================================
 # CONSTANTS
-# Every default lives here and matches the spec's tables; argparse reads them.
+# Every default, option range and table lives here: first the spec's tables
+# (argparse reads them), then each section's own, under a line naming it.
 # ============================================================================
 
 # Cache schema: 2 adds the journal chunk header (sequence, first rows, checksum).
@@ -317,6 +332,396 @@ PEOPLE_OUTPUTS = {
                "split_from": "initial_threshold"},
 }
 
+# --- errors and logging ---
+# Nouns whose plural is not noun + "s"; every count the tool prints goes through counted().
+PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images"}
+# SIGTERM and SIGHUP end a run the way Ctrl-C does (work saved, pool stopped).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+# --- cache ---
+FILE_COLUMNS = {
+    "files": ("U", ()), "sha256": ("U", ()), "file_size": (np.int64, ()),
+    "file_mtime_ns": (np.int64, ()), "file_width": (np.int32, ()),
+    "file_height": (np.int32, ()), "file_status": ("U", ()),
+    "file_reason": ("U", ()), "file_phash": (np.uint64, ()),
+    # libjpeg's corrupt-data warning when the decoder filled in damaged data
+    "file_damage": ("U", ()),
+    # perceptual hashes of the photo turned 90, turned 180 and mirrored (PHASH_TURNS)
+    "file_phash_turns": (np.uint64, (3,)),
+    # a sampled video frame: its video's sha256 and its time in seconds ('' and 0
+    # for a photo); the video's own row has status "video"
+    "file_video": ("U", ()), "file_time": (np.float64, ()),
+}
+FACE_COLUMNS = {
+    "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
+    "face_file": (np.int32, ()), "bbox": (np.float32, (4,)),
+    "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
+    "face_short": (np.float32, ()), "blur": (np.float32, ()),
+}
+PATH_COLUMNS = {
+    "path_seen": ("U", ()), "path_sha256": ("U", ()),
+    "path_size": (np.int64, ()), "path_mtime_ns": (np.int64, ()),
+}
+TABLES = {"files": FILE_COLUMNS, "faces": FACE_COLUMNS, "paths": PATH_COLUMNS}
+# A chunk carries a header: its sequence number, the table sizes before it (the
+# first file, face and path row it appends) and a checksum of its arrays. A
+# chunk is applied only if it is the next in sequence, whole, and starts where
+# the cache ends, so a lost or damaged chunk can never shift the rows after it.
+JOURNAL_VERSION = 2
+# Every coordinate a cache stores (boxes, key points, landmarks, face_short) is
+# in the oriented photo at full resolution. A cache (or journal chunk) whose meta
+# lacks this mark was written before 0.6, which kept a photo above
+# MAX_DECODE_PIXELS in its reduced decode's frame: the loader scales those up.
+COORDINATES_MARK = ("coordinates", "full resolution")
+# The enrich columns that hold points in the photo (the rest are angles or words).
+ENRICH_POINT_COLUMNS = ("landmark_2d_106", "landmark_3d_68")
+# A reader whose cache was folded (main file replaced, chunks removed) while it
+# read starts again, this many times at most.
+LOAD_ATTEMPTS = 5
+# The cache's meta (JSON) as later steps read it: key -> the type it must have.
+META_TYPES = {"schema_version": int, "journal_applied": int, "model": dict, "sources": list,
+              "crash_suspects": dict, "phash": str, "created": str, "face_sets_version": str,
+              "video_every": (int, float)}
+
+# --- images ---
+# Pillow modes of more than 8 bits per sample (scaled down to 8 by _to_rgb8).
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Pillow modes with an alpha band (composited over white by _to_rgb8).
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# libjpeg warnings that mean the pixels are not all the file's own: the rest
+# was filled in (a cut file padded with zeros and an end marker decodes so).
+# A few stray bytes before a marker, which some cameras write, are not damage.
+JPEG_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+JPEG_HARMLESS_EXTRANEOUS_BYTES = 16
+
+# --- model ---
+# InsightFace's own model packs, for --model NAME when a pack is not on disk.
+PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
+PACK_SIZES = {"buffalo_l": "about 280 MB", "buffalo_m": "about 260 MB", "buffalo_sc": "about 15 MB",
+              "antelopev2": "about 340 MB"}
+DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download is given up
+CRASH_REASON = "the decoder or model crashed on this file"
+
+# --- pose and symmetry ---
+# Landmarks used for solvePnP, in the same order as POSE_MODEL_POINTS_3D.
+POSE_LANDMARK_INDICES = (35, 39, 89, 93, 72, 86, 80, 52, 61, 71, 0)
+# Generic 3D face (millimetres) matching POSE_LANDMARK_INDICES. Axes follow
+# the OpenCV camera for a frontal face: +x towards image-right (the subject's
+# left), +y down, +z away from the camera; origin at the nose tip (86).
+# x, y: mean of the 2d106 detector's own output on 77 near-frontal faces
+# (landmark_symmetry >= 0.85; LFW, five_celebs, face_recognition), similarity
+# aligned, mirror-symmetrised and scaled to a 90 mm outer eye-corner distance,
+# so that pitch 0 is the average near-frontal portrait pose. z: depth behind
+# the nose tip taken from MediaPipe's metric canonical face model
+# (canonical_face_model.obj vertices 33, 133, 168, 1/4, 2, 61, 0, 152).
+POSE_MODEL_POINTS_3D = np.array(
+    [
+        [-45.0, -34.7, 43.6],  # 35 image-left eye, outer corner
+        [-17.9, -33.6, 37.7],  # 39 image-left eye, inner corner
+        [17.9, -33.6, 37.7],  # 89 image-right eye, inner corner
+        [45.0, -34.7, 43.6],  # 93 image-right eye, outer corner
+        [0.0, -38.3, 22.9],  # 72 nose bridge between the eyes
+        [0.0, 0.0, 0.0],  # 86 nose tip
+        [0.0, 11.8, 14.7],  # 80 subnasale
+        [-29.3, 30.2, 32.5],  # 52 image-left mouth corner
+        [29.3, 30.2, 32.5],  # 61 image-right mouth corner
+        [0.0, 26.2, 15.5],  # 71 top of upper lip
+        [0.0, 83.8, 32.7],  # 0 chin
+    ],
+    dtype=np.float64,
+)
+# Same model for the five SCRFD key points (``face.kps``): image-left eye
+# centre, image-right eye centre, nose tip, image-left / image-right mouth
+# corner (x, y: mean detector output in the same frame; z: eye centre at the
+# mean depth of its two corners).
+POSE_KPS5_MODEL_POINTS_3D = np.array(
+    [
+        [-32.2, -35.6, 40.6],
+        [32.2, -35.6, 40.6],
+        [0.0, 2.0, 0.0],
+        [-28.4, 30.5, 32.5],
+        [28.4, 30.5, 32.5],
+    ],
+    dtype=np.float64,
+)
+# Mirror pairs (image-left index, image-right index) of the 106-point layout.
+# Pupils (34, 38, 88, 92) are left out: they follow gaze, not the face.
+LANDMARK_MIRROR_PAIRS = (
+    # jaw contour
+    (1, 17), (2, 18), (3, 19), (4, 20), (5, 21), (6, 22), (7, 23), (8, 24),
+    (9, 25), (10, 26), (11, 27), (12, 28), (13, 29), (14, 30), (15, 31),
+    (16, 32),
+    # eyes
+    (33, 87), (35, 93), (36, 91), (37, 90), (39, 89), (40, 94), (41, 96),
+    (42, 95),
+    # eyebrows
+    (43, 101), (44, 100), (45, 99), (46, 97), (47, 98), (48, 105),
+    (49, 104), (50, 102), (51, 103),
+    # mouth
+    (52, 61), (54, 57), (55, 58), (56, 59), (63, 67), (64, 68), (65, 69),
+    (66, 70),
+    # nose
+    (75, 81), (76, 82), (77, 83), (78, 84), (79, 85),
+)
+# Landmarks on the facial midline (their own mirror image).
+LANDMARK_MIDLINE = (0, 53, 60, 62, 71, 72, 73, 74, 80, 86)
+# Eye corners used for the inter-ocular distance (outer, inner per eye).
+LANDMARK_EYE_CORNERS = ((35, 39), (89, 93))
+# Normalised RMS mirror residual (in inter-ocular distances) at which
+# ``landmark_symmetry`` reaches 0. On the shared photos the residual grows
+# roughly as 0.012 per degree of yaw (median 0.045 for |yaw| < 5, 0.27 at
+# 15-20, 0.51 at 30-45), so 0.75 makes symmetry track ``frontality``.
+SYMMETRY_ZERO_RESIDUAL = 0.75
+# Off-axis angle (degrees) at which ``frontality`` reaches 0.
+FRONTALITY_MAX_ANGLE_DEG = 60.0
+
+# --- perceptual hash ---
+# Longest side an image is first shrunk to (INTER_AREA) before the exact
+# 32x32 reduction.  Keeps large photos cheap while the two-stage area average
+# stays practically identical to a one-stage one.
+PHASH_WORK_SIZE = 256
+# Side of the grayscale square the DCT is computed on.
+PHASH_DCT_SIZE = 32
+# The hash uses DCT coefficients [1:9, 1:9] (rows/cols 1..8): 64 values, DC
+# and the pure horizontal / vertical first row and column excluded.
+PHASH_BLOCK_START = 1
+PHASH_BLOCK_SIZE = 8
+# An image whose hashed coefficients are all below this fraction of
+# (|DC| + 1) is treated as flat (blank) and hashes to 0.
+PHASH_FLAT_RTOL = 1e-4
+# Default maximum Hamming distance for "same photo" candidates, measured
+# with tests/benchmarks/measure_phash.py (see the docstring of hamming_pairs).
+PHASH_DEFAULT_MAX_DISTANCE = 12
+# Maximum number of candidate pairs materialised at once (memory bound:
+# roughly 60 bytes per candidate pair in flight).
+HAMMING_CHUNK_PAIRS = 4_000_000
+# Below this many distinct-hash pairs the exact brute-force path is used.
+HAMMING_BRUTE_FORCE_MAX_PAIRS = 200_000
+# Substrings up to this many bits use a direct-address bucket table,
+# wider ones a binary search.
+HAMMING_DIRECT_TABLE_MAX_BITS = 22
+# Upper bound on the number of flip masks enumerated per substring.
+HAMMING_MAX_MASKS = 50_000
+# The turns and the mirror a copy of a photo may have been given, in the order
+# of perceptual_hashes' variants after the photo as it is.
+PHASH_TURNS = ("turned 90", "turned 180", "mirrored")
+
+# --- output folders ---
+MAX_NAME_BYTES = 200  # under the common 255-byte limit, leaving room for temp suffixes
+# A person's name, as it appears in its folder's and bundles' names, in bytes.
+MAX_LABEL_BYTES = 80
+# The folder export-swap rescues a faceset's close singletons into, for review.
+CANDIDATES_DIR = "_candidates"
+# Every output folder face-sets builds holds this marker: the kind of output
+# and a random id. A step replaces or changes a folder only if it holds the
+# marker of its own kind (or is a face-sets output from before markers, every
+# entry of which its manifest accounts for).
+OUTPUT_MARKER = ".face-sets-output.json"
+MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
+                  "export-swap": "export_manifest.json"}
+ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
+                       "export-swap": r"faceset_\d{3,9}"}
+
+# --- clustering ---
+# Largest connected component clustered exactly. Its condensed float64
+# distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
+# (1.8 GB at 15000); bigger components go to the bounded-memory fallback.
+CLUSTER_MAX_COMPONENT = 15000
+# Rows per matrix-product block in the edge search.
+CLUSTER_BLOCK_ROWS = 2048
+# Elements per similarity tile (float32: 64 MB). Sets the column block width.
+CLUSTER_TILE_ELEMS = 1 << 24
+# Extra cosine-distance slack when collecting candidate pairs, to absorb
+# float32 rounding; extra edges only cost time, never change the result.
+CLUSTER_EDGE_MARGIN = 1e-3
+# Buffered edges before they are collapsed to one spanning star per component,
+# which bounds edge memory when an identity has very many near-identical faces.
+CLUSTER_EDGE_BUFFER = 1 << 22
+# Fallback: a reciprocal-nearest-neighbour round (exact) must remove at least
+# this share of the groups, else greedy leader passes (approximate) take over,
+# with these radii as fractions of the threshold; the last one is reused
+# until the group count fits or a pass merges nothing.
+CLUSTER_RNN_MIN_GAIN = 0.05
+# From this many faces on, the pairs under the threshold are found with an
+# approximate nearest-neighbour index (faiss's inverted lists, exact inner
+# products inside the lists probed) instead of the all-pairs product, whose
+# cost grows with N**2. Measured on faces of real structure at cluster's
+# threshold (tests/benchmarks/bench_cluster.py --real --compare): even at 100k
+# (36 s against 41 s), 2.2x faster at 300k (153 s against 336 s), pairwise F
+# 0.99991 against the exact partition, 0.3% more clusters (pairs missed split
+# a few faces off their person).
+CLUSTER_ANN_FROM = 200_000
+# The index: nlist = lists_per_sqrt * sqrt(N) lists (spherical k-means, niter
+# rounds on train_per_list faces a list), each list compared with the nprobe
+# lists nearest it; candidate_recall is measured on recall_rows faces against
+# the exact search. The rescue: a face left alone is compared again through
+# rescue_nprobe lists with the faces of components of at most rescue_component
+# (the pairs the lists miss are mostly two faces alone in a sparse part of the
+# space, their lists far apart: at 300k, 96% of them lie within 512 probes,
+# all within 1,024).
+CLUSTER_ANN = {"lists_per_sqrt": 4, "nprobe": 128, "train_per_list": 64, "niter": 12,
+               "recall_rows": 1000, "rescue_nprobe": 768, "rescue_component": 3}
+CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
+CLUSTER_LEADER_MAX_PASSES = 8
+
+# --- review pages ---
+REVIEW_PAGE_NAME = "index.html"
+THUMBS_DIR_NAME = "_thumbs"
+# 112 px, the face size the blur score is measured at (BLUR_SCALE_PX): enough
+# to tell people apart, ~5 KB a JPEG, ~50 KB decoded in a browser.
+THUMB_SIZE = 112
+THUMB_PAD = 0.25  # share of the face box's longer side added on each side
+THUMB_JPEG_QUALITY = 85
+# Shown at this CSS size: 12 faces a line in a 1280 px window.
+THUMB_DISPLAY_PX = 96
+# Which axes of the shown picture run backwards over the stored pixels, per
+# EXIF orientation as ImageOps.exif_transpose applies it (5-8 also swap axes).
+_ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
+                         5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
+# Faces shown in a person's strip: the nearest to the centroid, then the
+# farthest few, where a wrong member would be. Loose rows (singletons, no-face
+# images, dropped faces) show at most REVIEW_MAX_LOOSE thumbnails.
+REVIEW_NEAREST = 24
+REVIEW_FARTHEST = 6
+REVIEW_MAX_LOOSE = 300
+
+# --- embed ---
+# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)):
+# its samples are (target, pts, keyframe pts, time) tuples (video_plan).
+VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "samples")
+
+# --- refine ---
+# Refine's quality gate: per option, the per-face measurement it is the floor
+# of and how a failure reads. A face fails a gate when its value is below the
+# floor. A new gate is one line here (and its default in REFINE_DEFAULTS).
+QUALITY_GATES = (
+    ("min_short", "face_short", "face short edge {value:.0f} px < {limit}"),
+    ("min_blur", "blur", "blur {value:.1f} < {limit}"),
+    ("min_det_score", "det_score", "det_score {value:.2f} < {limit}"),
+)
+# A person with this many good images is worth a faceset: roop-unleashed's
+# maintainer advises few, consistent images (rarely more than 8). Suggested
+# when the size filter (--min-faces, 15 by default) drops people, once: at
+# this value or below, nothing lower is suggested (no chain of re-runs).
+SMALL_LIBRARY_MIN_FACES = 5
+
+# --- dedup ---
+# Measured on the shared photos (tests/benchmarks/measure_phash.py): edits of
+# one photo (JPEG q30, half size, 3% crop, PNG, brightness) stay within 12
+# bits at the 99th percentile, different people start at 14.
+DEFAULT_HAMMING = PHASH_DEFAULT_MAX_DISTANCE
+# bump when perceptual_hash(es) change; "-2": taken from the detector's view of
+# the photo (photo_hashes), gray before the shrink (old caches are re-hashed once)
+PHASH_VERSION = "dct32-2:9+turns"
+# Face evidence for a visual pair, measured on edited copies of the shared
+# photos (JPEG q30, half size, 3% crop) against two LFW shots of one man from
+# one sitting (Ariel_Sharon 0005/0007, hash distance 10):
+# - matched faces sit at the same place: centre within this share of the image;
+DEDUP_MAX_CENTRE_SHIFT = 0.06
+# - and are the same face, not just the same person: embedding similarity at
+#   least 0.85 when the larger face has 60+ px (edits measured >= 0.90, the
+#   two shots 0.71); a smaller face's embedding moves more, so only 0.5 there;
+DEDUP_MIN_FACE_SIMILARITY = 0.85
+DEDUP_MIN_SMALL_FACE_SIMILARITY = 0.5
+DEDUP_SMALL_FACE_PX = 60
+# - with the same landmark layout: the 5 key points, relative to the face box,
+#   move at most this much (edits measured <= 0.052, the two shots 0.137);
+DEDUP_MAX_KEYPOINT_SHIFT = 0.08
+# - and faces only one side has are tiny (short edge under this share of the
+#   image), as background faces lost to a resize or re-encode are (measured
+#   up to 0.10).
+DEDUP_MAX_UNMATCHED_FACE = 0.12
+# Copies the hash cannot see: a crop moves the hash by more than its 12 bits,
+# and a turn by 90 degrees changes it whole. Measured on edited copies of the
+# shared photos (tests/benchmarks/measure_dedup_edits.py, docs/benchmarks.md):
+# - a copy's faces keep near-identical embeddings: crops of 3-10% per side
+#   measured >= 0.95 for 90% of faces, a mirrored copy >= 0.93, while two
+#   shots of one sitting (the Ariel Sharon pair) are at 0.71. So faces at this
+#   similarity or more, one to one, make two photos candidates and, with the
+#   same landmark layout (as it is or mirrored) and the same placement relative
+#   to each other, the same picture in another framing;
+DEDUP_REFRAMED_MIN_FACE_SIMILARITY = 0.9
+# - candidates come from a 64-bit sign code of each face's embedding (its 64
+#   principal components, or random directions in a small cache) within this
+#   Hamming radius, searched exactly like the image hashes: edited copies' faces
+#   measured a median of 3 bits apart, 95% at 7 (8 with random directions) or
+#   less; two faces of different photos were within 10 bits 0.03% of the time
+#   (0.14% with random directions);
+FACE_CODE_RADIUS = 10
+FACE_CODE_SAMPLE = 20000  # faces the principal components are computed from
+FACE_CODE_PCA_MIN = 2000  # fewer faces than this: random directions (PCA's tail is noise)
+FACE_CODE_SEED = 20261125
+# - matched faces' centres, relative to each other in face-size units, move at
+#   most this much between the two framings;
+DEDUP_MAX_PLACEMENT_SHIFT = 0.25
+# - a face only one side has was cut off by the crop: it lies this close (a
+#   share of the image) to the border of the wider picture, or is tiny;
+DEDUP_CROP_BORDER = 0.15
+# - a turned copy: the detector misses many turned faces (measured: found in
+#   67% of copies turned by 90, 40% by 180), so a turned pair is taken on its
+#   hash, at most this distance, with the turned shape, and any face found on
+#   both sides at the same (turned) place with the same embedding.
+DEDUP_TURN_MAX_HAMMING = 4
+DEDUP_TURN_MAX_ASPECT_CHANGE = 0.03
+# (a turned face it does find is often upside down or sideways and misplaced:
+# only faces found with at least this score on both sides can veto a pair)
+DEDUP_TURN_SURE_FACE = 0.75
+
+# --- enrich ---
+ENRICH_COLUMNS = {
+    "landmark_2d_106": (np.float32, (106, 2), np.nan),
+    "landmark_3d_68": (np.float32, (68, 3), np.nan),
+    "pose": (np.float32, (3,), np.nan),
+    "pose_3d68": (np.float32, (3,), np.nan),
+    "pose_source": ("U16", (), ""),
+    "enrich_status": ("U16", (), ""),  # "" not yet, "ok", "nomatch" (kps5 pose only)
+}
+# A re-detected face is the cached one when their boxes overlap this much.
+ENRICH_MIN_IOU = 0.5
+
+# --- export-swap ---
+QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "landmark_symmetry": 0.20,
+                   "face_size": 0.15, "sharpness": 0.15}
+# sharpness: log of the blur score between these two (Laplacian variance of the
+# face at 112 px: ~10 is a smear, ~1000 crisp; the shared photos span 20-900).
+SHARPNESS_RANGE = (10.0, 1000.0)
+ROOP_DET_SIZES = (640, 320)
+# A crop is padded so that the face's box spans at most this share of it,
+# whatever --pad-ratio: SCRFD at det 640, as roop-unleashed's loader runs it,
+# finds no face much past 0.65 of the frame (SECOND_LOOK).
+CROP_MAX_FACE_SHARE = 0.6
+# A re-detected face is the wanted one when it overlaps the expected box this much.
+CROP_MATCH_IOU = 0.3
+# Black-out is grown by this share of the other face's box, to cover its edges.
+BLACKOUT_GROW = 0.15
+BLACKOUT_ROUNDS = 3
+
+# --- people ---
+PEOPLE_FORMAT = "face-sets people decisions"
+PEOPLE_VERSION = 1
+PEOPLE_VERBS = ("name", "merge", "move", "reject", "split", "undo")
+# `people split` re-clusters a person this much tighter than its output's threshold.
+SPLIT_TIGHTER_BY = 0.10
+# `people suggest` offers merges and moves whose average cosine distance lies
+# from the output's threshold up to this: past it they are different people,
+# whatever the threshold. Measured on five_celebs, lfw10 and the two in one
+# cache, each clustered at 0.45, 0.55 and 0.65 and refined (conftest's gates):
+#     .venv/bin/python tests/benchmarks/measure_people_suggest.py --set five_celebs
+#     (and --set lfw10, --set five_celebs lfw10)
+# right merges lay at 0.47-0.76, wrong ones from 0.82 (Ariel Sharon with Hugo
+# Chavez at 0.858; Ben Affleck with Elton John at 0.942); faces right for their
+# nearest person at 0.46-0.77 (and a few at 0.79-0.92 among the wrong ones),
+# wrong ones from 0.81. 0.78 offers, in all 12, every right merge and move
+# under it and no wrong one. (0.35 past the threshold, as before, offered wrong
+# merges from 0.82 at 0.55. Past the cut lie lfw10's 2-face people of Arnold
+# Schwarzenegger's photos, at 0.94-1.00, behind wrong merges from 0.85.)
+SUGGEST_MAX_DISTANCE = 0.78
+MAX_PERSON_NAME_CHARS = 80
+# A face of a rebuilt cache is the decided one when its box overlaps this much
+# (re-embedding moves a box by a pixel or two).
+FACE_KEY_MIN_IOU = 0.5
+
 
 # ============================================================================
 # ERRORS AND LOGGING
@@ -379,10 +784,6 @@ def tool_command(*args, absolute: bool = False) -> str:
     words = [Path(sys.executable), Path(__file__), *args]
     return " ".join(shlex.quote(as_typed(w, absolute) if isinstance(w, Path) else str(w))
                     for w in words)
-
-
-# Nouns whose plural is not noun + "s"; every count the tool prints goes through counted().
-PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images"}
 
 
 def counted(n, noun: str) -> str:
@@ -455,6 +856,16 @@ def check_option(name: str, value):
         raise UserError(f"{flag} must be a multiple of {DET_SIZE_MULTIPLE} (the detector's "
                         f"strides), not {value}")
     return value
+
+
+def provider_names(requested: str) -> list[str]:
+    """The providers a --providers value names, in its order; UserError when
+    it names none ("", ",", " ")."""
+    names = [p.strip() for p in str(requested).split(",") if p.strip()]
+    if not names:
+        raise UserError(f"--providers must name one onnxruntime provider or more (such as "
+                        f"CPUExecutionProvider), not {requested!r}")
+    return names
 
 
 def check_options(**values) -> dict:
@@ -561,11 +972,6 @@ def say(message: str, quiet: bool = False) -> None:
     log.info(message, extra={"summary": True})  # the console handler leaves it to print
     if not quiet:
         print(message, flush=True)
-
-
-# SIGTERM and SIGHUP end a run the way Ctrl-C does (work saved, pool stopped).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
-                     if hasattr(signal, name))
 
 
 def _stop_signal(signum, _frame):
@@ -884,6 +1290,81 @@ def bounded_map(function, items, executor, ahead: int):
         yield window.popleft().result()
 
 
+# Characters no file system takes (Windows is the strictest) and its reserved names.
+_RESERVED_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+
+
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                   *(f"LPT{i}" for i in range(1, 10))}
+
+
+def _name_char(ch: str) -> str:
+    """One character of a flat output name: reserved ones become "_", a byte of
+    the source name that is not UTF-8 (a lone surrogate here) becomes %XX."""
+    if "\udc80" <= ch <= "\udcff":
+        return f"%{ord(ch) - 0xDC00:02X}"
+    return "_" if ch in _RESERVED_CHARS else ch
+
+
+def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """One flat, stable file name for a source path, safe on every OS.
+
+    The absolute path is flattened (its folders joined with "__"), so the same
+    photo always gets the same name whatever source root a run was given.
+    Reserved characters become "_" and bytes that are not UTF-8 "%XX"; a name
+    that this changed, or that could be read as another path's ("a/b__c" and
+    "a__b/c"), gets a short hash of the full path before its extension, so two
+    sources never share a name. A name too long keeps its start, then the hash.
+    """
+    absolute = os.path.abspath(path)
+    drive, rest = os.path.splitdrive(absolute)
+    separators = "/\\" if os.sep == "\\" else "/"
+    parts = [p for p in "".join("/" if ch in separators else ch for ch in rest).split("/") if p]
+    if drive:
+        parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
+    plain = "__".join(parts)
+    name = "".join(_name_char(ch) for ch in plain).rstrip(" .") or "_"
+    lossy = name != plain or "%" in plain or any("__" in part for part in parts) or \
+        bool(re.search(r"~[0-9a-f]{10}$", os.path.splitext(name)[0]))  # looks like a hashed name
+    stem, ext = os.path.splitext(name)
+    if stem.split(".")[0].upper() in _RESERVED_NAMES:
+        stem, lossy = "_" + stem, True
+    digest = hashlib.sha1(os.fsencode(absolute)).hexdigest()[:10]
+    ext = ext if len(ext.encode("utf-8")) <= 16 else ""
+    if lossy or len((stem + ext).encode("utf-8")) > max_bytes:
+        room = max_bytes - len(ext.encode("utf-8")) - len(digest) - 1
+        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+        return f"{stem}~{digest}{ext}"
+    return stem + ext
+
+
+class FrameLocation(str):
+    """Where a sampled frame is: a str ("clip.mp4#t=12.345", as manifests and
+    pages show it) that knows its video's path and its time in seconds."""
+
+    def __new__(cls, video: str, time_s: float):
+        self = super().__new__(cls, f"{video}#t={float(time_s):.3f}")
+        self.video, self.time = str(video), float(time_s)
+        return self
+
+    def __reduce__(self):
+        return FrameLocation, (self.video, self.time)
+
+    def still_name(self) -> str:
+        """The file name of its JPEG still in an output folder: the location
+        flattened, then a hash of it, which no photo's name ends with
+        (safe_dst_name hashes a photo name that looks so), so a photo named
+        "clip.mp4#t=1.000.jpg" beside clip.mp4 keeps a name of its own."""
+        stem = safe_dst_name(str(self) + ".jpg", MAX_NAME_BYTES - 11)[:-len(".jpg")]
+        digest = hashlib.sha1(b"video frame\0" + os.fsencode(os.path.abspath(self))).hexdigest()
+        return f"{stem}~{digest[:10]}.jpg"
+
+
+def output_name(location: str) -> str:
+    """The name a file row's location takes in an output folder."""
+    return location.still_name() if isinstance(location, FrameLocation) else safe_dst_name(location)
+
+
 # ============================================================================
 # CACHE
 # The cache is one .npz of flat arrays (no pickles), three tables:
@@ -895,31 +1376,6 @@ def bounded_map(function, items, executor, ahead: int):
 # chunks the main file has not absorbed yet, and a finished run folds them in.
 # So a flush costs the size of 50 files, not of the whole cache.
 # ============================================================================
-
-FILE_COLUMNS = {
-    "files": ("U", ()), "sha256": ("U", ()), "file_size": (np.int64, ()),
-    "file_mtime_ns": (np.int64, ()), "file_width": (np.int32, ()),
-    "file_height": (np.int32, ()), "file_status": ("U", ()),
-    "file_reason": ("U", ()), "file_phash": (np.uint64, ()),
-    # libjpeg's corrupt-data warning when the decoder filled in damaged data
-    "file_damage": ("U", ()),
-    # perceptual hashes of the photo turned 90, turned 180 and mirrored (PHASH_TURNS)
-    "file_phash_turns": (np.uint64, (3,)),
-    # a sampled video frame: its video's sha256 and its time in seconds ('' and 0
-    # for a photo); the video's own row has status "video"
-    "file_video": ("U", ()), "file_time": (np.float64, ()),
-}
-FACE_COLUMNS = {
-    "embeddings": (np.float32, ("D",)), "embedding_norm": (np.float32, ()),
-    "face_file": (np.int32, ()), "bbox": (np.float32, (4,)),
-    "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
-    "face_short": (np.float32, ()), "blur": (np.float32, ()),
-}
-PATH_COLUMNS = {
-    "path_seen": ("U", ()), "path_sha256": ("U", ()),
-    "path_size": (np.int64, ()), "path_mtime_ns": (np.int64, ()),
-}
-TABLES = {"files": FILE_COLUMNS, "faces": FACE_COLUMNS, "paths": PATH_COLUMNS}
 
 
 def empty_column(dtype, shape, embedding_size: int) -> np.ndarray:
@@ -1017,23 +1473,6 @@ def journal_dir(cache_path: Path) -> Path:
     return Path(str(cache_path) + ".journal")
 
 
-# A chunk carries a header: its sequence number, the table sizes before it (the
-# first file, face and path row it appends) and a checksum of its arrays. A
-# chunk is applied only if it is the next in sequence, whole, and starts where
-# the cache ends, so a lost or damaged chunk can never shift the rows after it.
-JOURNAL_VERSION = 2
-# Every coordinate a cache stores (boxes, key points, landmarks, face_short) is
-# in the oriented photo at full resolution. A cache (or journal chunk) whose meta
-# lacks this mark was written before 0.6, which kept a photo above
-# MAX_DECODE_PIXELS in its reduced decode's frame: the loader scales those up.
-COORDINATES_MARK = ("coordinates", "full resolution")
-# The enrich columns that hold points in the photo (the rest are angles or words).
-ENRICH_POINT_COLUMNS = ("landmark_2d_106", "landmark_3d_68")
-# A reader whose cache was folded (main file replaced, chunks removed) while it
-# read starts again, this many times at most.
-LOAD_ATTEMPTS = 5
-
-
 class _CacheChanged(Exception):
     """The cache was folded while it was being read: read it again."""
 
@@ -1092,12 +1531,6 @@ def fill_missing_columns(arrays: dict[str, np.ndarray], embedding_size: int) -> 
             if key not in arrays:
                 empty = empty_column(dtype, shape, embedding_size)
                 arrays[key] = np.zeros((rows, *empty.shape[1:]), dtype=empty.dtype)
-
-
-# The cache's meta (JSON) as later steps read it: key -> the type it must have.
-META_TYPES = {"schema_version": int, "journal_applied": int, "model": dict, "sources": list,
-              "crash_suspects": dict, "phash": str, "created": str, "face_sets_version": str,
-              "video_every": (int, float)}
 
 
 def meta_problem(meta) -> str | None:
@@ -1262,6 +1695,14 @@ def _read_cache(cache_path: Path, must_exist: bool) -> FaceCache:
         expected += 1
     legacy.scale_up(cache)
     return cache
+
+
+def reduce_factor(width: int, height: int) -> int:
+    """The power of 2 an image is reduced by while decoding (MAX_DECODE_PIXELS)."""
+    factor = 1
+    while width * height / (factor * factor) > MAX_DECODE_PIXELS:
+        factor *= 2
+    return factor
 
 
 class LegacyCoordinates:
@@ -1461,6 +1902,22 @@ def faces_by_file(face_file: np.ndarray, n_files: int) -> list[np.ndarray]:
     return [order[bounds[i]:bounds[i + 1]] for i in range(n_files)]
 
 
+def enrich_column(cache: FaceCache, key: str) -> np.ndarray:
+    """An enrich column with one row per face (new faces padded as not done)."""
+    column = cache.extra.get(key)
+    missing = cache.n_faces - (0 if column is None else len(column))
+    if missing > 0:
+        pad = empty_enrich_rows(key, missing)
+        column = pad if column is None else np.concatenate([column.astype(pad.dtype), pad])
+        cache.extra[key] = column
+    return cache.extra[key]
+
+
+def empty_enrich_rows(key: str, count: int) -> np.ndarray:
+    dtype, shape, fill = ENRICH_COLUMNS[key]
+    return np.full((count, *shape), fill, dtype=dtype)
+
+
 # ============================================================================
 # IMAGES
 # Real libraries hold EXIF-rotated JPEGs, grayscale and 16-bit scans, CMYK
@@ -1515,29 +1972,12 @@ def composite_on_white(rgba: np.ndarray, rows: int = 512) -> np.ndarray:
     return out
 
 
-# Pillow modes of more than 8 bits per sample (scaled down to 8 by _to_rgb8).
-DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-# Pillow modes with an alpha band (composited over white by _to_rgb8).
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Bytes per pixel Pillow keeps in memory for a mode (multi-band modes take 4).
 _PILLOW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
                  "I": 4, "F": 4}
 # A JPEG or PNG is complete when it ends with its end marker (zeros after it
 # are common): OpenCV and libjpeg return a cut file's partial pixels silently.
 _COMPLETE_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-# libjpeg warnings that mean the pixels are not all the file's own: the rest
-# was filled in (a cut file padded with zeros and an end marker decodes so).
-# A few stray bytes before a marker, which some cameras write, are not damage.
-JPEG_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
-JPEG_HARMLESS_EXTRANEOUS_BYTES = 16
-
-
-def reduce_factor(width: int, height: int) -> int:
-    """The power of 2 an image is reduced by while decoding (MAX_DECODE_PIXELS)."""
-    factor = 1
-    while width * height / (factor * factor) > MAX_DECODE_PIXELS:
-        factor *= 2
-    return factor
 
 
 def decode_memory_problem(image_format: str, mode: str, width: int, height: int,
@@ -1604,34 +2044,6 @@ def decode_jpeg(data: bytes, min_width: int, min_height: int):
         return simplejpeg.decode_jpeg(data, strict=False, **options), jpeg_damage(warning)
     except ValueError:
         return None
-
-
-def decode_image(path: str) -> tuple[np.ndarray, int, int]:
-    """Decode a photo as it is meant to be seen.
-
-    Returns
-    -------
-    bgr : (H, W, 3) uint8, EXIF orientation applied, at most MAX_DECODE_PIXELS
-        (larger images are reduced by an integer factor while decoding)
-    width, height : int, the oriented size at full resolution
-
-    Raises UnreadableImage with the reason. decode_image_checked also says
-    whether the decoder had to fill in damaged data.
-    """
-    return decode_image_checked(path)[:3]
-
-
-def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
-    """decode_image, plus the damage libjpeg reported ('' for none)."""
-    return decode_image_viewed(path)[:4]
-
-
-def decode_image_viewed(path: str) -> tuple[np.ndarray, int, int, str, "FrameView"]:
-    """decode_image_checked, plus the FrameView that places the cache's
-    full-resolution coordinates in the decoded pixels."""
-    photo = PhotoPixels(path)
-    bgr = photo.at(photo.reference)
-    return bgr, photo.width, photo.height, photo.damage, photo.view(photo.reference)
 
 
 class FrameView:
@@ -1720,133 +2132,6 @@ def coarsest_factor(long_side: int, at_least: int, finest: int = 1) -> int:
     return factor
 
 
-class PhotoPixels:
-    """One photo, decoded at the reductions a step asks for.
-
-    `at(factor)` is the upright BGR photo reduced by a power of two (at least
-    `reference`, decode_image's own reduction), each made once. A complete
-    8-bit JPEG is reduced in libjpeg-turbo's DCT while it decodes (1/2, 1/4,
-    1/8: a 12 MP photo at 1/4 in half the time of a full decode), anything else
-    (or everything, with dct=False: embed --full-decode) by box-averaging the
-    reference decode, which gives the same pixels within the DCT's rounding.
-    A coordinate x at a factor f is (x_full + offset) / f (offset() is 0
-    except on an axis EXIF turns backwards, where the blocks start at the far
-    edge of the stored pixels). `damage` is libjpeg's corrupt-data warning,
-    known after the first decode.
-    Raises UnreadableImage with the reason.
-    """
-
-    def __init__(self, path: str, dct: bool = True, data: bytes | None = None):
-        from PIL import Image
-
-        if isinstance(path, FrameLocation):  # a video's frame, decoded by PyAV
-            self._set_pixels(path, read_video_frame(path))
-            return
-        Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
-        self.path, self.views, self.damage = path, {}, ""
-        with decode_errors():
-            self.data = read_photo(path) if data is None else data
-            with Image.open(io.BytesIO(self.data)) as image:  # reads the header only
-                full_w, full_h = image.size
-                if full_w * full_h > MAX_IMAGE_PIXELS:
-                    raise UnreadableImage(f"image too large ({full_w}x{full_h})")
-                if min(full_w, full_h) < 1:
-                    raise UnreadableImage("image has no pixels")
-                self.reference = reduce_factor(full_w, full_h)
-                self.common = is_common_photo(image, self.data, self.reference)
-                problem = decode_memory_problem(image.format, image.mode, full_w, full_h,
-                                                self.reference, len(self.data), self.common)
-                if problem:
-                    raise UnreadableImage(problem)
-                self.orientation = image.getexif().get(0x0112, 1)
-                self.format = image.format
-                self.scales = dct and self.common and image.format == "JPEG"
-                self.stored_size = (full_w, full_h)
-        turned = self.orientation in (5, 6, 7, 8)
-        self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
-
-    @classmethod
-    def from_pixels(cls, path: str, bgr: np.ndarray, damage: str = "") -> "PhotoPixels":
-        """A photo already decoded (a video frame, upright): reductions by box averages."""
-        photo = cls.__new__(cls)
-        photo._set_pixels(path, bgr, damage)
-        return photo
-
-    def _set_pixels(self, path: str, bgr: np.ndarray, damage: str = "") -> None:
-        height, width = bgr.shape[:2]
-        if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
-            raise UnreadableImage(f"frame too large or empty ({width}x{height})")
-        self.path, self.damage, self.data, self.format = path, damage, b"", "video"
-        self.width, self.height, self.stored_size = width, height, (width, height)
-        self.orientation, self.common, self.scales = 1, False, False
-        self.reference = reduce_factor(width, height)
-        self.views = {1: bgr}
-        if self.reference > 1:
-            self.views = {self.reference: box_reduce(bgr, self.reference, (0, 0))}
-
-    def view(self, factor: int) -> FrameView:
-        """Where full-resolution coordinates lie in at(factor)."""
-        factor = max(int(factor), self.reference)
-        return FrameView(factor, self.offset(factor))
-
-    def offset(self, factor: int) -> np.ndarray:
-        """(x, y): full-resolution pixels of edge before the first block of
-        the upright photo at `factor`."""
-        factor = max(int(factor), self.reference)
-        reversed_x, reversed_y = _ORIENTATION_REVERSED.get(self.orientation, (False, False))
-        return np.array([(-self.width) % factor if reversed_x else 0,
-                         (-self.height) % factor if reversed_y else 0])
-
-    def _box_reduce(self, source: int, factor: int) -> np.ndarray:
-        before = tuple(int(v) // source for v in self.offset(factor) - self.offset(source))
-        return box_reduce(self.at(source), factor // source, before)
-
-    def at(self, factor: int) -> np.ndarray:
-        factor = max(int(factor), self.reference)
-        if factor not in self.views:
-            with decode_errors():
-                self.views[factor] = self._decode(factor)
-        return self.views[factor]
-
-    def _decode(self, factor: int) -> np.ndarray:
-        if factor != self.reference and not self.scales:
-            return self._box_reduce(self.reference, factor)
-        if factor > max(DCT_FACTORS):
-            return self._box_reduce(max(DCT_FACTORS), factor)
-        if self.common:
-            fast = decode_common_photo(self.format, self.stored_size, self.data, factor)
-            if fast is not None:
-                bgr, self.damage = fast
-                return np.ascontiguousarray(orient(bgr, self.orientation))
-            self.common = self.scales = False  # Pillow's path from here on, not tried again
-            if factor != self.reference:
-                return self._box_reduce(self.reference, factor)
-        return self._decode_with_pillow()
-
-    def _decode_with_pillow(self) -> np.ndarray:
-        from PIL import Image, ImageOps
-
-        factor, (full_w, full_h) = self.reference, self.stored_size
-        with Image.open(io.BytesIO(self.data)) as image:
-            if factor > 1 and image.format == "JPEG":
-                image.draft("RGB", (full_w // factor, full_h // factor))
-            image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
-            orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels
-            if orientation != self.orientation:
-                self.orientation = orientation
-                turned = orientation in (5, 6, 7, 8)
-                self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
-            if factor > 1 and image.size == (full_w, full_h):
-                image = image.reduce(factor)
-            oriented = image if orientation == 1 else ImageOps.exif_transpose(image)
-            rgb = _to_rgb8(oriented)
-            del image, oriented  # the Pillow copies, before the BGR one is made
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if rgb.ndim == 3 else rgb
-        if bgr.ndim != 3 or min(bgr.shape[:2]) < 1:
-            raise UnreadableImage("image has no pixels")
-        return bgr
-
-
 def is_common_photo(image, data: bytes, factor: int) -> bool:
     """Is `image` (an opened Pillow header) a complete 8-bit RGB or gray JPEG,
     or such a PNG that needs no reduction? decode_common_photo takes those."""
@@ -1873,11 +2158,6 @@ def decode_common_photo(image_format: str, size: tuple[int, int], data: bytes, f
     if bgr is None or bgr.shape[1::-1] != size or bgr.dtype != np.uint8:
         return None
     return bgr, ""
-
-
-def _decode_or_reason(path: str):
-    """decode_image_viewed's result, or the reason it failed (a string)."""
-    return decode_or_reason(decode_image_viewed, path)
 
 
 def decode_or_reason(decode, *args):
@@ -1915,33 +2195,6 @@ def too_small_for_faces(width: int, height: int, det_size: int) -> bool:
 # frame count), and every read, embed's or a later step's, decodes exactly the
 # frame of a stored timestamp (video_frames_at, read_video_frame).
 # ============================================================================
-
-
-class FrameLocation(str):
-    """Where a sampled frame is: a str ("clip.mp4#t=12.345", as manifests and
-    pages show it) that knows its video's path and its time in seconds."""
-
-    def __new__(cls, video: str, time_s: float):
-        self = super().__new__(cls, f"{video}#t={float(time_s):.3f}")
-        self.video, self.time = str(video), float(time_s)
-        return self
-
-    def __reduce__(self):
-        return FrameLocation, (self.video, self.time)
-
-    def still_name(self) -> str:
-        """The file name of its JPEG still in an output folder: the location
-        flattened, then a hash of it, which no photo's name ends with
-        (safe_dst_name hashes a photo name that looks so), so a photo named
-        "clip.mp4#t=1.000.jpg" beside clip.mp4 keeps a name of its own."""
-        stem = safe_dst_name(str(self) + ".jpg", MAX_NAME_BYTES - 11)[:-len(".jpg")]
-        digest = hashlib.sha1(b"video frame\0" + os.fsencode(os.path.abspath(self))).hexdigest()
-        return f"{stem}~{digest[:10]}.jpg"
-
-
-def output_name(location: str) -> str:
-    """The name a file row's location takes in an output folder."""
-    return location.still_name() if isinstance(location, FrameLocation) else safe_dst_name(location)
 
 
 def is_video_path(path: str) -> bool:
@@ -2347,6 +2600,597 @@ def read_video_frame(location: FrameLocation) -> np.ndarray:
 
 
 # ============================================================================
+# PIXELS
+# The pixels of a cache row, photo or video frame alike, at the reduction a
+# step needs (PhotoPixels), and the decoders built on it. After VIDEO: a
+# frame's pixels are read by its timestamp there.
+# ============================================================================
+
+
+def decode_image(path: str) -> tuple[np.ndarray, int, int]:
+    """Decode a photo as it is meant to be seen.
+
+    Returns
+    -------
+    bgr : (H, W, 3) uint8, EXIF orientation applied, at most MAX_DECODE_PIXELS
+        (larger images are reduced by an integer factor while decoding)
+    width, height : int, the oriented size at full resolution
+
+    Raises UnreadableImage with the reason. decode_image_checked also says
+    whether the decoder had to fill in damaged data.
+    """
+    return decode_image_checked(path)[:3]
+
+
+def decode_image_checked(path: str) -> tuple[np.ndarray, int, int, str]:
+    """decode_image, plus the damage libjpeg reported ('' for none)."""
+    return decode_image_viewed(path)[:4]
+
+
+def decode_image_viewed(path: str) -> tuple[np.ndarray, int, int, str, "FrameView"]:
+    """decode_image_checked, plus the FrameView that places the cache's
+    full-resolution coordinates in the decoded pixels."""
+    photo = PhotoPixels(path)
+    bgr = photo.at(photo.reference)
+    return bgr, photo.width, photo.height, photo.damage, photo.view(photo.reference)
+
+
+class PhotoPixels:
+    """One photo, decoded at the reductions a step asks for.
+
+    `at(factor)` is the upright BGR photo reduced by a power of two (at least
+    `reference`, decode_image's own reduction), each made once. A complete
+    8-bit JPEG is reduced in libjpeg-turbo's DCT while it decodes (1/2, 1/4,
+    1/8: a 12 MP photo at 1/4 in half the time of a full decode), anything else
+    (or everything, with dct=False: embed --full-decode) by box-averaging the
+    reference decode, which gives the same pixels within the DCT's rounding.
+    A coordinate x at a factor f is (x_full + offset) / f (offset() is 0
+    except on an axis EXIF turns backwards, where the blocks start at the far
+    edge of the stored pixels). `damage` is libjpeg's corrupt-data warning,
+    known after the first decode.
+    Raises UnreadableImage with the reason.
+    """
+
+    def __init__(self, path: str, dct: bool = True, data: bytes | None = None):
+        from PIL import Image
+
+        if isinstance(path, FrameLocation):  # a video's frame, decoded by PyAV
+            self._set_pixels(path, read_video_frame(path))
+            return
+        Image.MAX_IMAGE_PIXELS = None  # our own limits below, with a clear reason
+        self.path, self.views, self.damage = path, {}, ""
+        with decode_errors():
+            self.data = read_photo(path) if data is None else data
+            with Image.open(io.BytesIO(self.data)) as image:  # reads the header only
+                full_w, full_h = image.size
+                if full_w * full_h > MAX_IMAGE_PIXELS:
+                    raise UnreadableImage(f"image too large ({full_w}x{full_h})")
+                if min(full_w, full_h) < 1:
+                    raise UnreadableImage("image has no pixels")
+                self.reference = reduce_factor(full_w, full_h)
+                self.common = is_common_photo(image, self.data, self.reference)
+                problem = decode_memory_problem(image.format, image.mode, full_w, full_h,
+                                                self.reference, len(self.data), self.common)
+                if problem:
+                    raise UnreadableImage(problem)
+                self.orientation = image.getexif().get(0x0112, 1)
+                self.format = image.format
+                self.scales = dct and self.common and image.format == "JPEG"
+                self.stored_size = (full_w, full_h)
+        turned = self.orientation in (5, 6, 7, 8)
+        self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
+
+    @classmethod
+    def from_pixels(cls, path: str, bgr: np.ndarray, damage: str = "") -> "PhotoPixels":
+        """A photo already decoded (a video frame, upright): reductions by box averages."""
+        photo = cls.__new__(cls)
+        photo._set_pixels(path, bgr, damage)
+        return photo
+
+    def _set_pixels(self, path: str, bgr: np.ndarray, damage: str = "") -> None:
+        height, width = bgr.shape[:2]
+        if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
+            raise UnreadableImage(f"frame too large or empty ({width}x{height})")
+        self.path, self.damage, self.data, self.format = path, damage, b"", "video"
+        self.width, self.height, self.stored_size = width, height, (width, height)
+        self.orientation, self.common, self.scales = 1, False, False
+        self.reference = reduce_factor(width, height)
+        self.views = {1: bgr}
+        if self.reference > 1:
+            self.views = {self.reference: box_reduce(bgr, self.reference, (0, 0))}
+
+    def view(self, factor: int) -> FrameView:
+        """Where full-resolution coordinates lie in at(factor)."""
+        factor = max(int(factor), self.reference)
+        return FrameView(factor, self.offset(factor))
+
+    def offset(self, factor: int) -> np.ndarray:
+        """(x, y): full-resolution pixels of edge before the first block of
+        the upright photo at `factor`."""
+        factor = max(int(factor), self.reference)
+        reversed_x, reversed_y = _ORIENTATION_REVERSED.get(self.orientation, (False, False))
+        return np.array([(-self.width) % factor if reversed_x else 0,
+                         (-self.height) % factor if reversed_y else 0])
+
+    def _box_reduce(self, source: int, factor: int) -> np.ndarray:
+        before = tuple(int(v) // source for v in self.offset(factor) - self.offset(source))
+        return box_reduce(self.at(source), factor // source, before)
+
+    def at(self, factor: int) -> np.ndarray:
+        factor = max(int(factor), self.reference)
+        if factor not in self.views:
+            with decode_errors():
+                self.views[factor] = self._decode(factor)
+        return self.views[factor]
+
+    def _decode(self, factor: int) -> np.ndarray:
+        if factor != self.reference and not self.scales:
+            return self._box_reduce(self.reference, factor)
+        if factor > max(DCT_FACTORS):
+            return self._box_reduce(max(DCT_FACTORS), factor)
+        if self.common:
+            fast = decode_common_photo(self.format, self.stored_size, self.data, factor)
+            if fast is not None:
+                bgr, self.damage = fast
+                return np.ascontiguousarray(orient(bgr, self.orientation))
+            self.common = self.scales = False  # Pillow's path from here on, not tried again
+            if factor != self.reference:
+                return self._box_reduce(self.reference, factor)
+        return self._decode_with_pillow()
+
+    def _decode_with_pillow(self) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        factor, (full_w, full_h) = self.reference, self.stored_size
+        with Image.open(io.BytesIO(self.data)) as image:
+            if factor > 1 and image.format == "JPEG":
+                image.draft("RGB", (full_w // factor, full_h // factor))
+            image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is off)
+            orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels
+            if orientation != self.orientation:
+                self.orientation = orientation
+                turned = orientation in (5, 6, 7, 8)
+                self.width, self.height = (full_h, full_w) if turned else (full_w, full_h)
+            if factor > 1 and image.size == (full_w, full_h):
+                image = image.reduce(factor)
+            oriented = image if orientation == 1 else ImageOps.exif_transpose(image)
+            rgb = _to_rgb8(oriented)
+            del image, oriented  # the Pillow copies, before the BGR one is made
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb) if rgb.ndim == 3 else rgb
+        if bgr.ndim != 3 or min(bgr.shape[:2]) < 1:
+            raise UnreadableImage("image has no pixels")
+        return bgr
+
+
+def _decode_or_reason(path: str):
+    """decode_image_viewed's result, or the reason it failed (a string)."""
+    return decode_or_reason(decode_image_viewed, path)
+
+
+def detect_factor(photo: PhotoPixels, det_size: int) -> int:
+    """The reduction the detector sees a photo at: the coarsest that keeps its
+    long side at det_size or more (it is resized to det_size anyway)."""
+    return coarsest_factor(max(photo.width, photo.height), det_size, photo.reference)
+
+
+# ============================================================================
+# GEOMETRY
+# Per-face geometry, pure functions of arrays: box sizes and overlaps, where
+# a face spans the detector's input (the second look), unit vectors.
+# ============================================================================
+
+
+def face_spans(bboxes: np.ndarray, long_side: int, det_size: int) -> np.ndarray:
+    """Each box's long edge in pixels of the detector's input (an image is
+    resized so that its long side is det_size)."""
+    bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+    edges = np.maximum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
+    return edges * det_size / max(int(long_side), 1)
+
+
+def needs_second_look(boxes: np.ndarray, long_side: int, det_size: int,
+                      rule: dict = SECOND_LOOK) -> bool:
+    """Does a first pass that found `boxes` leave room for a face too large
+    for it (SECOND_LOOK)? Only where it found no face, or only large ones."""
+    if det_size <= rule["det_size"]:
+        return False  # the first pass already sees a face of the whole frame
+    spans = face_spans(np.asarray(boxes)[:, :4], long_side, det_size)
+    return not len(spans) or bool(spans.min() >= rule["trigger_px"])
+
+
+def second_look_keeps(first: np.ndarray, second: np.ndarray, long_side: int, det_size: int,
+                      rule: dict = SECOND_LOOK) -> np.ndarray:
+    """Indices of the second look's boxes to keep: large enough that the
+    first pass may have missed them, and none the first pass found."""
+    second = np.asarray(second, np.float64)
+    if not len(second):
+        return np.zeros(0, np.int64)
+    large = face_spans(second[:, :4], long_side, det_size) >= rule["min_face_px"]
+    if len(first):
+        large &= box_iou(second[:, :4], np.asarray(first)[:, :4]).max(axis=1) < \
+            rule["same_face_iou"]
+    return np.flatnonzero(large)
+
+
+def face_short_edge(bboxes: np.ndarray) -> np.ndarray:
+    """Short edge of each (x1, y1, x2, y2) box, in pixels."""
+    bboxes = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4)
+    return np.minimum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every pair of (x1, y1, x2, y2) boxes: (A, B)."""
+    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 1, 4)
+    b = np.asarray(boxes_b, dtype=np.float64).reshape(1, -1, 4)
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = width * height
+    area = lambda box: (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+# ============================================================================
+# POSE AND SYMMETRY
+# Head pose, landmark symmetry and frontality from InsightFace landmarks.
+# ============================================================================
+#
+# Index meaning of InsightFace's ``2d106det`` landmarks
+# (``face.landmark_2d_106``) was established empirically (indices drawn on
+# real photos, and a mirror-pair matching over frontal LFW faces).
+# "Image-left" is the left side of the picture for an upright face, i.e. the
+# subject's *right* side.
+#
+#   0            chin (menton), 1-16 image-left jaw contour, 17-32 image-right
+#                jaw contour (i and i + 16 are mirror pairs, 1/17 at ear level)
+#   33-42        image-left eye: 35 outer corner, 39 inner corner,
+#                40 upper lid, 33 lower lid, 34/38 pupil
+#   87-96        image-right eye: 93 outer corner, 89 inner corner,
+#                94 upper lid, 87 lower lid, 88/92 pupil
+#   43-51        image-left eyebrow, 97-105 image-right eyebrow
+#   52-71        mouth: 52 image-left corner, 61 image-right corner,
+#                71 top of upper lip, 62 upper-lip inner, 60 lower-lip inner,
+#                53 bottom of lower lip
+#   72-86        nose: 72-74 bridge (72 between the eyes), 86 tip,
+#                80 subnasale, 75-79 / 81-85 image-left / image-right side
+
+
+def _solve_head_pose(model_points, image_points, image_width, image_height,
+                     relative_to_ray):
+    """Run solvePnP and convert the rotation to [pitch, yaw, roll].
+
+    See :func:`pose_from_landmarks_2d` for the conventions.
+    """
+    nan = np.full(3, np.nan, dtype=np.float32)
+    image_points = np.asarray(image_points, dtype=np.float64).reshape(-1, 2)
+    if (image_points.shape[0] != model_points.shape[0]
+            or not np.all(np.isfinite(image_points))
+            or image_width <= 0 or image_height <= 0):
+        return nan
+    focal = float(max(image_width, image_height))
+    camera = np.array(
+        [[focal, 0.0, image_width / 2.0],
+         [0.0, focal, image_height / 2.0],
+         [0.0, 0.0, 1.0]],
+        dtype=np.float64,
+    )
+    dist = np.zeros(4, dtype=np.float64)
+    # Initial guess: frontal face at the distance implied by its apparent
+    # size, straight in front of its own landmarks.
+    model_span = np.ptp(model_points[:, :2], axis=0).max()
+    image_span = np.ptp(image_points, axis=0).max()
+    if image_span <= 0:
+        return nan
+    depth = focal * model_span / image_span
+    centre = image_points.mean(axis=0)
+    tvec0 = np.array(
+        [(centre[0] - camera[0, 2]) * depth / focal,
+         (centre[1] - camera[1, 2]) * depth / focal,
+         depth],
+        dtype=np.float64,
+    ).reshape(3, 1)
+    rvec0 = np.zeros((3, 1), dtype=np.float64)
+    try:
+        ok, rvec, tvec = cv2.solvePnP(
+            model_points, image_points, camera, dist, rvec=rvec0, tvec=tvec0,
+            useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+    except cv2.error:
+        return nan
+    if not ok or not np.all(np.isfinite(rvec)) or float(tvec[2, 0]) <= 0:
+        return nan
+    rot, _ = cv2.Rodrigues(rvec)
+    if relative_to_ray:
+        # Rotation taking the optical axis onto the ray through the face, so
+        # that a face looking straight into the lens is frontal wherever it
+        # sits in the frame.
+        ray = tvec.reshape(3) / np.linalg.norm(tvec)
+        axis = np.cross([0.0, 0.0, 1.0], ray)
+        sin_a = np.linalg.norm(axis)
+        if sin_a > 1e-12:
+            angle = math.atan2(sin_a, ray[2])
+            ray_rot, _ = cv2.Rodrigues(axis / sin_a * angle)
+            rot = ray_rot.T @ rot
+    # rot = Ry(-yaw) @ Rx(-pitch) @ Rz(roll)
+    yaw = -math.atan2(rot[0, 2], rot[2, 2])
+    pitch = math.asin(float(np.clip(rot[1, 2], -1.0, 1.0)))
+    roll = math.atan2(rot[1, 0], rot[1, 1])
+    return np.degrees(np.array([pitch, yaw, roll])).astype(np.float32)
+
+
+def pose_from_landmarks_2d(landmarks_106, image_width, image_height, *,
+                           relative_to_ray=True):
+    """Estimate head pose from InsightFace 106-point 2D landmarks.
+
+    Fits the generic 3D face ``POSE_MODEL_POINTS_3D`` to the landmarks
+    ``POSE_LANDMARK_INDICES`` (eye corners, nose bridge, nose tip, subnasale,
+    mouth corners, upper lip, chin) with ``cv2.solvePnP`` (iterative
+    Levenberg-Marquardt, started from a frontal pose). The camera is a
+    pinhole with focal length ``max(image_width, image_height)`` pixels,
+    principal point at the image centre and no lens distortion.
+
+    Parameters
+    ----------
+    landmarks_106 : ndarray of shape (106, 2)
+        ``face.landmark_2d_106`` in pixel coordinates of the full image.
+    image_width : int
+        Width in pixels of the image the landmarks refer to.
+    image_height : int
+        Height in pixels of the image the landmarks refer to.
+    relative_to_ray : bool, default=True
+        If True, the pose is measured relative to the line of sight from the
+        camera to the face (the face looks frontal in its crop exactly when
+        the angles are 0, wherever it sits in the frame). If False, it is
+        measured relative to the camera's optical axis; faces near the image
+        border then get up to about 30 degrees of extra yaw or pitch
+        (focal length = longest image side).
+
+    Returns
+    -------
+    pose : ndarray of shape (3,), dtype float32
+        ``[pitch, yaw, roll]`` in degrees, each in [-180, 180] (pitch in
+        [-90, 90]), with ``R = Ry(-yaw) @ Rx(-pitch) @ Rz(roll)`` the face
+        rotation in OpenCV camera axes (x right, y down, z forward):
+
+        - yaw > 0: the face turns towards the image's right, i.e. to the
+          subject's own left (nose tip moves right of the eye midpoint).
+        - pitch > 0: the face tilts up (chin raised, subject looks up).
+        - roll > 0: the face is rotated clockwise as seen in the image
+          (head tilted towards the subject's left shoulder).
+
+        A horizontally mirrored image gives the same pitch and negated yaw
+        and roll. All three are NaN if the input is not finite or solvePnP
+        fails.
+
+    Notes
+    -----
+    The angle between the face's forward direction and the line of sight
+    is exactly ``arccos(cos(yaw) * cos(pitch))``; roll does not change it.
+    Absolute angles are approximate (generic face, guessed focal length);
+    expect a few degrees of bias, but signs and ordering are reliable.
+    """
+    landmarks_106 = np.asarray(landmarks_106, dtype=np.float64)
+    if landmarks_106.shape != (106, 2):
+        raise ValueError(
+            "landmarks_106 must have shape (106, 2), got "
+            f"{landmarks_106.shape}")
+    return _solve_head_pose(
+        POSE_MODEL_POINTS_3D, landmarks_106[list(POSE_LANDMARK_INDICES)],
+        image_width, image_height, relative_to_ray)
+
+
+def pose_from_kps5(kps, image_width, image_height, *, relative_to_ray=True):
+    """Estimate head pose from the five SCRFD key points (cheap fallback).
+
+    Same camera model, solver and conventions as
+    :func:`pose_from_landmarks_2d`, using ``POSE_KPS5_MODEL_POINTS_3D``. With
+    only five points (no chin, no eye corners) pitch is noticeably less
+    reliable than yaw and roll.
+
+    Parameters
+    ----------
+    kps : ndarray of shape (5, 2)
+        ``face.kps``: image-left eye, image-right eye, nose tip,
+        image-left mouth corner, image-right mouth corner, in pixels.
+    image_width : int
+        Width in pixels of the image the key points refer to.
+    image_height : int
+        Height in pixels of the image the key points refer to.
+    relative_to_ray : bool, default=True
+        See :func:`pose_from_landmarks_2d`.
+
+    Returns
+    -------
+    pose : ndarray of shape (3,), dtype float32
+        ``[pitch, yaw, roll]`` in degrees, NaN on failure.
+    """
+    kps = np.asarray(kps, dtype=np.float64)
+    if kps.shape != (5, 2):
+        raise ValueError(f"kps must have shape (5, 2), got {kps.shape}")
+    return _solve_head_pose(POSE_KPS5_MODEL_POINTS_3D, kps, image_width,
+                            image_height, relative_to_ray)
+
+
+def landmark_symmetry(landmarks_106):
+    """Left/right symmetry of a 106-point landmark set.
+
+    Every landmark is compared with the reflection of its mirror partner
+    (``LANDMARK_MIRROR_PAIRS``; midline points ``LANDMARK_MIDLINE`` are their
+    own partner; pupils are ignored) across the best-fitting mirror line,
+    found in closed form (reflect x, then least-squares rigid 2D alignment).
+    The RMS residual is divided by the inter-ocular distance (distance
+    between the midpoints of the two eyes' outer/inner corners,
+    ``LANDMARK_EYE_CORNERS``) and mapped linearly::
+
+        symmetry = 1 - clip(rms / iod / SYMMETRY_ZERO_RESIDUAL, 0, 1)
+
+    Parameters
+    ----------
+    landmarks_106 : ndarray of shape (106, 2)
+        ``face.landmark_2d_106`` in pixels (any translation, rotation or
+        uniform scale gives the same result).
+
+    Returns
+    -------
+    symmetry : float
+        In [0, 1]; 1 means the landmarks are exactly mirror-symmetric about
+        some line. On the shared photos, faces with |yaw| < 5 degrees score
+        0.88-0.97 (median 0.94), about 0.65 at 15-20 degrees of yaw and 0
+        from about 50 degrees on (the far side is foreshortened). It barely
+        depends on pitch; asymmetric expressions also lower it. NaN if the
+        input is not finite or degenerate.
+    """
+    pts = np.asarray(landmarks_106, dtype=np.float64)
+    if pts.shape != (106, 2):
+        raise ValueError(
+            f"landmarks_106 must have shape (106, 2), got {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        return float("nan")
+    (lo, li), (ri, ro) = LANDMARK_EYE_CORNERS
+    iod = np.linalg.norm((pts[ri] + pts[ro]) / 2.0 - (pts[lo] + pts[li]) / 2.0)
+    if iod <= 1e-9:
+        return float("nan")
+    src_idx = [i for i, _ in LANDMARK_MIRROR_PAIRS]
+    dst_idx = [j for _, j in LANDMARK_MIRROR_PAIRS]
+    own = np.array(src_idx + dst_idx + list(LANDMARK_MIDLINE))
+    partner = np.array(dst_idx + src_idx + list(LANDMARK_MIDLINE))
+    target = pts[own]
+    mirrored = pts[partner] * np.array([-1.0, 1.0])
+    # Rigid (rotation + translation) least-squares fit of mirrored -> target.
+    t_mean = target.mean(axis=0)
+    m_mean = mirrored.mean(axis=0)
+    cov = (mirrored - m_mean).T @ (target - t_mean)
+    u, _, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(u @ vt))
+    rot = (u @ np.diag([1.0, d]) @ vt).T
+    fitted = (mirrored - m_mean) @ rot.T + t_mean
+    rms = math.sqrt(float(np.mean(np.sum((fitted - target) ** 2, axis=1))))
+    return float(1.0 - np.clip(rms / iod / SYMMETRY_ZERO_RESIDUAL, 0.0, 1.0))
+
+
+def frontality(pose, max_angle=FRONTALITY_MAX_ANGLE_DEG):
+    """Score how directly a face looks at the camera.
+
+    Uses the off-axis angle between the face's forward direction and the
+    line of sight, ``theta = arccos(cos(yaw) * cos(pitch))`` (exact for the
+    convention of :func:`pose_from_landmarks_2d`; roll is ignored because
+    face alignment removes in-plane rotation), mapped linearly::
+
+        frontality = 1 - clip(theta / max_angle, 0, 1)
+
+    A linear map keeps small angles distinguishable (``cos(theta)`` is
+    almost flat below 20 degrees); the default 60 degrees is where one eye
+    and mouth corner start to be hidden and 2D landmarks, alignment and
+    embeddings become unreliable. For small angles ``theta`` is close to
+    ``sqrt(yaw**2 + pitch**2)``.
+
+    Parameters
+    ----------
+    pose : array-like of shape (3,)
+        ``[pitch, yaw, roll]`` in degrees.
+    max_angle : float, default=FRONTALITY_MAX_ANGLE_DEG
+        Off-axis angle in degrees at which the score reaches 0.
+
+    Returns
+    -------
+    frontality : float
+        In [0, 1]; 1 for a perfectly frontal face, 0.5 at ``max_angle / 2``
+        off axis. NaN if pitch or yaw is NaN.
+    """
+    pitch, yaw = float(pose[0]), float(pose[1])
+    if not (math.isfinite(pitch) and math.isfinite(yaw)):
+        return float("nan")
+    cos_theta = math.cos(math.radians(yaw)) * math.cos(math.radians(pitch))
+    theta = math.degrees(math.acos(min(1.0, max(-1.0, cos_theta))))
+    return float(1.0 - min(max(theta / float(max_angle), 0.0), 1.0))
+
+
+# ============================================================================
+# QUALITY
+# How good a face is for a face set: the blur score embed stores, refine's
+# quality gate (QUALITY_GATES in CONSTANTS), and export-swap's ranking terms
+# (QUALITY_WEIGHTS). After POSE AND SYMMETRY, which two of the terms use.
+# ============================================================================
+
+
+def blur_score(bgr: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -> float:
+    """Laplacian variance of the grayscale face crop resized to `scale` x `scale`.
+
+    Fixed scale makes the score comparable across image sizes; higher is sharper.
+    """
+    height, width = bgr.shape[:2]
+    x1, y1, x2, y2 = np.round(np.asarray(bbox, dtype=np.float64)).astype(int)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return 0.0
+    crop = bgr[y1:y2, x1:x2]
+    crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
+    interpolation = cv2.INTER_AREA if crop.shape[0] > scale else cv2.INTER_LINEAR
+    crop = cv2.resize(crop, (scale, scale), interpolation=interpolation)
+    return float(cv2.Laplacian(crop, cv2.CV_64F).var())
+
+
+def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score,
+                     damage=None):
+    """Per face, the list of quality gates it fails (empty = passes).
+
+    `damage` (per face: the damage its photo's decoder reported, '' for none)
+    fails a face whatever its measurements: part of such a photo is filled in.
+    """
+    values = {"face_short": face_short, "blur": blur, "det_score": det_score}
+    limits = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
+    failures = [[] for _ in range(len(face_short))]
+    for option, measure, text in QUALITY_GATES:
+        column, limit = np.asarray(values[measure]), limits[option]
+        for face in np.flatnonzero(column < limit):
+            failures[face].append(text.format(value=float(column[face]), limit=limit))
+    for face in np.flatnonzero(np.asarray(damage if damage is not None else [], dtype=str) != ""):
+        failures[face].append(f"its photo is damaged ({damage[face]})")
+    return failures
+
+
+def quality_gate_counts(failures, faces) -> dict:
+    """Of `faces`, how many fail each quality gate (by its option; `damaged`
+    for a damaged photo), from quality_failures' texts; a face may fail several."""
+    counts = {option: 0 for option, _measure, _text in QUALITY_GATES} | {"damaged": 0}
+    starts = [(option, text.split("{")[0]) for option, _measure, text in QUALITY_GATES]
+    for face in faces:
+        for reason in failures[face]:
+            option = next((o for o, start in starts if reason.startswith(start)), "damaged")
+            counts[option] += 1
+    return counts
+
+
+def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
+                  out_size, pad_ratio) -> dict[str, np.ndarray]:
+    """The five terms of the composite quality, each in [0, 1].
+
+    frontality        1 - (angle between the face's direction and the line of
+                      sight) / 60 degrees, from the enrich pose (0 if unknown)
+    det_score         the detector score, clipped to [0, 1]
+    landmark_symmetry 1 - RMS mirror residual of the 106 landmarks / 0.75
+                      inter-ocular distances, clipped (0 if unknown)
+    face_size         face short edge / the short edge at which the crop needs
+                      no upscaling (out_size / (1 + 2 pad_ratio)), clipped
+    sharpness         log(blur / 10) / log(1000 / 10), clipped
+    """
+    low, high = SHARPNESS_RANGE
+    native = out_size / (1 + 2 * pad_ratio)
+    blur = np.maximum(np.asarray(blur, dtype=np.float64), 1e-6)
+    return {
+        "frontality": np.nan_to_num(np.asarray(frontality_values, dtype=np.float64), nan=0.0),
+        "det_score": np.clip(np.asarray(det_score, dtype=np.float64), 0, 1),
+        "landmark_symmetry": np.nan_to_num(np.asarray(symmetry, dtype=np.float64), nan=0.0),
+        "face_size": np.clip(np.asarray(face_short, dtype=np.float64) / native, 0, 1),
+        "sharpness": np.clip(np.log(blur / low) / np.log(high / low), 0, 1),
+    }
+
+
+# ============================================================================
 # MODEL
 # Which InsightFace pack to use, and the pool of worker processes that run it.
 # Measured on 2 cores: one process runs ~20 img/s whatever its intra-op thread
@@ -2391,11 +3235,6 @@ def offline_pack_dir() -> Path | None:
     return pack
 
 
-# InsightFace's own model packs, for --model NAME when a pack is not on disk.
-PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
-PACK_SIZES = {"buffalo_l": "about 280 MB", "buffalo_m": "about 260 MB", "buffalo_sc": "about 15 MB",
-              "antelopev2": "about 340 MB"}
-DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download is given up
 # Each pack is tried at most once per run (a process), whatever steps ask for it.
 _DOWNLOADS: dict[str, Path | None] = {}
 
@@ -2539,16 +3378,6 @@ def model_identity(pack_name: str, pack_dir: Path, det_size: int) -> dict:
         "det_size": int(det_size),
         "tasks": sorted(r for r in roles if r),
     }
-
-
-def provider_names(requested: str) -> list[str]:
-    """The providers a --providers value names, in its order; UserError when
-    it names none ("", ",", " ")."""
-    names = [p.strip() for p in str(requested).split(",") if p.strip()]
-    if not names:
-        raise UserError(f"--providers must name one onnxruntime provider or more (such as "
-                        f"CPUExecutionProvider), not {requested!r}")
-    return names
 
 
 def choose_providers(requested: str | None) -> list[str]:
@@ -2756,9 +3585,6 @@ class PoolFailure(Exception):
     """The model workers cannot run at all (not one file's fault)."""
 
 
-CRASH_REASON = "the decoder or model crashed on this file"
-
-
 class ModelPool:
     """A pool of model workers that survives a worker crash.
 
@@ -2843,62 +3669,6 @@ class ModelPool:
         self.pool.shutdown(wait=True)
 
 
-def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
-                   identity: dict, providers: list[str], workers: int, crash_result,
-                   n_tasks: int | None = None, on_stop=None, options: dict | None = None,
-                   ray_actor: dict | None = None) -> None:
-    """Run `task` over `batches` in a fresh pool of model workers (which hold
-    `options` for the task to read); with `ray_actor` (an actor's resources,
-    ray_actor_plan), on that many actors of the connected Ray cluster instead
-    (RayPool; the task then takes each batch's bytes too, as embed_task does).
-
-    The pool never starts more workers than there are tasks (`n_tasks`, when
-    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
-    saves what is done, and Interrupted tells the user how to go on. When the
-    pool cannot run at all, `on_stop()` saves what is done and the run ends
-    with a UserError; the files in flight are not recorded.
-    """
-    workers = check_option("workers", workers)
-    if n_tasks is not None:
-        workers = max(1, min(workers, n_tasks))
-    pool = None
-    try:
-        if ray_actor is None:
-            pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
-                                                workers, identity["embedding_size"], options),
-                             task, on_result, crash_result, max_inflight=2 * workers + 2)
-        else:
-            ray = ray_module()
-            task = ray_shipped(task)[0]
-            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayModelWorker)
-            files = ray.put(pack_files(pack_dir, modules))
-            pool = RayPool(ray, lambda: actor.remote(task, files, modules, providers,
-                                                     identity["det_size"],
-                                                     identity["embedding_size"], options),
-                           workers, on_result, crash_result)
-        pool.run(batches)
-    except KeyboardInterrupt:
-        if pool is not None:
-            pool.stop()
-        if on_stop is None:
-            raise
-        on_stop()
-        raise Interrupted("interrupted: the work done so far is saved; run the same command "
-                          "to go on") from None
-    except PoolFailure as error:
-        if pool is not None:
-            pool.stop()
-        if on_stop is not None:
-            on_stop()
-        raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
-                        "done before is saved") from None
-    except BaseException:
-        if pool is not None:
-            pool.stop()
-        raise
-    pool.shutdown()
-
-
 def in_batches(items: list, size: int = TASK_FILES):
     return (items[i:i + size] for i in range(0, len(items), size))
 
@@ -2918,6 +3688,35 @@ def worker_setup(providers: str | None, workers: int | None) -> tuple[list[str],
                         "model (about 0.3 GB), and more than one a core is rarely faster",
                         workers, cores)
     return provider_list, workers or default_workers(provider_list)
+
+
+def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
+    """Refuse to mix embeddings of two models in one cache."""
+    recorded = cache.meta.get("model")
+    if not recorded:
+        return
+    for key in ("recognition_sha256", "det_size"):
+        if recorded.get(key) != identity.get(key):
+            raise UserError(
+                f"cache {cache_path} was made with model {recorded.get('pack')} "
+                f"({key}={recorded.get(key)}), not {identity.get('pack')} "
+                f"({key}={identity.get(key)}); embeddings of two models cannot be mixed: "
+                f"use another cache path or the cache's model")
+
+
+def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None,
+                    cache_path: Path):
+    """The pack a step should use: the cache's own, unless one is named explicitly,
+    which must then be the same model (else UserError)."""
+    recorded = cache.meta.get("model")
+    if model == DEFAULT_MODEL and recorded:
+        pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
+    else:
+        pack_name, pack_dir = resolve_model(model, model_root)
+    identity = model_identity(pack_name, pack_dir, det_size or
+                              (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
+    check_model_matches(cache, identity, cache_path)
+    return pack_name, pack_dir, identity
 
 
 # ============================================================================
@@ -3286,428 +4085,66 @@ class RayPool:
 
 
 # ============================================================================
-# GEOMETRY AND QUALITY
-# Per-face measurements that are pure functions of arrays.
+# MODEL STEPS
+# One entry for every step that runs the model over many items: the local
+# pool, or Ray's actors with --ray. After RAY, which it dispatches to.
 # ============================================================================
 
 
-def face_spans(bboxes: np.ndarray, long_side: int, det_size: int) -> np.ndarray:
-    """Each box's long edge in pixels of the detector's input (an image is
-    resized so that its long side is det_size)."""
-    bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
-    edges = np.maximum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
-    return edges * det_size / max(int(long_side), 1)
+def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
+                   identity: dict, providers: list[str], workers: int, crash_result,
+                   n_tasks: int | None = None, on_stop=None, options: dict | None = None,
+                   ray_actor: dict | None = None) -> None:
+    """Run `task` over `batches` in a fresh pool of model workers (which hold
+    `options` for the task to read); with `ray_actor` (an actor's resources,
+    ray_actor_plan), on that many actors of the connected Ray cluster instead
+    (RayPool; the task then takes each batch's bytes too, as embed_task does).
 
-
-def needs_second_look(boxes: np.ndarray, long_side: int, det_size: int,
-                      rule: dict = SECOND_LOOK) -> bool:
-    """Does a first pass that found `boxes` leave room for a face too large
-    for it (SECOND_LOOK)? Only where it found no face, or only large ones."""
-    if det_size <= rule["det_size"]:
-        return False  # the first pass already sees a face of the whole frame
-    spans = face_spans(np.asarray(boxes)[:, :4], long_side, det_size)
-    return not len(spans) or bool(spans.min() >= rule["trigger_px"])
-
-
-def second_look_keeps(first: np.ndarray, second: np.ndarray, long_side: int, det_size: int,
-                      rule: dict = SECOND_LOOK) -> np.ndarray:
-    """Indices of the second look's boxes to keep: large enough that the
-    first pass may have missed them, and none the first pass found."""
-    second = np.asarray(second, np.float64)
-    if not len(second):
-        return np.zeros(0, np.int64)
-    large = face_spans(second[:, :4], long_side, det_size) >= rule["min_face_px"]
-    if len(first):
-        large &= box_iou(second[:, :4], np.asarray(first)[:, :4]).max(axis=1) < \
-            rule["same_face_iou"]
-    return np.flatnonzero(large)
-
-
-def face_short_edge(bboxes: np.ndarray) -> np.ndarray:
-    """Short edge of each (x1, y1, x2, y2) box, in pixels."""
-    bboxes = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4)
-    return np.minimum(bboxes[:, 2] - bboxes[:, 0], bboxes[:, 3] - bboxes[:, 1])
-
-
-def blur_score(bgr: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) -> float:
-    """Laplacian variance of the grayscale face crop resized to `scale` x `scale`.
-
-    Fixed scale makes the score comparable across image sizes; higher is sharper.
+    The pool never starts more workers than there are tasks (`n_tasks`, when
+    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
+    saves what is done, and Interrupted tells the user how to go on. When the
+    pool cannot run at all, `on_stop()` saves what is done and the run ends
+    with a UserError; the files in flight are not recorded.
     """
-    height, width = bgr.shape[:2]
-    x1, y1, x2, y2 = np.round(np.asarray(bbox, dtype=np.float64)).astype(int)
-    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
-    if x2 - x1 < 2 or y2 - y1 < 2:
-        return 0.0
-    crop = bgr[y1:y2, x1:x2]
-    crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY) if crop.ndim == 3 else crop
-    interpolation = cv2.INTER_AREA if crop.shape[0] > scale else cv2.INTER_LINEAR
-    crop = cv2.resize(crop, (scale, scale), interpolation=interpolation)
-    return float(cv2.Laplacian(crop, cv2.CV_64F).var())
-
-
-def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """Intersection over union of every pair of (x1, y1, x2, y2) boxes: (A, B)."""
-    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 1, 4)
-    b = np.asarray(boxes_b, dtype=np.float64).reshape(1, -1, 4)
-    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = width * height
-    area = lambda box: (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
-
-
-# ============================================================================
-# POSE AND SYMMETRY
-# Head pose, landmark symmetry and frontality from InsightFace landmarks.
-# ============================================================================
-#
-# Index meaning of InsightFace's ``2d106det`` landmarks
-# (``face.landmark_2d_106``) was established empirically (indices drawn on
-# real photos, and a mirror-pair matching over frontal LFW faces).
-# "Image-left" is the left side of the picture for an upright face, i.e. the
-# subject's *right* side.
-#
-#   0            chin (menton), 1-16 image-left jaw contour, 17-32 image-right
-#                jaw contour (i and i + 16 are mirror pairs, 1/17 at ear level)
-#   33-42        image-left eye: 35 outer corner, 39 inner corner,
-#                40 upper lid, 33 lower lid, 34/38 pupil
-#   87-96        image-right eye: 93 outer corner, 89 inner corner,
-#                94 upper lid, 87 lower lid, 88/92 pupil
-#   43-51        image-left eyebrow, 97-105 image-right eyebrow
-#   52-71        mouth: 52 image-left corner, 61 image-right corner,
-#                71 top of upper lip, 62 upper-lip inner, 60 lower-lip inner,
-#                53 bottom of lower lip
-#   72-86        nose: 72-74 bridge (72 between the eyes), 86 tip,
-#                80 subnasale, 75-79 / 81-85 image-left / image-right side
-
-# Landmarks used for solvePnP, in the same order as POSE_MODEL_POINTS_3D.
-POSE_LANDMARK_INDICES = (35, 39, 89, 93, 72, 86, 80, 52, 61, 71, 0)
-
-# Generic 3D face (millimetres) matching POSE_LANDMARK_INDICES. Axes follow
-# the OpenCV camera for a frontal face: +x towards image-right (the subject's
-# left), +y down, +z away from the camera; origin at the nose tip (86).
-# x, y: mean of the 2d106 detector's own output on 77 near-frontal faces
-# (landmark_symmetry >= 0.85; LFW, five_celebs, face_recognition), similarity
-# aligned, mirror-symmetrised and scaled to a 90 mm outer eye-corner distance,
-# so that pitch 0 is the average near-frontal portrait pose. z: depth behind
-# the nose tip taken from MediaPipe's metric canonical face model
-# (canonical_face_model.obj vertices 33, 133, 168, 1/4, 2, 61, 0, 152).
-POSE_MODEL_POINTS_3D = np.array(
-    [
-        [-45.0, -34.7, 43.6],  # 35 image-left eye, outer corner
-        [-17.9, -33.6, 37.7],  # 39 image-left eye, inner corner
-        [17.9, -33.6, 37.7],  # 89 image-right eye, inner corner
-        [45.0, -34.7, 43.6],  # 93 image-right eye, outer corner
-        [0.0, -38.3, 22.9],  # 72 nose bridge between the eyes
-        [0.0, 0.0, 0.0],  # 86 nose tip
-        [0.0, 11.8, 14.7],  # 80 subnasale
-        [-29.3, 30.2, 32.5],  # 52 image-left mouth corner
-        [29.3, 30.2, 32.5],  # 61 image-right mouth corner
-        [0.0, 26.2, 15.5],  # 71 top of upper lip
-        [0.0, 83.8, 32.7],  # 0 chin
-    ],
-    dtype=np.float64,
-)
-
-# Same model for the five SCRFD key points (``face.kps``): image-left eye
-# centre, image-right eye centre, nose tip, image-left / image-right mouth
-# corner (x, y: mean detector output in the same frame; z: eye centre at the
-# mean depth of its two corners).
-POSE_KPS5_MODEL_POINTS_3D = np.array(
-    [
-        [-32.2, -35.6, 40.6],
-        [32.2, -35.6, 40.6],
-        [0.0, 2.0, 0.0],
-        [-28.4, 30.5, 32.5],
-        [28.4, 30.5, 32.5],
-    ],
-    dtype=np.float64,
-)
-
-# Mirror pairs (image-left index, image-right index) of the 106-point layout.
-# Pupils (34, 38, 88, 92) are left out: they follow gaze, not the face.
-LANDMARK_MIRROR_PAIRS = (
-    # jaw contour
-    (1, 17), (2, 18), (3, 19), (4, 20), (5, 21), (6, 22), (7, 23), (8, 24),
-    (9, 25), (10, 26), (11, 27), (12, 28), (13, 29), (14, 30), (15, 31),
-    (16, 32),
-    # eyes
-    (33, 87), (35, 93), (36, 91), (37, 90), (39, 89), (40, 94), (41, 96),
-    (42, 95),
-    # eyebrows
-    (43, 101), (44, 100), (45, 99), (46, 97), (47, 98), (48, 105),
-    (49, 104), (50, 102), (51, 103),
-    # mouth
-    (52, 61), (54, 57), (55, 58), (56, 59), (63, 67), (64, 68), (65, 69),
-    (66, 70),
-    # nose
-    (75, 81), (76, 82), (77, 83), (78, 84), (79, 85),
-)
-
-# Landmarks on the facial midline (their own mirror image).
-LANDMARK_MIDLINE = (0, 53, 60, 62, 71, 72, 73, 74, 80, 86)
-
-# Eye corners used for the inter-ocular distance (outer, inner per eye).
-LANDMARK_EYE_CORNERS = ((35, 39), (89, 93))
-
-# Normalised RMS mirror residual (in inter-ocular distances) at which
-# ``landmark_symmetry`` reaches 0. On the shared photos the residual grows
-# roughly as 0.012 per degree of yaw (median 0.045 for |yaw| < 5, 0.27 at
-# 15-20, 0.51 at 30-45), so 0.75 makes symmetry track ``frontality``.
-SYMMETRY_ZERO_RESIDUAL = 0.75
-
-# Off-axis angle (degrees) at which ``frontality`` reaches 0.
-FRONTALITY_MAX_ANGLE_DEG = 60.0
-
-
-def _solve_head_pose(model_points, image_points, image_width, image_height,
-                     relative_to_ray):
-    """Run solvePnP and convert the rotation to [pitch, yaw, roll].
-
-    See :func:`pose_from_landmarks_2d` for the conventions.
-    """
-    nan = np.full(3, np.nan, dtype=np.float32)
-    image_points = np.asarray(image_points, dtype=np.float64).reshape(-1, 2)
-    if (image_points.shape[0] != model_points.shape[0]
-            or not np.all(np.isfinite(image_points))
-            or image_width <= 0 or image_height <= 0):
-        return nan
-    focal = float(max(image_width, image_height))
-    camera = np.array(
-        [[focal, 0.0, image_width / 2.0],
-         [0.0, focal, image_height / 2.0],
-         [0.0, 0.0, 1.0]],
-        dtype=np.float64,
-    )
-    dist = np.zeros(4, dtype=np.float64)
-    # Initial guess: frontal face at the distance implied by its apparent
-    # size, straight in front of its own landmarks.
-    model_span = np.ptp(model_points[:, :2], axis=0).max()
-    image_span = np.ptp(image_points, axis=0).max()
-    if image_span <= 0:
-        return nan
-    depth = focal * model_span / image_span
-    centre = image_points.mean(axis=0)
-    tvec0 = np.array(
-        [(centre[0] - camera[0, 2]) * depth / focal,
-         (centre[1] - camera[1, 2]) * depth / focal,
-         depth],
-        dtype=np.float64,
-    ).reshape(3, 1)
-    rvec0 = np.zeros((3, 1), dtype=np.float64)
+    workers = check_option("workers", workers)
+    if n_tasks is not None:
+        workers = max(1, min(workers, n_tasks))
+    pool = None
     try:
-        ok, rvec, tvec = cv2.solvePnP(
-            model_points, image_points, camera, dist, rvec=rvec0, tvec=tvec0,
-            useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
-    except cv2.error:
-        return nan
-    if not ok or not np.all(np.isfinite(rvec)) or float(tvec[2, 0]) <= 0:
-        return nan
-    rot, _ = cv2.Rodrigues(rvec)
-    if relative_to_ray:
-        # Rotation taking the optical axis onto the ray through the face, so
-        # that a face looking straight into the lens is frontal wherever it
-        # sits in the frame.
-        ray = tvec.reshape(3) / np.linalg.norm(tvec)
-        axis = np.cross([0.0, 0.0, 1.0], ray)
-        sin_a = np.linalg.norm(axis)
-        if sin_a > 1e-12:
-            angle = math.atan2(sin_a, ray[2])
-            ray_rot, _ = cv2.Rodrigues(axis / sin_a * angle)
-            rot = ray_rot.T @ rot
-    # rot = Ry(-yaw) @ Rx(-pitch) @ Rz(roll)
-    yaw = -math.atan2(rot[0, 2], rot[2, 2])
-    pitch = math.asin(float(np.clip(rot[1, 2], -1.0, 1.0)))
-    roll = math.atan2(rot[1, 0], rot[1, 1])
-    return np.degrees(np.array([pitch, yaw, roll])).astype(np.float32)
-
-
-def pose_from_landmarks_2d(landmarks_106, image_width, image_height, *,
-                           relative_to_ray=True):
-    """Estimate head pose from InsightFace 106-point 2D landmarks.
-
-    Fits the generic 3D face ``POSE_MODEL_POINTS_3D`` to the landmarks
-    ``POSE_LANDMARK_INDICES`` (eye corners, nose bridge, nose tip, subnasale,
-    mouth corners, upper lip, chin) with ``cv2.solvePnP`` (iterative
-    Levenberg-Marquardt, started from a frontal pose). The camera is a
-    pinhole with focal length ``max(image_width, image_height)`` pixels,
-    principal point at the image centre and no lens distortion.
-
-    Parameters
-    ----------
-    landmarks_106 : ndarray of shape (106, 2)
-        ``face.landmark_2d_106`` in pixel coordinates of the full image.
-    image_width : int
-        Width in pixels of the image the landmarks refer to.
-    image_height : int
-        Height in pixels of the image the landmarks refer to.
-    relative_to_ray : bool, default=True
-        If True, the pose is measured relative to the line of sight from the
-        camera to the face (the face looks frontal in its crop exactly when
-        the angles are 0, wherever it sits in the frame). If False, it is
-        measured relative to the camera's optical axis; faces near the image
-        border then get up to about 30 degrees of extra yaw or pitch
-        (focal length = longest image side).
-
-    Returns
-    -------
-    pose : ndarray of shape (3,), dtype float32
-        ``[pitch, yaw, roll]`` in degrees, each in [-180, 180] (pitch in
-        [-90, 90]), with ``R = Ry(-yaw) @ Rx(-pitch) @ Rz(roll)`` the face
-        rotation in OpenCV camera axes (x right, y down, z forward):
-
-        - yaw > 0: the face turns towards the image's right, i.e. to the
-          subject's own left (nose tip moves right of the eye midpoint).
-        - pitch > 0: the face tilts up (chin raised, subject looks up).
-        - roll > 0: the face is rotated clockwise as seen in the image
-          (head tilted towards the subject's left shoulder).
-
-        A horizontally mirrored image gives the same pitch and negated yaw
-        and roll. All three are NaN if the input is not finite or solvePnP
-        fails.
-
-    Notes
-    -----
-    The angle between the face's forward direction and the line of sight
-    is exactly ``arccos(cos(yaw) * cos(pitch))``; roll does not change it.
-    Absolute angles are approximate (generic face, guessed focal length);
-    expect a few degrees of bias, but signs and ordering are reliable.
-    """
-    landmarks_106 = np.asarray(landmarks_106, dtype=np.float64)
-    if landmarks_106.shape != (106, 2):
-        raise ValueError(
-            "landmarks_106 must have shape (106, 2), got "
-            f"{landmarks_106.shape}")
-    return _solve_head_pose(
-        POSE_MODEL_POINTS_3D, landmarks_106[list(POSE_LANDMARK_INDICES)],
-        image_width, image_height, relative_to_ray)
-
-
-def pose_from_kps5(kps, image_width, image_height, *, relative_to_ray=True):
-    """Estimate head pose from the five SCRFD key points (cheap fallback).
-
-    Same camera model, solver and conventions as
-    :func:`pose_from_landmarks_2d`, using ``POSE_KPS5_MODEL_POINTS_3D``. With
-    only five points (no chin, no eye corners) pitch is noticeably less
-    reliable than yaw and roll.
-
-    Parameters
-    ----------
-    kps : ndarray of shape (5, 2)
-        ``face.kps``: image-left eye, image-right eye, nose tip,
-        image-left mouth corner, image-right mouth corner, in pixels.
-    image_width : int
-        Width in pixels of the image the key points refer to.
-    image_height : int
-        Height in pixels of the image the key points refer to.
-    relative_to_ray : bool, default=True
-        See :func:`pose_from_landmarks_2d`.
-
-    Returns
-    -------
-    pose : ndarray of shape (3,), dtype float32
-        ``[pitch, yaw, roll]`` in degrees, NaN on failure.
-    """
-    kps = np.asarray(kps, dtype=np.float64)
-    if kps.shape != (5, 2):
-        raise ValueError(f"kps must have shape (5, 2), got {kps.shape}")
-    return _solve_head_pose(POSE_KPS5_MODEL_POINTS_3D, kps, image_width,
-                            image_height, relative_to_ray)
-
-
-def landmark_symmetry(landmarks_106):
-    """Left/right symmetry of a 106-point landmark set.
-
-    Every landmark is compared with the reflection of its mirror partner
-    (``LANDMARK_MIRROR_PAIRS``; midline points ``LANDMARK_MIDLINE`` are their
-    own partner; pupils are ignored) across the best-fitting mirror line,
-    found in closed form (reflect x, then least-squares rigid 2D alignment).
-    The RMS residual is divided by the inter-ocular distance (distance
-    between the midpoints of the two eyes' outer/inner corners,
-    ``LANDMARK_EYE_CORNERS``) and mapped linearly::
-
-        symmetry = 1 - clip(rms / iod / SYMMETRY_ZERO_RESIDUAL, 0, 1)
-
-    Parameters
-    ----------
-    landmarks_106 : ndarray of shape (106, 2)
-        ``face.landmark_2d_106`` in pixels (any translation, rotation or
-        uniform scale gives the same result).
-
-    Returns
-    -------
-    symmetry : float
-        In [0, 1]; 1 means the landmarks are exactly mirror-symmetric about
-        some line. On the shared photos, faces with |yaw| < 5 degrees score
-        0.88-0.97 (median 0.94), about 0.65 at 15-20 degrees of yaw and 0
-        from about 50 degrees on (the far side is foreshortened). It barely
-        depends on pitch; asymmetric expressions also lower it. NaN if the
-        input is not finite or degenerate.
-    """
-    pts = np.asarray(landmarks_106, dtype=np.float64)
-    if pts.shape != (106, 2):
-        raise ValueError(
-            f"landmarks_106 must have shape (106, 2), got {pts.shape}")
-    if not np.all(np.isfinite(pts)):
-        return float("nan")
-    (lo, li), (ri, ro) = LANDMARK_EYE_CORNERS
-    iod = np.linalg.norm((pts[ri] + pts[ro]) / 2.0 - (pts[lo] + pts[li]) / 2.0)
-    if iod <= 1e-9:
-        return float("nan")
-    src_idx = [i for i, _ in LANDMARK_MIRROR_PAIRS]
-    dst_idx = [j for _, j in LANDMARK_MIRROR_PAIRS]
-    own = np.array(src_idx + dst_idx + list(LANDMARK_MIDLINE))
-    partner = np.array(dst_idx + src_idx + list(LANDMARK_MIDLINE))
-    target = pts[own]
-    mirrored = pts[partner] * np.array([-1.0, 1.0])
-    # Rigid (rotation + translation) least-squares fit of mirrored -> target.
-    t_mean = target.mean(axis=0)
-    m_mean = mirrored.mean(axis=0)
-    cov = (mirrored - m_mean).T @ (target - t_mean)
-    u, _, vt = np.linalg.svd(cov)
-    d = np.sign(np.linalg.det(u @ vt))
-    rot = (u @ np.diag([1.0, d]) @ vt).T
-    fitted = (mirrored - m_mean) @ rot.T + t_mean
-    rms = math.sqrt(float(np.mean(np.sum((fitted - target) ** 2, axis=1))))
-    return float(1.0 - np.clip(rms / iod / SYMMETRY_ZERO_RESIDUAL, 0.0, 1.0))
-
-
-def frontality(pose, max_angle=FRONTALITY_MAX_ANGLE_DEG):
-    """Score how directly a face looks at the camera.
-
-    Uses the off-axis angle between the face's forward direction and the
-    line of sight, ``theta = arccos(cos(yaw) * cos(pitch))`` (exact for the
-    convention of :func:`pose_from_landmarks_2d`; roll is ignored because
-    face alignment removes in-plane rotation), mapped linearly::
-
-        frontality = 1 - clip(theta / max_angle, 0, 1)
-
-    A linear map keeps small angles distinguishable (``cos(theta)`` is
-    almost flat below 20 degrees); the default 60 degrees is where one eye
-    and mouth corner start to be hidden and 2D landmarks, alignment and
-    embeddings become unreliable. For small angles ``theta`` is close to
-    ``sqrt(yaw**2 + pitch**2)``.
-
-    Parameters
-    ----------
-    pose : array-like of shape (3,)
-        ``[pitch, yaw, roll]`` in degrees.
-    max_angle : float, default=FRONTALITY_MAX_ANGLE_DEG
-        Off-axis angle in degrees at which the score reaches 0.
-
-    Returns
-    -------
-    frontality : float
-        In [0, 1]; 1 for a perfectly frontal face, 0.5 at ``max_angle / 2``
-        off axis. NaN if pitch or yaw is NaN.
-    """
-    pitch, yaw = float(pose[0]), float(pose[1])
-    if not (math.isfinite(pitch) and math.isfinite(yaw)):
-        return float("nan")
-    cos_theta = math.cos(math.radians(yaw)) * math.cos(math.radians(pitch))
-    theta = math.degrees(math.acos(min(1.0, max(-1.0, cos_theta))))
-    return float(1.0 - min(max(theta / float(max_angle), 0.0), 1.0))
+        if ray_actor is None:
+            pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
+                                                workers, identity["embedding_size"], options),
+                             task, on_result, crash_result, max_inflight=2 * workers + 2)
+        else:
+            ray = ray_module()
+            task = ray_shipped(task)[0]
+            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayModelWorker)
+            files = ray.put(pack_files(pack_dir, modules))
+            pool = RayPool(ray, lambda: actor.remote(task, files, modules, providers,
+                                                     identity["det_size"],
+                                                     identity["embedding_size"], options),
+                           workers, on_result, crash_result)
+        pool.run(batches)
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.stop()
+        if on_stop is None:
+            raise
+        on_stop()
+        raise Interrupted("interrupted: the work done so far is saved; run the same command "
+                          "to go on") from None
+    except PoolFailure as error:
+        if pool is not None:
+            pool.stop()
+        if on_stop is not None:
+            on_stop()
+        raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
+                        "done before is saved") from None
+    except BaseException:
+        if pool is not None:
+            pool.stop()
+        raise
+    pool.shutdown()
 
 
 # ============================================================================
@@ -3716,33 +4153,7 @@ def frontality(pose, max_angle=FRONTALITY_MAX_ANGLE_DEG):
 # exact multi-index search for every pair within a Hamming distance.
 # ============================================================================
 
-# Longest side an image is first shrunk to (INTER_AREA) before the exact
-# 32x32 reduction.  Keeps large photos cheap while the two-stage area average
-# stays practically identical to a one-stage one.
-PHASH_WORK_SIZE = 256
-# Side of the grayscale square the DCT is computed on.
-PHASH_DCT_SIZE = 32
-# The hash uses DCT coefficients [1:9, 1:9] (rows/cols 1..8): 64 values, DC
-# and the pure horizontal / vertical first row and column excluded.
-PHASH_BLOCK_START = 1
-PHASH_BLOCK_SIZE = 8
-# An image whose hashed coefficients are all below this fraction of
-# (|DC| + 1) is treated as flat (blank) and hashes to 0.
-PHASH_FLAT_RTOL = 1e-4
-# Default maximum Hamming distance for "same photo" candidates, measured
-# with tests/benchmarks/measure_phash.py (see the docstring of hamming_pairs).
-PHASH_DEFAULT_MAX_DISTANCE = 12
 
-# Maximum number of candidate pairs materialised at once (memory bound:
-# roughly 60 bytes per candidate pair in flight).
-HAMMING_CHUNK_PAIRS = 4_000_000
-# Below this many distinct-hash pairs the exact brute-force path is used.
-HAMMING_BRUTE_FORCE_MAX_PAIRS = 200_000
-# Substrings up to this many bits use a direct-address bucket table,
-# wider ones a binary search.
-HAMMING_DIRECT_TABLE_MAX_BITS = 22
-# Upper bound on the number of flip masks enumerated per substring.
-HAMMING_MAX_MASKS = 50_000
 # Relative costs used to choose the multi-index plan (per candidate pair
 # verified, per bucket probe, per brute-force pair).
 _HAMMING_COST_CANDIDATE = 1.0
@@ -3809,11 +4220,6 @@ def perceptual_hash(image_bgr: np.ndarray) -> np.uint64:
     (32, True)
     """
     return _phash_bits(_phash_square(image_bgr))
-
-
-# The turns and the mirror a copy of a photo may have been given, in the order
-# of perceptual_hashes' variants after the photo as it is.
-PHASH_TURNS = ("turned 90", "turned 180", "mirrored")
 
 
 def perceptual_hashes(image_bgr: np.ndarray) -> np.ndarray:
@@ -4325,6 +4731,12 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
     return groups
 
 
+def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
+    """A photo's perceptual_hashes, taken from the detector's view of it (so
+    the same at every resolution, and free once the detector has its view)."""
+    return perceptual_hashes(photo.at(detect_factor(photo, det_size)))
+
+
 # ============================================================================
 # OUTPUT FOLDERS
 # Materialising photos into an output folder: stable flat names, copy / hard
@@ -4332,57 +4744,6 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
 # leaving a half-written result (and extend's all-or-nothing change in place).
 # Also the guards that keep outputs away from the user's photos.
 # ============================================================================
-
-# Characters no file system takes (Windows is the strictest) and its reserved names.
-_RESERVED_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
-_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                   *(f"LPT{i}" for i in range(1, 10))}
-MAX_NAME_BYTES = 200  # under the common 255-byte limit, leaving room for temp suffixes
-
-
-def _name_char(ch: str) -> str:
-    """One character of a flat output name: reserved ones become "_", a byte of
-    the source name that is not UTF-8 (a lone surrogate here) becomes %XX."""
-    if "\udc80" <= ch <= "\udcff":
-        return f"%{ord(ch) - 0xDC00:02X}"
-    return "_" if ch in _RESERVED_CHARS else ch
-
-
-# A person's name, as it appears in its folder's and bundles' names, in bytes.
-MAX_LABEL_BYTES = 80
-
-
-def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
-    """One flat, stable file name for a source path, safe on every OS.
-
-    The absolute path is flattened (its folders joined with "__"), so the same
-    photo always gets the same name whatever source root a run was given.
-    Reserved characters become "_" and bytes that are not UTF-8 "%XX"; a name
-    that this changed, or that could be read as another path's ("a/b__c" and
-    "a__b/c"), gets a short hash of the full path before its extension, so two
-    sources never share a name. A name too long keeps its start, then the hash.
-    """
-    absolute = os.path.abspath(path)
-    drive, rest = os.path.splitdrive(absolute)
-    separators = "/\\" if os.sep == "\\" else "/"
-    parts = [p for p in "".join("/" if ch in separators else ch for ch in rest).split("/") if p]
-    if drive:
-        parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
-    plain = "__".join(parts)
-    name = "".join(_name_char(ch) for ch in plain).rstrip(" .") or "_"
-    lossy = name != plain or "%" in plain or any("__" in part for part in parts) or \
-        bool(re.search(r"~[0-9a-f]{10}$", os.path.splitext(name)[0]))  # looks like a hashed name
-    stem, ext = os.path.splitext(name)
-    if stem.split(".")[0].upper() in _RESERVED_NAMES:
-        stem, lossy = "_" + stem, True
-    digest = hashlib.sha1(os.fsencode(absolute)).hexdigest()[:10]
-    ext = ext if len(ext.encode("utf-8")) <= 16 else ""
-    if lossy or len((stem + ext).encode("utf-8")) > max_bytes:
-        room = max_bytes - len(ext.encode("utf-8")) - len(digest) - 1
-        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
-        return f"{stem}~{digest}{ext}"
-    return stem + ext
-
 
 def entry_folder(entry: dict) -> str:
     """The folder of a person or faceset: its name, then its label when it has
@@ -4394,10 +4755,6 @@ def entry_folder(entry: dict) -> str:
         return entry["name"]
     safe = "".join("_" if ch in "/\\" else _name_char(ch) for ch in label).strip(" .")
     return f"{entry['name']}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
-
-
-# The folder export-swap rescues a faceset's close singletons into, for review.
-CANDIDATES_DIR = "_candidates"
 
 
 def entry_bundle(entry: dict, top_n: int | None = None) -> str:
@@ -4473,15 +4830,6 @@ def check_output_location(out: Path, cache_path: Path, cache: FaceCache, kind: s
     if len(files) and any(is_within(Path(p), out) for p in files[:: max(1, len(files) // 2000)]):
         raise UserError(f"output {out} holds source photos; choose an empty or new folder")
     claim_output(out, kind)
-
-
-# Every output folder face-sets builds holds this marker: the kind of output
-# and a random id. A step replaces or changes a folder only if it holds the
-# marker of its own kind (or is a face-sets output from before markers, every
-# entry of which its manifest accounts for).
-OUTPUT_MARKER = ".face-sets-output.json"
-MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
-                  "export-swap": "export_manifest.json"}
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -4750,8 +5098,24 @@ def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, whe
 # output a file to delete. Anything not of the tool's own form is refused.
 # ---------------------------------------------------------------------------
 
-ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
-                       "export-swap": r"faceset_\d{3,9}"}
+
+def person_name_problem(name) -> str | None:
+    """Why `name` cannot name a person, or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "a person's name must be some text"
+    if len(name) > MAX_PERSON_NAME_CHARS:
+        return f"a person's name has at most {MAX_PERSON_NAME_CHARS} characters"
+    if any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+           for ch in name) or name != valid_utf8(name):
+        return "a person's name cannot hold control characters, line breaks or undecodable bytes"
+    if not any(unicodedata.category(ch)[0] in "LNS" for ch in name):
+        return "a person's name needs a letter, a digit or a symbol"
+    # as same_name compares names: "ｐｅｒｓｏｎ＿００１" is "person_001"
+    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*",
+                    unicodedata.normalize("NFKC", name), re.IGNORECASE):
+        return (f"{name!r} would read as a person's number (or as `--to new`); "
+                "choose a name with letters")
+    return None
 
 
 class _ManifestCheck:
@@ -4980,12 +5344,6 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
 # ============================================================================
 
 
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
 def centroids_of(embeddings: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Unit mean embedding of each label 0..n_labels-1."""
     sums = np.zeros((n_labels, embeddings.shape[1]), dtype=np.float64)
@@ -5039,53 +5397,6 @@ def bcubed(labels_true, labels_pred) -> tuple[float, float]:
 # size-weighted average linkage over them finishes. Only leader merges are
 # approximate, each is itself below the threshold, and ``info`` says whether
 # any were needed.
-
-# Largest connected component clustered exactly. Its condensed float64
-# distance matrix plus SciPy's internal copy take about 8 * n**2 bytes
-# (1.8 GB at 15000); bigger components go to the bounded-memory fallback.
-CLUSTER_MAX_COMPONENT = 15000
-
-# Rows per matrix-product block in the edge search.
-CLUSTER_BLOCK_ROWS = 2048
-
-# Elements per similarity tile (float32: 64 MB). Sets the column block width.
-CLUSTER_TILE_ELEMS = 1 << 24
-
-# Extra cosine-distance slack when collecting candidate pairs, to absorb
-# float32 rounding; extra edges only cost time, never change the result.
-CLUSTER_EDGE_MARGIN = 1e-3
-
-# Buffered edges before they are collapsed to one spanning star per component,
-# which bounds edge memory when an identity has very many near-identical faces.
-CLUSTER_EDGE_BUFFER = 1 << 22
-
-# Fallback: a reciprocal-nearest-neighbour round (exact) must remove at least
-# this share of the groups, else greedy leader passes (approximate) take over,
-# with these radii as fractions of the threshold; the last one is reused
-# until the group count fits or a pass merges nothing.
-CLUSTER_RNN_MIN_GAIN = 0.05
-
-# From this many faces on, the pairs under the threshold are found with an
-# approximate nearest-neighbour index (faiss's inverted lists, exact inner
-# products inside the lists probed) instead of the all-pairs product, whose
-# cost grows with N**2. Measured on faces of real structure at cluster's
-# threshold (tests/benchmarks/bench_cluster.py --real --compare): even at 100k
-# (36 s against 41 s), 2.2x faster at 300k (153 s against 336 s), pairwise F
-# 0.99991 against the exact partition, 0.3% more clusters (pairs missed split
-# a few faces off their person).
-CLUSTER_ANN_FROM = 200_000
-# The index: nlist = lists_per_sqrt * sqrt(N) lists (spherical k-means, niter
-# rounds on train_per_list faces a list), each list compared with the nprobe
-# lists nearest it; candidate_recall is measured on recall_rows faces against
-# the exact search. The rescue: a face left alone is compared again through
-# rescue_nprobe lists with the faces of components of at most rescue_component
-# (the pairs the lists miss are mostly two faces alone in a sparse part of the
-# space, their lists far apart: at 300k, 96% of them lie within 512 probes,
-# all within 1,024).
-CLUSTER_ANN = {"lists_per_sqrt": 4, "nprobe": 128, "train_per_list": 64, "niter": 12,
-               "recall_rows": 1000, "rescue_nprobe": 768, "rescue_component": 3}
-CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
-CLUSTER_LEADER_MAX_PASSES = 8
 
 
 def agglomerative_labels(
@@ -5831,6 +6142,356 @@ def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
     return best, 1.0 - similarity[np.arange(len(embeddings)), best]
 
 
+def size_filter_summary(dropped_images: list[int], min_faces: int) -> dict:
+    """What the size filter dropped (the unique-image count of each person it
+    dropped) and the one --min-faces worth a re-run: SMALL_LIBRARY_MIN_FACES
+    (or the largest dropped person's count, when smaller, and 2 or more),
+    offered only when it is below `min_faces` and at most
+    SMALL_LIBRARY_MIN_FACES, so a re-run at it is never offered a lower one."""
+    largest = max(dropped_images, default=0)
+    suggested = min(largest, SMALL_LIBRARY_MIN_FACES)
+    if suggested < 2 or suggested >= min_faces or min_faces <= SMALL_LIBRARY_MIN_FACES:
+        suggested = None
+    return {"min_faces": int(min_faces), "dropped_people": len(dropped_images),
+            "largest_images": int(largest), "suggested_min_faces": suggested,
+            "kept_at_suggestion": sum(n >= (suggested or 10**9) for n in dropped_images)}
+
+
+def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
+                     initial_threshold, merge_threshold, outlier_threshold, min_faces,
+                     min_short, min_blur, min_det_score, damage=None, constraints=None):
+    """The refine stages over arrays.
+
+    Parameters
+    ----------
+    embeddings : (N, D) unit vectors
+    face_short, blur, det_score : (N,) per-face quality measurements
+    face_image : (N,) an id of the image each face is in (for the unique-image count)
+    damage : (N,) str, optional: the damage each face's photo has ('' for none);
+        a face of a damaged photo fails the quality gate
+    constraints : fold_decisions' result, optional: pinned groups start as one
+        cluster and are never outliers, apart groups never share a cluster
+        (nor a centroid merge), rejected faces are dropped first
+
+    Returns
+    -------
+    facesets : list of int arrays, face indices per faceset, largest first
+    dropped : dict face -> (stage, reason)
+    stages : dict, the cluster count after each stage and faces dropped by each gate
+    origin : dict dropped face -> index in `facesets` of the faceset its cluster
+        became, or -1
+    """
+    n = len(embeddings)
+    constraints = constraints or {"together": [], "apart": [], "rejected": []}
+    rejected = set(constraints["rejected"])
+    kept_faces = faces_not_in(n, rejected)
+    position = np.full(n, -1, np.int64)
+    position[kept_faces] = np.arange(len(kept_faces))
+    together = [position[np.array(g, np.int64)] for g in constraints["together"]]
+    labels, info = agglomerative_labels(np.asarray(embeddings)[kept_faces], initial_threshold,
+                                        together=together, apart=constraints["apart"])
+    clusters = clusters_initial = [kept_faces[g] for g in groups_from_labels(labels)]
+    stages = {"initial_clusters": len(clusters), "clustering": info}
+    # Centroid merge: over-split clusters of one person have close centroids.
+    if len(clusters) > 1:
+        member_labels = np.full(n, -1, dtype=np.int64)
+        for index, faces in enumerate(clusters):
+            member_labels[faces] = index
+        centroids = unit_rows(np.array([np.asarray(embeddings)[c].mean(axis=0) for c in clusters]))
+        # pinned groups kept apart keep their clusters apart here too
+        cluster_groups = [[int(member_labels[g[0]])] for g in constraints["together"]]
+        merged, _ = agglomerative_labels(centroids, merge_threshold, together=cluster_groups,
+                                         apart=constraints["apart"])
+        clusters = order_groups([np.concatenate([clusters[i] for i in np.flatnonzero(merged == m)])
+                                 for m in np.unique(merged)])
+    stages["after_merge"] = len(clusters)
+    dropped: dict[int, tuple[str, str]] = {
+        int(face): ("rejected", "rejected by a people decision") for face in sorted(rejected)}
+    pinned = {f for g in constraints["together"] for f in g}
+    failures = quality_failures(face_short, blur, det_score, min_short=min_short,
+                                min_blur=min_blur, min_det_score=min_det_score, damage=damage)
+    for face, reasons in enumerate(failures):
+        if reasons and face not in rejected:
+            dropped[face] = ("quality", "; ".join(reasons))
+    stages["dropped_quality"] = sum(1 for s, _ in dropped.values() if s == "quality")
+    stages["quality_gates"] = quality_gate_counts(
+        failures, [f for f, (stage, _r) in dropped.items() if stage == "quality"])
+    stages["initial_single_faces"] = int(sum(len(c) == 1 for c in clusters_initial))
+    gated = [g[[f not in dropped for f in g]] for g in clusters]
+    gated = [g for g in gated if len(g)]
+    stages["after_quality"] = len(gated)
+    kept = []
+    for faces in gated:
+        if len(faces) >= 4:  # a centroid of 2-3 faces cannot tell which one is off
+            centroid = unit_rows(embeddings[faces].mean(axis=0))
+            distance = 1.0 - embeddings[faces] @ centroid
+            outlier = (distance > outlier_threshold) & ~np.isin(faces, list(pinned))
+            for face, d in zip(faces[outlier], distance[outlier]):
+                dropped[int(face)] = ("outlier", f"distance {d:.3f} from its cluster centroid "
+                                                 f"> {outlier_threshold}")
+            faces = faces[~outlier]
+        kept.append(faces)
+    stages["dropped_outlier"] = sum(1 for s, _ in dropped.values() if s == "outlier")
+    stages["dropped_rejected"] = len(rejected)
+    facesets, too_small = [], []
+    for faces in order_groups([k for k in kept if len(k)]):
+        images = len(np.unique(np.asarray(face_image)[faces]))
+        if images >= min_faces:
+            facesets.append(faces)
+        else:
+            too_small.append(images)
+            for face in faces:
+                dropped[int(face)] = ("size", f"its cluster has {images} unique images "
+                                              f"< min_faces {min_faces}")
+    stages["dropped_size"] = sum(1 for s, _ in dropped.values() if s == "size")
+    stages["size_filter"] = size_filter_summary(too_small, min_faces)
+    stages["facesets"] = len(facesets)
+    facesets = order_groups(facesets) if facesets else []
+    # which faceset each dropped face's (merged) cluster became, for the review page
+    cluster_of = np.full(n, -1, dtype=np.int64)
+    for index, faces in enumerate(clusters):
+        cluster_of[faces] = index
+    faceset_of_cluster = {int(cluster_of[faces[0]]): number for number, faces in enumerate(facesets)}
+    origin = {face: faceset_of_cluster.get(int(cluster_of[face]), -1) for face in dropped}
+    return facesets, dropped, stages, origin
+
+
+# ============================================================================
+# DUPLICATES
+# Visual near-duplicate groups: candidate pairs of photos from the perceptual
+# hash (and a sign code of their faces' embeddings), confirmed by the faces in
+# them (same faces at the same places, reframed, turned or mirrored). dedup
+# reports them; export-swap collapses a faceset's near-duplicates with them.
+# ============================================================================
+
+
+def keypoint_layout(bboxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """Key points relative to their face box: (N, 5, 2), box width = 1."""
+    bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+    width = np.maximum(bboxes[:, 2] - bboxes[:, 0], 1e-6)
+    return (np.asarray(kps, dtype=np.float64).reshape(-1, 5, 2) - bboxes[:, None, :2]) / width[:, None, None]
+
+
+def same_faces(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> bool:
+    """Do two images show the same faces at the same places?"""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(faces_a) == 0 and len(faces_b) == 0:
+        return True
+
+    def relative(faces, size):
+        boxes = bboxes[faces]
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2 / np.asarray(size, dtype=np.float64)
+        return centres, face_short_edge(boxes) / max(1, min(size))
+
+    centres_a, short_a = relative(faces_a, size_a)
+    centres_b, short_b = relative(faces_b, size_b)
+    if len(faces_a) and len(faces_b):
+        shift = np.linalg.norm(centres_a[:, None] - centres_b[None], axis=2)
+        rows, cols = linear_sum_assignment(shift)
+        a, b = faces_a[rows], faces_b[cols]
+        similar = np.einsum("ij,ij->i", embeddings[a], embeddings[b])
+        larger = np.maximum(face_short_edge(bboxes[a]), face_short_edge(bboxes[b]))
+        needed = np.where(larger >= DEDUP_SMALL_FACE_PX, DEDUP_MIN_FACE_SIMILARITY,
+                          DEDUP_MIN_SMALL_FACE_SIMILARITY)
+        layout = np.abs(keypoint_layout(bboxes[a], kps[a]) - keypoint_layout(bboxes[b], kps[b]))
+        if np.any(shift[rows, cols] > DEDUP_MAX_CENTRE_SHIFT) or np.any(similar < needed) or \
+                layout.max(initial=0) > DEDUP_MAX_KEYPOINT_SHIFT:
+            return False
+    else:
+        rows = cols = np.zeros(0, dtype=int)
+    unmatched = np.concatenate([np.delete(short_a, rows), np.delete(short_b, cols)])
+    return bool(np.all(unmatched < DEDUP_MAX_UNMATCHED_FACE))
+
+
+def face_codes(embeddings: np.ndarray) -> np.ndarray:
+    """A 64-bit code per face: the signs of its centred embedding along 64
+    directions, so near-identical faces share most bits and others half
+    (uint64). The directions are those in which the faces vary most (their
+    principal components) when there are FACE_CODE_PCA_MIN faces to tell them,
+    else seeded random ones."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if len(embeddings) < 2:
+        return np.zeros(len(embeddings), np.uint64)
+    centred = embeddings - embeddings.mean(axis=0)
+    if len(embeddings) >= FACE_CODE_PCA_MIN:
+        sample = centred[::max(1, len(centred) // FACE_CODE_SAMPLE)]  # plenty for 64 directions
+        _values, vectors = np.linalg.eigh((sample.T @ sample).astype(np.float64))
+        directions = vectors[:, ::-1][:, :64].astype(np.float32)
+    else:
+        directions = np.random.default_rng(FACE_CODE_SEED).standard_normal(
+            (embeddings.shape[1], 64)).astype(np.float32)
+    bits = centred @ directions > 0
+    return np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel().astype(np.uint64)
+
+
+def mirrored_layout(layout: np.ndarray) -> np.ndarray:
+    """A key-point layout (N, 5, 2) as a mirrored photo shows it: x flipped, and
+    left and right eye and mouth corner swapped."""
+    out = layout[:, [1, 0, 2, 4, 3]].copy()
+    out[..., 0] = 1.0 - out[..., 0]
+    return out
+
+
+def same_faces_reframed(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> bool:
+    """Do two photos show the same faces in another framing (a crop, a resize,
+    a mirror)? One to one at DEDUP_REFRAMED_MIN_FACE_SIMILARITY or more, with
+    the same landmark layout and placement, and faces only one side has cut off
+    at its border (or tiny)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not len(faces_a) or not len(faces_b):
+        return False
+    similarity = embeddings[faces_a] @ embeddings[faces_b].T
+    rows, cols = linear_sum_assignment(-similarity)
+    if np.any(similarity[rows, cols] < DEDUP_REFRAMED_MIN_FACE_SIMILARITY):
+        return False
+    a, b = faces_a[rows], faces_b[cols]
+    layout_a, layout_b = keypoint_layout(bboxes[a], kps[a]), keypoint_layout(bboxes[b], kps[b])
+    mirrored = np.abs(layout_a - mirrored_layout(layout_b)).max() <= DEDUP_MAX_KEYPOINT_SHIFT
+    if not mirrored and np.abs(layout_a - layout_b).max() > DEDUP_MAX_KEYPOINT_SHIFT:
+        return False
+    if len(a) >= 2:  # the matched faces sit the same way relative to each other
+        def placement(faces, flip):
+            centres = (bboxes[faces, :2] + bboxes[faces, 2:]) / 2
+            centres = (centres - centres.mean(axis=0)) / max(1e-6, face_short_edge(bboxes[faces]).mean())
+            return centres * [-1, 1] if flip else centres
+        if np.abs(placement(a, False) - placement(b, mirrored)).max() > DEDUP_MAX_PLACEMENT_SHIFT:
+            return False
+    extra_a, extra_b = np.setdiff1d(faces_a, a), np.setdiff1d(faces_b, b)
+    if len(extra_a) and len(extra_b):
+        return False  # each shows someone the other does not: two pictures
+    extra, size = (extra_a, size_a) if len(extra_a) else (extra_b, size_b)
+    for face in extra:  # cut off by the crop: near the wider picture's border, or tiny
+        box = bboxes[face] / np.tile(np.asarray(size, dtype=np.float64), 2)
+        centre = (box[:2] + box[2:]) / 2
+        near_border = min(*centre, *(1 - centre)) < DEDUP_CROP_BORDER
+        if not near_border and face_short_edge(bboxes[face])[0] / max(1, min(size)) >= \
+                DEDUP_MAX_UNMATCHED_FACE:
+            return False
+    return True
+
+
+def turn_centres(centres: np.ndarray, turn: str) -> np.ndarray:
+    """Face centres (relative to the image, 0-1) of a photo, where a copy given
+    `turn` (one of PHASH_TURNS) shows them."""
+    u, v = centres[:, 0], centres[:, 1]
+    return {"turned 90": np.stack([1 - v, u], axis=1), "turned 180": 1 - centres,
+            "mirrored": np.stack([1 - u, v], axis=1)}[turn]
+
+
+def same_picture_turned(row_a, row_b, turn: str, distance: int, cache, per_file,
+                        sizes: np.ndarray) -> bool:
+    """Is photo b photo a turned (or mirrored), as their hashes say? The shape
+    must turn with it, and faces found on both sides at the same turned place
+    must be the same; a face found on one side only is the detector's miss."""
+    (width, height), (other_w, other_h) = sizes[[row_a, row_b]].tolist()
+    aspect = (height / max(1, width)) if turn == "turned 90" else (width / max(1, height))
+    if distance > DEDUP_TURN_MAX_HAMMING or \
+            abs(aspect / max(1e-9, other_w / max(1, other_h)) - 1) > DEDUP_TURN_MAX_ASPECT_CHANGE:
+        return False
+    if turn == "mirrored":  # a mirror keeps every face findable: check them all
+        return same_faces_reframed(per_file[row_a], per_file[row_b], (width, height),
+                                   (other_w, other_h), cache["embeddings"], cache["bbox"],
+                                   cache["kps"]) or not (len(per_file[row_a]) or len(per_file[row_b]))
+    faces_a, faces_b = per_file[row_a], per_file[row_b]
+    if not len(faces_a) or not len(faces_b):
+        return True
+    boxes = cache["bbox"]
+    centres_a = turn_centres((boxes[faces_a, :2] + boxes[faces_a, 2:]) / 2 / [width, height], turn)
+    centres_b = (boxes[faces_b, :2] + boxes[faces_b, 2:]) / 2 / [other_w, other_h]
+    near = np.linalg.norm(centres_a[:, None] - centres_b[None], axis=2) < DEDUP_MAX_CENTRE_SHIFT
+    similar = cache["embeddings"][faces_a] @ cache["embeddings"][faces_b].T
+    scores = cache["det_score"]
+    sure = (scores[faces_a][:, None] >= DEDUP_TURN_SURE_FACE) & \
+        (scores[faces_b][None] >= DEDUP_TURN_SURE_FACE)
+    # two faces the detector is sure of at one place must be the same face
+    return not np.any(near & sure & (similar < DEDUP_MIN_SMALL_FACE_SIMILARITY))
+
+
+def frame_sizes(cache: FaceCache) -> np.ndarray:
+    """(width, height) per file row of the frame its face boxes are in: the
+    oriented size at full resolution."""
+    return np.stack([cache["file_width"], cache["file_height"]], axis=1).astype(np.int64)
+
+
+def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int,
+                            per_file: list[np.ndarray] | None = None):
+    """Groups of file rows (among `rows`) that show the same picture: a copy
+    re-encoded or resized (the hash and the faces at the same places), turned or
+    mirrored (the hash of the turn), or cropped (the faces, one to one).
+
+    `per_file` is faces_by_file of the cache, for callers that already have it.
+    Returns a list of (rows array, {row: (hamming distance to the group's first
+    row, how it joined: "same", a PHASH_TURNS entry or "reframed")}).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    # A flat picture (a blank frame, a pure gradient) hashes to 0 whatever its
+    # colour: it says nothing of which picture it is, so it joins no group.
+    rows = rows[cache["file_phash"][rows] != 0]
+    if per_file is None:
+        per_file = faces_by_file(cache["face_file"], cache.n_files)
+    n = len(rows)
+    hashes = cache["file_phash"][rows]
+    # 1. hashes: the photo as it is (within max_hamming), and turned or mirrored
+    # (within the stricter DEDUP_TURN_MAX_HAMMING, a much cheaper search).
+    # Connectivity is enough: k identical hashes (blank images) give k-1 pairs.
+    edges = {}
+    for i, j in hamming_pairs(hashes, max_hamming, connectivity_only=True).tolist():
+        edges.setdefault((i, j), "same")
+    every = np.concatenate([hashes, *cache["file_phash_turns"][rows].T]) if n else hashes
+    turn_radius = min(max_hamming, DEDUP_TURN_MAX_HAMMING)
+    for i, j in hamming_pairs(every, turn_radius, connectivity_only=True).tolist():
+        (vi, ri), (vj, rj) = divmod(i, n), divmod(j, n)
+        if ri == rj or (vi and vj) or not (vi or vj):
+            continue  # one photo's own turns, two turns of two photos, or found above
+        turned_of, copy = (ri, rj) if vi else (rj, ri)  # one's turned hash is the other's own
+        edges.setdefault((turned_of, copy), PHASH_TURNS[max(vi, vj) - 1])
+    # 2. faces: near-identical faces whatever the framing
+    face_rows = np.concatenate([per_file[r] for r in rows]) if n else np.zeros(0, np.int64)
+    if len(face_rows) > 1:
+        local = np.full(cache.n_files, -1, np.int64)
+        local[rows] = np.arange(n)
+        embeddings = cache["embeddings"]
+        for i, j in hamming_pairs(face_codes(embeddings[face_rows]), FACE_CODE_RADIUS).tolist():
+            fi, fj = face_rows[i], face_rows[j]
+            ri, rj = local[cache["face_file"][fi]], local[cache["face_file"][fj]]
+            if ri != rj and float(embeddings[fi] @ embeddings[fj]) >= \
+                    DEDUP_REFRAMED_MIN_FACE_SIMILARITY:
+                edges.setdefault((min(ri, rj), max(ri, rj)), "reframed")
+    sizes = frame_sizes(cache)
+    embeddings, bboxes, kps = cache["embeddings"], cache["bbox"], cache["kps"]
+    turned = np.concatenate([hashes[:, None], cache["file_phash_turns"][rows]], axis=1) \
+        if n else np.zeros((0, 4), np.uint64)
+
+    def confirmed(pair, how) -> bool:
+        a, b = rows[pair[0]], rows[pair[1]]
+        if how == "same":
+            return same_faces(per_file[a], per_file[b], sizes[a], sizes[b], embeddings, bboxes, kps) \
+                or same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
+                                       embeddings, bboxes, kps)
+        if how == "reframed":
+            return same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
+                                       embeddings, bboxes, kps)
+        distance = int(np.bitwise_count(turned[pair[0], 1 + PHASH_TURNS.index(how)]
+                                        ^ hashes[pair[1]]))
+        return same_picture_turned(a, b, how, distance, cache, per_file, sizes)
+
+    kept = [(pair, how) for pair, how in edges.items() if confirmed(pair, how)]
+    groups = group_pairs(n, np.asarray([p for p, _ in kept], dtype=np.int64).reshape(-1, 2))
+    joined = {}
+    for (i, j), how in kept:
+        joined.setdefault(j, how)
+        joined.setdefault(i, how)
+    out = []
+    for group in groups:
+        members = rows[group]
+        distance = np.bitwise_count(hashes[group] ^ hashes[group[0]])
+        out.append((members, {int(m): (int(d), joined.get(int(g), "same")) for m, d, g in
+                              zip(members, distance, group)}))
+    return out
+
+
 # ============================================================================
 # REVIEW PAGES
 # Every output folder gets an index.html that people open straight from the
@@ -5841,26 +6502,10 @@ def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray):
 # re-runs the step (the *_shortfalls lines, also what the terminal shows).
 # ============================================================================
 
-REVIEW_PAGE_NAME = "index.html"
-THUMBS_DIR_NAME = "_thumbs"
-# 112 px, the face size the blur score is measured at (BLUR_SCALE_PX): enough
-# to tell people apart, ~5 KB a JPEG, ~50 KB decoded in a browser.
-THUMB_SIZE = 112
-THUMB_PAD = 0.25  # share of the face box's longer side added on each side
-THUMB_JPEG_QUALITY = 85
-# Shown at this CSS size: 12 faces a line in a 1280 px window.
-THUMB_DISPLAY_PX = 96
-
 
 # ---------------------------------------------------------------------------
 # Thumbnails
 # ---------------------------------------------------------------------------
-
-
-# Which axes of the shown picture run backwards over the stored pixels, per
-# EXIF orientation as ImageOps.exif_transpose applies it (5-8 also swap axes).
-_ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
-                         5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
 
 
 def _square_box(bbox, pad: float) -> tuple[float, float, float, float]:
@@ -6331,14 +6976,6 @@ def write_review_page(folder: Path, page: dict) -> Path:
     return path
 
 
-# Faces shown in a person's strip: the nearest to the centroid, then the
-# farthest few, where a wrong member would be. Loose rows (singletons, no-face
-# images, dropped faces) show at most REVIEW_MAX_LOOSE thumbnails.
-REVIEW_NEAREST = 24
-REVIEW_FARTHEST = 6
-REVIEW_MAX_LOOSE = 300
-
-
 def strip_faces(embeddings: np.ndarray, faces, nearest: int = REVIEW_NEAREST,
                 farthest: int = REVIEW_FARTHEST) -> list[int]:
     """The faces of a strip, nearest the group's centroid first, then the
@@ -6641,6 +7278,405 @@ def write_review(folder: Path, page: dict, cache: FaceCache | None, locations,
 
 
 # ============================================================================
+# PEOPLE AND NUMBERING
+# What cluster, refine, extend and people share about people: the decisions
+# file beside the cache (one loader that validates, one writer) folded into
+# constraints on the clustering; the numbers an output keeps across rebuilds
+# (a person keeps its number, a number is never given to anyone else); and
+# the view of an output's people with the suggestions made from it.
+# ============================================================================
+
+
+def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
+    """What a rebuild of OUT keeps from the output it replaces, when that was
+    made from the same cache: its people (or facesets), the people gone from it
+    that a later rebuild may bring back under their numbers (`former`), and its
+    next free number. Nothing when it has no manifest or was made from another
+    cache; a manifest that is not valid is refused (UserError), as every step
+    refuses one: a rebuild past it would give its people other numbers."""
+    none = {"entries": [], "former": [], "first_free": 1}
+    manifest_path = out / MANIFEST_FILES[kind]
+    if not os.path.lexists(manifest_path):
+        return none
+    try:
+        manifest = load_manifest(manifest_path, kind)
+    except UserError as error:
+        raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
+                        "or remove the output to build it afresh") from None
+    if manifest.get("cache") != str(Path(cache_path).resolve()):
+        return none
+    entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
+    return {"entries": entries, "former": manifest.get("former", []),
+            "first_free": first_free_number(manifest, entries)}
+
+
+def first_free_number(manifest: dict, entries) -> int:
+    """The number the next new person (or faceset) of an output takes: numbers
+    of people who are gone are never given again."""
+    return max(int(manifest.get("next_number", 1)), next_number(entries),
+               next_number(manifest.get("former", [])))
+
+
+def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
+                 prefix: str = "person", undoing: bool = False) -> tuple[list[str], dict[str, str]]:
+    """prefix_NNN of each group (keeping the previous output's numbers; when
+    `undoing`, a person gone from it comes back under its own) and the names
+    decisions gave ({prefix_NNN: name}; the latest decision wins)."""
+    names = keep_numbers(groups, previous["entries"], previous["first_free"], prefix,
+                         previous["former"] if undoing else ())
+    owner = {int(f): names[i] for i, faces in enumerate(groups) for f in faces}
+    labels: dict[str, str] = {}
+    for rows, label in constraints["names"]:
+        counts = collections.Counter(owner[r] for r in rows if r in owner)
+        if counts:
+            person = max(counts, key=lambda n: (counts[n], n))
+            labels = {k: v for k, v in labels.items() if v.casefold() != label.casefold()}
+            labels[person] = label
+    return names, labels
+
+
+def former_entries(previous: dict, names: list[str]) -> list[dict]:
+    """The people of the previous output (and those gone before it) that the
+    rebuilt one lacks, with their faces, so that an undo brings them back
+    under their own numbers."""
+    kept = set(names)
+    gone = {}
+    for entry in list(previous["former"]) + list(previous["entries"]):
+        if entry["name"] not in kept:
+            gone[entry["name"]] = sorted(f if isinstance(f, int) else f["face"]
+                                         for f in entry["faces"])
+    return [{"name": name, "faces": faces} for name, faces in sorted(gone.items())]
+
+
+def people_path(cache_path: Path) -> Path:
+    """work/cache/x.npz -> work/cache/x.npz.people.json"""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(cache_path.name + ".people.json")
+
+
+def face_rows(cache: FaceCache, keys: list[dict]) -> np.ndarray:
+    """The cache row of each face key (-1 for a face this cache does not hold)."""
+    file_of = {sha: row for row, sha in enumerate(cache["sha256"])}
+    per_file = faces_by_file(cache["face_file"], cache.n_files)
+    rows = []
+    for key in keys:
+        candidates = per_file[file_of[key["sha256"]]] if key["sha256"] in file_of else []
+        if not len(candidates):
+            rows.append(-1)
+            continue
+        overlap = box_iou(np.array([key["box"]]), cache["bbox"][candidates])[0]
+        best = int(overlap.argmax())
+        rows.append(int(candidates[best]) if overlap[best] >= FACE_KEY_MIN_IOU else -1)
+    return np.array(rows, np.int64)
+
+
+class _DecisionsCheck(_ManifestCheck):
+    """Validation of a decisions file, naming the file and the decision."""
+
+    def fail(self, where: str, problem: str):
+        raise UserError(f"people decisions {display(self.path)}: {where}: {problem}; nothing "
+                        "was changed (restore the file, or fix the named decision)")
+
+    def key(self, value, where: str) -> dict:
+        self.obj(value, where, "sha256", "box")
+        if not isinstance(value["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", value["sha256"]):
+            self.fail(where + ".sha256", "is not a sha256")
+        self.numbers(value["box"], where + ".box", 4)
+        return value
+
+    def keys(self, value, where: str, empty: bool = False) -> list[dict]:
+        keys = self.items(value, where)
+        if not keys and not empty:
+            self.fail(where, "names no face")
+        return [self.key(k, f"{where}[{i}]") for i, k in enumerate(keys)]
+
+    def key_lists(self, decision: dict, where: str, field: str, too_few: str) -> None:
+        """decision[field]: two lists of face keys or more (merge's people, split's pieces)."""
+        self.obj(decision, where, field)
+        lists = self.items(decision[field], f"{where}.{field}")
+        if len(lists) < 2:
+            self.fail(f"{where}.{field}", too_few)
+        for i, keys in enumerate(lists):
+            self.keys(keys, f"{where}.{field}[{i}]")
+
+
+def load_decisions(path: Path) -> list[dict]:
+    """The decisions of a people file (none when it does not exist), validated:
+    UserError names the file and the first problem."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return check_decisions(read_json(path, "people decisions"), path)
+
+
+def check_decisions(data, path: Path) -> list[dict]:
+    """The decisions of a people file's contents (or of a list about to be
+    written), validated: UserError names the file and the first problem."""
+    if isinstance(data, list):
+        data = {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION, "decisions": data}
+    check = _DecisionsCheck(path, None, None)
+    check.obj(data, "the file", "format", "version", "decisions")
+    if data["format"] != PEOPLE_FORMAT:
+        check.fail("format", f"is {data['format']!r}, not {PEOPLE_FORMAT!r}")
+    check.integer(data["version"], "version", 1, PEOPLE_VERSION)
+    decisions = check.items(data["decisions"], "decisions")
+    undone: set[int] = set()
+    for index, decision in enumerate(decisions):
+        where = f"decision {index + 1}"
+        check.obj(decision, where, "id", "time", "verb")
+        check.integer(decision["id"], where + ".id", index + 1, index + 1)
+        check.text(decision["time"], where + ".time")
+        verb = decision["verb"]
+        if verb not in PEOPLE_VERBS:
+            check.fail(where + ".verb", f"{verb!r} is not one of {', '.join(PEOPLE_VERBS)}")
+        if verb == "name":
+            check.obj(decision, where, "faces", "name")
+            check.keys(decision["faces"], where + ".faces")
+            problem = person_name_problem(decision["name"])
+            if problem:
+                check.fail(where + ".name", problem)
+        elif verb == "merge":
+            check.key_lists(decision, where, "people", "a merge needs two people or more")
+        elif verb == "move":
+            check.obj(decision, where, "faces", "to", "away")
+            check.keys(decision["faces"], where + ".faces")
+            if decision["to"] is not None:
+                check.keys(decision["to"], where + ".to")
+            for i, keys in enumerate(check.items(decision["away"], where + ".away")):
+                check.keys(keys, f"{where}.away[{i}]", empty=True)
+        elif verb == "reject":
+            check.obj(decision, where, "faces")
+            check.keys(decision["faces"], where + ".faces")
+        elif verb == "split":
+            check.key_lists(decision, where, "pieces", "a split needs two pieces or more")
+        else:
+            check.obj(decision, where, "undoes")
+            target = check.integer(decision["undoes"], where + ".undoes", 1, index)
+            if decisions[target - 1].get("verb") == "undo" or target in undone:
+                check.fail(where + ".undoes", f"decision {target} cannot be undone (again)")
+            undone.add(target)
+    return decisions
+
+
+def write_decisions(path: Path, decisions: list[dict]) -> None:
+    """The one writer of a people file (atomic; decisions are only appended)."""
+    write_json_atomic(path, {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION,
+                             "face_sets_version": __version__, "decisions": decisions})
+
+
+def active_decisions(decisions: list[dict]) -> list[dict]:
+    """The decisions in force: every one not undone, undos left out."""
+    undone = {d["undoes"] for d in decisions if d["verb"] == "undo"}
+    return [d for d in decisions if d["verb"] != "undo" and d["id"] not in undone]
+
+
+def fold_decisions(decisions: list[dict], rows_of) -> dict:
+    """The constraints decisions put on a cache's faces, in their order (a later
+    decision overrides an earlier one about the same face).
+
+    `rows_of(keys)` gives the cache rows of face keys (-1 for a face the cache
+    lacks: it is left out). Returns `together` (lists of rows pinned into one
+    person), `apart` (pairs of indexes into `together` that stay in different
+    people), `rejected` (rows that join no one) and `names` ((rows, name) in
+    order: the person holding most of the rows takes the name).
+    """
+    group_of: dict[int, int] = {}
+    members: dict[int, set[int]] = {}
+    apart: set[frozenset] = set()
+    rejected: set[int] = set()
+    names: list[tuple[list[int], str]] = []
+    fresh = itertools.count()
+
+    def rows(keys) -> list[int]:
+        return [int(r) for r in rows_of(keys) if r >= 0]
+
+    def release(faces) -> None:
+        for face in faces:
+            group = group_of.pop(face, None)
+            if group is not None:
+                members[group].discard(face)
+
+    def pin(faces) -> int | None:
+        """Pin faces into one new group, taking in the whole groups they were in
+        (and those groups' apart pairs)."""
+        faces = [f for f in faces if f not in rejected]
+        if not faces:
+            return None
+        target = next(fresh)
+        members[target] = set()
+        for face in faces:
+            old = group_of.get(face)
+            if old == target:
+                continue
+            for member in (members.pop(old) if old is not None else set()) | {face}:
+                group_of[member] = target
+                members[target].add(member)
+            for pair in [p for p in apart if old in p]:
+                apart.discard(pair)
+                (other,) = pair - {old}
+                if other != target:
+                    apart.add(frozenset((target, other)))
+        return target
+
+    for decision in active_decisions(decisions):
+        verb = decision["verb"]
+        if verb == "name":
+            names.append((rows(decision["faces"]), decision["name"]))
+        elif verb == "merge":
+            faces = [f for keys in decision["people"] for f in rows(keys)]
+            rejected.difference_update(faces)
+            pin(faces)
+        elif verb == "move":
+            moved = rows(decision["faces"])
+            rejected.difference_update(moved)
+            release(moved)
+            target = pin(moved + (rows(decision["to"]) if decision["to"] is not None else []))
+            for keys in decision["away"]:  # the people they left stay apart from them
+                left = pin([f for f in rows(keys) if f not in set(moved)])
+                if left is not None and target is not None and left != target:
+                    apart.add(frozenset((target, left)))
+        elif verb == "split":
+            pieces = [rows(keys) for keys in decision["pieces"]]
+            release([f for piece in pieces for f in piece])
+            pinned = [g for g in (pin(piece) for piece in pieces) if g is not None]
+            apart.update(frozenset(pair) for pair in itertools.combinations(pinned, 2))
+        else:  # reject
+            faces = rows(decision["faces"])
+            release(faces)
+            rejected.update(faces)
+    live = [g for g in members if members[g]]
+    index = {g: i for i, g in enumerate(live)}
+    return {"together": [sorted(members[g]) for g in live],
+            "apart": sorted(tuple(sorted(index[g] for g in pair)) for pair in apart
+                            if all(g in index for g in pair) and len(pair) == 2),
+            "rejected": sorted(rejected), "names": names}
+
+
+def people_constraints(cache_path: Path, cache: FaceCache, decisions=None) -> dict:
+    """fold_decisions of the people file beside a cache (or of `decisions`,
+    the file's and a new one not yet kept), on that cache's rows."""
+    if decisions is None:
+        decisions = load_decisions(people_path(cache_path))
+    return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
+
+
+def keep_decisions(cache_path: Path, decisions) -> None:
+    """At the end of a rebuild that `people` asked for (`decisions`: the file's
+    and its new one), just before the rebuilt output replaces the old: keep
+    them. A decision the output cannot take is never kept."""
+    if decisions is not None:
+        write_decisions(people_path(cache_path), decisions)
+
+
+def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
+                 prefix: str = "person", former=()) -> list[str]:
+    """prefix_NNN names for `groups` (largest first) that keep an earlier
+    output's numbers: each earlier person goes to the group holding most of its
+    faces, and a group takes the lowest number among those that came to it. A
+    group no earlier person came to takes back the number of a person gone
+    before (`former`: name and face ids) whose faces it holds most of, or else
+    the next free number."""
+    group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
+
+    def arrivals(entries, open_groups) -> dict[int, list[int]]:
+        came: dict[int, list[int]] = {}
+        for entry in entries:
+            counts = collections.Counter(group_of[face] for face in
+                                         (f if isinstance(f, int) else f["face"]
+                                          for f in entry["faces"])
+                                         if face in group_of and group_of[face] in open_groups)
+            if counts:
+                best = max(counts, key=lambda g: (counts[g], -g))
+                came.setdefault(best, []).append(int(entry["name"].rsplit("_", 1)[1]))
+        return came
+
+    came = arrivals(old_entries, set(range(len(groups))))
+    came.update(arrivals(former, set(range(len(groups))) - set(came)))
+    number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
+    names = []
+    for g in range(len(groups)):
+        if g in came:
+            names.append(f"{prefix}_{min(came[g]):03d}")
+        else:
+            names.append(f"{prefix}_{number:03d}")
+            number += 1
+    return names
+
+
+def people_view(manifest: dict, kind: str) -> dict:
+    """The people of a cluster or refine output as `people` works on them:
+    entries (person_NNN or faceset_NNN), the loose faces a move may take, the
+    faces no decision can bring into a faceset (`gated`: face -> why), the
+    threshold suggestions start at and the one a split tightens.
+
+    A decision says who a face is; which faces a faceset takes is refine's
+    quality gate, at OUT's own options. So a face that gate drops is not
+    loose: suggest never offers it, and a move of it is refused (gated_move)
+    rather than recorded to change nothing.
+    """
+    spec = PEOPLE_OUTPUTS[kind]
+    if kind == "cluster":
+        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
+    else:
+        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
+                 if d["stage"] == "quality"}
+        loose = [d["face"] for d in manifest["dropped"]
+                 if d["stage"] != "rejected" and d["face"] not in gated]
+    return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
+            "prefix": spec["prefix"], "loose": loose, "gated": gated,
+            "threshold": manifest["parameters"][spec["threshold"]],
+            "split_from": manifest["parameters"][spec["split_from"]]}
+
+
+def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dict,
+                       ceiling: float | None = None) -> list[dict]:
+    """Likely merges (two people whose faces lie, on average, past OUT's
+    threshold but within `ceiling`, SUGGEST_MAX_DISTANCE unless given) and
+    moves (a loose face within it of a person), most likely first, each with
+    the command that applies it (people_view gives the people, the loose
+    faces and the threshold). Pairs a decision keeps apart are not offered."""
+    threshold = view["threshold"]
+    ceiling = SUGGEST_MAX_DISTANCE if ceiling is None else ceiling
+    entries = view["entries"]
+    embeddings = cache["embeddings"]
+    means = np.array([embeddings[[f["face"] for f in e["faces"]]].mean(axis=0) for e in entries]) \
+        if entries else np.zeros((0, cache.embedding_size))
+    pinned = {f: g for g, faces in enumerate(constraints["together"]) for f in faces}
+    apart = {frozenset(pair) for pair in constraints["apart"]}
+    groups_of = [{pinned[f["face"]] for f in e["faces"] if f["face"] in pinned} for e in entries]
+
+    def allowed(groups_a: set, groups_b: set) -> bool:
+        return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
+
+    where = as_typed(out)
+    found = []
+    distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
+    for i, j in zip(*np.triu_indices(len(entries), 1)):
+        if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]):
+            a, b = sorted((entries[i]["name"], entries[j]["name"]))
+            found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
+                          "args": ["people", where, "merge", a, b]})
+    singles = view["loose"]
+    moves: dict[int, list[tuple[float, int]]] = {}
+    if singles and len(entries):
+        to_person = 1.0 - embeddings[singles] @ means.T
+        for face, row in zip(singles, to_person):
+            best = int(row.argmin())
+            if row[best] < ceiling and allowed({pinned[face]} if face in pinned else set(),
+                                               groups_of[best]):
+                moves.setdefault(best, []).append((float(row[best]), int(face)))
+    for index, close in moves.items():  # one command a person: its close faces, nearest first
+        faces = [face for _d, face in sorted(close)]
+        name = entries[index]["name"]
+        found.append({"kind": "move", "faces": faces, "people": [name],
+                      "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
+                      "args": ["people", where, "move", *map(str, faces), "--to", name]})
+    for suggestion in found:
+        suggestion["command"] = tool_command(*suggestion["args"])
+    return sorted(found, key=lambda s: s["distance"])
+
+
+# ============================================================================
 # EMBED
 # Scan, sha256-group, decode, detect and embed; resumable through the cache.
 # Hashing runs in threads of this process while a pool of model processes
@@ -6752,18 +7788,6 @@ def embed_photo(app, photo: PhotoPixels, det_size: int, embedding_size: int,
     return rows_from_records(records, FACE_COLUMNS, embedding_size)
 
 
-def detect_factor(photo: PhotoPixels, det_size: int) -> int:
-    """The reduction the detector sees a photo at: the coarsest that keeps its
-    long side at det_size or more (it is resized to det_size anyway)."""
-    return coarsest_factor(max(photo.width, photo.height), det_size, photo.reference)
-
-
-def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
-    """A photo's perceptual_hashes, taken from the detector's view of it (so
-    the same at every resolution, and free once the detector has its view)."""
-    return perceptual_hashes(photo.at(detect_factor(photo, det_size)))
-
-
 def _lap(timings: dict, stage: str, since: float) -> float:
     """Add this thread's CPU seconds since `since` to timings[stage]."""
     now = time.thread_time()
@@ -6795,11 +7819,6 @@ def embed_task(batch: list[tuple], data=None) -> list[dict]:
 
     return per_file(batch, _embed_one, lambda reason: {"status": "unreadable", "reason": reason},
                     decode=lambda path: decode_or_reason(decode, path))
-
-
-# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)):
-# its samples are (target, pts, keyframe pts, time) tuples (video_plan).
-VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "samples")
 
 
 def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
@@ -6856,35 +7875,6 @@ def _embed_one(_entry, photo: PhotoPixels) -> dict:
         faces = embed_photo(_WORKER["app"], photo, det_size, _WORKER["embedding_size"], timings)
     return dict(result, status="ok" if len(faces["face_file"]) else "noface", faces=faces,
                 seconds=timings)
-
-
-def check_model_matches(cache: FaceCache, identity: dict, cache_path: Path) -> None:
-    """Refuse to mix embeddings of two models in one cache."""
-    recorded = cache.meta.get("model")
-    if not recorded:
-        return
-    for key in ("recognition_sha256", "det_size"):
-        if recorded.get(key) != identity.get(key):
-            raise UserError(
-                f"cache {cache_path} was made with model {recorded.get('pack')} "
-                f"({key}={recorded.get(key)}), not {identity.get('pack')} "
-                f"({key}={identity.get(key)}); embeddings of two models cannot be mixed: "
-                f"use another cache path or the cache's model")
-
-
-def model_for_cache(cache: FaceCache, model: str, model_root: str, det_size: int | None,
-                    cache_path: Path):
-    """The pack a step should use: the cache's own, unless one is named explicitly,
-    which must then be the same model (else UserError)."""
-    recorded = cache.meta.get("model")
-    if model == DEFAULT_MODEL and recorded:
-        pack_name, pack_dir = resolve_model(recorded["pack"], model_root)
-    else:
-        pack_name, pack_dir = resolve_model(model, model_root)
-    identity = model_identity(pack_name, pack_dir, det_size or
-                              (recorded or {}).get("det_size", DEFAULT_DET_SIZE))
-    check_model_matches(cache, identity, cache_path)
-    return pack_name, pack_dir, identity
 
 
 def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT,
@@ -7312,67 +8302,6 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
     return people, np.concatenate(singles or [np.zeros(0, np.int64)]), rejected, info
 
 
-def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
-    """What a rebuild of OUT keeps from the output it replaces, when that was
-    made from the same cache: its people (or facesets), the people gone from it
-    that a later rebuild may bring back under their numbers (`former`), and its
-    next free number. Nothing when it has no manifest or was made from another
-    cache; a manifest that is not valid is refused (UserError), as every step
-    refuses one: a rebuild past it would give its people other numbers."""
-    none = {"entries": [], "former": [], "first_free": 1}
-    manifest_path = out / MANIFEST_FILES[kind]
-    if not os.path.lexists(manifest_path):
-        return none
-    try:
-        manifest = load_manifest(manifest_path, kind)
-    except UserError as error:
-        raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
-                        "or remove the output to build it afresh") from None
-    if manifest.get("cache") != str(Path(cache_path).resolve()):
-        return none
-    entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
-    return {"entries": entries, "former": manifest.get("former", []),
-            "first_free": first_free_number(manifest, entries)}
-
-
-def first_free_number(manifest: dict, entries) -> int:
-    """The number the next new person (or faceset) of an output takes: numbers
-    of people who are gone are never given again."""
-    return max(int(manifest.get("next_number", 1)), next_number(entries),
-               next_number(manifest.get("former", [])))
-
-
-def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
-                 prefix: str = "person", undoing: bool = False) -> tuple[list[str], dict[str, str]]:
-    """prefix_NNN of each group (keeping the previous output's numbers; when
-    `undoing`, a person gone from it comes back under its own) and the names
-    decisions gave ({prefix_NNN: name}; the latest decision wins)."""
-    names = keep_numbers(groups, previous["entries"], previous["first_free"], prefix,
-                         previous["former"] if undoing else ())
-    owner = {int(f): names[i] for i, faces in enumerate(groups) for f in faces}
-    labels: dict[str, str] = {}
-    for rows, label in constraints["names"]:
-        counts = collections.Counter(owner[r] for r in rows if r in owner)
-        if counts:
-            person = max(counts, key=lambda n: (counts[n], n))
-            labels = {k: v for k, v in labels.items() if v.casefold() != label.casefold()}
-            labels[person] = label
-    return names, labels
-
-
-def former_entries(previous: dict, names: list[str]) -> list[dict]:
-    """The people of the previous output (and those gone before it) that the
-    rebuilt one lacks, with their faces, so that an undo brings them back
-    under their own numbers."""
-    kept = set(names)
-    gone = {}
-    for entry in list(previous["former"]) + list(previous["entries"]):
-        if entry["name"] not in kept:
-            gone[entry["name"]] = sorted(f if isinstance(f, int) else f["face"]
-                                         for f in entry["faces"])
-    return [{"name": name, "faces": faces} for name, faces in sorted(gone.items())]
-
-
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False,
             decisions=None) -> dict:
@@ -7449,168 +8378,6 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
 # ============================================================================
 
 
-# Refine's quality gate: per option, the per-face measurement it is the floor
-# of and how a failure reads. A face fails a gate when its value is below the
-# floor. A new gate is one line here (and its default in REFINE_DEFAULTS).
-QUALITY_GATES = (
-    ("min_short", "face_short", "face short edge {value:.0f} px < {limit}"),
-    ("min_blur", "blur", "blur {value:.1f} < {limit}"),
-    ("min_det_score", "det_score", "det_score {value:.2f} < {limit}"),
-)
-
-
-def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score,
-                     damage=None):
-    """Per face, the list of quality gates it fails (empty = passes).
-
-    `damage` (per face: the damage its photo's decoder reported, '' for none)
-    fails a face whatever its measurements: part of such a photo is filled in.
-    """
-    values = {"face_short": face_short, "blur": blur, "det_score": det_score}
-    limits = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
-    failures = [[] for _ in range(len(face_short))]
-    for option, measure, text in QUALITY_GATES:
-        column, limit = np.asarray(values[measure]), limits[option]
-        for face in np.flatnonzero(column < limit):
-            failures[face].append(text.format(value=float(column[face]), limit=limit))
-    for face in np.flatnonzero(np.asarray(damage if damage is not None else [], dtype=str) != ""):
-        failures[face].append(f"its photo is damaged ({damage[face]})")
-    return failures
-
-
-def quality_gate_counts(failures, faces) -> dict:
-    """Of `faces`, how many fail each quality gate (by its option; `damaged`
-    for a damaged photo), from quality_failures' texts; a face may fail several."""
-    counts = {option: 0 for option, _measure, _text in QUALITY_GATES} | {"damaged": 0}
-    starts = [(option, text.split("{")[0]) for option, _measure, text in QUALITY_GATES]
-    for face in faces:
-        for reason in failures[face]:
-            option = next((o for o, start in starts if reason.startswith(start)), "damaged")
-            counts[option] += 1
-    return counts
-
-
-# A person with this many good images is worth a faceset: roop-unleashed's
-# maintainer advises few, consistent images (rarely more than 8). Suggested
-# when the size filter (--min-faces, 15 by default) drops people, once: at
-# this value or below, nothing lower is suggested (no chain of re-runs).
-SMALL_LIBRARY_MIN_FACES = 5
-
-
-def size_filter_summary(dropped_images: list[int], min_faces: int) -> dict:
-    """What the size filter dropped (the unique-image count of each person it
-    dropped) and the one --min-faces worth a re-run: SMALL_LIBRARY_MIN_FACES
-    (or the largest dropped person's count, when smaller, and 2 or more),
-    offered only when it is below `min_faces` and at most
-    SMALL_LIBRARY_MIN_FACES, so a re-run at it is never offered a lower one."""
-    largest = max(dropped_images, default=0)
-    suggested = min(largest, SMALL_LIBRARY_MIN_FACES)
-    if suggested < 2 or suggested >= min_faces or min_faces <= SMALL_LIBRARY_MIN_FACES:
-        suggested = None
-    return {"min_faces": int(min_faces), "dropped_people": len(dropped_images),
-            "largest_images": int(largest), "suggested_min_faces": suggested,
-            "kept_at_suggestion": sum(n >= (suggested or 10**9) for n in dropped_images)}
-
-
-def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
-                     initial_threshold, merge_threshold, outlier_threshold, min_faces,
-                     min_short, min_blur, min_det_score, damage=None, constraints=None):
-    """The refine stages over arrays.
-
-    Parameters
-    ----------
-    embeddings : (N, D) unit vectors
-    face_short, blur, det_score : (N,) per-face quality measurements
-    face_image : (N,) an id of the image each face is in (for the unique-image count)
-    damage : (N,) str, optional: the damage each face's photo has ('' for none);
-        a face of a damaged photo fails the quality gate
-    constraints : fold_decisions' result, optional: pinned groups start as one
-        cluster and are never outliers, apart groups never share a cluster
-        (nor a centroid merge), rejected faces are dropped first
-
-    Returns
-    -------
-    facesets : list of int arrays, face indices per faceset, largest first
-    dropped : dict face -> (stage, reason)
-    stages : dict, the cluster count after each stage and faces dropped by each gate
-    origin : dict dropped face -> index in `facesets` of the faceset its cluster
-        became, or -1
-    """
-    n = len(embeddings)
-    constraints = constraints or {"together": [], "apart": [], "rejected": []}
-    rejected = set(constraints["rejected"])
-    kept_faces = faces_not_in(n, rejected)
-    position = np.full(n, -1, np.int64)
-    position[kept_faces] = np.arange(len(kept_faces))
-    together = [position[np.array(g, np.int64)] for g in constraints["together"]]
-    labels, info = agglomerative_labels(np.asarray(embeddings)[kept_faces], initial_threshold,
-                                        together=together, apart=constraints["apart"])
-    clusters = clusters_initial = [kept_faces[g] for g in groups_from_labels(labels)]
-    stages = {"initial_clusters": len(clusters), "clustering": info}
-    # Centroid merge: over-split clusters of one person have close centroids.
-    if len(clusters) > 1:
-        member_labels = np.full(n, -1, dtype=np.int64)
-        for index, faces in enumerate(clusters):
-            member_labels[faces] = index
-        centroids = unit_rows(np.array([np.asarray(embeddings)[c].mean(axis=0) for c in clusters]))
-        # pinned groups kept apart keep their clusters apart here too
-        cluster_groups = [[int(member_labels[g[0]])] for g in constraints["together"]]
-        merged, _ = agglomerative_labels(centroids, merge_threshold, together=cluster_groups,
-                                         apart=constraints["apart"])
-        clusters = order_groups([np.concatenate([clusters[i] for i in np.flatnonzero(merged == m)])
-                                 for m in np.unique(merged)])
-    stages["after_merge"] = len(clusters)
-    dropped: dict[int, tuple[str, str]] = {
-        int(face): ("rejected", "rejected by a people decision") for face in sorted(rejected)}
-    pinned = {f for g in constraints["together"] for f in g}
-    failures = quality_failures(face_short, blur, det_score, min_short=min_short,
-                                min_blur=min_blur, min_det_score=min_det_score, damage=damage)
-    for face, reasons in enumerate(failures):
-        if reasons and face not in rejected:
-            dropped[face] = ("quality", "; ".join(reasons))
-    stages["dropped_quality"] = sum(1 for s, _ in dropped.values() if s == "quality")
-    stages["quality_gates"] = quality_gate_counts(
-        failures, [f for f, (stage, _r) in dropped.items() if stage == "quality"])
-    stages["initial_single_faces"] = int(sum(len(c) == 1 for c in clusters_initial))
-    gated = [g[[f not in dropped for f in g]] for g in clusters]
-    gated = [g for g in gated if len(g)]
-    stages["after_quality"] = len(gated)
-    kept = []
-    for faces in gated:
-        if len(faces) >= 4:  # a centroid of 2-3 faces cannot tell which one is off
-            centroid = unit_rows(embeddings[faces].mean(axis=0))
-            distance = 1.0 - embeddings[faces] @ centroid
-            outlier = (distance > outlier_threshold) & ~np.isin(faces, list(pinned))
-            for face, d in zip(faces[outlier], distance[outlier]):
-                dropped[int(face)] = ("outlier", f"distance {d:.3f} from its cluster centroid "
-                                                 f"> {outlier_threshold}")
-            faces = faces[~outlier]
-        kept.append(faces)
-    stages["dropped_outlier"] = sum(1 for s, _ in dropped.values() if s == "outlier")
-    stages["dropped_rejected"] = len(rejected)
-    facesets, too_small = [], []
-    for faces in order_groups([k for k in kept if len(k)]):
-        images = len(np.unique(np.asarray(face_image)[faces]))
-        if images >= min_faces:
-            facesets.append(faces)
-        else:
-            too_small.append(images)
-            for face in faces:
-                dropped[int(face)] = ("size", f"its cluster has {images} unique images "
-                                              f"< min_faces {min_faces}")
-    stages["dropped_size"] = sum(1 for s, _ in dropped.values() if s == "size")
-    stages["size_filter"] = size_filter_summary(too_small, min_faces)
-    stages["facesets"] = len(facesets)
-    facesets = order_groups(facesets) if facesets else []
-    # which faceset each dropped face's (merged) cluster became, for the review page
-    cluster_of = np.full(n, -1, dtype=np.int64)
-    for index, faces in enumerate(clusters):
-        cluster_of[faces] = index
-    faceset_of_cluster = {int(cluster_of[faces[0]]): number for number, faces in enumerate(facesets)}
-    origin = {face: faceset_of_cluster.get(int(cluster_of[face]), -1) for face in dropped}
-    return facesets, dropped, stages, origin
-
-
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
            undoing=False, decisions=None, replace_smaller=False, **params) -> dict:
     """Quality-gated per-person facesets into OUT. Returns the manifest.
@@ -7681,296 +8448,6 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
 # confirmed by the faces in them, so that two photos of one person in one pose
 # are not called duplicates. Only reports; never deletes.
 # ============================================================================
-
-# Measured on the shared photos (tests/benchmarks/measure_phash.py): edits of
-# one photo (JPEG q30, half size, 3% crop, PNG, brightness) stay within 12
-# bits at the 99th percentile, different people start at 14.
-DEFAULT_HAMMING = PHASH_DEFAULT_MAX_DISTANCE
-# bump when perceptual_hash(es) change; "-2": taken from the detector's view of
-# the photo (photo_hashes), gray before the shrink (old caches are re-hashed once)
-PHASH_VERSION = "dct32-2:9+turns"
-# Face evidence for a visual pair, measured on edited copies of the shared
-# photos (JPEG q30, half size, 3% crop) against two LFW shots of one man from
-# one sitting (Ariel_Sharon 0005/0007, hash distance 10):
-# - matched faces sit at the same place: centre within this share of the image;
-DEDUP_MAX_CENTRE_SHIFT = 0.06
-# - and are the same face, not just the same person: embedding similarity at
-#   least 0.85 when the larger face has 60+ px (edits measured >= 0.90, the
-#   two shots 0.71); a smaller face's embedding moves more, so only 0.5 there;
-DEDUP_MIN_FACE_SIMILARITY = 0.85
-DEDUP_MIN_SMALL_FACE_SIMILARITY = 0.5
-DEDUP_SMALL_FACE_PX = 60
-# - with the same landmark layout: the 5 key points, relative to the face box,
-#   move at most this much (edits measured <= 0.052, the two shots 0.137);
-DEDUP_MAX_KEYPOINT_SHIFT = 0.08
-# - and faces only one side has are tiny (short edge under this share of the
-#   image), as background faces lost to a resize or re-encode are (measured
-#   up to 0.10).
-DEDUP_MAX_UNMATCHED_FACE = 0.12
-
-
-def keypoint_layout(bboxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
-    """Key points relative to their face box: (N, 5, 2), box width = 1."""
-    bboxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
-    width = np.maximum(bboxes[:, 2] - bboxes[:, 0], 1e-6)
-    return (np.asarray(kps, dtype=np.float64).reshape(-1, 5, 2) - bboxes[:, None, :2]) / width[:, None, None]
-
-
-def same_faces(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> bool:
-    """Do two images show the same faces at the same places?"""
-    from scipy.optimize import linear_sum_assignment
-
-    if len(faces_a) == 0 and len(faces_b) == 0:
-        return True
-
-    def relative(faces, size):
-        boxes = bboxes[faces]
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2 / np.asarray(size, dtype=np.float64)
-        return centres, face_short_edge(boxes) / max(1, min(size))
-
-    centres_a, short_a = relative(faces_a, size_a)
-    centres_b, short_b = relative(faces_b, size_b)
-    if len(faces_a) and len(faces_b):
-        shift = np.linalg.norm(centres_a[:, None] - centres_b[None], axis=2)
-        rows, cols = linear_sum_assignment(shift)
-        a, b = faces_a[rows], faces_b[cols]
-        similar = np.einsum("ij,ij->i", embeddings[a], embeddings[b])
-        larger = np.maximum(face_short_edge(bboxes[a]), face_short_edge(bboxes[b]))
-        needed = np.where(larger >= DEDUP_SMALL_FACE_PX, DEDUP_MIN_FACE_SIMILARITY,
-                          DEDUP_MIN_SMALL_FACE_SIMILARITY)
-        layout = np.abs(keypoint_layout(bboxes[a], kps[a]) - keypoint_layout(bboxes[b], kps[b]))
-        if np.any(shift[rows, cols] > DEDUP_MAX_CENTRE_SHIFT) or np.any(similar < needed) or \
-                layout.max(initial=0) > DEDUP_MAX_KEYPOINT_SHIFT:
-            return False
-    else:
-        rows = cols = np.zeros(0, dtype=int)
-    unmatched = np.concatenate([np.delete(short_a, rows), np.delete(short_b, cols)])
-    return bool(np.all(unmatched < DEDUP_MAX_UNMATCHED_FACE))
-
-
-# Copies the hash cannot see: a crop moves the hash by more than its 12 bits,
-# and a turn by 90 degrees changes it whole. Measured on edited copies of the
-# shared photos (tests/benchmarks/measure_dedup_edits.py, docs/benchmarks.md):
-# - a copy's faces keep near-identical embeddings: crops of 3-10% per side
-#   measured >= 0.95 for 90% of faces, a mirrored copy >= 0.93, while two
-#   shots of one sitting (the Ariel Sharon pair) are at 0.71. So faces at this
-#   similarity or more, one to one, make two photos candidates and, with the
-#   same landmark layout (as it is or mirrored) and the same placement relative
-#   to each other, the same picture in another framing;
-DEDUP_REFRAMED_MIN_FACE_SIMILARITY = 0.9
-# - candidates come from a 64-bit sign code of each face's embedding (its 64
-#   principal components, or random directions in a small cache) within this
-#   Hamming radius, searched exactly like the image hashes: edited copies' faces
-#   measured a median of 3 bits apart, 95% at 7 (8 with random directions) or
-#   less; two faces of different photos were within 10 bits 0.03% of the time
-#   (0.14% with random directions);
-FACE_CODE_RADIUS = 10
-FACE_CODE_SAMPLE = 20000  # faces the principal components are computed from
-FACE_CODE_PCA_MIN = 2000  # fewer faces than this: random directions (PCA's tail is noise)
-FACE_CODE_SEED = 20261125
-# - matched faces' centres, relative to each other in face-size units, move at
-#   most this much between the two framings;
-DEDUP_MAX_PLACEMENT_SHIFT = 0.25
-# - a face only one side has was cut off by the crop: it lies this close (a
-#   share of the image) to the border of the wider picture, or is tiny;
-DEDUP_CROP_BORDER = 0.15
-# - a turned copy: the detector misses many turned faces (measured: found in
-#   67% of copies turned by 90, 40% by 180), so a turned pair is taken on its
-#   hash, at most this distance, with the turned shape, and any face found on
-#   both sides at the same (turned) place with the same embedding.
-DEDUP_TURN_MAX_HAMMING = 4
-DEDUP_TURN_MAX_ASPECT_CHANGE = 0.03
-# (a turned face it does find is often upside down or sideways and misplaced:
-# only faces found with at least this score on both sides can veto a pair)
-DEDUP_TURN_SURE_FACE = 0.75
-
-
-def face_codes(embeddings: np.ndarray) -> np.ndarray:
-    """A 64-bit code per face: the signs of its centred embedding along 64
-    directions, so near-identical faces share most bits and others half
-    (uint64). The directions are those in which the faces vary most (their
-    principal components) when there are FACE_CODE_PCA_MIN faces to tell them,
-    else seeded random ones."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if len(embeddings) < 2:
-        return np.zeros(len(embeddings), np.uint64)
-    centred = embeddings - embeddings.mean(axis=0)
-    if len(embeddings) >= FACE_CODE_PCA_MIN:
-        sample = centred[::max(1, len(centred) // FACE_CODE_SAMPLE)]  # plenty for 64 directions
-        _values, vectors = np.linalg.eigh((sample.T @ sample).astype(np.float64))
-        directions = vectors[:, ::-1][:, :64].astype(np.float32)
-    else:
-        directions = np.random.default_rng(FACE_CODE_SEED).standard_normal(
-            (embeddings.shape[1], 64)).astype(np.float32)
-    bits = centred @ directions > 0
-    return np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel().astype(np.uint64)
-
-
-def mirrored_layout(layout: np.ndarray) -> np.ndarray:
-    """A key-point layout (N, 5, 2) as a mirrored photo shows it: x flipped, and
-    left and right eye and mouth corner swapped."""
-    out = layout[:, [1, 0, 2, 4, 3]].copy()
-    out[..., 0] = 1.0 - out[..., 0]
-    return out
-
-
-def same_faces_reframed(faces_a, faces_b, size_a, size_b, embeddings, bboxes, kps) -> bool:
-    """Do two photos show the same faces in another framing (a crop, a resize,
-    a mirror)? One to one at DEDUP_REFRAMED_MIN_FACE_SIMILARITY or more, with
-    the same landmark layout and placement, and faces only one side has cut off
-    at its border (or tiny)."""
-    from scipy.optimize import linear_sum_assignment
-
-    if not len(faces_a) or not len(faces_b):
-        return False
-    similarity = embeddings[faces_a] @ embeddings[faces_b].T
-    rows, cols = linear_sum_assignment(-similarity)
-    if np.any(similarity[rows, cols] < DEDUP_REFRAMED_MIN_FACE_SIMILARITY):
-        return False
-    a, b = faces_a[rows], faces_b[cols]
-    layout_a, layout_b = keypoint_layout(bboxes[a], kps[a]), keypoint_layout(bboxes[b], kps[b])
-    mirrored = np.abs(layout_a - mirrored_layout(layout_b)).max() <= DEDUP_MAX_KEYPOINT_SHIFT
-    if not mirrored and np.abs(layout_a - layout_b).max() > DEDUP_MAX_KEYPOINT_SHIFT:
-        return False
-    if len(a) >= 2:  # the matched faces sit the same way relative to each other
-        def placement(faces, flip):
-            centres = (bboxes[faces, :2] + bboxes[faces, 2:]) / 2
-            centres = (centres - centres.mean(axis=0)) / max(1e-6, face_short_edge(bboxes[faces]).mean())
-            return centres * [-1, 1] if flip else centres
-        if np.abs(placement(a, False) - placement(b, mirrored)).max() > DEDUP_MAX_PLACEMENT_SHIFT:
-            return False
-    extra_a, extra_b = np.setdiff1d(faces_a, a), np.setdiff1d(faces_b, b)
-    if len(extra_a) and len(extra_b):
-        return False  # each shows someone the other does not: two pictures
-    extra, size = (extra_a, size_a) if len(extra_a) else (extra_b, size_b)
-    for face in extra:  # cut off by the crop: near the wider picture's border, or tiny
-        box = bboxes[face] / np.tile(np.asarray(size, dtype=np.float64), 2)
-        centre = (box[:2] + box[2:]) / 2
-        near_border = min(*centre, *(1 - centre)) < DEDUP_CROP_BORDER
-        if not near_border and face_short_edge(bboxes[face])[0] / max(1, min(size)) >= \
-                DEDUP_MAX_UNMATCHED_FACE:
-            return False
-    return True
-
-
-def turn_centres(centres: np.ndarray, turn: str) -> np.ndarray:
-    """Face centres (relative to the image, 0-1) of a photo, where a copy given
-    `turn` (one of PHASH_TURNS) shows them."""
-    u, v = centres[:, 0], centres[:, 1]
-    return {"turned 90": np.stack([1 - v, u], axis=1), "turned 180": 1 - centres,
-            "mirrored": np.stack([1 - u, v], axis=1)}[turn]
-
-
-def same_picture_turned(row_a, row_b, turn: str, distance: int, cache, per_file,
-                        sizes: np.ndarray) -> bool:
-    """Is photo b photo a turned (or mirrored), as their hashes say? The shape
-    must turn with it, and faces found on both sides at the same turned place
-    must be the same; a face found on one side only is the detector's miss."""
-    (width, height), (other_w, other_h) = sizes[[row_a, row_b]].tolist()
-    aspect = (height / max(1, width)) if turn == "turned 90" else (width / max(1, height))
-    if distance > DEDUP_TURN_MAX_HAMMING or \
-            abs(aspect / max(1e-9, other_w / max(1, other_h)) - 1) > DEDUP_TURN_MAX_ASPECT_CHANGE:
-        return False
-    if turn == "mirrored":  # a mirror keeps every face findable: check them all
-        return same_faces_reframed(per_file[row_a], per_file[row_b], (width, height),
-                                   (other_w, other_h), cache["embeddings"], cache["bbox"],
-                                   cache["kps"]) or not (len(per_file[row_a]) or len(per_file[row_b]))
-    faces_a, faces_b = per_file[row_a], per_file[row_b]
-    if not len(faces_a) or not len(faces_b):
-        return True
-    boxes = cache["bbox"]
-    centres_a = turn_centres((boxes[faces_a, :2] + boxes[faces_a, 2:]) / 2 / [width, height], turn)
-    centres_b = (boxes[faces_b, :2] + boxes[faces_b, 2:]) / 2 / [other_w, other_h]
-    near = np.linalg.norm(centres_a[:, None] - centres_b[None], axis=2) < DEDUP_MAX_CENTRE_SHIFT
-    similar = cache["embeddings"][faces_a] @ cache["embeddings"][faces_b].T
-    scores = cache["det_score"]
-    sure = (scores[faces_a][:, None] >= DEDUP_TURN_SURE_FACE) & \
-        (scores[faces_b][None] >= DEDUP_TURN_SURE_FACE)
-    # two faces the detector is sure of at one place must be the same face
-    return not np.any(near & sure & (similar < DEDUP_MIN_SMALL_FACE_SIMILARITY))
-
-
-def frame_sizes(cache: FaceCache) -> np.ndarray:
-    """(width, height) per file row of the frame its face boxes are in: the
-    oriented size at full resolution."""
-    return np.stack([cache["file_width"], cache["file_height"]], axis=1).astype(np.int64)
-
-
-def visual_duplicate_groups(cache: FaceCache, rows: np.ndarray, max_hamming: int,
-                            per_file: list[np.ndarray] | None = None):
-    """Groups of file rows (among `rows`) that show the same picture: a copy
-    re-encoded or resized (the hash and the faces at the same places), turned or
-    mirrored (the hash of the turn), or cropped (the faces, one to one).
-
-    `per_file` is faces_by_file of the cache, for callers that already have it.
-    Returns a list of (rows array, {row: (hamming distance to the group's first
-    row, how it joined: "same", a PHASH_TURNS entry or "reframed")}).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    # A flat picture (a blank frame, a pure gradient) hashes to 0 whatever its
-    # colour: it says nothing of which picture it is, so it joins no group.
-    rows = rows[cache["file_phash"][rows] != 0]
-    if per_file is None:
-        per_file = faces_by_file(cache["face_file"], cache.n_files)
-    n = len(rows)
-    hashes = cache["file_phash"][rows]
-    # 1. hashes: the photo as it is (within max_hamming), and turned or mirrored
-    # (within the stricter DEDUP_TURN_MAX_HAMMING, a much cheaper search).
-    # Connectivity is enough: k identical hashes (blank images) give k-1 pairs.
-    edges = {}
-    for i, j in hamming_pairs(hashes, max_hamming, connectivity_only=True).tolist():
-        edges.setdefault((i, j), "same")
-    every = np.concatenate([hashes, *cache["file_phash_turns"][rows].T]) if n else hashes
-    turn_radius = min(max_hamming, DEDUP_TURN_MAX_HAMMING)
-    for i, j in hamming_pairs(every, turn_radius, connectivity_only=True).tolist():
-        (vi, ri), (vj, rj) = divmod(i, n), divmod(j, n)
-        if ri == rj or (vi and vj) or not (vi or vj):
-            continue  # one photo's own turns, two turns of two photos, or found above
-        turned_of, copy = (ri, rj) if vi else (rj, ri)  # one's turned hash is the other's own
-        edges.setdefault((turned_of, copy), PHASH_TURNS[max(vi, vj) - 1])
-    # 2. faces: near-identical faces whatever the framing
-    face_rows = np.concatenate([per_file[r] for r in rows]) if n else np.zeros(0, np.int64)
-    if len(face_rows) > 1:
-        local = np.full(cache.n_files, -1, np.int64)
-        local[rows] = np.arange(n)
-        embeddings = cache["embeddings"]
-        for i, j in hamming_pairs(face_codes(embeddings[face_rows]), FACE_CODE_RADIUS).tolist():
-            fi, fj = face_rows[i], face_rows[j]
-            ri, rj = local[cache["face_file"][fi]], local[cache["face_file"][fj]]
-            if ri != rj and float(embeddings[fi] @ embeddings[fj]) >= \
-                    DEDUP_REFRAMED_MIN_FACE_SIMILARITY:
-                edges.setdefault((min(ri, rj), max(ri, rj)), "reframed")
-    sizes = frame_sizes(cache)
-    embeddings, bboxes, kps = cache["embeddings"], cache["bbox"], cache["kps"]
-    turned = np.concatenate([hashes[:, None], cache["file_phash_turns"][rows]], axis=1) \
-        if n else np.zeros((0, 4), np.uint64)
-
-    def confirmed(pair, how) -> bool:
-        a, b = rows[pair[0]], rows[pair[1]]
-        if how == "same":
-            return same_faces(per_file[a], per_file[b], sizes[a], sizes[b], embeddings, bboxes, kps) \
-                or same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
-                                       embeddings, bboxes, kps)
-        if how == "reframed":
-            return same_faces_reframed(per_file[a], per_file[b], sizes[a], sizes[b],
-                                       embeddings, bboxes, kps)
-        distance = int(np.bitwise_count(turned[pair[0], 1 + PHASH_TURNS.index(how)]
-                                        ^ hashes[pair[1]]))
-        return same_picture_turned(a, b, how, distance, cache, per_file, sizes)
-
-    kept = [(pair, how) for pair, how in edges.items() if confirmed(pair, how)]
-    groups = group_pairs(n, np.asarray([p for p, _ in kept], dtype=np.int64).reshape(-1, 2))
-    joined = {}
-    for (i, j), how in kept:
-        joined.setdefault(j, how)
-        joined.setdefault(i, how)
-    out = []
-    for group in groups:
-        members = rows[group]
-        distance = np.bitwise_count(hashes[group] ^ hashes[group[0]])
-        out.append((members, {int(m): (int(d), joined.get(int(g), "same")) for m, d, g in
-                              zip(members, distance, group)}))
-    return out
 
 
 def ensure_phashes(cache_path: Path, cache: FaceCache, quiet=False) -> None:
@@ -8298,33 +8775,6 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
 # 3D landmark model also store landmark_3d_68 and InsightFace's own pose.
 # ============================================================================
 
-ENRICH_COLUMNS = {
-    "landmark_2d_106": (np.float32, (106, 2), np.nan),
-    "landmark_3d_68": (np.float32, (68, 3), np.nan),
-    "pose": (np.float32, (3,), np.nan),
-    "pose_3d68": (np.float32, (3,), np.nan),
-    "pose_source": ("U16", (), ""),
-    "enrich_status": ("U16", (), ""),  # "" not yet, "ok", "nomatch" (kps5 pose only)
-}
-# A re-detected face is the cached one when their boxes overlap this much.
-ENRICH_MIN_IOU = 0.5
-
-
-def enrich_column(cache: FaceCache, key: str) -> np.ndarray:
-    """An enrich column with one row per face (new faces padded as not done)."""
-    column = cache.extra.get(key)
-    missing = cache.n_faces - (0 if column is None else len(column))
-    if missing > 0:
-        pad = empty_enrich_rows(key, missing)
-        column = pad if column is None else np.concatenate([column.astype(pad.dtype), pad])
-        cache.extra[key] = column
-    return cache.extra[key]
-
-
-def empty_enrich_rows(key: str, count: int) -> np.ndarray:
-    dtype, shape, fill = ENRICH_COLUMNS[key]
-    return np.full((count, *shape), fill, dtype=dtype)
-
 
 def enrich_task(batch: list[tuple]) -> list[dict]:
     """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
@@ -8444,47 +8894,6 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
 # embeddings, so each crop is re-detected here at both sizes and must hold
 # exactly one face: other faces are blacked out, or the crop is skipped.
 # ============================================================================
-
-QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "landmark_symmetry": 0.20,
-                   "face_size": 0.15, "sharpness": 0.15}
-# sharpness: log of the blur score between these two (Laplacian variance of the
-# face at 112 px: ~10 is a smear, ~1000 crisp; the shared photos span 20-900).
-SHARPNESS_RANGE = (10.0, 1000.0)
-ROOP_DET_SIZES = (640, 320)
-# A crop is padded so that the face's box spans at most this share of it,
-# whatever --pad-ratio: SCRFD at det 640, as roop-unleashed's loader runs it,
-# finds no face much past 0.65 of the frame (SECOND_LOOK).
-CROP_MAX_FACE_SHARE = 0.6
-# A re-detected face is the wanted one when it overlaps the expected box this much.
-CROP_MATCH_IOU = 0.3
-# Black-out is grown by this share of the other face's box, to cover its edges.
-BLACKOUT_GROW = 0.15
-BLACKOUT_ROUNDS = 3
-
-
-def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
-                  out_size, pad_ratio) -> dict[str, np.ndarray]:
-    """The five terms of the composite quality, each in [0, 1].
-
-    frontality        1 - (angle between the face's direction and the line of
-                      sight) / 60 degrees, from the enrich pose (0 if unknown)
-    det_score         the detector score, clipped to [0, 1]
-    landmark_symmetry 1 - RMS mirror residual of the 106 landmarks / 0.75
-                      inter-ocular distances, clipped (0 if unknown)
-    face_size         face short edge / the short edge at which the crop needs
-                      no upscaling (out_size / (1 + 2 pad_ratio)), clipped
-    sharpness         log(blur / 10) / log(1000 / 10), clipped
-    """
-    low, high = SHARPNESS_RANGE
-    native = out_size / (1 + 2 * pad_ratio)
-    blur = np.maximum(np.asarray(blur, dtype=np.float64), 1e-6)
-    return {
-        "frontality": np.nan_to_num(np.asarray(frontality_values, dtype=np.float64), nan=0.0),
-        "det_score": np.clip(np.asarray(det_score, dtype=np.float64), 0, 1),
-        "landmark_symmetry": np.nan_to_num(np.asarray(symmetry, dtype=np.float64), nan=0.0),
-        "face_size": np.clip(np.asarray(face_short, dtype=np.float64) / native, 0, 1),
-        "sharpness": np.clip(np.log(blur / low) / np.log(high / low), 0, 1),
-    }
 
 
 def composite_quality(terms: dict[str, np.ndarray]) -> np.ndarray:
@@ -8815,36 +9224,6 @@ def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n
 # (gone_person: its manifest's `former` and the decision that took it).
 # ============================================================================
 
-PEOPLE_FORMAT = "face-sets people decisions"
-PEOPLE_VERSION = 1
-PEOPLE_VERBS = ("name", "merge", "move", "reject", "split", "undo")
-# `people split` re-clusters a person this much tighter than its output's threshold.
-SPLIT_TIGHTER_BY = 0.10
-# `people suggest` offers merges and moves whose average cosine distance lies
-# from the output's threshold up to this: past it they are different people,
-# whatever the threshold. Measured on five_celebs, lfw10 and the two in one
-# cache, each clustered at 0.45, 0.55 and 0.65 and refined (conftest's gates):
-#     .venv/bin/python tests/benchmarks/measure_people_suggest.py --set five_celebs
-#     (and --set lfw10, --set five_celebs lfw10)
-# right merges lay at 0.47-0.76, wrong ones from 0.82 (Ariel Sharon with Hugo
-# Chavez at 0.858; Ben Affleck with Elton John at 0.942); faces right for their
-# nearest person at 0.46-0.77 (and a few at 0.79-0.92 among the wrong ones),
-# wrong ones from 0.81. 0.78 offers, in all 12, every right merge and move
-# under it and no wrong one. (0.35 past the threshold, as before, offered wrong
-# merges from 0.82 at 0.55. Past the cut lie lfw10's 2-face people of Arnold
-# Schwarzenegger's photos, at 0.94-1.00, behind wrong merges from 0.85.)
-SUGGEST_MAX_DISTANCE = 0.78
-MAX_PERSON_NAME_CHARS = 80
-# A face of a rebuilt cache is the decided one when its box overlaps this much
-# (re-embedding moves a box by a pixel or two).
-FACE_KEY_MIN_IOU = 0.5
-
-
-def people_path(cache_path: Path) -> Path:
-    """work/cache/x.npz -> work/cache/x.npz.people.json"""
-    cache_path = Path(cache_path)
-    return cache_path.with_name(cache_path.name + ".people.json")
-
 
 def face_key(cache: FaceCache, face: int) -> dict:
     """What identifies a face whatever cache holds it: its photo's content and its box."""
@@ -8852,303 +9231,10 @@ def face_key(cache: FaceCache, face: int) -> dict:
             "box": [round(float(v), 1) for v in cache["bbox"][face]]}
 
 
-def face_rows(cache: FaceCache, keys: list[dict]) -> np.ndarray:
-    """The cache row of each face key (-1 for a face this cache does not hold)."""
-    file_of = {sha: row for row, sha in enumerate(cache["sha256"])}
-    per_file = faces_by_file(cache["face_file"], cache.n_files)
-    rows = []
-    for key in keys:
-        candidates = per_file[file_of[key["sha256"]]] if key["sha256"] in file_of else []
-        if not len(candidates):
-            rows.append(-1)
-            continue
-        overlap = box_iou(np.array([key["box"]]), cache["bbox"][candidates])[0]
-        best = int(overlap.argmax())
-        rows.append(int(candidates[best]) if overlap[best] >= FACE_KEY_MIN_IOU else -1)
-    return np.array(rows, np.int64)
-
-
-def person_name_problem(name) -> str | None:
-    """Why `name` cannot name a person, or None."""
-    if not isinstance(name, str) or not name.strip():
-        return "a person's name must be some text"
-    if len(name) > MAX_PERSON_NAME_CHARS:
-        return f"a person's name has at most {MAX_PERSON_NAME_CHARS} characters"
-    if any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
-           for ch in name) or name != valid_utf8(name):
-        return "a person's name cannot hold control characters, line breaks or undecodable bytes"
-    if not any(unicodedata.category(ch)[0] in "LNS" for ch in name):
-        return "a person's name needs a letter, a digit or a symbol"
-    # as same_name compares names: "ｐｅｒｓｏｎ＿００１" is "person_001"
-    if re.fullmatch(r"\s*((person|faceset)_)?[0-9]+\s*|\s*new\s*",
-                    unicodedata.normalize("NFKC", name), re.IGNORECASE):
-        return (f"{name!r} would read as a person's number (or as `--to new`); "
-                "choose a name with letters")
-    return None
-
-
 def same_name(a, b) -> bool:
     """Do two names read the same (Unicode-normalised, case-folded)?"""
     fold = lambda n: unicodedata.normalize("NFKC", str(n)).casefold().strip()  # noqa: E731
     return fold(a) == fold(b)
-
-
-class _DecisionsCheck(_ManifestCheck):
-    """Validation of a decisions file, naming the file and the decision."""
-
-    def fail(self, where: str, problem: str):
-        raise UserError(f"people decisions {display(self.path)}: {where}: {problem}; nothing "
-                        "was changed (restore the file, or fix the named decision)")
-
-    def key(self, value, where: str) -> dict:
-        self.obj(value, where, "sha256", "box")
-        if not isinstance(value["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", value["sha256"]):
-            self.fail(where + ".sha256", "is not a sha256")
-        self.numbers(value["box"], where + ".box", 4)
-        return value
-
-    def keys(self, value, where: str, empty: bool = False) -> list[dict]:
-        keys = self.items(value, where)
-        if not keys and not empty:
-            self.fail(where, "names no face")
-        return [self.key(k, f"{where}[{i}]") for i, k in enumerate(keys)]
-
-    def key_lists(self, decision: dict, where: str, field: str, too_few: str) -> None:
-        """decision[field]: two lists of face keys or more (merge's people, split's pieces)."""
-        self.obj(decision, where, field)
-        lists = self.items(decision[field], f"{where}.{field}")
-        if len(lists) < 2:
-            self.fail(f"{where}.{field}", too_few)
-        for i, keys in enumerate(lists):
-            self.keys(keys, f"{where}.{field}[{i}]")
-
-
-def load_decisions(path: Path) -> list[dict]:
-    """The decisions of a people file (none when it does not exist), validated:
-    UserError names the file and the first problem."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return check_decisions(read_json(path, "people decisions"), path)
-
-
-def check_decisions(data, path: Path) -> list[dict]:
-    """The decisions of a people file's contents (or of a list about to be
-    written), validated: UserError names the file and the first problem."""
-    if isinstance(data, list):
-        data = {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION, "decisions": data}
-    check = _DecisionsCheck(path, None, None)
-    check.obj(data, "the file", "format", "version", "decisions")
-    if data["format"] != PEOPLE_FORMAT:
-        check.fail("format", f"is {data['format']!r}, not {PEOPLE_FORMAT!r}")
-    check.integer(data["version"], "version", 1, PEOPLE_VERSION)
-    decisions = check.items(data["decisions"], "decisions")
-    undone: set[int] = set()
-    for index, decision in enumerate(decisions):
-        where = f"decision {index + 1}"
-        check.obj(decision, where, "id", "time", "verb")
-        check.integer(decision["id"], where + ".id", index + 1, index + 1)
-        check.text(decision["time"], where + ".time")
-        verb = decision["verb"]
-        if verb not in PEOPLE_VERBS:
-            check.fail(where + ".verb", f"{verb!r} is not one of {', '.join(PEOPLE_VERBS)}")
-        if verb == "name":
-            check.obj(decision, where, "faces", "name")
-            check.keys(decision["faces"], where + ".faces")
-            problem = person_name_problem(decision["name"])
-            if problem:
-                check.fail(where + ".name", problem)
-        elif verb == "merge":
-            check.key_lists(decision, where, "people", "a merge needs two people or more")
-        elif verb == "move":
-            check.obj(decision, where, "faces", "to", "away")
-            check.keys(decision["faces"], where + ".faces")
-            if decision["to"] is not None:
-                check.keys(decision["to"], where + ".to")
-            for i, keys in enumerate(check.items(decision["away"], where + ".away")):
-                check.keys(keys, f"{where}.away[{i}]", empty=True)
-        elif verb == "reject":
-            check.obj(decision, where, "faces")
-            check.keys(decision["faces"], where + ".faces")
-        elif verb == "split":
-            check.key_lists(decision, where, "pieces", "a split needs two pieces or more")
-        else:
-            check.obj(decision, where, "undoes")
-            target = check.integer(decision["undoes"], where + ".undoes", 1, index)
-            if decisions[target - 1].get("verb") == "undo" or target in undone:
-                check.fail(where + ".undoes", f"decision {target} cannot be undone (again)")
-            undone.add(target)
-    return decisions
-
-
-def write_decisions(path: Path, decisions: list[dict]) -> None:
-    """The one writer of a people file (atomic; decisions are only appended)."""
-    write_json_atomic(path, {"format": PEOPLE_FORMAT, "version": PEOPLE_VERSION,
-                             "face_sets_version": __version__, "decisions": decisions})
-
-
-def active_decisions(decisions: list[dict]) -> list[dict]:
-    """The decisions in force: every one not undone, undos left out."""
-    undone = {d["undoes"] for d in decisions if d["verb"] == "undo"}
-    return [d for d in decisions if d["verb"] != "undo" and d["id"] not in undone]
-
-
-def fold_decisions(decisions: list[dict], rows_of) -> dict:
-    """The constraints decisions put on a cache's faces, in their order (a later
-    decision overrides an earlier one about the same face).
-
-    `rows_of(keys)` gives the cache rows of face keys (-1 for a face the cache
-    lacks: it is left out). Returns `together` (lists of rows pinned into one
-    person), `apart` (pairs of indexes into `together` that stay in different
-    people), `rejected` (rows that join no one) and `names` ((rows, name) in
-    order: the person holding most of the rows takes the name).
-    """
-    group_of: dict[int, int] = {}
-    members: dict[int, set[int]] = {}
-    apart: set[frozenset] = set()
-    rejected: set[int] = set()
-    names: list[tuple[list[int], str]] = []
-    fresh = itertools.count()
-
-    def rows(keys) -> list[int]:
-        return [int(r) for r in rows_of(keys) if r >= 0]
-
-    def release(faces) -> None:
-        for face in faces:
-            group = group_of.pop(face, None)
-            if group is not None:
-                members[group].discard(face)
-
-    def pin(faces) -> int | None:
-        """Pin faces into one new group, taking in the whole groups they were in
-        (and those groups' apart pairs)."""
-        faces = [f for f in faces if f not in rejected]
-        if not faces:
-            return None
-        target = next(fresh)
-        members[target] = set()
-        for face in faces:
-            old = group_of.get(face)
-            if old == target:
-                continue
-            for member in (members.pop(old) if old is not None else set()) | {face}:
-                group_of[member] = target
-                members[target].add(member)
-            for pair in [p for p in apart if old in p]:
-                apart.discard(pair)
-                (other,) = pair - {old}
-                if other != target:
-                    apart.add(frozenset((target, other)))
-        return target
-
-    for decision in active_decisions(decisions):
-        verb = decision["verb"]
-        if verb == "name":
-            names.append((rows(decision["faces"]), decision["name"]))
-        elif verb == "merge":
-            faces = [f for keys in decision["people"] for f in rows(keys)]
-            rejected.difference_update(faces)
-            pin(faces)
-        elif verb == "move":
-            moved = rows(decision["faces"])
-            rejected.difference_update(moved)
-            release(moved)
-            target = pin(moved + (rows(decision["to"]) if decision["to"] is not None else []))
-            for keys in decision["away"]:  # the people they left stay apart from them
-                left = pin([f for f in rows(keys) if f not in set(moved)])
-                if left is not None and target is not None and left != target:
-                    apart.add(frozenset((target, left)))
-        elif verb == "split":
-            pieces = [rows(keys) for keys in decision["pieces"]]
-            release([f for piece in pieces for f in piece])
-            pinned = [g for g in (pin(piece) for piece in pieces) if g is not None]
-            apart.update(frozenset(pair) for pair in itertools.combinations(pinned, 2))
-        else:  # reject
-            faces = rows(decision["faces"])
-            release(faces)
-            rejected.update(faces)
-    live = [g for g in members if members[g]]
-    index = {g: i for i, g in enumerate(live)}
-    return {"together": [sorted(members[g]) for g in live],
-            "apart": sorted(tuple(sorted(index[g] for g in pair)) for pair in apart
-                            if all(g in index for g in pair) and len(pair) == 2),
-            "rejected": sorted(rejected), "names": names}
-
-
-def people_constraints(cache_path: Path, cache: FaceCache, decisions=None) -> dict:
-    """fold_decisions of the people file beside a cache (or of `decisions`,
-    the file's and a new one not yet kept), on that cache's rows."""
-    if decisions is None:
-        decisions = load_decisions(people_path(cache_path))
-    return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
-
-
-def keep_decisions(cache_path: Path, decisions) -> None:
-    """At the end of a rebuild that `people` asked for (`decisions`: the file's
-    and its new one), just before the rebuilt output replaces the old: keep
-    them. A decision the output cannot take is never kept."""
-    if decisions is not None:
-        write_decisions(people_path(cache_path), decisions)
-
-
-def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
-                 prefix: str = "person", former=()) -> list[str]:
-    """prefix_NNN names for `groups` (largest first) that keep an earlier
-    output's numbers: each earlier person goes to the group holding most of its
-    faces, and a group takes the lowest number among those that came to it. A
-    group no earlier person came to takes back the number of a person gone
-    before (`former`: name and face ids) whose faces it holds most of, or else
-    the next free number."""
-    group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
-
-    def arrivals(entries, open_groups) -> dict[int, list[int]]:
-        came: dict[int, list[int]] = {}
-        for entry in entries:
-            counts = collections.Counter(group_of[face] for face in
-                                         (f if isinstance(f, int) else f["face"]
-                                          for f in entry["faces"])
-                                         if face in group_of and group_of[face] in open_groups)
-            if counts:
-                best = max(counts, key=lambda g: (counts[g], -g))
-                came.setdefault(best, []).append(int(entry["name"].rsplit("_", 1)[1]))
-        return came
-
-    came = arrivals(old_entries, set(range(len(groups))))
-    came.update(arrivals(former, set(range(len(groups))) - set(came)))
-    number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
-    names = []
-    for g in range(len(groups)):
-        if g in came:
-            names.append(f"{prefix}_{min(came[g]):03d}")
-        else:
-            names.append(f"{prefix}_{number:03d}")
-            number += 1
-    return names
-
-
-def people_view(manifest: dict, kind: str) -> dict:
-    """The people of a cluster or refine output as `people` works on them:
-    entries (person_NNN or faceset_NNN), the loose faces a move may take, the
-    faces no decision can bring into a faceset (`gated`: face -> why), the
-    threshold suggestions start at and the one a split tightens.
-
-    A decision says who a face is; which faces a faceset takes is refine's
-    quality gate, at OUT's own options. So a face that gate drops is not
-    loose: suggest never offers it, and a move of it is refused (gated_move)
-    rather than recorded to change nothing.
-    """
-    spec = PEOPLE_OUTPUTS[kind]
-    if kind == "cluster":
-        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
-    else:
-        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
-                 if d["stage"] == "quality"}
-        loose = [d["face"] for d in manifest["dropped"]
-                 if d["stage"] != "rejected" and d["face"] not in gated]
-    return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
-            "prefix": spec["prefix"], "loose": loose, "gated": gated,
-            "threshold": manifest["parameters"][spec["threshold"]],
-            "split_from": manifest["parameters"][spec["split_from"]]}
 
 
 def gated_move(view: dict, out: Path, faces: list[int]) -> None:
@@ -9329,54 +9415,6 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
             raise UserError("nothing to undo")
         decision["undoes"] = active[-1]["id"]
     return decision
-
-
-def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dict,
-                       ceiling: float | None = None) -> list[dict]:
-    """Likely merges (two people whose faces lie, on average, past OUT's
-    threshold but within `ceiling`, SUGGEST_MAX_DISTANCE unless given) and
-    moves (a loose face within it of a person), most likely first, each with
-    the command that applies it (people_view gives the people, the loose
-    faces and the threshold). Pairs a decision keeps apart are not offered."""
-    threshold = view["threshold"]
-    ceiling = SUGGEST_MAX_DISTANCE if ceiling is None else ceiling
-    entries = view["entries"]
-    embeddings = cache["embeddings"]
-    means = np.array([embeddings[[f["face"] for f in e["faces"]]].mean(axis=0) for e in entries]) \
-        if entries else np.zeros((0, cache.embedding_size))
-    pinned = {f: g for g, faces in enumerate(constraints["together"]) for f in faces}
-    apart = {frozenset(pair) for pair in constraints["apart"]}
-    groups_of = [{pinned[f["face"]] for f in e["faces"] if f["face"] in pinned} for e in entries]
-
-    def allowed(groups_a: set, groups_b: set) -> bool:
-        return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
-
-    where = as_typed(out)
-    found = []
-    distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
-    for i, j in zip(*np.triu_indices(len(entries), 1)):
-        if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]):
-            a, b = sorted((entries[i]["name"], entries[j]["name"]))
-            found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
-                          "args": ["people", where, "merge", a, b]})
-    singles = view["loose"]
-    moves: dict[int, list[tuple[float, int]]] = {}
-    if singles and len(entries):
-        to_person = 1.0 - embeddings[singles] @ means.T
-        for face, row in zip(singles, to_person):
-            best = int(row.argmin())
-            if row[best] < ceiling and allowed({pinned[face]} if face in pinned else set(),
-                                               groups_of[best]):
-                moves.setdefault(best, []).append((float(row[best]), int(face)))
-    for index, close in moves.items():  # one command a person: its close faces, nearest first
-        faces = [face for _d, face in sorted(close)]
-        name = entries[index]["name"]
-        found.append({"kind": "move", "faces": faces, "people": [name],
-                      "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
-                      "args": ["people", where, "move", *map(str, faces), "--to", name]})
-    for suggestion in found:
-        suggestion["command"] = tool_command(*suggestion["args"])
-    return sorted(found, key=lambda s: s["distance"])
 
 
 def people_listing(view: dict, suggestions=()) -> list[dict]:

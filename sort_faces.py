@@ -93,6 +93,7 @@ import urllib.parse
 import warnings
 from collections import deque
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 try:  # the third-party packages, from .venv (scripts/setup_venv.sh)
     import numpy as np  # first: without it, cv2's import prints lines of its own
@@ -327,9 +328,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 # merge threshold), and the one `split` tightens.
 PEOPLE_OUTPUTS = {
     "cluster": {"entries": "clusters", "prefix": "person", "threshold": "threshold",
-                "split_from": "threshold"},
+                "split_from": "threshold", "centroid": False},
     "refine": {"entries": "facesets", "prefix": "faceset", "threshold": "merge_threshold",
-               "split_from": "initial_threshold"},
+               "split_from": "initial_threshold", "centroid": True},
 }
 
 # --- errors and logging ---
@@ -7676,6 +7677,58 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     return sorted(found, key=lambda s: s["distance"])
 
 
+class PeopleBuild(NamedTuple):
+    """What a cluster or refine run hands to write_people_output: its people
+    (or facesets; face arrays), what the manifest records of how they were
+    made (`header`: clustering or stages), the rest of the manifest, written
+    into the folder being built (`rest(manifest, work, names)`), and its
+    summary (`summary(manifest)`)."""
+    groups: list
+    header: dict
+    rest: Callable[[dict, Path, list], None]
+    summary: Callable[[dict], dict]
+
+
+def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache, build: PeopleBuild,
+                        *, parameters: dict, constraints: dict, decisions, link: str,
+                        locked: bool, undoing: bool, started: float) -> dict:
+    """The one builder of a cluster or refine output (`kind`): its people
+    numbered keeping OUT's numbers (person_names), a folder each (with its
+    centroid where the kind keeps one), the kind's other parts (build.rest),
+    the manifest, the review page with the suggestions, and the decisions
+    kept once it is built. Returns the manifest."""
+    shape = PEOPLE_OUTPUTS[kind]
+    previous = previous_entries(out, cache_path, kind)
+    names, labels = person_names(build.groups, previous, constraints, shape["prefix"], undoing)
+    locations = file_locations(cache)
+    manifest = run_header(kind, cache_path, cache, parameters) | build.header
+    page = {"cluster": cluster_review_page, "refine": refine_review_page}[kind]
+    with (contextlib.nullcontext() if locked else output_lock(out)), \
+            building(out, kind) as work:  # locked: the caller holds OUT's lock
+        entries = manifest[shape["entries"]] = []
+        for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
+                                    desc=kind, unit=shape["prefix"]):
+            named = named_entry(name, labels)
+            entry = {**named, "size": len(faces),
+                     **write_group(work / entry_folder(named), faces, cache, locations, link)}
+            if shape["centroid"]:
+                entry["centroid"] = centroid_record(cache["embeddings"], faces)
+            entries.append(entry)
+        build.rest(manifest, work, names)
+        manifest["former"] = former_entries(previous, names)
+        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
+                                                     "former": manifest["former"]}, entries)
+        manifest["extend_runs"] = []
+        manifest["summary"] = build.summary(manifest) | {
+            "seconds": round(time.time() - started, 1)}
+        write_json_atomic(work / MANIFEST_FILES[kind], manifest)
+        suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
+        write_review(work, page(manifest, cache, locations, out, suggestions), cache, locations,
+                     reuse_from=out)
+        keep_decisions(cache_path, decisions)
+    return manifest
+
+
 # ============================================================================
 # EMBED
 # Scan, sha256-group, decode, detect and embed; resumable through the cache.
@@ -8324,41 +8377,27 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     started = time.time()
     constraints = people_constraints(cache_path, cache, decisions)
     people, singles, rejected, info = constrained_people(cache, threshold, constraints)
-    previous = previous_entries(out, cache_path, "cluster")
-    names, labels = person_names(people, previous, constraints, undoing=undoing)
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
-    manifest = run_header("cluster", cache_path, cache, {"threshold": threshold, "link": link})
-    manifest["clustering"] = info
-    with (contextlib.nullcontext() if locked else output_lock(out)), \
-            building(out, "cluster") as work:  # locked: the caller holds OUT's lock
-        manifest["clusters"] = []
-        for name, faces in progress(sorted(zip(names, people)), desc="cluster", unit="person"):
-            named = named_entry(name, labels)
-            entry = write_group(work / entry_folder(named), faces, cache, locations, link)
-            manifest["clusters"].append({**named, "size": len(faces), **entry})
+
+    def rest(manifest: dict, work: Path, _names) -> None:
         manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
         manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
         manifest["noface"] = {"files": noface,
                               "outputs": materialise_files(work / "_noface", noface, link)}
         manifest["unreadable"] = unreadable
-        manifest["former"] = former_entries(previous, names)
-        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
-                                                     "former": manifest["former"]},
-                                                    manifest["clusters"])
-        manifest["extend_runs"] = []
-        manifest["summary"] = {
-            "people": len(people), "faces": int(cache.n_faces),
-            "faces_in_people": int(sum(len(g) for g in people)),
-            "singletons": int(len(singles)),
-            "singleton_files": len(manifest["singletons"]["outputs"]), "noface_images": len(noface),
-            "unreadable": len(unreadable), "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / "manifest.json", manifest)
-        suggestions = people_suggestions(people_view(manifest, "cluster"), out, cache,
-                                         constraints)
-        write_review(work, cluster_review_page(manifest, cache, locations, out, suggestions),
-                     cache, locations, reuse_from=out)
-        keep_decisions(cache_path, decisions)
+
+    def summary(manifest: dict) -> dict:
+        return {"people": len(people), "faces": int(cache.n_faces),
+                "faces_in_people": int(sum(len(g) for g in people)),
+                "singletons": int(len(singles)),
+                "singleton_files": len(manifest["singletons"]["outputs"]),
+                "noface_images": len(noface), "unreadable": len(unreadable)}
+
+    manifest = write_people_output(
+        "cluster", cache_path, out, cache, PeopleBuild(people, {"clustering": info}, rest, summary),
+        parameters={"threshold": threshold, "link": link}, constraints=constraints,
+        decisions=decisions, link=link, locked=locked, undoing=undoing, started=started)
     summary = manifest["summary"]
     say(f"cluster: {counted(summary['people'], 'person')} "
         f"({counted(summary['faces_in_people'], 'face')}), "
@@ -8397,38 +8436,24 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
     facesets, dropped, stages, origin = refine_partition(
         cache["embeddings"], cache["face_short"], cache["blur"], cache["det_score"],
         cache["face_file"], damage=face_damage(cache), constraints=constraints, **params)
-    previous = previous_entries(out, cache_path, "refine")
+    previous_entries(out, cache_path, "refine")  # a damaged manifest first says so
     refuse_smaller(out, "refine", len(facesets), {**params, "link": link},
                    {**REFINE_DEFAULTS, "link": link}, replace_smaller)
-    names, labels = person_names(facesets, previous, constraints, "faceset", undoing)
     locations = file_locations(cache)
-    manifest = run_header("refine", cache_path, cache, {**params, "link": link})
-    manifest["stages"] = stages
-    with (contextlib.nullcontext() if locked else output_lock(out)), \
-            building(out, "refine") as work:
-        manifest["facesets"] = []
-        for name, faces in progress(sorted(zip(names, facesets), key=lambda p: p[0]),
-                                    desc="refine", unit="faceset"):
-            named = named_entry(name, labels)
-            entry = write_group(work / entry_folder(named), faces, cache, locations, link)
-            manifest["facesets"].append({**named, "size": len(faces), **entry,
-                                         "centroid": centroid_record(cache["embeddings"], faces)})
+
+    def rest(manifest: dict, _work, names: list) -> None:
         manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
                                     faceset=names[origin[face]] if origin[face] >= 0 else None)
                                for face, (stage, reason) in sorted(dropped.items())]
-        manifest["former"] = former_entries(previous, names)
-        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
-                                                     "former": manifest["former"]},
-                                                    manifest["facesets"])
-        manifest["extend_runs"] = []
-        manifest["summary"] = {"facesets": len(facesets), "faces": int(cache.n_faces),
-                               "faces_kept": int(sum(len(f) for f in facesets)),
-                               "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / "refine_manifest.json", manifest)
-        suggestions = people_suggestions(people_view(manifest, "refine"), out, cache, constraints)
-        write_review(work, refine_review_page(manifest, cache, locations, out, suggestions),
-                     cache, locations, reuse_from=out)
-        keep_decisions(cache_path, decisions)
+
+    def summary(_manifest) -> dict:
+        return {"facesets": len(facesets), "faces": int(cache.n_faces),
+                "faces_kept": int(sum(len(f) for f in facesets))}
+
+    manifest = write_people_output(
+        "refine", cache_path, out, cache, PeopleBuild(facesets, {"stages": stages}, rest, summary),
+        parameters={**params, "link": link}, constraints=constraints, decisions=decisions,
+        link=link, locked=locked, undoing=undoing, started=started)
     singles = stages["initial_single_faces"]
     say(f"refine: {counted(stages['initial_clusters'] - singles, 'person')} and "
         f"{counted(singles, 'single face')} (as cluster counts them) -> "

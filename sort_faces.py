@@ -8604,13 +8604,57 @@ def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
+def join_nearest(kind: str, entries: list, faces, centroids, within: float, out: Path, cache,
+                 locations, link: str, record: dict, inclusive: bool = False) -> np.ndarray:
+    """extend's first fold, for either kind: each of `faces` joins the entry
+    whose centroid is nearest when it lies within `within` (cosine distance;
+    `inclusive`: at it too), the entry's centroid kept up to date where the
+    kind keeps one. Returns which of `faces` joined."""
+    best, distance = nearest_centroid(cache["embeddings"][faces], centroids)
+    joins = distance <= within if inclusive else distance < within
+    for index in np.unique(best[joins]):
+        entry, taken = entries[index], faces[joins & (best == index)]
+        add_faces_to_entry(entry, inside(out, entry_folder(entry)), taken, cache, locations, link)
+        if PEOPLE_OUTPUTS[kind]["centroid"]:
+            entry["centroid"] = centroid_record(cache["embeddings"],
+                                                [f["face"] for f in entry["faces"]])
+        record["joined"][entry["name"]] = [int(f) for f in taken]
+    return joins
+
+
+def add_new_entries(kind: str, groups, number: int, entries: list, out: Path, cache, locations,
+                    link: str) -> list[str]:
+    """extend's second fold: each group of faces becomes a new entry numbered
+    from `number` on (never a number given before). Returns their names."""
+    made = []
+    for faces in groups:
+        entry = {"name": f"{PEOPLE_OUTPUTS[kind]['prefix']}_{number + len(made):03d}",
+                 "faces": [], "outputs": []}
+        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
+        if PEOPLE_OUTPUTS[kind]["centroid"]:
+            entry["centroid"] = centroid_record(cache["embeddings"], faces)
+        entries.append(entry)
+        made.append(entry["name"])
+    return made
+
+
+def close_extend(kind: str, out: Path, manifest: dict, record: dict, number: int,
+                 **summary) -> tuple[dict, dict]:
+    """extend's last step, for either kind: the run recorded and the manifest
+    written (last: what it no longer lists is removed only after it)."""
+    manifest["next_number"] = number
+    manifest.setdefault("extend_runs", []).append(record)
+    manifest["summary"].update(summary)
+    write_json_atomic(out / MANIFEST_FILES[kind], manifest)
+    return record, manifest
+
+
 def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
                change: InPlaceChange) -> tuple[dict, dict] | None:
     """Fold new faces into a `cluster` output (its manifest read and checked),
     the manifest written last (the files it no longer needs go through
     `change`). Returns the run record and the manifest, or None when there was
     nothing to do."""
-    manifest_path = out / MANIFEST_FILES["cluster"]
     threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
     embeddings = cache["embeddings"]
     people = manifest["clusters"]
@@ -8622,29 +8666,18 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
     # 1. join the nearest existing person
     centroids = unit_rows(np.array([embeddings[[f["face"] for f in p["faces"]]].mean(axis=0)
                                     for p in people])) if people else np.zeros((0, 1))
-    best, distance = nearest_centroid(embeddings[new], centroids)
-    joins = distance < threshold
-    for index in np.unique(best[joins]):
-        faces = new[joins & (best == index)]
-        add_faces_to_entry(people[index], inside(out, entry_folder(people[index])), faces, cache,
-                           locations, link)
-        record["joined"][people[index]["name"]] = [int(f) for f in faces]
+    joins = join_nearest("cluster", people, new, centroids, threshold, out, cache, locations, link,
+                         record)
     # 2. the rest, with the old singletons, may now form new people
     old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
     labels, _info = agglomerative_labels(embeddings[pool], threshold)
+    groups = [pool[group] for group in groups_from_labels(labels)]
+    singles = [int(f) for faces in groups if len(faces) < 2 for f in faces]
     number = first_free_number(manifest, people)
-    singles = []
-    for group in groups_from_labels(labels):
-        faces = pool[group]
-        if len(faces) < 2:
-            singles += [int(f) for f in faces]
-            continue
-        entry = {"name": f"person_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
-        people.append(entry)
-        record["new_people"].append(entry["name"])
-        number += 1
+    record["new_people"] = add_new_entries("cluster", [g for g in groups if len(g) >= 2], number,
+                                           people, out, cache, locations, link)
+    number += len(record["new_people"])
     # 3. singletons: rebuild the list; drop files no remaining singleton face needs
     singleton_entry = manifest["singletons"]
     singleton_entry["faces"] = [face_record(cache, f, locations) for f in sorted(singles)]
@@ -8668,12 +8701,9 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
         return None
-    manifest["next_number"] = number
-    manifest.setdefault("extend_runs", []).append(record)
-    manifest["summary"].update(people=len(people), faces=int(cache.n_faces),
-                               singletons=len(singles), noface_images=len(manifest["noface"]["files"]))
-    write_json_atomic(manifest_path, manifest)
-    return record, manifest
+    return close_extend("cluster", out, manifest, record, number, people=len(people),
+                        faces=int(cache.n_faces), singletons=len(singles),
+                        noface_images=len(manifest["noface"]["files"]))
 
 
 def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
@@ -8681,7 +8711,6 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
     """Fold new faces into a `refine` output (its manifest read and checked)
     under its own gates, its manifest written last; as extend_raw (it removes
     nothing: `change` is unused)."""
-    manifest_path = out / MANIFEST_FILES["refine"]
     params = manifest["parameters"]
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
@@ -8705,15 +8734,8 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
                                   reason="; ".join(reasons))
     candidates = new[passing]
     centroids = unit_rows(np.array([s["centroid"] for s in facesets])) if facesets else np.zeros((0, 1))
-    best, distance = nearest_centroid(embeddings[candidates], centroids)
-    joins = distance <= params["outlier_threshold"]
-    for index in np.unique(best[joins]):
-        faces = candidates[joins & (best == index)]
-        add_faces_to_entry(facesets[index], inside(out, entry_folder(facesets[index])), faces, cache,
-                           locations, link)
-        facesets[index]["centroid"] = centroid_record(
-            embeddings, [f["face"] for f in facesets[index]["faces"]])
-        record["joined"][facesets[index]["name"]] = [int(f) for f in faces]
+    joins = join_nearest("refine", facesets, candidates, centroids, params["outlier_threshold"], out,
+                         cache, locations, link, record, inclusive=True)
     # the rest, with faces earlier dropped only for the size filter, may form new facesets
     too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
@@ -8722,27 +8744,19 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
     number = first_free_number(manifest, facesets)
+    record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
+                                             facesets, out, cache, locations, link)
+    number += len(record["new_facesets"])
     for group in grown:
-        faces = pool[group]
-        entry = {"name": f"faceset_{number:03d}", "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
-        entry["centroid"] = centroid_record(embeddings, faces)
-        facesets.append(entry)
-        record["new_facesets"].append(entry["name"])
-        for face in faces:
+        for face in pool[group]:
             dropped.pop(int(face), None)
-        number += 1
     for local, (stage, reason) in sub_dropped.items():
         face = int(pool[local])
         dropped[face] = dict(face_record(cache, face, locations), stage=stage, reason=reason)
     record["dropped"] = {int(f): dropped[int(f)]["stage"] for f in new if int(f) in dropped}
     manifest["dropped"] = [dropped[f] for f in sorted(dropped)]
-    manifest["next_number"] = number
-    manifest.setdefault("extend_runs", []).append(record)
-    manifest["summary"].update(facesets=len(facesets), faces=int(cache.n_faces),
-                               faces_kept=sum(s["size"] for s in facesets))
-    write_json_atomic(manifest_path, manifest)
-    return record, manifest
+    return close_extend("refine", out, manifest, record, number, facesets=len(facesets),
+                        faces=int(cache.n_faces), faces_kept=sum(s["size"] for s in facesets))
 
 
 def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,

@@ -7070,21 +7070,26 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     return page
 
 
+def entry_group(entry: dict, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
+    """The row of one person or faceset on a cluster or refine page: its
+    name and folder, its counts (and `more`), the "select" button, and its
+    faces nearest the centroid first and the farthest few last (strip_faces)."""
+    faces = [f["face"] for f in entry["faces"]]
+    return {"name": entry_title(entry), "href": entry_folder(entry) + "/", "person": entry["name"],
+            "subtitle": f"{counted(entry['size'], 'face')} in {counted(entry['images'], 'image')}"
+                        + more,
+            "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f, face_id=True)
+                       for f in strip_faces(cache["embeddings"], faces)],
+            "sections": list(sections)}
+
+
 def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
                         suggestions=()) -> dict:
     """The review page of a cluster (or extended) output; with `out` (its final
     path) the people panel, with `suggestions` listed."""
-    embeddings, summary = cache["embeddings"], manifest["summary"]
-    groups = []
-    for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"])):
-        faces = [f["face"] for f in entry["faces"]]
-        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
-                       "person": entry["name"],
-                       "subtitle": f"{counted(entry['size'], 'face')} in "
-                                   f"{counted(entry['images'], 'image')}",
-                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
-                                             face_id=True)
-                                  for f in strip_faces(embeddings, faces)]})
+    summary = manifest["summary"]
+    groups = [entry_group(entry, cache, locations)
+              for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"]))]
     singles = [f["face"] for f in manifest["singletons"]["faces"]]
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
                    "subtitle": f"{counted(len(singles), 'single face')}: faces that match no one",
@@ -7171,7 +7176,6 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
                        suggestions=()) -> dict:
     """The review page of a refine output: facesets, and what each gate dropped;
     with `out` (its final path) the people panel, with `suggestions` listed."""
-    embeddings = cache["embeddings"]
     by_faceset: dict = {}
     for drop in manifest["dropped"]:
         by_faceset.setdefault(drop.get("faceset"), []).append(drop)
@@ -7191,19 +7195,11 @@ def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | 
 
     groups = []
     for entry in manifest["facesets"]:
-        faces = [f["face"] for f in entry["faces"]]
         drops = by_faceset.get(entry["name"], [])
         counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
                            for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
-        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
-                       "person": entry["name"],
-                       "subtitle": f"{counted(entry['size'], 'face')} in "
-                                   f"{counted(entry['images'], 'image')}"
-                                   + (f"; dropped: {counts}" if counts else ""),
-                       "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f,
-                                             face_id=True)
-                                  for f in strip_faces(embeddings, faces)],
-                       "sections": dropped_sections(drops)})
+        groups.append(entry_group(entry, cache, locations, f"; dropped: {counts}" if counts else "",
+                                  dropped_sections(drops)))
     loose = by_faceset.get(None, [])
     groups.append({"name": "not in any faceset", "collapsed": bool(manifest["facesets"]),
                    "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "

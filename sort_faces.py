@@ -4282,26 +4282,6 @@ def _phash_bits(small: np.ndarray) -> np.uint64:
     return np.uint64(int.from_bytes(np.packbits(bits).tobytes(), "big"))
 
 
-def _hamming_popcount(values: np.ndarray) -> np.ndarray:
-    """Count set bits of each element of a uint64 array (vectorised).
-
-    Parameters
-    ----------
-    values : ndarray of uint64
-
-    Returns
-    -------
-    counts : ndarray of uint8, same shape as ``values``
-    """
-    values = np.asarray(values, dtype=np.uint64)
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(values)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    as_bytes = np.ascontiguousarray(values).view(np.uint8)
-    return table[as_bytes].reshape(values.shape + (8,)).sum(
-        axis=-1, dtype=np.uint8)
-
-
 def _hamming_as_uint64(hashes) -> np.ndarray:
     """Validate hashes and return them as a 1-D uint64 array.
 
@@ -4376,7 +4356,7 @@ def _hamming_verify_rows(left, right_start, length, sorted_hashes, order,
                                     length[lo:hi])
         if len(a) == 0:
             continue
-        dist = _hamming_popcount(sorted_hashes[a] ^ sorted_hashes[b])
+        dist = np.bitwise_count(sorted_hashes[a] ^ sorted_hashes[b])
         hit = np.flatnonzero(dist <= max_distance)
         if len(hit):
             ua, ub = order[a[hit]], order[b[hit]]
@@ -4444,7 +4424,7 @@ def _hamming_unique_pairs_brute(values, max_distance):
     for lo in range(0, n - 1, rows):
         hi = min(n - 1, lo + rows)
         block = values[lo:hi, None] ^ values[None, lo + 1:]
-        dist = _hamming_popcount(block)
+        dist = np.bitwise_count(block)
         # keep only j > i: column c of the block is index lo + 1 + c
         ii, cc = np.nonzero(dist <= max_distance)
         jj = cc + lo + 1
@@ -5343,13 +5323,6 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
 # Identity clusters from embeddings, and the summaries every grouping step
 # needs (centroids, numbering). Distances are cosine: 1 - dot of unit vectors.
 # ============================================================================
-
-
-def centroids_of(embeddings: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Unit mean embedding of each label 0..n_labels-1."""
-    sums = np.zeros((n_labels, embeddings.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, embeddings)
-    return unit_rows(sums)
 
 
 def order_groups(groups: list[np.ndarray]) -> list[np.ndarray]:
@@ -6517,30 +6490,15 @@ def _square_box(bbox, pad: float) -> tuple[float, float, float, float]:
     return cx - half, cy - half, cx + half, cy + half
 
 
-def _map_axis(lo: float, hi: float, reversed_: bool, full: int, to_scale: float,
-              to_size: int) -> tuple[float, float]:
-    """An interval along one shown axis, from the full-resolution frame (the
-    cache's) to the stored pixels reduced by `to_scale`, then possibly
-    flipped (a reduced image ends in a partial pixel: ceil(full / scale)
-    pixels). A flip puts that partial pixel first, so the interval is
-    unflipped, rescaled and flipped again rather than just rescaled: that
-    would be off by up to half a reduced pixel, 4 full-resolution pixels at 1/8.
-    """
-    ends = []
-    for t in (lo, hi):
-        stored = (full - t if reversed_ else t) / to_scale
-        ends.append(to_size - stored if reversed_ else stored)
-    return min(ends), max(ends)
-
-
 def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUMB_PAD,
                     quality: int = THUMB_JPEG_QUALITY) -> list[bytes]:
-    """JPEG thumbnails of several faces of one photo, decoding it once.
+    """JPEG thumbnails of several faces of one photo (or video frame),
+    decoding it once, as embed does (PhotoPixels).
 
     Parameters
     ----------
     path : str
-        The photo.
+        The photo, or a FrameLocation.
     bboxes : sequence of (x1, y1, x2, y2)
         Face boxes as the cache stores them: in the oriented photo (EXIF
         orientation applied) at full resolution.
@@ -6559,61 +6517,32 @@ def face_thumbnails(path: str, bboxes, size: int = THUMB_SIZE, pad: float = THUM
 
     Notes
     -----
-    JPEGs are decoded through Pillow's draft mode at the smallest scale
-    (1/1, 1/2, 1/4 or 1/8) that still gives the smallest face's square at
-    least ``size`` pixels, so a 12 MP photo with a large face costs a 1/64
-    decode. Raises OSError (or ValueError) when the photo cannot be decoded.
+    The photo is decoded at the largest power-of-two reduction that still
+    gives the smallest face's square at least ``size`` pixels (libjpeg's DCT
+    scaling for a JPEG), so a 12 MP photo with a large face costs a 1/64
+    decode. Raises UnreadableImage (or OSError) when it cannot be decoded.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     squares = [_square_box(box, pad) for box in bboxes]
     if not squares:
         return []
-    Image.MAX_IMAGE_PIXELS = None  # as decode_image: the file was already accepted there
-    if path.lower().endswith(HEIF_EXTENSIONS):
-        heif_support()  # registers pillow-heif's opener when it is installed
-    # As decode_image: Pillow warns about odd EXIF and palettes it reads fine.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frame = isinstance(path, FrameLocation)  # a video's frame: PyAV decodes it
-        with (Image.fromarray(cv2.cvtColor(read_video_frame(path), cv2.COLOR_BGR2RGB)) if frame
-              else Image.open(path)) as image:
-            full_w, full_h = image.size
-            scale = 1.0
-            if image.format == "JPEG":
-                side_full = min(right - left for left, _, right, _ in squares)
-                reduce_by = side_full / size
-                if reduce_by >= 2:
-                    # draft() picks the largest 1/2^k reduction whose result is at
-                    # least this size, so the square keeps >= size pixels.
-                    drafted = image.draft("RGB", (math.ceil(full_w / reduce_by),
-                                                  math.ceil(full_h / reduce_by)))
-                    if drafted is not None:
-                        scale = full_w / drafted[1][2]
-            image.load()
-            orientation = image.getexif().get(0x0112, 1)
-            oriented = ImageOps.exif_transpose(image)
-    rev_x, rev_y = _ORIENTATION_REVERSED.get(orientation, (False, False))
-    # Shown x runs along the stored y for orientations 5-8 (exif_transpose swaps).
-    full_x, full_y = (full_h, full_w) if orientation in (5, 6, 7, 8) else (full_w, full_h)
-    if oriented.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # _to_rgb8 scales deep images by their maximum: use the whole image's,
-        # as decode_image does, not each crop's.
-        oriented = Image.fromarray(_to_rgb8(oriented))
-
+    photo = PhotoPixels(path)
+    smallest, factor = min(right - left for left, _, right, _ in squares), 1
+    while 2 * factor * size <= smallest:
+        factor *= 2
+    rgb = cv2.cvtColor(photo.at(factor), cv2.COLOR_BGR2RGB)
+    view, (height, width) = photo.view(factor), rgb.shape[:2]
     thumbs = []
     for square in squares:
-        left, right = _map_axis(square[0], square[2], rev_x, full_x, scale, oriented.width)
-        top, bottom = _map_axis(square[1], square[3], rev_y, full_y, scale, oriented.height)
+        left, top, right, bottom = (float(v) for v in view.to_view(square))
         x0, y0 = math.floor(left), math.floor(top)
         x1, y1 = max(math.ceil(right), x0 + 1), max(math.ceil(bottom), y0 + 1)
         canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)  # black outside the photo
-        inner = (max(x0, 0), max(y0, 0), min(x1, oriented.width), min(y1, oriented.height))
+        inner = (max(x0, 0), max(y0, 0), min(x1, width), min(y1, height))
         if inner[0] < inner[2] and inner[1] < inner[3]:
-            # Crop first, convert after: alpha is composited on white only where
-            # there is photo, and converting a crop is cheaper than the photo.
-            pixels = _to_rgb8(oriented.crop(inner))
-            canvas[inner[1] - y0:inner[3] - y0, inner[0] - x0:inner[2] - x0] = pixels
+            canvas[inner[1] - y0:inner[3] - y0, inner[0] - x0:inner[2] - x0] = \
+                rgb[inner[1]:inner[3], inner[0]:inner[2]]
         # resize's box takes the fractional square, so the crop is not rounded.
         box = (left - x0, top - y0, right - x0, bottom - y0)
         thumb = Image.fromarray(canvas).resize((size, size), Image.Resampling.LANCZOS, box=box)

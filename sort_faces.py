@@ -776,6 +776,26 @@ def as_typed(path, absolute: bool = False) -> str:
     return full if relative == ".." or relative.startswith(".." + os.sep) else relative
 
 
+def shell_word(word: str) -> str:
+    """`word` quoted for bash so that it pastes back as itself: shlex.quote,
+    or, for a word with a character a terminal would not show as itself (a
+    newline, ESC, a byte of a name that is not UTF-8), bash's $'...' with
+    escapes, so the printed line is one line and runs as pasted."""
+    if all(ch.isprintable() for ch in word):
+        return shlex.quote(word)
+    out = []
+    for ch in word:
+        if "\udc80" <= ch <= "\udcff":  # a byte that is not UTF-8, kept by surrogateescape
+            out.append(f"\\x{ord(ch) - 0xdc00:02x}")
+        elif ch in "\\'":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x80 else f"\\U{ord(ch):08x}")
+    return "$'" + "".join(out) + "'"
+
+
 def tool_command(*args, absolute: bool = False) -> str:
     """The shell line that runs this tool with `args` as pasted, from the folder
     this run started in (with `absolute`, from anywhere): this interpreter (the
@@ -783,7 +803,7 @@ def tool_command(*args, absolute: bool = False) -> str:
     POSIX shell; an argument that is a Path is written as_typed. Every command
     the tool prints or composes is made here."""
     words = [Path(sys.executable), Path(__file__), *args]
-    return " ".join(shlex.quote(as_typed(w, absolute) if isinstance(w, Path) else str(w))
+    return " ".join(shell_word(as_typed(w, absolute) if isinstance(w, Path) else str(w))
                     for w in words)
 
 
@@ -809,8 +829,8 @@ def option_words(params: dict, defaults: dict, skip=()) -> list[str]:
 
 def pip_install(*what) -> str:
     """The pip command that installs `what` into this interpreter's environment."""
-    return " ".join([shlex.quote(as_typed(sys.executable)), "-m", "pip", "install",
-                     *map(shlex.quote, what)])
+    return " ".join([shell_word(as_typed(sys.executable)), "-m", "pip", "install",
+                     *map(shell_word, what)])
 
 
 def display(text) -> str:

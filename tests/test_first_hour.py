@@ -39,6 +39,18 @@ def test_a_printed_command_is_this_interpreter_and_this_file_quoted(tmp_path, mo
 
 
 @pytest.mark.fast
+def test_a_printed_word_pastes_back_as_itself_whatever_its_characters():
+    import subprocess
+
+    words = ["plain", "a b", "it's", "a\nb", "tab\there", "\x1b[31mred", "Zoë", "back\\slash",
+             "caf" + b"\xe9".decode("utf-8", "surrogateescape"), "$HOME", "*", ""]
+    line = " ".join(sort_faces.shell_word(w) for w in words)
+    assert "\n" not in line and all(ch.isprintable() for ch in line)  # one line, as shown
+    done = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True)
+    assert done.stdout.split(b"\0")[:-1] == [os.fsencode(w) for w in words]
+
+
+@pytest.mark.fast
 def test_counts_are_said_in_number():
     assert sort_faces.counted(1, "no-face image") == "1 no-face image"
     assert sort_faces.counted(3, "no-face image") == "3 no-face images"

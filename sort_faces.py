@@ -67,6 +67,7 @@ import collections
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import html
@@ -135,8 +136,8 @@ __all__ = [
     "exclusive_lock", "pid_alive", "display",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
-    "offline_pack_dir", "run_model_step", "in_batches", "embed_task", "embed_photo",
-    "check_ray_address", "RayPool",
+    "offline_pack_dir", "run_model_step", "in_batches", "PhotoTask", "embed_task", "embed_photo",
+    "check_ray_address", "RayPool", "VideoSegment", "ray_shipped_tasks",
     "too_small_for_faces", "photo_hashes",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
@@ -585,11 +586,6 @@ _ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4
 REVIEW_NEAREST = 24
 REVIEW_FARTHEST = 6
 REVIEW_MAX_LOOSE = 300
-
-# --- embed ---
-# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)):
-# its samples are (target, pts, keyframe pts, time) tuples (video_plan).
-VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "samples")
 
 # --- refine ---
 # Refine's quality gate: per option, the per-face measurement it is the floor
@@ -3537,27 +3533,55 @@ def pool_canary() -> int:
     return os.getpid()
 
 
-def decoded_batch(batch: list[tuple], decode=_decode_or_reason):
-    """Worker side: (entry, `decode(path)`: by default decode_image_viewed's
-    result, or the reason it failed) for each (path, ...) entry, decoding one
-    file ahead of the model on the worker's thread."""
-    paths = [entry[0] for entry in batch]
+# The model's tasks: each kind a named record that pickles to the workers and
+# travels to Ray's actors, every kind with the `path` of the file it reads. A
+# batch is a list of tasks of one kind; the work dispatches on their type.
+# (enrich's and export-swap's live in their sections.)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoTask:
+    """embed's task for one photo, as the scan found it."""
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSegment:
+    """embed's task for one segment of a video (alone in its batch): the
+    frames of `samples`, video_plan's (target, pts, keyframe pts, time)
+    tuples, decoded and embedded together."""
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    segment: int
+    samples: tuple
+
+
+def decoded_batch(batch: list, decode=_decode_or_reason):
+    """Worker side: (task, `decode(task.path)`: by default decode_image_viewed's
+    result, or the reason it failed) for each task, decoding one file ahead of
+    the model on the worker's thread."""
+    paths = [task.path for task in batch]
     return zip(batch, _WORKER["decoder"].map(decode, paths))
 
 
-def per_file(batch: list[tuple], work, failed, decode=_decode_or_reason) -> list:
-    """Worker side: `work(entry, decoded)` for each file of a batch; a file that
+def per_file(batch: list, work, failed, decode=_decode_or_reason) -> list:
+    """Worker side: `work(task, decoded)` for each file of a batch; a file that
     cannot be decoded (`decode` returns the reason), or on which the model
     raises, gets `failed(reason)`, so one odd image never ends the run for the
     others."""
     pool_canary()
     results = []
-    for entry, decoded in decoded_batch(batch, decode):
+    for task, decoded in decoded_batch(batch, decode):
         if isinstance(decoded, str):
             results.append(failed(decoded))
             continue
         try:
-            results.append(work(entry, decoded))
+            results.append(work(task, decoded))
         except MemoryError:
             results.append(failed("ran out of memory on this image"))
         except Exception as error:  # noqa: BLE001 - recorded against this file only
@@ -3645,14 +3669,14 @@ class ModelPool:
         suspects = self.suspects + list(self.inflight.values())
         self.suspects, self.inflight = [], {}
         self.restart()
-        for entry in (entry for batch in suspects for entry in batch):
+        for task in (task for batch in suspects for task in batch):
             try:
-                result = self.pool.submit(self.task, [entry]).result()
+                result = self.pool.submit(self.task, [task]).result()
             except concurrent.futures.process.BrokenProcessPool:
                 self.restart()  # PoolFailure if a fresh pool cannot run at all
-                log.warning("a model worker crashed on %s", display(entry[0]))
+                log.warning("a model worker crashed on %s", display(task.path))
                 result = [self.crash_result(CRASH_REASON)]
-            self.on_result([entry], result)
+            self.on_result([task], result)
 
     def stop(self) -> None:
         """Stop every worker now: queued work is dropped, running work killed."""
@@ -3757,6 +3781,17 @@ def ray_shipped(task) -> tuple:
     if module.__name__ == "__main__":
         module, task = library, getattr(library, task.__name__)
     return task, sorted({library.__file__, module.__file__})
+
+
+def ray_shipped_tasks(batch: list) -> list:
+    """`batch`'s tasks as Ray's workers import their records: run as a script,
+    this file's records are __main__'s, which Ray would copy by value, and the
+    work (ray_shipped) would not know their types."""
+    library = library_module()
+    return [task if type(task).__module__ != "__main__" else
+            getattr(library, type(task).__name__)(**{field.name: getattr(task, field.name)
+                                                     for field in dataclasses.fields(task)})
+            for task in batch]
 
 
 def grpc_problem(address: str) -> str:
@@ -3969,7 +4004,7 @@ class RayModelWorker:
         """'' once the model is loaded, else why it could not be."""
         return _WORKER.get("error", "")
 
-    def run(self, batch: list[tuple], data) -> list:
+    def run(self, batch: list, data) -> list:
         return self.task(batch, data)
 
 
@@ -4012,19 +4047,23 @@ class RayPool:
         if problem:
             raise PoolFailure(f"the Ray actors could not load the model: {problem}")
 
-    def payload(self, batch: list[tuple]):
-        if len(batch[0]) != len(VIDEO_SEGMENT_ENTRY):  # a photo's bytes, or the local
-            return [decode_or_reason(read_photo, entry[0]) for entry in batch]  # pool's reason
-        path, sha = batch[0][0], batch[0][3]
-        if self.video[0] != sha:  # segments of one video come together: one copy in the store
-            self.video = (sha, None)
+    def payload(self, batch: list):
+        if not isinstance(batch[0], VideoSegment):  # each file's bytes, or the local
+            return [decode_or_reason(read_photo, task.path) for task in batch]  # pool's reason
+        segment = batch[0]
+        if self.video[0] != segment.sha256:  # segments of one video come together: one copy
+            self.video = (segment.sha256, None)  # in the store
             with contextlib.suppress(OSError):
-                self.video = (sha, self.ray.put(Path(path).read_bytes()))
+                self.video = (segment.sha256, self.ray.put(Path(segment.path).read_bytes()))
         return self.video[1] if self.video[1] is not None else b""
 
-    def submit(self, batch: list[tuple]) -> None:
+    def send(self, index: int, batch: list):
+        """`batch` to actor `index`, with its files' bytes: the result's ObjectRef."""
+        return self.actors[index].run.remote(ray_shipped_tasks(batch), self.payload(batch))
+
+    def submit(self, batch: list) -> None:
         index = min(range(len(self.actors)), key=self.load.__getitem__)
-        ref = self.actors[index].run.remote(batch, self.payload(batch))
+        ref = self.send(index, batch)
         self.inflight[ref] = (index, self.generation[index], batch)
         self.load[index] += 1
 
@@ -4061,18 +4100,18 @@ class RayPool:
         self.load[index] = 0
         self.wait_ready([index])
 
-    def recover(self, index: int, generation: int, batch: list[tuple], error) -> None:
+    def recover(self, index: int, generation: int, batch: list, error) -> None:
         self.replace(index, generation, error)
         self.video = ("", None)  # put again: the node holding it may be the one lost
-        for entry in batch:
+        for task in batch:
             generation = self.generation[index]
             try:
-                result = self.ray.get(self.actors[index].run.remote([entry], self.payload([entry])))
+                result = self.ray.get(self.send(index, [task]))
             except self.ray.exceptions.RayError as again:
                 self.replace(index, generation, again)
-                log.warning("a Ray actor crashed on %s", display(entry[0]))
+                log.warning("a Ray actor crashed on %s", display(task.path))
                 result = [self.crash_result(CRASH_REASON)]
-            self.on_result([entry], result)
+            self.on_result([task], result)
 
     def stop(self) -> None:
         """Every actor killed now: their work in flight is dropped."""
@@ -7795,18 +7834,18 @@ def _lap(timings: dict, stage: str, since: float) -> float:
     return now
 
 
-def embed_task(batch: list[tuple], data=None) -> list[dict]:
-    """Worker side: decode (a thread ahead) and embed each file of a batch
-    of (path, ...) entries, or one segment of a video (embed_segment).
+def embed_task(batch: list, data=None) -> list[dict]:
+    """Worker side: decode (a thread ahead) and embed each photo of a batch
+    of PhotoTasks, or the one VideoSegment of a batch (embed_segment).
 
     `data` (a Ray actor's task, whose files are not on its node): each
     photo's bytes, or the reason they could not be read, in batch order; a
     segment's video's bytes."""
-    if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+    if batch and isinstance(batch[0], VideoSegment):
         return [embed_segment(batch[0], data)]
     dct = not _WORKER.get("full_decode")
     det_size = _WORKER["det_size"]
-    given = dict(zip((entry[0] for entry in batch), data)) if data is not None else {}
+    given = dict(zip((task.path for task in batch), data)) if data is not None else {}
 
     def decode(path):
         started = time.thread_time()
@@ -7821,14 +7860,14 @@ def embed_task(batch: list[tuple], data=None) -> list[dict]:
                     decode=lambda path: decode_or_reason(decode, path))
 
 
-def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
+def embed_segment(segment: VideoSegment, data: bytes | None = None) -> dict:
     """Worker side: decode exactly the frames of one segment's samples
     (video_frames_at) and embed each as a photo. Returns {"status":
     "segment", "frames": [one _embed_one result each, with its target and
     time], "reason": what could not be decoded ('' when all was)}. `data`:
     the video's bytes, read instead of its path (a Ray actor's task)."""
     pool_canary()
-    path, samples = entry[0], entry[-1]
+    path, samples = segment.path, segment.samples
     by_pts = {pts: (target, time_s) for target, pts, _key, time_s in samples}
     frames, seconds, problems = [], {}, []
     try:
@@ -7860,7 +7899,7 @@ def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
             "reason": " ".join("; ".join(problems).split()), "seconds": seconds}
 
 
-def _embed_one(_entry, photo: PhotoPixels) -> dict:
+def _embed_one(_task, photo: PhotoPixels) -> dict:
     det_size = _WORKER["det_size"]
     timings = {"decode": photo.decode_seconds}
     clock = time.thread_time()
@@ -7956,7 +7995,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                     run_model_step(embed_task, run.batches(hashed), run.on_result,
                                    pack_dir=pack_dir, modules=["detection", "recognition"],
                                    identity=identity, providers=provider_list, workers=workers,
-                                   n_tasks=None if any(is_video_path(e[0]) for e in todo)
+                                   n_tasks=None if any(is_video_path(path) for path, *_ in todo)
                                    else n_batches(len(todo)),  # a video: segments to share
                                    crash_result=lambda reason: {"status": "crashed",
                                                                 "reason": reason},
@@ -8081,7 +8120,7 @@ class EmbedRun:
             if is_video_path(path):
                 yield from self.video_segments(path, size, mtime_ns, sha)
                 continue
-            batch.append((path, size, mtime_ns, sha))
+            batch.append(PhotoTask(path, size, mtime_ns, sha))
             if len(batch) == TASK_FILES:
                 yield batch
                 batch = []
@@ -8118,22 +8157,23 @@ class EmbedRun:
             if known == len(samples):
                 continue  # recorded by a run that was stopped inside this video
             state["issued"] += 1
-            yield [(path, size, mtime_ns, sha, segment, tuple(samples))]
+            yield [VideoSegment(path, size, mtime_ns, sha, segment, tuple(samples))]
         state["issuing"] = False
         self._finish_video(sha)
 
-    def on_segment(self, entry: tuple, result: dict) -> None:
-        path, size, mtime_ns, sha, segment, samples = entry
+    def on_segment(self, segment: VideoSegment, result: dict) -> None:
+        sha = segment.sha256
         state = self.videos[sha]
         state["done"] += 1
         if result["status"] == "crashed":
-            state["crashed"] = f"the samples from {samples[0][3]:.3f} s: {result['reason']}"
+            _target, _pts, _key, first_time = segment.samples[0]
+            state["crashed"] = f"the samples from {first_time:.3f} s: {result['reason']}"
         for frame in result.get("frames", []):
             key = frame_key(sha, frame["target"])
             if key in self.known_sha:
                 continue
-            self._add_file(str(FrameLocation(path, frame["time"])), size, mtime_ns, key, frame,
-                           video=(sha, frame["time"]))
+            self._add_file(str(FrameLocation(segment.path, frame["time"])), segment.size,
+                           segment.mtime_ns, key, frame, video=(sha, frame["time"]))
             state["frames"] += 1
             self.summary["frames"] += 1
         if result.get("reason") and result["status"] != "crashed":
@@ -8174,26 +8214,28 @@ class EmbedRun:
         self._add_file(state["path"], state["size"], state["mtime_ns"], sha, result)
         self.summary["videos"] += 1
 
-    def on_result(self, batch, results) -> None:
-        if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+    def on_result(self, batch: list, results: list) -> None:
+        if batch and isinstance(batch[0], VideoSegment):
             self.on_segment(batch[0], results[0])
             return
-        for (path, size, mtime_ns, sha), result in zip(batch, results):
+        for task, result in zip(batch, results):
+            sha = task.sha256
             self.add_seconds(result.get("seconds", {}))
             self.pending_sha.discard(sha)
             status, reason = result["status"], result["reason"]
             if status == "crashed":
                 if sha not in self.suspects:  # the first time: not recorded, tried again next run
-                    self.suspects[sha] = {"path": path, "reason": reason,
+                    self.suspects[sha] = {"path": task.path, "reason": reason,
                                           "time": _dt.datetime.now().isoformat(timespec="seconds")}
                     log.warning("crashed: %s: %s; it is tried once more on the next run",
-                                display(path), reason)
+                                display(task.path), reason)
                     self.summary["crashed"] += 1
                     self.bar.update(1)
                     continue
                 status, reason = "unreadable", f"{reason} (on two runs)"
             self.suspects.pop(sha, None)
-            self._add_file(path, size, mtime_ns, sha, dict(result, status=status, reason=reason))
+            self._add_file(task.path, task.size, task.mtime_ns, sha,
+                           dict(result, status=status, reason=reason))
             self.bar.update(1)
         self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
         self._maybe_flush()
@@ -8776,15 +8818,25 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
 # ============================================================================
 
 
-def enrich_task(batch: list[tuple]) -> list[dict]:
-    """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnrichTask:
+    """enrich's task for one image: the cache rows of its faces that lack
+    landmarks, and their boxes and key points (the cache's, at full resolution)."""
+    path: str
+    boxes: np.ndarray
+    kps: np.ndarray
+    faces: list[int]
+
+
+def enrich_task(batch: list[EnrichTask]) -> list[dict]:
+    """Worker side: per image re-detect and take landmarks for its faces."""
     return per_file(batch, _enrich_one, lambda reason: {"error": reason})
 
 
-def _enrich_one(entry, decoded) -> dict:
-    _path, boxes, kps = entry[:3]
-    bgr, view = decoded[0], decoded[4]
-    boxes, kps = view.to_view(boxes), view.to_view(kps)  # the cache's full resolution, here
+def _enrich_one(task: EnrichTask, decoded) -> dict:
+    bgr, _width, _height, _damage, view = decoded  # decode_image_viewed's
+    # the cache's full-resolution boxes and key points, in the decoded pixels
+    boxes, kps = view.to_view(task.boxes), view.to_view(task.kps)
     found = faces_with_landmarks(_WORKER["app"], bgr, _WORKER["det_size"])
     out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
     iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
@@ -8838,7 +8890,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
                             label_path(cache, locations, row))
                 summary["missing"] += 1
                 continue
-            tasks.append((path, cache["bbox"][faces], cache["kps"][faces], faces))
+            tasks.append(EnrichTask(path, cache["bbox"][faces], cache["kps"][faces], faces))
         say(f"enrich: {len(todo_faces)} faces in {len(tasks)} images to do "
             f"(model {pack_name}, {'+'.join(modules)})", quiet)
         pending: list[tuple[list[int], dict]] = []
@@ -8856,13 +8908,13 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             pending.clear()
 
         def on_result(batch, results):
-            for entry, result in zip(batch, results):
+            for task, result in zip(batch, results):
                 if "error" in result:
-                    log.warning("skipped: %s: %s", entry[0], result["error"])
+                    log.warning("skipped: %s: %s", task.path, result["error"])
                     summary["missing"] += 1
                 else:
-                    pending.append((entry[3], result))
-                    summary["faces"] += len(entry[3])
+                    pending.append((task.faces, result))
+                    summary["faces"] += len(task.faces)
                     summary["nomatch"] += int(np.sum(result["enrich_status"] == "nomatch"))
                 bar.update(1)
             if len(pending) >= flush_every:
@@ -8973,23 +9025,38 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=
     return None, "another face is still detected, or overlaps this one", blacked
 
 
-def export_task(batch: list[tuple]) -> list[dict]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class CropTask:
+    """export-swap's task for one face: its square crop, `pad_ratio` around
+    its box, `out_size` pixels across, the photo's `others` faces (their
+    boxes) kept out of it; boxes in the cache's full resolution. `path` is
+    None when the photo has moved or vanished since embed (not run)."""
+    path: str | None
+    bbox: np.ndarray
+    pad_ratio: float
+    out_size: int
+    face: int
+    others: np.ndarray
+
+
+def export_task(batch: list[CropTask]) -> list[dict]:
     """Worker side: decode, crop and make each crop single-face; PNG bytes back."""
     return per_file(batch, _export_one, lambda reason: {"error": f"cannot read the photo: {reason}"})
 
 
-def _export_one(entry, decoded) -> dict:
+def _export_one(task: CropTask, decoded) -> dict:
     detector = _WORKER["app"].det_model
 
     def detect(image, size):
         return detector.detect(image, input_size=(size, size))[0]
 
-    _path, bbox, pad_ratio, out_size, _face, others = entry
-    view = decoded[4]  # the cache's full-resolution boxes, in the decoded pixels
-    bbox, others = view.to_view(bbox), view.to_view(np.reshape(others, (-1, 4)))
-    box = square_crop_box(bbox, pad_ratio)
+    bgr, _width, _height, _damage, view = decoded  # decode_image_viewed's
+    out_size = task.out_size
+    # the cache's full-resolution boxes, in the decoded pixels
+    bbox, others = view.to_view(task.bbox), view.to_view(np.reshape(task.others, (-1, 4)))
+    box = square_crop_box(bbox, task.pad_ratio)
     crop, reason, blacked = single_face_crop(
-        detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),
+        detect, crop_square(bgr, box, out_size), box_in_crop(bbox, box, out_size),
         [box_in_crop(other, box, out_size) for other in others])
     if crop is None:
         return {"error": reason}
@@ -9099,16 +9166,16 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
-    tasks = [(existing_location(locations[cache["face_file"][f]],
-                                int(cache["file_size"][cache["face_file"][f]])),
-              cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
-              cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
+    tasks = [CropTask(existing_location(locations[cache["face_file"][f]],
+                                        int(cache["file_size"][cache["face_file"][f]])),
+                      cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
+                      cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
              for _name, _kind, ranked, _dropped in plan for f in ranked]
     crops: dict[int, dict] = {}
     for task in tasks:
-        if task[0] is None:
-            crops[task[4]] = {"error": "the photo has moved or vanished since embed"}
-    runnable = [t for t in tasks if t[0] is not None]
+        if task.path is None:
+            crops[task.face] = {"error": "the photo has moved or vanished since embed"}
+    runnable = [t for t in tasks if t.path is not None]
     provider_list, workers = worker_setup(providers, workers)
     say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
@@ -9117,7 +9184,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if runnable:
             def on_result(batch, results):
                 for task, result in zip(batch, results):
-                    crops[task[4]] = result
+                    crops[task.face] = result
                 bar.update(len(batch))
 
             run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,

@@ -37,12 +37,14 @@ last, wires them all.
     GEOMETRY             box sizes and overlaps, the second look's spans, unit vectors
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     QUALITY              the blur score, refine's quality gate, export-swap's ranking terms
-    MODEL                InsightFace packs, providers, the crash-proof worker pool whose
-                         workers end with the run that started them, even a killed one
+    MODEL                InsightFace packs, providers, the model's tasks as named records,
+                         a model step described once (ModelStep), the crash-proof worker
+                         pool whose workers end with the run that started them, even a
+                         killed one
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
                          through the object store, replaced when lost; a local instance
                          guarded so that it ends with its run
-    MODEL STEPS          one entry for a model step: the local pool, or Ray
+    MODEL STEPS          one entry that runs a ModelStep: on the local pool, or on Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
                          all-or-nothing changes in place, manifests and the one loader
@@ -93,6 +95,7 @@ import unicodedata
 import urllib.parse
 import warnings
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 try:  # the third-party packages, from .venv (scripts/setup_venv.sh)
@@ -136,7 +139,8 @@ __all__ = [
     "exclusive_lock", "pid_alive", "display",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
-    "offline_pack_dir", "run_model_step", "in_batches", "PhotoTask", "embed_task", "embed_photo",
+    "offline_pack_dir", "ModelStep", "run_model_step", "in_batches", "PhotoTask", "embed_task",
+    "embed_photo",
     "check_ray_address", "RayPool", "VideoSegment", "ray_shipped_tasks",
     "too_small_for_faces", "photo_hashes",
     # videos
@@ -3188,7 +3192,9 @@ def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
 
 # ============================================================================
 # MODEL
-# Which InsightFace pack to use, and the pool of worker processes that run it.
+# Which InsightFace pack to use; a model step's tasks and the step itself
+# (ModelStep: what each worker loads, the work, what becomes of each result);
+# and the pool of worker processes that runs it.
 # Measured on 2 cores: one process runs ~20 img/s whatever its intra-op thread
 # count, two single-threaded processes ~46 img/s. So every model step uses a
 # pool of processes, each with its own sessions and intra_op_num_threads=1.
@@ -3590,19 +3596,43 @@ def per_file(batch: list, work, failed, decode=_decode_or_reason) -> list:
     return results
 
 
-def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
-               workers: int, embedding_size: int = 512,
-               options: dict | None = None) -> concurrent.futures.ProcessPoolExecutor:
-    """Worker processes that each hold their own model sessions (and `options`,
-    a step's settings its tasks read from _WORKER)."""
+@dataclasses.dataclass(frozen=True)
+class ModelStep:
+    """A step that runs the model over many tasks, described once for the
+    local pool (ModelPool) and for Ray's actors (RayPool) alike.
+
+    What each worker loads: the pack's `modules` from `pack_dir`, at
+    `identity`'s det_size and embedding size, and `options` (the step's
+    settings its work reads from _WORKER). The work: `work(batch)` on each
+    batch of tasks, one result a task (`work(batch, data)` on Ray, with the
+    files' bytes). In this process: `on_result(batch, results)` takes each
+    batch's results; a task that crashes its worker alone gets
+    `crash_result(reason)` for its result; and `on_stop()`, when given, saves
+    the work done when the step ends early (a stop signal, or workers that
+    cannot run at all).
+    """
+    work: Callable
+    pack_dir: Path
+    modules: list[str]
+    identity: dict
+    on_result: Callable
+    crash_result: Callable
+    on_stop: Callable | None = None
+    options: dict | None = None
+
+
+def model_pool(step: ModelStep, providers: list[str],
+               workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that each hold their own model sessions for `step`
+    (and its options)."""
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     devices = context.Queue()
     for index in range(workers):
         devices.put(index)
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options,
-                  os.getpid()))
+        initargs=(str(step.pack_dir), step.modules, providers, step.identity["det_size"], devices,
+                  step.identity["embedding_size"], step.options, os.getpid()))
 
 
 class PoolFailure(Exception):
@@ -3615,15 +3645,14 @@ class ModelPool:
     A decoder or model that crashes the process on some file (a segfault, or
     the kernel killing it) breaks the whole pool. The pool is then rebuilt and
     the batches that were in flight are run again one file at a time, so the
-    file that crashes alone is found: `on_result` gets `crash_result(reason)`
-    for it and the run goes on. If a fresh pool cannot even run an empty task,
-    the fault is the pool's, not the file's: PoolFailure, and nothing is
-    recorded against the files in flight.
+    file that crashes alone is found: the step's `on_result` gets its
+    `crash_result(reason)` for it and the run goes on. If a fresh pool cannot
+    even run an empty task, the fault is the pool's, not the file's:
+    PoolFailure, and nothing is recorded against the files in flight.
     """
 
-    def __init__(self, make_pool, task, on_result, crash_result, max_inflight: int):
-        self.make_pool, self.task, self.on_result = make_pool, task, on_result
-        self.crash_result, self.max_inflight = crash_result, max_inflight
+    def __init__(self, make_pool, step: ModelStep, max_inflight: int):
+        self.make_pool, self.step, self.max_inflight = make_pool, step, max_inflight
         self.pool = make_pool()
         self.inflight: dict = {}
         self.suspects: list = []
@@ -3631,9 +3660,9 @@ class ModelPool:
     def run(self, batches) -> None:
         """Feed `batches` (consumed lazily: it may be hashing files as it goes)
         with at most max_inflight outstanding tasks; results arrive in
-        `on_result(batch, result)` in this process."""
+        the step's `on_result(batch, result)` in this process."""
         for batch in batches:
-            self.inflight[self.pool.submit(self.task, batch)] = batch
+            self.inflight[self.pool.submit(self.step.work, batch)] = batch
             self.drain(block=len(self.inflight) >= self.max_inflight)
         while self.inflight:
             self.drain(block=True)
@@ -3650,7 +3679,7 @@ class ModelPool:
                 continue
             except WorkerStartError as error:
                 raise PoolFailure(f"the model workers could not load the model: {error}") from None
-            self.on_result(batch, result)
+            self.step.on_result(batch, result)
         if self.suspects:
             self.recover()
 
@@ -3671,12 +3700,12 @@ class ModelPool:
         self.restart()
         for task in (task for batch in suspects for task in batch):
             try:
-                result = self.pool.submit(self.task, [task]).result()
+                result = self.pool.submit(self.step.work, [task]).result()
             except concurrent.futures.process.BrokenProcessPool:
                 self.restart()  # PoolFailure if a fresh pool cannot run at all
                 log.warning("a model worker crashed on %s", display(task.path))
-                result = [self.crash_result(CRASH_REASON)]
-            self.on_result([task], result)
+                result = [self.step.crash_result(CRASH_REASON)]
+            self.step.on_result([task], result)
 
     def stop(self) -> None:
         """Stop every worker now: queued work is dropped, running work killed."""
@@ -3987,7 +4016,7 @@ def node_pack(files: dict[str, bytes]) -> Path:
 
 class RayModelWorker:
     """A Ray actor holding one model, its pack's files sent as bytes
-    (node_pack), that runs `task(batch, data)` (embed_task)."""
+    (node_pack), that runs `task(batch, data)` (a ModelStep's work: embed_task)."""
 
     def __init__(self, task, files: dict, modules, providers, det_size, embedding_size, options):
         self.task = task
@@ -4008,21 +4037,30 @@ class RayModelWorker:
         return self.task(batch, data)
 
 
+def ray_actor_maker(ray, step: ModelStep, providers: list[str], resources: dict):
+    """What starts one actor for `step` (RayModelWorker, with `resources`:
+    ray_actor_plan): the step's work as Ray's workers import it, its pack's
+    files put in the object store once for all its actors."""
+    actor = ray.remote(max_restarts=0, **resources)(library_module().RayModelWorker)
+    work, files = ray_shipped(step.work)[0], ray.put(pack_files(step.pack_dir, step.modules))
+    return lambda: actor.remote(work, files, step.modules, providers, step.identity["det_size"],
+                                step.identity["embedding_size"], step.options)
+
+
 class RayPool:
-    """ModelPool's contract (run, stop, shutdown; results in `on_result`) on
-    Ray actors.
+    """ModelPool's contract (run, stop, shutdown; results in the step's
+    `on_result`) on Ray actors.
 
     Each task carries its files' bytes (a video's, put in the object store
     once, shared by its segments). An actor that dies (a crash, a kill, its
     node lost) is replaced, and the batches it had in flight are run again
     one file at a time on the new one: a file that kills an actor alone gets
-    `crash_result`, as with the local pool. When no actor can start, or none
-    is ready within RAY_ACTOR_START_S: PoolFailure.
+    the step's `crash_result`, as with the local pool. When no actor can
+    start, or none is ready within RAY_ACTOR_START_S: PoolFailure.
     """
 
-    def __init__(self, ray, make_actor, count: int, on_result, crash_result):
-        self.ray, self.make_actor, self.on_result = ray, make_actor, on_result
-        self.crash_result = crash_result
+    def __init__(self, ray, make_actor, count: int, step: ModelStep):
+        self.ray, self.make_actor, self.step = ray, make_actor, step
         self.max_inflight = 2 * count + 2
         self.actors = [make_actor() for _ in range(count)]
         self.generation = [0] * count
@@ -4085,7 +4123,7 @@ class RayPool:
             except self.ray.exceptions.RayError as error:  # the actor, its node or its input lost
                 self.recover(index, generation, batch, error)
                 continue
-            self.on_result(batch, result)
+            self.step.on_result(batch, result)
 
     def replace(self, index: int, generation: int, error) -> None:
         """A fresh actor in place of a lost one (once, however many tasks it had)."""
@@ -4110,8 +4148,8 @@ class RayPool:
             except self.ray.exceptions.RayError as again:
                 self.replace(index, generation, again)
                 log.warning("a Ray actor crashed on %s", display(task.path))
-                result = [self.crash_result(CRASH_REASON)]
-            self.on_result([task], result)
+                result = [self.step.crash_result(CRASH_REASON)]
+            self.step.on_result([task], result)
 
     def stop(self) -> None:
         """Every actor killed now: their work in flight is dropped."""
@@ -4125,25 +4163,24 @@ class RayPool:
 
 # ============================================================================
 # MODEL STEPS
-# One entry for every step that runs the model over many items: the local
-# pool, or Ray's actors with --ray. After RAY, which it dispatches to.
+# One entry for every step that runs the model over many items (a ModelStep):
+# the local pool, or Ray's actors with --ray. After RAY, which it dispatches to.
 # ============================================================================
 
 
-def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
-                   identity: dict, providers: list[str], workers: int, crash_result,
-                   n_tasks: int | None = None, on_stop=None, options: dict | None = None,
-                   ray_actor: dict | None = None) -> None:
-    """Run `task` over `batches` in a fresh pool of model workers (which hold
-    `options` for the task to read); with `ray_actor` (an actor's resources,
-    ray_actor_plan), on that many actors of the connected Ray cluster instead
-    (RayPool; the task then takes each batch's bytes too, as embed_task does).
+def run_model_step(step: ModelStep, batches, *, providers: list[str], workers: int,
+                   n_tasks: int | None = None, ray_actor: dict | None = None) -> None:
+    """Run `step` over `batches` (lists of its tasks) in a fresh pool of
+    `workers` model workers with `providers`; with `ray_actor` (an actor's
+    resources, ray_actor_plan), on that many actors of the connected Ray
+    cluster instead (RayPool; the step's work then takes each batch's bytes
+    too, as embed_task does).
 
     The pool never starts more workers than there are tasks (`n_tasks`, when
-    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
-    saves what is done, and Interrupted tells the user how to go on. When the
-    pool cannot run at all, `on_stop()` saves what is done and the run ends
-    with a UserError; the files in flight are not recorded.
+    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, the step's
+    `on_stop()` saves what is done, and Interrupted tells the user how to go
+    on. When the pool cannot run at all, `on_stop()` saves what is done and
+    the run ends with a UserError; the files in flight are not recorded.
     """
     workers = check_option("workers", workers)
     if n_tasks is not None:
@@ -4151,32 +4188,25 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
     pool = None
     try:
         if ray_actor is None:
-            pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
-                                                workers, identity["embedding_size"], options),
-                             task, on_result, crash_result, max_inflight=2 * workers + 2)
+            pool = ModelPool(lambda: model_pool(step, providers, workers), step,
+                             max_inflight=2 * workers + 2)
         else:
             ray = ray_module()
-            task = ray_shipped(task)[0]
-            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayModelWorker)
-            files = ray.put(pack_files(pack_dir, modules))
-            pool = RayPool(ray, lambda: actor.remote(task, files, modules, providers,
-                                                     identity["det_size"],
-                                                     identity["embedding_size"], options),
-                           workers, on_result, crash_result)
+            pool = RayPool(ray, ray_actor_maker(ray, step, providers, ray_actor), workers, step)
         pool.run(batches)
     except KeyboardInterrupt:
         if pool is not None:
             pool.stop()
-        if on_stop is None:
+        if step.on_stop is None:
             raise
-        on_stop()
+        step.on_stop()
         raise Interrupted("interrupted: the work done so far is saved; run the same command "
                           "to go on") from None
     except PoolFailure as error:
         if pool is not None:
             pool.stop()
-        if on_stop is not None:
-            on_stop()
+        if step.on_stop is not None:
+            step.on_stop()
         raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
                         "done before is saved") from None
     except BaseException:
@@ -7992,16 +8022,16 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
             if todo:
                 with concurrent.futures.ThreadPoolExecutor(2) as hasher:
                     hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
-                    run_model_step(embed_task, run.batches(hashed), run.on_result,
-                                   pack_dir=pack_dir, modules=["detection", "recognition"],
-                                   identity=identity, providers=provider_list, workers=workers,
+                    step = ModelStep(
+                        embed_task, pack_dir, ["detection", "recognition"], identity,
+                        on_result=run.on_result,
+                        crash_result=lambda reason: {"status": "crashed", "reason": reason},
+                        on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
+                        options={"full_decode": bool(full_decode)})
+                    run_model_step(step, run.batches(hashed), providers=provider_list,
+                                   workers=workers, ray_actor=ray_actor,
                                    n_tasks=None if any(is_video_path(path) for path, *_ in todo)
-                                   else n_batches(len(todo)),  # a video: segments to share
-                                   crash_result=lambda reason: {"status": "crashed",
-                                                                "reason": reason},
-                                   on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
-                                   options={"full_decode": bool(full_decode)},
-                                   ray_actor=ray_actor)
+                                   else n_batches(len(todo)))  # a video: segments to share
         run.flush()
         save_cache(cache_path, cache)
         run.summary.update(run.tree_report(paths))
@@ -8923,11 +8953,11 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
         provider_list, workers = worker_setup(providers, workers)
         with progress(total=len(tasks), desc="enrich", unit="img") as bar:
             if tasks:
-                run_model_step(enrich_task, in_batches(tasks), on_result, pack_dir=pack_dir,
-                               modules=modules, identity=identity, providers=provider_list,
-                               workers=workers, n_tasks=n_batches(len(tasks)),
-                               crash_result=lambda reason: {"error": reason},
-                               on_stop=lambda: (flush(), save_cache(cache_path, cache)))
+                step = ModelStep(enrich_task, pack_dir, modules, identity, on_result=on_result,
+                                 crash_result=lambda reason: {"error": reason},
+                                 on_stop=lambda: (flush(), save_cache(cache_path, cache)))
+                run_model_step(step, in_batches(tasks), providers=provider_list, workers=workers,
+                               n_tasks=n_batches(len(tasks)))
         flush()
         save_cache(cache_path, cache)
     summary["seconds"] = round(time.time() - started, 1)
@@ -9187,10 +9217,10 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                     crops[task.face] = result
                 bar.update(len(batch))
 
-            run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,
-                           modules=["detection"], identity=identity, providers=provider_list,
-                           workers=workers, n_tasks=n_batches(len(runnable)),
-                           crash_result=lambda reason: {"error": reason})
+            step = ModelStep(export_task, pack_dir, ["detection"], identity, on_result=on_result,
+                             crash_result=lambda reason: {"error": reason})
+            run_model_step(step, in_batches(runnable), providers=provider_list, workers=workers,
+                           n_tasks=n_batches(len(runnable)))
         manifest = run_header("export-swap", cache_path, cache, params)
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,

@@ -140,12 +140,12 @@ sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import sort_faces
 from crashing_task import stall
 pack = sort_faces.Path({str(pack_dir)!r})
-sort_faces.run_model_step(stall, [[sort_faces.PhotoTask({str(busy)!r}, 0, 0, "")]],
-                          lambda batch, result: None,
-                          pack_dir=pack, modules=["detection"],
-                          identity=sort_faces.model_identity("buffalo_s", pack, 640),
-                          providers=["CPUExecutionProvider"], workers=1,
-                          crash_result=lambda reason: None)
+step = sort_faces.ModelStep(stall, pack, ["detection"],
+                            sort_faces.model_identity("buffalo_s", pack, 640),
+                            on_result=lambda batch, result: None,
+                            crash_result=lambda reason: None)
+sort_faces.run_model_step(step, [[sort_faces.PhotoTask({str(busy)!r}, 0, 0, "")]],
+                          providers=["CPUExecutionProvider"], workers=1)
 """
     process = subprocess.Popen([sys.executable, "-c", run], cwd=ROOT, start_new_session=True)
     deadline = time.time() + 120
@@ -475,11 +475,11 @@ def test_a_worker_crash_is_survived_and_the_file_named(tmp_path, pack_dir):
             results[task.path] = result
 
     identity = sort_faces.model_identity("buffalo_s", pack_dir, 640)
-    sort_faces.run_model_step(
-        embed_or_crash, sort_faces.in_batches(tasks), on_result, pack_dir=pack_dir,
-        modules=["detection", "recognition"], identity=identity,
-        providers=["CPUExecutionProvider"], workers=2,
+    step = sort_faces.ModelStep(
+        embed_or_crash, pack_dir, ["detection", "recognition"], identity, on_result=on_result,
         crash_result=lambda reason: {"status": "unreadable", "reason": reason})
+    sort_faces.run_model_step(step, sort_faces.in_batches(tasks),
+                              providers=["CPUExecutionProvider"], workers=2)
     assert sorted(results) == sorted(t.path for t in tasks)  # every file answered once
     crashed = [p for p, r in results.items() if r["status"] == "unreadable"]
     assert [Path(p).name for p in crashed] == [f"CRASH_{photos[5].name}"]

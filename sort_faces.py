@@ -37,12 +37,14 @@ last, wires them all.
     GEOMETRY             box sizes and overlaps, the second look's spans, unit vectors
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     QUALITY              the blur score, refine's quality gate, export-swap's ranking terms
-    MODEL                InsightFace packs, providers, the crash-proof worker pool whose
-                         workers end with the run that started them, even a killed one
+    MODEL                InsightFace packs, providers, the model's tasks as named records,
+                         a model step described once (ModelStep), the crash-proof worker
+                         pool whose workers end with the run that started them, even a
+                         killed one
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
                          through the object store, replaced when lost; a local instance
                          guarded so that it ends with its run
-    MODEL STEPS          one entry for a model step: the local pool, or Ray
+    MODEL STEPS          one entry that runs a ModelStep: on the local pool, or on Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
                          all-or-nothing changes in place, manifests and the one loader
@@ -67,6 +69,7 @@ import collections
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import html
@@ -92,6 +95,7 @@ import unicodedata
 import urllib.parse
 import warnings
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -136,8 +140,9 @@ __all__ = [
     "exclusive_lock", "pid_alive", "display",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
-    "offline_pack_dir", "run_model_step", "in_batches", "embed_task", "embed_photo",
-    "check_ray_address", "RayPool",
+    "offline_pack_dir", "ModelStep", "run_model_step", "in_batches", "PhotoTask", "embed_task",
+    "embed_photo",
+    "check_ray_address", "RayPool", "VideoSegment", "ray_shipped_tasks",
     "too_small_for_faces", "photo_hashes",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
@@ -586,11 +591,6 @@ _ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4
 REVIEW_NEAREST = 24
 REVIEW_FARTHEST = 6
 REVIEW_MAX_LOOSE = 300
-
-# --- embed ---
-# A video's segment as a task entry (a photo's is (path, size, mtime_ns, sha256)):
-# its samples are (target, pts, keyframe pts, time) tuples (video_plan).
-VIDEO_SEGMENT_ENTRY = ("path", "size", "mtime_ns", "sha256", "segment", "samples")
 
 # --- refine ---
 # Refine's quality gate: per option, the per-face measurement it is the floor
@@ -3213,7 +3213,9 @@ def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
 
 # ============================================================================
 # MODEL
-# Which InsightFace pack to use, and the pool of worker processes that run it.
+# Which InsightFace pack to use; a model step's tasks and the step itself
+# (ModelStep: what each worker loads, the work, what becomes of each result);
+# and the pool of worker processes that runs it.
 # Measured on 2 cores: one process runs ~20 img/s whatever its intra-op thread
 # count, two single-threaded processes ~46 img/s. So every model step uses a
 # pool of processes, each with its own sessions and intra_op_num_threads=1.
@@ -3558,27 +3560,55 @@ def pool_canary() -> int:
     return os.getpid()
 
 
-def decoded_batch(batch: list[tuple], decode=_decode_or_reason):
-    """Worker side: (entry, `decode(path)`: by default decode_image_viewed's
-    result, or the reason it failed) for each (path, ...) entry, decoding one
-    file ahead of the model on the worker's thread."""
-    paths = [entry[0] for entry in batch]
+# The model's tasks: each kind a named record that pickles to the workers and
+# travels to Ray's actors, every kind with the `path` of the file it reads. A
+# batch is a list of tasks of one kind; the work dispatches on their type.
+# (enrich's and export-swap's live in their sections.)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoTask:
+    """embed's task for one photo, as the scan found it."""
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSegment:
+    """embed's task for one segment of a video (alone in its batch): the
+    frames of `samples`, video_plan's (target, pts, keyframe pts, time)
+    tuples, decoded and embedded together."""
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    segment: int
+    samples: tuple
+
+
+def decoded_batch(batch: list, decode=_decode_or_reason):
+    """Worker side: (task, `decode(task.path)`: by default decode_image_viewed's
+    result, or the reason it failed) for each task, decoding one file ahead of
+    the model on the worker's thread."""
+    paths = [task.path for task in batch]
     return zip(batch, _WORKER["decoder"].map(decode, paths))
 
 
-def per_file(batch: list[tuple], work, failed, decode=_decode_or_reason) -> list:
-    """Worker side: `work(entry, decoded)` for each file of a batch; a file that
+def per_file(batch: list, work, failed, decode=_decode_or_reason) -> list:
+    """Worker side: `work(task, decoded)` for each file of a batch; a file that
     cannot be decoded (`decode` returns the reason), or on which the model
     raises, gets `failed(reason)`, so one odd image never ends the run for the
     others."""
     pool_canary()
     results = []
-    for entry, decoded in decoded_batch(batch, decode):
+    for task, decoded in decoded_batch(batch, decode):
         if isinstance(decoded, str):
             results.append(failed(decoded))
             continue
         try:
-            results.append(work(entry, decoded))
+            results.append(work(task, decoded))
         except MemoryError:
             results.append(failed("ran out of memory on this image"))
         except Exception as error:  # noqa: BLE001 - recorded against this file only
@@ -3587,19 +3617,43 @@ def per_file(batch: list[tuple], work, failed, decode=_decode_or_reason) -> list
     return results
 
 
-def model_pool(pack_dir: Path, modules: list[str], providers: list[str], det_size: int,
-               workers: int, embedding_size: int = 512,
-               options: dict | None = None) -> concurrent.futures.ProcessPoolExecutor:
-    """Worker processes that each hold their own model sessions (and `options`,
-    a step's settings its tasks read from _WORKER)."""
+@dataclasses.dataclass(frozen=True)
+class ModelStep:
+    """A step that runs the model over many tasks, described once for the
+    local pool (ModelPool) and for Ray's actors (RayPool) alike.
+
+    What each worker loads: the pack's `modules` from `pack_dir`, at
+    `identity`'s det_size and embedding size, and `options` (the step's
+    settings its work reads from _WORKER). The work: `work(batch)` on each
+    batch of tasks, one result a task (`work(batch, data)` on Ray, with the
+    files' bytes). In this process: `on_result(batch, results)` takes each
+    batch's results; a task that crashes its worker alone gets
+    `crash_result(reason)` for its result; and `on_stop()`, when given, saves
+    the work done when the step ends early (a stop signal, or workers that
+    cannot run at all).
+    """
+    work: Callable
+    pack_dir: Path
+    modules: list[str]
+    identity: dict
+    on_result: Callable
+    crash_result: Callable
+    on_stop: Callable | None = None
+    options: dict | None = None
+
+
+def model_pool(step: ModelStep, providers: list[str],
+               workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes that each hold their own model sessions for `step`
+    (and its options)."""
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     devices = context.Queue()
     for index in range(workers):
         devices.put(index)
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
-        initargs=(str(pack_dir), modules, providers, det_size, devices, embedding_size, options,
-                  os.getpid()))
+        initargs=(str(step.pack_dir), step.modules, providers, step.identity["det_size"], devices,
+                  step.identity["embedding_size"], step.options, os.getpid()))
 
 
 class PoolFailure(Exception):
@@ -3612,15 +3666,14 @@ class ModelPool:
     A decoder or model that crashes the process on some file (a segfault, or
     the kernel killing it) breaks the whole pool. The pool is then rebuilt and
     the batches that were in flight are run again one file at a time, so the
-    file that crashes alone is found: `on_result` gets `crash_result(reason)`
-    for it and the run goes on. If a fresh pool cannot even run an empty task,
-    the fault is the pool's, not the file's: PoolFailure, and nothing is
-    recorded against the files in flight.
+    file that crashes alone is found: the step's `on_result` gets its
+    `crash_result(reason)` for it and the run goes on. If a fresh pool cannot
+    even run an empty task, the fault is the pool's, not the file's:
+    PoolFailure, and nothing is recorded against the files in flight.
     """
 
-    def __init__(self, make_pool, task, on_result, crash_result, max_inflight: int):
-        self.make_pool, self.task, self.on_result = make_pool, task, on_result
-        self.crash_result, self.max_inflight = crash_result, max_inflight
+    def __init__(self, make_pool, step: ModelStep, max_inflight: int):
+        self.make_pool, self.step, self.max_inflight = make_pool, step, max_inflight
         self.pool = make_pool()
         self.inflight: dict = {}
         self.suspects: list = []
@@ -3628,9 +3681,9 @@ class ModelPool:
     def run(self, batches) -> None:
         """Feed `batches` (consumed lazily: it may be hashing files as it goes)
         with at most max_inflight outstanding tasks; results arrive in
-        `on_result(batch, result)` in this process."""
+        the step's `on_result(batch, result)` in this process."""
         for batch in batches:
-            self.inflight[self.pool.submit(self.task, batch)] = batch
+            self.inflight[self.pool.submit(self.step.work, batch)] = batch
             self.drain(block=len(self.inflight) >= self.max_inflight)
         while self.inflight:
             self.drain(block=True)
@@ -3647,7 +3700,7 @@ class ModelPool:
                 continue
             except WorkerStartError as error:
                 raise PoolFailure(f"the model workers could not load the model: {error}") from None
-            self.on_result(batch, result)
+            self.step.on_result(batch, result)
         if self.suspects:
             self.recover()
 
@@ -3666,14 +3719,14 @@ class ModelPool:
         suspects = self.suspects + list(self.inflight.values())
         self.suspects, self.inflight = [], {}
         self.restart()
-        for entry in (entry for batch in suspects for entry in batch):
+        for task in (task for batch in suspects for task in batch):
             try:
-                result = self.pool.submit(self.task, [entry]).result()
+                result = self.pool.submit(self.step.work, [task]).result()
             except concurrent.futures.process.BrokenProcessPool:
                 self.restart()  # PoolFailure if a fresh pool cannot run at all
-                log.warning("a model worker crashed on %s", display(entry[0]))
-                result = [self.crash_result(CRASH_REASON)]
-            self.on_result([entry], result)
+                log.warning("a model worker crashed on %s", display(task.path))
+                result = [self.step.crash_result(CRASH_REASON)]
+            self.step.on_result([task], result)
 
     def stop(self) -> None:
         """Stop every worker now: queued work is dropped, running work killed."""
@@ -3778,6 +3831,17 @@ def ray_shipped(task) -> tuple:
     if module.__name__ == "__main__":
         module, task = library, getattr(library, task.__name__)
     return task, sorted({library.__file__, module.__file__})
+
+
+def ray_shipped_tasks(batch: list) -> list:
+    """`batch`'s tasks as Ray's workers import their records: run as a script,
+    this file's records are __main__'s, which Ray would copy by value, and the
+    work (ray_shipped) would not know their types."""
+    library = library_module()
+    return [task if type(task).__module__ != "__main__" else
+            getattr(library, type(task).__name__)(**{field.name: getattr(task, field.name)
+                                                     for field in dataclasses.fields(task)})
+            for task in batch]
 
 
 def grpc_problem(address: str) -> str:
@@ -3973,7 +4037,7 @@ def node_pack(files: dict[str, bytes]) -> Path:
 
 class RayModelWorker:
     """A Ray actor holding one model, its pack's files sent as bytes
-    (node_pack), that runs `task(batch, data)` (embed_task)."""
+    (node_pack), that runs `task(batch, data)` (a ModelStep's work: embed_task)."""
 
     def __init__(self, task, files: dict, modules, providers, det_size, embedding_size, options):
         self.task = task
@@ -3990,25 +4054,34 @@ class RayModelWorker:
         """'' once the model is loaded, else why it could not be."""
         return _WORKER.get("error", "")
 
-    def run(self, batch: list[tuple], data) -> list:
+    def run(self, batch: list, data) -> list:
         return self.task(batch, data)
 
 
+def ray_actor_maker(ray, step: ModelStep, providers: list[str], resources: dict):
+    """What starts one actor for `step` (RayModelWorker, with `resources`:
+    ray_actor_plan): the step's work as Ray's workers import it, its pack's
+    files put in the object store once for all its actors."""
+    actor = ray.remote(max_restarts=0, **resources)(library_module().RayModelWorker)
+    work, files = ray_shipped(step.work)[0], ray.put(pack_files(step.pack_dir, step.modules))
+    return lambda: actor.remote(work, files, step.modules, providers, step.identity["det_size"],
+                                step.identity["embedding_size"], step.options)
+
+
 class RayPool:
-    """ModelPool's contract (run, stop, shutdown; results in `on_result`) on
-    Ray actors.
+    """ModelPool's contract (run, stop, shutdown; results in the step's
+    `on_result`) on Ray actors.
 
     Each task carries its files' bytes (a video's, put in the object store
     once, shared by its segments). An actor that dies (a crash, a kill, its
     node lost) is replaced, and the batches it had in flight are run again
     one file at a time on the new one: a file that kills an actor alone gets
-    `crash_result`, as with the local pool. When no actor can start, or none
-    is ready within RAY_ACTOR_START_S: PoolFailure.
+    the step's `crash_result`, as with the local pool. When no actor can
+    start, or none is ready within RAY_ACTOR_START_S: PoolFailure.
     """
 
-    def __init__(self, ray, make_actor, count: int, on_result, crash_result):
-        self.ray, self.make_actor, self.on_result = ray, make_actor, on_result
-        self.crash_result = crash_result
+    def __init__(self, ray, make_actor, count: int, step: ModelStep):
+        self.ray, self.make_actor, self.step = ray, make_actor, step
         self.max_inflight = 2 * count + 2
         self.actors = [make_actor() for _ in range(count)]
         self.generation = [0] * count
@@ -4033,19 +4106,23 @@ class RayPool:
         if problem:
             raise PoolFailure(f"the Ray actors could not load the model: {problem}")
 
-    def payload(self, batch: list[tuple]):
-        if len(batch[0]) != len(VIDEO_SEGMENT_ENTRY):  # a photo's bytes, or the local
-            return [decode_or_reason(read_photo, entry[0]) for entry in batch]  # pool's reason
-        path, sha = batch[0][0], batch[0][3]
-        if self.video[0] != sha:  # segments of one video come together: one copy in the store
-            self.video = (sha, None)
+    def payload(self, batch: list):
+        if not isinstance(batch[0], VideoSegment):  # each file's bytes, or the local
+            return [decode_or_reason(read_photo, task.path) for task in batch]  # pool's reason
+        segment = batch[0]
+        if self.video[0] != segment.sha256:  # segments of one video come together: one copy
+            self.video = (segment.sha256, None)  # in the store
             with contextlib.suppress(OSError):
-                self.video = (sha, self.ray.put(Path(path).read_bytes()))
+                self.video = (segment.sha256, self.ray.put(Path(segment.path).read_bytes()))
         return self.video[1] if self.video[1] is not None else b""
 
-    def submit(self, batch: list[tuple]) -> None:
+    def send(self, index: int, batch: list):
+        """`batch` to actor `index`, with its files' bytes: the result's ObjectRef."""
+        return self.actors[index].run.remote(ray_shipped_tasks(batch), self.payload(batch))
+
+    def submit(self, batch: list) -> None:
         index = min(range(len(self.actors)), key=self.load.__getitem__)
-        ref = self.actors[index].run.remote(batch, self.payload(batch))
+        ref = self.send(index, batch)
         self.inflight[ref] = (index, self.generation[index], batch)
         self.load[index] += 1
 
@@ -4067,7 +4144,7 @@ class RayPool:
             except self.ray.exceptions.RayError as error:  # the actor, its node or its input lost
                 self.recover(index, generation, batch, error)
                 continue
-            self.on_result(batch, result)
+            self.step.on_result(batch, result)
 
     def replace(self, index: int, generation: int, error) -> None:
         """A fresh actor in place of a lost one (once, however many tasks it had)."""
@@ -4082,18 +4159,18 @@ class RayPool:
         self.load[index] = 0
         self.wait_ready([index])
 
-    def recover(self, index: int, generation: int, batch: list[tuple], error) -> None:
+    def recover(self, index: int, generation: int, batch: list, error) -> None:
         self.replace(index, generation, error)
         self.video = ("", None)  # put again: the node holding it may be the one lost
-        for entry in batch:
+        for task in batch:
             generation = self.generation[index]
             try:
-                result = self.ray.get(self.actors[index].run.remote([entry], self.payload([entry])))
+                result = self.ray.get(self.send(index, [task]))
             except self.ray.exceptions.RayError as again:
                 self.replace(index, generation, again)
-                log.warning("a Ray actor crashed on %s", display(entry[0]))
-                result = [self.crash_result(CRASH_REASON)]
-            self.on_result([entry], result)
+                log.warning("a Ray actor crashed on %s", display(task.path))
+                result = [self.step.crash_result(CRASH_REASON)]
+            self.step.on_result([task], result)
 
     def stop(self) -> None:
         """Every actor killed now: their work in flight is dropped."""
@@ -4107,25 +4184,24 @@ class RayPool:
 
 # ============================================================================
 # MODEL STEPS
-# One entry for every step that runs the model over many items: the local
-# pool, or Ray's actors with --ray. After RAY, which it dispatches to.
+# One entry for every step that runs the model over many items (a ModelStep):
+# the local pool, or Ray's actors with --ray. After RAY, which it dispatches to.
 # ============================================================================
 
 
-def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[str],
-                   identity: dict, providers: list[str], workers: int, crash_result,
-                   n_tasks: int | None = None, on_stop=None, options: dict | None = None,
-                   ray_actor: dict | None = None) -> None:
-    """Run `task` over `batches` in a fresh pool of model workers (which hold
-    `options` for the task to read); with `ray_actor` (an actor's resources,
-    ray_actor_plan), on that many actors of the connected Ray cluster instead
-    (RayPool; the task then takes each batch's bytes too, as embed_task does).
+def run_model_step(step: ModelStep, batches, *, providers: list[str], workers: int,
+                   n_tasks: int | None = None, ray_actor: dict | None = None) -> None:
+    """Run `step` over `batches` (lists of its tasks) in a fresh pool of
+    `workers` model workers with `providers`; with `ray_actor` (an actor's
+    resources, ray_actor_plan), on that many actors of the connected Ray
+    cluster instead (RayPool; the step's work then takes each batch's bytes
+    too, as embed_task does).
 
     The pool never starts more workers than there are tasks (`n_tasks`, when
-    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, `on_stop()`
-    saves what is done, and Interrupted tells the user how to go on. When the
-    pool cannot run at all, `on_stop()` saves what is done and the run ends
-    with a UserError; the files in flight are not recorded.
+    known). On Ctrl-C, SIGTERM or SIGHUP the workers are stopped, the step's
+    `on_stop()` saves what is done, and Interrupted tells the user how to go
+    on. When the pool cannot run at all, `on_stop()` saves what is done and
+    the run ends with a UserError; the files in flight are not recorded.
     """
     workers = check_option("workers", workers)
     if n_tasks is not None:
@@ -4133,32 +4209,25 @@ def run_model_step(task, batches, on_result, *, pack_dir: Path, modules: list[st
     pool = None
     try:
         if ray_actor is None:
-            pool = ModelPool(lambda: model_pool(pack_dir, modules, providers, identity["det_size"],
-                                                workers, identity["embedding_size"], options),
-                             task, on_result, crash_result, max_inflight=2 * workers + 2)
+            pool = ModelPool(lambda: model_pool(step, providers, workers), step,
+                             max_inflight=2 * workers + 2)
         else:
             ray = ray_module()
-            task = ray_shipped(task)[0]
-            actor = ray.remote(max_restarts=0, **ray_actor)(library_module().RayModelWorker)
-            files = ray.put(pack_files(pack_dir, modules))
-            pool = RayPool(ray, lambda: actor.remote(task, files, modules, providers,
-                                                     identity["det_size"],
-                                                     identity["embedding_size"], options),
-                           workers, on_result, crash_result)
+            pool = RayPool(ray, ray_actor_maker(ray, step, providers, ray_actor), workers, step)
         pool.run(batches)
     except KeyboardInterrupt:
         if pool is not None:
             pool.stop()
-        if on_stop is None:
+        if step.on_stop is None:
             raise
-        on_stop()
+        step.on_stop()
         raise Interrupted("interrupted: the work done so far is saved; run the same command "
                           "to go on") from None
     except PoolFailure as error:
         if pool is not None:
             pool.stop()
-        if on_stop is not None:
-            on_stop()
+        if step.on_stop is not None:
+            step.on_stop()
         raise UserError(f"{error}; nothing was recorded for the files in flight, and the work "
                         "done before is saved") from None
     except BaseException:
@@ -7793,18 +7862,18 @@ def _lap(timings: dict, stage: str, since: float) -> float:
     return now
 
 
-def embed_task(batch: list[tuple], data=None) -> list[dict]:
-    """Worker side: decode (a thread ahead) and embed each file of a batch
-    of (path, ...) entries, or one segment of a video (embed_segment).
+def embed_task(batch: list, data=None) -> list[dict]:
+    """Worker side: decode (a thread ahead) and embed each photo of a batch
+    of PhotoTasks, or the one VideoSegment of a batch (embed_segment).
 
     `data` (a Ray actor's task, whose files are not on its node): each
     photo's bytes, or the reason they could not be read, in batch order; a
     segment's video's bytes."""
-    if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+    if batch and isinstance(batch[0], VideoSegment):
         return [embed_segment(batch[0], data)]
     dct = not _WORKER.get("full_decode")
     det_size = _WORKER["det_size"]
-    given = dict(zip((entry[0] for entry in batch), data)) if data is not None else {}
+    given = dict(zip((task.path for task in batch), data)) if data is not None else {}
 
     def decode(path):
         started = time.thread_time()
@@ -7819,14 +7888,14 @@ def embed_task(batch: list[tuple], data=None) -> list[dict]:
                     decode=lambda path: decode_or_reason(decode, path))
 
 
-def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
+def embed_segment(segment: VideoSegment, data: bytes | None = None) -> dict:
     """Worker side: decode exactly the frames of one segment's samples
     (video_frames_at) and embed each as a photo. Returns {"status":
     "segment", "frames": [one _embed_one result each, with its target and
     time], "reason": what could not be decoded ('' when all was)}. `data`:
     the video's bytes, read instead of its path (a Ray actor's task)."""
     pool_canary()
-    path, samples = entry[0], entry[-1]
+    path, samples = segment.path, segment.samples
     by_pts = {pts: (target, time_s) for target, pts, _key, time_s in samples}
     frames, seconds, problems = [], {}, []
     try:
@@ -7858,7 +7927,7 @@ def embed_segment(entry: tuple, data: bytes | None = None) -> dict:
             "reason": " ".join("; ".join(problems).split()), "seconds": seconds}
 
 
-def _embed_one(_entry, photo: PhotoPixels) -> dict:
+def _embed_one(_task, photo: PhotoPixels) -> dict:
     det_size = _WORKER["det_size"]
     timings = {"decode": photo.decode_seconds}
     clock = time.thread_time()
@@ -7951,16 +8020,16 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
             if todo:
                 with concurrent.futures.ThreadPoolExecutor(2) as hasher:
                     hashed = bounded_map(run.hash_entry, todo, hasher, ahead=64)
-                    run_model_step(embed_task, run.batches(hashed), run.on_result,
-                                   pack_dir=pack_dir, modules=["detection", "recognition"],
-                                   identity=identity, providers=provider_list, workers=workers,
-                                   n_tasks=None if any(is_video_path(e[0]) for e in todo)
-                                   else n_batches(len(todo)),  # a video: segments to share
-                                   crash_result=lambda reason: {"status": "crashed",
-                                                                "reason": reason},
-                                   on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
-                                   options={"full_decode": bool(full_decode)},
-                                   ray_actor=ray_actor)
+                    step = ModelStep(
+                        embed_task, pack_dir, ["detection", "recognition"], identity,
+                        on_result=run.on_result,
+                        crash_result=lambda reason: {"status": "crashed", "reason": reason},
+                        on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
+                        options={"full_decode": bool(full_decode)})
+                    run_model_step(step, run.batches(hashed), providers=provider_list,
+                                   workers=workers, ray_actor=ray_actor,
+                                   n_tasks=None if any(is_video_path(path) for path, *_ in todo)
+                                   else n_batches(len(todo)))  # a video: segments to share
         run.flush()
         save_cache(cache_path, cache)
         run.summary.update(run.tree_report(paths))
@@ -8079,7 +8148,7 @@ class EmbedRun:
             if is_video_path(path):
                 yield from self.video_segments(path, size, mtime_ns, sha)
                 continue
-            batch.append((path, size, mtime_ns, sha))
+            batch.append(PhotoTask(path, size, mtime_ns, sha))
             if len(batch) == TASK_FILES:
                 yield batch
                 batch = []
@@ -8116,22 +8185,23 @@ class EmbedRun:
             if known == len(samples):
                 continue  # recorded by a run that was stopped inside this video
             state["issued"] += 1
-            yield [(path, size, mtime_ns, sha, segment, tuple(samples))]
+            yield [VideoSegment(path, size, mtime_ns, sha, segment, tuple(samples))]
         state["issuing"] = False
         self._finish_video(sha)
 
-    def on_segment(self, entry: tuple, result: dict) -> None:
-        path, size, mtime_ns, sha, segment, samples = entry
+    def on_segment(self, segment: VideoSegment, result: dict) -> None:
+        sha = segment.sha256
         state = self.videos[sha]
         state["done"] += 1
         if result["status"] == "crashed":
-            state["crashed"] = f"the samples from {samples[0][3]:.3f} s: {result['reason']}"
+            _target, _pts, _key, first_time = segment.samples[0]
+            state["crashed"] = f"the samples from {first_time:.3f} s: {result['reason']}"
         for frame in result.get("frames", []):
             key = frame_key(sha, frame["target"])
             if key in self.known_sha:
                 continue
-            self._add_file(str(FrameLocation(path, frame["time"])), size, mtime_ns, key, frame,
-                           video=(sha, frame["time"]))
+            self._add_file(str(FrameLocation(segment.path, frame["time"])), segment.size,
+                           segment.mtime_ns, key, frame, video=(sha, frame["time"]))
             state["frames"] += 1
             self.summary["frames"] += 1
         if result.get("reason") and result["status"] != "crashed":
@@ -8172,26 +8242,28 @@ class EmbedRun:
         self._add_file(state["path"], state["size"], state["mtime_ns"], sha, result)
         self.summary["videos"] += 1
 
-    def on_result(self, batch, results) -> None:
-        if batch and len(batch[0]) == len(VIDEO_SEGMENT_ENTRY):
+    def on_result(self, batch: list, results: list) -> None:
+        if batch and isinstance(batch[0], VideoSegment):
             self.on_segment(batch[0], results[0])
             return
-        for (path, size, mtime_ns, sha), result in zip(batch, results):
+        for task, result in zip(batch, results):
+            sha = task.sha256
             self.add_seconds(result.get("seconds", {}))
             self.pending_sha.discard(sha)
             status, reason = result["status"], result["reason"]
             if status == "crashed":
                 if sha not in self.suspects:  # the first time: not recorded, tried again next run
-                    self.suspects[sha] = {"path": path, "reason": reason,
+                    self.suspects[sha] = {"path": task.path, "reason": reason,
                                           "time": _dt.datetime.now().isoformat(timespec="seconds")}
                     log.warning("crashed: %s: %s; it is tried once more on the next run",
-                                display(path), reason)
+                                display(task.path), reason)
                     self.summary["crashed"] += 1
                     self.bar.update(1)
                     continue
                 status, reason = "unreadable", f"{reason} (on two runs)"
             self.suspects.pop(sha, None)
-            self._add_file(path, size, mtime_ns, sha, dict(result, status=status, reason=reason))
+            self._add_file(task.path, task.size, task.mtime_ns, sha,
+                           dict(result, status=status, reason=reason))
             self.bar.update(1)
         self.bar.set_postfix(faces=self.summary["faces"], refresh=False)
         self._maybe_flush()
@@ -8760,15 +8832,25 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
 # ============================================================================
 
 
-def enrich_task(batch: list[tuple]) -> list[dict]:
-    """Worker side: per (path, boxes, kps, ...) re-detect and take landmarks."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnrichTask:
+    """enrich's task for one image: the cache rows of its faces that lack
+    landmarks, and their boxes and key points (the cache's, at full resolution)."""
+    path: str
+    boxes: np.ndarray
+    kps: np.ndarray
+    faces: list[int]
+
+
+def enrich_task(batch: list[EnrichTask]) -> list[dict]:
+    """Worker side: per image re-detect and take landmarks for its faces."""
     return per_file(batch, _enrich_one, lambda reason: {"error": reason})
 
 
-def _enrich_one(entry, decoded) -> dict:
-    _path, boxes, kps = entry[:3]
-    bgr, view = decoded[0], decoded[4]
-    boxes, kps = view.to_view(boxes), view.to_view(kps)  # the cache's full resolution, here
+def _enrich_one(task: EnrichTask, decoded) -> dict:
+    bgr, _width, _height, _damage, view = decoded  # decode_image_viewed's
+    # the cache's full-resolution boxes and key points, in the decoded pixels
+    boxes, kps = view.to_view(task.boxes), view.to_view(task.kps)
     found = faces_with_landmarks(_WORKER["app"], bgr, _WORKER["det_size"])
     out = {key: empty_enrich_rows(key, len(boxes)) for key in ENRICH_COLUMNS}
     iou = box_iou(boxes, [f.bbox for f in found]) if found else np.zeros((len(boxes), 0))
@@ -8822,7 +8904,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
                             label_path(cache, locations, row))
                 summary["missing"] += 1
                 continue
-            tasks.append((path, cache["bbox"][faces], cache["kps"][faces], faces))
+            tasks.append(EnrichTask(path, cache["bbox"][faces], cache["kps"][faces], faces))
         say(f"enrich: {len(todo_faces)} faces in {len(tasks)} images to do "
             f"(model {pack_name}, {'+'.join(modules)})", quiet)
         pending: list[tuple[list[int], dict]] = []
@@ -8840,13 +8922,13 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             pending.clear()
 
         def on_result(batch, results):
-            for entry, result in zip(batch, results):
+            for task, result in zip(batch, results):
                 if "error" in result:
-                    log.warning("skipped: %s: %s", entry[0], result["error"])
+                    log.warning("skipped: %s: %s", task.path, result["error"])
                     summary["missing"] += 1
                 else:
-                    pending.append((entry[3], result))
-                    summary["faces"] += len(entry[3])
+                    pending.append((task.faces, result))
+                    summary["faces"] += len(task.faces)
                     summary["nomatch"] += int(np.sum(result["enrich_status"] == "nomatch"))
                 bar.update(1)
             if len(pending) >= flush_every:
@@ -8855,11 +8937,11 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
         provider_list, workers = worker_setup(providers, workers)
         with progress(total=len(tasks), desc="enrich", unit="img") as bar:
             if tasks:
-                run_model_step(enrich_task, in_batches(tasks), on_result, pack_dir=pack_dir,
-                               modules=modules, identity=identity, providers=provider_list,
-                               workers=workers, n_tasks=n_batches(len(tasks)),
-                               crash_result=lambda reason: {"error": reason},
-                               on_stop=lambda: (flush(), save_cache(cache_path, cache)))
+                step = ModelStep(enrich_task, pack_dir, modules, identity, on_result=on_result,
+                                 crash_result=lambda reason: {"error": reason},
+                                 on_stop=lambda: (flush(), save_cache(cache_path, cache)))
+                run_model_step(step, in_batches(tasks), providers=provider_list, workers=workers,
+                               n_tasks=n_batches(len(tasks)))
         flush()
         save_cache(cache_path, cache)
     summary["seconds"] = round(time.time() - started, 1)
@@ -8957,23 +9039,38 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=
     return None, "another face is still detected, or overlaps this one", blacked
 
 
-def export_task(batch: list[tuple]) -> list[dict]:
+@dataclasses.dataclass(frozen=True, eq=False)
+class CropTask:
+    """export-swap's task for one face: its square crop, `pad_ratio` around
+    its box, `out_size` pixels across, the photo's `others` faces (their
+    boxes) kept out of it; boxes in the cache's full resolution. `path` is
+    None when the photo has moved or vanished since embed (not run)."""
+    path: str | None
+    bbox: np.ndarray
+    pad_ratio: float
+    out_size: int
+    face: int
+    others: np.ndarray
+
+
+def export_task(batch: list[CropTask]) -> list[dict]:
     """Worker side: decode, crop and make each crop single-face; PNG bytes back."""
     return per_file(batch, _export_one, lambda reason: {"error": f"cannot read the photo: {reason}"})
 
 
-def _export_one(entry, decoded) -> dict:
+def _export_one(task: CropTask, decoded) -> dict:
     detector = _WORKER["app"].det_model
 
     def detect(image, size):
         return detector.detect(image, input_size=(size, size))[0]
 
-    _path, bbox, pad_ratio, out_size, _face, others = entry
-    view = decoded[4]  # the cache's full-resolution boxes, in the decoded pixels
-    bbox, others = view.to_view(bbox), view.to_view(np.reshape(others, (-1, 4)))
-    box = square_crop_box(bbox, pad_ratio)
+    bgr, _width, _height, _damage, view = decoded  # decode_image_viewed's
+    out_size = task.out_size
+    # the cache's full-resolution boxes, in the decoded pixels
+    bbox, others = view.to_view(task.bbox), view.to_view(np.reshape(task.others, (-1, 4)))
+    box = square_crop_box(bbox, task.pad_ratio)
     crop, reason, blacked = single_face_crop(
-        detect, crop_square(decoded[0], box, out_size), box_in_crop(bbox, box, out_size),
+        detect, crop_square(bgr, box, out_size), box_in_crop(bbox, box, out_size),
         [box_in_crop(other, box, out_size) for other in others])
     if crop is None:
         return {"error": reason}
@@ -9083,16 +9180,16 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
-    tasks = [(existing_location(locations[cache["face_file"][f]],
-                                int(cache["file_size"][cache["face_file"][f]])),
-              cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
-              cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
+    tasks = [CropTask(existing_location(locations[cache["face_file"][f]],
+                                        int(cache["file_size"][cache["face_file"][f]])),
+                      cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
+                      cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
              for _name, _kind, ranked, _dropped in plan for f in ranked]
     crops: dict[int, dict] = {}
     for task in tasks:
-        if task[0] is None:
-            crops[task[4]] = {"error": "the photo has moved or vanished since embed"}
-    runnable = [t for t in tasks if t[0] is not None]
+        if task.path is None:
+            crops[task.face] = {"error": "the photo has moved or vanished since embed"}
+    runnable = [t for t in tasks if t.path is not None]
     provider_list, workers = worker_setup(providers, workers)
     say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
@@ -9101,13 +9198,13 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if runnable:
             def on_result(batch, results):
                 for task, result in zip(batch, results):
-                    crops[task[4]] = result
+                    crops[task.face] = result
                 bar.update(len(batch))
 
-            run_model_step(export_task, in_batches(runnable), on_result, pack_dir=pack_dir,
-                           modules=["detection"], identity=identity, providers=provider_list,
-                           workers=workers, n_tasks=n_batches(len(runnable)),
-                           crash_result=lambda reason: {"error": reason})
+            step = ModelStep(export_task, pack_dir, ["detection"], identity, on_result=on_result,
+                             crash_result=lambda reason: {"error": reason})
+            run_model_step(step, in_batches(runnable), providers=provider_list, workers=workers,
+                           n_tasks=n_batches(len(runnable)))
         manifest = run_header("export-swap", cache_path, cache, params)
         manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
                         raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,

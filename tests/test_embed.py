@@ -140,11 +140,12 @@ sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import sort_faces
 from crashing_task import stall
 pack = sort_faces.Path({str(pack_dir)!r})
-sort_faces.run_model_step(stall, [[({str(busy)!r},)]], lambda batch, result: None,
-                          pack_dir=pack, modules=["detection"],
-                          identity=sort_faces.model_identity("buffalo_s", pack, 640),
-                          providers=["CPUExecutionProvider"], workers=1,
-                          crash_result=lambda reason: None)
+step = sort_faces.ModelStep(stall, pack, ["detection"],
+                            sort_faces.model_identity("buffalo_s", pack, 640),
+                            on_result=lambda batch, result: None,
+                            crash_result=lambda reason: None)
+sort_faces.run_model_step(step, [[sort_faces.PhotoTask({str(busy)!r}, 0, 0, "")]],
+                          providers=["CPUExecutionProvider"], workers=1)
 """
     process = subprocess.Popen([sys.executable, "-c", run], cwd=ROOT, start_new_session=True)
     deadline = time.time() + 120
@@ -466,20 +467,20 @@ def test_a_worker_crash_is_survived_and_the_file_named(tmp_path, pack_dir):
     for index, photo in enumerate(photos):
         name = f"CRASH_{photo.name}" if index == 5 else photo.name
         shutil.copy2(photo, src / name)
-    entries = [(str(p),) for p in sorted(src.iterdir())]
+    tasks = [sort_faces.PhotoTask(str(p), 0, 0, "") for p in sorted(src.iterdir())]
     results = {}
 
     def on_result(batch, outcome):
-        for entry, result in zip(batch, outcome):
-            results[entry[0]] = result
+        for task, result in zip(batch, outcome):
+            results[task.path] = result
 
     identity = sort_faces.model_identity("buffalo_s", pack_dir, 640)
-    sort_faces.run_model_step(
-        embed_or_crash, sort_faces.in_batches(entries), on_result, pack_dir=pack_dir,
-        modules=["detection", "recognition"], identity=identity,
-        providers=["CPUExecutionProvider"], workers=2,
+    step = sort_faces.ModelStep(
+        embed_or_crash, pack_dir, ["detection", "recognition"], identity, on_result=on_result,
         crash_result=lambda reason: {"status": "unreadable", "reason": reason})
-    assert sorted(results) == sorted(e[0] for e in entries)  # every file answered once
+    sort_faces.run_model_step(step, sort_faces.in_batches(tasks),
+                              providers=["CPUExecutionProvider"], workers=2)
+    assert sorted(results) == sorted(t.path for t in tasks)  # every file answered once
     crashed = [p for p, r in results.items() if r["status"] == "unreadable"]
     assert [Path(p).name for p in crashed] == [f"CRASH_{photos[5].name}"]
     assert "crashed" in results[crashed[0]]["reason"]

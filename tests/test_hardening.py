@@ -603,12 +603,13 @@ def test_the_pool_never_starts_more_workers_than_tasks(tmp_path, pack_dir, caplo
 
     pids = []
     identity = sort_faces.model_identity("buffalo_s", pack_dir, 640)
-    entries = [(str(p),) for p in sorted((DATA / "lfw10").rglob("*.jpg"))[:8]]
-    sort_faces.run_model_step(worker_pid, sort_faces.in_batches(entries, 4),
-                              lambda batch, result: pids.extend(result), pack_dir=pack_dir,
-                              modules=["detection"], identity=identity,
-                              providers=["CPUExecutionProvider"], workers=40, n_tasks=2,
-                              crash_result=lambda reason: None)
+    tasks = [sort_faces.PhotoTask(str(p), 0, 0, "")
+             for p in sorted((DATA / "lfw10").rglob("*.jpg"))[:8]]
+    step = sort_faces.ModelStep(worker_pid, pack_dir, ["detection"], identity,
+                                on_result=lambda batch, result: pids.extend(result),
+                                crash_result=lambda reason: None)
+    sort_faces.run_model_step(step, sort_faces.in_batches(tasks, 4),
+                              providers=["CPUExecutionProvider"], workers=40, n_tasks=2)
     assert len(pids) == 8 and len(set(pids)) <= 2
     caplog.set_level("WARNING", logger="face-sets")
     sort_faces.worker_setup("CPUExecutionProvider", 64)

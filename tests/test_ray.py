@@ -5,6 +5,7 @@ tier starts a local Ray instance and compares its rows with the local pool's
 on the shared photos, a video, a damaged file and a copy, and kills an actor
 in the middle of a run."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -96,6 +97,22 @@ def test_an_address_where_no_ray_cluster_answers_is_one_line(monkeypatch):
         threading.Thread(target=answer_http, daemon=True).start()
         assert "not a Ray cluster" in sort_faces.grpc_problem(f"127.0.0.1:{port}")
         assert "nothing answered within 1 s" == sort_faces.grpc_problem(f"127.0.0.1:{port}")
+
+
+@pytest.mark.fast
+def test_the_scripts_tasks_reach_the_actors_as_the_modules_records():
+    """Run as a script, embed's task records are __main__'s, which Ray would
+    copy by value, so that the actors' embed_task would not know a segment
+    for a VideoSegment: they are sent as the module sort_faces's records."""
+    fields = [(field.name, field.type) for field in dataclasses.fields(sort_faces.VideoSegment)]
+    scripts = dataclasses.make_dataclass("VideoSegment", fields, frozen=True)
+    scripts.__module__ = "__main__"
+    segment = scripts("v.mp4", 10, 20, "ab", 3, ((0.0, 0, 0, 0.0),))
+    [shipped] = sort_faces.ray_shipped_tasks([segment])
+    assert type(shipped) is sort_faces.VideoSegment
+    assert dataclasses.astuple(shipped) == dataclasses.astuple(segment)
+    photo = sort_faces.PhotoTask("a.jpg", 10, 20, "cd")
+    assert sort_faces.ray_shipped_tasks([photo])[0] is photo  # the module's own: as it is
 
 
 class socket_closed_port:

@@ -55,6 +55,18 @@ def pack_dir():
     return pack
 
 
+def run_cli(*argv, timeout: float | None = 600, env: dict | None = None):
+    """`sort_faces.py ARGV` in a fresh process of this interpreter, run in the
+    project root (with `env` as its environment, if given): (code, out, err).
+    A run past `timeout` seconds raises subprocess.TimeoutExpired."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
+                            cwd=ROOT, capture_output=True, text=True, errors="replace",
+                            timeout=timeout, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
 def run_pasted(command: str, cwd=ROOT, timeout: float = 300):
     """A command line the tool printed, run as a user pastes it: by bash, in the
     folder the tool ran in (the suite's is the project root). (code, out, err)"""

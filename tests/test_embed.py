@@ -16,7 +16,7 @@ from PIL import Image
 
 import sort_faces
 from conftest import (DATA, ROOT, embed_process, embed_quiet, kill_embed_after, left_running,
-                      tree_fingerprint, wait_for_chunks)
+                      run_cli, tree_fingerprint, wait_for_chunks)
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +209,11 @@ def _bad_and_odd_files(folder: Path) -> dict:
 
 def test_bad_files_are_reported_and_odd_formats_decode(tmp_path, capsys):
     kinds = _bad_and_odd_files(tmp_path / "src")
-    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(tmp_path / "src"),
-               str(tmp_path / "c.npz"), "--model", "buffalo_s"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == sort_faces.EXIT_PARTIAL, result.stderr
-    assert "Traceback" not in result.stderr
+    code, _out, err = run_cli("embed", tmp_path / "src", tmp_path / "c.npz", "--model", "buffalo_s")
+    assert code == sort_faces.EXIT_PARTIAL, err
+    assert "Traceback" not in err
     for name in kinds["bad"]:
-        assert name in result.stderr  # each bad file is named with its reason
+        assert name in err  # each bad file is named with its reason
     cache, counts = faces_per_file(tmp_path / "c.npz")
     status = dict(zip(cache["files"], cache["file_status"]))
     reasons = dict(zip(cache["files"], cache["file_reason"]))
@@ -367,11 +365,9 @@ def test_concurrent_run_is_refused_and_stale_lock_taken_over(tmp_path):
         lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid}")
         with pytest.raises(sort_faces.UserError, match="in use by another run"):
             embed_quiet(src, cache)
-        result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
-                                 str(cache), "--model", "buffalo_s"],
-                                cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 2 and "in use by another run" in result.stderr
-        assert "Traceback" not in result.stderr
+        code, _out, err = run_cli("embed", src, cache, "--model", "buffalo_s")
+        assert code == 2 and "in use by another run" in err
+        assert "Traceback" not in err
     finally:
         holder.kill()
         holder.wait()
@@ -408,10 +404,9 @@ def test_mismatched_model_is_refused(tmp_path, pack_dir):
     (["embed", str(DATA), "x.npz", "--workers", "two"], "must be an integer, not 'two'"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, message):
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *argv],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    code, _out, err = run_cli(*argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 def test_cache_inside_source_is_refused(tmp_path):
@@ -528,13 +523,10 @@ def test_buffalo_s_and_a_model_folder_never_touch_the_network(tmp_path, monkeypa
 
 def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):
     src = DATA / "face_recognition" / "joe_biden"
-    base = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src)]
-    quiet = subprocess.run(base + [str(tmp_path / "q.npz"), "--model", "buffalo_s", "--quiet"],
-                           cwd=ROOT, capture_output=True, text=True)
-    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
-    loud = subprocess.run(base + [str(tmp_path / "v.npz"), "--model", "buffalo_s", "--verbose"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert loud.returncode == 0 and "embed done" in loud.stdout
+    code, out, err = run_cli("embed", src, tmp_path / "q.npz", "--model", "buffalo_s", "--quiet")
+    assert code == 0 and out == "" and err == ""
+    code, out, err = run_cli("embed", src, tmp_path / "v.npz", "--model", "buffalo_s", "--verbose")
+    assert code == 0 and "embed done" in out
     logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log"))
     assert logs and "embed done" in logs[-1].read_text()
 

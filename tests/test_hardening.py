@@ -21,15 +21,7 @@ import pytest
 from PIL import Image
 
 import sort_faces
-from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet, tree_fingerprint
-
-
-def run_cli(*argv, timeout=None):
-    """The command line in a fresh process: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
-                            cwd=ROOT, capture_output=True, text=True, errors="replace",
-                            timeout=timeout)
-    return result.returncode, result.stdout, result.stderr
+from conftest import DATA, REFINE, ROOT, embed_quiet, run_cli, tree_fingerprint
 
 
 def one_line_error(code, err, *words):

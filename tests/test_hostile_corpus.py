@@ -27,7 +27,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import unicodedata
 import urllib.parse
@@ -43,7 +42,7 @@ from PIL import Image
 
 import sort_faces
 import videos
-from conftest import DATA, ROOT, tree_fingerprint
+from conftest import DATA, run_cli, tree_fingerprint
 
 STEP_TIMEOUT = 180  # seconds: a step that hangs (a FIFO opened, a loop followed) fails, not blocks
 
@@ -692,14 +691,6 @@ KNOWN_BUGS = {kind.id for kind in KINDS if kind.xfail}
 # ---------------------------------------------------------------------------
 
 
-def run_cli(*argv, timeout=STEP_TIMEOUT):
-    """The command line in a fresh process: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
-                            cwd=ROOT, capture_output=True, text=True, errors="replace",
-                            timeout=timeout)
-    return result.returncode, result.stdout, result.stderr
-
-
 @dataclass
 class Run:
     tmp: Path
@@ -841,7 +832,7 @@ def run(tmp_path_factory) -> Run:
     for step in STEPS:
         started = time.time()
         try:
-            code, out, err = run_cli(*step_argv(step, run))
+            code, out, err = run_cli(*step_argv(step, run), timeout=STEP_TIMEOUT)
         except subprocess.TimeoutExpired as error:  # a hang: recorded; the later steps skip
             code, out, err = None, "", f"timed out after {error.timeout} s"
         run.seconds[step] = round(time.time() - started, 1)

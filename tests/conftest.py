@@ -170,8 +170,7 @@ NAMED_FACESET = ("faceset_002", "Mindy Kaling – Véra")
 @pytest.fixture(scope="session")
 def labeled_export(labeled_cache, tmp_path_factory):
     """labeled_cache copied, clustered, refined, NAMED_FACESET named with
-    `people`, enriched and exported (with and without candidates); checks on
-    the way that export needs enrich."""
+    `people`, enriched and exported (with and without candidates)."""
     tmp = tmp_path_factory.mktemp("export")
     cache = tmp / "cache" / "c.npz"
     cache.parent.mkdir()
@@ -181,9 +180,6 @@ def labeled_export(labeled_cache, tmp_path_factory):
     number, name = NAMED_FACESET
     sort_faces.people(tmp / "refined", "name", people_named=[number], name=name, quiet=True)
     refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json", "refine")
-    with pytest.raises(sort_faces.UserError, match="enrich"):
-        sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
-                               quiet=True, **EXPORT)
     enriched = sort_faces.enrich(cache, quiet=True)
     plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
                                    raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,

@@ -527,8 +527,14 @@ def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):
     assert code == 0 and out == "" and err == ""
     code, out, err = run_cli("embed", src, tmp_path / "v.npz", "--model", "buffalo_s", "--verbose")
     assert code == 0 and "embed done" in out
-    logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log"))
-    assert logs and "embed done" in logs[-1].read_text()
+    log = next(text for path in Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log")
+               if str(tmp_path / "v.npz") in (text := path.read_text()))
+    assert "embed done" in log
+    # --verbose prints every log line: those that are not the summary (stdout) go to stderr
+    logged = [line.split(" INFO ", 1)[1] for line in log.splitlines() if " INFO " in line]
+    beyond = [message for message in logged if message not in out]
+    assert any(m.startswith("embed CPU seconds by stage") for m in beyond), logged
+    assert all(message in err for message in beyond), (beyond, err)
 
 
 def test_unchanged_paths_are_not_hashed_again(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
-"""Issue 26: every face, whatever its size in the frame. Close-ups, selfies and
-tight face crops made from the shared photos (in temporary folders) are found
-by every step that detects, with the identity of the uncropped photo's face;
-ordinary photos keep exactly the faces they had.
+"""Close-ups: every face, whatever its size in the frame (issue 26). Close-ups,
+selfies and tight face crops made from the shared photos (in temporary
+folders) are found by every step that detects, with the identity of the
+uncropped photo's face; ordinary photos keep exactly the faces they had.
 
 The fast tier checks the second look's rule on boxes; the model tier runs the
 real detector on real photos."""

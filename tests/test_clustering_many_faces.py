@@ -1,5 +1,5 @@
-"""Issue 15 (part B): clustering many faces with candidate pairs from faiss's
-inverted lists instead of the all-pairs product. Pure functions, no model."""
+"""Clustering many faces: candidate pairs from faiss's inverted lists instead of
+the all-pairs product (issue 15, part B). Pure functions, no model."""
 
 import re
 

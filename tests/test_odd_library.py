@@ -1,4 +1,4 @@
-"""A hostile corpus through the whole pipeline.
+"""A photo library of odd files and names through the whole pipeline.
 
 One source tree (built in a temporary folder from a few real photos plus
 synthetic files) holds every kind of bad or odd file and name a real photo

@@ -1,5 +1,6 @@
-"""Issue 13 (first part): people decisions (name, merge, move, reject, undo),
-kept beside the cache, honoured by every later cluster at any threshold."""
+"""People decisions (name, merge, move, split, reject, undo) and suggestions,
+kept beside the cache and honoured by every later cluster, refine, extend and
+export at any threshold (issue 13)."""
 
 import json
 import shlex

@@ -1,4 +1,4 @@
-"""Tests for phash_section.py (perceptual hash, Hamming pair search, grouping).
+"""The perceptual hash, the Hamming pair search and the grouping of pairs.
 
 Photo-based tests read the shared real photos (``../shared/data/faces``
 relative to the project root); they are only read, never written.

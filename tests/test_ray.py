@@ -1,4 +1,4 @@
-"""Issue 15 A: embed's model stage on Ray (embed --ray ADDRESS).
+"""embed's model stage on Ray (embed --ray ADDRESS; issue 15, part A).
 
 The fast tier checks the flag and its errors without starting Ray; the model
 tier starts a local Ray instance and compares its rows with the local pool's

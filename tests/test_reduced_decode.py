@@ -1,6 +1,7 @@
-"""Issue 16: photos are decoded only as finely as the detector and each face
-need (libjpeg's DCT scaling), with the same faces, embeddings and clusters as
-the full-decode path (embed --full-decode)."""
+"""Reduced decoding: photos are decoded only as finely as the detector and each
+face need (libjpeg's DCT scaling), with the same faces, embeddings and clusters
+as the full-decode path (embed --full-decode), on the shared photos and on
+12 MP phone-like photos made from them (issue 16)."""
 
 import importlib.util
 import io

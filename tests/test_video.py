@@ -1,5 +1,5 @@
-"""Issue 14: faces from the videos in a library: sampled by presentation time
-with PyAV, one cache row a frame, resumable inside a video, in every step.
+"""Videos: the faces in a library's videos, sampled by presentation time with
+PyAV, one cache row a frame, resumable inside a video, in every step (issue 14).
 
 The fast tier decodes synthetic videos (made with PyAV from the shared photos
 in a temporary folder) without the model; the model tier embeds the shared

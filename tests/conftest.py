@@ -256,6 +256,16 @@ def copy_outputs(small_run, tmp_path):
     return tmp_path / "cache" / "c.npz"
 
 
+def thumb_square(bbox, pad: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the square a thumbnail shows, restated from the
+    tool's rule for the tests' own reference: centred on the face box, half its
+    longer side (at least 1 px) plus `pad` of it each way."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    half = max(x2 - x1, y2 - y1, 1.0) * (0.5 + pad)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
 def identity_of(path: str) -> str:
     """Identity label of a shared photo: its set and folder name."""
     parts = Path(path).parts

@@ -9,6 +9,7 @@ reproduces one way earlier code lost data, issue 17.)"""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ def test_a_reader_during_the_fold_sees_a_whole_cache(journal_run, tmp_path, monk
     without chunk 2's rows."""
     cache_path = damaged_copy(journal_run, tmp_path, lambda d: None)
     folded = sort_faces.load_cache(cache_path)
+    # private, as the seam: the one read between two chunks, where a writer's fold can land
     real_read = sort_faces._npz_arrays
     state = {"folded": False}
 
@@ -246,12 +248,12 @@ def test_the_lock_never_signals_a_process(tmp_path, monkeypatch):
     try:
         started = psutil.Process(holder.pid).create_time()
         lock = Path(str(target) + ".lock")
-        lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid} {started:.3f}")
+        lock.write_text(f"{socket.gethostname()} {holder.pid} {started:.3f}")
         with pytest.raises(sort_faces.UserError, match="in use by another run"):
             with sort_faces.exclusive_lock(target, "cache"):
                 pass
         # the same pid with another start time is a later process: the lock is stale
-        lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid} {started - 100:.3f}")
+        lock.write_text(f"{socket.gethostname()} {holder.pid} {started - 100:.3f}")
         with sort_faces.exclusive_lock(target, "cache"):
             assert str(holder.pid) not in lock.read_text()
     finally:

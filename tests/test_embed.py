@@ -1,8 +1,10 @@
 """embed: real buffalo_s models on real photos; resumable, deduplicating, safe."""
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +80,7 @@ def test_alias_recorded_not_reembedded_and_rerun_is_a_noop(tmp_path):
     assert cache.n_files == 5
     # the on-disk cache carries the same map as JSON text
     with np.load(cache_path) as data:
-        assert sort_faces.json.loads(str(data["path_aliases"])) == aliases
+        assert json.loads(str(data["path_aliases"])) == aliases
     second = embed_quiet(src, cache_path)
     assert second["new"] == 0 and second["aliases"] == 0 and second["faces"] == 0
     # a later run finds a new copy of known content: alias, not embedded again
@@ -362,7 +364,7 @@ def test_concurrent_run_is_refused_and_stale_lock_taken_over(tmp_path):
     lock = Path(str(cache) + ".lock")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid}")
+        lock.write_text(f"{socket.gethostname()} {holder.pid}")
         with pytest.raises(sort_faces.UserError, match="in use by another run"):
             embed_quiet(src, cache)
         code, _out, err = run_cli("embed", src, cache, "--model", "buffalo_s")
@@ -446,6 +448,7 @@ def test_heic_without_pillow_heif_is_skipped_once(tmp_path, monkeypatch):
     (src / "a.heic").write_bytes(b"not decodable here")
     (src / "b.HEIF").write_bytes(b"not decodable here")
     shutil.copy2(DATA / "face_recognition" / "joe_biden" / "biden.jpg", src / "c.jpg")
+    # private, as the seam: pillow-heif made absent without uninstalling it
     monkeypatch.setitem(sort_faces._HEIF_STATE, "reason", "pillow-heif is not installed")
     summary = embed_quiet(src, tmp_path / "c.npz")
     assert summary["skipped_heif"] == 2 and summary["new"] == 1 and summary["unreadable"] == 0
@@ -486,6 +489,7 @@ def test_auto_model_offline_says_what_it_does_and_leaves_nothing(tmp_path, caplo
 
     # a download that fails at once, as on a machine without a network
     monkeypatch.setattr(sort_faces, "PACK_URL", "http://127.0.0.1:9/{name}.zip")
+    # private, as the seam: the process's memo of tried downloads, emptied to try afresh
     monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
     tried, real_open = [], urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen",
@@ -515,7 +519,7 @@ def test_buffalo_s_and_a_model_folder_never_touch_the_network(tmp_path, monkeypa
         raise AssertionError("the network was used")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
+    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})  # private: no memo of an earlier test
     assert sort_faces.resolve_model("buffalo_s", str(tmp_path / "r"))[0] == "buffalo_s"
     assert sort_faces.resolve_model(str(pack_dir), str(tmp_path / "r"))[1] == pack_dir.resolve()
     assert not (tmp_path / "r").exists()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import sort_faces
-from conftest import DATA
+from conftest import DATA, thumb_square
 
 rv = sort_faces
 
@@ -40,7 +40,7 @@ def _reference_thumb(path, bbox, size=rv.THUMB_SIZE):
     decode_image output (no draft, no EXIF handling of its own)."""
     bgr, _, _ = sort_faces.decode_image(str(path))
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
-    left, top, right, bottom = rv._square_box(bbox, rv.THUMB_PAD)
+    left, top, right, bottom = thumb_square(bbox, rv.THUMB_PAD)
     x0, y0, x1, y1 = int(np.floor(left)), int(np.floor(top)), int(np.ceil(right)), int(np.ceil(bottom))
     canvas = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
     h, w = rgb.shape[:2]

@@ -22,6 +22,7 @@ import pytest
 import sort_faces
 from conftest import DATA, ROOT, copy_photos, embed_quiet, one_line_error, run_cli
 
+
 def face_places(cache) -> set:
     """Each face as (its photo's path, its box rounded): what must never shift."""
     return {(str(cache["files"][f]), tuple(np.round(cache["bbox"][f]).astype(int).tolist()))

@@ -19,6 +19,7 @@ import sort_faces
 from conftest import (DATA, REFINE, copy_photos, embed_quiet, last_log, run_cli,
                       tree_fingerprint)
 
+
 # ---------------------------------------------------------------------------
 # Odd geometry and memory
 # ---------------------------------------------------------------------------

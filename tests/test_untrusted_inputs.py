@@ -19,6 +19,7 @@ from PIL import Image
 import sort_faces
 from conftest import DATA, copy_outputs, one_line_error, run_cli, tree_fingerprint
 
+
 # ---------------------------------------------------------------------------
 # Output ownership
 # ---------------------------------------------------------------------------

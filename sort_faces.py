@@ -132,18 +132,28 @@ __all__ = [
     "__version__", "UserError", "Interrupted", "main", "build_parser",
     # the subcommands
     "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people",
+    # what the user reads: commands as pasted, paths as typed, counts in number
+    "tool_command", "as_typed", "counted", "option_words", "plain_number",
     # options, caches, manifests, outputs
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
     "face_rows", "keep_numbers", "people_view", "people_suggestions",
     "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
+    "atomic_output", "write_json_atomic", "sha256_file", "open_cache_for_writing",
+    "journal_chunks", "rows_from_records", "file_locations", "faces_by_file", "duplicates_path",
+    "embed_incomplete", "manifest_face_ids", "person_name_problem", "output_lock", "building",
+    "read_marker", "materialise", "entry_folder", "entry_bundle", "entry_title",
+    "candidates_folder",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
     "offline_pack_dir", "ModelStep", "run_model_step", "in_batches", "PhotoTask", "embed_task",
     "embed_photo",
     "check_ray_address", "RayPool", "VideoSegment", "ray_shipped_tasks",
     "too_small_for_faces", "photo_hashes",
+    "decode_image_checked", "decode_image_viewed", "decode_memory_problem", "load_face_analysis",
+    "detect_faces", "model_identity", "worker_setup", "EmbedRun", "grpc_problem",
+    "perceptual_hashes",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
     "plan_video_samples", "video_plan", "video_frames_at", "video_samples", "probe_video",
@@ -154,6 +164,11 @@ __all__ = [
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
     "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",
     "alignment_matrix",
+    "box_iou", "face_short_edge", "face_spans", "unit_rows", "needs_second_look",
+    "second_look_keeps", "blur_score", "square_crop_box", "crop_square", "size_filter_summary",
+    # review pages
+    "thumb_file_name", "write_review_page", "strip_faces", "refine_shortfalls",
+    "shortfall_notice",
 ]
 
 # ============================================================================

@@ -55,6 +55,18 @@ def pack_dir():
     return pack
 
 
+def run_cli(*argv, timeout: float | None = 600, env: dict | None = None):
+    """`sort_faces.py ARGV` in a fresh process of this interpreter, run in the
+    project root (with `env` as its environment, if given): (code, out, err).
+    A run past `timeout` seconds raises subprocess.TimeoutExpired."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
+                            cwd=ROOT, capture_output=True, text=True, errors="replace",
+                            timeout=timeout, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
 def run_pasted(command: str, cwd=ROOT, timeout: float = 300):
     """A command line the tool printed, run as a user pastes it: by bash, in the
     folder the tool ran in (the suite's is the project root). (code, out, err)"""
@@ -64,6 +76,31 @@ def run_pasted(command: str, cwd=ROOT, timeout: float = 300):
     result = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
                             errors="replace", timeout=timeout)
     return result.returncode, result.stdout, result.stderr
+
+
+def one_line_error(code, err, *words):
+    """Exit 2, one 'error:' line naming what it is about, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def last_log(step: str) -> str:
+    """The text of the latest log of `step` (the suite's logs are in a folder of its own)."""
+    logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob(f"{step}-*.log"),
+                  key=lambda p: p.stat().st_mtime_ns)
+    return logs[-1].read_text()
+
+
+def copy_photos(folder: Path, count: int, sets=("lfw10",)) -> Path:
+    """`count` real photos copied into `folder` (flat, stable order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted(p for s in sets for p in (DATA / s).rglob("*.jpg"))[:count]
+    for index, photo in enumerate(found):
+        shutil.copy2(photo, folder / f"{index:03d}_{photo.name}")
+    return folder
 
 
 def embed_process(src, cache, flush_every: int, *options: str):
@@ -137,6 +174,21 @@ def celebs_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def face_boxes(tmp_path_factory):
+    """Real face boxes (decode_image's frame) of each photo of face_recognition and
+    group_photos, embedded with buffalo_s as the tool itself does (~4 s)."""
+    cache_path = tmp_path_factory.mktemp("face_boxes") / "faces.npz"
+    for folder in ("face_recognition", "group_photos"):
+        embed_quiet(DATA / folder, cache_path)
+    cache = sort_faces.load_cache(cache_path)
+    files = cache["files"]
+    faces: dict[str, list] = {}
+    for index, bbox in zip(cache["face_file"], cache["bbox"]):
+        faces.setdefault(str(files[index]), []).append(tuple(float(v) for v in bbox))
+    return faces
+
+
+@pytest.fixture(scope="session")
 def labeled_cache(tmp_path_factory):
     """five_celebs + lfw10 in one cache, for clustering tests."""
     cache = tmp_path_factory.mktemp("labeled") / "labeled.npz"
@@ -158,8 +210,7 @@ NAMED_FACESET = ("faceset_002", "Mindy Kaling – Véra")
 @pytest.fixture(scope="session")
 def labeled_export(labeled_cache, tmp_path_factory):
     """labeled_cache copied, clustered, refined, NAMED_FACESET named with
-    `people`, enriched and exported (with and without candidates); checks on
-    the way that export needs enrich."""
+    `people`, enriched and exported (with and without candidates)."""
     tmp = tmp_path_factory.mktemp("export")
     cache = tmp / "cache" / "c.npz"
     cache.parent.mkdir()
@@ -169,9 +220,6 @@ def labeled_export(labeled_cache, tmp_path_factory):
     number, name = NAMED_FACESET
     sort_faces.people(tmp / "refined", "name", people_named=[number], name=name, quiet=True)
     refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json", "refine")
-    with pytest.raises(sort_faces.UserError, match="enrich"):
-        sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "swap",
-                               quiet=True, **EXPORT)
     enriched = sort_faces.enrich(cache, quiet=True)
     plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
                                    raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,
@@ -181,6 +229,41 @@ def labeled_export(labeled_cache, tmp_path_factory):
                                       candidates=True, quiet=True, **EXPORT)
     return {"cache": cache, "tmp": tmp, "raw": raw, "refined": refined, "enriched": enriched,
             "plain": plain, "manifest": manifest, "out": tmp / "swap"}
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A small real cache with cluster and refine outputs (12 photos, 2 people)."""
+    tmp = tmp_path_factory.mktemp("small_run")
+    src = tmp / "src"
+    for person in ("Ariel_Sharon", "Colin_Powell"):
+        for photo in sorted((DATA / "lfw10" / person).glob("*.jpg"))[:6]:
+            (src / person).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(photo, src / person / photo.name)
+    cache = tmp / "cache" / "c.npz"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, tmp / "raw", quiet=True)
+    sort_faces.refine(cache, tmp / "refined", quiet=True, **dict(REFINE, min_faces=3))
+    return {"tmp": tmp, "src": src, "cache": cache, "raw": tmp / "raw",
+            "refined": tmp / "refined"}
+
+
+def copy_outputs(small_run, tmp_path):
+    """small_run's cache and outputs, copied into tmp_path so a test may tamper with them."""
+    shutil.copytree(small_run["tmp"] / "cache", tmp_path / "cache")
+    for name in ("raw", "refined"):
+        shutil.copytree(small_run[name], tmp_path / name)
+    return tmp_path / "cache" / "c.npz"
+
+
+def thumb_square(bbox, pad: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the square a thumbnail shows, restated from the
+    tool's rule for the tests' own reference: centred on the face box, half its
+    longer side (at least 1 px) plus `pad` of it each way."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    half = max(x2 - x1, y2 - y1, 1.0) * (0.5 + pad)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return cx - half, cy - half, cx + half, cy + half
 
 
 def identity_of(path: str) -> str:

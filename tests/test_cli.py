@@ -1,12 +1,9 @@
 """The command line: every subcommand documents its flags and defaults."""
 
-import subprocess
-import sys
-
 import pytest
 
 import sort_faces
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.fast  # no model: the quick tier
 
@@ -26,10 +23,9 @@ def test_every_step_of_the_spec_is_a_subcommand():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_lists_every_flag_with_its_default(command):
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), command, "--help"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0
-    text = " ".join(result.stdout.split())
+    code, out, _err = run_cli(command, "--help")
+    assert code == 0
+    text = " ".join(out.split())
     _parser, choices = subparsers()
     for action in choices[command]._actions:
         if not action.option_strings or action.dest == "help":
@@ -56,10 +52,9 @@ def test_export_defaults_match_the_spec():
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_errors_end_with_one_line_and_exit_2(argv, message):
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *argv],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _out, err = run_cli(*argv)
+    assert code == 2 and message in err
+    assert "Traceback" not in err
 
 
 def readme_commands():
@@ -101,6 +96,5 @@ def test_readme_commands_run_as_written_after_the_setup():
 
 
 def test_version():
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "--version"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == f"face-sets {sort_faces.__version__}"
+    code, out, _err = run_cli("--version")
+    assert code == 0 and out.strip() == f"face-sets {sort_faces.__version__}"

@@ -1,7 +1,7 @@
-"""Issue 26: every face, whatever its size in the frame. Close-ups, selfies and
-tight face crops made from the shared photos (in temporary folders) are found
-by every step that detects, with the identity of the uncropped photo's face;
-ordinary photos keep exactly the faces they had.
+"""Close-ups: every face, whatever its size in the frame (issue 26). Close-ups,
+selfies and tight face crops made from the shared photos (in temporary
+folders) are found by every step that detects, with the identity of the
+uncropped photo's face; ordinary photos keep exactly the faces they had.
 
 The fast tier checks the second look's rule on boxes; the model tier runs the
 real detector on real photos."""
@@ -185,7 +185,7 @@ def test_ordinary_photos_keep_exactly_their_faces(pack_dir, tmp_path):
     face, but where the first pass found none: there only a face that fills
     the frame, of the person the photo shows. Of the shared photos that is one
     close-up (Ben Affleck's val_2.jpg, his face spanning 0.81 of it)."""
-    from test_phone_photos import phone_photos
+    from test_reduced_decode import phone_photos
 
     app = sort_faces.load_face_analysis(str(pack_dir), ["detection", "recognition"],
                                         ["CPUExecutionProvider"], 640)

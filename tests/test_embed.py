@@ -1,8 +1,10 @@
 """embed: real buffalo_s models on real photos; resumable, deduplicating, safe."""
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from PIL import Image
 
 import sort_faces
 from conftest import (DATA, ROOT, embed_process, embed_quiet, kill_embed_after, left_running,
-                      tree_fingerprint, wait_for_chunks)
+                      run_cli, tree_fingerprint, wait_for_chunks)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_alias_recorded_not_reembedded_and_rerun_is_a_noop(tmp_path):
     assert cache.n_files == 5
     # the on-disk cache carries the same map as JSON text
     with np.load(cache_path) as data:
-        assert sort_faces.json.loads(str(data["path_aliases"])) == aliases
+        assert json.loads(str(data["path_aliases"])) == aliases
     second = embed_quiet(src, cache_path)
     assert second["new"] == 0 and second["aliases"] == 0 and second["faces"] == 0
     # a later run finds a new copy of known content: alias, not embedded again
@@ -210,13 +212,11 @@ def _bad_and_odd_files(folder: Path) -> dict:
 
 def test_bad_files_are_reported_and_odd_formats_decode(tmp_path, capsys):
     kinds = _bad_and_odd_files(tmp_path / "src")
-    command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(tmp_path / "src"),
-               str(tmp_path / "c.npz"), "--model", "buffalo_s"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == sort_faces.EXIT_PARTIAL, result.stderr
-    assert "Traceback" not in result.stderr
+    code, _out, err = run_cli("embed", tmp_path / "src", tmp_path / "c.npz", "--model", "buffalo_s")
+    assert code == sort_faces.EXIT_PARTIAL, err
+    assert "Traceback" not in err
     for name in kinds["bad"]:
-        assert name in result.stderr  # each bad file is named with its reason
+        assert name in err  # each bad file is named with its reason
     cache, counts = faces_per_file(tmp_path / "c.npz")
     status = dict(zip(cache["files"], cache["file_status"]))
     reasons = dict(zip(cache["files"], cache["file_reason"]))
@@ -365,14 +365,12 @@ def test_concurrent_run_is_refused_and_stale_lock_taken_over(tmp_path):
     lock = Path(str(cache) + ".lock")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock.write_text(f"{sort_faces.socket.gethostname()} {holder.pid}")
+        lock.write_text(f"{socket.gethostname()} {holder.pid}")
         with pytest.raises(sort_faces.UserError, match="in use by another run"):
             embed_quiet(src, cache)
-        result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
-                                 str(cache), "--model", "buffalo_s"],
-                                cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 2 and "in use by another run" in result.stderr
-        assert "Traceback" not in result.stderr
+        code, _out, err = run_cli("embed", src, cache, "--model", "buffalo_s")
+        assert code == 2 and "in use by another run" in err
+        assert "Traceback" not in err
     finally:
         holder.kill()
         holder.wait()
@@ -409,10 +407,9 @@ def test_mismatched_model_is_refused(tmp_path, pack_dir):
     (["embed", str(DATA), "x.npz", "--workers", "two"], "must be an integer, not 'two'"),
 ])
 def test_user_errors_are_one_line_with_exit_2(argv, message):
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *argv],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    code, _out, err = run_cli(*argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 def test_cache_inside_source_is_refused(tmp_path):
@@ -452,6 +449,7 @@ def test_heic_without_pillow_heif_is_skipped_once(tmp_path, monkeypatch):
     (src / "a.heic").write_bytes(b"not decodable here")
     (src / "b.HEIF").write_bytes(b"not decodable here")
     shutil.copy2(DATA / "face_recognition" / "joe_biden" / "biden.jpg", src / "c.jpg")
+    # private, as the seam: pillow-heif made absent without uninstalling it
     monkeypatch.setitem(sort_faces._HEIF_STATE, "reason", "pillow-heif is not installed")
     summary = embed_quiet(src, tmp_path / "c.npz")
     assert summary["skipped_heif"] == 2 and summary["new"] == 1 and summary["unreadable"] == 0
@@ -492,6 +490,7 @@ def test_auto_model_offline_says_what_it_does_and_leaves_nothing(tmp_path, caplo
 
     # a download that fails at once, as on a machine without a network
     monkeypatch.setattr(sort_faces, "PACK_URL", "http://127.0.0.1:9/{name}.zip")
+    # private, as the seam: the process's memo of tried downloads, emptied to try afresh
     monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
     tried, real_open = [], urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen",
@@ -521,7 +520,7 @@ def test_buffalo_s_and_a_model_folder_never_touch_the_network(tmp_path, monkeypa
         raise AssertionError("the network was used")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})
+    monkeypatch.setattr(sort_faces, "_DOWNLOADS", {})  # private: no memo of an earlier test
     assert sort_faces.resolve_model("buffalo_s", str(tmp_path / "r"))[0] == "buffalo_s"
     assert sort_faces.resolve_model(str(pack_dir), str(tmp_path / "r"))[1] == pack_dir.resolve()
     assert not (tmp_path / "r").exists()
@@ -529,15 +528,18 @@ def test_buffalo_s_and_a_model_folder_never_touch_the_network(tmp_path, monkeypa
 
 def test_quiet_prints_nothing_and_verbose_prints_the_log(tmp_path):
     src = DATA / "face_recognition" / "joe_biden"
-    base = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src)]
-    quiet = subprocess.run(base + [str(tmp_path / "q.npz"), "--model", "buffalo_s", "--quiet"],
-                           cwd=ROOT, capture_output=True, text=True)
-    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
-    loud = subprocess.run(base + [str(tmp_path / "v.npz"), "--model", "buffalo_s", "--verbose"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert loud.returncode == 0 and "embed done" in loud.stdout
-    logs = sorted(Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log"))
-    assert logs and "embed done" in logs[-1].read_text()
+    code, out, err = run_cli("embed", src, tmp_path / "q.npz", "--model", "buffalo_s", "--quiet")
+    assert code == 0 and out == "" and err == ""
+    code, out, err = run_cli("embed", src, tmp_path / "v.npz", "--model", "buffalo_s", "--verbose")
+    assert code == 0 and "embed done" in out
+    log = next(text for path in Path(os.environ["FACESETS_LOG_DIR"]).glob("embed-*.log")
+               if str(tmp_path / "v.npz") in (text := path.read_text()))
+    assert "embed done" in log
+    # --verbose prints every log line: those that are not the summary (stdout) go to stderr
+    logged = [line.split(" INFO ", 1)[1] for line in log.splitlines() if " INFO " in line]
+    beyond = [message for message in logged if message not in out]
+    assert any(m.startswith("embed CPU seconds by stage") for m in beyond), logged
+    assert all(message in err for message in beyond), (beyond, err)
 
 
 def test_unchanged_paths_are_not_hashed_again(tmp_path, monkeypatch):

@@ -290,6 +290,20 @@ def test_export_rerun_replaces_output_cleanly(exported):
     assert not list(tmp.glob(".swap-again.*"))
 
 
+def test_export_refuses_a_cache_without_landmarks_naming_enrich(exported, labeled_cache,
+                                                                  tmp_path):
+    """export-swap needs enrich's landmarks and pose: on a cache without them it
+    stops with the command to run, before it writes anything."""
+    cache = tmp_path / "c.npz"
+    shutil.copy2(labeled_cache, cache)  # exported's cache as it was before enrich
+    before = cache.read_bytes()
+    refined = exported["tmp"] / "refined" / "refine_manifest.json"
+    with pytest.raises(sort_faces.UserError, match=r"without landmarks and pose: run "
+                                                   r"`.+ enrich .+` first, or pass --enrich"):
+        sort_faces.export_swap(cache, refined, tmp_path / "swap", quiet=True, **EXPORT)
+    assert not (tmp_path / "swap").exists() and cache.read_bytes() == before
+
+
 def test_export_with_enrich_flag_enriches_first(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(DATA / "face_recognition" / "barack_obama", src)

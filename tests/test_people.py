@@ -1,18 +1,17 @@
-"""Issue 13 (first part): people decisions (name, merge, move, reject, undo),
-kept beside the cache, honoured by every later cluster at any threshold."""
+"""People decisions (name, merge, move, split, reject, undo) and suggestions,
+kept beside the cache and honoured by every later cluster, refine, extend and
+export at any threshold (issue 13)."""
 
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, embed_quiet, run_pasted, tree_fingerprint
+from conftest import DATA, embed_quiet, run_cli, run_pasted, tree_fingerprint
 
 
 def key(i: int) -> dict:
@@ -164,12 +163,6 @@ def manifest_of(out: Path) -> dict:
 
 def person_of(manifest: dict) -> dict:
     return {f["face"]: entry["name"] for entry in manifest["clusters"] for f in entry["faces"]}
-
-
-def run_cli(*args):
-    done = subprocess.run([sys.executable, str(Path(sort_faces.__file__)), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-    return done.returncode, done.stdout, done.stderr
 
 
 def test_decisions_hold_through_rebuilds_at_any_threshold(clustered):

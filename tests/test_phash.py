@@ -1,4 +1,4 @@
-"""Tests for phash_section.py (perceptual hash, Hamming pair search, grouping).
+"""The perceptual hash, the Hamming pair search and the grouping of pairs.
 
 Photo-based tests read the shared real photos (``../shared/data/faces``
 relative to the project root); they are only read, never written.
@@ -162,6 +162,7 @@ def test_hamming_pairs_edge_cases():
 def test_mih_with_explicit_plans(planted, d, plan):
     assert sum(r + 1 for _, _, r in plan) >= d + 1
     values = np.unique(planted)
+    # private: hamming_pairs picks its own plan; this runs the search under each plan it may pick
     parts = ph._hamming_unique_pairs_mih(values, d, plan)
     got = np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 2))
     np.testing.assert_array_equal(got, brute_pairs(values, d))
@@ -170,7 +171,7 @@ def test_mih_with_explicit_plans(planted, d, plan):
 def test_mih_plan_is_a_valid_pigeonhole_split():
     for n in (1000, 100_000, 1_000_000):
         for d in range(0, 20):
-            plan, _ = ph._hamming_mih_plan(n, d)
+            plan, _ = ph._hamming_mih_plan(n, d)  # private: the plans hamming_pairs picks
             widths = [w for _, w, _ in plan]
             assert sum(widths) == 64
             assert [s for s, _, _ in plan] == list(np.cumsum([0] + widths[:-1]))

@@ -1,4 +1,4 @@
-"""Issue 15 A: embed's model stage on Ray (embed --ray ADDRESS).
+"""embed's model stage on Ray (embed --ray ADDRESS; issue 15, part A).
 
 The fast tier checks the flag and its errors without starting Ray; the model
 tier starts a local Ray instance and compares its rows with the local pool's
@@ -21,12 +21,8 @@ import pytest
 
 import sort_faces
 import videos
-from conftest import DATA, ROOT, embed_process, embed_quiet, left_running, wait_for_chunks
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+from conftest import (DATA, ROOT, embed_process, embed_quiet, left_running, run_cli,
+                      wait_for_chunks)
 
 
 # --- fast tier: the flag and its errors, no Ray started -------------------------
@@ -68,11 +64,11 @@ def test_without_ray_the_flag_names_the_install_command(tmp_path, monkeypatch):
 def test_an_address_that_does_not_answer_is_one_line(tmp_path):
     with socket_closed_port() as port:
         started = time.time()
-        done = run_cli("embed", DATA / "group_photos", tmp_path / "c.npz", "--model",
-                       "buffalo_s", "--ray", f"127.0.0.1:{port}")
-    assert done.returncode == 2 and time.time() - started < 60
-    assert done.stderr.strip().count("\n") == 0, done.stderr
-    assert f"cannot join the Ray cluster at 127.0.0.1:{port}" in done.stderr
+        code, _out, err = run_cli("embed", DATA / "group_photos", tmp_path / "c.npz", "--model",
+                                  "buffalo_s", "--ray", f"127.0.0.1:{port}", timeout=120)
+    assert code == 2 and time.time() - started < 60
+    assert err.strip().count("\n") == 0, err
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}" in err
     assert not (tmp_path / "c.npz").exists()
 
 

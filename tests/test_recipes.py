@@ -81,7 +81,16 @@ def test_pipeline_recipe_produces_every_output(recipe_run):
                 for n in names:
                     image = cv2.imdecode(np.frombuffer(archive.read(n), np.uint8), cv2.IMREAD_COLOR)
                     assert image.shape == (512, 512, 3)
-    assert export["candidates"] is not None
+    # --candidates (the recipe passes it): singletons of raw_full near a faceset, each in
+    # its faceset's candidates folder
+    candidates = export["candidates"]
+    assert candidates and {e["name"] for e in candidates} <= set(members)
+    singles = {f["face"] for f in raw["singletons"]["faces"]}
+    for entry in candidates:
+        folder = out / "facesets_swap_ready" / sort_faces.candidates_folder(entry)
+        assert entry["crops"] and {c["face"] for c in entry["crops"]} <= singles
+        assert sorted(p.name for p in folder.iterdir()) == [c["png"] for c in entry["crops"]]
+    assert export["summary"]["candidates"] == sum(len(e["crops"]) for e in candidates)
     assert_hard_links(out, recipe_run["src"])
 
 

@@ -64,14 +64,20 @@ def test_strip_starts_nearest_the_centroid_and_ends_farthest(outputs):
 def test_refine_page_shows_what_each_gate_dropped(outputs):
     listed = rows(outputs["tmp"] / "refined" / "index.html")
     assert any(entry.get("label") for entry in outputs["refined"]["facesets"])
+    gated = {"quality": 0, "outlier": 0}
     for entry in outputs["refined"]["facesets"]:
         drops = [d for d in outputs["refined"]["dropped"] if d.get("faceset") == entry["name"]]
         row = listed[sort_faces.entry_title(entry).lower()]  # a named one's heading has its name
         assert row.startswith(f"{entry['size']} faces")
+        said = dict(re.findall(r"(quality|outlier) (\d+)", row.partition("; dropped: ")[2]))
         for stage in ("quality", "outlier"):
             count = sum(d["stage"] == stage for d in drops)
-            if count:
-                assert f"{stage} {count}" in row
+            # the exact count; a gate that dropped none of its faces is not named
+            assert said.get(stage) == (str(count) if count else None), (entry["name"], row)
+            gated[stage] += count
+    # the quality gate drops faces of these photos; the outlier gate (at its default) none:
+    # its count is checked as 0 on every row
+    assert gated["quality"] > 0, gated
     text = (outputs["tmp"] / "refined" / "index.html").read_text()
     some = outputs["refined"]["dropped"][0]
     assert some["reason"].split(";")[0].replace("<", "&lt;") in text

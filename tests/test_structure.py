@@ -106,3 +106,61 @@ def test_every_default_and_table_lives_in_constants():
 def test_the_public_names_exist_and_are_few():
     assert all(hasattr(sort_faces, name) for name in sort_faces.__all__)
     assert len(sort_faces.__all__) == len(set(sort_faces.__all__))
+
+
+# The private names a test reaches into, each the one seam for what it checks (the
+# line that uses it says so too). Any other private name is a smell: go through a
+# public function, or add it here with its reason.
+PRIVATE_SEAMS = {
+    "_hamming_mih_plan": "test_phash checks the plans hamming_pairs may pick",
+    "_hamming_unique_pairs_mih": "test_phash runs the pair search under each such plan",
+    "_npz_arrays": "test_crash_safety lands a writer's fold between two chunk reads",
+    "_DOWNLOADS": "test_embed empties the process's memo of tried model downloads",
+    "_HEIF_STATE": "test_embed makes pillow-heif absent without uninstalling it",
+}
+
+
+def sort_faces_names(path) -> list[tuple[str, int]]:
+    """(name, line) of each sort_faces attribute the file uses: `sort_faces.NAME` (or
+    through an alias: `import sort_faces as X`, `X = sort_faces`), `from sort_faces
+    import NAME`, and NAME given as a string beside the module (monkeypatch.setattr)."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = {"sort_faces"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "sort_faces"}
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) \
+                and node.value.id == "sort_faces":
+            aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    used = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "sort_faces":
+            used += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in aliases:
+            used.append((node.attr, node.lineno))
+        elif isinstance(node, ast.Call) and len(node.args) >= 2 \
+                and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            used.append((node.args[1].value, node.lineno))
+    return used
+
+
+def test_the_tests_use_only_public_names():
+    """Tests and benchmarks use what __all__ lists. Constants (ALL_CAPS, every one in
+    CONSTANTS) are public as a group: tests read and patch some forty of them, and
+    listing each in __all__ would say nothing more than their names do."""
+    public = set(sort_faces.__all__)
+    wrong, seams = [], set()
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for name, line in sort_faces_names(path):
+            where = f"{path.relative_to(ROOT)}:{line} uses sort_faces.{name}"
+            if name in PRIVATE_SEAMS:
+                seams.add(name)
+            elif re.fullmatch(r"[A-Z][A-Z0-9_]*|__\w+__", name):
+                if not hasattr(sort_faces, name):
+                    wrong.append(where + ", which does not exist")
+            elif name not in public:
+                wrong.append(where + ", which __all__ does not list")
+    assert not wrong, "\n".join(wrong)
+    assert seams == set(PRIVATE_SEAMS), set(PRIVATE_SEAMS) - seams  # none kept once unused

@@ -1,5 +1,5 @@
-"""Issue 14: faces from the videos in a library: sampled by presentation time
-with PyAV, one cache row a frame, resumable inside a video, in every step.
+"""Videos: the faces in a library's videos, sampled by presentation time with
+PyAV, one cache row a frame, resumable inside a video, in every step (issue 14).
 
 The fast tier decodes synthetic videos (made with PyAV from the shared photos
 in a temporary folder) without the model; the model tier embeds the shared
@@ -21,7 +21,7 @@ import pytest
 
 import sort_faces
 import videos
-from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet, kill_embed_after
+from conftest import DATA, EXPORT, REFINE, ROOT, embed_quiet, kill_embed_after, run_cli
 
 CLIP = videos.CLIP
 LIN = DATA / "face_recognition" / "lin_manuel_miranda"
@@ -426,10 +426,8 @@ def test_bad_videos_are_reported_and_the_run_goes_on(tmp_path):
     videos.audio_only(src / "voice.m4a.mp4")
     shutil.copy2(videos.people_photos("elton_john", 2)[1], src / "photo.jpg")
     cache = tmp_path / "c.npz"
-    code = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
-                           str(cache), "--model", "buffalo_s", "--quiet"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert code.returncode == 1, code.stderr  # finished, with files reported
+    code, _out, err = run_cli("embed", src, cache, "--model", "buffalo_s", "--quiet", timeout=300)
+    assert code == 1, err  # finished, with files reported
     loaded = sort_faces.load_cache(cache)
     status = dict(zip([Path(f).name for f in loaded["files"]], loaded["file_status"]))
     reason = dict(zip([Path(f).name for f in loaded["files"]], loaded["file_reason"]))

@@ -10,7 +10,7 @@ turned on its side with EXIF orientation 6 to turn it back, as a phone stores
 a photo taken the other way up. Faces come out at a phone portrait's size
 (hundreds of pixels); the group photos give the small faces of a group shot.
 Used by bench_embed.py --phone and bench_decode_stages.py; the tests make a
-few the same way (tests/test_phone_photos.py). Written only into FOLDER.
+few the same way (tests/test_reduced_decode.py). Written only into FOLDER.
 """
 
 import io

@@ -1,4 +1,4 @@
-"""A hostile corpus through the whole pipeline.
+"""A photo library of odd files and names through the whole pipeline.
 
 One source tree (built in a temporary folder from a few real photos plus
 synthetic files) holds every kind of bad or odd file and name a real photo
@@ -27,7 +27,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import unicodedata
 import urllib.parse
@@ -43,7 +42,7 @@ from PIL import Image
 
 import sort_faces
 import videos
-from conftest import DATA, ROOT, tree_fingerprint
+from conftest import DATA, run_cli, thumb_square, tree_fingerprint
 
 STEP_TIMEOUT = 180  # seconds: a step that hangs (a FIFO opened, a loop followed) fails, not blocks
 
@@ -494,10 +493,15 @@ def check_reserved_name(kind, run):
     assert not set('<>:"|?*\\\n\r') & set(name) and not name.startswith("-")
 
 
+# the names Windows keeps for its devices, whatever their extension
+WINDOWS_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                        *(f"LPT{i}" for i in range(1, 10))}
+
+
 def check_con(kind, run):
     check_unique_output_name(kind, run)
     stem = sort_faces.safe_dst_name(run.path(kind.id)).split(".")[0].split("~")[0]
-    assert stem.upper() not in sort_faces._RESERVED_NAMES
+    assert stem.upper() not in WINDOWS_DEVICE_NAMES
 
 
 def check_alias_has_its_own_output(kind, run):
@@ -692,14 +696,6 @@ KNOWN_BUGS = {kind.id for kind in KINDS if kind.xfail}
 # ---------------------------------------------------------------------------
 
 
-def run_cli(*argv, timeout=STEP_TIMEOUT):
-    """The command line in a fresh process: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, str(ROOT / "sort_faces.py"), *map(str, argv)],
-                            cwd=ROOT, capture_output=True, text=True, errors="replace",
-                            timeout=timeout)
-    return result.returncode, result.stdout, result.stderr
-
-
 @dataclass
 class Run:
     tmp: Path
@@ -841,7 +837,7 @@ def run(tmp_path_factory) -> Run:
     for step in STEPS:
         started = time.time()
         try:
-            code, out, err = run_cli(*step_argv(step, run))
+            code, out, err = run_cli(*step_argv(step, run), timeout=STEP_TIMEOUT)
         except subprocess.TimeoutExpired as error:  # a hang: recorded; the later steps skip
             code, out, err = None, "", f"timed out after {error.timeout} s"
         run.seconds[step] = round(time.time() - started, 1)
@@ -1107,7 +1103,7 @@ def test_every_thumbnail_and_crop_shows_its_own_face(run):
             name = sort_faces.thumb_file_name(locations[row][0], cache["bbox"][face])
             got = np.asarray(Image.open(thumbs / name).convert("RGB"), dtype=np.int16)
             bgr, view = pixels(row)
-            box = sort_faces._square_box(view.to_view(cache["bbox"][face]), sort_faces.THUMB_PAD)
+            box = thumb_square(view.to_view(cache["bbox"][face]), sort_faces.THUMB_PAD)
             want = shown(bgr[:, :, ::-1], box, sort_faces.THUMB_SIZE)
             assert np.abs(got - want).mean() < 8, (group["folder"], locations[row][0])
             checked += 1

@@ -1,6 +1,7 @@
-"""Issue 16: photos are decoded only as finely as the detector and each face
-need (libjpeg's DCT scaling), with the same faces, embeddings and clusters as
-the full-decode path (embed --full-decode)."""
+"""Reduced decoding: photos are decoded only as finely as the detector and each
+face need (libjpeg's DCT scaling), with the same faces, embeddings and clusters
+as the full-decode path (embed --full-decode), on the shared photos and on
+12 MP phone-like photos made from them (issue 16)."""
 
 import importlib.util
 import io
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 import sort_faces
-from conftest import DATA, embed_quiet
+from conftest import DATA, embed_quiet, run_cli
 
 _spec = importlib.util.spec_from_file_location(
     "phone_photos", Path(__file__).parent / "benchmarks" / "phone_photos.py")
@@ -196,7 +197,8 @@ def phone_set(tmp_path_factory):
 def test_12_mp_photos_give_the_same_faces_as_the_full_decode(phone_set, tmp_path):
     src = phone_set[0].parent
     fast = embed_quiet(src, tmp_path / "fast.npz")
-    code, _out, err = run_cli_embed(src, tmp_path / "full.npz", "--full-decode")
+    code, _out, err = run_cli("embed", src, tmp_path / "full.npz", "--model", "buffalo_s", "-q",
+                              "--full-decode")
     assert code == 0, err
     assert fast["faces"] >= 8 and fast["unreadable"] == 0
     assert_same_faces(tmp_path / "fast.npz", tmp_path / "full.npz")
@@ -206,16 +208,6 @@ def test_12_mp_photos_give_the_same_faces_as_the_full_decode(phone_set, tmp_path
     assert (cache["file_width"][turned[0]], cache["file_height"][turned[0]]) == (4000, 3000)
     stages = fast["stage_seconds"]
     assert {"decode", "detect", "recognize", "sha256", "journal"} <= stages.keys()
-
-
-def run_cli_embed(src, cache, *flags):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, str(Path(sort_faces.__file__)), "embed", str(src),
-                           str(cache), "--model", "buffalo_s", "-q", *flags],
-                          capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stdout, done.stderr
 
 
 def test_a_photo_is_decoded_finer_at_most_once_and_only_for_small_faces(phone_set, pack_dir):

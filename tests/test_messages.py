@@ -1,6 +1,8 @@
-"""Issue 27: every printed command runs as pasted, an empty or small result says
-why where the user looks (terminal, the top of its page), and a re-run never
-replaces a result with a much smaller one without being told to."""
+"""What a run tells the user: every command it prints runs as pasted, counts
+are said in number, an empty or small result says why where the user looks
+(the terminal, the top of its page), a re-run never replaces a result with a
+much smaller one without being told to, and a result records the version that
+made it and says what its summary counts (issues 12 and 27)."""
 
 import html
 import json
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import sort_faces
-from conftest import EXPORT, REFINE, ROOT, run_pasted
+from conftest import EXPORT, REFINE, ROOT, copy_outputs, last_log, run_cli, run_pasted
 
 REFINED = "refine_manifest.json"
 
@@ -178,3 +180,19 @@ def test_a_rerun_never_silently_replaces_a_result_with_a_much_smaller_one(labele
     replaced = sort_faces.export_swap(cache, empty / REFINED, swap, quiet=True,
                                       replace_smaller=True, **EXPORT)
     assert replaced["facesets"] == []
+
+
+def test_versions_are_recorded_and_summaries_say_what_they_count(small_run, tmp_path):
+    cache = copy_outputs(small_run, tmp_path)
+    assert sort_faces.load_cache(cache).meta["face_sets_version"] == sort_faces.__version__
+    for manifest in ("raw/manifest.json", "refined/refine_manifest.json"):
+        assert json.loads((tmp_path / manifest).read_text())["face_sets_version"] == \
+            sort_faces.__version__
+    code, out, err = run_cli("cluster", cache, tmp_path / "again")
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    faces, files = len(manifest["singletons"]["faces"]), len(manifest["singletons"]["outputs"])
+    said = (f"{sort_faces.counted(faces, 'single face')} "
+            f"({sort_faces.counted(files, 'photo')} in _singletons/)")
+    assert code == 0 and said in out
+    log = last_log("cluster")
+    assert " INFO cluster: " in log  # the summary is in the log at INFO, not DEBUG

@@ -133,7 +133,7 @@ __all__ = [
     # the subcommands
     "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people",
     # what the user reads: commands as pasted, paths as typed, counts in number
-    "tool_command", "as_typed", "counted", "option_words", "plain_number",
+    "tool_command", "shell_word", "as_typed", "counted", "option_words", "plain_number",
     # options, caches, manifests, outputs
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",

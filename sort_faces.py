@@ -67,6 +67,7 @@ import collections
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import html
@@ -132,7 +133,10 @@ __all__ = [
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
     "face_rows", "keep_numbers", "people_view", "people_suggestions",
-    "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
+    "journal_dir", "load_manifest", "parse_manifest", "Manifest",
+    "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
+    "Stages", "SizeFilter", "RefineSummary",
+    "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
@@ -523,6 +527,8 @@ MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
                   "export-swap": "export_manifest.json"}
 ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
                        "export-swap": r"faceset_\d{3,9}"}
+# The stages of refine that drop a face (a refine manifest's `dropped`).
+REFINE_DROP_STAGES = ("rejected", "quality", "outlier", "size")
 
 # --- clustering ---
 # Largest connected component clustered exactly. Its condensed float64
@@ -5070,9 +5076,9 @@ def centroid_record(embeddings: np.ndarray, faces) -> list[float]:
     return [round(float(v), 6) for v in unit_rows(embeddings[np.asarray(faces)].mean(axis=0))]
 
 
-def next_number(entries) -> int:
-    """One past the highest NNN of the entries' `name_NNN` names."""
-    return max([int(e["name"].rsplit("_", 1)[1]) for e in entries] + [0]) + 1
+def next_number(names) -> int:
+    """One past the highest NNN of `name_NNN` names."""
+    return max([int(name.rsplit("_", 1)[1]) for name in names] + [0]) + 1
 
 
 def faces_not_in(n_faces: int, known: set[int]) -> np.ndarray:
@@ -5094,9 +5100,14 @@ def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, whe
 
 
 # ---------------------------------------------------------------------------
-# Manifests: one loader that validates, for every kind. A manifest is input
-# like any other: a name in it becomes a folder, a face id an array index, an
-# output a file to delete. Anything not of the tool's own form is refused.
+# Manifests: typed records, one loader that validates them, one writer. A
+# manifest is input like any other: a name in it becomes a folder, a face id
+# an array index, an output a file to delete. Anything not of the tool's own
+# form is refused. Each record reads itself from JSON (from_json: every field
+# checked, UserError naming the manifest and the place) and writes itself
+# (to_json: the file's form). A field every face-sets manifest has is
+# required; one that later versions added takes its default when absent, so
+# the manifests of earlier versions (schema 1) read as they are.
 # ---------------------------------------------------------------------------
 
 
@@ -5120,7 +5131,8 @@ def person_name_problem(name) -> str | None:
 
 
 class _ManifestCheck:
-    """Validation helpers that name the manifest and the place of a problem."""
+    """Validation helpers that name the manifest and the place of a problem.
+    Each checks one value and returns it; `fail` raises the one-line UserError."""
 
     def __init__(self, path: Path, n_faces: int | None, embedding_size: int | None):
         self.path, self.n_faces, self.embedding_size = path, n_faces, embedding_size
@@ -5142,11 +5154,24 @@ class _ManifestCheck:
             self.fail(where, "is not a list")
         return value
 
+    def records(self, value, where: str, read: Callable) -> list:
+        """A list, each item read by read(item, where[i])."""
+        return [read(item, f"{where}[{index}]")
+                for index, item in enumerate(self.items(value, where))]
+
     def integer(self, value, where: str, low: int | None = None, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(where, f"{value!r} is not an integer")
         if (low is not None and value < low) or (high is not None and value > high):
             self.fail(where, f"{value} is out of range")
+        return value
+
+    def count(self, value, where: str) -> int:
+        return self.integer(value, where, 0)
+
+    def number(self, value, where: str) -> float:
+        if not finite_number(value):
+            self.fail(where, "is not a finite number")
         return value
 
     def numbers(self, value, where: str, count: int | None = None) -> list:
@@ -5157,9 +5182,34 @@ class _ManifestCheck:
             self.fail(where, "holds something that is not a finite number")
         return values
 
+    def flag(self, value, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"{value!r} is not true or false")
+        return value
+
     def text(self, value, where: str) -> str:
         if not isinstance(value, str):
             self.fail(where, f"{value!r} is not a string")
+        return value
+
+    def texts(self, value, where: str) -> list[str]:
+        return [self.text(item, where) for item in self.items(value, where)]
+
+    def optional(self, value, where: str, read: Callable):
+        """None, or the value read by read(value, where)."""
+        return None if value is None else read(value, where)
+
+    def table(self, value, where: str, read: Callable) -> dict:
+        """A JSON object whose every value is read by read(value, where.key)."""
+        return {key: read(item, f"{where}.{key}") for key, item in self.obj(value, where).items()}
+
+    def system_path(self, value, where: str) -> str:
+        """A path this system can name (a lone surrogate no file name decodes to is not)."""
+        try:
+            if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
+                raise ValueError
+        except (ValueError, UnicodeEncodeError):
+            self.fail(where, "is not a path")
         return value
 
     def file_name(self, value, where: str) -> str:
@@ -5173,143 +5223,664 @@ class _ManifestCheck:
             self.fail(where, f"{name!r} is not a plain file name")
         return name
 
+    def file_names(self, value, where: str) -> list[str]:
+        """Plain file names of one folder, each once."""
+        return self.unique([self.file_name(name, where) for name in self.items(value, where)],
+                           where)
+
     def unique(self, values: list, where: str) -> list:
         if len(set(values)) != len(values):
             self.fail(where, "has duplicates")
         return values
 
+    def name(self, value, where: str, kind: str) -> str:
+        """The name of a person or faceset of a `kind` output (person_NNN, faceset_NNN)."""
+        if not isinstance(value, str) or not re.fullmatch(ENTRY_NAME_PATTERNS[kind], value):
+            self.fail(where, f"{value!r} is not a name face-sets gives")
+        return value
+
+    def label(self, value, where: str) -> str:
+        """The name people gave a person (person_name_problem)."""
+        if person_name_problem(value):
+            self.fail(where, person_name_problem(value))
+        return value
+
+    def choice(self, value, where: str, choices) -> str:
+        if value not in choices:
+            self.fail(where, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def face_id(self, value, where: str) -> int:
+        """A face id: a row of the cache (within it when its size is known)."""
+        return self.integer(value, where, 0, None if self.n_faces is None else self.n_faces - 1)
+
     def face(self, value, where: str) -> int:
-        high = None if self.n_faces is None else self.n_faces - 1
-        face = self.integer(value, where, 0, high)
+        """A face id listed once in the whole manifest."""
+        face = self.face_id(value, where)
         if face in self.faces_seen:
             self.fail(where, f"face {face} is listed twice")
         self.faces_seen.add(face)
         return face
 
-    def face_records(self, value, where: str, *keys: str) -> None:
-        for index, record in enumerate(self.items(value, where)):
-            here = f"{where}[{index}]"
-            self.obj(record, here, "face", *keys)
-            self.face(record["face"], here + ".face")
-            if "bbox" in record:
-                self.numbers(record["bbox"], here + ".bbox", 4)
 
-    def entries(self, value, where: str, pattern: str) -> list[dict]:
-        """Named groups (person_NNN, faceset_NNN): names of the tool's form, unique."""
-        entries = self.items(value, where)
-        for index, entry in enumerate(entries):
-            here = f"{where}[{index}]"
-            self.obj(entry, here, "name")
-            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]):
-                self.fail(here + ".name", f"{entry['name']!r} is not a name face-sets gives")
-            if "label" in entry and person_name_problem(entry["label"]):
-                self.fail(here + ".label", person_name_problem(entry["label"]))
-        self.unique([entry["name"] for entry in entries], where + " names")
-        return entries
+def _without_none(data: dict, *keys: str) -> dict:
+    """`data` less those of `keys` whose value is None (fields a manifest has
+    only when they say something)."""
+    return {k: v for k, v in data.items() if k not in keys or v is not None}
 
-    def former(self, value, pattern: str, entries: list) -> list[dict]:
-        """People gone from an output (name, face ids), whose numbers an undo gives back."""
-        current = {e.get("name") for e in entries}
-        former = self.items(value, "former")
-        for index, entry in enumerate(former):
-            here = f"former[{index}]"
-            self.obj(entry, here, "name", "faces")
-            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]) \
-                    or entry["name"] in current:
-                self.fail(here + ".name", f"{entry['name']!r} is not the name of a person gone")
-            high = None if self.n_faces is None else self.n_faces - 1
-            for face in self.items(entry["faces"], here + ".faces"):
-                self.integer(face, here + ".faces", 0, high)
-        self.unique([entry["name"] for entry in former], "former names")
-        return former
 
-    def group(self, entry: dict, where: str) -> None:
-        """A group whose photos were materialised: faces, outputs (file names)."""
-        self.obj(entry, where, "faces", "outputs")
-        self.face_records(entry["faces"], where + ".faces")
-        outputs = [self.file_name(o, f"{where}.outputs") for o in self.items(entry["outputs"],
-                                                                              where + ".outputs")]
-        self.unique(outputs, where + ".outputs")
+@dataclasses.dataclass(kw_only=True)
+class FaceRef:
+    """A face a manifest lists: its cache row, its photo (as the output names
+    it) and its box; a face refine dropped also has the stage that dropped it,
+    why, and the faceset its cluster became (None: none)."""
+    face: int
+    file: str
+    bbox: list[float]
+    stage: str | None = None
+    reason: str | None = None
+    faceset: str | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> FaceRef:
+        check.obj(value, where, "face", "file", "bbox")
+        return cls(face=check.face(value["face"], where + ".face"),
+                   file=check.text(value["file"], where + ".file"),
+                   bbox=check.numbers(value["bbox"], where + ".bbox", 4))
+
+    @classmethod
+    def dropped_from_json(cls, value, check: _ManifestCheck, where: str) -> FaceRef:
+        check.obj(value, where, "face", "file", "bbox", "stage", "reason")
+        face = cls.from_json(value, check, where)
+        face.stage = check.choice(value["stage"], where + ".stage", REFINE_DROP_STAGES)
+        face.reason = check.text(value["reason"], where + ".reason")
+        face.faceset = check.optional(value.get("faceset"), where + ".faceset",
+                                      lambda v, w: check.name(v, w, "refine"))
+        return face
+
+    def to_json(self) -> dict:
+        data = {"face": self.face, "file": self.file, "bbox": self.bbox}
+        if self.stage is not None:
+            data.update(stage=self.stage, reason=self.reason, faceset=self.faceset)
+        return data
+
+
+@dataclasses.dataclass(kw_only=True)
+class Group:
+    """Faces whose photos are materialised in one folder (a person, a
+    faceset, the singletons): the faces, how many photos hold them, and the
+    folder's files (plain names, each once)."""
+    faces: list[FaceRef]
+    images: int
+    outputs: list[str]
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Group:
+        return cls(**cls.fields_from_json(value, check, where))
+
+    @staticmethod
+    def fields_from_json(value, check: _ManifestCheck, where: str) -> dict:
+        check.obj(value, where, "faces", "images", "outputs")
+        return {"faces": check.records(value["faces"], where + ".faces",
+                                       lambda v, w: FaceRef.from_json(v, check, w)),
+                "images": check.count(value["images"], where + ".images"),
+                "outputs": check.file_names(value["outputs"], where + ".outputs")}
+
+    def face_ids(self) -> list[int]:
+        return [face.face for face in self.faces]
+
+    def to_json(self) -> dict:
+        return {"faces": [face.to_json() for face in self.faces], "images": self.images,
+                "outputs": list(self.outputs)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Entry(Group):
+    """A person of a cluster output (person_NNN) or a faceset of a refine one
+    (faceset_NNN): its name, the name people gave it (label), its size in
+    faces, its group, and, for a faceset, the unit mean of its embeddings."""
+    name: str
+    label: str | None = None
+    size: int
+    centroid: list[float] | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, kind: str = "cluster") -> Entry:
+        check.obj(value, where, "name", "size")
+        entry = cls(name=check.name(value["name"], where + ".name", kind),
+                    label=check.label(value["label"], where + ".label") if "label" in value
+                    else None,
+                    size=check.count(value["size"], where + ".size"),
+                    **Group.fields_from_json(value, check, where))
+        if PEOPLE_OUTPUTS[kind]["centroid"]:
+            check.obj(value, where, "centroid")
+            entry.centroid = check.numbers(value["centroid"], where + ".centroid",
+                                           check.embedding_size)
+        elif not entry.faces:
+            check.fail(where + ".faces", "a person without faces")
+        return entry
+
+    def to_json(self) -> dict:
+        return _without_none({"name": self.name, "label": self.label, "size": self.size,
+                              **super().to_json(), "centroid": self.centroid},
+                             "label", "centroid")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Former:
+    """A person gone from an output: its name and face ids when it went, so
+    that an undo gives its number back."""
+    name: str
+    faces: list[int]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "faces": list(self.faces)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class NoFace:
+    """cluster's _noface/: the photos without a face, and the folder's files."""
+    files: list[str]
+    outputs: list[str]
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> NoFace:
+        check.obj(value, where, "files", "outputs")
+        return cls(files=check.texts(value["files"], where + ".files"),
+                   outputs=check.file_names(value["outputs"], where + ".outputs"))
+
+    def to_json(self) -> dict:
+        return {"files": list(self.files), "outputs": list(self.outputs)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Unreadable:
+    """A file of the tree that could not be read, and why."""
+    file: str
+    reason: str
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Unreadable:
+        check.obj(value, where, "file", "reason")
+        return cls(file=check.text(value["file"], where + ".file"),
+                   reason=check.text(value["reason"], where + ".reason"))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "reason": self.reason}
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Counts:
+    """A manifest's summary: counts (integers, 0 or more), and the seconds
+    the run took. A field with a default is one later versions added."""
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str):
+        fields = dataclasses.fields(cls)
+        check.obj(value, where, *(f.name for f in fields if f.default is dataclasses.MISSING))
+        return cls(**{f.name: (check.number if f.name == "seconds" else check.count)(
+            value[f.name], f"{where}.{f.name}") for f in fields if f.name in value})
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterSummary(_Counts):
+    people: int
+    faces: int
+    faces_in_people: int
+    singletons: int
+    singleton_files: int | None = None
+    noface_images: int
+    unreadable: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class RefineSummary(_Counts):
+    facesets: int
+    faces: int
+    faces_kept: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportSummary(_Counts):
+    facesets: int
+    crops: int
+    skipped: int
+    candidates: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class SizeFilter:
+    """What refine's size filter dropped (size_filter_summary)."""
+    min_faces: int
+    dropped_people: int
+    largest_images: int
+    suggested_min_faces: int | None
+    kept_at_suggestion: int
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> SizeFilter:
+        check.obj(value, where, "min_faces", "dropped_people", "largest_images",
+                  "suggested_min_faces", "kept_at_suggestion")
+        return cls(min_faces=check.count(value["min_faces"], where + ".min_faces"),
+                   dropped_people=check.count(value["dropped_people"], where + ".dropped_people"),
+                   largest_images=check.count(value["largest_images"], where + ".largest_images"),
+                   suggested_min_faces=check.optional(
+                       value["suggested_min_faces"], where + ".suggested_min_faces",
+                       lambda v, w: check.integer(v, w, 1)),
+                   kept_at_suggestion=check.count(value["kept_at_suggestion"],
+                                                  where + ".kept_at_suggestion"))
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stages:
+    """refine's stages (refine_partition): clusters after each, faces each
+    gate dropped; the fields from quality_gates on came later."""
+    initial_clusters: int
+    clustering: dict
+    after_merge: int
+    dropped_quality: int
+    quality_gates: dict[str, int] | None = None
+    initial_single_faces: int | None = None
+    after_quality: int
+    dropped_outlier: int
+    dropped_rejected: int | None = None
+    dropped_size: int
+    size_filter: SizeFilter | None = None
+    facesets: int
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Stages:
+        counts = ("initial_clusters", "after_merge", "dropped_quality", "after_quality",
+                  "dropped_outlier", "dropped_size", "facesets")
+        check.obj(value, where, "clustering", *counts)
+        later = {key: check.count(value[key], f"{where}.{key}")
+                 for key in ("initial_single_faces", "dropped_rejected") if key in value}
+        return cls(clustering=check.obj(value["clustering"], where + ".clustering"),
+                   **{key: check.count(value[key], f"{where}.{key}") for key in counts},
+                   quality_gates=check.optional(
+                       value.get("quality_gates"), where + ".quality_gates",
+                       lambda v, w: check.table(v, w, check.count)),
+                   size_filter=check.optional(
+                       value.get("size_filter"), where + ".size_filter",
+                       lambda v, w: SizeFilter.from_json(v, check, w)), **later)
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["size_filter"] = self.size_filter.to_json() if self.size_filter else None
+        return _without_none(data, "quality_gates", "initial_single_faces", "dropped_rejected",
+                             "size_filter")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Manifest:
+    """What every manifest begins with: its schema, the face-sets that wrote
+    it (later versions only), its step, when, the cache and the model, and
+    the options of the run (`parameters`: option name -> value, each in its
+    range, OPTION_RULES)."""
+    schema_version: int
+    face_sets_version: str | None = None
+    step: str
+    created: str
+    cache: str
+    model: dict | None
+    parameters: dict
+
+    @classmethod
+    def header_from_json(cls, data, check: _ManifestCheck, kind: str, required=()) -> dict:
+        check.obj(data, "the manifest", "schema_version", "step", "parameters")
+        check.integer(data["schema_version"], "schema_version", 1, MANIFEST_VERSION)
+        if data["step"] != kind:
+            check.fail("step", f"is {data['step']!r}, not {kind!r}")
+        parameters = check.obj(data["parameters"], "parameters")
+        for name, value in parameters.items():
+            if name in OPTION_RULES:
+                try:
+                    check_option(name, value)
+                except UserError as error:
+                    check.fail(f"parameters.{name}", str(error))
+        if "link" in parameters:
+            try:
+                check_link(parameters["link"])
+            except UserError as error:
+                check.fail("parameters.link", str(error))
+        for key in required:
+            if key not in parameters:
+                check.fail("parameters", f"has no {key!r}")
+        check.obj(data, "the manifest", "created", "cache", "model")
+        return {"schema_version": data["schema_version"], "step": kind,
+                "face_sets_version": check.optional(data.get("face_sets_version"),
+                                                    "face_sets_version", check.text),
+                "created": check.text(data["created"], "created"),
+                "cache": check.system_path(data["cache"], "cache"),
+                "model": check.optional(data["model"], "model", check.obj),
+                "parameters": parameters}
+
+    def header_json(self) -> dict:
+        return _without_none({"schema_version": self.schema_version,
+                              "face_sets_version": self.face_sets_version, "step": self.step,
+                              "created": self.created, "cache": self.cache, "model": self.model,
+                              "parameters": self.parameters}, "face_sets_version")
+
+
+def _former_from_json(data: dict, check: _ManifestCheck, kind: str,
+                      entries: list[Entry]) -> tuple[list[Former], int]:
+    """The people gone from an output (`former`) and its next free number,
+    which no person nor person gone has reached (`next_number`; when absent,
+    the first number past them all)."""
+    current = {entry.name for entry in entries}
+    former = []
+    for index, item in enumerate(check.items(data.get("former", []), "former")):
+        here = f"former[{index}]"
+        check.obj(item, here, "name", "faces")
+        name = item["name"]
+        if not isinstance(name, str) or not re.fullmatch(ENTRY_NAME_PATTERNS[kind], name) \
+                or name in current:
+            check.fail(here + ".name", f"{name!r} is not the name of a person gone")
+        former.append(Former(name=name, faces=[
+            check.face_id(face, here + ".faces") for face in check.items(item["faces"],
+                                                                         here + ".faces")]))
+    check.unique([f.name for f in former], "former names")
+    first_free = next_number([e.name for e in entries] + [f.name for f in former])
+    if "next_number" in data:
+        return former, check.integer(data["next_number"], "next_number", first_free)
+    return former, first_free
+
+
+def _entries_from_json(value, check: _ManifestCheck, where: str, kind: str) -> list[Entry]:
+    """The people (or facesets) of an output: of the tool's form, each name once."""
+    entries = check.records(value, where, lambda v, w: Entry.from_json(v, check, w, kind))
+    check.unique([entry.name for entry in entries], where + " names")
+    return entries
+
+
+def _runs_from_json(data: dict, check: _ManifestCheck) -> list[dict]:
+    """What each extend run added (objects, kept as they are)."""
+    return check.records(data.get("extend_runs", []), "extend_runs", check.obj)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterManifest(Manifest):
+    """manifest.json: a cluster output. Its people (`clusters`), the faces
+    that match no one (`singletons`), those rejected by a people decision,
+    the photos without a face (`noface`), the unreadable files, the people
+    gone, the next free number, extend's runs and the summary."""
+    clustering: dict
+    clusters: list[Entry]
+    singletons: Group
+    rejected: list[FaceRef] = dataclasses.field(default_factory=list)
+    noface: NoFace
+    unreadable: list[Unreadable]
+    former: list[Former] = dataclasses.field(default_factory=list)
+    next_number: int
+    extend_runs: list[dict] = dataclasses.field(default_factory=list)
+    summary: ClusterSummary
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.clusters
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> ClusterManifest:
+        header = cls.header_from_json(data, check, "cluster", ("threshold", "link"))
+        check.obj(data, "the manifest", "clustering", "clusters", "singletons", "noface",
+                  "unreadable", "summary")
+        clusters = _entries_from_json(data["clusters"], check, "clusters", "cluster")
+        singletons = Group.from_json(data["singletons"], check, "singletons")
+        rejected = []
+        if "rejected" in data:
+            check.obj(data["rejected"], "rejected", "faces")
+            rejected = check.records(data["rejected"]["faces"], "rejected.faces",
+                                     lambda v, w: FaceRef.from_json(v, check, w))
+        noface = NoFace.from_json(data["noface"], check, "noface")
+        unreadable = check.records(data["unreadable"], "unreadable",
+                                   lambda v, w: Unreadable.from_json(v, check, w))
+        former, number = _former_from_json(data, check, "cluster", clusters)
+        return cls(**header, clustering=check.obj(data["clustering"], "clustering"),
+                   clusters=clusters, singletons=singletons, rejected=rejected, noface=noface,
+                   unreadable=unreadable, former=former, next_number=number,
+                   extend_runs=_runs_from_json(data, check),
+                   summary=ClusterSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "clustering": self.clustering,
+                "clusters": [entry.to_json() for entry in self.clusters],
+                "singletons": self.singletons.to_json(),
+                "rejected": {"faces": [face.to_json() for face in self.rejected]},
+                "noface": self.noface.to_json(),
+                "unreadable": [item.to_json() for item in self.unreadable],
+                "former": [gone.to_json() for gone in self.former],
+                "next_number": self.next_number, "extend_runs": self.extend_runs,
+                "summary": self.summary.to_json()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RefineManifest(Manifest):
+    """refine_manifest.json: a refine output. Its stages, its facesets (each
+    with its centroid), the faces it dropped (stage, reason, faceset), the
+    facesets gone, the next free number, extend's runs and the summary."""
+    stages: Stages
+    facesets: list[Entry]
+    dropped: list[FaceRef]
+    former: list[Former] = dataclasses.field(default_factory=list)
+    next_number: int
+    extend_runs: list[dict] = dataclasses.field(default_factory=list)
+    summary: RefineSummary
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.facesets
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> RefineManifest:
+        header = cls.header_from_json(data, check, "refine", tuple(REFINE_DEFAULTS))
+        check.obj(data, "the manifest", "stages", "facesets", "dropped", "summary")
+        facesets = _entries_from_json(data["facesets"], check, "facesets", "refine")
+        dropped = check.records(data["dropped"], "dropped",
+                                lambda v, w: FaceRef.dropped_from_json(v, check, w))
+        former, number = _former_from_json(data, check, "refine", facesets)
+        return cls(**header, stages=Stages.from_json(data["stages"], check, "stages"),
+                   facesets=facesets, dropped=dropped, former=former, next_number=number,
+                   extend_runs=_runs_from_json(data, check),
+                   summary=RefineSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "stages": self.stages.to_json(),
+                "facesets": [entry.to_json() for entry in self.facesets],
+                "dropped": [face.to_json() for face in self.dropped],
+                "former": [gone.to_json() for gone in self.former],
+                "next_number": self.next_number, "extend_runs": self.extend_runs,
+                "summary": self.summary.to_json()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Crop:
+    """A PNG export-swap wrote: its file, its rank, the face and its photo,
+    its box there, its score and the score's terms, how many other faces
+    were blacked out, and whether it is in the faceset's top bundle."""
+    png: str
+    rank: int
+    face: int
+    source: str
+    bbox: list[float]
+    score: float
+    terms: dict[str, float]
+    blacked_out: int
+    in_top: bool
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Crop:
+        check.obj(value, where, "png", "rank", "face", "source", "bbox", "score", "terms",
+                  "blacked_out", "in_top")
+        return cls(png=check.file_name(value["png"], where + ".png"),
+                   rank=check.count(value["rank"], where + ".rank"),
+                   face=check.face_id(value["face"], where + ".face"),
+                   source=check.text(value["source"], where + ".source"),
+                   bbox=check.numbers(value["bbox"], where + ".bbox", 4),
+                   score=check.number(value["score"], where + ".score"),
+                   terms=check.table(value["terms"], where + ".terms", check.number),
+                   blacked_out=check.count(value["blacked_out"], where + ".blacked_out"),
+                   in_top=check.flag(value["in_top"], where + ".in_top"))
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class LeftOut:
+    """A face export-swap did not crop: why, and (dropped before cropping) its photo."""
+    face: int
+    source: str | None = None
+    reason: str
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, source: bool) -> LeftOut:
+        check.obj(value, where, "face", *(("source",) if source else ()), "reason")
+        return cls(face=check.face_id(value["face"], where + ".face"),
+                   source=check.text(value["source"], where + ".source") if source else None,
+                   reason=check.text(value["reason"], where + ".reason"))
+
+    def to_json(self) -> dict:
+        return _without_none({"face": self.face, "source": self.source, "reason": self.reason},
+                             "source")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Bundle:
+    """A .fsz bundle of a faceset's crops: its file, how many PNGs, its size."""
+    file: str
+    pngs: int
+    bytes: int
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportEntry:
+    """A faceset of an export (or its candidates): its name and label, its
+    crops, the faces skipped (no single-face crop) and dropped before
+    cropping, and (facesets only) its bundles."""
+    name: str
+    label: str | None = None
+    crops: list[Crop]
+    skipped: list[LeftOut]
+    dropped: list[LeftOut]
+    bundles: list[Bundle] | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, faceset: bool) -> ExportEntry:
+        check.obj(value, where, "name", "crops", *(("bundles",) if faceset else ()),
+                  "skipped", "dropped")
+        name = check.name(value["name"], where + ".name", "export-swap")
+        entry = cls(name=name,
+                    label=check.label(value["label"], where + ".label") if "label" in value
+                    else None,
+                    crops=check.records(value["crops"], where + ".crops",
+                                        lambda v, w: Crop.from_json(v, check, w)),
+                    skipped=check.records(value["skipped"], where + ".skipped",
+                                          lambda v, w: LeftOut.from_json(v, check, w, False)),
+                    dropped=check.records(value["dropped"], where + ".dropped",
+                                          lambda v, w: LeftOut.from_json(v, check, w, True)))
+        if faceset:
+            here = where + ".bundles"
+            entry.bundles = []
+            for index, bundle in enumerate(check.items(value["bundles"], here)):
+                at = f"{here}[{index}]"
+                check.obj(bundle, at, "file", "pngs", "bytes")
+                file = check.file_name(bundle["file"], at + ".file")
+                if not file.startswith(name + "_") or not file.endswith(".fsz"):
+                    check.fail(at + ".file", f"{file!r} is not a bundle of {name}")
+                entry.bundles.append(Bundle(file=file,
+                                            pngs=check.count(bundle["pngs"], at + ".pngs"),
+                                            bytes=check.count(bundle["bytes"], at + ".bytes")))
+        return entry
+
+    def to_json(self) -> dict:
+        return _without_none({
+            "name": self.name, "label": self.label,
+            "crops": [crop.to_json() for crop in self.crops],
+            "skipped": [item.to_json() for item in self.skipped],
+            "dropped": [item.to_json() for item in self.dropped],
+            "bundles": None if self.bundles is None else [b.to_json() for b in self.bundles]},
+            "label", "bundles")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportManifest(Manifest):
+    """export_manifest.json: an export-swap output. The manifests it was
+    made from, the weights of its score, its facesets (crops, skipped,
+    dropped, bundles), their candidates (in _candidates/) and the summary."""
+    refine_manifest: str
+    raw_manifest: str | None
+    quality_weights: dict[str, float]
+    facesets: list[ExportEntry]
+    candidates: list[ExportEntry]
+    summary: ExportSummary
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> ExportManifest:
+        header = cls.header_from_json(data, check, "export-swap", ("out_size", "top_n"))
+        check.obj(data, "the manifest", "facesets", "candidates", "refine_manifest",
+                  "raw_manifest", "quality_weights", "summary")
+        facesets = check.records(data["facesets"], "facesets",
+                                 lambda v, w: ExportEntry.from_json(v, check, w, True))
+        check.unique([entry.name for entry in facesets], "facesets names")
+        candidates = check.records(data["candidates"], "candidates",
+                                   lambda v, w: ExportEntry.from_json(v, check, w, False))
+        check.unique([entry.name for entry in candidates], "candidates names")
+        return cls(**header, refine_manifest=check.text(data["refine_manifest"], "refine_manifest"),
+                   raw_manifest=check.optional(data["raw_manifest"], "raw_manifest", check.text),
+                   quality_weights=check.table(data["quality_weights"], "quality_weights",
+                                               check.number),
+                   facesets=facesets, candidates=candidates,
+                   summary=ExportSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "refine_manifest": self.refine_manifest,
+                "raw_manifest": self.raw_manifest, "quality_weights": self.quality_weights,
+                "facesets": [entry.to_json() for entry in self.facesets],
+                "candidates": [entry.to_json() for entry in self.candidates],
+                "summary": self.summary.to_json()}
+
+
+def manifest_record(kind: str) -> type:
+    """The record of a manifest of `kind` ("cluster", "refine", "export-swap")."""
+    return {"cluster": ClusterManifest, "refine": RefineManifest,
+            "export-swap": ExportManifest}[kind]
+
+
+def parse_manifest(data, kind: str, path: Path, n_faces: int | None = None,
+                   embedding_size: int | None = None) -> Manifest:
+    """The record of a manifest's JSON document `data` (read from `path`),
+    validated as load_manifest validates it."""
+    return manifest_record(kind).from_json(data, _ManifestCheck(Path(path), n_faces,
+                                                                embedding_size))
 
 
 def load_manifest(path: Path, kind: str, n_faces: int | None = None,
-                  embedding_size: int | None = None) -> dict:
-    """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap").
+                  embedding_size: int | None = None) -> Manifest:
+    """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap"):
+    its record's JSON (ClusterManifest, RefineManifest, ExportManifest's
+    to_json: the manifest, with the fields it lacks at their defaults).
 
-    Checks its schema version and step, the types of what later steps use,
-    face ids (within `n_faces` when given, each listed once), names of the
-    tool's own form without duplicates, output file names that stay inside
-    their folder, and the parameters (check_option). UserError names the
-    manifest and the problem.
+    Checks its schema version (1 to MANIFEST_VERSION) and step, the type and
+    range of every field the code reads, face ids (within `n_faces` when
+    given, each listed once), names of the tool's own form without
+    duplicates, output file names that stay inside their folder, and the
+    parameters (check_option). UserError names the manifest, the field and
+    the problem, in one line.
     """
-    manifest = read_json(Path(path), f"{kind} manifest")
-    check = _ManifestCheck(Path(path), n_faces, embedding_size)
-    check.obj(manifest, "the manifest", "schema_version", "step", "parameters")
-    check.integer(manifest["schema_version"], "schema_version", 1, MANIFEST_VERSION)
-    if manifest["step"] != kind:
-        check.fail("step", f"is {manifest['step']!r}, not {kind!r}")
-    parameters = check.obj(manifest["parameters"], "parameters")
-    for name, value in parameters.items():
-        if name in OPTION_RULES:
-            try:
-                check_option(name, value)
-            except UserError as error:
-                check.fail(f"parameters.{name}", str(error))
-    if "link" in parameters:
-        try:
-            check_link(parameters["link"])
-        except UserError as error:
-            check.fail("parameters.link", str(error))
-    if manifest.get("model") is not None:
-        check.obj(manifest["model"], "model")
-    pattern = ENTRY_NAME_PATTERNS[kind]
-    if kind == "cluster":
-        check.obj(manifest, "the manifest", "clusters", "singletons", "noface")
-        for key in ("threshold", "link"):
-            if key not in parameters:
-                check.fail("parameters", f"has no {key!r}")
-        for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
-            check.group(entry, f"clusters[{index}]")
-            if not entry["faces"]:
-                check.fail(f"clusters[{index}].faces", "a person without faces")
-        check.group(manifest["singletons"], "singletons")
-        if "rejected" in manifest:
-            check.obj(manifest["rejected"], "rejected", "faces")
-            check.face_records(manifest["rejected"]["faces"], "rejected.faces")
-        noface = check.obj(manifest["noface"], "noface", "files", "outputs")
-        for item in check.items(noface["files"], "noface.files"):
-            check.text(item, "noface.files")
-        check.unique([check.file_name(o, "noface.outputs")
-                      for o in check.items(noface["outputs"], "noface.outputs")], "noface.outputs")
-    elif kind == "refine":
-        check.obj(manifest, "the manifest", "facesets", "dropped")
-        for key in REFINE_DEFAULTS:
-            if key not in parameters:
-                check.fail("parameters", f"has no {key!r}")
-        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
-            check.group(entry, f"facesets[{index}]")
-            check.obj(entry, f"facesets[{index}]", "centroid")
-            check.numbers(entry["centroid"], f"facesets[{index}].centroid", embedding_size)
-        check.face_records(manifest["dropped"], "dropped", "stage")
-    else:
-        check.obj(manifest, "the manifest", "facesets", "candidates")
-        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
-            here = f"facesets[{index}]"
-            check.obj(entry, here, "crops", "bundles")
-            for crop in check.items(entry["crops"], here + ".crops"):
-                check.file_name(check.obj(crop, here + ".crops", "png")["png"], here + ".crops")
-            for bundle in check.items(entry["bundles"], here + ".bundles"):
-                name = check.file_name(check.obj(bundle, here + ".bundles", "file")["file"],
-                                       here + ".bundles")
-                if not name.startswith(entry["name"] + "_") or not name.endswith(".fsz"):
-                    check.fail(here + ".bundles", f"{name!r} is not a bundle of {entry['name']}")
-        check.entries(manifest["candidates"], "candidates", pattern)
-    entries = manifest.get("clusters", manifest.get("facesets", []))
-    former = check.former(manifest.get("former", []), pattern, entries)
-    if "next_number" in manifest:
-        check.integer(manifest["next_number"], "next_number",
-                      max(next_number(entries), next_number(former)))
-    return manifest
+    return parse_manifest(read_json(Path(path), f"{kind} manifest"), kind, path, n_faces,
+                          embedding_size).to_json()
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
@@ -7310,8 +7881,8 @@ def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
 def first_free_number(manifest: dict, entries) -> int:
     """The number the next new person (or faceset) of an output takes: numbers
     of people who are gone are never given again."""
-    return max(int(manifest.get("next_number", 1)), next_number(entries),
-               next_number(manifest.get("former", [])))
+    return max(int(manifest.get("next_number", 1)), next_number(e["name"] for e in entries),
+               next_number(f["name"] for f in manifest.get("former", [])))
 
 
 def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,

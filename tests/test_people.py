@@ -515,12 +515,16 @@ def test_a_person_gone_takes_its_number_back_only_from_former():
     [{"name": "person_007"}],
     {"name": "person_007", "faces": []}])
 def test_a_tampered_former_list_is_one_clear_error(tmp_path, former):
-    manifest = {"schema_version": 1, "step": "cluster", "parameters": {"threshold": 0.5,
-                                                                       "link": "copy"},
-                "clusters": [{"name": "person_001", "faces": [{"face": 0}, {"face": 1}],
-                              "outputs": ["a.jpg"]}],
-                "singletons": {"faces": [], "outputs": []},
-                "noface": {"files": [], "outputs": []}, "next_number": 8}
+    face = lambda f: {"face": f, "file": "a.jpg", "bbox": [0, 0, 9, 9]}  # noqa: E731
+    manifest = {"schema_version": 1, "step": "cluster", "created": "", "cache": "/c.npz",
+                "model": None, "parameters": {"threshold": 0.5, "link": "copy"},
+                "clustering": {},
+                "clusters": [{"name": "person_001", "size": 2, "faces": [face(0), face(1)],
+                              "images": 1, "outputs": ["a.jpg"]}],
+                "singletons": {"faces": [], "images": 0, "outputs": []},
+                "noface": {"files": [], "outputs": []}, "unreadable": [], "next_number": 8,
+                "summary": {"people": 1, "faces": 2, "faces_in_people": 2, "singletons": 0,
+                            "noface_images": 0, "unreadable": 0, "seconds": 0.1}}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
     assert sort_faces.load_manifest(path, "cluster", 5)["next_number"] == 8

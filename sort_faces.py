@@ -45,8 +45,8 @@ last, wires them all.
     MODEL STEPS          one entry for a model step: the local pool, or Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
-                         all-or-nothing changes in place, manifests and the one loader
-                         that validates them
+                         all-or-nothing changes in place, manifests as typed records (one
+                         loader that validates them, one writer)
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
                          faiss's inverted lists for many faces), centroids, refine's stages
     DUPLICATES           visual near-duplicate groups confirmed by their faces
@@ -133,7 +133,7 @@ __all__ = [
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
     "face_rows", "keep_numbers", "people_view", "people_suggestions",
-    "journal_dir", "load_manifest", "parse_manifest", "Manifest",
+    "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
     "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
     "Stages", "SizeFilter", "RefineSummary",
     "claim_output", "safe_dst_name", "inside", "scan_images",
@@ -164,7 +164,11 @@ __all__ = [
 # Cache schema: 2 adds the journal chunk header (sequence, first rows, checksum).
 SCHEMA_VERSION = 2
 # Manifests (manifest.json, refine_manifest.json, export_manifest.json).
-MANIFEST_VERSION = 1
+# 2: written from typed records (ClusterManifest, RefineManifest, ExportManifest);
+# manifests of schema 1 are read as they are.
+MANIFEST_VERSION = 2
+# The dedup report (duplicates.json): its own schema, unchanged since its first.
+DEDUP_REPORT_VERSION = 1
 
 # .gif: the first frame, as a still photo (animated GIFs are rarely of people).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -5036,22 +5040,24 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
     return list(names)
 
 
-def face_record(cache: FaceCache, face: int, locations) -> dict:
+def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
+    """A face as a manifest lists it (with `dropped`: stage, reason and
+    faceset, for a face refine dropped)."""
     file_index = int(cache["face_file"][face])
-    return {"face": int(face), "file": label_path(cache, locations, file_index),
-            "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
+    return FaceRef(face=int(face), file=label_path(cache, locations, file_index),
+                   bbox=[round(float(v), 1) for v in cache["bbox"][face]], **dropped)
 
 
-def write_group(folder: Path, faces, cache, locations, link) -> dict:
+def write_group(folder: Path, faces, cache, locations, link) -> Group:
     """Materialise every location of every photo of `faces` into `folder`."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
-    return {"faces": [face_record(cache, f, locations) for f in faces],
-            "images": len(file_rows),
-            "outputs": materialise_files(folder, paths, link)}
+    return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
+                 outputs=materialise_files(folder, paths, link))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
+    """The fields every manifest begins with (a Manifest's own), for a run of `step`."""
     return {
         "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": step,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -5060,13 +5066,13 @@ def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) 
     }
 
 
-def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
+def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[Unreadable]]:
     """The photos without a face (every location; a video's frames without one
     are not listed: _noface/ would fill with stills) and the unreadable files."""
     status = cache["file_status"]
     photo = cache["file_video"] == ""
     noface = [p for row in np.flatnonzero((status == "noface") & photo) for p in locations[row]]
-    unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
+    unreadable = [Unreadable(file=str(cache["files"][row]), reason=str(cache["file_reason"][row]))
                   for row in np.flatnonzero(status == "unreadable")]
     return noface, unreadable
 
@@ -5513,6 +5519,11 @@ class Stages:
                        value.get("size_filter"), where + ".size_filter",
                        lambda v, w: SizeFilter.from_json(v, check, w)), **later)
 
+    @classmethod
+    def of(cls, stages: dict) -> Stages:
+        """The record of refine_partition's stages."""
+        return cls(**{**stages, "size_filter": SizeFilter(**stages["size_filter"])})
+
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["size_filter"] = self.size_filter.to_json() if self.size_filter else None
@@ -5881,6 +5892,17 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
     """
     return parse_manifest(read_json(Path(path), f"{kind} manifest"), kind, path, n_faces,
                           embedding_size).to_json()
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """The one writer of a manifest: MANIFEST_FILES[its step] in `folder`,
+    written whole or not at all (write_json_atomic), in the schema of this
+    version (a manifest of schema 1 that extend changes is written as one of
+    MANIFEST_VERSION). Returns its path."""
+    manifest.schema_version = MANIFEST_VERSION
+    path = Path(folder) / MANIFEST_FILES[manifest.step]
+    write_json_atomic(path, manifest.to_json())
+    return path
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
@@ -8246,51 +8268,50 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
 
 class PeopleBuild(NamedTuple):
     """What a cluster or refine run hands to write_people_output: its people
-    (or facesets; face arrays), what the manifest records of how they were
-    made (`header`: clustering or stages), the rest of the manifest, written
-    into the folder being built (`rest(manifest, work, names)`), and its
-    summary (`summary(manifest)`)."""
+    (or facesets; face arrays), and `manifest(work, names, **fields)`, which
+    writes the kind's other parts into the folder being built (`work`;
+    `names`: each group's name) and returns its manifest record, made of
+    them and of `fields`, the fields every people output has (the header,
+    `entries`, `former`, `next_number`)."""
     groups: list
-    header: dict
-    rest: Callable[[dict, Path, list], None]
-    summary: Callable[[dict], dict]
+    manifest: Callable[..., Manifest]
 
 
 def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache, build: PeopleBuild,
                         *, parameters: dict, constraints: dict, decisions, link: str,
-                        locked: bool, undoing: bool, started: float) -> dict:
+                        locked: bool, undoing: bool,
+                        started: float) -> ClusterManifest | RefineManifest:
     """The one builder of a cluster or refine output (`kind`): its people
     numbered keeping OUT's numbers (person_names), a folder each (with its
-    centroid where the kind keeps one), the kind's other parts (build.rest),
-    the manifest, the review page with the suggestions, and the decisions
-    kept once it is built. Returns the manifest."""
+    centroid where the kind keeps one), the kind's other parts and its
+    manifest (build.manifest), written, the review page with the
+    suggestions, and the decisions kept once it is built. Returns the
+    manifest."""
     shape = PEOPLE_OUTPUTS[kind]
     previous = previous_entries(out, cache_path, kind)
     names, labels = person_names(build.groups, previous, constraints, shape["prefix"], undoing)
     locations = file_locations(cache)
-    manifest = run_header(kind, cache_path, cache, parameters) | build.header
+    header = run_header(kind, cache_path, cache, parameters)
     page = {"cluster": cluster_review_page, "refine": refine_review_page}[kind]
     with (contextlib.nullcontext() if locked else output_lock(out)), \
             building(out, kind) as work:  # locked: the caller holds OUT's lock
-        entries = manifest[shape["entries"]] = []
+        entries = []
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
-            named = named_entry(name, labels)
-            entry = {**named, "size": len(faces),
-                     **write_group(work / entry_folder(named), faces, cache, locations, link)}
-            if shape["centroid"]:
-                entry["centroid"] = centroid_record(cache["embeddings"], faces)
-            entries.append(entry)
-        build.rest(manifest, work, names)
-        manifest["former"] = former_entries(previous, names)
-        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
-                                                     "former": manifest["former"]}, entries)
-        manifest["extend_runs"] = []
-        manifest["summary"] = build.summary(manifest) | {
-            "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / MANIFEST_FILES[kind], manifest)
-        suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
-        write_review(work, page(manifest, cache, locations, out, suggestions), cache, locations,
+            group = write_group(work / entry_folder(named_entry(name, labels)), faces, cache,
+                                locations, link)
+            centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
+            entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
+                                 centroid=centroid, **vars(group)))
+        former = [Former(**gone) for gone in former_entries(previous, names)]
+        number = max(previous["first_free"], next_number(names + [f.name for f in former]))
+        manifest = build.manifest(work, names, **header, entries=entries, former=former,
+                                  next_number=number)
+        manifest.summary.seconds = round(time.time() - started, 1)
+        write_manifest(work, manifest)
+        written = manifest.to_json()  # what the pages and the people take, for now
+        suggestions = people_suggestions(people_view(written, kind), out, cache, constraints)
+        write_review(work, page(written, cache, locations, out, suggestions), cache, locations,
                      reuse_from=out)
         keep_decisions(cache_path, decisions)
     return manifest
@@ -8925,7 +8946,8 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False,
             decisions=None) -> dict:
-    """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
+    """Raw agglomerative clusters of every cached face into OUT. Returns the
+    manifest as written (its JSON).
 
     The people decisions beside the cache (people_path) are honoured: faces
     pinned together start as one person, pinned groups kept apart never join,
@@ -8947,33 +8969,33 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
 
-    def rest(manifest: dict, work: Path, _names) -> None:
-        manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
-        manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
-        manifest["noface"] = {"files": noface,
-                              "outputs": materialise_files(work / "_noface", noface, link)}
-        manifest["unreadable"] = unreadable
-
-    def summary(manifest: dict) -> dict:
-        return {"people": len(people), "faces": int(cache.n_faces),
-                "faces_in_people": int(sum(len(g) for g in people)),
-                "singletons": int(len(singles)),
-                "singleton_files": len(manifest["singletons"]["outputs"]),
-                "noface_images": len(noface), "unreadable": len(unreadable)}
+    def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
+        singletons = write_group(work / "_singletons", singles, cache, locations, link)
+        return ClusterManifest(
+            **fields, clustering=info, clusters=entries, singletons=singletons,
+            rejected=[face_record(cache, f, locations) for f in rejected],
+            noface=NoFace(files=noface, outputs=materialise_files(work / "_noface", noface, link)),
+            unreadable=unreadable,
+            summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
+                                   faces_in_people=int(sum(len(g) for g in people)),
+                                   singletons=int(len(singles)),
+                                   singleton_files=len(singletons.outputs),
+                                   noface_images=len(noface), unreadable=len(unreadable),
+                                   seconds=0.0))
 
     manifest = write_people_output(
-        "cluster", cache_path, out, cache, PeopleBuild(people, {"clustering": info}, rest, summary),
+        "cluster", cache_path, out, cache, PeopleBuild(people, record),
         parameters={"threshold": threshold, "link": link}, constraints=constraints,
         decisions=decisions, link=link, locked=locked, undoing=undoing, started=started)
-    summary = manifest["summary"]
-    say(f"cluster: {counted(summary['people'], 'person')} "
-        f"({counted(summary['faces_in_people'], 'face')}), "
-        f"{counted(summary['singletons'], 'single face')} "
-        f"({counted(summary['singleton_files'], 'photo')} in _singletons/), "
-        f"{counted(summary['noface_images'], 'no-face image')} -> {out}", quiet)
-    for line in shortfall_lines("cluster", cluster_shortfalls(manifest)):
+    summary = manifest.summary
+    say(f"cluster: {counted(summary.people, 'person')} "
+        f"({counted(summary.faces_in_people, 'face')}), "
+        f"{counted(summary.singletons, 'single face')} "
+        f"({counted(summary.singleton_files, 'photo')} in _singletons/), "
+        f"{counted(summary.noface_images, 'no-face image')} -> {out}", quiet)
+    for line in shortfall_lines("cluster", cluster_shortfalls(manifest.to_json())):
         say(line, quiet)
-    return manifest
+    return manifest.to_json()
 
 
 # ============================================================================
@@ -8986,7 +9008,8 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
            undoing=False, decisions=None, replace_smaller=False, **params) -> dict:
-    """Quality-gated per-person facesets into OUT. Returns the manifest.
+    """Quality-gated per-person facesets into OUT. Returns the manifest as
+    written (its JSON).
 
     The people decisions beside the cache are honoured as `cluster` honours
     them (refine_partition's constraints); rebuilding an output keeps its
@@ -9008,17 +9031,17 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
                    {**REFINE_DEFAULTS, "link": link}, replace_smaller)
     locations = file_locations(cache)
 
-    def rest(manifest: dict, _work, names: list) -> None:
-        manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
-                                    faceset=names[origin[face]] if origin[face] >= 0 else None)
-                               for face, (stage, reason) in sorted(dropped.items())]
-
-    def summary(_manifest) -> dict:
-        return {"facesets": len(facesets), "faces": int(cache.n_faces),
-                "faces_kept": int(sum(len(f) for f in facesets))}
+    def record(_work, names: list, *, entries: list[Entry], **fields) -> RefineManifest:
+        return RefineManifest(
+            **fields, stages=Stages.of(stages), facesets=entries,
+            dropped=[face_record(cache, face, locations, stage=stage, reason=reason,
+                                 faceset=names[origin[face]] if origin[face] >= 0 else None)
+                     for face, (stage, reason) in sorted(dropped.items())],
+            summary=RefineSummary(facesets=len(facesets), faces=int(cache.n_faces),
+                                  faces_kept=int(sum(len(f) for f in facesets)), seconds=0.0))
 
     manifest = write_people_output(
-        "refine", cache_path, out, cache, PeopleBuild(facesets, {"stages": stages}, rest, summary),
+        "refine", cache_path, out, cache, PeopleBuild(facesets, record),
         parameters={**params, "link": link}, constraints=constraints, decisions=decisions,
         link=link, locked=locked, undoing=undoing, started=started)
     singles = stages["initial_single_faces"]
@@ -9028,9 +9051,9 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         f"{counted(stages['dropped_quality'], 'face')}, outliers {stages['dropped_outlier']}, "
         f"size filter {stages['dropped_size']} -> {counted(len(facesets), 'faceset')} -> {out}",
         quiet)
-    for line in shortfall_lines("refine", refine_shortfalls(manifest, out)):
+    for line in shortfall_lines("refine", refine_shortfalls(manifest.to_json(), out)):
         say(line, quiet)
-    return manifest
+    return manifest.to_json()
 
 
 # ============================================================================
@@ -9118,7 +9141,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
             if not other.get("video_frame"):
                 removable.update({p: other["bytes"] for p in [other["path"], *other["aliases"]]})
     report = {
-        "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": "dedup",
+        "schema_version": DEDUP_REPORT_VERSION, "face_sets_version": __version__, "step": "dedup",
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "cache": str(cache_path.resolve()), "parameters": {"hamming": hamming},
         "byte_identical": byte_groups, "visual": visual,
@@ -9155,7 +9178,7 @@ def duplicates_path(cache_path: Path) -> Path:
 
 def add_faces_to_entry(entry: dict, folder: Path, faces, cache, locations, link) -> None:
     """Append faces to a manifest group and materialise their photos in place."""
-    entry["faces"] += [face_record(cache, f, locations) for f in faces]
+    entry["faces"] += [face_record(cache, f, locations).to_json() for f in faces]
     entry["size"] = len(entry["faces"])
     sync_entry_files(entry, folder, cache, locations, link)
 
@@ -9208,11 +9231,12 @@ def add_new_entries(kind: str, groups, number: int, entries: list, out: Path, ca
 def close_extend(kind: str, out: Path, manifest: dict, record: dict, number: int,
                  **summary) -> tuple[dict, dict]:
     """extend's last step, for either kind: the run recorded and the manifest
-    written (last: what it no longer lists is removed only after it)."""
+    written (last: what it no longer lists is removed only after it), through
+    its record."""
     manifest["next_number"] = number
     manifest.setdefault("extend_runs", []).append(record)
     manifest["summary"].update(summary)
-    write_json_atomic(out / MANIFEST_FILES[kind], manifest)
+    write_manifest(out, parse_manifest(manifest, kind, out / MANIFEST_FILES[kind]))
     return record, manifest
 
 
@@ -9247,7 +9271,7 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
     number += len(record["new_people"])
     # 3. singletons: rebuild the list; drop files no remaining singleton face needs
     singleton_entry = manifest["singletons"]
-    singleton_entry["faces"] = [face_record(cache, f, locations) for f in sorted(singles)]
+    singleton_entry["faces"] = [face_record(cache, f, locations).to_json() for f in sorted(singles)]
     keep_rows = {int(cache["face_file"][f]) for f in singles}
     keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
     for name in set(singleton_entry["outputs"]) - keep_names:
@@ -9264,7 +9288,7 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
     new_noface = [p for p in noface if p not in listed]
     manifest["noface"]["files"] += new_noface
     manifest["noface"]["outputs"] += materialise_files(inside(out, "_noface"), new_noface, link)
-    manifest["unreadable"] = unreadable
+    manifest["unreadable"] = [item.to_json() for item in unreadable]
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
         return None
@@ -9297,8 +9321,8 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
                                 damage=face_damage(cache)[new])
     passing = np.array([not f for f in failures], dtype=bool)
     for face, reasons in zip(new[~passing], [f for f in failures if f]):
-        dropped[int(face)] = dict(face_record(cache, face, locations), stage="quality",
-                                  reason="; ".join(reasons))
+        dropped[int(face)] = face_record(cache, face, locations, stage="quality",
+                                         reason="; ".join(reasons)).to_json()
     candidates = new[passing]
     centroids = unit_rows(np.array([s["centroid"] for s in facesets])) if facesets else np.zeros((0, 1))
     joins = join_nearest("refine", facesets, candidates, centroids, params["outlier_threshold"], out,
@@ -9319,7 +9343,7 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
             dropped.pop(int(face), None)
     for local, (stage, reason) in sub_dropped.items():
         face = int(pool[local])
-        dropped[face] = dict(face_record(cache, face, locations), stage=stage, reason=reason)
+        dropped[face] = face_record(cache, face, locations, stage=stage, reason=reason).to_json()
     record["dropped"] = {int(f): dropped[int(f)]["stage"] for f in new if int(f) in dropped}
     manifest["dropped"] = [dropped[f] for f in sorted(dropped)]
     return close_extend("refine", out, manifest, record, number, facesets=len(facesets),
@@ -9625,7 +9649,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 candidates=False, enrich_first=False, model=DEFAULT_MODEL,
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
                 replace_smaller=False, quiet=False, **params) -> dict:
-    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
+    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT.
+    Returns the manifest as written (its JSON)."""
     params = table_params(EXPORT_DEFAULTS, params)
     check_options(workers=workers, providers=providers)
     started = time.time()
@@ -9730,13 +9755,10 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                            modules=["detection"], identity=identity, providers=provider_list,
                            workers=workers, n_tasks=n_batches(len(runnable)),
                            crash_result=lambda reason: {"error": reason})
-        manifest = run_header("export-swap", cache_path, cache, params)
-        manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
-                        raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
-                        quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
         labels = {f["name"]: f["label"] for f in refined["facesets"] if f.get("label")}
+        exported: dict[str, list[ExportEntry]] = {"faceset": [], "candidate": []}
         for name, kind, ranked, dropped in plan:
-            named = named_entry(name, labels)
+            named, label = named_entry(name, labels), labels.get(name)
             folder = inside(work, entry_folder(named) if kind == "faceset" else
                             candidates_folder(named))
             folder.mkdir(parents=True, exist_ok=True)
@@ -9744,53 +9766,58 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             for face in ranked:
                 result = crops[face]
                 if "error" in result:
-                    skipped.append({"face": face, "reason": result["error"]})
+                    skipped.append(LeftOut(face=face, reason=result["error"]))
                     continue
                 png = f"{len(written):04d}.png"
                 inside(folder, png).write_bytes(result["png"])
-                written.append({"png": png, "rank": len(written), "face": face,
-                                "source": label_path(cache, locations, cache["face_file"][face]),
-                                "bbox": [round(float(v), 1) for v in cache["bbox"][face]],
-                                "score": round(score[face], 4), "terms": term_of[face],
-                                "blacked_out": result["blacked_out"],
-                                "in_top": len(written) < params["top_n"]})
-            entry = {**named, "crops": written, "skipped": skipped,
-                     "dropped": [{"face": f,
-                                  "source": label_path(cache, locations, cache["face_file"][f]),
-                                  "reason": r} for f, r in sorted(dropped.items())]}
+                written.append(Crop(png=png, rank=len(written), face=face,
+                                    source=label_path(cache, locations, cache["face_file"][face]),
+                                    bbox=[round(float(v), 1) for v in cache["bbox"][face]],
+                                    score=round(score[face], 4), terms=term_of[face],
+                                    blacked_out=result["blacked_out"],
+                                    in_top=len(written) < params["top_n"]))
+            entry = ExportEntry(name=name, label=label, crops=written, skipped=skipped,
+                                dropped=[LeftOut(face=f, reason=r, source=label_path(
+                                    cache, locations, cache["face_file"][f]))
+                                         for f, r in sorted(dropped.items())])
             if kind == "faceset":
-                entry["bundles"], top_n = [], params["top_n"]
+                entry.bundles, top_n = [], params["top_n"]
                 for bundle, chosen in ((entry_bundle(named, top_n), written[:top_n]),
                                        (entry_bundle(named), written)):
                     if chosen:
                         size = write_fsz(inside(work, bundle),
-                                         [(c["png"], folder / c["png"]) for c in chosen])
-                        entry["bundles"].append({"file": bundle, "pngs": len(chosen), "bytes": size})
-                manifest["facesets"].append(entry)
-            else:
-                manifest["candidates"].append(entry)
-        manifest["summary"] = {
-            "facesets": len(manifest["facesets"]),
-            "crops": sum(len(e["crops"]) for e in manifest["facesets"]),
-            "skipped": sum(len(e["skipped"]) for e in manifest["facesets"]),
-            "candidates": sum(len(e["crops"]) for e in manifest["candidates"]),
-            "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / "export_manifest.json", manifest)
+                                         [(c.png, folder / c.png) for c in chosen])
+                        entry.bundles.append(Bundle(file=bundle, pngs=len(chosen), bytes=size))
+            exported[kind].append(entry)
+        manifest = ExportManifest(
+            **run_header("export-swap", cache_path, cache, params),
+            refine_manifest=str(Path(refine_manifest_path).resolve()),
+            raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
+            quality_weights=QUALITY_WEIGHTS, facesets=exported["faceset"],
+            candidates=exported["candidate"],
+            summary=ExportSummary(
+                facesets=len(exported["faceset"]),
+                crops=sum(len(e.crops) for e in exported["faceset"]),
+                skipped=sum(len(e.skipped) for e in exported["faceset"]),
+                candidates=sum(len(e.crops) for e in exported["candidate"]),
+                seconds=round(time.time() - started, 1)))
+        write_manifest(work, manifest)
         again = ["export-swap", Path(cache_path), Path(refine_manifest_path), Path(out),
                  *(["--raw-manifest", Path(raw_manifest_path)] if raw_manifest_path else []),
                  *(["--candidates"] if candidates else []), *option_words(params, EXPORT_DEFAULTS)]
-        shortfalls = export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"],
+        written = manifest.to_json()  # what the page takes, for now
+        shortfalls = export_shortfalls(written, refined, refine_manifest_path, params["top_n"],
                                        again)
-        page = export_review_page(manifest, cache, locations)
+        page = export_review_page(written, cache, locations)
         page["notice"] = shortfall_notice(shortfalls)
         write_review(work, page, cache, locations, reuse_from=out)
-    summary = manifest["summary"]
-    say(f"export-swap: {counted(summary['crops'], 'crop')} in "
-        f"{counted(summary['facesets'], 'faceset')} ({summary['skipped']} skipped), "
-        f"{counted(summary['candidates'], 'candidate')} -> {out}", quiet)
+    summary = manifest.summary
+    say(f"export-swap: {counted(summary.crops, 'crop')} in "
+        f"{counted(summary.facesets, 'faceset')} ({summary.skipped} skipped), "
+        f"{counted(summary.candidates, 'candidate')} -> {out}", quiet)
     for line in shortfall_lines("export-swap", shortfalls):
         say(line, quiet)
-    return manifest
+    return written
 
 
 def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int,

@@ -118,7 +118,7 @@ def test_each_field_removed_or_of_the_wrong_type_is_one_line_naming_it(kind, pat
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_version_1_manifest_reads_as_it_is(kind):
+def test_a_version_1_manifest_reads_as_it_is_and_is_written_as_version_2(kind, tmp_path):
     data = v1(kind)
     assert data["schema_version"] == 1
     manifest = parse(kind, data)
@@ -126,12 +126,14 @@ def test_a_version_1_manifest_reads_as_it_is(kind):
                                  "refine": sort_faces.RefineManifest,
                                  "export-swap": sort_faces.ExportManifest}[kind])
     assert manifest.schema_version == 1 and manifest.cache == data["cache"]
-    # as it was, but for a dropped face's faceset, now always there
+    written = json.loads(sort_faces.write_manifest(tmp_path, manifest).read_text("utf-8"))
+    assert written["schema_version"] == sort_faces.MANIFEST_VERSION == 2
+    # as it was, but for the schema and a dropped face's faceset, now always there
     for drop in data.get("dropped", []):
         drop.setdefault("faceset", None)
-    assert manifest.to_json() == data
-    assert list(manifest.to_json()) == list(data)  # the fields in the order they were written
-    assert sort_faces.load_manifest(V1 / KINDS[kind], kind, N_FACES, EMBEDDING_SIZE) == data
+    assert written == dict(data, schema_version=2)
+    assert list(written) == list(data)  # the fields in the order they were written
+    assert sort_faces.load_manifest(tmp_path / KINDS[kind], kind) == written
 
 
 def test_records_give_what_the_steps_read():

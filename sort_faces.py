@@ -135,7 +135,7 @@ __all__ = [
     "face_rows", "keep_numbers", "people_view", "people_suggestions",
     "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
     "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
-    "Stages", "SizeFilter", "RefineSummary",
+    "Stages", "SizeFilter", "RefineSummary", "entry_folder", "entry_bundle",
     "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     # images and models
@@ -329,15 +329,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 
 
-# What `people` reads of each output it works on: the manifest's list of people
-# and their names' prefix, the faces outside them that a `move` may take (all
-# of a cluster's singletons; of refine's dropped faces, all but the rejected),
-# the parameter `suggest` measures merges and moves against (refine's centroid
-# merge threshold), and the one `split` tightens.
+# What `people` reads of each output it works on (its people are the
+# manifest's `entries`): their names' prefix, the faces outside them that a
+# `move` may take (all of a cluster's singletons; of refine's dropped faces,
+# all but the rejected), the parameter `suggest` measures merges and moves
+# against (refine's centroid merge threshold), and the one `split` tightens.
 PEOPLE_OUTPUTS = {
-    "cluster": {"entries": "clusters", "prefix": "person", "threshold": "threshold",
-                "split_from": "threshold", "centroid": False},
-    "refine": {"entries": "facesets", "prefix": "faceset", "threshold": "merge_threshold",
+    "cluster": {"prefix": "person", "threshold": "threshold", "split_from": "threshold",
+                "centroid": False},
+    "refine": {"prefix": "faceset", "threshold": "merge_threshold",
                "split_from": "initial_threshold", "centroid": True},
 }
 
@@ -4756,41 +4756,34 @@ def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
 # Also the guards that keep outputs away from the user's photos.
 # ============================================================================
 
-def entry_folder(entry: dict) -> str:
+def entry_folder(name: str, label: str | None = None) -> str:
     """The folder of a person or faceset: its name, then its label when it has
     one (person_003_Alice), its characters made safe for every file system as
     safe_dst_name makes them (reserved ones and separators "_"), at most
     MAX_LABEL_BYTES of it. The number keeps folders of one output apart."""
-    label = entry.get("label")
     if not label:
-        return entry["name"]
+        return name
     safe = "".join("_" if ch in "/\\" else _name_char(ch) for ch in label).strip(" .")
-    return f"{entry['name']}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
+    return f"{name}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
 
 
-def entry_bundle(entry: dict, top_n: int | None = None) -> str:
+def entry_bundle(name: str, label: str | None = None, top_n: int | None = None) -> str:
     """The .fsz bundle export-swap writes for a faceset: its folder's name
     (entry_folder), then _top{top_n} (the best top_n crops) or, without
     top_n, _all (every crop): faceset_002_Alice_top30.fsz."""
-    return f"{entry_folder(entry)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
+    return f"{entry_folder(name, label)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
 
 
-def candidates_folder(entry: dict) -> str:
+def candidates_folder(name: str, label: str | None = None) -> str:
     """Where export-swap puts a faceset's candidates, relative to its output:
     _candidates/ then the faceset's folder name (entry_folder)."""
-    return f"{CANDIDATES_DIR}/{entry_folder(entry)}"
+    return f"{CANDIDATES_DIR}/{entry_folder(name, label)}"
 
 
-def entry_title(entry: dict) -> str:
+def entry_title(name: str, label: str | None = None) -> str:
     """How a page heads a person or faceset: its name, then its label when it
     has one ("faceset_002 Alice"), so that the name filter finds it by either."""
-    return f"{entry['name']} {entry['label']}" if entry.get("label") else entry["name"]
-
-
-def named_entry(name: str, labels: dict) -> dict:
-    """{"name": name} with its label from `labels` ({name: label}) when it has
-    one: what entry_folder, entry_bundle and entry_title take."""
-    return {"name": name, "label": labels[name]} if name in labels else {"name": name}
+    return f"{name} {label}" if label else name
 
 
 def materialise(src: str, dst: Path, link: str) -> str:
@@ -4893,11 +4886,11 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
     except UserError:
         return None
     names = {MANIFEST_FILES[kind], REVIEW_PAGE_NAME, THUMBS_DIR_NAME, ".extend.lock"}
-    entries = manifest.get("clusters", []) + manifest.get("facesets", [])
-    names |= {entry_folder(entry) for entry in entries}
-    names |= {bundle["file"] for entry in entries for bundle in entry.get("bundles", [])}
+    entries = manifest.clusters if kind == "cluster" else manifest.facesets
+    names |= {entry.folder for entry in entries}
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
-    names |= {CANDIDATES_DIR} if kind == "export-swap" else set()
+    if kind == "export-swap":
+        names |= {bundle.file for entry in entries for bundle in entry.bundles} | {CANDIDATES_DIR}
     for entry in os.scandir(out):
         if entry.name not in names and not (entry.name.startswith(".") and
                                             entry.name.endswith(".tmp")):
@@ -5092,16 +5085,18 @@ def faces_not_in(n_faces: int, known: set[int]) -> np.ndarray:
     return np.setdiff1d(np.arange(n_faces, dtype=np.int64), np.fromiter(known, np.int64))
 
 
-def manifest_face_ids(entries) -> set[int]:
-    return {face["face"] for entry in entries for face in entry["faces"]}
+def manifest_face_ids(groups) -> set[int]:
+    """The face ids of the groups (people, facesets, singletons) of a manifest."""
+    return {face.face for group in groups for face in group.faces}
 
 
-def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, where: Path) -> None:
-    made_with = (manifest.get("model") or {}).get("recognition_sha256")
-    if made_with != cache.meta.get("model", {}).get("recognition_sha256"):
+def check_manifest_model(manifest: Manifest, cache: FaceCache, cache_path: Path,
+                         where: Path) -> None:
+    model = manifest.model or {}
+    if model.get("recognition_sha256") != cache.meta.get("model", {}).get("recognition_sha256"):
         raise UserError(
-            f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
-            f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
+            f"{where} was made with model {model.get('pack')}, but the cache {cache_path} holds "
+            f"embeddings of {cache.meta.get('model', {}).get('pack')}; "
             "embeddings of two models cannot be compared")
 
 
@@ -5269,6 +5264,19 @@ class _ManifestCheck:
         return face
 
 
+class _Named:
+    """What a person's or faceset's folder and heading are made of: its name
+    and its label (entry_folder, entry_title)."""
+
+    @property
+    def folder(self) -> str:
+        return entry_folder(self.name, self.label)
+
+    @property
+    def title(self) -> str:
+        return entry_title(self.name, self.label)
+
+
 def _without_none(data: dict, *keys: str) -> dict:
     """`data` less those of `keys` whose value is None (fields a manifest has
     only when they say something)."""
@@ -5341,7 +5349,7 @@ class Group:
 
 
 @dataclasses.dataclass(kw_only=True)
-class Entry(Group):
+class Entry(Group, _Named):
     """A person of a cluster output (person_NNN) or a faceset of a refine one
     (faceset_NNN): its name, the name people gave it (label), its size in
     faces, its group, and, for a faceset, the unit mean of its embeddings."""
@@ -5776,7 +5784,7 @@ class Bundle:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ExportEntry:
+class ExportEntry(_Named):
     """A faceset of an export (or its candidates): its name and label, its
     crops, the faces skipped (no single-face crop) and dropped before
     cropping, and (facesets only) its bundles."""
@@ -5880,8 +5888,7 @@ def parse_manifest(data, kind: str, path: Path, n_faces: int | None = None,
 def load_manifest(path: Path, kind: str, n_faces: int | None = None,
                   embedding_size: int | None = None) -> Manifest:
     """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap"):
-    its record's JSON (ClusterManifest, RefineManifest, ExportManifest's
-    to_json: the manifest, with the fields it lacks at their defaults).
+    its record (ClusterManifest, RefineManifest, ExportManifest).
 
     Checks its schema version (1 to MANIFEST_VERSION) and step, the type and
     range of every field the code reads, face ids (within `n_faces` when
@@ -5891,7 +5898,7 @@ def load_manifest(path: Path, kind: str, n_faces: int | None = None,
     the problem, in one line.
     """
     return parse_manifest(read_json(Path(path), f"{kind} manifest"), kind, path, n_faces,
-                          embedding_size).to_json()
+                          embedding_size)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -5920,10 +5927,10 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
         old = load_manifest(path, kind)
     except UserError:  # what the step's own checks of OUT say (refine keeps numbers from it)
         return
-    had = len(old["facesets"])
+    had = len(old.facesets)
     if 2 * count >= had:
         return
-    made_with = option_words({k: v for k, v in old["parameters"].items() if k in defaults},
+    made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
     raise UserError(f"{display(out)} holds {counted(had, 'faceset')} and this {kind} would leave "
                     f"{count}: nothing was replaced. To keep them, run with the options they were "
@@ -7663,79 +7670,77 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     return page
 
 
-def entry_group(entry: dict, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
+def entry_group(entry: Entry, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
     """The row of one person or faceset on a cluster or refine page: its
     name and folder, its counts (and `more`), the "select" button, and its
     faces nearest the centroid first and the farthest few last (strip_faces)."""
-    faces = [f["face"] for f in entry["faces"]]
-    return {"name": entry_title(entry), "href": entry_folder(entry) + "/", "person": entry["name"],
-            "subtitle": f"{counted(entry['size'], 'face')} in {counted(entry['images'], 'image')}"
+    return {"name": entry.title, "href": entry.folder + "/", "person": entry.name,
+            "subtitle": f"{counted(entry.size, 'face')} in {counted(entry.images, 'image')}"
                         + more,
-            "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f, face_id=True)
-                       for f in strip_faces(cache["embeddings"], faces)],
+            "thumbs": [face_thumb(cache, locations, f, entry.folder, badge=f, face_id=True)
+                       for f in strip_faces(cache["embeddings"], entry.face_ids())],
             "sections": list(sections)}
 
 
-def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
-                        suggestions=()) -> dict:
+def cluster_review_page(manifest: ClusterManifest, cache: FaceCache, locations,
+                        out: Path | None = None, suggestions=()) -> dict:
     """The review page of a cluster (or extended) output; with `out` (its final
     path) the people panel, with `suggestions` listed."""
-    summary = manifest["summary"]
     groups = [entry_group(entry, cache, locations)
-              for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"]))]
-    singles = [f["face"] for f in manifest["singletons"]["faces"]]
+              for entry in sorted(manifest.clusters, key=lambda e: (-e.size, e.name))]
+    singles = manifest.singletons.face_ids()
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
                    "subtitle": f"{counted(len(singles), 'single face')}: faces that match no one",
                    "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f, face_id=True)
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
-    listed = set(manifest["noface"]["files"])
+    listed = set(manifest.noface.files)
     noface_rows = [r for r in noface_rows if label_path(cache, locations, r) in listed]
     groups.append({"name": "_noface", "href": "_noface/", "collapsed": True,
-                   "subtitle": f"{counted(len(manifest['noface']['files']), 'image')} without a face",
+                   "subtitle": f"{counted(len(manifest.noface.files), 'image')} without a face",
                    "thumbs": [{"image": r, "title": label_path(cache, locations, r),
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
     n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
-    return {"title": f"cluster: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{counted(len(manifest['clusters']), 'person')}, "
+    return {"title": f"cluster: {Path(manifest.cache).name}", "people": people,
+            "summary": f"{counted(len(manifest.clusters), 'person')}, "
                        f"{counted(len(singles), 'single face')}, "
-                       f"{counted(len(manifest['noface']['files']), 'no-face image')}; "
-                       f"{counted(summary['faces'], 'face')} in {counted(n_images, 'image')}",
+                       f"{counted(len(manifest.noface.files), 'no-face image')}; "
+                       f"{counted(manifest.summary.faces, 'face')} in {counted(n_images, 'image')}",
             "notice": shortfall_notice(cluster_shortfalls(manifest)),
             "groups": groups}
 
 
-def refine_shortfalls(manifest: dict, out: Path) -> list[tuple[str, list | None]]:
+def refine_shortfalls(manifest: RefineManifest, out: Path) -> list[tuple[str, list | None]]:
     """Why the refine output OUT (its `manifest`) has no faceset or lost most
     of its faces, as the lines a user reads first (the terminal, the top of
     its page, the export's): each (text, the arguments of the refine command
     that keeps what is worth keeping, or None). Empty when nothing calls for it."""
-    stages, params = manifest.get("stages") or {}, manifest.get("parameters") or {}
-    faces, n_sets = (manifest.get("summary") or {}).get("faces"), len(manifest["facesets"])
+    stages, params = manifest.stages, manifest.parameters
+    faces, n_sets = manifest.summary.faces, len(manifest.facesets)
     if faces == 0:
         return [("the cache has no faces", None)]
     lines = []
-    dropped = stages.get("dropped_quality", 0)
+    dropped = stages.dropped_quality
     if dropped and faces and (not n_sets or 2 * dropped >= faces):
-        gates = stages.get("quality_gates") or {}
+        gates = stages.quality_gates or {}
         parts = [f"{counted(n, 'face')} under --{option.replace('_', '-')} {params[option]:g}"
                  for option, n in gates.items() if n and option in params]
         parts += [f"{gates['damaged']} in damaged photos"] if gates.get("damaged") else []
         lines.append((f"the quality gate dropped {dropped} of {counted(faces, 'face')}"
                       + (f" ({', '.join(parts)}; a face may fail several)" if parts else ""), None))
-    size = stages.get("size_filter") or {}
-    if size.get("dropped_people"):
-        text = (f"the size filter (--min-faces {size['min_faces']}) dropped "
-                f"{counted(size['dropped_people'], 'person')} with fewer unique images "
-                f"(the largest has {size['largest_images']})")
+    size = stages.size_filter
+    if size and size.dropped_people:
+        text = (f"the size filter (--min-faces {size.min_faces}) dropped "
+                f"{counted(size.dropped_people, 'person')} with fewer unique images "
+                f"(the largest has {size.largest_images})")
         args = None
-        if size.get("suggested_min_faces"):
-            keep = size["suggested_min_faces"]
-            text += f"; to keep the {size['kept_at_suggestion']} with {keep} or more, re-run"
+        if size.suggested_min_faces:
+            keep = size.suggested_min_faces
+            text += f"; to keep the {size.kept_at_suggestion} with {keep} or more, re-run"
             defaults = {**REFINE_DEFAULTS, "link": CLUSTER_DEFAULTS["link"]}
-            args = ["refine", Path(manifest["cache"]), Path(out),
+            args = ["refine", Path(manifest.cache), Path(out),
                     *option_words({**params, "min_faces": keep}, defaults)]
         lines.append((text, args))
     if not n_sets and not lines:
@@ -7754,108 +7759,109 @@ def shortfall_notice(lines) -> list[dict]:
             for text, args in lines]
 
 
-def cluster_shortfalls(manifest: dict) -> list[tuple[str, list | None]]:
+def cluster_shortfalls(manifest: ClusterManifest) -> list[tuple[str, list | None]]:
     """Why a cluster output has no person, as refine_shortfalls' lines."""
-    summary = manifest.get("summary") or {}
-    if manifest["clusters"] or not summary.get("faces"):
-        return [] if manifest["clusters"] else [("the cache has no faces", None)]
-    threshold = (manifest.get("parameters") or {}).get("threshold")
+    if manifest.clusters or not manifest.summary.faces:
+        return [] if manifest.clusters else [("the cache has no faces", None)]
+    threshold = manifest.parameters["threshold"]
     return [(f"no two faces lie within --threshold {threshold} (cosine distance) of each other, "
              "so every face is a single face; a looser threshold joins more faces, and more "
              "wrongly", None)]
 
 
-def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
-                       suggestions=()) -> dict:
+def refine_review_page(manifest: RefineManifest, cache: FaceCache, locations,
+                       out: Path | None = None, suggestions=()) -> dict:
     """The review page of a refine output: facesets, and what each gate dropped;
     with `out` (its final path) the people panel, with `suggestions` listed."""
     by_faceset: dict = {}
-    for drop in manifest["dropped"]:
-        by_faceset.setdefault(drop.get("faceset"), []).append(drop)
+    for drop in manifest.dropped:
+        by_faceset.setdefault(drop.faceset, []).append(drop)
 
     def dropped_sections(drops):
         sections = []
         for stage in ("quality", "outlier", "size"):
-            chosen = [d for d in drops if d["stage"] == stage]
+            chosen = [d for d in drops if d.stage == stage]
             if chosen:
                 sections.append({"heading": f"dropped by the {stage} gate ({len(chosen)})",
-                                 "thumbs": [face_thumb(cache, locations, d["face"], None,
-                                                       title=f"{d['file']}: {d['reason']}",
-                                                       caption=d["reason"], mark="dropped",
-                                                       badge=d["face"], face_id=True)
+                                 "thumbs": [face_thumb(cache, locations, d.face, None,
+                                                       title=f"{d.file}: {d.reason}",
+                                                       caption=d.reason, mark="dropped",
+                                                       badge=d.face, face_id=True)
                                             for d in chosen[:REVIEW_MAX_LOOSE]]})
         return sections
 
     groups = []
-    for entry in manifest["facesets"]:
-        drops = by_faceset.get(entry["name"], [])
-        counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
-                           for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
+    for entry in manifest.facesets:
+        drops = by_faceset.get(entry.name, [])
+        counts = ", ".join(f"{stage} {sum(d.stage == stage for d in drops)}"
+                           for stage in ("quality", "outlier")
+                           if any(d.stage == stage for d in drops))
         groups.append(entry_group(entry, cache, locations, f"; dropped: {counts}" if counts else "",
                                   dropped_sections(drops)))
     loose = by_faceset.get(None, [])
-    groups.append({"name": "not in any faceset", "collapsed": bool(manifest["facesets"]),
+    groups.append({"name": "not in any faceset", "collapsed": bool(manifest.facesets),
                    "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "
                                "or alone",
                    "thumbs": [], "sections": dropped_sections(loose)})
-    stages = manifest["stages"]
+    stages = manifest.stages
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
-    return {"title": f"refine: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{counted(len(manifest['facesets']), 'faceset')}; "
-                       f"{counted(stages['initial_clusters'], 'cluster')} -> "
-                       f"{stages['after_merge']} after the centroid merge; dropped "
-                       f"{stages['dropped_quality']} (quality), {stages['dropped_outlier']} "
-                       f"(outlier), {stages['dropped_size']} (size)",
+    return {"title": f"refine: {Path(manifest.cache).name}", "people": people,
+            "summary": f"{counted(len(manifest.facesets), 'faceset')}; "
+                       f"{counted(stages.initial_clusters, 'cluster')} -> "
+                       f"{stages.after_merge} after the centroid merge; dropped "
+                       f"{stages.dropped_quality} (quality), {stages.dropped_outlier} "
+                       f"(outlier), {stages.dropped_size} (size)",
             "notice": shortfall_notice(refine_shortfalls(manifest, out)) if out else [],
             "groups": groups}
 
 
-def export_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
+def export_review_page(manifest: ExportManifest, cache: FaceCache, locations) -> dict:
     """The review page of an export: ranked crops with scores, bundles, candidates."""
-    def crop_thumb(crop, folder):
-        terms = ", ".join(f"{k} {v:.2f}" for k, v in crop["terms"].items())
-        side = manifest["parameters"]["out_size"]
-        return {"png": f"{folder}/{crop['png']}", "box": (0, 0, side, side),
-                "href": f"{folder}/{crop['png']}",
-                "badge": f"{crop['score']:.2f}", "mark": "top" if crop.get("in_top") else None,
-                "title": f"#{crop['rank']} score {crop['score']:.3f} = {terms}\n{crop['source']}"}
+    side, top_n = manifest.parameters["out_size"], manifest.parameters["top_n"]
 
-    candidates = {c["name"]: c for c in manifest["candidates"]}
+    def crop_thumb(crop: Crop, folder: str) -> dict:
+        terms = ", ".join(f"{k} {v:.2f}" for k, v in crop.terms.items())
+        return {"png": f"{folder}/{crop.png}", "box": (0, 0, side, side),
+                "href": f"{folder}/{crop.png}",
+                "badge": f"{crop.score:.2f}", "mark": "top" if crop.in_top else None,
+                "title": f"#{crop.rank} score {crop.score:.3f} = {terms}\n{crop.source}"}
+
+    candidates = {c.name: c for c in manifest.candidates}
     groups, files = [], []
-    for entry in manifest["facesets"]:
+    for entry in manifest.facesets:
         sections = []
-        if entry["skipped"]:
-            sections.append({"heading": f"skipped crops ({len(entry['skipped'])})",
-                             "thumbs": [face_thumb(cache, locations, s["face"], None,
-                                                   title=s["reason"], caption=s["reason"],
+        if entry.skipped:
+            sections.append({"heading": f"skipped crops ({len(entry.skipped)})",
+                             "thumbs": [face_thumb(cache, locations, s.face, None,
+                                                   title=s.reason, caption=s.reason,
                                                    mark="dropped")
-                                        for s in entry["skipped"]]})
-        if entry["dropped"]:
-            sections.append({"heading": f"dropped before cropping ({len(entry['dropped'])})",
-                             "thumbs": [face_thumb(cache, locations, d["face"], None,
-                                                   title=f"{d['source']}: {d['reason']}",
-                                                   caption=d["reason"], mark="dropped")
-                                        for d in entry["dropped"][:REVIEW_MAX_LOOSE]]})
-        if entry["name"] in candidates:
-            candidate = candidates[entry["name"]]
-            sections.append({"heading": f"candidates for review ({len(candidate['crops'])})",
-                             "thumbs": [crop_thumb(c, candidates_folder(candidate))
-                                        for c in candidate["crops"]]})
-        top = sum(1 for c in entry["crops"] if c.get("in_top"))
-        bundle = entry_bundle(entry, manifest["parameters"]["top_n"])
+                                        for s in entry.skipped]})
+        if entry.dropped:
+            sections.append({"heading": f"dropped before cropping ({len(entry.dropped)})",
+                             "thumbs": [face_thumb(cache, locations, d.face, None,
+                                                   title=f"{d.source}: {d.reason}",
+                                                   caption=d.reason, mark="dropped")
+                                        for d in entry.dropped[:REVIEW_MAX_LOOSE]]})
+        if entry.name in candidates:
+            candidate = candidates[entry.name]
+            sections.append({"heading": f"candidates for review ({len(candidate.crops)})",
+                             "thumbs": [crop_thumb(c, candidates_folder(candidate.name,
+                                                                        candidate.label))
+                                        for c in candidate.crops]})
+        top = sum(1 for c in entry.crops if c.in_top)
+        bundle = entry_bundle(entry.name, entry.label, top_n)
         bundled = f"top {top} bundled in {bundle}" if any(
-            b["file"] == bundle for b in entry.get("bundles", [])) else "no bundle"
-        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
-                       "subtitle": f"{counted(len(entry['crops']), 'crop')}, {bundled}",
-                       "thumbs": [crop_thumb(c, entry_folder(entry)) for c in entry["crops"]],
+            b.file == bundle for b in entry.bundles or []) else "no bundle"
+        groups.append({"name": entry.title, "href": entry.folder + "/",
+                       "subtitle": f"{counted(len(entry.crops), 'crop')}, {bundled}",
+                       "thumbs": [crop_thumb(c, entry.folder) for c in entry.crops],
                        "sections": sections})
-        files += [{"name": b["file"], "href": b["file"], "bytes": b["bytes"]}
-                  for b in entry.get("bundles", [])]
-    summary = manifest["summary"]
+        files += [{"name": b.file, "href": b.file, "bytes": b.bytes} for b in entry.bundles or []]
+    summary = manifest.summary
     return {"title": "export-swap: roop-unleashed bundles",
-            "summary": f"{counted(summary['facesets'], 'faceset')}, "
-                       f"{counted(summary['crops'], 'crop')} ({summary['skipped']} skipped), "
-                       f"{counted(summary['candidates'], 'candidate')}; hover a crop for its "
+            "summary": f"{counted(summary.facesets, 'faceset')}, "
+                       f"{counted(summary.crops, 'crop')} ({summary.skipped} skipped), "
+                       f"{counted(summary.candidates, 'candidate')}; hover a crop for its "
                        "score terms",
             "groups": groups, "files": files}
 
@@ -7893,18 +7899,10 @@ def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
     except UserError as error:
         raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
                         "or remove the output to build it afresh") from None
-    if manifest.get("cache") != str(Path(cache_path).resolve()):
+    if manifest.cache != str(Path(cache_path).resolve()):
         return none
-    entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
-    return {"entries": entries, "former": manifest.get("former", []),
-            "first_free": first_free_number(manifest, entries)}
-
-
-def first_free_number(manifest: dict, entries) -> int:
-    """The number the next new person (or faceset) of an output takes: numbers
-    of people who are gone are never given again."""
-    return max(int(manifest.get("next_number", 1)), next_number(e["name"] for e in entries),
-               next_number(f["name"] for f in manifest.get("former", [])))
+    return {"entries": manifest.entries, "former": manifest.former,
+            "first_free": manifest.next_number}
 
 
 def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
@@ -7912,8 +7910,9 @@ def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
     """prefix_NNN of each group (keeping the previous output's numbers; when
     `undoing`, a person gone from it comes back under its own) and the names
     decisions gave ({prefix_NNN: name}; the latest decision wins)."""
-    names = keep_numbers(groups, previous["entries"], previous["first_free"], prefix,
-                         previous["former"] if undoing else ())
+    names = keep_numbers(groups, {e.name: e.face_ids() for e in previous["entries"]},
+                         previous["first_free"], prefix,
+                         {f.name: f.faces for f in previous["former"]} if undoing else {})
     owner = {int(f): names[i] for i, faces in enumerate(groups) for f in faces}
     labels: dict[str, str] = {}
     for rows, label in constraints["names"]:
@@ -7925,17 +7924,15 @@ def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
     return names, labels
 
 
-def former_entries(previous: dict, names: list[str]) -> list[dict]:
+def former_entries(previous: dict, names: list[str]) -> list[Former]:
     """The people of the previous output (and those gone before it) that the
     rebuilt one lacks, with their faces, so that an undo brings them back
     under their own numbers."""
     kept = set(names)
-    gone = {}
-    for entry in list(previous["former"]) + list(previous["entries"]):
-        if entry["name"] not in kept:
-            gone[entry["name"]] = sorted(f if isinstance(f, int) else f["face"]
-                                         for f in entry["faces"])
-    return [{"name": name, "faces": faces} for name, faces in sorted(gone.items())]
+    gone = {f.name: f.faces for f in previous["former"]} | \
+        {e.name: e.face_ids() for e in previous["entries"]}
+    return [Former(name=name, faces=sorted(faces)) for name, faces in sorted(gone.items())
+            if name not in kept]
 
 
 def people_path(cache_path: Path) -> Path:
@@ -8158,30 +8155,28 @@ def keep_decisions(cache_path: Path, decisions) -> None:
         write_decisions(people_path(cache_path), decisions)
 
 
-def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
-                 prefix: str = "person", former=()) -> list[str]:
+def keep_numbers(groups: list[np.ndarray], old: dict[str, list[int]], first_free: int,
+                 prefix: str = "person", former: dict[str, list[int]] | None = None) -> list[str]:
     """prefix_NNN names for `groups` (largest first) that keep an earlier
-    output's numbers: each earlier person goes to the group holding most of its
-    faces, and a group takes the lowest number among those that came to it. A
-    group no earlier person came to takes back the number of a person gone
-    before (`former`: name and face ids) whose faces it holds most of, or else
-    the next free number."""
+    output's numbers (`old`: each person's name and face ids): each earlier
+    person goes to the group holding most of its faces, and a group takes the
+    lowest number among those that came to it. A group no earlier person came
+    to takes back the number of a person gone before (`former`: name and face
+    ids) whose faces it holds most of, or else the next free number."""
     group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
 
-    def arrivals(entries, open_groups) -> dict[int, list[int]]:
+    def arrivals(people: dict[str, list[int]], open_groups) -> dict[int, list[int]]:
         came: dict[int, list[int]] = {}
-        for entry in entries:
-            counts = collections.Counter(group_of[face] for face in
-                                         (f if isinstance(f, int) else f["face"]
-                                          for f in entry["faces"])
+        for name, faces in people.items():
+            counts = collections.Counter(group_of[face] for face in faces
                                          if face in group_of and group_of[face] in open_groups)
             if counts:
                 best = max(counts, key=lambda g: (counts[g], -g))
-                came.setdefault(best, []).append(int(entry["name"].rsplit("_", 1)[1]))
+                came.setdefault(best, []).append(int(name.rsplit("_", 1)[1]))
         return came
 
-    came = arrivals(old_entries, set(range(len(groups))))
-    came.update(arrivals(former, set(range(len(groups))) - set(came)))
+    came = arrivals(old, set(range(len(groups))))
+    came.update(arrivals(former or {}, set(range(len(groups))) - set(came)))
     number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
     names = []
     for g in range(len(groups)):
@@ -8193,7 +8188,7 @@ def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: 
     return names
 
 
-def people_view(manifest: dict, kind: str) -> dict:
+def people_view(manifest: ClusterManifest | RefineManifest, kind: str) -> dict:
     """The people of a cluster or refine output as `people` works on them:
     entries (person_NNN or faceset_NNN), the loose faces a move may take, the
     faces no decision can bring into a faceset (`gated`: face -> why), the
@@ -8206,16 +8201,14 @@ def people_view(manifest: dict, kind: str) -> dict:
     """
     spec = PEOPLE_OUTPUTS[kind]
     if kind == "cluster":
-        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
+        loose, gated = manifest.singletons.face_ids(), {}
     else:
-        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
-                 if d["stage"] == "quality"}
-        loose = [d["face"] for d in manifest["dropped"]
-                 if d["stage"] != "rejected" and d["face"] not in gated]
-    return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
+        gated = {d.face: d.reason for d in manifest.dropped if d.stage == "quality"}
+        loose = [d.face for d in manifest.dropped if d.stage != "rejected" and d.face not in gated]
+    return {"kind": kind, "manifest": manifest, "entries": manifest.entries,
             "prefix": spec["prefix"], "loose": loose, "gated": gated,
-            "threshold": manifest["parameters"][spec["threshold"]],
-            "split_from": manifest["parameters"][spec["split_from"]]}
+            "threshold": manifest.parameters[spec["threshold"]],
+            "split_from": manifest.parameters[spec["split_from"]]}
 
 
 def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dict,
@@ -8229,11 +8222,11 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     ceiling = SUGGEST_MAX_DISTANCE if ceiling is None else ceiling
     entries = view["entries"]
     embeddings = cache["embeddings"]
-    means = np.array([embeddings[[f["face"] for f in e["faces"]]].mean(axis=0) for e in entries]) \
+    means = np.array([embeddings[e.face_ids()].mean(axis=0) for e in entries]) \
         if entries else np.zeros((0, cache.embedding_size))
     pinned = {f: g for g, faces in enumerate(constraints["together"]) for f in faces}
     apart = {frozenset(pair) for pair in constraints["apart"]}
-    groups_of = [{pinned[f["face"]] for f in e["faces"] if f["face"] in pinned} for e in entries]
+    groups_of = [{pinned[f] for f in e.face_ids() if f in pinned} for e in entries]
 
     def allowed(groups_a: set, groups_b: set) -> bool:
         return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
@@ -8243,7 +8236,7 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
     for i, j in zip(*np.triu_indices(len(entries), 1)):
         if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]):
-            a, b = sorted((entries[i]["name"], entries[j]["name"]))
+            a, b = sorted((entries[i].name, entries[j].name))
             found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
                           "args": ["people", where, "merge", a, b]})
     singles = view["loose"]
@@ -8257,7 +8250,7 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
                 moves.setdefault(best, []).append((float(row[best]), int(face)))
     for index, close in moves.items():  # one command a person: its close faces, nearest first
         faces = [face for _d, face in sorted(close)]
-        name = entries[index]["name"]
+        name = entries[index].name
         found.append({"kind": "move", "faces": faces, "people": [name],
                       "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
                       "args": ["people", where, "move", *map(str, faces), "--to", name]})
@@ -8298,20 +8291,19 @@ def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache
         entries = []
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
-            group = write_group(work / entry_folder(named_entry(name, labels)), faces, cache,
+            group = write_group(work / entry_folder(name, labels.get(name)), faces, cache,
                                 locations, link)
             centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
             entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
                                  centroid=centroid, **vars(group)))
-        former = [Former(**gone) for gone in former_entries(previous, names)]
+        former = former_entries(previous, names)
         number = max(previous["first_free"], next_number(names + [f.name for f in former]))
         manifest = build.manifest(work, names, **header, entries=entries, former=former,
                                   next_number=number)
         manifest.summary.seconds = round(time.time() - started, 1)
         write_manifest(work, manifest)
-        written = manifest.to_json()  # what the pages and the people take, for now
-        suggestions = people_suggestions(people_view(written, kind), out, cache, constraints)
-        write_review(work, page(written, cache, locations, out, suggestions), cache, locations,
+        suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
+        write_review(work, page(manifest, cache, locations, out, suggestions), cache, locations,
                      reuse_from=out)
         keep_decisions(cache_path, decisions)
     return manifest
@@ -8993,7 +8985,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
         f"{counted(summary.singletons, 'single face')} "
         f"({counted(summary.singleton_files, 'photo')} in _singletons/), "
         f"{counted(summary.noface_images, 'no-face image')} -> {out}", quiet)
-    for line in shortfall_lines("cluster", cluster_shortfalls(manifest.to_json())):
+    for line in shortfall_lines("cluster", cluster_shortfalls(manifest)):
         say(line, quiet)
     return manifest.to_json()
 
@@ -9051,7 +9043,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         f"{counted(stages['dropped_quality'], 'face')}, outliers {stages['dropped_outlier']}, "
         f"size filter {stages['dropped_size']} -> {counted(len(facesets), 'faceset')} -> {out}",
         quiet)
-    for line in shortfall_lines("refine", refine_shortfalls(manifest.to_json(), out)):
+    for line in shortfall_lines("refine", refine_shortfalls(manifest, out)):
         say(line, quiet)
     return manifest.to_json()
 
@@ -9176,21 +9168,21 @@ def duplicates_path(cache_path: Path) -> Path:
 # ============================================================================
 
 
-def add_faces_to_entry(entry: dict, folder: Path, faces, cache, locations, link) -> None:
-    """Append faces to a manifest group and materialise their photos in place."""
-    entry["faces"] += [face_record(cache, f, locations).to_json() for f in faces]
-    entry["size"] = len(entry["faces"])
+def add_faces_to_entry(entry: Entry, folder: Path, faces, cache, locations, link) -> None:
+    """Append faces to a person or faceset and materialise their photos in place."""
+    entry.faces += [face_record(cache, f, locations) for f in faces]
+    entry.size = len(entry.faces)
     sync_entry_files(entry, folder, cache, locations, link)
 
 
-def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
-    """Materialise every location of every photo of the entry that is missing
+def sync_entry_files(group: Group, folder: Path, cache, locations, link) -> int:
+    """Materialise every location of every photo of the group that is missing
     (new faces, or new aliases of known photos). Returns how many were added."""
-    rows = sorted({int(cache["face_file"][f["face"]]) for f in entry["faces"]})
-    present = set(entry.get("outputs", []))
+    rows = sorted({int(cache["face_file"][f]) for f in group.face_ids()})
+    present = set(group.outputs)
     missing = [p for row in rows for p in locations[row] if output_name(p) not in present]
-    entry["outputs"] = list(entry.get("outputs", [])) + materialise_files(folder, missing, link)
-    entry["images"] = len(rows)
+    group.outputs = list(group.outputs) + materialise_files(folder, missing, link)
+    group.images = len(rows)
     return len(missing)
 
 
@@ -9204,11 +9196,10 @@ def join_nearest(kind: str, entries: list, faces, centroids, within: float, out:
     joins = distance <= within if inclusive else distance < within
     for index in np.unique(best[joins]):
         entry, taken = entries[index], faces[joins & (best == index)]
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), taken, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry.folder), taken, cache, locations, link)
         if PEOPLE_OUTPUTS[kind]["centroid"]:
-            entry["centroid"] = centroid_record(cache["embeddings"],
-                                                [f["face"] for f in entry["faces"]])
-        record["joined"][entry["name"]] = [int(f) for f in taken]
+            entry.centroid = centroid_record(cache["embeddings"], entry.face_ids())
+        record["joined"][entry.name] = [int(f) for f in taken]
     return joins
 
 
@@ -9218,99 +9209,97 @@ def add_new_entries(kind: str, groups, number: int, entries: list, out: Path, ca
     from `number` on (never a number given before). Returns their names."""
     made = []
     for faces in groups:
-        entry = {"name": f"{PEOPLE_OUTPUTS[kind]['prefix']}_{number + len(made):03d}",
-                 "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
+        entry = Entry(name=f"{PEOPLE_OUTPUTS[kind]['prefix']}_{number + len(made):03d}", size=0,
+                      faces=[], images=0, outputs=[])
+        add_faces_to_entry(entry, inside(out, entry.folder), faces, cache, locations, link)
         if PEOPLE_OUTPUTS[kind]["centroid"]:
-            entry["centroid"] = centroid_record(cache["embeddings"], faces)
+            entry.centroid = centroid_record(cache["embeddings"], faces)
         entries.append(entry)
-        made.append(entry["name"])
+        made.append(entry.name)
     return made
 
 
-def close_extend(kind: str, out: Path, manifest: dict, record: dict, number: int,
-                 **summary) -> tuple[dict, dict]:
+def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, record: dict,
+                 number: int, **summary) -> tuple[dict, ClusterManifest | RefineManifest]:
     """extend's last step, for either kind: the run recorded and the manifest
-    written (last: what it no longer lists is removed only after it), through
-    its record."""
-    manifest["next_number"] = number
-    manifest.setdefault("extend_runs", []).append(record)
-    manifest["summary"].update(summary)
-    write_manifest(out, parse_manifest(manifest, kind, out / MANIFEST_FILES[kind]))
+    written (last: what it no longer lists is removed only after it)."""
+    manifest.next_number = number
+    manifest.extend_runs.append(record)
+    manifest.summary = dataclasses.replace(manifest.summary, **summary)
+    write_manifest(out, manifest)
     return record, manifest
 
 
-def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
-               change: InPlaceChange) -> tuple[dict, dict] | None:
+def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest,
+               change: InPlaceChange) -> tuple[dict, ClusterManifest] | None:
     """Fold new faces into a `cluster` output (its manifest read and checked),
     the manifest written last (the files it no longer needs go through
     `change`). Returns the run record and the manifest, or None when there was
     nothing to do."""
-    threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
+    threshold, link = manifest.parameters["threshold"], manifest.parameters["link"]
     embeddings = cache["embeddings"]
-    people = manifest["clusters"]
-    known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]]) | \
-        manifest_face_ids([manifest.get("rejected", {"faces": []})])
+    people = manifest.clusters
+    known = manifest_face_ids(people) | set(manifest.singletons.face_ids()) | \
+        {face.face for face in manifest.rejected}
     new = faces_not_in(cache.n_faces, known)
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
               "faces_added": int(len(new)), "joined": {}, "new_people": [], "singletons": 0}
     # 1. join the nearest existing person
-    centroids = unit_rows(np.array([embeddings[[f["face"] for f in p["faces"]]].mean(axis=0)
+    centroids = unit_rows(np.array([embeddings[p.face_ids()].mean(axis=0)
                                     for p in people])) if people else np.zeros((0, 1))
     joins = join_nearest("cluster", people, new, centroids, threshold, out, cache, locations, link,
                          record)
     # 2. the rest, with the old singletons, may now form new people
-    old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
+    old_singles = manifest.singletons.face_ids()
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
     labels, _info = agglomerative_labels(embeddings[pool], threshold)
     groups = [pool[group] for group in groups_from_labels(labels)]
     singles = [int(f) for faces in groups if len(faces) < 2 for f in faces]
-    number = first_free_number(manifest, people)
+    number = manifest.next_number
     record["new_people"] = add_new_entries("cluster", [g for g in groups if len(g) >= 2], number,
                                            people, out, cache, locations, link)
     number += len(record["new_people"])
     # 3. singletons: rebuild the list; drop files no remaining singleton face needs
-    singleton_entry = manifest["singletons"]
-    singleton_entry["faces"] = [face_record(cache, f, locations).to_json() for f in sorted(singles)]
+    singletons = manifest.singletons
+    singletons.faces = [face_record(cache, f, locations) for f in sorted(singles)]
     keep_rows = {int(cache["face_file"][f]) for f in singles}
     keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
-    for name in set(singleton_entry["outputs"]) - keep_names:
+    for name in set(singletons.outputs) - keep_names:
         change.remove_later(inside(out, "_singletons", name))
-    singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
+    singletons.outputs = [n for n in singletons.outputs if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
-    aliases_added = sum(sync_entry_files(p, inside(out, entry_folder(p)), cache, locations, link)
+    aliases_added = sum(sync_entry_files(p, inside(out, p.folder), cache, locations, link)
                         for p in people)
-    aliases_added += sync_entry_files(singleton_entry, inside(out, "_singletons"), cache,
+    aliases_added += sync_entry_files(singletons, inside(out, "_singletons"), cache,
                                       locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
-    listed = set(manifest["noface"]["files"])
+    listed = set(manifest.noface.files)
     new_noface = [p for p in noface if p not in listed]
-    manifest["noface"]["files"] += new_noface
-    manifest["noface"]["outputs"] += materialise_files(inside(out, "_noface"), new_noface, link)
-    manifest["unreadable"] = [item.to_json() for item in unreadable]
+    manifest.noface.files += new_noface
+    manifest.noface.outputs += materialise_files(inside(out, "_noface"), new_noface, link)
+    manifest.unreadable = unreadable
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
         return None
-    return close_extend("cluster", out, manifest, record, number, people=len(people),
+    return close_extend(out, manifest, record, number, people=len(people),
                         faces=int(cache.n_faces), singletons=len(singles),
-                        noface_images=len(manifest["noface"]["files"]))
+                        noface_images=len(manifest.noface.files))
 
 
-def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
-                  change: InPlaceChange) -> tuple[dict, dict] | None:
+def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManifest,
+                  change: InPlaceChange) -> tuple[dict, RefineManifest] | None:
     """Fold new faces into a `refine` output (its manifest read and checked)
     under its own gates, its manifest written last; as extend_raw (it removes
     nothing: `change` is unused)."""
-    params = manifest["parameters"]
+    params = manifest.parameters
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
-    facesets = manifest["facesets"]
-    dropped = {d["face"]: d for d in manifest["dropped"]}
+    facesets = manifest.facesets
+    dropped = {d.face: d for d in manifest.dropped}
     known = manifest_face_ids(facesets) | set(dropped)
     new = faces_not_in(cache.n_faces, known)
-    if not len(new) and not sum(sync_entry_files(s, inside(out, entry_folder(s)), cache, locations,
-                                                  link)
+    if not len(new) and not sum(sync_entry_files(s, inside(out, s.folder), cache, locations, link)
                                 for s in facesets):
         return None
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -9322,19 +9311,20 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
     passing = np.array([not f for f in failures], dtype=bool)
     for face, reasons in zip(new[~passing], [f for f in failures if f]):
         dropped[int(face)] = face_record(cache, face, locations, stage="quality",
-                                         reason="; ".join(reasons)).to_json()
+                                         reason="; ".join(reasons))
     candidates = new[passing]
-    centroids = unit_rows(np.array([s["centroid"] for s in facesets])) if facesets else np.zeros((0, 1))
+    centroids = unit_rows(np.array([s.centroid for s in facesets])) if facesets \
+        else np.zeros((0, 1))
     joins = join_nearest("refine", facesets, candidates, centroids, params["outlier_threshold"], out,
                          cache, locations, link, record, inclusive=True)
     # the rest, with faces earlier dropped only for the size filter, may form new facesets
-    too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
+    too_few = [f for f, d in dropped.items() if d.stage == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
     sub = {k: params[k] for k in REFINE_DEFAULTS}
     grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
-    number = first_free_number(manifest, facesets)
+    number = manifest.next_number
     record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
                                              facesets, out, cache, locations, link)
     number += len(record["new_facesets"])
@@ -9343,15 +9333,15 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
             dropped.pop(int(face), None)
     for local, (stage, reason) in sub_dropped.items():
         face = int(pool[local])
-        dropped[face] = face_record(cache, face, locations, stage=stage, reason=reason).to_json()
-    record["dropped"] = {int(f): dropped[int(f)]["stage"] for f in new if int(f) in dropped}
-    manifest["dropped"] = [dropped[f] for f in sorted(dropped)]
-    return close_extend("refine", out, manifest, record, number, facesets=len(facesets),
-                        faces=int(cache.n_faces), faces_kept=sum(s["size"] for s in facesets))
+        dropped[face] = face_record(cache, face, locations, stage=stage, reason=reason)
+    record["dropped"] = {int(f): dropped[int(f)].stage for f in new if int(f) in dropped}
+    manifest.dropped = [dropped[f] for f in sorted(dropped)]
+    return close_extend(out, manifest, record, number, facesets=len(facesets),
+                        faces=int(cache.n_faces), faces_kept=sum(s.size for s in facesets))
 
 
-def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,
-                          constraints: dict, locations) -> None:
+def write_extended_review(out: Path, kind: str, manifest: ClusterManifest | RefineManifest,
+                          cache: FaceCache, constraints: dict, locations) -> None:
     """The review page of an output extend has just changed."""
     suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
     page = cluster_review_page if kind == "cluster" else refine_review_page
@@ -9665,10 +9655,10 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if manifest is not None:
             check_manifest_model(manifest, cache, cache_path, Path(where))
     check_output_location(out, cache_path, cache, "export-swap")
-    refuse_smaller(out, "export-swap", len(refined["facesets"]), params, EXPORT_DEFAULTS,
+    refuse_smaller(out, "export-swap", len(refined.facesets), params, EXPORT_DEFAULTS,
                    replace_smaller)
-    wanted = manifest_face_ids(refined["facesets"]) | (
-        {f["face"] for f in raw["singletons"]["faces"]} if candidates else set())
+    wanted = manifest_face_ids(refined.facesets) | (
+        set(raw.singletons.face_ids()) if candidates else set())
     try:
         require_enrich(cache, wanted, cache_path)
     except UserError:
@@ -9694,9 +9684,9 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
 
     per_file = faces_by_file(cache["face_file"], cache.n_files)
     plan = []  # (faceset name, kind, ranked faces, dropped)
-    for faceset in refined["facesets"]:
-        members = np.array([f["face"] for f in faceset["faces"]], dtype=np.int64)
-        centroid = unit_rows(np.asarray(faceset["centroid"], dtype=np.float32))
+    for faceset in refined.facesets:
+        members = np.array(faceset.face_ids(), dtype=np.int64)
+        centroid = unit_rows(np.asarray(faceset.centroid, dtype=np.float32))
         distance = 1.0 - embeddings[members] @ centroid
         dropped = {int(f): f"distance {d:.3f} from the faceset centroid > "
                            f"{params['outlier_threshold']}"
@@ -9715,18 +9705,18 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                     dropped[f] = ("near-duplicate photo of "
                                   + label_path(cache, locations, cache["face_file"][best]))
         ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
-        plan.append((faceset["name"], "faceset", ranked, dropped))
+        plan.append((faceset.name, "faceset", ranked, dropped))
     if candidates:
-        singles = np.array([f["face"] for f in raw["singletons"]["faces"]], dtype=np.int64)
-        centroids = unit_rows(np.array([s["centroid"] for s in refined["facesets"]],
-                                       dtype=np.float32)) if refined["facesets"] else np.zeros((0, 1))
+        singles = np.array(raw.singletons.face_ids(), dtype=np.int64)
+        centroids = unit_rows(np.array([s.centroid for s in refined.facesets],
+                                       dtype=np.float32)) if refined.facesets else np.zeros((0, 1))
         best, distance = nearest_centroid(embeddings[singles], centroids)
-        for index, faceset in enumerate(refined["facesets"]):
+        for index, faceset in enumerate(refined.facesets):
             chosen = [int(f) for f, b, d in zip(singles, best, distance)
                       if b == index and d <= params["candidate_match_threshold"]
                       and score[int(f)] >= params["candidate_min_score"]]
             if chosen:
-                plan.append((faceset["name"], "candidate",
+                plan.append((faceset.name, "candidate",
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
@@ -9741,7 +9731,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             crops[task[4]] = {"error": "the photo has moved or vanished since embed"}
     runnable = [t for t in tasks if t[0] is not None]
     provider_list, workers = worker_setup(providers, workers)
-    say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
+    say(f"export-swap: {len(refined.facesets)} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
             progress(total=len(runnable), desc="export", unit="crop") as bar:
@@ -9755,12 +9745,12 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                            modules=["detection"], identity=identity, providers=provider_list,
                            workers=workers, n_tasks=n_batches(len(runnable)),
                            crash_result=lambda reason: {"error": reason})
-        labels = {f["name"]: f["label"] for f in refined["facesets"] if f.get("label")}
+        labels = {f.name: f.label for f in refined.facesets if f.label}
         exported: dict[str, list[ExportEntry]] = {"faceset": [], "candidate": []}
         for name, kind, ranked, dropped in plan:
-            named, label = named_entry(name, labels), labels.get(name)
-            folder = inside(work, entry_folder(named) if kind == "faceset" else
-                            candidates_folder(named))
+            label = labels.get(name)
+            folder = inside(work, entry_folder(name, label) if kind == "faceset" else
+                            candidates_folder(name, label))
             folder.mkdir(parents=True, exist_ok=True)
             written, skipped = [], []
             for face in ranked:
@@ -9782,8 +9772,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                                          for f, r in sorted(dropped.items())])
             if kind == "faceset":
                 entry.bundles, top_n = [], params["top_n"]
-                for bundle, chosen in ((entry_bundle(named, top_n), written[:top_n]),
-                                       (entry_bundle(named), written)):
+                for bundle, chosen in ((entry_bundle(name, label, top_n), written[:top_n]),
+                                       (entry_bundle(name, label), written)):
                     if chosen:
                         size = write_fsz(inside(work, bundle),
                                          [(c.png, folder / c.png) for c in chosen])
@@ -9805,10 +9795,9 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         again = ["export-swap", Path(cache_path), Path(refine_manifest_path), Path(out),
                  *(["--raw-manifest", Path(raw_manifest_path)] if raw_manifest_path else []),
                  *(["--candidates"] if candidates else []), *option_words(params, EXPORT_DEFAULTS)]
-        written = manifest.to_json()  # what the page takes, for now
-        shortfalls = export_shortfalls(written, refined, refine_manifest_path, params["top_n"],
+        shortfalls = export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"],
                                        again)
-        page = export_review_page(written, cache, locations)
+        page = export_review_page(manifest, cache, locations)
         page["notice"] = shortfall_notice(shortfalls)
         write_review(work, page, cache, locations, reuse_from=out)
     summary = manifest.summary
@@ -9817,28 +9806,28 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         f"{counted(summary.candidates, 'candidate')} -> {out}", quiet)
     for line in shortfall_lines("export-swap", shortfalls):
         say(line, quiet)
-    return written
+    return manifest.to_json()
 
 
-def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int,
-                      again: list) -> list[tuple[str, list | None]]:
+def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_manifest_path,
+                      top_n: int, again: list) -> list[tuple[str, list | None]]:
     """Why an export is empty or small, as refine_shortfalls' lines: no
     facesets (why refine made none, and `again`, this export's own arguments,
     to run after the refine that fixes it), or facesets with fewer crops than
     --top-n."""
     lines = []
-    if not refined["facesets"]:
+    if not refined.facesets:
         lines.append((f"nothing to export: {display(refine_manifest_path)} has no facesets", None))
         reasons = refine_shortfalls(refined, Path(refine_manifest_path).parent)
         lines += [(f"refine's {text}", args) for text, args in reasons]
         if any(args for _text, args in reasons):
             lines.append(("then export again", again))
-    short = [e for e in manifest["facesets"] if len(e["crops"]) < top_n]
+    short = [e for e in manifest.facesets if len(e.crops) < top_n]
     if short:
-        smallest = min(short, key=lambda e: len(e["crops"]))
-        lines.append((f"{len(short)} of {counted(len(manifest['facesets']), 'faceset')} have "
-                      f"fewer than --top-n {top_n} crops (smallest: {smallest['name']}, "
-                      f"{len(smallest['crops'])}); their _top{top_n}.fsz holds all they have",
+        smallest = min(short, key=lambda e: len(e.crops))
+        lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} have "
+                      f"fewer than --top-n {top_n} crops (smallest: {smallest.name}, "
+                      f"{len(smallest.crops)}); their _top{top_n}.fsz holds all they have",
                       None))
     return lines
 
@@ -9889,10 +9878,10 @@ def find_person(view: dict, out: Path, wanted: str, cache: FaceCache | None = No
     entries, prefix = view["entries"], view["prefix"] + "_"
     number = plain_number(wanted.strip().removeprefix(prefix))
     for entry in entries:  # numbers first: a name never reads as one (person_name_problem)
-        if number is not None and number == int(entry["name"][len(prefix):]):
+        if number is not None and number == int(entry.name[len(prefix):]):
             return entry
     for entry in entries:
-        if entry.get("label") and same_name(wanted, entry["label"]):
+        if entry.label and same_name(wanted, entry.label):
             return entry
     listing = f"run `{display(tool_command('people', Path(out)))}` to list them"
     gone = gone_person(view, out, number, cache, decisions) if number is not None else None
@@ -9904,7 +9893,7 @@ def find_person(view: dict, out: Path, wanted: str, cache: FaceCache | None = No
 
 def holder(view: dict, faces) -> str | None:
     """The person (faceset) of OUT that holds most of `faces` (cache rows), or None."""
-    owner = {f["face"]: e["name"] for e in view["entries"] for f in e["faces"]}
+    owner = {f: e.name for e in view["entries"] for f in e.face_ids()}
     counts = collections.Counter(owner[f] for f in faces if f in owner)
     return max(counts, key=lambda n: (counts[n], n)) if counts else None
 
@@ -9916,10 +9905,10 @@ def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
     it away (a merge, a move of its faces, a reject: the one whose faces are
     most nearly its faces) and the person that holds its faces now."""
     name = f"{view['prefix']}_{number:03d}"
-    entry = next((e for e in view["manifest"].get("former", []) if e["name"] == name), None)
+    entry = next((e for e in view["manifest"].former if e.name == name), None)
     if entry is None:
         return None
-    faces = set(entry["faces"])
+    faces = set(entry.faces)
     now = holder(view, faces)
     where = f"its faces are in {now} now" if now else f"its faces are in no {view['prefix']} now"
     best, best_overlap = None, 0.0
@@ -9997,7 +9986,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
     for an unknown person or face, a merge of a person with itself, a name
     another person has, nothing to undo)."""
     keys = lambda faces: [face_key(cache, f) for f in faces]  # noqa: E731
-    faces_of = lambda entry: [f["face"] for f in entry["faces"]]  # noqa: E731
+    faces_of = lambda entry: entry.face_ids()  # noqa: E731
     find = lambda wanted: find_person(view, out, wanted, cache, decisions)  # noqa: E731
     decision = {"id": len(decisions) + 1,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"), "verb": verb}
@@ -10007,8 +9996,8 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         if problem:
             raise UserError(problem)
         for other in view["entries"]:
-            if other is not person and other.get("label") and same_name(other["label"], name):
-                raise UserError(f"{other['name']} is already named {other['label']!r}; names "
+            if other is not person and other.label and same_name(other.label, name):
+                raise UserError(f"{other.name} is already named {other.label!r}; names "
                                 "are unique (merge the two, or choose another name)")
         decision.update(faces=keys(faces_of(person)), name=unicodedata.normalize("NFC", name))
     elif verb == "merge":
@@ -10024,7 +10013,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         target = None if str(to).strip().casefold() == "new" else find(str(to))
         if target is not None and set(faces) <= set(faces_of(target)):
             raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "
-                            f"already in {target['name']}")
+                            f"already in {target.name}")
         owners = [p for p in view["entries"] if set(faces_of(p)) & set(faces)]
         decision.update(faces=keys(faces), to=None if target is None else keys(faces_of(target)),
                         away=[keys(faces_of(p)) for p in owners if p is not target])
@@ -10039,7 +10028,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         labels, _ = agglomerative_labels(cache["embeddings"][faces], threshold)
         pieces = groups_from_labels(labels)
         if len(pieces) < 2:
-            raise UserError(f"{person['name']} stays one person at threshold {threshold:.2f}; "
+            raise UserError(f"{person.name} stays one person at threshold {threshold:.2f}; "
                             "give a lower --threshold to split it")
         decision["pieces"] = [keys(faces[piece]) for piece in pieces]
     else:
@@ -10052,9 +10041,8 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
 
 def people_listing(view: dict, suggestions=()) -> list[dict]:
     concern = collections.Counter(n for s in suggestions for n in s["people"])
-    return [{"person": e["name"], "name": e.get("label", ""), "faces": len(e["faces"]),
-             "images": e.get("images", len({f["file"] for f in e["faces"]})),
-             "suggestions": concern[e["name"]]}
+    return [{"person": e.name, "name": e.label or "", "faces": len(e.faces), "images": e.images,
+             "suggestions": concern[e.name]}
             for e in view["entries"]]
 
 
@@ -10072,8 +10060,7 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
     for kind in PEOPLE_OUTPUTS:
         manifest_path = out / MANIFEST_FILES[kind]
         if manifest_path.is_file():
-            return kind, manifest_path, Path(check_text_field(load_manifest(manifest_path, kind),
-                                                              "cache", manifest_path))
+            return kind, manifest_path, Path(load_manifest(manifest_path, kind).cache)
     if not out.is_dir():
         raise UserError(file_in_place(out, "cluster or refine output folder"))
     raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
@@ -10140,11 +10127,12 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                                 people_named, faces_named, name, to, split_threshold)
         check_decisions(decisions + [decision], path)  # what is written can be read back
         try:
-            rebuilt = rebuild_people_output(kind, cache_path, out, manifest["parameters"],
-                                            decisions + [decision], undoing=verb == "undo")
+            rebuild_people_output(kind, cache_path, out, manifest.parameters,
+                                  decisions + [decision], undoing=verb == "undo")
         except UserError as error:
             raise UserError(f"{verb} not kept, nothing changed: {error}") from None
-    view = people_view(rebuilt, kind)
+        view = people_view(load_manifest(manifest_path, kind, cache.n_faces,
+                                         cache.embedding_size), kind)  # as rebuilt
     if verb == "undo":  # what was undone, as it reads on the rebuilt OUT
         undone = decisions[decision["undoes"] - 1]
         what = f"undid decision {undone['id']}: {decision_words(undone, view, cache)}"
@@ -10154,18 +10142,6 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
         f"{display(out)} rebuilt: {len(view['entries'])} "
         f"{'people' if kind == 'cluster' else 'facesets'}", quiet)
     return {"people": people_listing(view), "decision": decision}
-
-
-def check_text_field(manifest: dict, key: str, where: Path) -> str:
-    """manifest[key], a path; UserError unless it is one this system can name
-    (a lone surrogate that no file name decodes to is not)."""
-    value = manifest.get(key)
-    try:
-        if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
-            raise ValueError
-    except (ValueError, UnicodeEncodeError):
-        raise UserError(f"manifest {display(where)}: {key!r} is not a path") from None
-    return value
 
 
 # ============================================================================

@@ -66,7 +66,8 @@ def test_refine_page_shows_what_each_gate_dropped(outputs):
     assert any(entry.get("label") for entry in outputs["refined"]["facesets"])
     for entry in outputs["refined"]["facesets"]:
         drops = [d for d in outputs["refined"]["dropped"] if d.get("faceset") == entry["name"]]
-        row = listed[sort_faces.entry_title(entry).lower()]  # a named one's heading has its name
+        # a named one's heading has its name
+        row = listed[sort_faces.entry_title(entry["name"], entry.get("label")).lower()]
         assert row.startswith(f"{entry['size']} faces")
         for stage in ("quality", "outlier"):
             count = sum(d["stage"] == stage for d in drops)

@@ -47,8 +47,8 @@ last, wires them all.
     MODEL STEPS          one entry that runs a ModelStep: on the local pool, or on Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
     OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
-                         all-or-nothing changes in place, manifests and the one loader
-                         that validates them
+                         all-or-nothing changes in place, manifests as typed records (one
+                         loader that validates them, one writer)
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
                          faiss's inverted lists for many faces), centroids, refine's stages
     DUPLICATES           visual near-duplicate groups confirmed by their faces
@@ -138,7 +138,10 @@ __all__ = [
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
     "face_rows", "keep_numbers", "people_view", "people_suggestions",
-    "journal_dir", "load_manifest", "claim_output", "safe_dst_name", "inside", "scan_images",
+    "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
+    "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
+    "Stages", "SizeFilter", "RefineSummary",
+    "claim_output", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     "atomic_output", "write_json_atomic", "sha256_file", "open_cache_for_writing",
     "journal_chunks", "rows_from_records", "file_locations", "faces_by_file", "duplicates_path",
@@ -180,7 +183,11 @@ __all__ = [
 # Cache schema: 2 adds the journal chunk header (sequence, first rows, checksum).
 SCHEMA_VERSION = 2
 # Manifests (manifest.json, refine_manifest.json, export_manifest.json).
-MANIFEST_VERSION = 1
+# 2: written from typed records (ClusterManifest, RefineManifest, ExportManifest);
+# manifests of schema 1 are read as they are.
+MANIFEST_VERSION = 2
+# The dedup report (duplicates.json): its own schema, unchanged since its first.
+DEDUP_REPORT_VERSION = 1
 
 # .gif: the first frame, as a still photo (animated GIFs are rarely of people).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -341,15 +348,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C, SIGTERM or SIGHUP: the work done is saved
 
 
-# What `people` reads of each output it works on: the manifest's list of people
-# and their names' prefix, the faces outside them that a `move` may take (all
-# of a cluster's singletons; of refine's dropped faces, all but the rejected),
-# the parameter `suggest` measures merges and moves against (refine's centroid
-# merge threshold), and the one `split` tightens.
+# What `people` reads of each output it works on (its people are the
+# manifest's `entries`): their names' prefix, the faces outside them that a
+# `move` may take (all of a cluster's singletons; of refine's dropped faces,
+# all but the rejected), the parameter `suggest` measures merges and moves
+# against (refine's centroid merge threshold), and the one `split` tightens.
 PEOPLE_OUTPUTS = {
-    "cluster": {"entries": "clusters", "prefix": "person", "threshold": "threshold",
-                "split_from": "threshold", "centroid": False},
-    "refine": {"entries": "facesets", "prefix": "faceset", "threshold": "merge_threshold",
+    "cluster": {"prefix": "person", "threshold": "threshold", "split_from": "threshold",
+                "centroid": False},
+    "refine": {"prefix": "faceset", "threshold": "merge_threshold",
                "split_from": "initial_threshold", "centroid": True},
 }
 
@@ -543,6 +550,8 @@ MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
                   "export-swap": "export_manifest.json"}
 ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
                        "export-swap": r"faceset_\d{3,9}"}
+# The stages of refine that drop a face (a refine manifest's `dropped`).
+REFINE_DROP_STAGES = ("rejected", "quality", "outlier", "size")
 
 # --- clustering ---
 # Largest connected component clustered exactly. Its condensed float64
@@ -4830,41 +4839,34 @@ def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
 # Also the guards that keep outputs away from the user's photos.
 # ============================================================================
 
-def entry_folder(entry: dict) -> str:
+def entry_folder(name: str, label: str | None = None) -> str:
     """The folder of a person or faceset: its name, then its label when it has
     one (person_003_Alice), its characters made safe for every file system as
     safe_dst_name makes them (reserved ones and separators "_"), at most
     MAX_LABEL_BYTES of it. The number keeps folders of one output apart."""
-    label = entry.get("label")
     if not label:
-        return entry["name"]
+        return name
     safe = "".join("_" if ch in "/\\" else _name_char(ch) for ch in label).strip(" .")
-    return f"{entry['name']}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
+    return f"{name}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
 
 
-def entry_bundle(entry: dict, top_n: int | None = None) -> str:
+def entry_bundle(name: str, label: str | None = None, top_n: int | None = None) -> str:
     """The .fsz bundle export-swap writes for a faceset: its folder's name
     (entry_folder), then _top{top_n} (the best top_n crops) or, without
     top_n, _all (every crop): faceset_002_Alice_top30.fsz."""
-    return f"{entry_folder(entry)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
+    return f"{entry_folder(name, label)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
 
 
-def candidates_folder(entry: dict) -> str:
+def candidates_folder(name: str, label: str | None = None) -> str:
     """Where export-swap puts a faceset's candidates, relative to its output:
     _candidates/ then the faceset's folder name (entry_folder)."""
-    return f"{CANDIDATES_DIR}/{entry_folder(entry)}"
+    return f"{CANDIDATES_DIR}/{entry_folder(name, label)}"
 
 
-def entry_title(entry: dict) -> str:
+def entry_title(name: str, label: str | None = None) -> str:
     """How a page heads a person or faceset: its name, then its label when it
     has one ("faceset_002 Alice"), so that the name filter finds it by either."""
-    return f"{entry['name']} {entry['label']}" if entry.get("label") else entry["name"]
-
-
-def named_entry(name: str, labels: dict) -> dict:
-    """{"name": name} with its label from `labels` ({name: label}) when it has
-    one: what entry_folder, entry_bundle and entry_title take."""
-    return {"name": name, "label": labels[name]} if name in labels else {"name": name}
+    return f"{name} {label}" if label else name
 
 
 def materialise(src: str, dst: Path, link: str) -> str:
@@ -4967,11 +4969,11 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
     except UserError:
         return None
     names = {MANIFEST_FILES[kind], REVIEW_PAGE_NAME, THUMBS_DIR_NAME, ".extend.lock"}
-    entries = manifest.get("clusters", []) + manifest.get("facesets", [])
-    names |= {entry_folder(entry) for entry in entries}
-    names |= {bundle["file"] for entry in entries for bundle in entry.get("bundles", [])}
+    entries = manifest.clusters if kind == "cluster" else manifest.facesets
+    names |= {entry.folder for entry in entries}
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
-    names |= {CANDIDATES_DIR} if kind == "export-swap" else set()
+    if kind == "export-swap":
+        names |= {bundle.file for entry in entries for bundle in entry.bundles} | {CANDIDATES_DIR}
     for entry in os.scandir(out):
         if entry.name not in names and not (entry.name.startswith(".") and
                                             entry.name.endswith(".tmp")):
@@ -5114,22 +5116,24 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
     return list(names)
 
 
-def face_record(cache: FaceCache, face: int, locations) -> dict:
+def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
+    """A face as a manifest lists it (with `dropped`: stage, reason and
+    faceset, for a face refine dropped)."""
     file_index = int(cache["face_file"][face])
-    return {"face": int(face), "file": label_path(cache, locations, file_index),
-            "bbox": [round(float(v), 1) for v in cache["bbox"][face]]}
+    return FaceRef(face=int(face), file=label_path(cache, locations, file_index),
+                   bbox=[round(float(v), 1) for v in cache["bbox"][face]], **dropped)
 
 
-def write_group(folder: Path, faces, cache, locations, link) -> dict:
+def write_group(folder: Path, faces, cache, locations, link) -> Group:
     """Materialise every location of every photo of `faces` into `folder`."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
-    return {"faces": [face_record(cache, f, locations) for f in faces],
-            "images": len(file_rows),
-            "outputs": materialise_files(folder, paths, link)}
+    return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
+                 outputs=materialise_files(folder, paths, link))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
+    """The fields every manifest begins with (a Manifest's own), for a run of `step`."""
     return {
         "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": step,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -5138,13 +5142,13 @@ def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) 
     }
 
 
-def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[dict]]:
+def noface_and_unreadable(cache: FaceCache, locations) -> tuple[list[str], list[Unreadable]]:
     """The photos without a face (every location; a video's frames without one
     are not listed: _noface/ would fill with stills) and the unreadable files."""
     status = cache["file_status"]
     photo = cache["file_video"] == ""
     noface = [p for row in np.flatnonzero((status == "noface") & photo) for p in locations[row]]
-    unreadable = [{"file": cache["files"][row], "reason": cache["file_reason"][row]}
+    unreadable = [Unreadable(file=str(cache["files"][row]), reason=str(cache["file_reason"][row]))
                   for row in np.flatnonzero(status == "unreadable")]
     return noface, unreadable
 
@@ -5154,9 +5158,9 @@ def centroid_record(embeddings: np.ndarray, faces) -> list[float]:
     return [round(float(v), 6) for v in unit_rows(embeddings[np.asarray(faces)].mean(axis=0))]
 
 
-def next_number(entries) -> int:
-    """One past the highest NNN of the entries' `name_NNN` names."""
-    return max([int(e["name"].rsplit("_", 1)[1]) for e in entries] + [0]) + 1
+def next_number(names) -> int:
+    """One past the highest NNN of `name_NNN` names."""
+    return max([int(name.rsplit("_", 1)[1]) for name in names] + [0]) + 1
 
 
 def faces_not_in(n_faces: int, known: set[int]) -> np.ndarray:
@@ -5164,23 +5168,30 @@ def faces_not_in(n_faces: int, known: set[int]) -> np.ndarray:
     return np.setdiff1d(np.arange(n_faces, dtype=np.int64), np.fromiter(known, np.int64))
 
 
-def manifest_face_ids(entries) -> set[int]:
-    return {face["face"] for entry in entries for face in entry["faces"]}
+def manifest_face_ids(groups) -> set[int]:
+    """The face ids of the groups (people, facesets, singletons) of a manifest."""
+    return {face.face for group in groups for face in group.faces}
 
 
-def check_manifest_model(manifest: dict, cache: FaceCache, cache_path: Path, where: Path) -> None:
-    made_with = (manifest.get("model") or {}).get("recognition_sha256")
-    if made_with != cache.meta.get("model", {}).get("recognition_sha256"):
+def check_manifest_model(manifest: Manifest, cache: FaceCache, cache_path: Path,
+                         where: Path) -> None:
+    model = manifest.model or {}
+    if model.get("recognition_sha256") != cache.meta.get("model", {}).get("recognition_sha256"):
         raise UserError(
-            f"{where} was made with model {(manifest.get('model') or {}).get('pack')}, but the "
-            f"cache {cache_path} holds embeddings of {cache.meta.get('model', {}).get('pack')}; "
+            f"{where} was made with model {model.get('pack')}, but the cache {cache_path} holds "
+            f"embeddings of {cache.meta.get('model', {}).get('pack')}; "
             "embeddings of two models cannot be compared")
 
 
 # ---------------------------------------------------------------------------
-# Manifests: one loader that validates, for every kind. A manifest is input
-# like any other: a name in it becomes a folder, a face id an array index, an
-# output a file to delete. Anything not of the tool's own form is refused.
+# Manifests: typed records, one loader that validates them, one writer. A
+# manifest is input like any other: a name in it becomes a folder, a face id
+# an array index, an output a file to delete. Anything not of the tool's own
+# form is refused. Each record reads itself from JSON (from_json: every field
+# checked, UserError naming the manifest and the place) and writes itself
+# (to_json: the file's form). A field every face-sets manifest has is
+# required; one that later versions added takes its default when absent, so
+# the manifests of earlier versions (schema 1) read as they are.
 # ---------------------------------------------------------------------------
 
 
@@ -5204,7 +5215,8 @@ def person_name_problem(name) -> str | None:
 
 
 class _ManifestCheck:
-    """Validation helpers that name the manifest and the place of a problem."""
+    """Validation helpers that name the manifest and the place of a problem.
+    Each checks one value and returns it; `fail` raises the one-line UserError."""
 
     def __init__(self, path: Path, n_faces: int | None, embedding_size: int | None):
         self.path, self.n_faces, self.embedding_size = path, n_faces, embedding_size
@@ -5226,11 +5238,24 @@ class _ManifestCheck:
             self.fail(where, "is not a list")
         return value
 
+    def records(self, value, where: str, read: Callable) -> list:
+        """A list, each item read by read(item, where[i])."""
+        return [read(item, f"{where}[{index}]")
+                for index, item in enumerate(self.items(value, where))]
+
     def integer(self, value, where: str, low: int | None = None, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(where, f"{value!r} is not an integer")
         if (low is not None and value < low) or (high is not None and value > high):
             self.fail(where, f"{value} is out of range")
+        return value
+
+    def count(self, value, where: str) -> int:
+        return self.integer(value, where, 0)
+
+    def number(self, value, where: str) -> float:
+        if not finite_number(value):
+            self.fail(where, "is not a finite number")
         return value
 
     def numbers(self, value, where: str, count: int | None = None) -> list:
@@ -5241,9 +5266,34 @@ class _ManifestCheck:
             self.fail(where, "holds something that is not a finite number")
         return values
 
+    def flag(self, value, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"{value!r} is not true or false")
+        return value
+
     def text(self, value, where: str) -> str:
         if not isinstance(value, str):
             self.fail(where, f"{value!r} is not a string")
+        return value
+
+    def texts(self, value, where: str) -> list[str]:
+        return [self.text(item, where) for item in self.items(value, where)]
+
+    def optional(self, value, where: str, read: Callable):
+        """None, or the value read by read(value, where)."""
+        return None if value is None else read(value, where)
+
+    def table(self, value, where: str, read: Callable) -> dict:
+        """A JSON object whose every value is read by read(value, where.key)."""
+        return {key: read(item, f"{where}.{key}") for key, item in self.obj(value, where).items()}
+
+    def system_path(self, value, where: str) -> str:
+        """A path this system can name (a lone surrogate no file name decodes to is not)."""
+        try:
+            if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
+                raise ValueError
+        except (ValueError, UnicodeEncodeError):
+            self.fail(where, "is not a path")
         return value
 
     def file_name(self, value, where: str) -> str:
@@ -5257,143 +5307,692 @@ class _ManifestCheck:
             self.fail(where, f"{name!r} is not a plain file name")
         return name
 
+    def file_names(self, value, where: str) -> list[str]:
+        """Plain file names of one folder, each once."""
+        return self.unique([self.file_name(name, where) for name in self.items(value, where)],
+                           where)
+
     def unique(self, values: list, where: str) -> list:
         if len(set(values)) != len(values):
             self.fail(where, "has duplicates")
         return values
 
+    def name(self, value, where: str, kind: str) -> str:
+        """The name of a person or faceset of a `kind` output (person_NNN, faceset_NNN)."""
+        if not isinstance(value, str) or not re.fullmatch(ENTRY_NAME_PATTERNS[kind], value):
+            self.fail(where, f"{value!r} is not a name face-sets gives")
+        return value
+
+    def label(self, value, where: str) -> str:
+        """The name people gave a person (person_name_problem)."""
+        if person_name_problem(value):
+            self.fail(where, person_name_problem(value))
+        return value
+
+    def choice(self, value, where: str, choices) -> str:
+        if value not in choices:
+            self.fail(where, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def face_id(self, value, where: str) -> int:
+        """A face id: a row of the cache (within it when its size is known)."""
+        return self.integer(value, where, 0, None if self.n_faces is None else self.n_faces - 1)
+
     def face(self, value, where: str) -> int:
-        high = None if self.n_faces is None else self.n_faces - 1
-        face = self.integer(value, where, 0, high)
+        """A face id listed once in the whole manifest."""
+        face = self.face_id(value, where)
         if face in self.faces_seen:
             self.fail(where, f"face {face} is listed twice")
         self.faces_seen.add(face)
         return face
 
-    def face_records(self, value, where: str, *keys: str) -> None:
-        for index, record in enumerate(self.items(value, where)):
-            here = f"{where}[{index}]"
-            self.obj(record, here, "face", *keys)
-            self.face(record["face"], here + ".face")
-            if "bbox" in record:
-                self.numbers(record["bbox"], here + ".bbox", 4)
 
-    def entries(self, value, where: str, pattern: str) -> list[dict]:
-        """Named groups (person_NNN, faceset_NNN): names of the tool's form, unique."""
-        entries = self.items(value, where)
-        for index, entry in enumerate(entries):
-            here = f"{where}[{index}]"
-            self.obj(entry, here, "name")
-            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]):
-                self.fail(here + ".name", f"{entry['name']!r} is not a name face-sets gives")
-            if "label" in entry and person_name_problem(entry["label"]):
-                self.fail(here + ".label", person_name_problem(entry["label"]))
-        self.unique([entry["name"] for entry in entries], where + " names")
-        return entries
+class _Named:
+    """What a person's or faceset's folder and heading are made of: its name
+    and its label (entry_folder, entry_title)."""
 
-    def former(self, value, pattern: str, entries: list) -> list[dict]:
-        """People gone from an output (name, face ids), whose numbers an undo gives back."""
-        current = {e.get("name") for e in entries}
-        former = self.items(value, "former")
-        for index, entry in enumerate(former):
-            here = f"former[{index}]"
-            self.obj(entry, here, "name", "faces")
-            if not isinstance(entry["name"], str) or not re.fullmatch(pattern, entry["name"]) \
-                    or entry["name"] in current:
-                self.fail(here + ".name", f"{entry['name']!r} is not the name of a person gone")
-            high = None if self.n_faces is None else self.n_faces - 1
-            for face in self.items(entry["faces"], here + ".faces"):
-                self.integer(face, here + ".faces", 0, high)
-        self.unique([entry["name"] for entry in former], "former names")
-        return former
+    @property
+    def folder(self) -> str:
+        return entry_folder(self.name, self.label)
 
-    def group(self, entry: dict, where: str) -> None:
-        """A group whose photos were materialised: faces, outputs (file names)."""
-        self.obj(entry, where, "faces", "outputs")
-        self.face_records(entry["faces"], where + ".faces")
-        outputs = [self.file_name(o, f"{where}.outputs") for o in self.items(entry["outputs"],
-                                                                              where + ".outputs")]
-        self.unique(outputs, where + ".outputs")
+    @property
+    def title(self) -> str:
+        return entry_title(self.name, self.label)
+
+
+def _without_none(data: dict, *keys: str) -> dict:
+    """`data` less those of `keys` whose value is None (fields a manifest has
+    only when they say something)."""
+    return {k: v for k, v in data.items() if k not in keys or v is not None}
+
+
+@dataclasses.dataclass(kw_only=True)
+class FaceRef:
+    """A face a manifest lists: its cache row, its photo (as the output names
+    it) and its box; a face refine dropped also has the stage that dropped it,
+    why, and the faceset its cluster became (None: none)."""
+    face: int
+    file: str
+    bbox: list[float]
+    stage: str | None = None
+    reason: str | None = None
+    faceset: str | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> FaceRef:
+        check.obj(value, where, "face", "file", "bbox")
+        return cls(face=check.face(value["face"], where + ".face"),
+                   file=check.text(value["file"], where + ".file"),
+                   bbox=check.numbers(value["bbox"], where + ".bbox", 4))
+
+    @classmethod
+    def dropped_from_json(cls, value, check: _ManifestCheck, where: str) -> FaceRef:
+        check.obj(value, where, "face", "file", "bbox", "stage", "reason")
+        face = cls.from_json(value, check, where)
+        face.stage = check.choice(value["stage"], where + ".stage", REFINE_DROP_STAGES)
+        face.reason = check.text(value["reason"], where + ".reason")
+        face.faceset = check.optional(value.get("faceset"), where + ".faceset",
+                                      lambda v, w: check.name(v, w, "refine"))
+        return face
+
+    def to_json(self) -> dict:
+        data = {"face": self.face, "file": self.file, "bbox": self.bbox}
+        if self.stage is not None:
+            data.update(stage=self.stage, reason=self.reason, faceset=self.faceset)
+        return data
+
+
+@dataclasses.dataclass(kw_only=True)
+class Group:
+    """Faces whose photos are materialised in one folder (a person, a
+    faceset, the singletons): the faces, how many photos hold them, and the
+    folder's files (plain names, each once)."""
+    faces: list[FaceRef]
+    images: int
+    outputs: list[str]
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Group:
+        return cls(**cls.fields_from_json(value, check, where))
+
+    @staticmethod
+    def fields_from_json(value, check: _ManifestCheck, where: str) -> dict:
+        check.obj(value, where, "faces", "images", "outputs")
+        return {"faces": check.records(value["faces"], where + ".faces",
+                                       lambda v, w: FaceRef.from_json(v, check, w)),
+                "images": check.count(value["images"], where + ".images"),
+                "outputs": check.file_names(value["outputs"], where + ".outputs")}
+
+    def face_ids(self) -> list[int]:
+        return [face.face for face in self.faces]
+
+    def to_json(self) -> dict:
+        return {"faces": [face.to_json() for face in self.faces], "images": self.images,
+                "outputs": list(self.outputs)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Entry(Group, _Named):
+    """A person of a cluster output (person_NNN) or a faceset of a refine one
+    (faceset_NNN): its name, the name people gave it (label), its size in
+    faces, its group, and, for a faceset, the unit mean of its embeddings."""
+    name: str
+    label: str | None = None
+    size: int
+    centroid: list[float] | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, kind: str = "cluster") -> Entry:
+        check.obj(value, where, "name", "size")
+        entry = cls(name=check.name(value["name"], where + ".name", kind),
+                    label=check.label(value["label"], where + ".label") if "label" in value
+                    else None,
+                    size=check.count(value["size"], where + ".size"),
+                    **Group.fields_from_json(value, check, where))
+        if PEOPLE_OUTPUTS[kind]["centroid"]:
+            check.obj(value, where, "centroid")
+            entry.centroid = check.numbers(value["centroid"], where + ".centroid",
+                                           check.embedding_size)
+        elif not entry.faces:
+            check.fail(where + ".faces", "a person without faces")
+        return entry
+
+    def to_json(self) -> dict:
+        return _without_none({"name": self.name, "label": self.label, "size": self.size,
+                              **super().to_json(), "centroid": self.centroid},
+                             "label", "centroid")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Former:
+    """A person gone from an output: its name and face ids when it went, so
+    that an undo gives its number back."""
+    name: str
+    faces: list[int]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "faces": list(self.faces)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class NoFace:
+    """cluster's _noface/: the photos without a face, and the folder's files."""
+    files: list[str]
+    outputs: list[str]
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> NoFace:
+        check.obj(value, where, "files", "outputs")
+        return cls(files=check.texts(value["files"], where + ".files"),
+                   outputs=check.file_names(value["outputs"], where + ".outputs"))
+
+    def to_json(self) -> dict:
+        return {"files": list(self.files), "outputs": list(self.outputs)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Unreadable:
+    """A file of the tree that could not be read, and why."""
+    file: str
+    reason: str
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Unreadable:
+        check.obj(value, where, "file", "reason")
+        return cls(file=check.text(value["file"], where + ".file"),
+                   reason=check.text(value["reason"], where + ".reason"))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "reason": self.reason}
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Counts:
+    """A manifest's summary: counts (integers, 0 or more), and the seconds
+    the run took. A field with a default is one later versions added."""
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str):
+        fields = dataclasses.fields(cls)
+        check.obj(value, where, *(f.name for f in fields if f.default is dataclasses.MISSING))
+        return cls(**{f.name: (check.number if f.name == "seconds" else check.count)(
+            value[f.name], f"{where}.{f.name}") for f in fields if f.name in value})
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterSummary(_Counts):
+    people: int
+    faces: int
+    faces_in_people: int
+    singletons: int
+    singleton_files: int | None = None
+    noface_images: int
+    unreadable: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class RefineSummary(_Counts):
+    facesets: int
+    faces: int
+    faces_kept: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportSummary(_Counts):
+    facesets: int
+    crops: int
+    skipped: int
+    candidates: int
+    seconds: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class SizeFilter:
+    """What refine's size filter dropped (size_filter_summary)."""
+    min_faces: int
+    dropped_people: int
+    largest_images: int
+    suggested_min_faces: int | None
+    kept_at_suggestion: int
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> SizeFilter:
+        check.obj(value, where, "min_faces", "dropped_people", "largest_images",
+                  "suggested_min_faces", "kept_at_suggestion")
+        return cls(min_faces=check.count(value["min_faces"], where + ".min_faces"),
+                   dropped_people=check.count(value["dropped_people"], where + ".dropped_people"),
+                   largest_images=check.count(value["largest_images"], where + ".largest_images"),
+                   suggested_min_faces=check.optional(
+                       value["suggested_min_faces"], where + ".suggested_min_faces",
+                       lambda v, w: check.integer(v, w, 1)),
+                   kept_at_suggestion=check.count(value["kept_at_suggestion"],
+                                                  where + ".kept_at_suggestion"))
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stages:
+    """refine's stages (refine_partition): clusters after each, faces each
+    gate dropped; the fields from quality_gates on came later."""
+    initial_clusters: int
+    clustering: dict
+    after_merge: int
+    dropped_quality: int
+    quality_gates: dict[str, int] | None = None
+    initial_single_faces: int | None = None
+    after_quality: int
+    dropped_outlier: int
+    dropped_rejected: int | None = None
+    dropped_size: int
+    size_filter: SizeFilter | None = None
+    facesets: int
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Stages:
+        counts = ("initial_clusters", "after_merge", "dropped_quality", "after_quality",
+                  "dropped_outlier", "dropped_size", "facesets")
+        check.obj(value, where, "clustering", *counts)
+        later = {key: check.count(value[key], f"{where}.{key}")
+                 for key in ("initial_single_faces", "dropped_rejected") if key in value}
+        return cls(clustering=check.obj(value["clustering"], where + ".clustering"),
+                   **{key: check.count(value[key], f"{where}.{key}") for key in counts},
+                   quality_gates=check.optional(
+                       value.get("quality_gates"), where + ".quality_gates",
+                       lambda v, w: check.table(v, w, check.count)),
+                   size_filter=check.optional(
+                       value.get("size_filter"), where + ".size_filter",
+                       lambda v, w: SizeFilter.from_json(v, check, w)), **later)
+
+    @classmethod
+    def of(cls, stages: dict) -> Stages:
+        """The record of refine_partition's stages."""
+        return cls(**{**stages, "size_filter": SizeFilter(**stages["size_filter"])})
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["size_filter"] = self.size_filter.to_json() if self.size_filter else None
+        return _without_none(data, "quality_gates", "initial_single_faces", "dropped_rejected",
+                             "size_filter")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Manifest:
+    """What every manifest begins with: its schema, the face-sets that wrote
+    it (later versions only), its step, when, the cache and the model, and
+    the options of the run (`parameters`: option name -> value, each in its
+    range, OPTION_RULES)."""
+    schema_version: int
+    face_sets_version: str | None = None
+    step: str
+    created: str
+    cache: str
+    model: dict | None
+    parameters: dict
+
+    @classmethod
+    def header_from_json(cls, data, check: _ManifestCheck, kind: str, required=()) -> dict:
+        check.obj(data, "the manifest", "schema_version", "step", "parameters")
+        check.integer(data["schema_version"], "schema_version", 1, MANIFEST_VERSION)
+        if data["step"] != kind:
+            check.fail("step", f"is {data['step']!r}, not {kind!r}")
+        parameters = check.obj(data["parameters"], "parameters")
+        for name, value in parameters.items():
+            if name in OPTION_RULES:
+                try:
+                    check_option(name, value)
+                except UserError as error:
+                    check.fail(f"parameters.{name}", str(error))
+        if "link" in parameters:
+            try:
+                check_link(parameters["link"])
+            except UserError as error:
+                check.fail("parameters.link", str(error))
+        for key in required:
+            if key not in parameters:
+                check.fail("parameters", f"has no {key!r}")
+        check.obj(data, "the manifest", "created", "cache", "model")
+        return {"schema_version": data["schema_version"], "step": kind,
+                "face_sets_version": check.optional(data.get("face_sets_version"),
+                                                    "face_sets_version", check.text),
+                "created": check.text(data["created"], "created"),
+                "cache": check.system_path(data["cache"], "cache"),
+                "model": check.optional(data["model"], "model", check.obj),
+                "parameters": parameters}
+
+    def header_json(self) -> dict:
+        return _without_none({"schema_version": self.schema_version,
+                              "face_sets_version": self.face_sets_version, "step": self.step,
+                              "created": self.created, "cache": self.cache, "model": self.model,
+                              "parameters": self.parameters}, "face_sets_version")
+
+
+def _former_from_json(data: dict, check: _ManifestCheck, kind: str,
+                      entries: list[Entry]) -> tuple[list[Former], int]:
+    """The people gone from an output (`former`) and its next free number,
+    which no person nor person gone has reached (`next_number`; when absent,
+    the first number past them all)."""
+    current = {entry.name for entry in entries}
+    former = []
+    for index, item in enumerate(check.items(data.get("former", []), "former")):
+        here = f"former[{index}]"
+        check.obj(item, here, "name", "faces")
+        name = item["name"]
+        if not isinstance(name, str) or not re.fullmatch(ENTRY_NAME_PATTERNS[kind], name) \
+                or name in current:
+            check.fail(here + ".name", f"{name!r} is not the name of a person gone")
+        former.append(Former(name=name, faces=[
+            check.face_id(face, here + ".faces") for face in check.items(item["faces"],
+                                                                         here + ".faces")]))
+    check.unique([f.name for f in former], "former names")
+    first_free = next_number([e.name for e in entries] + [f.name for f in former])
+    if "next_number" in data:
+        return former, check.integer(data["next_number"], "next_number", first_free)
+    return former, first_free
+
+
+def _entries_from_json(value, check: _ManifestCheck, where: str, kind: str) -> list[Entry]:
+    """The people (or facesets) of an output: of the tool's form, each name once."""
+    entries = check.records(value, where, lambda v, w: Entry.from_json(v, check, w, kind))
+    check.unique([entry.name for entry in entries], where + " names")
+    return entries
+
+
+def _runs_from_json(data: dict, check: _ManifestCheck) -> list[dict]:
+    """What each extend run added (objects, kept as they are)."""
+    return check.records(data.get("extend_runs", []), "extend_runs", check.obj)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterManifest(Manifest):
+    """manifest.json: a cluster output. Its people (`clusters`), the faces
+    that match no one (`singletons`), those rejected by a people decision,
+    the photos without a face (`noface`), the unreadable files, the people
+    gone, the next free number, extend's runs and the summary."""
+    clustering: dict
+    clusters: list[Entry]
+    singletons: Group
+    rejected: list[FaceRef] = dataclasses.field(default_factory=list)
+    noface: NoFace
+    unreadable: list[Unreadable]
+    former: list[Former] = dataclasses.field(default_factory=list)
+    next_number: int
+    extend_runs: list[dict] = dataclasses.field(default_factory=list)
+    summary: ClusterSummary
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.clusters
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> ClusterManifest:
+        header = cls.header_from_json(data, check, "cluster", ("threshold", "link"))
+        check.obj(data, "the manifest", "clustering", "clusters", "singletons", "noface",
+                  "unreadable", "summary")
+        clusters = _entries_from_json(data["clusters"], check, "clusters", "cluster")
+        singletons = Group.from_json(data["singletons"], check, "singletons")
+        rejected = []
+        if "rejected" in data:
+            check.obj(data["rejected"], "rejected", "faces")
+            rejected = check.records(data["rejected"]["faces"], "rejected.faces",
+                                     lambda v, w: FaceRef.from_json(v, check, w))
+        noface = NoFace.from_json(data["noface"], check, "noface")
+        unreadable = check.records(data["unreadable"], "unreadable",
+                                   lambda v, w: Unreadable.from_json(v, check, w))
+        former, number = _former_from_json(data, check, "cluster", clusters)
+        return cls(**header, clustering=check.obj(data["clustering"], "clustering"),
+                   clusters=clusters, singletons=singletons, rejected=rejected, noface=noface,
+                   unreadable=unreadable, former=former, next_number=number,
+                   extend_runs=_runs_from_json(data, check),
+                   summary=ClusterSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "clustering": self.clustering,
+                "clusters": [entry.to_json() for entry in self.clusters],
+                "singletons": self.singletons.to_json(),
+                "rejected": {"faces": [face.to_json() for face in self.rejected]},
+                "noface": self.noface.to_json(),
+                "unreadable": [item.to_json() for item in self.unreadable],
+                "former": [gone.to_json() for gone in self.former],
+                "next_number": self.next_number, "extend_runs": self.extend_runs,
+                "summary": self.summary.to_json()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class RefineManifest(Manifest):
+    """refine_manifest.json: a refine output. Its stages, its facesets (each
+    with its centroid), the faces it dropped (stage, reason, faceset), the
+    facesets gone, the next free number, extend's runs and the summary."""
+    stages: Stages
+    facesets: list[Entry]
+    dropped: list[FaceRef]
+    former: list[Former] = dataclasses.field(default_factory=list)
+    next_number: int
+    extend_runs: list[dict] = dataclasses.field(default_factory=list)
+    summary: RefineSummary
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.facesets
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> RefineManifest:
+        header = cls.header_from_json(data, check, "refine", tuple(REFINE_DEFAULTS))
+        check.obj(data, "the manifest", "stages", "facesets", "dropped", "summary")
+        facesets = _entries_from_json(data["facesets"], check, "facesets", "refine")
+        dropped = check.records(data["dropped"], "dropped",
+                                lambda v, w: FaceRef.dropped_from_json(v, check, w))
+        former, number = _former_from_json(data, check, "refine", facesets)
+        return cls(**header, stages=Stages.from_json(data["stages"], check, "stages"),
+                   facesets=facesets, dropped=dropped, former=former, next_number=number,
+                   extend_runs=_runs_from_json(data, check),
+                   summary=RefineSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "stages": self.stages.to_json(),
+                "facesets": [entry.to_json() for entry in self.facesets],
+                "dropped": [face.to_json() for face in self.dropped],
+                "former": [gone.to_json() for gone in self.former],
+                "next_number": self.next_number, "extend_runs": self.extend_runs,
+                "summary": self.summary.to_json()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Crop:
+    """A PNG export-swap wrote: its file, its rank, the face and its photo,
+    its box there, its score and the score's terms, how many other faces
+    were blacked out, and whether it is in the faceset's top bundle."""
+    png: str
+    rank: int
+    face: int
+    source: str
+    bbox: list[float]
+    score: float
+    terms: dict[str, float]
+    blacked_out: int
+    in_top: bool
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Crop:
+        check.obj(value, where, "png", "rank", "face", "source", "bbox", "score", "terms",
+                  "blacked_out", "in_top")
+        return cls(png=check.file_name(value["png"], where + ".png"),
+                   rank=check.count(value["rank"], where + ".rank"),
+                   face=check.face_id(value["face"], where + ".face"),
+                   source=check.text(value["source"], where + ".source"),
+                   bbox=check.numbers(value["bbox"], where + ".bbox", 4),
+                   score=check.number(value["score"], where + ".score"),
+                   terms=check.table(value["terms"], where + ".terms", check.number),
+                   blacked_out=check.count(value["blacked_out"], where + ".blacked_out"),
+                   in_top=check.flag(value["in_top"], where + ".in_top"))
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class LeftOut:
+    """A face export-swap did not crop: why, and (dropped before cropping) its photo."""
+    face: int
+    source: str | None = None
+    reason: str
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, source: bool) -> LeftOut:
+        check.obj(value, where, "face", *(("source",) if source else ()), "reason")
+        return cls(face=check.face_id(value["face"], where + ".face"),
+                   source=check.text(value["source"], where + ".source") if source else None,
+                   reason=check.text(value["reason"], where + ".reason"))
+
+    def to_json(self) -> dict:
+        return _without_none({"face": self.face, "source": self.source, "reason": self.reason},
+                             "source")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Bundle:
+    """A .fsz bundle of a faceset's crops: its file, how many PNGs, its size."""
+    file: str
+    pngs: int
+    bytes: int
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportEntry(_Named):
+    """A faceset of an export (or its candidates): its name and label, its
+    crops, the faces skipped (no single-face crop) and dropped before
+    cropping, and (facesets only) its bundles."""
+    name: str
+    label: str | None = None
+    crops: list[Crop]
+    skipped: list[LeftOut]
+    dropped: list[LeftOut]
+    bundles: list[Bundle] | None = None
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, faceset: bool) -> ExportEntry:
+        check.obj(value, where, "name", "crops", *(("bundles",) if faceset else ()),
+                  "skipped", "dropped")
+        name = check.name(value["name"], where + ".name", "export-swap")
+        entry = cls(name=name,
+                    label=check.label(value["label"], where + ".label") if "label" in value
+                    else None,
+                    crops=check.records(value["crops"], where + ".crops",
+                                        lambda v, w: Crop.from_json(v, check, w)),
+                    skipped=check.records(value["skipped"], where + ".skipped",
+                                          lambda v, w: LeftOut.from_json(v, check, w, False)),
+                    dropped=check.records(value["dropped"], where + ".dropped",
+                                          lambda v, w: LeftOut.from_json(v, check, w, True)))
+        if faceset:
+            here = where + ".bundles"
+            entry.bundles = []
+            for index, bundle in enumerate(check.items(value["bundles"], here)):
+                at = f"{here}[{index}]"
+                check.obj(bundle, at, "file", "pngs", "bytes")
+                file = check.file_name(bundle["file"], at + ".file")
+                if not file.startswith(name + "_") or not file.endswith(".fsz"):
+                    check.fail(at + ".file", f"{file!r} is not a bundle of {name}")
+                entry.bundles.append(Bundle(file=file,
+                                            pngs=check.count(bundle["pngs"], at + ".pngs"),
+                                            bytes=check.count(bundle["bytes"], at + ".bytes")))
+        return entry
+
+    def to_json(self) -> dict:
+        return _without_none({
+            "name": self.name, "label": self.label,
+            "crops": [crop.to_json() for crop in self.crops],
+            "skipped": [item.to_json() for item in self.skipped],
+            "dropped": [item.to_json() for item in self.dropped],
+            "bundles": None if self.bundles is None else [b.to_json() for b in self.bundles]},
+            "label", "bundles")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExportManifest(Manifest):
+    """export_manifest.json: an export-swap output. The manifests it was
+    made from, the weights of its score, its facesets (crops, skipped,
+    dropped, bundles), their candidates (in _candidates/) and the summary."""
+    refine_manifest: str
+    raw_manifest: str | None
+    quality_weights: dict[str, float]
+    facesets: list[ExportEntry]
+    candidates: list[ExportEntry]
+    summary: ExportSummary
+
+    @classmethod
+    def from_json(cls, data, check: _ManifestCheck) -> ExportManifest:
+        header = cls.header_from_json(data, check, "export-swap", ("out_size", "top_n"))
+        check.obj(data, "the manifest", "facesets", "candidates", "refine_manifest",
+                  "raw_manifest", "quality_weights", "summary")
+        facesets = check.records(data["facesets"], "facesets",
+                                 lambda v, w: ExportEntry.from_json(v, check, w, True))
+        check.unique([entry.name for entry in facesets], "facesets names")
+        candidates = check.records(data["candidates"], "candidates",
+                                   lambda v, w: ExportEntry.from_json(v, check, w, False))
+        check.unique([entry.name for entry in candidates], "candidates names")
+        return cls(**header, refine_manifest=check.text(data["refine_manifest"], "refine_manifest"),
+                   raw_manifest=check.optional(data["raw_manifest"], "raw_manifest", check.text),
+                   quality_weights=check.table(data["quality_weights"], "quality_weights",
+                                               check.number),
+                   facesets=facesets, candidates=candidates,
+                   summary=ExportSummary.from_json(data["summary"], check, "summary"))
+
+    def to_json(self) -> dict:
+        return {**self.header_json(), "refine_manifest": self.refine_manifest,
+                "raw_manifest": self.raw_manifest, "quality_weights": self.quality_weights,
+                "facesets": [entry.to_json() for entry in self.facesets],
+                "candidates": [entry.to_json() for entry in self.candidates],
+                "summary": self.summary.to_json()}
+
+
+def manifest_record(kind: str) -> type:
+    """The record of a manifest of `kind` ("cluster", "refine", "export-swap")."""
+    return {"cluster": ClusterManifest, "refine": RefineManifest,
+            "export-swap": ExportManifest}[kind]
+
+
+def parse_manifest(data, kind: str, path: Path, n_faces: int | None = None,
+                   embedding_size: int | None = None) -> Manifest:
+    """The record of a manifest's JSON document `data` (read from `path`),
+    validated as load_manifest validates it."""
+    return manifest_record(kind).from_json(data, _ManifestCheck(Path(path), n_faces,
+                                                                embedding_size))
 
 
 def load_manifest(path: Path, kind: str, n_faces: int | None = None,
-                  embedding_size: int | None = None) -> dict:
-    """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap").
+                  embedding_size: int | None = None) -> Manifest:
+    """Read and validate a manifest of `kind` ("cluster", "refine", "export-swap"):
+    its record (ClusterManifest, RefineManifest, ExportManifest).
 
-    Checks its schema version and step, the types of what later steps use,
-    face ids (within `n_faces` when given, each listed once), names of the
-    tool's own form without duplicates, output file names that stay inside
-    their folder, and the parameters (check_option). UserError names the
-    manifest and the problem.
+    Checks its schema version (1 to MANIFEST_VERSION) and step, the type and
+    range of every field the code reads, face ids (within `n_faces` when
+    given, each listed once), names of the tool's own form without
+    duplicates, output file names that stay inside their folder, and the
+    parameters (check_option). UserError names the manifest, the field and
+    the problem, in one line.
     """
-    manifest = read_json(Path(path), f"{kind} manifest")
-    check = _ManifestCheck(Path(path), n_faces, embedding_size)
-    check.obj(manifest, "the manifest", "schema_version", "step", "parameters")
-    check.integer(manifest["schema_version"], "schema_version", 1, MANIFEST_VERSION)
-    if manifest["step"] != kind:
-        check.fail("step", f"is {manifest['step']!r}, not {kind!r}")
-    parameters = check.obj(manifest["parameters"], "parameters")
-    for name, value in parameters.items():
-        if name in OPTION_RULES:
-            try:
-                check_option(name, value)
-            except UserError as error:
-                check.fail(f"parameters.{name}", str(error))
-    if "link" in parameters:
-        try:
-            check_link(parameters["link"])
-        except UserError as error:
-            check.fail("parameters.link", str(error))
-    if manifest.get("model") is not None:
-        check.obj(manifest["model"], "model")
-    pattern = ENTRY_NAME_PATTERNS[kind]
-    if kind == "cluster":
-        check.obj(manifest, "the manifest", "clusters", "singletons", "noface")
-        for key in ("threshold", "link"):
-            if key not in parameters:
-                check.fail("parameters", f"has no {key!r}")
-        for index, entry in enumerate(check.entries(manifest["clusters"], "clusters", pattern)):
-            check.group(entry, f"clusters[{index}]")
-            if not entry["faces"]:
-                check.fail(f"clusters[{index}].faces", "a person without faces")
-        check.group(manifest["singletons"], "singletons")
-        if "rejected" in manifest:
-            check.obj(manifest["rejected"], "rejected", "faces")
-            check.face_records(manifest["rejected"]["faces"], "rejected.faces")
-        noface = check.obj(manifest["noface"], "noface", "files", "outputs")
-        for item in check.items(noface["files"], "noface.files"):
-            check.text(item, "noface.files")
-        check.unique([check.file_name(o, "noface.outputs")
-                      for o in check.items(noface["outputs"], "noface.outputs")], "noface.outputs")
-    elif kind == "refine":
-        check.obj(manifest, "the manifest", "facesets", "dropped")
-        for key in REFINE_DEFAULTS:
-            if key not in parameters:
-                check.fail("parameters", f"has no {key!r}")
-        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
-            check.group(entry, f"facesets[{index}]")
-            check.obj(entry, f"facesets[{index}]", "centroid")
-            check.numbers(entry["centroid"], f"facesets[{index}].centroid", embedding_size)
-        check.face_records(manifest["dropped"], "dropped", "stage")
-    else:
-        check.obj(manifest, "the manifest", "facesets", "candidates")
-        for index, entry in enumerate(check.entries(manifest["facesets"], "facesets", pattern)):
-            here = f"facesets[{index}]"
-            check.obj(entry, here, "crops", "bundles")
-            for crop in check.items(entry["crops"], here + ".crops"):
-                check.file_name(check.obj(crop, here + ".crops", "png")["png"], here + ".crops")
-            for bundle in check.items(entry["bundles"], here + ".bundles"):
-                name = check.file_name(check.obj(bundle, here + ".bundles", "file")["file"],
-                                       here + ".bundles")
-                if not name.startswith(entry["name"] + "_") or not name.endswith(".fsz"):
-                    check.fail(here + ".bundles", f"{name!r} is not a bundle of {entry['name']}")
-        check.entries(manifest["candidates"], "candidates", pattern)
-    entries = manifest.get("clusters", manifest.get("facesets", []))
-    former = check.former(manifest.get("former", []), pattern, entries)
-    if "next_number" in manifest:
-        check.integer(manifest["next_number"], "next_number",
-                      max(next_number(entries), next_number(former)))
-    return manifest
+    return parse_manifest(read_json(Path(path), f"{kind} manifest"), kind, path, n_faces,
+                          embedding_size)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """The one writer of a manifest: MANIFEST_FILES[its step] in `folder`,
+    written whole or not at all (write_json_atomic), in the schema of this
+    version (a manifest of schema 1 that extend changes is written as one of
+    MANIFEST_VERSION). Returns its path."""
+    manifest.schema_version = MANIFEST_VERSION
+    path = Path(folder) / MANIFEST_FILES[manifest.step]
+    write_json_atomic(path, manifest.to_json())
+    return path
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
@@ -5411,10 +6010,10 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
         old = load_manifest(path, kind)
     except UserError:  # what the step's own checks of OUT say (refine keeps numbers from it)
         return
-    had = len(old["facesets"])
+    had = len(old.facesets)
     if 2 * count >= had:
         return
-    made_with = option_words({k: v for k, v in old["parameters"].items() if k in defaults},
+    made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
     raise UserError(f"{display(out)} holds {counted(had, 'faceset')} and this {kind} would leave "
                     f"{count}: nothing was replaced. To keep them, run with the options they were "
@@ -7103,79 +7702,77 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     return page
 
 
-def entry_group(entry: dict, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
+def entry_group(entry: Entry, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
     """The row of one person or faceset on a cluster or refine page: its
     name and folder, its counts (and `more`), the "select" button, and its
     faces nearest the centroid first and the farthest few last (strip_faces)."""
-    faces = [f["face"] for f in entry["faces"]]
-    return {"name": entry_title(entry), "href": entry_folder(entry) + "/", "person": entry["name"],
-            "subtitle": f"{counted(entry['size'], 'face')} in {counted(entry['images'], 'image')}"
+    return {"name": entry.title, "href": entry.folder + "/", "person": entry.name,
+            "subtitle": f"{counted(entry.size, 'face')} in {counted(entry.images, 'image')}"
                         + more,
-            "thumbs": [face_thumb(cache, locations, f, entry_folder(entry), badge=f, face_id=True)
-                       for f in strip_faces(cache["embeddings"], faces)],
+            "thumbs": [face_thumb(cache, locations, f, entry.folder, badge=f, face_id=True)
+                       for f in strip_faces(cache["embeddings"], entry.face_ids())],
             "sections": list(sections)}
 
 
-def cluster_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
-                        suggestions=()) -> dict:
+def cluster_review_page(manifest: ClusterManifest, cache: FaceCache, locations,
+                        out: Path | None = None, suggestions=()) -> dict:
     """The review page of a cluster (or extended) output; with `out` (its final
     path) the people panel, with `suggestions` listed."""
-    summary = manifest["summary"]
     groups = [entry_group(entry, cache, locations)
-              for entry in sorted(manifest["clusters"], key=lambda e: (-e["size"], e["name"]))]
-    singles = [f["face"] for f in manifest["singletons"]["faces"]]
+              for entry in sorted(manifest.clusters, key=lambda e: (-e.size, e.name))]
+    singles = manifest.singletons.face_ids()
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
                    "subtitle": f"{counted(len(singles), 'single face')}: faces that match no one",
                    "thumbs": [face_thumb(cache, locations, f, "_singletons", badge=f, face_id=True)
                               for f in singles[:REVIEW_MAX_LOOSE]]})
     noface_rows = [int(r) for r in np.flatnonzero(cache["file_status"] == "noface")]
-    listed = set(manifest["noface"]["files"])
+    listed = set(manifest.noface.files)
     noface_rows = [r for r in noface_rows if label_path(cache, locations, r) in listed]
     groups.append({"name": "_noface", "href": "_noface/", "collapsed": True,
-                   "subtitle": f"{counted(len(manifest['noface']['files']), 'image')} without a face",
+                   "subtitle": f"{counted(len(manifest.noface.files), 'image')} without a face",
                    "thumbs": [{"image": r, "title": label_path(cache, locations, r),
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
     n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
-    return {"title": f"cluster: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{counted(len(manifest['clusters']), 'person')}, "
+    return {"title": f"cluster: {Path(manifest.cache).name}", "people": people,
+            "summary": f"{counted(len(manifest.clusters), 'person')}, "
                        f"{counted(len(singles), 'single face')}, "
-                       f"{counted(len(manifest['noface']['files']), 'no-face image')}; "
-                       f"{counted(summary['faces'], 'face')} in {counted(n_images, 'image')}",
+                       f"{counted(len(manifest.noface.files), 'no-face image')}; "
+                       f"{counted(manifest.summary.faces, 'face')} in {counted(n_images, 'image')}",
             "notice": shortfall_notice(cluster_shortfalls(manifest)),
             "groups": groups}
 
 
-def refine_shortfalls(manifest: dict, out: Path) -> list[tuple[str, list | None]]:
+def refine_shortfalls(manifest: RefineManifest, out: Path) -> list[tuple[str, list | None]]:
     """Why the refine output OUT (its `manifest`) has no faceset or lost most
     of its faces, as the lines a user reads first (the terminal, the top of
     its page, the export's): each (text, the arguments of the refine command
     that keeps what is worth keeping, or None). Empty when nothing calls for it."""
-    stages, params = manifest.get("stages") or {}, manifest.get("parameters") or {}
-    faces, n_sets = (manifest.get("summary") or {}).get("faces"), len(manifest["facesets"])
+    stages, params = manifest.stages, manifest.parameters
+    faces, n_sets = manifest.summary.faces, len(manifest.facesets)
     if faces == 0:
         return [("the cache has no faces", None)]
     lines = []
-    dropped = stages.get("dropped_quality", 0)
+    dropped = stages.dropped_quality
     if dropped and faces and (not n_sets or 2 * dropped >= faces):
-        gates = stages.get("quality_gates") or {}
+        gates = stages.quality_gates or {}
         parts = [f"{counted(n, 'face')} under --{option.replace('_', '-')} {params[option]:g}"
                  for option, n in gates.items() if n and option in params]
         parts += [f"{gates['damaged']} in damaged photos"] if gates.get("damaged") else []
         lines.append((f"the quality gate dropped {dropped} of {counted(faces, 'face')}"
                       + (f" ({', '.join(parts)}; a face may fail several)" if parts else ""), None))
-    size = stages.get("size_filter") or {}
-    if size.get("dropped_people"):
-        text = (f"the size filter (--min-faces {size['min_faces']}) dropped "
-                f"{counted(size['dropped_people'], 'person')} with fewer unique images "
-                f"(the largest has {size['largest_images']})")
+    size = stages.size_filter
+    if size and size.dropped_people:
+        text = (f"the size filter (--min-faces {size.min_faces}) dropped "
+                f"{counted(size.dropped_people, 'person')} with fewer unique images "
+                f"(the largest has {size.largest_images})")
         args = None
-        if size.get("suggested_min_faces"):
-            keep = size["suggested_min_faces"]
-            text += f"; to keep the {size['kept_at_suggestion']} with {keep} or more, re-run"
+        if size.suggested_min_faces:
+            keep = size.suggested_min_faces
+            text += f"; to keep the {size.kept_at_suggestion} with {keep} or more, re-run"
             defaults = {**REFINE_DEFAULTS, "link": CLUSTER_DEFAULTS["link"]}
-            args = ["refine", Path(manifest["cache"]), Path(out),
+            args = ["refine", Path(manifest.cache), Path(out),
                     *option_words({**params, "min_faces": keep}, defaults)]
         lines.append((text, args))
     if not n_sets and not lines:
@@ -7194,108 +7791,109 @@ def shortfall_notice(lines) -> list[dict]:
             for text, args in lines]
 
 
-def cluster_shortfalls(manifest: dict) -> list[tuple[str, list | None]]:
+def cluster_shortfalls(manifest: ClusterManifest) -> list[tuple[str, list | None]]:
     """Why a cluster output has no person, as refine_shortfalls' lines."""
-    summary = manifest.get("summary") or {}
-    if manifest["clusters"] or not summary.get("faces"):
-        return [] if manifest["clusters"] else [("the cache has no faces", None)]
-    threshold = (manifest.get("parameters") or {}).get("threshold")
+    if manifest.clusters or not manifest.summary.faces:
+        return [] if manifest.clusters else [("the cache has no faces", None)]
+    threshold = manifest.parameters["threshold"]
     return [(f"no two faces lie within --threshold {threshold} (cosine distance) of each other, "
              "so every face is a single face; a looser threshold joins more faces, and more "
              "wrongly", None)]
 
 
-def refine_review_page(manifest: dict, cache: FaceCache, locations, out: Path | None = None,
-                       suggestions=()) -> dict:
+def refine_review_page(manifest: RefineManifest, cache: FaceCache, locations,
+                       out: Path | None = None, suggestions=()) -> dict:
     """The review page of a refine output: facesets, and what each gate dropped;
     with `out` (its final path) the people panel, with `suggestions` listed."""
     by_faceset: dict = {}
-    for drop in manifest["dropped"]:
-        by_faceset.setdefault(drop.get("faceset"), []).append(drop)
+    for drop in manifest.dropped:
+        by_faceset.setdefault(drop.faceset, []).append(drop)
 
     def dropped_sections(drops):
         sections = []
         for stage in ("quality", "outlier", "size"):
-            chosen = [d for d in drops if d["stage"] == stage]
+            chosen = [d for d in drops if d.stage == stage]
             if chosen:
                 sections.append({"heading": f"dropped by the {stage} gate ({len(chosen)})",
-                                 "thumbs": [face_thumb(cache, locations, d["face"], None,
-                                                       title=f"{d['file']}: {d['reason']}",
-                                                       caption=d["reason"], mark="dropped",
-                                                       badge=d["face"], face_id=True)
+                                 "thumbs": [face_thumb(cache, locations, d.face, None,
+                                                       title=f"{d.file}: {d.reason}",
+                                                       caption=d.reason, mark="dropped",
+                                                       badge=d.face, face_id=True)
                                             for d in chosen[:REVIEW_MAX_LOOSE]]})
         return sections
 
     groups = []
-    for entry in manifest["facesets"]:
-        drops = by_faceset.get(entry["name"], [])
-        counts = ", ".join(f"{stage} {sum(d['stage'] == stage for d in drops)}"
-                           for stage in ("quality", "outlier") if any(d["stage"] == stage for d in drops))
+    for entry in manifest.facesets:
+        drops = by_faceset.get(entry.name, [])
+        counts = ", ".join(f"{stage} {sum(d.stage == stage for d in drops)}"
+                           for stage in ("quality", "outlier")
+                           if any(d.stage == stage for d in drops))
         groups.append(entry_group(entry, cache, locations, f"; dropped: {counts}" if counts else "",
                                   dropped_sections(drops)))
     loose = by_faceset.get(None, [])
-    groups.append({"name": "not in any faceset", "collapsed": bool(manifest["facesets"]),
+    groups.append({"name": "not in any faceset", "collapsed": bool(manifest.facesets),
                    "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "
                                "or alone",
                    "thumbs": [], "sections": dropped_sections(loose)})
-    stages = manifest["stages"]
+    stages = manifest.stages
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
-    return {"title": f"refine: {Path(manifest['cache']).name}", "people": people,
-            "summary": f"{counted(len(manifest['facesets']), 'faceset')}; "
-                       f"{counted(stages['initial_clusters'], 'cluster')} -> "
-                       f"{stages['after_merge']} after the centroid merge; dropped "
-                       f"{stages['dropped_quality']} (quality), {stages['dropped_outlier']} "
-                       f"(outlier), {stages['dropped_size']} (size)",
+    return {"title": f"refine: {Path(manifest.cache).name}", "people": people,
+            "summary": f"{counted(len(manifest.facesets), 'faceset')}; "
+                       f"{counted(stages.initial_clusters, 'cluster')} -> "
+                       f"{stages.after_merge} after the centroid merge; dropped "
+                       f"{stages.dropped_quality} (quality), {stages.dropped_outlier} "
+                       f"(outlier), {stages.dropped_size} (size)",
             "notice": shortfall_notice(refine_shortfalls(manifest, out)) if out else [],
             "groups": groups}
 
 
-def export_review_page(manifest: dict, cache: FaceCache, locations) -> dict:
+def export_review_page(manifest: ExportManifest, cache: FaceCache, locations) -> dict:
     """The review page of an export: ranked crops with scores, bundles, candidates."""
-    def crop_thumb(crop, folder):
-        terms = ", ".join(f"{k} {v:.2f}" for k, v in crop["terms"].items())
-        side = manifest["parameters"]["out_size"]
-        return {"png": f"{folder}/{crop['png']}", "box": (0, 0, side, side),
-                "href": f"{folder}/{crop['png']}",
-                "badge": f"{crop['score']:.2f}", "mark": "top" if crop.get("in_top") else None,
-                "title": f"#{crop['rank']} score {crop['score']:.3f} = {terms}\n{crop['source']}"}
+    side, top_n = manifest.parameters["out_size"], manifest.parameters["top_n"]
 
-    candidates = {c["name"]: c for c in manifest["candidates"]}
+    def crop_thumb(crop: Crop, folder: str) -> dict:
+        terms = ", ".join(f"{k} {v:.2f}" for k, v in crop.terms.items())
+        return {"png": f"{folder}/{crop.png}", "box": (0, 0, side, side),
+                "href": f"{folder}/{crop.png}",
+                "badge": f"{crop.score:.2f}", "mark": "top" if crop.in_top else None,
+                "title": f"#{crop.rank} score {crop.score:.3f} = {terms}\n{crop.source}"}
+
+    candidates = {c.name: c for c in manifest.candidates}
     groups, files = [], []
-    for entry in manifest["facesets"]:
+    for entry in manifest.facesets:
         sections = []
-        if entry["skipped"]:
-            sections.append({"heading": f"skipped crops ({len(entry['skipped'])})",
-                             "thumbs": [face_thumb(cache, locations, s["face"], None,
-                                                   title=s["reason"], caption=s["reason"],
+        if entry.skipped:
+            sections.append({"heading": f"skipped crops ({len(entry.skipped)})",
+                             "thumbs": [face_thumb(cache, locations, s.face, None,
+                                                   title=s.reason, caption=s.reason,
                                                    mark="dropped")
-                                        for s in entry["skipped"]]})
-        if entry["dropped"]:
-            sections.append({"heading": f"dropped before cropping ({len(entry['dropped'])})",
-                             "thumbs": [face_thumb(cache, locations, d["face"], None,
-                                                   title=f"{d['source']}: {d['reason']}",
-                                                   caption=d["reason"], mark="dropped")
-                                        for d in entry["dropped"][:REVIEW_MAX_LOOSE]]})
-        if entry["name"] in candidates:
-            candidate = candidates[entry["name"]]
-            sections.append({"heading": f"candidates for review ({len(candidate['crops'])})",
-                             "thumbs": [crop_thumb(c, candidates_folder(candidate))
-                                        for c in candidate["crops"]]})
-        top = sum(1 for c in entry["crops"] if c.get("in_top"))
-        bundle = entry_bundle(entry, manifest["parameters"]["top_n"])
+                                        for s in entry.skipped]})
+        if entry.dropped:
+            sections.append({"heading": f"dropped before cropping ({len(entry.dropped)})",
+                             "thumbs": [face_thumb(cache, locations, d.face, None,
+                                                   title=f"{d.source}: {d.reason}",
+                                                   caption=d.reason, mark="dropped")
+                                        for d in entry.dropped[:REVIEW_MAX_LOOSE]]})
+        if entry.name in candidates:
+            candidate = candidates[entry.name]
+            sections.append({"heading": f"candidates for review ({len(candidate.crops)})",
+                             "thumbs": [crop_thumb(c, candidates_folder(candidate.name,
+                                                                        candidate.label))
+                                        for c in candidate.crops]})
+        top = sum(1 for c in entry.crops if c.in_top)
+        bundle = entry_bundle(entry.name, entry.label, top_n)
         bundled = f"top {top} bundled in {bundle}" if any(
-            b["file"] == bundle for b in entry.get("bundles", [])) else "no bundle"
-        groups.append({"name": entry_title(entry), "href": entry_folder(entry) + "/",
-                       "subtitle": f"{counted(len(entry['crops']), 'crop')}, {bundled}",
-                       "thumbs": [crop_thumb(c, entry_folder(entry)) for c in entry["crops"]],
+            b.file == bundle for b in entry.bundles or []) else "no bundle"
+        groups.append({"name": entry.title, "href": entry.folder + "/",
+                       "subtitle": f"{counted(len(entry.crops), 'crop')}, {bundled}",
+                       "thumbs": [crop_thumb(c, entry.folder) for c in entry.crops],
                        "sections": sections})
-        files += [{"name": b["file"], "href": b["file"], "bytes": b["bytes"]}
-                  for b in entry.get("bundles", [])]
-    summary = manifest["summary"]
+        files += [{"name": b.file, "href": b.file, "bytes": b.bytes} for b in entry.bundles or []]
+    summary = manifest.summary
     return {"title": "export-swap: roop-unleashed bundles",
-            "summary": f"{counted(summary['facesets'], 'faceset')}, "
-                       f"{counted(summary['crops'], 'crop')} ({summary['skipped']} skipped), "
-                       f"{counted(summary['candidates'], 'candidate')}; hover a crop for its "
+            "summary": f"{counted(summary.facesets, 'faceset')}, "
+                       f"{counted(summary.crops, 'crop')} ({summary.skipped} skipped), "
+                       f"{counted(summary.candidates, 'candidate')}; hover a crop for its "
                        "score terms",
             "groups": groups, "files": files}
 
@@ -7333,18 +7931,10 @@ def previous_entries(out: Path, cache_path: Path, kind: str) -> dict:
     except UserError as error:
         raise UserError(f"{error}; {kind} keeps {display(out)}'s numbers from it: restore it, "
                         "or remove the output to build it afresh") from None
-    if manifest.get("cache") != str(Path(cache_path).resolve()):
+    if manifest.cache != str(Path(cache_path).resolve()):
         return none
-    entries = manifest[PEOPLE_OUTPUTS[kind]["entries"]]
-    return {"entries": entries, "former": manifest.get("former", []),
-            "first_free": first_free_number(manifest, entries)}
-
-
-def first_free_number(manifest: dict, entries) -> int:
-    """The number the next new person (or faceset) of an output takes: numbers
-    of people who are gone are never given again."""
-    return max(int(manifest.get("next_number", 1)), next_number(entries),
-               next_number(manifest.get("former", [])))
+    return {"entries": manifest.entries, "former": manifest.former,
+            "first_free": manifest.next_number}
 
 
 def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
@@ -7352,8 +7942,9 @@ def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
     """prefix_NNN of each group (keeping the previous output's numbers; when
     `undoing`, a person gone from it comes back under its own) and the names
     decisions gave ({prefix_NNN: name}; the latest decision wins)."""
-    names = keep_numbers(groups, previous["entries"], previous["first_free"], prefix,
-                         previous["former"] if undoing else ())
+    names = keep_numbers(groups, {e.name: e.face_ids() for e in previous["entries"]},
+                         previous["first_free"], prefix,
+                         {f.name: f.faces for f in previous["former"]} if undoing else {})
     owner = {int(f): names[i] for i, faces in enumerate(groups) for f in faces}
     labels: dict[str, str] = {}
     for rows, label in constraints["names"]:
@@ -7365,17 +7956,15 @@ def person_names(groups: list[np.ndarray], previous: dict, constraints: dict,
     return names, labels
 
 
-def former_entries(previous: dict, names: list[str]) -> list[dict]:
+def former_entries(previous: dict, names: list[str]) -> list[Former]:
     """The people of the previous output (and those gone before it) that the
     rebuilt one lacks, with their faces, so that an undo brings them back
     under their own numbers."""
     kept = set(names)
-    gone = {}
-    for entry in list(previous["former"]) + list(previous["entries"]):
-        if entry["name"] not in kept:
-            gone[entry["name"]] = sorted(f if isinstance(f, int) else f["face"]
-                                         for f in entry["faces"])
-    return [{"name": name, "faces": faces} for name, faces in sorted(gone.items())]
+    gone = {f.name: f.faces for f in previous["former"]} | \
+        {e.name: e.face_ids() for e in previous["entries"]}
+    return [Former(name=name, faces=sorted(faces)) for name, faces in sorted(gone.items())
+            if name not in kept]
 
 
 def people_path(cache_path: Path) -> Path:
@@ -7598,30 +8187,28 @@ def keep_decisions(cache_path: Path, decisions) -> None:
         write_decisions(people_path(cache_path), decisions)
 
 
-def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: int,
-                 prefix: str = "person", former=()) -> list[str]:
+def keep_numbers(groups: list[np.ndarray], old: dict[str, list[int]], first_free: int,
+                 prefix: str = "person", former: dict[str, list[int]] | None = None) -> list[str]:
     """prefix_NNN names for `groups` (largest first) that keep an earlier
-    output's numbers: each earlier person goes to the group holding most of its
-    faces, and a group takes the lowest number among those that came to it. A
-    group no earlier person came to takes back the number of a person gone
-    before (`former`: name and face ids) whose faces it holds most of, or else
-    the next free number."""
+    output's numbers (`old`: each person's name and face ids): each earlier
+    person goes to the group holding most of its faces, and a group takes the
+    lowest number among those that came to it. A group no earlier person came
+    to takes back the number of a person gone before (`former`: name and face
+    ids) whose faces it holds most of, or else the next free number."""
     group_of = {int(f): g for g, faces in enumerate(groups) for f in faces}
 
-    def arrivals(entries, open_groups) -> dict[int, list[int]]:
+    def arrivals(people: dict[str, list[int]], open_groups) -> dict[int, list[int]]:
         came: dict[int, list[int]] = {}
-        for entry in entries:
-            counts = collections.Counter(group_of[face] for face in
-                                         (f if isinstance(f, int) else f["face"]
-                                          for f in entry["faces"])
+        for name, faces in people.items():
+            counts = collections.Counter(group_of[face] for face in faces
                                          if face in group_of and group_of[face] in open_groups)
             if counts:
                 best = max(counts, key=lambda g: (counts[g], -g))
-                came.setdefault(best, []).append(int(entry["name"].rsplit("_", 1)[1]))
+                came.setdefault(best, []).append(int(name.rsplit("_", 1)[1]))
         return came
 
-    came = arrivals(old_entries, set(range(len(groups))))
-    came.update(arrivals(former, set(range(len(groups))) - set(came)))
+    came = arrivals(old, set(range(len(groups))))
+    came.update(arrivals(former or {}, set(range(len(groups))) - set(came)))
     number = max([first_free] + [n + 1 for ns in came.values() for n in ns])
     names = []
     for g in range(len(groups)):
@@ -7633,7 +8220,7 @@ def keep_numbers(groups: list[np.ndarray], old_entries: list[dict], first_free: 
     return names
 
 
-def people_view(manifest: dict, kind: str) -> dict:
+def people_view(manifest: ClusterManifest | RefineManifest, kind: str) -> dict:
     """The people of a cluster or refine output as `people` works on them:
     entries (person_NNN or faceset_NNN), the loose faces a move may take, the
     faces no decision can bring into a faceset (`gated`: face -> why), the
@@ -7646,16 +8233,14 @@ def people_view(manifest: dict, kind: str) -> dict:
     """
     spec = PEOPLE_OUTPUTS[kind]
     if kind == "cluster":
-        loose, gated = [f["face"] for f in manifest["singletons"]["faces"]], {}
+        loose, gated = manifest.singletons.face_ids(), {}
     else:
-        gated = {d["face"]: str(d.get("reason", "")) for d in manifest["dropped"]
-                 if d["stage"] == "quality"}
-        loose = [d["face"] for d in manifest["dropped"]
-                 if d["stage"] != "rejected" and d["face"] not in gated]
-    return {"kind": kind, "manifest": manifest, "entries": manifest[spec["entries"]],
+        gated = {d.face: d.reason for d in manifest.dropped if d.stage == "quality"}
+        loose = [d.face for d in manifest.dropped if d.stage != "rejected" and d.face not in gated]
+    return {"kind": kind, "manifest": manifest, "entries": manifest.entries,
             "prefix": spec["prefix"], "loose": loose, "gated": gated,
-            "threshold": manifest["parameters"][spec["threshold"]],
-            "split_from": manifest["parameters"][spec["split_from"]]}
+            "threshold": manifest.parameters[spec["threshold"]],
+            "split_from": manifest.parameters[spec["split_from"]]}
 
 
 def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dict,
@@ -7669,11 +8254,11 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     ceiling = SUGGEST_MAX_DISTANCE if ceiling is None else ceiling
     entries = view["entries"]
     embeddings = cache["embeddings"]
-    means = np.array([embeddings[[f["face"] for f in e["faces"]]].mean(axis=0) for e in entries]) \
+    means = np.array([embeddings[e.face_ids()].mean(axis=0) for e in entries]) \
         if entries else np.zeros((0, cache.embedding_size))
     pinned = {f: g for g, faces in enumerate(constraints["together"]) for f in faces}
     apart = {frozenset(pair) for pair in constraints["apart"]}
-    groups_of = [{pinned[f["face"]] for f in e["faces"] if f["face"] in pinned} for e in entries]
+    groups_of = [{pinned[f] for f in e.face_ids() if f in pinned} for e in entries]
 
     def allowed(groups_a: set, groups_b: set) -> bool:
         return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
@@ -7683,7 +8268,7 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
     for i, j in zip(*np.triu_indices(len(entries), 1)):
         if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]):
-            a, b = sorted((entries[i]["name"], entries[j]["name"]))
+            a, b = sorted((entries[i].name, entries[j].name))
             found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
                           "args": ["people", where, "merge", a, b]})
     singles = view["loose"]
@@ -7697,7 +8282,7 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
                 moves.setdefault(best, []).append((float(row[best]), int(face)))
     for index, close in moves.items():  # one command a person: its close faces, nearest first
         faces = [face for _d, face in sorted(close)]
-        name = entries[index]["name"]
+        name = entries[index].name
         found.append({"kind": "move", "faces": faces, "people": [name],
                       "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
                       "args": ["people", where, "move", *map(str, faces), "--to", name]})
@@ -7708,49 +8293,47 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
 
 class PeopleBuild(NamedTuple):
     """What a cluster or refine run hands to write_people_output: its people
-    (or facesets; face arrays), what the manifest records of how they were
-    made (`header`: clustering or stages), the rest of the manifest, written
-    into the folder being built (`rest(manifest, work, names)`), and its
-    summary (`summary(manifest)`)."""
+    (or facesets; face arrays), and `manifest(work, names, **fields)`, which
+    writes the kind's other parts into the folder being built (`work`;
+    `names`: each group's name) and returns its manifest record, made of
+    them and of `fields`, the fields every people output has (the header,
+    `entries`, `former`, `next_number`)."""
     groups: list
-    header: dict
-    rest: Callable[[dict, Path, list], None]
-    summary: Callable[[dict], dict]
+    manifest: Callable[..., Manifest]
 
 
 def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache, build: PeopleBuild,
                         *, parameters: dict, constraints: dict, decisions, link: str,
-                        locked: bool, undoing: bool, started: float) -> dict:
+                        locked: bool, undoing: bool,
+                        started: float) -> ClusterManifest | RefineManifest:
     """The one builder of a cluster or refine output (`kind`): its people
     numbered keeping OUT's numbers (person_names), a folder each (with its
-    centroid where the kind keeps one), the kind's other parts (build.rest),
-    the manifest, the review page with the suggestions, and the decisions
-    kept once it is built. Returns the manifest."""
+    centroid where the kind keeps one), the kind's other parts and its
+    manifest (build.manifest), written, the review page with the
+    suggestions, and the decisions kept once it is built. Returns the
+    manifest."""
     shape = PEOPLE_OUTPUTS[kind]
     previous = previous_entries(out, cache_path, kind)
     names, labels = person_names(build.groups, previous, constraints, shape["prefix"], undoing)
     locations = file_locations(cache)
-    manifest = run_header(kind, cache_path, cache, parameters) | build.header
+    header = run_header(kind, cache_path, cache, parameters)
     page = {"cluster": cluster_review_page, "refine": refine_review_page}[kind]
     with (contextlib.nullcontext() if locked else output_lock(out)), \
             building(out, kind) as work:  # locked: the caller holds OUT's lock
-        entries = manifest[shape["entries"]] = []
+        entries = []
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
-            named = named_entry(name, labels)
-            entry = {**named, "size": len(faces),
-                     **write_group(work / entry_folder(named), faces, cache, locations, link)}
-            if shape["centroid"]:
-                entry["centroid"] = centroid_record(cache["embeddings"], faces)
-            entries.append(entry)
-        build.rest(manifest, work, names)
-        manifest["former"] = former_entries(previous, names)
-        manifest["next_number"] = first_free_number({"next_number": previous["first_free"],
-                                                     "former": manifest["former"]}, entries)
-        manifest["extend_runs"] = []
-        manifest["summary"] = build.summary(manifest) | {
-            "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / MANIFEST_FILES[kind], manifest)
+            group = write_group(work / entry_folder(name, labels.get(name)), faces, cache,
+                                locations, link)
+            centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
+            entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
+                                 centroid=centroid, **vars(group)))
+        former = former_entries(previous, names)
+        number = max(previous["first_free"], next_number(names + [f.name for f in former]))
+        manifest = build.manifest(work, names, **header, entries=entries, former=former,
+                                  next_number=number)
+        manifest.summary.seconds = round(time.time() - started, 1)
+        write_manifest(work, manifest)
         suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
         write_review(work, page(manifest, cache, locations, out, suggestions), cache, locations,
                      reuse_from=out)
@@ -8390,7 +8973,8 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
 def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False, undoing=False,
             decisions=None) -> dict:
-    """Raw agglomerative clusters of every cached face into OUT. Returns the manifest.
+    """Raw agglomerative clusters of every cached face into OUT. Returns the
+    manifest as written (its JSON).
 
     The people decisions beside the cache (people_path) are honoured: faces
     pinned together start as one person, pinned groups kept apart never join,
@@ -8412,33 +8996,33 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
 
-    def rest(manifest: dict, work: Path, _names) -> None:
-        manifest["singletons"] = write_group(work / "_singletons", singles, cache, locations, link)
-        manifest["rejected"] = {"faces": [face_record(cache, f, locations) for f in rejected]}
-        manifest["noface"] = {"files": noface,
-                              "outputs": materialise_files(work / "_noface", noface, link)}
-        manifest["unreadable"] = unreadable
-
-    def summary(manifest: dict) -> dict:
-        return {"people": len(people), "faces": int(cache.n_faces),
-                "faces_in_people": int(sum(len(g) for g in people)),
-                "singletons": int(len(singles)),
-                "singleton_files": len(manifest["singletons"]["outputs"]),
-                "noface_images": len(noface), "unreadable": len(unreadable)}
+    def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
+        singletons = write_group(work / "_singletons", singles, cache, locations, link)
+        return ClusterManifest(
+            **fields, clustering=info, clusters=entries, singletons=singletons,
+            rejected=[face_record(cache, f, locations) for f in rejected],
+            noface=NoFace(files=noface, outputs=materialise_files(work / "_noface", noface, link)),
+            unreadable=unreadable,
+            summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
+                                   faces_in_people=int(sum(len(g) for g in people)),
+                                   singletons=int(len(singles)),
+                                   singleton_files=len(singletons.outputs),
+                                   noface_images=len(noface), unreadable=len(unreadable),
+                                   seconds=0.0))
 
     manifest = write_people_output(
-        "cluster", cache_path, out, cache, PeopleBuild(people, {"clustering": info}, rest, summary),
+        "cluster", cache_path, out, cache, PeopleBuild(people, record),
         parameters={"threshold": threshold, "link": link}, constraints=constraints,
         decisions=decisions, link=link, locked=locked, undoing=undoing, started=started)
-    summary = manifest["summary"]
-    say(f"cluster: {counted(summary['people'], 'person')} "
-        f"({counted(summary['faces_in_people'], 'face')}), "
-        f"{counted(summary['singletons'], 'single face')} "
-        f"({counted(summary['singleton_files'], 'photo')} in _singletons/), "
-        f"{counted(summary['noface_images'], 'no-face image')} -> {out}", quiet)
+    summary = manifest.summary
+    say(f"cluster: {counted(summary.people, 'person')} "
+        f"({counted(summary.faces_in_people, 'face')}), "
+        f"{counted(summary.singletons, 'single face')} "
+        f"({counted(summary.singleton_files, 'photo')} in _singletons/), "
+        f"{counted(summary.noface_images, 'no-face image')} -> {out}", quiet)
     for line in shortfall_lines("cluster", cluster_shortfalls(manifest)):
         say(line, quiet)
-    return manifest
+    return manifest.to_json()
 
 
 # ============================================================================
@@ -8451,7 +9035,8 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
 
 def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locked=False,
            undoing=False, decisions=None, replace_smaller=False, **params) -> dict:
-    """Quality-gated per-person facesets into OUT. Returns the manifest.
+    """Quality-gated per-person facesets into OUT. Returns the manifest as
+    written (its JSON).
 
     The people decisions beside the cache are honoured as `cluster` honours
     them (refine_partition's constraints); rebuilding an output keeps its
@@ -8473,17 +9058,17 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
                    {**REFINE_DEFAULTS, "link": link}, replace_smaller)
     locations = file_locations(cache)
 
-    def rest(manifest: dict, _work, names: list) -> None:
-        manifest["dropped"] = [dict(face_record(cache, face, locations), stage=stage, reason=reason,
-                                    faceset=names[origin[face]] if origin[face] >= 0 else None)
-                               for face, (stage, reason) in sorted(dropped.items())]
-
-    def summary(_manifest) -> dict:
-        return {"facesets": len(facesets), "faces": int(cache.n_faces),
-                "faces_kept": int(sum(len(f) for f in facesets))}
+    def record(_work, names: list, *, entries: list[Entry], **fields) -> RefineManifest:
+        return RefineManifest(
+            **fields, stages=Stages.of(stages), facesets=entries,
+            dropped=[face_record(cache, face, locations, stage=stage, reason=reason,
+                                 faceset=names[origin[face]] if origin[face] >= 0 else None)
+                     for face, (stage, reason) in sorted(dropped.items())],
+            summary=RefineSummary(facesets=len(facesets), faces=int(cache.n_faces),
+                                  faces_kept=int(sum(len(f) for f in facesets)), seconds=0.0))
 
     manifest = write_people_output(
-        "refine", cache_path, out, cache, PeopleBuild(facesets, {"stages": stages}, rest, summary),
+        "refine", cache_path, out, cache, PeopleBuild(facesets, record),
         parameters={**params, "link": link}, constraints=constraints, decisions=decisions,
         link=link, locked=locked, undoing=undoing, started=started)
     singles = stages["initial_single_faces"]
@@ -8495,7 +9080,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         quiet)
     for line in shortfall_lines("refine", refine_shortfalls(manifest, out)):
         say(line, quiet)
-    return manifest
+    return manifest.to_json()
 
 
 # ============================================================================
@@ -8583,7 +9168,7 @@ def dedup(cache_path, *, hamming=DEFAULT_HAMMING, quiet=False) -> dict:
             if not other.get("video_frame"):
                 removable.update({p: other["bytes"] for p in [other["path"], *other["aliases"]]})
     report = {
-        "schema_version": MANIFEST_VERSION, "face_sets_version": __version__, "step": "dedup",
+        "schema_version": DEDUP_REPORT_VERSION, "face_sets_version": __version__, "step": "dedup",
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "cache": str(cache_path.resolve()), "parameters": {"hamming": hamming},
         "byte_identical": byte_groups, "visual": visual,
@@ -8618,21 +9203,21 @@ def duplicates_path(cache_path: Path) -> Path:
 # ============================================================================
 
 
-def add_faces_to_entry(entry: dict, folder: Path, faces, cache, locations, link) -> None:
-    """Append faces to a manifest group and materialise their photos in place."""
-    entry["faces"] += [face_record(cache, f, locations) for f in faces]
-    entry["size"] = len(entry["faces"])
+def add_faces_to_entry(entry: Entry, folder: Path, faces, cache, locations, link) -> None:
+    """Append faces to a person or faceset and materialise their photos in place."""
+    entry.faces += [face_record(cache, f, locations) for f in faces]
+    entry.size = len(entry.faces)
     sync_entry_files(entry, folder, cache, locations, link)
 
 
-def sync_entry_files(entry: dict, folder: Path, cache, locations, link) -> int:
-    """Materialise every location of every photo of the entry that is missing
+def sync_entry_files(group: Group, folder: Path, cache, locations, link) -> int:
+    """Materialise every location of every photo of the group that is missing
     (new faces, or new aliases of known photos). Returns how many were added."""
-    rows = sorted({int(cache["face_file"][f["face"]]) for f in entry["faces"]})
-    present = set(entry.get("outputs", []))
+    rows = sorted({int(cache["face_file"][f]) for f in group.face_ids()})
+    present = set(group.outputs)
     missing = [p for row in rows for p in locations[row] if output_name(p) not in present]
-    entry["outputs"] = list(entry.get("outputs", [])) + materialise_files(folder, missing, link)
-    entry["images"] = len(rows)
+    group.outputs = list(group.outputs) + materialise_files(folder, missing, link)
+    group.images = len(rows)
     return len(missing)
 
 
@@ -8646,11 +9231,10 @@ def join_nearest(kind: str, entries: list, faces, centroids, within: float, out:
     joins = distance <= within if inclusive else distance < within
     for index in np.unique(best[joins]):
         entry, taken = entries[index], faces[joins & (best == index)]
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), taken, cache, locations, link)
+        add_faces_to_entry(entry, inside(out, entry.folder), taken, cache, locations, link)
         if PEOPLE_OUTPUTS[kind]["centroid"]:
-            entry["centroid"] = centroid_record(cache["embeddings"],
-                                                [f["face"] for f in entry["faces"]])
-        record["joined"][entry["name"]] = [int(f) for f in taken]
+            entry.centroid = centroid_record(cache["embeddings"], entry.face_ids())
+        record["joined"][entry.name] = [int(f) for f in taken]
     return joins
 
 
@@ -8660,98 +9244,97 @@ def add_new_entries(kind: str, groups, number: int, entries: list, out: Path, ca
     from `number` on (never a number given before). Returns their names."""
     made = []
     for faces in groups:
-        entry = {"name": f"{PEOPLE_OUTPUTS[kind]['prefix']}_{number + len(made):03d}",
-                 "faces": [], "outputs": []}
-        add_faces_to_entry(entry, inside(out, entry_folder(entry)), faces, cache, locations, link)
+        entry = Entry(name=f"{PEOPLE_OUTPUTS[kind]['prefix']}_{number + len(made):03d}", size=0,
+                      faces=[], images=0, outputs=[])
+        add_faces_to_entry(entry, inside(out, entry.folder), faces, cache, locations, link)
         if PEOPLE_OUTPUTS[kind]["centroid"]:
-            entry["centroid"] = centroid_record(cache["embeddings"], faces)
+            entry.centroid = centroid_record(cache["embeddings"], faces)
         entries.append(entry)
-        made.append(entry["name"])
+        made.append(entry.name)
     return made
 
 
-def close_extend(kind: str, out: Path, manifest: dict, record: dict, number: int,
-                 **summary) -> tuple[dict, dict]:
+def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, record: dict,
+                 number: int, **summary) -> tuple[dict, ClusterManifest | RefineManifest]:
     """extend's last step, for either kind: the run recorded and the manifest
     written (last: what it no longer lists is removed only after it)."""
-    manifest["next_number"] = number
-    manifest.setdefault("extend_runs", []).append(record)
-    manifest["summary"].update(summary)
-    write_json_atomic(out / MANIFEST_FILES[kind], manifest)
+    manifest.next_number = number
+    manifest.extend_runs.append(record)
+    manifest.summary = dataclasses.replace(manifest.summary, **summary)
+    write_manifest(out, manifest)
     return record, manifest
 
 
-def extend_raw(cache: FaceCache, out: Path, locations, manifest: dict,
-               change: InPlaceChange) -> tuple[dict, dict] | None:
+def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest,
+               change: InPlaceChange) -> tuple[dict, ClusterManifest] | None:
     """Fold new faces into a `cluster` output (its manifest read and checked),
     the manifest written last (the files it no longer needs go through
     `change`). Returns the run record and the manifest, or None when there was
     nothing to do."""
-    threshold, link = manifest["parameters"]["threshold"], manifest["parameters"]["link"]
+    threshold, link = manifest.parameters["threshold"], manifest.parameters["link"]
     embeddings = cache["embeddings"]
-    people = manifest["clusters"]
-    known = manifest_face_ids(people) | manifest_face_ids([manifest["singletons"]]) | \
-        manifest_face_ids([manifest.get("rejected", {"faces": []})])
+    people = manifest.clusters
+    known = manifest_face_ids(people) | set(manifest.singletons.face_ids()) | \
+        {face.face for face in manifest.rejected}
     new = faces_not_in(cache.n_faces, known)
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
               "faces_added": int(len(new)), "joined": {}, "new_people": [], "singletons": 0}
     # 1. join the nearest existing person
-    centroids = unit_rows(np.array([embeddings[[f["face"] for f in p["faces"]]].mean(axis=0)
+    centroids = unit_rows(np.array([embeddings[p.face_ids()].mean(axis=0)
                                     for p in people])) if people else np.zeros((0, 1))
     joins = join_nearest("cluster", people, new, centroids, threshold, out, cache, locations, link,
                          record)
     # 2. the rest, with the old singletons, may now form new people
-    old_singles = [f["face"] for f in manifest["singletons"]["faces"]]
+    old_singles = manifest.singletons.face_ids()
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
     labels, _info = agglomerative_labels(embeddings[pool], threshold)
     groups = [pool[group] for group in groups_from_labels(labels)]
     singles = [int(f) for faces in groups if len(faces) < 2 for f in faces]
-    number = first_free_number(manifest, people)
+    number = manifest.next_number
     record["new_people"] = add_new_entries("cluster", [g for g in groups if len(g) >= 2], number,
                                            people, out, cache, locations, link)
     number += len(record["new_people"])
     # 3. singletons: rebuild the list; drop files no remaining singleton face needs
-    singleton_entry = manifest["singletons"]
-    singleton_entry["faces"] = [face_record(cache, f, locations) for f in sorted(singles)]
+    singletons = manifest.singletons
+    singletons.faces = [face_record(cache, f, locations) for f in sorted(singles)]
     keep_rows = {int(cache["face_file"][f]) for f in singles}
     keep_names = {output_name(p) for row in keep_rows for p in locations[row]}
-    for name in set(singleton_entry["outputs"]) - keep_names:
+    for name in set(singletons.outputs) - keep_names:
         change.remove_later(inside(out, "_singletons", name))
-    singleton_entry["outputs"] = [n for n in singleton_entry["outputs"] if n in keep_names]
+    singletons.outputs = [n for n in singletons.outputs if n in keep_names]
     record["singletons"] = len(set(singles) & set(new.tolist()))
     # 4. aliases found since, and no-face photos
-    aliases_added = sum(sync_entry_files(p, inside(out, entry_folder(p)), cache, locations, link)
+    aliases_added = sum(sync_entry_files(p, inside(out, p.folder), cache, locations, link)
                         for p in people)
-    aliases_added += sync_entry_files(singleton_entry, inside(out, "_singletons"), cache,
+    aliases_added += sync_entry_files(singletons, inside(out, "_singletons"), cache,
                                       locations, link)
     noface, unreadable = noface_and_unreadable(cache, locations)
-    listed = set(manifest["noface"]["files"])
+    listed = set(manifest.noface.files)
     new_noface = [p for p in noface if p not in listed]
-    manifest["noface"]["files"] += new_noface
-    manifest["noface"]["outputs"] += materialise_files(inside(out, "_noface"), new_noface, link)
-    manifest["unreadable"] = unreadable
+    manifest.noface.files += new_noface
+    manifest.noface.outputs += materialise_files(inside(out, "_noface"), new_noface, link)
+    manifest.unreadable = unreadable
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
         return None
-    return close_extend("cluster", out, manifest, record, number, people=len(people),
+    return close_extend(out, manifest, record, number, people=len(people),
                         faces=int(cache.n_faces), singletons=len(singles),
-                        noface_images=len(manifest["noface"]["files"]))
+                        noface_images=len(manifest.noface.files))
 
 
-def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
-                  change: InPlaceChange) -> tuple[dict, dict] | None:
+def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManifest,
+                  change: InPlaceChange) -> tuple[dict, RefineManifest] | None:
     """Fold new faces into a `refine` output (its manifest read and checked)
     under its own gates, its manifest written last; as extend_raw (it removes
     nothing: `change` is unused)."""
-    params = manifest["parameters"]
+    params = manifest.parameters
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
-    facesets = manifest["facesets"]
-    dropped = {d["face"]: d for d in manifest["dropped"]}
+    facesets = manifest.facesets
+    dropped = {d.face: d for d in manifest.dropped}
     known = manifest_face_ids(facesets) | set(dropped)
     new = faces_not_in(cache.n_faces, known)
-    if not len(new) and not sum(sync_entry_files(s, inside(out, entry_folder(s)), cache, locations,
-                                                  link)
+    if not len(new) and not sum(sync_entry_files(s, inside(out, s.folder), cache, locations, link)
                                 for s in facesets):
         return None
     record = {"time": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -8762,20 +9345,21 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
                                 damage=face_damage(cache)[new])
     passing = np.array([not f for f in failures], dtype=bool)
     for face, reasons in zip(new[~passing], [f for f in failures if f]):
-        dropped[int(face)] = dict(face_record(cache, face, locations), stage="quality",
-                                  reason="; ".join(reasons))
+        dropped[int(face)] = face_record(cache, face, locations, stage="quality",
+                                         reason="; ".join(reasons))
     candidates = new[passing]
-    centroids = unit_rows(np.array([s["centroid"] for s in facesets])) if facesets else np.zeros((0, 1))
+    centroids = unit_rows(np.array([s.centroid for s in facesets])) if facesets \
+        else np.zeros((0, 1))
     joins = join_nearest("refine", facesets, candidates, centroids, params["outlier_threshold"], out,
                          cache, locations, link, record, inclusive=True)
     # the rest, with faces earlier dropped only for the size filter, may form new facesets
-    too_few = [f for f, d in dropped.items() if d["stage"] == "size"]
+    too_few = [f for f, d in dropped.items() if d.stage == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
     sub = {k: params[k] for k in REFINE_DEFAULTS}
     grown, sub_dropped, _stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
-    number = first_free_number(manifest, facesets)
+    number = manifest.next_number
     record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
                                              facesets, out, cache, locations, link)
     number += len(record["new_facesets"])
@@ -8784,15 +9368,15 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: dict,
             dropped.pop(int(face), None)
     for local, (stage, reason) in sub_dropped.items():
         face = int(pool[local])
-        dropped[face] = dict(face_record(cache, face, locations), stage=stage, reason=reason)
-    record["dropped"] = {int(f): dropped[int(f)]["stage"] for f in new if int(f) in dropped}
-    manifest["dropped"] = [dropped[f] for f in sorted(dropped)]
-    return close_extend("refine", out, manifest, record, number, facesets=len(facesets),
-                        faces=int(cache.n_faces), faces_kept=sum(s["size"] for s in facesets))
+        dropped[face] = face_record(cache, face, locations, stage=stage, reason=reason)
+    record["dropped"] = {int(f): dropped[int(f)].stage for f in new if int(f) in dropped}
+    manifest.dropped = [dropped[f] for f in sorted(dropped)]
+    return close_extend(out, manifest, record, number, facesets=len(facesets),
+                        faces=int(cache.n_faces), faces_kept=sum(s.size for s in facesets))
 
 
-def write_extended_review(out: Path, kind: str, manifest: dict, cache: FaceCache,
-                          constraints: dict, locations) -> None:
+def write_extended_review(out: Path, kind: str, manifest: ClusterManifest | RefineManifest,
+                          cache: FaceCache, constraints: dict, locations) -> None:
     """The review page of an output extend has just changed."""
     suggestions = people_suggestions(people_view(manifest, kind), out, cache, constraints)
     page = cluster_review_page if kind == "cluster" else refine_review_page
@@ -9115,7 +9699,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                 candidates=False, enrich_first=False, model=DEFAULT_MODEL,
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
                 replace_smaller=False, quiet=False, **params) -> dict:
-    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT."""
+    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT.
+    Returns the manifest as written (its JSON)."""
     params = table_params(EXPORT_DEFAULTS, params)
     check_options(workers=workers, providers=providers)
     started = time.time()
@@ -9130,10 +9715,10 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         if manifest is not None:
             check_manifest_model(manifest, cache, cache_path, Path(where))
     check_output_location(out, cache_path, cache, "export-swap")
-    refuse_smaller(out, "export-swap", len(refined["facesets"]), params, EXPORT_DEFAULTS,
+    refuse_smaller(out, "export-swap", len(refined.facesets), params, EXPORT_DEFAULTS,
                    replace_smaller)
-    wanted = manifest_face_ids(refined["facesets"]) | (
-        {f["face"] for f in raw["singletons"]["faces"]} if candidates else set())
+    wanted = manifest_face_ids(refined.facesets) | (
+        set(raw.singletons.face_ids()) if candidates else set())
     try:
         require_enrich(cache, wanted, cache_path)
     except UserError:
@@ -9159,9 +9744,9 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
 
     per_file = faces_by_file(cache["face_file"], cache.n_files)
     plan = []  # (faceset name, kind, ranked faces, dropped)
-    for faceset in refined["facesets"]:
-        members = np.array([f["face"] for f in faceset["faces"]], dtype=np.int64)
-        centroid = unit_rows(np.asarray(faceset["centroid"], dtype=np.float32))
+    for faceset in refined.facesets:
+        members = np.array(faceset.face_ids(), dtype=np.int64)
+        centroid = unit_rows(np.asarray(faceset.centroid, dtype=np.float32))
         distance = 1.0 - embeddings[members] @ centroid
         dropped = {int(f): f"distance {d:.3f} from the faceset centroid > "
                            f"{params['outlier_threshold']}"
@@ -9180,18 +9765,18 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                     dropped[f] = ("near-duplicate photo of "
                                   + label_path(cache, locations, cache["face_file"][best]))
         ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
-        plan.append((faceset["name"], "faceset", ranked, dropped))
+        plan.append((faceset.name, "faceset", ranked, dropped))
     if candidates:
-        singles = np.array([f["face"] for f in raw["singletons"]["faces"]], dtype=np.int64)
-        centroids = unit_rows(np.array([s["centroid"] for s in refined["facesets"]],
-                                       dtype=np.float32)) if refined["facesets"] else np.zeros((0, 1))
+        singles = np.array(raw.singletons.face_ids(), dtype=np.int64)
+        centroids = unit_rows(np.array([s.centroid for s in refined.facesets],
+                                       dtype=np.float32)) if refined.facesets else np.zeros((0, 1))
         best, distance = nearest_centroid(embeddings[singles], centroids)
-        for index, faceset in enumerate(refined["facesets"]):
+        for index, faceset in enumerate(refined.facesets):
             chosen = [int(f) for f, b, d in zip(singles, best, distance)
                       if b == index and d <= params["candidate_match_threshold"]
                       and score[int(f)] >= params["candidate_min_score"]]
             if chosen:
-                plan.append((faceset["name"], "candidate",
+                plan.append((faceset.name, "candidate",
                              sorted(chosen, key=lambda f: (-score[f], f)), {}))
 
     # crop everything in the model pool (re-detection), then lay out the result
@@ -9206,7 +9791,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             crops[task.face] = {"error": "the photo has moved or vanished since embed"}
     runnable = [t for t in tasks if t.path is not None]
     provider_list, workers = worker_setup(providers, workers)
-    say(f"export-swap: {len(refined['facesets'])} facesets, {len(runnable)} crops to make "
+    say(f"export-swap: {len(refined.facesets)} facesets, {len(runnable)} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
             progress(total=len(runnable), desc="export", unit="crop") as bar:
@@ -9220,52 +9805,53 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                              crash_result=lambda reason: {"error": reason})
             run_model_step(step, in_batches(runnable), providers=provider_list, workers=workers,
                            n_tasks=n_batches(len(runnable)))
-        manifest = run_header("export-swap", cache_path, cache, params)
-        manifest.update(refine_manifest=str(Path(refine_manifest_path).resolve()),
-                        raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
-                        quality_weights=QUALITY_WEIGHTS, facesets=[], candidates=[])
-        labels = {f["name"]: f["label"] for f in refined["facesets"] if f.get("label")}
+        labels = {f.name: f.label for f in refined.facesets if f.label}
+        exported: dict[str, list[ExportEntry]] = {"faceset": [], "candidate": []}
         for name, kind, ranked, dropped in plan:
-            named = named_entry(name, labels)
-            folder = inside(work, entry_folder(named) if kind == "faceset" else
-                            candidates_folder(named))
+            label = labels.get(name)
+            folder = inside(work, entry_folder(name, label) if kind == "faceset" else
+                            candidates_folder(name, label))
             folder.mkdir(parents=True, exist_ok=True)
             written, skipped = [], []
             for face in ranked:
                 result = crops[face]
                 if "error" in result:
-                    skipped.append({"face": face, "reason": result["error"]})
+                    skipped.append(LeftOut(face=face, reason=result["error"]))
                     continue
                 png = f"{len(written):04d}.png"
                 inside(folder, png).write_bytes(result["png"])
-                written.append({"png": png, "rank": len(written), "face": face,
-                                "source": label_path(cache, locations, cache["face_file"][face]),
-                                "bbox": [round(float(v), 1) for v in cache["bbox"][face]],
-                                "score": round(score[face], 4), "terms": term_of[face],
-                                "blacked_out": result["blacked_out"],
-                                "in_top": len(written) < params["top_n"]})
-            entry = {**named, "crops": written, "skipped": skipped,
-                     "dropped": [{"face": f,
-                                  "source": label_path(cache, locations, cache["face_file"][f]),
-                                  "reason": r} for f, r in sorted(dropped.items())]}
+                written.append(Crop(png=png, rank=len(written), face=face,
+                                    source=label_path(cache, locations, cache["face_file"][face]),
+                                    bbox=[round(float(v), 1) for v in cache["bbox"][face]],
+                                    score=round(score[face], 4), terms=term_of[face],
+                                    blacked_out=result["blacked_out"],
+                                    in_top=len(written) < params["top_n"]))
+            entry = ExportEntry(name=name, label=label, crops=written, skipped=skipped,
+                                dropped=[LeftOut(face=f, reason=r, source=label_path(
+                                    cache, locations, cache["face_file"][f]))
+                                         for f, r in sorted(dropped.items())])
             if kind == "faceset":
-                entry["bundles"], top_n = [], params["top_n"]
-                for bundle, chosen in ((entry_bundle(named, top_n), written[:top_n]),
-                                       (entry_bundle(named), written)):
+                entry.bundles, top_n = [], params["top_n"]
+                for bundle, chosen in ((entry_bundle(name, label, top_n), written[:top_n]),
+                                       (entry_bundle(name, label), written)):
                     if chosen:
                         size = write_fsz(inside(work, bundle),
-                                         [(c["png"], folder / c["png"]) for c in chosen])
-                        entry["bundles"].append({"file": bundle, "pngs": len(chosen), "bytes": size})
-                manifest["facesets"].append(entry)
-            else:
-                manifest["candidates"].append(entry)
-        manifest["summary"] = {
-            "facesets": len(manifest["facesets"]),
-            "crops": sum(len(e["crops"]) for e in manifest["facesets"]),
-            "skipped": sum(len(e["skipped"]) for e in manifest["facesets"]),
-            "candidates": sum(len(e["crops"]) for e in manifest["candidates"]),
-            "seconds": round(time.time() - started, 1)}
-        write_json_atomic(work / "export_manifest.json", manifest)
+                                         [(c.png, folder / c.png) for c in chosen])
+                        entry.bundles.append(Bundle(file=bundle, pngs=len(chosen), bytes=size))
+            exported[kind].append(entry)
+        manifest = ExportManifest(
+            **run_header("export-swap", cache_path, cache, params),
+            refine_manifest=str(Path(refine_manifest_path).resolve()),
+            raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
+            quality_weights=QUALITY_WEIGHTS, facesets=exported["faceset"],
+            candidates=exported["candidate"],
+            summary=ExportSummary(
+                facesets=len(exported["faceset"]),
+                crops=sum(len(e.crops) for e in exported["faceset"]),
+                skipped=sum(len(e.skipped) for e in exported["faceset"]),
+                candidates=sum(len(e.crops) for e in exported["candidate"]),
+                seconds=round(time.time() - started, 1)))
+        write_manifest(work, manifest)
         again = ["export-swap", Path(cache_path), Path(refine_manifest_path), Path(out),
                  *(["--raw-manifest", Path(raw_manifest_path)] if raw_manifest_path else []),
                  *(["--candidates"] if candidates else []), *option_words(params, EXPORT_DEFAULTS)]
@@ -9274,34 +9860,34 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         page = export_review_page(manifest, cache, locations)
         page["notice"] = shortfall_notice(shortfalls)
         write_review(work, page, cache, locations, reuse_from=out)
-    summary = manifest["summary"]
-    say(f"export-swap: {counted(summary['crops'], 'crop')} in "
-        f"{counted(summary['facesets'], 'faceset')} ({summary['skipped']} skipped), "
-        f"{counted(summary['candidates'], 'candidate')} -> {out}", quiet)
+    summary = manifest.summary
+    say(f"export-swap: {counted(summary.crops, 'crop')} in "
+        f"{counted(summary.facesets, 'faceset')} ({summary.skipped} skipped), "
+        f"{counted(summary.candidates, 'candidate')} -> {out}", quiet)
     for line in shortfall_lines("export-swap", shortfalls):
         say(line, quiet)
-    return manifest
+    return manifest.to_json()
 
 
-def export_shortfalls(manifest: dict, refined: dict, refine_manifest_path, top_n: int,
-                      again: list) -> list[tuple[str, list | None]]:
+def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_manifest_path,
+                      top_n: int, again: list) -> list[tuple[str, list | None]]:
     """Why an export is empty or small, as refine_shortfalls' lines: no
     facesets (why refine made none, and `again`, this export's own arguments,
     to run after the refine that fixes it), or facesets with fewer crops than
     --top-n."""
     lines = []
-    if not refined["facesets"]:
+    if not refined.facesets:
         lines.append((f"nothing to export: {display(refine_manifest_path)} has no facesets", None))
         reasons = refine_shortfalls(refined, Path(refine_manifest_path).parent)
         lines += [(f"refine's {text}", args) for text, args in reasons]
         if any(args for _text, args in reasons):
             lines.append(("then export again", again))
-    short = [e for e in manifest["facesets"] if len(e["crops"]) < top_n]
+    short = [e for e in manifest.facesets if len(e.crops) < top_n]
     if short:
-        smallest = min(short, key=lambda e: len(e["crops"]))
-        lines.append((f"{len(short)} of {counted(len(manifest['facesets']), 'faceset')} have "
-                      f"fewer than --top-n {top_n} crops (smallest: {smallest['name']}, "
-                      f"{len(smallest['crops'])}); their _top{top_n}.fsz holds all they have",
+        smallest = min(short, key=lambda e: len(e.crops))
+        lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} have "
+                      f"fewer than --top-n {top_n} crops (smallest: {smallest.name}, "
+                      f"{len(smallest.crops)}); their _top{top_n}.fsz holds all they have",
                       None))
     return lines
 
@@ -9352,10 +9938,10 @@ def find_person(view: dict, out: Path, wanted: str, cache: FaceCache | None = No
     entries, prefix = view["entries"], view["prefix"] + "_"
     number = plain_number(wanted.strip().removeprefix(prefix))
     for entry in entries:  # numbers first: a name never reads as one (person_name_problem)
-        if number is not None and number == int(entry["name"][len(prefix):]):
+        if number is not None and number == int(entry.name[len(prefix):]):
             return entry
     for entry in entries:
-        if entry.get("label") and same_name(wanted, entry["label"]):
+        if entry.label and same_name(wanted, entry.label):
             return entry
     listing = f"run `{display(tool_command('people', Path(out)))}` to list them"
     gone = gone_person(view, out, number, cache, decisions) if number is not None else None
@@ -9367,7 +9953,7 @@ def find_person(view: dict, out: Path, wanted: str, cache: FaceCache | None = No
 
 def holder(view: dict, faces) -> str | None:
     """The person (faceset) of OUT that holds most of `faces` (cache rows), or None."""
-    owner = {f["face"]: e["name"] for e in view["entries"] for f in e["faces"]}
+    owner = {f: e.name for e in view["entries"] for f in e.face_ids()}
     counts = collections.Counter(owner[f] for f in faces if f in owner)
     return max(counts, key=lambda n: (counts[n], n)) if counts else None
 
@@ -9379,10 +9965,10 @@ def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
     it away (a merge, a move of its faces, a reject: the one whose faces are
     most nearly its faces) and the person that holds its faces now."""
     name = f"{view['prefix']}_{number:03d}"
-    entry = next((e for e in view["manifest"].get("former", []) if e["name"] == name), None)
+    entry = next((e for e in view["manifest"].former if e.name == name), None)
     if entry is None:
         return None
-    faces = set(entry["faces"])
+    faces = set(entry.faces)
     now = holder(view, faces)
     where = f"its faces are in {now} now" if now else f"its faces are in no {view['prefix']} now"
     best, best_overlap = None, 0.0
@@ -9460,7 +10046,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
     for an unknown person or face, a merge of a person with itself, a name
     another person has, nothing to undo)."""
     keys = lambda faces: [face_key(cache, f) for f in faces]  # noqa: E731
-    faces_of = lambda entry: [f["face"] for f in entry["faces"]]  # noqa: E731
+    faces_of = lambda entry: entry.face_ids()  # noqa: E731
     find = lambda wanted: find_person(view, out, wanted, cache, decisions)  # noqa: E731
     decision = {"id": len(decisions) + 1,
                 "time": _dt.datetime.now().isoformat(timespec="seconds"), "verb": verb}
@@ -9470,8 +10056,8 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         if problem:
             raise UserError(problem)
         for other in view["entries"]:
-            if other is not person and other.get("label") and same_name(other["label"], name):
-                raise UserError(f"{other['name']} is already named {other['label']!r}; names "
+            if other is not person and other.label and same_name(other.label, name):
+                raise UserError(f"{other.name} is already named {other.label!r}; names "
                                 "are unique (merge the two, or choose another name)")
         decision.update(faces=keys(faces_of(person)), name=unicodedata.normalize("NFC", name))
     elif verb == "merge":
@@ -9487,7 +10073,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         target = None if str(to).strip().casefold() == "new" else find(str(to))
         if target is not None and set(faces) <= set(faces_of(target)):
             raise UserError(f"{'that face is' if len(faces) == 1 else 'those faces are'} "
-                            f"already in {target['name']}")
+                            f"already in {target.name}")
         owners = [p for p in view["entries"] if set(faces_of(p)) & set(faces)]
         decision.update(faces=keys(faces), to=None if target is None else keys(faces_of(target)),
                         away=[keys(faces_of(p)) for p in owners if p is not target])
@@ -9502,7 +10088,7 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
         labels, _ = agglomerative_labels(cache["embeddings"][faces], threshold)
         pieces = groups_from_labels(labels)
         if len(pieces) < 2:
-            raise UserError(f"{person['name']} stays one person at threshold {threshold:.2f}; "
+            raise UserError(f"{person.name} stays one person at threshold {threshold:.2f}; "
                             "give a lower --threshold to split it")
         decision["pieces"] = [keys(faces[piece]) for piece in pieces]
     else:
@@ -9515,9 +10101,8 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
 
 def people_listing(view: dict, suggestions=()) -> list[dict]:
     concern = collections.Counter(n for s in suggestions for n in s["people"])
-    return [{"person": e["name"], "name": e.get("label", ""), "faces": len(e["faces"]),
-             "images": e.get("images", len({f["file"] for f in e["faces"]})),
-             "suggestions": concern[e["name"]]}
+    return [{"person": e.name, "name": e.label or "", "faces": len(e.faces), "images": e.images,
+             "suggestions": concern[e.name]}
             for e in view["entries"]]
 
 
@@ -9535,8 +10120,7 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
     for kind in PEOPLE_OUTPUTS:
         manifest_path = out / MANIFEST_FILES[kind]
         if manifest_path.is_file():
-            return kind, manifest_path, Path(check_text_field(load_manifest(manifest_path, kind),
-                                                              "cache", manifest_path))
+            return kind, manifest_path, Path(load_manifest(manifest_path, kind).cache)
     if not out.is_dir():
         raise UserError(file_in_place(out, "cluster or refine output folder"))
     raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
@@ -9603,11 +10187,12 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                                 people_named, faces_named, name, to, split_threshold)
         check_decisions(decisions + [decision], path)  # what is written can be read back
         try:
-            rebuilt = rebuild_people_output(kind, cache_path, out, manifest["parameters"],
-                                            decisions + [decision], undoing=verb == "undo")
+            rebuild_people_output(kind, cache_path, out, manifest.parameters,
+                                  decisions + [decision], undoing=verb == "undo")
         except UserError as error:
             raise UserError(f"{verb} not kept, nothing changed: {error}") from None
-    view = people_view(rebuilt, kind)
+        view = people_view(load_manifest(manifest_path, kind, cache.n_faces,
+                                         cache.embedding_size), kind)  # as rebuilt
     if verb == "undo":  # what was undone, as it reads on the rebuilt OUT
         undone = decisions[decision["undoes"] - 1]
         what = f"undid decision {undone['id']}: {decision_words(undone, view, cache)}"
@@ -9617,18 +10202,6 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
         f"{display(out)} rebuilt: {len(view['entries'])} "
         f"{'people' if kind == 'cluster' else 'facesets'}", quiet)
     return {"people": people_listing(view), "decision": decision}
-
-
-def check_text_field(manifest: dict, key: str, where: Path) -> str:
-    """manifest[key], a path; UserError unless it is one this system can name
-    (a lone surrogate that no file name decodes to is not)."""
-    value = manifest.get(key)
-    try:
-        if not isinstance(value, str) or not value or "\0" in value or not os.fsencode(value):
-            raise ValueError
-    except (ValueError, UnicodeEncodeError):
-        raise UserError(f"manifest {display(where)}: {key!r} is not a path") from None
-    return value
 
 
 # ============================================================================

@@ -219,7 +219,8 @@ def labeled_export(labeled_cache, tmp_path_factory):
     sort_faces.refine(cache, tmp / "refined", quiet=True, **REFINE)
     number, name = NAMED_FACESET
     sort_faces.people(tmp / "refined", "name", people_named=[number], name=name, quiet=True)
-    refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json", "refine")
+    refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json",
+                                       "refine").to_json()  # as the others: their JSON
     enriched = sort_faces.enrich(cache, quiet=True)
     plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
                                    raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,

@@ -86,12 +86,27 @@ def faceset_centroids(exported):
             for s in exported["refined"]["facesets"]}
 
 
+def folder_of(entry: dict) -> str:
+    """The folder of a faceset of a manifest as its JSON has it (entry_folder)."""
+    return sort_faces.entry_folder(entry["name"], entry.get("label"))
+
+
+def bundle_of(entry: dict, top_n: int | None = None) -> str:
+    """The bundle of a faceset of a manifest as its JSON has it (entry_bundle)."""
+    return sort_faces.entry_bundle(entry["name"], entry.get("label"), top_n)
+
+
+def candidates_of(entry: dict) -> str:
+    """The candidates' folder of a faceset as its JSON has it (candidates_folder)."""
+    return sort_faces.candidates_folder(entry["name"], entry.get("label"))
+
+
 def test_every_bundled_png_is_one_face_of_its_person(exported, detector):
     out, manifest = exported["out"], exported["manifest"]
     centroids = faceset_centroids(exported)
     assert manifest["summary"]["crops"] > 50
     for entry in manifest["facesets"]:
-        with zipfile.ZipFile(out / sort_faces.entry_bundle(entry)) as bundle:
+        with zipfile.ZipFile(out / bundle_of(entry)) as bundle:
             for name in bundle.namelist():
                 image = cv2.imdecode(np.frombuffer(bundle.read(name), np.uint8), cv2.IMREAD_COLOR)
                 assert image.shape == (512, 512, 3)
@@ -116,12 +131,12 @@ def test_bundle_names_order_and_contents(exported):
         assert [c["png"] for c in crops] == [f"{i:04d}.png" for i in range(len(crops))]
         scores = [c["score"] for c in crops]
         assert scores == sorted(scores, reverse=True)
-        with zipfile.ZipFile(out / sort_faces.entry_bundle(entry)) as bundle:
+        with zipfile.ZipFile(out / bundle_of(entry)) as bundle:
             names = bundle.namelist()
             assert names == [c["png"] for c in crops]
             for name in names:
-                assert bundle.read(name) == (out / sort_faces.entry_folder(entry) / name).read_bytes()
-        with zipfile.ZipFile(out / sort_faces.entry_bundle(entry, 5)) as bundle:
+                assert bundle.read(name) == (out / folder_of(entry) / name).read_bytes()
+        with zipfile.ZipFile(out / bundle_of(entry, 5)) as bundle:
             assert bundle.namelist() == names[:5]
         assert [c["in_top"] for c in crops] == [i < 5 for i in range(len(crops))]
         for crop in crops:
@@ -131,8 +146,8 @@ def test_bundle_names_order_and_contents(exported):
             assert abs(expected - crop["score"]) < 1e-3
     listing = sorted(p.name for p in out.iterdir())
     for entry in manifest["facesets"]:
-        assert {sort_faces.entry_folder(entry), sort_faces.entry_bundle(entry),
-                sort_faces.entry_bundle(entry, 5)} <= set(listing)
+        assert {folder_of(entry), bundle_of(entry),
+                bundle_of(entry, 5)} <= set(listing)
     saved = json.loads((out / "export_manifest.json").read_text())
     assert saved["summary"] == manifest["summary"]
 
@@ -147,7 +162,7 @@ def test_candidates_only_with_the_flag(exported):
     cache = sort_faces.load_cache(exported["cache"])
     singles = {f["face"] for f in exported["raw"]["singletons"]["faces"]}
     for entry in candidates:
-        folder = exported["out"] / sort_faces.candidates_folder(entry)
+        folder = exported["out"] / candidates_of(entry)
         assert sorted(p.name for p in folder.iterdir()) == [c["png"] for c in entry["crops"]]
         for crop in entry["crops"]:
             assert crop["face"] in singles and crop["face"] not in bundled
@@ -158,17 +173,17 @@ def test_candidates_only_with_the_flag(exported):
 
 @pytest.mark.fast
 def test_a_facesets_folder_bundles_and_candidates_share_one_name():
-    plain = {"name": "faceset_002"}
-    named = {"name": "faceset_002", "label": "Mindy Kaling: a/b é."}
-    assert [sort_faces.entry_folder(e) for e in (plain, named)] == [
+    plain = ("faceset_002", None)
+    named = ("faceset_002", "Mindy Kaling: a/b é.")
+    assert [sort_faces.entry_folder(*e) for e in (plain, named)] == [
         "faceset_002", "faceset_002_Mindy Kaling_ a_b é"]
     for entry in (plain, named):
-        folder = sort_faces.entry_folder(entry)
-        assert sort_faces.entry_bundle(entry, 30) == folder + "_top30.fsz"
-        assert sort_faces.entry_bundle(entry) == folder + "_all.fsz"
-        assert sort_faces.candidates_folder(entry) == "_candidates/" + folder
-    assert sort_faces.entry_title(plain) == "faceset_002"
-    assert sort_faces.entry_title(named) == "faceset_002 Mindy Kaling: a/b é."
+        folder = sort_faces.entry_folder(*entry)
+        assert sort_faces.entry_bundle(*entry, 30) == folder + "_top30.fsz"
+        assert sort_faces.entry_bundle(*entry) == folder + "_all.fsz"
+        assert sort_faces.candidates_folder(*entry) == "_candidates/" + folder
+    assert sort_faces.entry_title(*plain) == "faceset_002"
+    assert sort_faces.entry_title(*named) == "faceset_002 Mindy Kaling: a/b é."
 
 
 def page_rows(text: str) -> list[str]:
@@ -187,7 +202,7 @@ def test_a_named_faceset_is_exported_under_its_name_everywhere(exported):
     number, name = NAMED_FACESET
     folder = f"{number}_{name}"  # nothing in the name to make safe
     named = next(e for e in manifest["facesets"] if e["name"] == number)
-    assert named["label"] == name and sort_faces.entry_folder(named) == folder
+    assert named["label"] == name and folder_of(named) == folder
     assert {b["file"] for b in named["bundles"]} == {f"{folder}_top5.fsz", f"{folder}_all.fsz"}
     candidate = next(c for c in manifest["candidates"] if c["name"] == number)
     assert candidate["label"] == name and candidate["crops"], "Mindy Kaling has a candidate"
@@ -195,17 +210,17 @@ def test_a_named_faceset_is_exported_under_its_name_everywhere(exported):
     saved = json.loads((out / "export_manifest.json").read_text("utf-8"))
     assert saved["facesets"] == manifest["facesets"]
     for entry in saved["facesets"]:
-        assert sorted(p.name for p in (out / sort_faces.entry_folder(entry)).iterdir()) == \
+        assert sorted(p.name for p in (out / folder_of(entry)).iterdir()) == \
             [c["png"] for c in entry["crops"]]
         for bundle in entry["bundles"]:
             assert (out / bundle["file"]).is_file(), bundle
     for entry in saved["candidates"]:
-        assert sorted(p.name for p in (out / sort_faces.candidates_folder(entry)).iterdir()) == \
+        assert sorted(p.name for p in (out / candidates_of(entry)).iterdir()) == \
             [c["png"] for c in entry["crops"]]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(number)) == sorted(
         [folder, f"{folder}_top5.fsz", f"{folder}_all.fsz"])
     assert sorted(p.name for p in (out / "_candidates").iterdir()) == sorted(
-        sort_faces.entry_folder(c) for c in saved["candidates"])
+        folder_of(c) for c in saved["candidates"])
     # the page: every link and thumbnail is a file, each subtitle names its real bundle
     text = (out / "index.html").read_text("utf-8")
     for link in re.findall(r'(?:href|src)="([^"]+)"', text):
@@ -215,7 +230,7 @@ def test_a_named_faceset_is_exported_under_its_name_everywhere(exported):
         row = next(r for r in rows if re.match(f'data-name="{entry["name"]}[ "]', r))
         subtitle = html.unescape(re.search(r'<span class="sub">([^<]*)</span>', row)[1])
         bundle = re.search(r"bundled in (\S.*\.fsz)$", subtitle)[1]
-        assert (out / bundle).is_file() and bundle == sort_faces.entry_bundle(entry, 5), subtitle
+        assert (out / bundle).is_file() and bundle == bundle_of(entry, 5), subtitle
     row = next(r for r in rows if re.match(f'data-name="{number}[ "]', r))
     heading = html.unescape(re.search(r'<span class="name"><a [^>]*>([^<]*)</a>', row)[1])
     assert name in heading and number in heading
@@ -274,7 +289,7 @@ def test_a_group_photo_crop_keeps_out_the_neighbour(tmp_path, detector):
     assert skipped == [] and len(from_group) == 1, skipped
     crop = from_group[0]
     assert crop["blacked_out"] >= 1
-    written = cv2.imread(str(tmp_path / "swap" / sort_faces.entry_folder(entry) / crop["png"]))
+    written = cv2.imread(str(tmp_path / "swap" / folder_of(entry) / crop["png"]))
     for size in (640, 320):
         assert len(detector.det_model.detect(written, input_size=(size, size))[0]) == 1
 

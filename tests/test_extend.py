@@ -98,7 +98,7 @@ def test_new_faces_of_known_people_join_their_person(extended):
                 for e in before["clusters"]}
     joined = extended["result"]["extend_raw"]["joined"]
     known_people = set(majority.values())
-    old_faces = sort_faces.manifest_face_ids(before["clusters"] + [before["singletons"]])
+    old_faces = {f["face"] for e in before["clusters"] + [before["singletons"]] for f in e["faces"]}
     new_known = [f for f in range(cache.n_faces)
                  if f not in old_faces and identity(cache, f) in known_people]
     right = sum(1 for name, faces in joined.items() for f in faces
@@ -170,7 +170,8 @@ def test_extend_works_on_a_symlink_output(halves, tmp_path):
     for out, key in ((raw, "clusters"), (refined, "facesets")):
         manifest = json.loads((out / sort_faces.MANIFEST_FILES[
             "cluster" if key == "clusters" else "refine"]).read_text())
-        folders = {sort_faces.entry_folder(e): set(e["outputs"]) for e in manifest[key]}
+        folders = {sort_faces.entry_folder(e["name"], e.get("label")): set(e["outputs"])
+                   for e in manifest[key]}
         if key == "clusters":
             folders["_singletons"] = set(manifest["singletons"]["outputs"])
         on_disk = {p.name for p in out.iterdir() if p.name.startswith(("person_", "faceset_"))}

@@ -87,12 +87,16 @@ def test_changed_options_are_written_as_flags():
 
 @pytest.mark.fast
 def test_an_empty_refine_says_why_naming_the_gates():
-    manifest = {"cache": "/x/c.npz", "facesets": [], "summary": {"faces": 183},
-                "parameters": {**sort_faces.REFINE_DEFAULTS, "link": "copy"},
-                "stages": {"dropped_quality": 116,
-                           "quality_gates": {"min_short": 110, "min_blur": 20,
-                                             "min_det_score": 0, "damaged": 1},
-                           "size_filter": sort_faces.size_filter_summary([9, 6, 2], 15)}}
+    stages = sort_faces.Stages(
+        initial_clusters=20, clustering={}, after_merge=18, dropped_quality=116,
+        quality_gates={"min_short": 110, "min_blur": 20, "min_det_score": 0, "damaged": 1},
+        after_quality=18, dropped_outlier=0, dropped_size=67, facesets=0,
+        size_filter=sort_faces.SizeFilter(**sort_faces.size_filter_summary([9, 6, 2], 15)))
+    manifest = sort_faces.RefineManifest(
+        schema_version=sort_faces.MANIFEST_VERSION, step="refine", created="", cache="/x/c.npz",
+        model=None, parameters={**sort_faces.REFINE_DEFAULTS, "link": "copy"}, stages=stages,
+        facesets=[], dropped=[], next_number=1,
+        summary=sort_faces.RefineSummary(facesets=0, faces=183, faces_kept=0, seconds=0.1))
     lines = sort_faces.refine_shortfalls(manifest, Path("/x/out"))
     quality, size = lines
     assert quality[0].startswith("the quality gate dropped 116 of 183 faces")

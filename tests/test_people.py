@@ -96,9 +96,7 @@ def test_clustering_keeps_pinned_faces_together_and_apart_groups_apart():
 
 @pytest.mark.fast
 def test_numbers_are_kept_and_a_merge_keeps_the_lowest():
-    old = [{"name": "person_003", "faces": [{"face": f} for f in (1, 2, 3)]},
-           {"name": "person_017", "faces": [{"face": f} for f in (4, 5)]},
-           {"name": "person_020", "faces": [{"face": f} for f in (8, 9)]}]
+    old = {"person_003": [1, 2, 3], "person_017": [4, 5], "person_020": [8, 9]}
     groups = [np.array([1, 2, 3, 4, 5]), np.array([8, 9]), np.array([30, 31])]
     assert sort_faces.keep_numbers(groups, old, 21) == ["person_003", "person_020", "person_021"]
 
@@ -489,8 +487,8 @@ def test_numbers_are_ascii_digits_only(tmp_path):
 
 @pytest.mark.fast
 def test_a_person_gone_takes_its_number_back_only_from_former():
-    old = [{"name": "person_003", "faces": [{"face": f} for f in (1, 2, 3)]}]
-    former = [{"name": "person_005", "faces": [7, 8]}, {"name": "person_009", "faces": [40]}]
+    old = {"person_003": [1, 2, 3]}
+    former = {"person_005": [7, 8], "person_009": [40]}
     groups = [np.array([1, 2, 3]), np.array([7, 8, 30]), np.array([50, 51])]
     assert sort_faces.keep_numbers(groups, old, 10, former=former) == \
         ["person_003", "person_005", "person_010"]
@@ -508,15 +506,19 @@ def test_a_person_gone_takes_its_number_back_only_from_former():
     [{"name": "person_007"}],
     {"name": "person_007", "faces": []}])
 def test_a_tampered_former_list_is_one_clear_error(tmp_path, former):
-    manifest = {"schema_version": 1, "step": "cluster", "parameters": {"threshold": 0.5,
-                                                                       "link": "copy"},
-                "clusters": [{"name": "person_001", "faces": [{"face": 0}, {"face": 1}],
-                              "outputs": ["a.jpg"]}],
-                "singletons": {"faces": [], "outputs": []},
-                "noface": {"files": [], "outputs": []}, "next_number": 8}
+    face = lambda f: {"face": f, "file": "a.jpg", "bbox": [0, 0, 9, 9]}  # noqa: E731
+    manifest = {"schema_version": 1, "step": "cluster", "created": "", "cache": "/c.npz",
+                "model": None, "parameters": {"threshold": 0.5, "link": "copy"},
+                "clustering": {},
+                "clusters": [{"name": "person_001", "size": 2, "faces": [face(0), face(1)],
+                              "images": 1, "outputs": ["a.jpg"]}],
+                "singletons": {"faces": [], "images": 0, "outputs": []},
+                "noface": {"files": [], "outputs": []}, "unreadable": [], "next_number": 8,
+                "summary": {"people": 1, "faces": 2, "faces_in_people": 2, "singletons": 0,
+                            "noface_images": 0, "unreadable": 0, "seconds": 0.1}}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
-    assert sort_faces.load_manifest(path, "cluster", 5)["next_number"] == 8
+    assert sort_faces.load_manifest(path, "cluster", 5).next_number == 8
     path.write_text(json.dumps(dict(manifest, former=former)))
     with pytest.raises(sort_faces.UserError, match="former"):
         sort_faces.load_manifest(path, "cluster", 5)
@@ -706,9 +708,10 @@ def test_suggest_never_offers_to_join_two_labeled_people(labeled_cache, tmp_path
     truth = lambda face: Path(cache["files"][cache["face_file"][face]]).parent.name  # noqa: E731
     for threshold in (0.45, 0.55, 0.65):
         out = tmp_path / f"at{threshold}"
-        view = sort_faces.people_view(sort_faces.cluster(labeled_cache, out, threshold=threshold,
-                                                         quiet=True), "cluster")
-        label = {e["name"]: collections.Counter(truth(f["face"]) for f in e["faces"])
+        sort_faces.cluster(labeled_cache, out, threshold=threshold, quiet=True)
+        view = sort_faces.people_view(sort_faces.load_manifest(out / "manifest.json", "cluster"),
+                                      "cluster")
+        label = {e.name: collections.Counter(truth(f) for f in e.face_ids())
                  .most_common(1)[0][0] for e in view["entries"]}
         suggestions = sort_faces.people_suggestions(view, out, cache,
                                                     {"together": [], "apart": []})

@@ -67,7 +67,8 @@ def test_refine_page_shows_what_each_gate_dropped(outputs):
     gated = {"quality": 0, "outlier": 0}
     for entry in outputs["refined"]["facesets"]:
         drops = [d for d in outputs["refined"]["dropped"] if d.get("faceset") == entry["name"]]
-        row = listed[sort_faces.entry_title(entry).lower()]  # a named one's heading has its name
+        # a named one's heading has its name
+        row = listed[sort_faces.entry_title(entry["name"], entry.get("label")).lower()]
         assert row.startswith(f"{entry['size']} faces")
         said = dict(re.findall(r"(quality|outlier) (\d+)", row.partition("; dropped: ")[2]))
         for stage in ("quality", "outlier"):

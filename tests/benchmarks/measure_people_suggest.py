@@ -94,8 +94,8 @@ def distances(cache, view, out: Path, ceiling: float) -> str:
     wrong, and what the cut at `ceiling` offers of them."""
     wide = sort_faces.people_suggestions(view, out, cache, {"together": [], "apart": []},
                                          ceiling=2.0)
-    entries = {e["name"]: e for e in view["entries"]}
-    label = {name: collections.Counter(truth_of(cache, f["face"]) for f in e["faces"])
+    entries = {e.name: e for e in view["entries"]}
+    label = {name: collections.Counter(truth_of(cache, f) for f in e.face_ids())
              .most_common(1)[0][0] for name, e in entries.items()}
     found = {"merge": ([], []), "move": ([], [])}
     for s in wide:
@@ -132,15 +132,18 @@ def main():
             sort_faces.embed(DATA / one, cache_path, model="buffalo_s", quiet=True)
         cache = sort_faces.load_cache(cache_path)
         for threshold in (0.45, 0.55, 0.65):
-            manifest = sort_faces.cluster(cache_path, Path(tmp) / f"at{threshold}",
-                                          threshold=threshold, quiet=True)
+            at = Path(tmp) / f"at{threshold}"
+            sort_faces.cluster(cache_path, at, threshold=threshold, quiet=True)
+            view = sort_faces.people_view(sort_faces.load_manifest(at / "manifest.json", "cluster"),
+                                          "cluster")
             print(f"{name}, cluster at {threshold}: " + distances(
-                cache, sort_faces.people_view(manifest, "cluster"), Path(tmp) / "x",
-                args.max_distance))
-        refined = sort_faces.refine(cache_path, Path(tmp) / "refined", quiet=True, min_short=40,
-                                    min_faces=5, min_blur=20.0)  # conftest's REFINE
+                cache, view, Path(tmp) / "x", args.max_distance))
+        sort_faces.refine(cache_path, Path(tmp) / "refined", quiet=True, min_short=40,
+                          min_faces=5, min_blur=20.0)  # conftest's REFINE
+        refined = sort_faces.load_manifest(Path(tmp) / "refined" / "refine_manifest.json",
+                                           "refine")
         print(f"{name}, refined (merge threshold "
-              f"{refined['parameters']['merge_threshold']}): " + distances(
+              f"{refined.parameters['merge_threshold']}): " + distances(
                   cache, sort_faces.people_view(refined, "refine"), Path(tmp) / "x",
                   args.max_distance))
         manifest = sort_faces.cluster(cache_path, out, quiet=True)
@@ -154,7 +157,7 @@ def main():
             read_wrong += pick
             left_out += apply(cache, manifest, out, suggestions[pick])
             commands += 1
-            manifest = sort_faces.load_manifest(out / "manifest.json", "cluster")
+            manifest = sort_faces.load_manifest(out / "manifest.json", "cluster").to_json()
         after = score(cache, manifest)
         people = len(manifest["clusters"])
         singles = len(manifest["singletons"]["faces"])
@@ -169,7 +172,7 @@ def main():
                   f"box {[round(float(v)) for v in cache['bbox'][face]]}")
         if leftover:
             sort_faces.people(out, "reject", faces_named=[str(f) for f in leftover], quiet=True)
-            manifest = sort_faces.load_manifest(out / "manifest.json", "cluster")
+            manifest = sort_faces.load_manifest(out / "manifest.json", "cluster").to_json()
         rejected = score(cache, manifest)
     print(f"{name}, max distance {args.max_distance}: BCubed P/R {before[0]:.3f}/{before[1]:.3f} "
           f"-> {after[0]:.3f}/{after[1]:.3f} after {commands} commands from suggest "

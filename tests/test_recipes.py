@@ -87,7 +87,8 @@ def test_pipeline_recipe_produces_every_output(recipe_run):
     assert candidates and {e["name"] for e in candidates} <= set(members)
     singles = {f["face"] for f in raw["singletons"]["faces"]}
     for entry in candidates:
-        folder = out / "facesets_swap_ready" / sort_faces.candidates_folder(entry)
+        folder = out / "facesets_swap_ready" / sort_faces.candidates_folder(entry["name"],
+                                                                             entry.get("label"))
         assert entry["crops"] and {c["face"] for c in entry["crops"]} <= singles
         assert sorted(p.name for p in folder.iterdir()) == [c["png"] for c in entry["crops"]]
     assert export["summary"]["candidates"] == sum(len(e["crops"]) for e in candidates)

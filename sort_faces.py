@@ -5710,7 +5710,16 @@ def _runs_from_json(data: dict, check: _ManifestCheck) -> list[dict]:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ClusterManifest(Manifest):
+class PeopleManifest(Manifest):
+    """What a cluster and a refine manifest both keep of their people across
+    rebuilds: the people (facesets) gone, the next free number, extend's runs."""
+    former: list[Former] = dataclasses.field(default_factory=list)
+    next_number: int
+    extend_runs: list[dict] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClusterManifest(PeopleManifest):
     """manifest.json: a cluster output. Its people (`clusters`), the faces
     that match no one (`singletons`), those rejected by a people decision,
     the photos without a face (`noface`), the unreadable files, the people
@@ -5721,9 +5730,6 @@ class ClusterManifest(Manifest):
     rejected: list[FaceRef] = dataclasses.field(default_factory=list)
     noface: NoFace
     unreadable: list[Unreadable]
-    former: list[Former] = dataclasses.field(default_factory=list)
-    next_number: int
-    extend_runs: list[dict] = dataclasses.field(default_factory=list)
     summary: ClusterSummary
 
     @property
@@ -5765,16 +5771,13 @@ class ClusterManifest(Manifest):
 
 
 @dataclasses.dataclass(kw_only=True)
-class RefineManifest(Manifest):
+class RefineManifest(PeopleManifest):
     """refine_manifest.json: a refine output. Its stages, its facesets (each
     with its centroid), the faces it dropped (stage, reason, faceset), the
     facesets gone, the next free number, extend's runs and the summary."""
     stages: Stages
     facesets: list[Entry]
     dropped: list[FaceRef]
-    former: list[Former] = dataclasses.field(default_factory=list)
-    next_number: int
-    extend_runs: list[dict] = dataclasses.field(default_factory=list)
     summary: RefineSummary
 
     @property

@@ -3179,35 +3179,37 @@ def blur_score(bgr: np.ndarray, bbox: np.ndarray, scale: int = BLUR_SCALE_PX) ->
     return float(cv2.Laplacian(crop, cv2.CV_64F).var())
 
 
+def quality_gate_masks(face_short, blur, det_score, *, min_short, min_blur, min_det_score,
+                       damage=None) -> dict[str, np.ndarray]:
+    """Per quality gate (by its option; `damaged` for a damaged photo), which
+    faces fail it: a face fails a gate when its value is below the floor."""
+    values = {"face_short": face_short, "blur": blur, "det_score": det_score}
+    limits = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
+    masks = {option: np.asarray(values[measure]) < limits[option]
+             for option, measure, _text in QUALITY_GATES}
+    damage = np.asarray(damage if damage is not None else [""] * len(face_short), dtype=str)
+    return masks | {"damaged": damage != ""}
+
+
 def quality_failures(face_short, blur, det_score, *, min_short, min_blur, min_det_score,
                      damage=None):
-    """Per face, the list of quality gates it fails (empty = passes).
+    """Per face, the list of quality gates it fails (empty = passes), as
+    quality_gate_masks decides, each with its value and floor.
 
     `damage` (per face: the damage its photo's decoder reported, '' for none)
     fails a face whatever its measurements: part of such a photo is filled in.
     """
     values = {"face_short": face_short, "blur": blur, "det_score": det_score}
     limits = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
+    masks = quality_gate_masks(face_short, blur, det_score, damage=damage, **limits)
     failures = [[] for _ in range(len(face_short))]
     for option, measure, text in QUALITY_GATES:
-        column, limit = np.asarray(values[measure]), limits[option]
-        for face in np.flatnonzero(column < limit):
-            failures[face].append(text.format(value=float(column[face]), limit=limit))
-    for face in np.flatnonzero(np.asarray(damage if damage is not None else [], dtype=str) != ""):
+        column = np.asarray(values[measure])
+        for face in np.flatnonzero(masks[option]):
+            failures[face].append(text.format(value=float(column[face]), limit=limits[option]))
+    for face in np.flatnonzero(masks["damaged"]):
         failures[face].append(f"its photo is damaged ({damage[face]})")
     return failures
-
-
-def quality_gate_counts(failures, faces) -> dict:
-    """Of `faces`, how many fail each quality gate (by its option; `damaged`
-    for a damaged photo), from quality_failures' texts; a face may fail several."""
-    counts = {option: 0 for option, _measure, _text in QUALITY_GATES} | {"damaged": 0}
-    starts = [(option, text.split("{")[0]) for option, _measure, text in QUALITY_GATES]
-    for face in faces:
-        for reason in failures[face]:
-            option = next((o for o, start in starts if reason.startswith(start)), "damaged")
-            counts[option] += 1
-    return counts
 
 
 def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
@@ -6888,14 +6890,15 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     dropped: dict[int, tuple[str, str]] = {
         int(face): ("rejected", "rejected by a people decision") for face in sorted(rejected)}
     pinned = {f for g in constraints["together"] for f in g}
-    failures = quality_failures(face_short, blur, det_score, min_short=min_short,
-                                min_blur=min_blur, min_det_score=min_det_score, damage=damage)
+    gates = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
+    failures = quality_failures(face_short, blur, det_score, damage=damage, **gates)
     for face, reasons in enumerate(failures):
         if reasons and face not in rejected:
             dropped[face] = ("quality", "; ".join(reasons))
     stages["dropped_quality"] = sum(1 for s, _ in dropped.values() if s == "quality")
-    stages["quality_gates"] = quality_gate_counts(
-        failures, [f for f, (stage, _r) in dropped.items() if stage == "quality"])
+    stages["quality_gates"] = {option: int(mask[kept_faces].sum()) for option, mask in
+                               quality_gate_masks(face_short, blur, det_score, damage=damage,
+                                                  **gates).items()}
     stages["initial_single_faces"] = int(sum(len(c) == 1 for c in clusters_initial))
     gated = [g[[f not in dropped for f in g]] for g in clusters]
     gated = [g for g in gated if len(g)]

@@ -12,6 +12,8 @@ One file, one subcommand function each, over shared helpers:
     enrich       landmarks and pose for every cached face
     export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
     people       name, merge, move, reject and split people; every later run keeps it
+    review       the same by clicking: OUT's review page served on this machine, each
+                 decision applied at once
 
 Sections, in order (search for the banner lines): shared helpers first,
 then one section per subcommand, then the command line. A section uses only
@@ -57,6 +59,8 @@ last, wires them all.
     PEOPLE AND NUMBERING the people decisions and their constraints, the numbers an output
                          keeps across rebuilds, an output's people and the suggestions
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands
+    REVIEW APP           the review subcommand: a local server (standard library) of OUT's
+                         page where each people decision is a click, guarded by a token
     CLI                  argparse wiring
 
 Import it (``import sort_faces``) to call any helper directly.
@@ -72,16 +76,22 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import hmac
 import html
+import http.cookies
+import http.server
 import importlib.util
 import io
 import itertools
 import json
 import math
 import logging
+import mimetypes
 import multiprocessing
 import os
+import queue
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -131,7 +141,7 @@ __version__ = "0.5.0"
 __all__ = [
     "__version__", "UserError", "Interrupted", "main", "build_parser",
     # the subcommands
-    "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people",
+    "embed", "cluster", "refine", "dedup", "extend", "enrich", "export_swap", "people", "review",
     # what the user reads: commands as pasted, paths as typed, counts in number
     "tool_command", "shell_word", "as_typed", "counted", "option_words", "plain_number",
     # options, caches, manifests, outputs
@@ -339,6 +349,8 @@ OPTION_RULES = {
     "video_every": ("float", 0.04, 3600.0),
     # SCRFD's strides need a multiple of 32.
     "det_size": ("int", 160, 2048),
+    # review --port: 0 asks the system for a free one.
+    "port": ("int", 0, 65535),
 }
 DET_SIZE_MULTIPLE = 32
 
@@ -746,6 +758,60 @@ MAX_PERSON_NAME_CHARS = 80
 # A face of a rebuilt cache is the decided one when its box overlaps this much
 # (re-embedding moves a box by a pixel or two).
 FACE_KEY_MIN_IOU = 0.5
+# Hex digits of an output's fingerprint (output_fingerprint): 128 bits of its manifest's hash.
+OUTPUT_FINGERPRINT_CHARS = 32
+
+# --- review app ---
+# `review OUT` serves on this address only: the local machine, never the network.
+REVIEW_HOST = "127.0.0.1"
+# The Host header a request may carry (with the port), against DNS rebinding.
+REVIEW_HOST_NAMES = ("127.0.0.1", "localhost")
+# Bytes of randomness in the token (secrets.token_urlsafe: 43 characters).
+REVIEW_TOKEN_BYTES = 32
+# The cookie that carries the token once the printed address was opened, named
+# per port (a browser keeps one cookie jar for every port of a host), and the
+# header every POST repeats it in.
+REVIEW_COOKIE = "facesets_review_{port}"
+REVIEW_TOKEN_HEADER = "X-Review-Token"
+# The decisions the page makes (each is `people`'s verb of that name; one
+# `people` does not know yet is left off the page and refused).
+REVIEW_VERBS = ("name", "merge", "move", "reject", "split", "apart", "undo")
+# The page's buttons, in order: what each is called, its key, and what it does
+# (its tooltip and the page's list of keys). `clear` only clears the selection.
+REVIEW_ACTIONS = {
+    "merge": ("Merge", "m", "merge the selected people (the lowest number is kept)"),
+    "move": ("Move", "v", "move the selected faces to the selected person, or to a new "
+                          "person when no person is selected"),
+    "name": ("Name", "n", "name the selected person (or the selected faces, as a new person)"),
+    "reject": ("Reject", "r", "the selected faces are strangers: they join no one again"),
+    "split": ("Split", "s", "re-cluster the selected person more tightly"),
+    "apart": ("Not this person", "a", "the selected faces are not the person they are in "
+                                      "(or the selected one); the selected people are not "
+                                      "the same person"),
+    "undo": ("Undo", "u", "undo the last decision"),
+    "clear": ("Clear", "Escape", "clear the selection"),
+}
+# A decision request: its fields, and the bounds of what it may hold (a move of
+# every face a page shows is well inside them).
+REVIEW_REQUEST_FIELDS = ("verb", "people", "faces", "to", "from", "name", "fingerprint")
+REVIEW_MAX_BODY = 256 * 1024
+REVIEW_MAX_ITEMS = 5000
+REVIEW_MAX_WORD = 200
+# Seconds between the page's checks that OUT was not rebuilt by another run,
+# and before a decision being applied shows "rebuilding... N s".
+REVIEW_POLL_SECONDS = 2.0
+REVIEW_PROGRESS_AFTER = 0.3
+# Suggestions the page lists (most likely first), and faces shown per person in one.
+REVIEW_MAX_SUGGESTIONS = 60
+REVIEW_SUGGESTION_FACES = 3
+# How long a browser may keep a thumbnail (its name is its face's: it never
+# changes); every other answer is never stored.
+REVIEW_THUMB_CACHE = "private, max-age=3600"
+# What the page may load and run: its own inline script and style, images and
+# requests to this server; nothing from elsewhere, and no frame may hold it.
+REVIEW_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
+              "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
 
 
 # ============================================================================
@@ -8297,6 +8363,40 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     return sorted(found, key=lambda s: s["distance"])
 
 
+def people_output(out: Path) -> tuple[str, Path, Path]:
+    """(kind, manifest path, cache path) of the cluster or refine output OUT."""
+    for kind in PEOPLE_OUTPUTS:
+        manifest_path = out / MANIFEST_FILES[kind]
+        if manifest_path.is_file():
+            return kind, manifest_path, Path(load_manifest(manifest_path, kind).cache)
+    if not out.is_dir():
+        raise UserError(file_in_place(out, "cluster or refine output folder"))
+    raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
+                    f"{MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']})")
+
+
+def holder(view: dict, faces) -> str | None:
+    """The person (faceset) of OUT that holds most of `faces` (cache rows), or None."""
+    owner = {f: e.name for e in view["entries"] for f in e.face_ids()}
+    counts = collections.Counter(owner[f] for f in faces if f in owner)
+    return max(counts, key=lambda n: (counts[n], n)) if counts else None
+
+
+def same_name(a, b) -> bool:
+    """Do two names read the same (Unicode-normalised, case-folded)?"""
+    fold = lambda n: unicodedata.normalize("NFKC", str(n)).casefold().strip()  # noqa: E731
+    return fold(a) == fold(b)
+
+
+def output_fingerprint(manifest_path: Path) -> str:
+    """What tells one build of a cluster or refine output from any other: the
+    hash of its manifest, which every build writes anew (with its time). A
+    decision made on what a page showed carries it (`people(fingerprint=)`),
+    so it is never applied to an output rebuilt since."""
+    with open_regular(manifest_path, "manifest") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:OUTPUT_FINGERPRINT_CHARS]
+
+
 class PeopleBuild(NamedTuple):
     """What a cluster or refine run hands to write_people_output: its people
     (or facesets; face arrays), and `manifest(work, names, **fields)`, which
@@ -9919,12 +10019,6 @@ def face_key(cache: FaceCache, face: int) -> dict:
             "box": [round(float(v), 1) for v in cache["bbox"][face]]}
 
 
-def same_name(a, b) -> bool:
-    """Do two names read the same (Unicode-normalised, case-folded)?"""
-    fold = lambda n: unicodedata.normalize("NFKC", str(n)).casefold().strip()  # noqa: E731
-    return fold(a) == fold(b)
-
-
 def gated_move(view: dict, out: Path, faces: list[int]) -> None:
     """UserError when a move names faces refine's quality gate drops (people_view)."""
     gated = [face for face in faces if face in view["gated"]]
@@ -9955,13 +10049,6 @@ def find_person(view: dict, out: Path, wanted: str, cache: FaceCache | None = No
         raise UserError(f"{gone} ({listing})")
     noun = "person" if view["kind"] == "cluster" else "faceset"
     raise UserError(f"{display(wanted)!r} is not a {noun} of {display(out)} ({listing})")
-
-
-def holder(view: dict, faces) -> str | None:
-    """The person (faceset) of OUT that holds most of `faces` (cache rows), or None."""
-    owner = {f: e.name for e in view["entries"] for f in e.face_ids()}
-    counts = collections.Counter(owner[f] for f in faces if f in owner)
-    return max(counts, key=lambda n: (counts[n], n)) if counts else None
 
 
 def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
@@ -10121,18 +10208,6 @@ def text_table(rows: list[tuple], numbers=()) -> list[str]:
             for row in rows]
 
 
-def people_output(out: Path) -> tuple[str, Path, Path]:
-    """(kind, manifest path, cache path) of the cluster or refine output OUT."""
-    for kind in PEOPLE_OUTPUTS:
-        manifest_path = out / MANIFEST_FILES[kind]
-        if manifest_path.is_file():
-            return kind, manifest_path, Path(load_manifest(manifest_path, kind).cache)
-    if not out.is_dir():
-        raise UserError(file_in_place(out, "cluster or refine output folder"))
-    raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
-                    f"{MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']})")
-
-
 def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: dict,
                           decisions: list[dict], undoing: bool) -> dict:
     """Rebuild OUT (whose lock the caller holds) at its own parameters with
@@ -10147,16 +10222,22 @@ def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: di
 
 
 def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
-           split_threshold=None, quiet=False) -> dict:
+           split_threshold=None, quiet=False, fingerprint=None) -> dict:
     """List the people of a cluster output OUT (or the facesets of a refine
     output), or decide about them: name, merge, move, reject, split, undo. OUT
     is rebuilt with the decision at once, at its own parameters, and the
     decision appended to the people file beside OUT's cache (under the
     cache's lock) just before the rebuilt OUT replaces the old: a decision
     OUT cannot take (a folder face-sets did not make, anything the rebuild
-    refuses) is never kept.
-    Returns {"people": listing, "decision": the decision or None}."""
+    refuses) is never kept. With `fingerprint` (output_fingerprint of OUT
+    as the caller showed it, as the review app does) a decision on an OUT
+    rebuilt since is refused, and nothing is written.
+    Returns {"people": listing, "decision": the decision or None, "message":
+    the line it says}."""
     out = Path(out)
+    if verb not in (None, "suggest", *PEOPLE_VERBS):
+        raise UserError(f"{display(str(verb))!r} is not a people verb (one of "
+                        f"{', '.join(PEOPLE_VERBS)}, or suggest)")
     kind, manifest_path, cache_path = people_output(out)
     cache = load_cache(cache_path)
     if verb in (None, "suggest"):
@@ -10187,6 +10268,9 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
     # run is refused before it writes anything.
     with exclusive_lock(cache_path, "cache"), output_lock(out):
         manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
+        if fingerprint is not None and output_fingerprint(manifest_path) != fingerprint:
+            raise UserError(f"{display(out)} was rebuilt since it was shown (by another run): "
+                            f"the {verb} was not applied; look at it as it is now")
         decisions = load_decisions(path)
         before = people_view(manifest, kind)
         decision = new_decision(verb, before, out, cache, decisions,
@@ -10204,10 +10288,880 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
         what = f"undid decision {undone['id']}: {decision_words(undone, view, cache)}"
     else:
         what = f"decision {decision['id']}: {decision_words(decision, before, cache)}"
-    say(f"people: {what}; decision {decision['id']} ({verb}) kept in {display(path)}; "
-        f"{display(out)} rebuilt: {len(view['entries'])} "
-        f"{'people' if kind == 'cluster' else 'facesets'}", quiet)
-    return {"people": people_listing(view), "decision": decision}
+    message = (f"people: {what}; decision {decision['id']} ({verb}) kept in {display(path)}; "
+               f"{display(out)} rebuilt: {len(view['entries'])} "
+               f"{'people' if kind == 'cluster' else 'facesets'}")
+    say(message, quiet)
+    return {"people": people_listing(view), "decision": decision, "message": message}
+
+
+# ============================================================================
+# REVIEW APP
+# `review OUT`: OUT's review page served on this machine, where each people
+# decision is a click (or a key) and applied at once by `people` itself: the
+# same decisions file, locks, checks and rebuild, one decision at a time, run
+# by the main thread so that a stop signal interrupts it as it interrupts
+# `people`. The standard library's http.server, on 127.0.0.1 only: every
+# request carries the secret token (a cookie, set from the printed address),
+# its Host header names this server (against DNS rebinding), a change is a
+# same-origin POST that repeats the token in a header, and only files inside
+# OUT are served. The page is OUT's own index.html, the static page's rows,
+# with the app's bar, panels (suggestions, unassigned faces) and script in
+# place of its own; after a decision the script fetches it again and swaps
+# <main>, keeping the scroll position and the selection. The build's
+# fingerprint (output_fingerprint) goes with each decision and is polled, so
+# a tab left open on an output rebuilt since never applies a decision to it.
+# ============================================================================
+
+_APP_CSS = """
+#app-bar{flex-basis:100%;display:flex;flex-wrap:wrap;align-items:center;gap:4px 6px;margin-top:2px}
+#app-bar button{font:inherit;font-size:13px;padding:2px 8px;border:1px solid #c4cad4;
+border-radius:6px;background:#fff;cursor:pointer}
+#app-bar button:disabled{opacity:.45;cursor:default}
+kbd{font:11px ui-monospace,monospace;color:var(--muted);border:1px solid var(--line);
+border-radius:3px;padding:0 3px;margin-left:2px;background:#fff}
+#app-selected{color:var(--muted);font-size:13px;min-width:11em}
+#app-status{font-size:13px;overflow-wrap:anywhere;flex:1 1 24em}
+#app-status.error{color:var(--bad);font-weight:600}
+#app-status.busy{color:var(--link);font-weight:600}
+#app-status.ok{color:#1a7f37}
+body.busy{cursor:progress}
+body.busy [data-decide],body.busy #app-bar button{pointer-events:none;opacity:.45}
+body.app #people{display:none}
+body.app .t{cursor:pointer}
+.app-help{margin:0 0 10px;color:var(--muted);font-size:13px}
+.app-panel{margin:0 0 12px;padding:8px 10px;background:var(--card);border:1px solid var(--line);
+border-radius:8px}
+.app-panel>summary{cursor:pointer;font-weight:600}
+.app-panel ol{margin:6px 0 0;padding-left:24px}
+.app-panel li{margin:0 0 8px}
+.app-sug{display:flex;flex-wrap:wrap;align-items:center;gap:4px 8px}
+.app-sug .strip{display:inline-flex}
+.app-person{color:var(--link);cursor:pointer;font-weight:600}
+.app-sug .t{width:56px;height:56px}
+.app-sug .badge{font-size:10px;line-height:13px}
+button.app-do{font:inherit;font-size:12px;padding:1px 8px;border:1px solid #c4cad4;
+border-radius:4px;background:#fff;cursor:pointer}
+button.app-do.yes{border-color:#1a7f37;color:#1a7f37}
+.app-face figcaption button{font:inherit;font-size:11px;padding:0 3px;border:1px solid #c4cad4;
+border-radius:3px;background:#fff;cursor:pointer;max-width:100%;overflow:hidden;
+text-overflow:ellipsis;white-space:nowrap}
+input.app-name{font:inherit;padding:2px 6px;border:2px solid var(--link);border-radius:4px;width:16em}
+"""
+
+# The app: selection (faces and people, kept across rebuilds), the buttons and
+# their keys (the page's data), inline naming, each decision POSTed with the
+# token and the build's fingerprint, then the page fetched again and <main>
+# swapped (scroll position, open rows and selection kept); a poll that notices
+# a rebuild made elsewhere; the name filter, which now finds swapped rows too.
+_APP_JS = """
+(function(){
+'use strict';
+var data=JSON.parse(document.getElementById('app-data').textContent);
+var fingerprint=data.fingerprint,faces=new Set(),people=new Set(),busy=false;
+var statusLine=document.getElementById('app-status'),chosen=document.getElementById('app-selected');
+var filter=document.getElementById('filter'),shown=document.getElementById('shown');
+document.body.classList.add('app','picking');
+function q(sel,root){return [].slice.call((root||document).querySelectorAll(sel));}
+function say(text,kind){statusLine.textContent=text||'';statusLine.className=kind||'';}
+function faceEls(id){return q('main [data-face="'+CSS.escape(id)+'"]');}
+function personEl(name){
+return document.querySelector('main button.pick[data-person="'+CSS.escape(name)+'"]');}
+function mark(){
+q('.sel').forEach(function(el){el.classList.remove('sel');});
+faces.forEach(function(id){faceEls(id).forEach(function(el){el.classList.add('sel');});});
+people.forEach(function(p){var el=personEl(p);if(el)el.classList.add('sel');});
+update();}
+function toggle(set,key){if(set.has(key))set.delete(key);else set.add(key);mark();}
+function prune(){
+faces.forEach(function(id){if(!faceEls(id).length)faces.delete(id);});
+people.forEach(function(p){if(!personEl(p))people.delete(p);});}
+function holderOf(id){
+var el=document.querySelector('main [data-row] > .strip [data-face="'+CSS.escape(id)+'"]');
+var row=el&&el.closest('[data-row]'),pick=row&&row.querySelector('button.pick[data-person]');
+return pick?pick.getAttribute('data-person'):null;}
+function holder(f){var first=holderOf(f[0]);
+return first&&f.every(function(id){return holderOf(id)===first;})?first:null;}
+function plan(verb){
+var f=Array.from(faces),p=Array.from(people);
+if(data.verbs.indexOf(verb)<0&&verb!=='clear')return 'this face-sets cannot '+verb+' yet';
+switch(verb){
+case 'merge':return p.length>1&&!f.length?{verb:'merge',people:p}:
+'select two people or more (their select buttons), and no face';
+case 'move':if(!f.length)return 'select the faces to move first';
+if(p.length>1)return 'select one person to move the faces to (or none: a new person)';
+return {verb:'move',faces:f,to:p.length?p[0]:'new'};
+case 'name':if(p.length===1&&!f.length)return {verb:'name',people:p};
+if(f.length&&!p.length)return {verb:'move',faces:f,to:'new'};
+return 'select one person to name, or faces to name as a new person';
+case 'reject':return f.length&&!p.length?{verb:'reject',faces:f}:
+'select the faces to reject, and no person';
+case 'split':return p.length===1&&!f.length?{verb:'split',people:p}:'select one person to split';
+case 'apart':if(f.length&&p.length<2){var from=p.length?p[0]:holder(f);
+return from?{verb:'apart',faces:f,from:from}:
+'select the person these faces are not (its select button)';}
+return p.length>1&&!f.length?{verb:'apart',people:p}:
+'select faces (and the person they are not), or two people or more';
+case 'undo':return {verb:'undo'};
+case 'clear':return f.length||p.length?{verb:'clear'}:'nothing is selected';}
+return 'unknown action';}
+function update(){
+var f=faces.size,p=Array.from(people),words=[];
+if(f)words.push(f+(f===1?' face':' faces'));
+if(p.length)words.push(p.length>3?p.length+' people':p.join(', '));
+chosen.textContent=words.length?'selected: '+words.join(' and '):'nothing selected';
+q('#app-bar button[data-verb]').forEach(function(b){
+var r=plan(b.getAttribute('data-verb'));b.disabled=busy||typeof r==='string';
+b.title=typeof r==='string'?r:b.getAttribute('data-help');});}
+function act(verb){
+if(busy)return;
+var r=plan(verb);
+if(typeof r==='string'){say(r,'error');return;}
+if(verb==='clear'){faces.clear();people.clear();mark();say('');return;}
+if(verb==='name'){editName(r);return;}
+send(r);}
+function editName(r){
+var old=document.querySelector('input.app-name');if(old)old.remove();
+var input=document.createElement('input'),anchor,current='';
+input.type='text';input.className='app-name';input.maxLength=data.max_name;
+if(r.verb==='name'){anchor=personEl(r.people[0]);if(!anchor)return;
+var label=anchor.closest('.head').querySelector('.name').textContent.trim();
+current=label.indexOf(' ')>0?label.slice(label.indexOf(' ')+1):'';
+input.placeholder='name of '+r.people[0];}
+else{anchor=chosen;input.placeholder='name of the new person';}
+input.setAttribute('aria-label',input.placeholder);input.value=current;
+anchor.after(input);input.focus();input.select();
+input.addEventListener('keydown',function(e){e.stopPropagation();
+if(e.key==='Enter'){e.preventDefault();var v=input.value;input.remove();
+if(v.trim()){r.name=v;send(r);}}
+else if(e.key==='Escape'){e.preventDefault();input.remove();}});
+input.addEventListener('blur',function(){setTimeout(function(){input.remove();},200);});}
+function keyOf(el){var pick=el.querySelector&&el.querySelector(':scope > .head button.pick[data-person]');
+return pick?'p:'+pick.getAttribute('data-person'):el.id?'#'+el.id:
+el.hasAttribute('data-name')?'r:'+el.getAttribute('data-name'):null;}
+function topItem(){
+var top=document.querySelector('header').getBoundingClientRect().bottom,items=q('main > *');
+for(var i=0;i<items.length;i++){var box=items[i].getBoundingClientRect();
+if(box.bottom>top&&keyOf(items[i]))return {key:keyOf(items[i]),offset:box.top,y:window.scrollY};}
+return {key:null,y:window.scrollY};}
+function restore(at){
+var el=at.key&&q('main > *').filter(function(x){return keyOf(x)===at.key;})[0];
+if(el)window.scrollBy(0,el.getBoundingClientRect().top-at.offset);else window.scrollTo(0,at.y);}
+function openKey(d){var owner=d.parentElement.closest('[data-row],[id]');
+return (owner?keyOf(owner)||owner.id:'')+'|'+(d.id||'')+'|'+
+(d.querySelector('summary')||d).textContent.replace(/[0-9]+/g,'').trim();}
+function refresh(clear){
+return fetch('/',{credentials:'same-origin',cache:'no-store'}).then(function(resp){
+if(!resp.ok)throw new Error('status '+resp.status);return resp.text();}).then(function(text){
+var doc=new DOMParser().parseFromString(text,'text/html'),fresh=doc.querySelector('main'),
+facts=doc.getElementById('app-data');
+if(!fresh||!facts)throw new Error('not the review page');
+var at=topItem(),opened={};
+q('main details').forEach(function(d){opened[openKey(d)]=d.open;});
+document.querySelector('main').innerHTML=fresh.innerHTML;
+q('main details').forEach(function(d){var k=openKey(d);if(k in opened)d.open=opened[k];});
+var summary=doc.querySelector('header .summary'),here=document.querySelector('header .summary');
+if(summary&&here)here.textContent=summary.textContent;
+fingerprint=JSON.parse(facts.textContent).fingerprint;
+if(clear){faces.clear();people.clear();}
+decorate();prune();mark();applyFilter();restore(at);});}
+function done(){busy=false;document.body.classList.remove('busy');update();}
+function send(r){
+if(busy)return;busy=true;document.body.classList.add('busy');update();
+r.fingerprint=fingerprint;
+var started=Date.now(),timer=setInterval(function(){var s=(Date.now()-started)/1000;
+if(s>=data.progress_after)say('rebuilding\\u2026 '+Math.floor(s)+' s','busy');},100);
+var headers={'Content-Type':'application/json'};headers[data.header]=data.token;
+fetch('/api/decide',{method:'POST',credentials:'same-origin',headers:headers,
+body:JSON.stringify(r)}).then(function(resp){return resp.json().catch(function(){
+return {ok:false,error:'the review server refused it ('+resp.status+')'};});})
+.then(function(res){
+var changed=res.fingerprint&&res.fingerprint!==fingerprint;
+return (changed?refresh(res.stale):Promise.resolve()).then(function(){clearInterval(timer);
+if(res.ok)say(res.warning||res.message,res.warning?'error':'ok');
+else say(res.error+(res.stale?' (the page shows it as it is now; the selection was cleared)':''),
+'error');});})
+.catch(function(){clearInterval(timer);
+say('no answer from the review server: is it still running?','error');})
+.then(done);}
+function decorate(){
+q('main button.pick[data-person]').forEach(function(pick){
+var next=pick.nextElementSibling;if(next&&next.hasAttribute('data-rename'))return;
+var b=document.createElement('button');b.type='button';b.className='pick';b.textContent='name\\u2026';
+b.setAttribute('data-rename',pick.getAttribute('data-person'));b.title='name this person';
+pick.after(b);});}
+function applyFilter(){
+var v=filter.value.trim().toLowerCase(),rows=q('[data-row]'),n=0;
+rows.forEach(function(r){var ok=!v||r.getAttribute('data-name').indexOf(v)>=0;r.hidden=!ok;
+if(ok)n++;});
+shown.textContent=v?n+' of '+rows.length+' shown':rows.length+' rows';}
+function goTo(person){var el=personEl(person);
+if(el)el.closest('[data-row]').scrollIntoView({block:'center'});}
+document.addEventListener('click',function(e){
+var t=e.target;if(!(t instanceof Element))return;
+var el=t.closest('[data-decide]');
+if(el){e.preventDefault();send(JSON.parse(el.getAttribute('data-decide')));return;}
+el=t.closest('[data-rename]');
+if(el){e.preventDefault();editName({verb:'name',people:[el.getAttribute('data-rename')]});return;}
+el=t.closest('#app-bar button[data-verb]');
+if(el){e.preventDefault();act(el.getAttribute('data-verb'));return;}
+el=t.closest('[data-goto]');if(el){e.preventDefault();goTo(el.getAttribute('data-goto'));return;}
+if(e.ctrlKey||e.metaKey||e.shiftKey||e.altKey||!t.closest('main'))return;
+el=t.closest('[data-face]');
+if(el){e.preventDefault();toggle(faces,el.getAttribute('data-face'));return;}
+el=t.closest('button.pick[data-person]');
+if(el){e.preventDefault();toggle(people,el.getAttribute('data-person'));return;}
+el=t.closest('.head .name a');
+if(el){e.preventDefault();var row=el.closest('[data-row]'),
+pick=row&&row.querySelector('button.pick[data-person]');
+if(pick)toggle(people,pick.getAttribute('data-person'));
+else if(row&&row.tagName==='DETAILS')row.open=!row.open;}},true);
+document.addEventListener('keydown',function(e){
+var t=e.target;
+if(t instanceof Element&&t.closest('input,textarea,select'))return;
+if(e.ctrlKey||e.metaKey||e.altKey)return;
+if(e.key==='/'){e.preventDefault();filter.focus();return;}
+var verb=data.keys[e.key]||data.keys[e.key.toLowerCase()];
+if(verb){e.preventDefault();act(verb);}});
+filter.addEventListener('input',applyFilter);
+setInterval(function(){
+if(busy)return;
+fetch('/api/state',{credentials:'same-origin',cache:'no-store'}).then(function(r){return r.json();})
+.then(function(s){
+if(busy||!s.fingerprint||s.fingerprint===fingerprint)return;
+busy=true;document.body.classList.add('busy');
+return refresh(true).then(function(){say(data.rebuilt_elsewhere,'error');}).then(done,done);})
+.catch(function(){if(!busy)say('no answer from the review server: is it still running?','error');});
+},data.poll*1000);
+decorate();applyFilter();mark();
+})();
+"""
+
+
+class ReviewRefused(UserError):
+    """A request the review server refuses: its HTTP status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def review_host_ok(host, port: int) -> bool:
+    """Is a request's Host header this server's (127.0.0.1 or localhost, with
+    its port)? A page of another site whose name a DNS trick points at
+    127.0.0.1 still sends that name, and is refused."""
+    return isinstance(host, str) and \
+        host.strip().lower() in {f"{name}:{port}" for name in REVIEW_HOST_NAMES}
+
+
+def review_token_matches(given, token: str) -> bool:
+    """Does `given` (a cookie, a header, a query's value) equal the token? In
+    constant time (hmac.compare_digest), so that how long a refusal takes
+    tells nothing of the token's characters."""
+    return isinstance(given, str) and hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+def served_file(out: Path, url_path: str) -> Path | None:
+    """The regular file inside OUT that a request's path names, or None (404).
+
+    The path is percent-decoded once; each of its parts must be a plain name
+    (no "..", ".", empty part, backslash, NUL or drive: nothing absolute), and
+    the file, every link on the way resolved, must lie inside OUT. So an
+    encoded "..", a doubled slash and a link in OUT to a file outside it all
+    fail, as do folders (nothing is listed)."""
+    if not url_path.startswith("/"):
+        return None
+    try:
+        decoded = urllib.parse.unquote(url_path[1:], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    parts = decoded.split("/")
+    if not decoded or any(part in ("", ".", "..") or "\\" in part or "\0" in part
+                          or os.path.isabs(part) or os.path.splitdrive(part)[0]
+                          for part in parts):
+        return None
+    path = Path(out).joinpath(*parts)
+    return path if is_within(path, out) and os.path.isfile(path) else None
+
+
+def page_thumbs(page: str) -> dict[int, str]:
+    """face id -> the path of its thumbnail on a review page (render_review_page's
+    HTML: each thumbnail of a face carries data-face, its <img> follows)."""
+    return {int(face): urllib.parse.unquote(html.unescape(src), errors="surrogateescape")
+            for face, src in re.findall(r'data-face="(\d+)"><img\b[^>]*\bsrc="([^"]*)"', page)}
+
+
+def unassigned_faces(view: dict, cache: FaceCache, constraints: dict, faces) -> list[dict]:
+    """Each of `faces` (loose faces of OUT: people_view's) with the person
+    nearest it that no decision keeps it apart from, and the cosine distance
+    from the face to that person's mean face (as suggest measures a move),
+    nearest first: what a user assigns or names in bulk. `person` is None
+    when there is no such person."""
+    faces, entries = [int(f) for f in faces], view["entries"]
+    if not faces:
+        return []
+    if not entries:
+        return [{"face": face, "person": None, "distance": None} for face in faces]
+    embeddings = cache["embeddings"]
+    means = np.array([embeddings[e.face_ids()].mean(axis=0) for e in entries])
+    pinned = {f: g for g, members in enumerate(constraints["together"]) for f in members}
+    apart = {frozenset(pair) for pair in constraints["apart"]}
+    groups_of = [{pinned[f] for f in e.face_ids() if f in pinned} for e in entries]
+    found = []
+    for face, row in zip(faces, 1.0 - embeddings[faces] @ means.T):
+        group = pinned.get(face)
+        nearest = next((int(i) for i in np.argsort(row, kind="stable")
+                        if group is None or not any(frozenset((group, g)) in apart
+                                                    for g in groups_of[i])), None)
+        found.append({"face": face, "person": None if nearest is None else entries[nearest].name,
+                      "distance": None if nearest is None else float(row[nearest])})
+    return sorted(found, key=lambda f: (f["distance"] is None, f["distance"] or 0.0, f["face"]))
+
+
+def review_state(out: Path, page: str) -> dict:
+    """What the app adds to one build of OUT's page (`page`, its index.html):
+    the kind and prefix, each person's title and first faces, the
+    suggestions, the unassigned faces, and the thumbnail of each face the
+    page shows (the app shows those faces with them)."""
+    kind, manifest_path, cache_path = people_output(out)
+    cache = load_cache(cache_path)
+    view = people_view(load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size),
+                       kind)
+    constraints = people_constraints(cache_path, cache)
+    thumbs = page_thumbs(page)
+    return {"kind": kind, "prefix": view["prefix"], "thumbs": thumbs,
+            "titles": {e.name: e.title for e in view["entries"]},
+            "first": {e.name: strip_faces(cache["embeddings"], e.face_ids())[
+                :REVIEW_SUGGESTION_FACES] for e in view["entries"]},
+            "suggestions": people_suggestions(view, out, cache, constraints),
+            "unassigned": unassigned_faces(view, cache, constraints,
+                                           [f for f in view["loose"] if f in thumbs])}
+
+
+def _decide_attr(request: dict) -> str:
+    """A decision a button makes, as its data-decide attribute (JSON, escaped)."""
+    return f'data-decide="{html.escape(json.dumps(request, ensure_ascii=False), quote=True)}"'
+
+
+def _app_faces_html(state: dict, faces) -> str:
+    """A strip of faces the page shows, each with its thumbnail and id."""
+    thumbs = state["thumbs"]
+    return '<span class="strip">' + "".join(
+        _thumb_html({"src": thumbs[f], "face": f, "face_id": True, "badge": f}, f"face {f}")
+        for f in faces if f in thumbs) + "</span>"
+
+
+def _app_person_html(state: dict, name: str) -> str:
+    """A person's title, which scrolls to its row when clicked."""
+    e = html.escape
+    return (f'<span class="app-person" data-goto="{e(name)}" title="show its row">'
+            f'{e(state["titles"].get(name, name))}</span>')
+
+
+def _suggestion_html(state: dict, suggestion: dict, verbs) -> str:
+    """One suggestion, with Accept and (where `apart` is a verb) Not the same person."""
+    person = lambda name: _app_person_html(state, name)  # noqa: E731
+    if suggestion["kind"] == "merge":
+        a, b = suggestion["people"]
+        what = (f'{person(a)} {_app_faces_html(state, state["first"].get(a, []))} and '
+                f'{person(b)} {_app_faces_html(state, state["first"].get(b, []))}: one person?')
+        accept, apart = {"verb": "merge", "people": [a, b]}, {"verb": "apart", "people": [a, b]}
+    else:
+        (to,), faces = suggestion["people"], [str(f) for f in suggestion["faces"]]
+        what = (f'{_app_faces_html(state, suggestion["faces"])} '
+                f'{"is" if len(faces) == 1 else "are"} {person(to)} '
+                f'{_app_faces_html(state, state["first"].get(to, []))}?')
+        accept = {"verb": "move", "faces": faces, "to": to}
+        apart = {"verb": "apart", "faces": faces, "from": to}
+    buttons = f'<button type="button" class="app-do yes" {_decide_attr(accept)}>Accept</button>'
+    if "apart" in verbs:
+        buttons += (f' <button type="button" class="app-do" {_decide_attr(apart)}>'
+                    'Not the same person</button>')
+    return (f'<li class="app-sug">{buttons} <span class="sub">{suggestion["distance"]:.3f}'
+            f'</span> {what}</li>')
+
+
+def _unassigned_html(state: dict, item: dict) -> str:
+    """One unassigned face, with the button that moves it to its nearest person."""
+    e, face = html.escape, item["face"]
+    thumb = _thumb_html({"src": state["thumbs"][face], "face": face, "face_id": True,
+                         "badge": face}, f"face {face}")
+    if item["person"] is None:
+        return f'<figure class="cap app-face">{thumb}<figcaption>no one near</figcaption></figure>'
+    name = item["person"]
+    move = {"verb": "move", "faces": [str(face)], "to": name}
+    return (f'<figure class="cap app-face">{thumb}<figcaption><button type="button" '
+            f'{_decide_attr(move)} title="move face {face} to {e(state["titles"][name])} '
+            f'(cosine distance {item["distance"]:.3f})">&rarr; {e(state["titles"][name])}'
+            f'</button></figcaption></figure>')
+
+
+def review_panels_html(state: dict, verbs) -> str:
+    """The app's part of <main>: how to use it (the keys), the suggestions with
+    Accept and Not the same person, and the unassigned faces, nearest person
+    first, each with a button that assigns it to that person."""
+    e = html.escape
+    keys = " &middot; ".join(f"<kbd>{e('Esc' if key == 'Escape' else key)}</kbd> "
+                             f"{e(label.lower())}"
+                             for verb, (label, key, _help) in REVIEW_ACTIONS.items()
+                             if verb in verbs or verb == "clear")
+    noun = "people" if state["kind"] == "cluster" else "facesets"
+    help_line = (f'<p class="app-help" id="app-help">Click faces, and {noun}\' '
+                 '<b>select</b> buttons (or their names), to choose them; then a button above, '
+                 f'or its key: {keys} &middot; <kbd>/</kbd> filter. Each decision is applied at '
+                 'once, exactly as the <code>people</code> command makes it, and can be undone. '
+                 'Ctrl-click a face to open its photo.</p>\n')
+    suggestions = state["suggestions"]
+    shown = suggestions[:REVIEW_MAX_SUGGESTIONS]
+    more = (f'<p class="sub">{len(suggestions) - len(shown)} more after these</p>'
+            if len(suggestions) > len(shown) else "")
+    items = "".join(_suggestion_html(state, s, verbs) for s in shown) or \
+        '<li class="empty">none: no two people, and no loose face and person, lie near</li>'
+    unassigned = state["unassigned"]
+    what = "single faces" if state["kind"] == "cluster" else "faces left out of every faceset"
+    faces = "".join(_unassigned_html(state, item) for item in unassigned) or \
+        '<span class="empty">none</span>'
+    return (help_line +
+            f'<details class="app-panel" id="app-suggestions" open><summary>Suggestions '
+            f'({len(suggestions)}), most likely first (with the cosine distance, on average, '
+            f'between the two)</summary><ol>{items}</ol>{more}</details>\n'
+            f'<details class="app-panel" id="app-unassigned" open><summary>Unassigned faces '
+            f'({len(unassigned)}), nearest person first</summary><p class="sub">The {what} '
+            'the page shows. Select several, then a person and Move, or Name them as a new '
+            'person; the button under a face moves it to its nearest person.</p>'
+            f'<div class="strip">{faces}</div></details>\n')
+
+
+def review_bar_html(verbs) -> str:
+    """The app's bar, at the end of the page's sticky header: what is selected,
+    a button per action (with its key), and the status line (a decision's
+    result, its error, or "rebuilding... N s")."""
+    e = html.escape
+    buttons = "".join(
+        f'<button type="button" data-verb="{verb}" data-help="{e(help_text)}" '
+        f'title="{e(help_text)}">{e(label)} <kbd>{e("Esc" if key == "Escape" else key)}</kbd>'
+        f'</button>' for verb, (label, key, help_text) in REVIEW_ACTIONS.items()
+        if verb in verbs or verb == "clear")
+    return (f'<div id="app-bar" role="toolbar" aria-label="decisions">'
+            f'<span id="app-selected">nothing selected</span>{buttons}'
+            '<span id="app-status" role="status" aria-live="polite"></span></div>')
+
+
+def review_app_page(page: str, state: dict, data: dict, verbs) -> str:
+    """OUT's index.html (`page`) as review serves it: its own scripts replaced
+    by the app's, the app's bar at the end of its header, the app's panels
+    first in <main>, and `data` (the token, the build's fingerprint, the keys)
+    for the app's script. Everything else is the static page as written."""
+    blob = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")  # no "</script>" inside
+    page = re.sub(r"<script>.*?</script>\n?", "", page, flags=re.S)
+    page = page.replace("</head>", f"<style>{_APP_CSS}</style>\n</head>", 1)
+    page = page.replace("</header>", review_bar_html(verbs) + "</header>", 1)
+    page = page.replace("<main>\n", "<main>\n" + review_panels_html(state, verbs), 1)
+    head, _body, tail = page.rpartition("</body>")
+    return (f'{head}<script type="application/json" id="app-data">{blob}</script>\n'
+            f"<script>{_APP_JS}</script>\n</body>{tail}")
+
+
+def decision_request(body: bytes, verbs) -> dict:
+    """The decision a POST asks for, checked for its shape before `people`
+    checks what it names: a JSON object of REVIEW_REQUEST_FIELDS, its verb one
+    of `verbs`, the fields that verb takes (ids and names as lists of short
+    words, the page's fingerprint). UserError, one line, otherwise."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UserError("a decision is a JSON object, as the page sends it") from None
+    if not isinstance(data, dict):
+        raise UserError("a decision is a JSON object, as the page sends it")
+    unknown = sorted(set(data) - set(REVIEW_REQUEST_FIELDS))
+    if unknown:
+        raise UserError(f"a decision has no field {display(unknown[0])!r}")
+    verb = data.get("verb")
+    if verb not in verbs:
+        raise UserError(f"{display(str(verb))[:REVIEW_MAX_WORD]!r} is not a decision this "
+                        f"page makes (one of {', '.join(verbs)})")
+
+    def word(field: str, value) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip() or len(value) > REVIEW_MAX_WORD:
+            raise UserError(f"{field} must be a word of 1 to {REVIEW_MAX_WORD} characters")
+        return value
+
+    def words(field: str) -> list[str]:
+        value = data.get(field, [])
+        if not isinstance(value, list) or len(value) > REVIEW_MAX_ITEMS:
+            raise UserError(f"{field} must be a list of at most {REVIEW_MAX_ITEMS} words")
+        return [word(field, item) for item in value]
+
+    request = {"verb": verb, "people": words("people"), "faces": words("faces"),
+               **{field: word(field, data[field]) for field in ("to", "from", "name",
+                                                                 "fingerprint")
+                  if data.get(field) is not None}}
+    if not re.fullmatch(r"[0-9a-f]{1,64}", request.get("fingerprint", "")):
+        raise UserError("a decision carries the fingerprint of the page it was made on")
+    takes = {"name": ("people", "name"), "merge": ("people",), "move": ("faces", "to", "name"),
+             "reject": ("faces",), "split": ("people",), "undo": (),
+             "apart": ("faces", "from") if request["faces"] else ("people",)}[verb]
+    given = [f for f in ("people", "faces", "to", "from", "name") if request.get(f)]
+    extra = [f for f in given if f not in takes]
+    if extra:
+        raise UserError(f"{verb} takes no {extra[0]}")
+    count = {"name": len(request["people"]) == 1 and "name" in request,
+             "merge": len(request["people"]) >= 2,
+             "move": request["faces"] and "to" in request and (
+                 "name" not in request or request["to"].strip().casefold() == "new"),
+             "reject": bool(request["faces"]), "split": len(request["people"]) == 1,
+             "apart": ("from" in request) if request["faces"] else len(request["people"]) >= 2,
+             "undo": True}[verb]
+    if not count:
+        raise UserError({"name": "name takes one person and the name",
+                         "merge": "merge takes two people or more",
+                         "move": "move takes faces and the person to move them to (or new; "
+                                 "only a new person is named with it)",
+                         "reject": "reject takes faces", "split": "split takes one person",
+                         "apart": "apart takes faces and the person they are not, or two "
+                                  "people or more"}[verb])
+    return request
+
+
+def apply_decision(out: Path, request: dict) -> dict:
+    """Make a checked request's decision with `people` (quiet, with the
+    fingerprint of the page it was made on), as the command line would. A
+    name given with a move to `new` names the person that move made (a
+    second decision; a name `people` refuses is checked first, so it is
+    refused before the move). Returns {"message", "warning"}."""
+    verb, name = request["verb"], request.get("name")
+    if verb == "move" and name is not None:
+        problem = person_name_problem(name)
+        if problem:
+            raise UserError(problem)
+    options = {"people_named": request["people"], "faces_named": request["faces"],
+               "to": request.get("to"), "name": name if verb == "name" else None}
+    if verb == "apart":  # people's apart takes the person the faces are not
+        options["apart_from"] = request.get("from")
+    done = people(out, verb, quiet=True, fingerprint=request["fingerprint"], **options)
+    message, warning = done["message"], None
+    if verb == "move" and name is not None:
+        kind, manifest_path, _cache = people_output(out)
+        fingerprint = output_fingerprint(manifest_path)
+        person = holder(people_view(load_manifest(manifest_path, kind), kind),
+                        [int(f) for f in request["faces"]])
+        try:
+            message = people(out, "name", people_named=[person], name=name, quiet=True,
+                             fingerprint=fingerprint)["message"]
+        except UserError as error:
+            warning = f"{message}; but {person} was not named: {error}"
+    return {"message": message, "warning": warning}
+
+
+class ReviewApp:
+    """One review server's state: OUT, its token and port, the verbs it makes,
+    the decisions handed to the main thread (one at a time), and the app's
+    additions to the page of the build it showed last."""
+
+    def __init__(self, out: Path, token: str):
+        self.out, self.token, self.port = out, token, 0
+        self.verbs = [verb for verb in REVIEW_VERBS if verb in PEOPLE_VERBS]
+        self.jobs: queue.Queue = queue.Queue()
+        self.deciding = threading.Lock()  # held from a decision's request to its answer
+        self.shown = threading.Lock()
+        self.state: tuple[str | None, dict | None] = (None, None)
+
+    def fingerprint(self) -> str | None:
+        """The fingerprint of OUT as it is now (None while it is being swapped)."""
+        try:
+            return output_fingerprint(people_output(self.out)[1])
+        except (UserError, OSError):
+            return None
+
+    def page(self) -> str:
+        """The app's page of OUT as it is now: OUT's index.html, and what the
+        app adds to it for its build (worked out once a build). The page and
+        the fingerprint are of one build: read again if OUT was swapped
+        between."""
+        people_output(self.out)  # still a cluster or refine output, or its one line
+        for _attempt in range(5):
+            before = self.fingerprint()
+            try:
+                with open_regular(self.out / REVIEW_PAGE_NAME, "review page") as handle:
+                    page = handle.read().decode("utf-8", "replace")
+            except FileNotFoundError:
+                raise UserError(f"{display(self.out)} has no {REVIEW_PAGE_NAME}: run the "
+                                "step that made it again") from None
+            if before is not None and before == self.fingerprint():
+                break
+            time.sleep(0.05)
+        else:
+            raise UserError(f"{display(self.out)} keeps changing (another run is rebuilding "
+                            "it): reload in a moment")
+        with self.shown:
+            if self.state[0] != before:
+                self.state = (before, review_state(self.out, page))
+            state = self.state[1]
+        data = {"token": self.token, "header": REVIEW_TOKEN_HEADER, "fingerprint": before,
+                "verbs": self.verbs, "poll": REVIEW_POLL_SECONDS,
+                "progress_after": REVIEW_PROGRESS_AFTER, "max_name": MAX_PERSON_NAME_CHARS,
+                "keys": {key: verb for verb, (_label, key, _help) in REVIEW_ACTIONS.items()
+                         if verb in self.verbs or verb == "clear"},
+                "rebuilt_elsewhere": f"{self.out.name} was rebuilt by another run (a cluster, "
+                                     "an extend, a people command, another review): the page "
+                                     "shows it as it is now, and the selection was cleared"}
+        return review_app_page(page, state, data, self.verbs)
+
+    def decide(self, request: dict) -> dict:
+        """Hand a checked request to the main thread and wait for what it made
+        of it (UserError as it raised it). One at a time: a second while one
+        is being applied is refused (409)."""
+        if not self.deciding.acquire(blocking=False):
+            raise ReviewRefused(409, "another decision is being applied: wait for it, then "
+                                     "decide again")
+        try:
+            job = {"request": request, "done": threading.Event()}
+            self.jobs.put(job)
+            job["done"].wait()
+            if "error" in job:
+                raise job["error"]
+            return job["result"]
+        finally:
+            self.deciding.release()
+
+    def run_decisions(self) -> None:
+        """Apply each decision handed over, in this (the main) thread, until a
+        stop signal (KeyboardInterrupt) ends it: it interrupts a rebuild as it
+        interrupts `people`, which leaves OUT as it was."""
+        while True:
+            try:
+                job = self.jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                job["result"] = apply_decision(self.out, job["request"])
+            except UserError as error:
+                job["error"] = error
+            except KeyboardInterrupt:
+                job["error"] = UserError("review was stopped while it applied the decision; "
+                                         "OUT is as the decisions file says")
+                raise
+            except Exception as error:  # a bug: said in the page, logged with its traceback
+                log.warning("review: unexpected error applying %s (a bug: please report it)",
+                            job["request"]["verb"], exc_info=True)
+                job["error"] = UserError(f"unexpected error (a bug: please report it); the "
+                                         f"log is {log_path()}: {error}")
+            finally:
+                job["done"].set()
+
+
+class ReviewHandler(http.server.BaseHTTPRequestHandler):
+    """Answers one connection's requests: the checks every request passes
+    (Host, token; for a POST, origin and the token again), then the page, the
+    build's fingerprint, a decision, or a file inside OUT."""
+
+    server_version = f"face-sets/{__version__}"
+
+    def version_string(self) -> str:
+        return self.server_version
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def app(self) -> ReviewApp:
+        return self.server.app
+
+    def log_message(self, format, *args):  # to the log, never the token
+        log.debug("review: %s", re.sub(r"token=[^&\s]*", "token=...", format % args))
+
+    def send(self, status: int, body: bytes, content_type: str, headers=()) -> None:
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)),
+                            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                            "Cross-Origin-Resource-Policy": "same-origin",
+                            "Content-Security-Policy": REVIEW_CSP, **dict(headers)}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def line(self, status: int, text: str) -> None:
+        self.send(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
+
+    def answer(self, status: int, data: dict) -> None:
+        self.send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"),
+                  "application/json; charset=utf-8")
+
+    def cookie_token(self) -> str | None:
+        try:
+            jar = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
+        except http.cookies.CookieError:
+            return None
+        morsel = jar.get(REVIEW_COOKIE.format(port=self.app.port))
+        return morsel.value if morsel else None
+
+    def refusal(self, post: bool) -> str | None:
+        """Why this request is refused (403), or None: a Host that is not this
+        server, no token (its cookie); for a POST also no token in its header,
+        or an Origin (or Sec-Fetch-Site) that is not this server's."""
+        host = self.headers.get("Host")
+        if not review_host_ok(host, self.app.port):
+            return "refused: this server answers only requests for its own address"
+        if not review_token_matches(self.cookie_token(), self.app.token):
+            return "refused: open the address that review printed (it carries the token)"
+        if post:
+            if not review_token_matches(self.headers.get(REVIEW_TOKEN_HEADER), self.app.token):
+                return "refused: a decision carries the token in its header"
+            origin = self.headers.get("Origin")
+            site = self.headers.get("Sec-Fetch-Site")
+            if origin is None or origin.strip().lower() != f"http://{host.strip().lower()}" \
+                    or site not in (None, "same-origin"):
+                return "refused: a decision comes only from the review page itself"
+        return None
+
+    def do_GET(self):
+        self.guarded(self.get)
+
+    def do_POST(self):
+        self.guarded(self.post)
+
+    def guarded(self, handle) -> None:
+        """`handle` the request; a UserError is its one line (500), a bug is
+        logged and said to be one, a closed connection is let go."""
+        try:
+            handle()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except UserError as error:
+            self.line(500, " ".join(display(error).split()))
+        except Exception:
+            log.warning("review: unexpected error answering %s (a bug: please report it)",
+                        self.command, exc_info=True)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.line(500, f"unexpected error (a bug: please report it); the log is "
+                               f"{log_path()}")
+
+    def get(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        if not review_host_ok(self.headers.get("Host"), self.app.port):
+            return self.line(403, "refused: this server answers only requests for its own "
+                                  "address")
+        given = urllib.parse.parse_qs(url.query).get("token")
+        if given is not None:  # the printed address: keep the token in a cookie, drop it from the URL
+            if not review_token_matches(given[0], self.app.token):
+                return self.line(403, "refused: that is not this server's token")
+            cookie = (f"{REVIEW_COOKIE.format(port=self.app.port)}={self.app.token}; Path=/; "
+                      "HttpOnly; SameSite=Strict")
+            return self.send(303, b"", "text/plain", {"Location": "/", "Set-Cookie": cookie})
+        why = self.refusal(post=False)
+        if why:
+            return self.line(403, why)
+        if url.path in ("/", "/" + REVIEW_PAGE_NAME):
+            return self.send(200, self.app.page().encode("utf-8"), "text/html; charset=utf-8")
+        if url.path == "/api/state":
+            return self.answer(200, {"fingerprint": self.app.fingerprint()})
+        if url.path == "/api/decide":
+            return self.send(405, b"a decision is a POST\n", "text/plain", {"Allow": "POST"})
+        path = served_file(self.app.out, url.path)
+        if path is None:
+            return self.line(404, "not found")
+        try:
+            with open_regular(path, "file") as handle:
+                body = handle.read()
+        except (UserError, OSError):  # gone, or not a regular file
+            return self.line(404, "not found")
+        kind = mimetypes.guess_type(path.name)[0] or ""
+        shown = kind.startswith(("image/", "video/")) and kind != "image/svg+xml" or \
+            kind == "application/json"
+        headers = {"Cache-Control": REVIEW_THUMB_CACHE if path.parent.name == THUMBS_DIR_NAME
+                   else "no-store"}
+        if not shown:  # never shown as a page of this origin: saved
+            headers["Content-Disposition"] = "attachment"
+        self.send(200, body, kind if shown else "application/octet-stream", headers)
+
+    def post(self) -> None:
+        why = self.refusal(post=True)
+        if why:
+            self.close_connection = True
+            return self.line(403, why)
+        if urllib.parse.urlsplit(self.path).path != "/api/decide":
+            self.close_connection = True
+            return self.line(404, "not found")
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != \
+                "application/json":
+            self.close_connection = True
+            return self.line(415, "a decision is sent as JSON")
+        length = plain_number(self.headers.get("Content-Length", "").strip())
+        if length is None or length > REVIEW_MAX_BODY:
+            self.close_connection = True
+            return self.line(413, f"a decision is at most {REVIEW_MAX_BODY} bytes")
+        body = self.rfile.read(length)
+        try:
+            request = decision_request(body, self.app.verbs)
+        except UserError as error:
+            return self.answer(400, {"ok": False, "error": " ".join(display(error).split()),
+                                     "stale": False, "fingerprint": self.app.fingerprint()})
+        try:
+            result = self.app.decide(request)
+        except UserError as error:  # refused: stale when OUT is not the build the page showed
+            now = self.app.fingerprint()
+            stale = now is not None and now != request["fingerprint"]
+            return self.answer(getattr(error, "status", 409 if stale else 400),
+                               {"ok": False, "error": " ".join(display(error).split()),
+                                "stale": stale, "fingerprint": now})
+        self.answer(200, {"ok": True, **result, "fingerprint": self.app.fingerprint()})
+
+
+class ReviewServer(http.server.ThreadingHTTPServer):
+    """http.server's threading server, with the app, and without the name
+    lookup HTTPServer makes of its address (it can wait on DNS)."""
+
+    daemon_threads = True
+    app: ReviewApp
+
+    def server_bind(self):
+        http.server.socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+def review(out, port: int = 0, open_browser: bool = False, quiet: bool = False) -> None:
+    """Serve the review page of the cluster or refine output OUT on 127.0.0.1
+    (`port`; 0: a free one) until Ctrl-C, SIGTERM or SIGHUP, applying each
+    decision clicked with `people`.
+
+    Prints the address with its secret token (with `quiet` too: it is what
+    the user opens; the log never holds the token); `open_browser` opens it
+    in the default browser. The server's threads answer requests; the
+    decisions run in this thread, one at a time (ReviewApp.run_decisions).
+    """
+    out = Path(os.path.abspath(out))
+    port = check_option("port", port)
+    people_output(out)  # a cluster or refine output, or one line
+    if not (out / REVIEW_PAGE_NAME).is_file():
+        raise UserError(f"{display(out)} has no {REVIEW_PAGE_NAME}: run the step that made it "
+                        "again")
+    app = ReviewApp(out, secrets.token_urlsafe(REVIEW_TOKEN_BYTES))
+    try:
+        server = ReviewServer((REVIEW_HOST, port), ReviewHandler)
+    except OSError as error:
+        raise UserError(f"cannot serve on {REVIEW_HOST}:{port}: {error.strerror or error} "
+                        "(give another --port, or 0 for a free one)") from None
+    server.app = app
+    app.port = server.server_address[1]
+    url = f"http://{REVIEW_HOST}:{app.port}/?token={app.token}"
+    print(f"review: {display(out)} at {url}", flush=True)
+    say("review: open that address in a browser on this machine; Ctrl-C stops it", quiet)
+    log.info("review: serving %s on %s:%d", out, REVIEW_HOST, app.port)
+    thread = threading.Thread(target=server.serve_forever, name="review-server", daemon=True)
+    thread.start()
+    try:
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+        app.run_decisions()
+    finally:
+        server.shutdown()
+        server.server_close()
+        log.info("review: stopped")
 
 
 # ============================================================================
@@ -10383,7 +11337,26 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("undo", help="undo the last decision")
     verbs.add_parser("suggest", help="likely merges and moves, most likely first, each with its "
                                      "command")
+
+    p = add_command(sub, "review", cli_review,
+                    help="fix people by clicking: OUT's review page, served on this machine",
+                    description="Serve the review page of OUT (a cluster or refine output) on "
+                                "127.0.0.1 and print its address with a secret token. There, "
+                                "a click (or a key) names, merges, moves, rejects or splits "
+                                "people, says a face or a person is not this person, accepts a "
+                                "suggestion or undoes, each applied at once as `people` applies "
+                                "it. Ctrl-C stops it.")
+    p.add_argument("out", help="a cluster or refine output folder")
+    p.add_argument("--port", type=option_type("port"), default=0,
+                   help="port on 127.0.0.1 (default: 0, a free one)")
+    p.add_argument("--open", action="store_true",
+                   help="open the page in the default browser")
     return parser
+
+
+def cli_review(args) -> int:
+    review(args.out, port=args.port, open_browser=args.open, quiet=args.quiet)
+    return EXIT_OK
 
 
 def cli_people(args) -> int:

@@ -7,7 +7,8 @@ from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.fast  # no model: the quick tier
 
-COMMANDS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap", "people"]
+COMMANDS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap", "people",
+            "review"]
 
 
 def subparsers():

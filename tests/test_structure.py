@@ -18,7 +18,8 @@ TREE = ast.parse(SOURCE)
 # the subcommands' entry functions: a later subcommand may run one whole
 SUBCOMMAND_SECTIONS = {"EMBED": "embed", "CLUSTER": "cluster", "REFINE": "refine",
                        "DEDUP": "dedup", "EXTEND": "extend", "ENRICH": "enrich",
-                       "EXPORT-SWAP": "export_swap", "PEOPLE": "people"}
+                       "EXPORT-SWAP": "export_swap", "PEOPLE": "people",
+                       "REVIEW APP": "review"}
 
 
 def banners() -> list[tuple[int, str]]:

@@ -10543,10 +10543,14 @@ function keyOf(el){var pick=el.querySelector&&el.querySelector(':scope > .head b
 return pick?'p:'+pick.getAttribute('data-person'):el.id?'#'+el.id:
 el.hasAttribute('data-name')?'r:'+el.getAttribute('data-name'):null;}
 function topItem(){
-var top=document.querySelector('header').getBoundingClientRect().bottom,items=q('main > *');
+var top=document.querySelector('header').getBoundingClientRect().bottom,cut=null;
+var items=q('main > *').filter(function(el){return keyOf(el);});
 for(var i=0;i<items.length;i++){var box=items[i].getBoundingClientRect();
-if(box.bottom>top&&keyOf(items[i]))return {key:keyOf(items[i]),offset:box.top,y:window.scrollY};}
-return {key:null,y:window.scrollY};}
+if(box.bottom<=top)continue;
+var at={key:keyOf(items[i]),offset:box.top,y:window.scrollY};
+if(box.top>=top&&box.top<window.innerHeight)return at;
+cut=cut||at;}
+return cut||{key:null,y:window.scrollY};}
 function restore(at){
 var el=at.key&&q('main > *').filter(function(x){return keyOf(x)===at.key;})[0];
 if(el)window.scrollBy(0,el.getBoundingClientRect().top-at.offset);else window.scrollTo(0,at.y);}
@@ -10763,7 +10767,9 @@ def _app_person_html(state: dict, name: str) -> str:
 
 
 def _suggestion_html(state: dict, suggestion: dict, verbs) -> str:
-    """One suggestion, with Accept and (where `apart` is a verb) Not the same person."""
+    """One suggestion, with Accept and, for a merge (where `apart` is a verb),
+    Not the same person. A move's faces are loose, and `apart` keeps only a
+    person's own faces apart from it, so a move has Accept alone."""
     person = lambda name: _app_person_html(state, name)  # noqa: E731
     if suggestion["kind"] == "merge":
         a, b = suggestion["people"]
@@ -10775,10 +10781,9 @@ def _suggestion_html(state: dict, suggestion: dict, verbs) -> str:
         what = (f'{_app_faces_html(state, suggestion["faces"])} '
                 f'{"is" if len(faces) == 1 else "are"} {person(to)} '
                 f'{_app_faces_html(state, state["first"].get(to, []))}?')
-        accept = {"verb": "move", "faces": faces, "to": to}
-        apart = {"verb": "apart", "faces": faces, "from": to}
+        accept, apart = {"verb": "move", "faces": faces, "to": to}, None
     buttons = f'<button type="button" class="app-do yes" {_decide_attr(accept)}>Accept</button>'
-    if "apart" in verbs:
+    if apart is not None and "apart" in verbs:
         buttons += (f' <button type="button" class="app-do" {_decide_attr(apart)}>'
                     'Not the same person</button>')
     return (f'<li class="app-sug">{buttons} <span class="sub">{suggestion["distance"]:.3f}'

@@ -10938,13 +10938,18 @@ def apply_decision(out: Path, request: dict) -> dict:
     """Make a checked request's decision with `people` (quiet, with the
     fingerprint of the page it was made on), as the command line would. A
     name given with a move to `new` names the person that move made (a
-    second decision; a name `people` refuses is checked first, so it is
-    refused before the move). Returns {"message", "warning"}."""
+    second decision; a name `people` would refuse, or one another person
+    has, is refused before the move). Returns {"message", "warning"}."""
     verb, name = request["verb"], request.get("name")
-    if verb == "move" and name is not None:
+    if verb == "move" and name is not None:  # what the name would be refused for, first
         problem = person_name_problem(name)
         if problem:
             raise UserError(problem)
+        kind, manifest_path, _cache = people_output(out)
+        for entry in people_view(load_manifest(manifest_path, kind), kind)["entries"]:
+            if entry.label and same_name(entry.label, name):
+                raise UserError(f"{entry.name} is already named {entry.label!r}; names are "
+                                "unique (choose another name, or move the faces to it)")
     options = {"people_named": request["people"], "faces_named": request["faces"],
                "to": request.get("to"), "name": name if verb == "name" else None}
     if verb == "apart":  # people's apart takes the person the faces are not

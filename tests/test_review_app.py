@@ -6,6 +6,7 @@ written: the token, the Host header, the origin, state changes only by POST,
 files only inside OUT, bad requests, a locked cache, a stale page; SIGTERM
 stops it with exit 130."""
 
+import html
 import http.client
 import json
 import os
@@ -99,12 +100,18 @@ class Server:
             self.process.communicate()
 
 
-def clustered_copy(celebs_cache, folder: Path) -> tuple[Path, Path]:
-    """five_celebs' shared cache copied into `folder` and clustered there (the
-    tests change it)."""
+def cache_copy(celebs_cache, folder: Path) -> Path:
+    """five_celebs' shared cache copied into `folder` (the tests change its
+    decisions)."""
     cache = folder / "cache" / "c.npz"
     cache.parent.mkdir(parents=True)
     shutil.copy2(celebs_cache, cache)
+    return cache
+
+
+def clustered_copy(celebs_cache, folder: Path) -> tuple[Path, Path]:
+    """cache_copy, clustered in `folder`."""
+    cache = cache_copy(celebs_cache, folder)
     sort_faces.cluster(cache, folder / "raw", quiet=True)
     return cache, folder / "raw"
 
@@ -343,6 +350,42 @@ def test_every_decision_by_clicking_in_chromium(celebs_cache, tmp_path):
     assert owner[int(given["faces"][0])] == given["to"]
     assert stranger not in owner and stranger in [f["face"] for f in again["rejected"]["faces"]]
     assert sorted(f for f, n in owner.items() if n == "person_001") == whole
+
+
+def test_a_refine_output_is_served_and_decided_on(celebs_cache, tmp_path):
+    """A refine output's facesets are its people: its page is served with the
+    app, its loose faces (dropped as outliers or by the size filter) are the
+    unassigned ones, and a decision (a name; a loose face moved by the button
+    under it) rebuilds it."""
+    from conftest import REFINE
+
+    cache, out = cache_copy(celebs_cache, tmp_path), tmp_path / "refined"
+    sort_faces.refine(cache, out, quiet=True, **REFINE)
+    server = Server(out)
+    try:
+        status, _headers, body = server.request("GET", "/")
+        page = body.decode()
+        assert status == 200 and "faces left out of every faceset" in page
+        assert 'data-person="faceset_002"' in page and 'id="app-bar"' in page
+        before = server.fingerprint()
+        status, answer = server.decide({"verb": "name", "people": ["faceset_002"],
+                                        "name": "Alice", "fingerprint": before})
+        assert status == 200 and answer["ok"] and "name faceset_002 Alice;" in answer["message"]
+        assert answer["fingerprint"] == server.fingerprint() != before
+        refined = json.loads((out / "refine_manifest.json").read_text())
+        assert next(e for e in refined["facesets"] if e["name"] == "faceset_002")["label"] == \
+            "Alice" and (out / "faceset_002_Alice").is_dir()
+        page = server.request("GET", "/")[2].decode()
+        unassigned = page[page.index('id="app-unassigned"'):]
+        move = json.loads(html.unescape(re.search(r'data-decide="([^"]*)"', unassigned).group(1)))
+        status, answer = server.decide({**move, "fingerprint": server.fingerprint()})
+        assert status == 200 and answer["ok"], answer
+        refined = json.loads((out / "refine_manifest.json").read_text())
+        assert int(move["faces"][0]) in [f["face"] for e in refined["facesets"]
+                                         if e["name"] == move["to"] for f in e["faces"]]
+        assert [d["verb"] for d in decided(cache)] == ["name", "move"]
+    finally:
+        server.close()
 
 
 # --- the server's guards -------------------------------------------------------------

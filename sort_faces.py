@@ -10728,7 +10728,7 @@ def unassigned_faces(view: dict, cache: FaceCache, constraints: dict, faces) -> 
 
 def review_state(out: Path, page: str) -> dict:
     """What the app adds to one build of OUT's page (`page`, its index.html):
-    the kind and prefix, each person's title and first faces, the
+    the kind of output, each person's title and first faces, the
     suggestions, the unassigned faces, and the thumbnail of each face the
     page shows (the app shows those faces with them)."""
     kind, manifest_path, cache_path = people_output(out)
@@ -10737,7 +10737,7 @@ def review_state(out: Path, page: str) -> dict:
                        kind)
     constraints = people_constraints(cache_path, cache)
     thumbs = page_thumbs(page)
-    return {"kind": kind, "prefix": view["prefix"], "thumbs": thumbs,
+    return {"kind": kind, "thumbs": thumbs,
             "titles": {e.name: e.title for e in view["entries"]},
             "first": {e.name: strip_faces(cache["embeddings"], e.face_ids())[
                 :REVIEW_SUGGESTION_FACES] for e in view["entries"]},
@@ -10814,8 +10814,8 @@ def review_panels_html(state: dict, verbs) -> str:
                              f"{e(label.lower())}"
                              for verb, (label, key, _help) in REVIEW_ACTIONS.items()
                              if verb in verbs or verb == "clear")
-    noun = "people" if state["kind"] == "cluster" else "facesets"
-    help_line = (f'<p class="app-help" id="app-help">Click faces, and {noun}\' '
+    whose = "people's" if state["kind"] == "cluster" else "facesets'"
+    help_line = (f'<p class="app-help" id="app-help">Click faces, and {whose} '
                  '<b>select</b> buttons (or their names), to choose them; then a button above, '
                  f'or its key: {keys} &middot; <kbd>/</kbd> filter. Each decision is applied at '
                  'once, exactly as the <code>people</code> command makes it, and can be undone. '

@@ -11,7 +11,8 @@ One file, one subcommand function each, over shared helpers:
     extend       fold new faces into an existing result without renumbering
     enrich       landmarks and pose for every cached face
     export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
-    people       name, merge, move, reject and split people; every later run keeps it
+    people       name, merge, move, reject, split and keep apart people; every later run
+                 keeps it
 
 Sections, in order (search for the banner lines): shared helpers first,
 then one section per subcommand, then the command line. A section uses only
@@ -724,8 +725,11 @@ BLACKOUT_ROUNDS = 3
 
 # --- people ---
 PEOPLE_FORMAT = "face-sets people decisions"
-PEOPLE_VERSION = 1
-PEOPLE_VERBS = ("name", "merge", "move", "reject", "split", "undo")
+# 2 adds `apart` (faces or people kept apart); files of version 1 are read as they are.
+PEOPLE_VERSION = 2
+PEOPLE_VERBS = ("name", "merge", "move", "reject", "split", "apart", "undo")
+# The first version of the decisions file each verb may appear in (the others: 1).
+PEOPLE_VERB_SINCE = {"apart": 2}
 # `people split` re-clusters a person this much tighter than its output's threshold.
 SPLIT_TIGHTER_BY = 0.10
 # `people suggest` offers merges and moves whose average cosine distance lies
@@ -6868,8 +6872,9 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     damage : (N,) str, optional: the damage each face's photo has ('' for none);
         a face of a damaged photo fails the quality gate
     constraints : fold_decisions' result, optional: pinned groups start as one
-        cluster and are never outliers, apart groups never share a cluster
-        (nor a centroid merge), rejected faces are dropped first
+        cluster and are never outliers (but faces pinned only to be kept apart,
+        `apart_only`), apart groups never share a cluster (nor a centroid
+        merge), rejected faces are dropped first
 
     Returns
     -------
@@ -6905,7 +6910,8 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     stages["after_merge"] = len(clusters)
     dropped: dict[int, tuple[str, str]] = {
         int(face): ("rejected", "rejected by a people decision") for face in sorted(rejected)}
-    pinned = {f for g in constraints["together"] for f in g}
+    pinned = {f for g in constraints["together"] for f in g} - \
+        set(constraints.get("apart_only", ()))  # only kept apart: an outlier like any face
     gates = {"min_short": min_short, "min_blur": min_blur, "min_det_score": min_det_score}
     failures = quality_failures(face_short, blur, det_score, damage=damage, **gates)
     for face, reasons in enumerate(failures):
@@ -8059,7 +8065,7 @@ def check_decisions(data, path: Path) -> list[dict]:
     check.obj(data, "the file", "format", "version", "decisions")
     if data["format"] != PEOPLE_FORMAT:
         check.fail("format", f"is {data['format']!r}, not {PEOPLE_FORMAT!r}")
-    check.integer(data["version"], "version", 1, PEOPLE_VERSION)
+    version = check.integer(data["version"], "version", 1, PEOPLE_VERSION)
     decisions = check.items(data["decisions"], "decisions")
     undone: set[int] = set()
     for index, decision in enumerate(decisions):
@@ -8070,6 +8076,8 @@ def check_decisions(data, path: Path) -> list[dict]:
         verb = decision["verb"]
         if verb not in PEOPLE_VERBS:
             check.fail(where + ".verb", f"{verb!r} is not one of {', '.join(PEOPLE_VERBS)}")
+        if version < PEOPLE_VERB_SINCE.get(verb, 1):
+            check.fail(where + ".verb", f"{verb!r} is not a verb of version {version} of the file")
         if verb == "name":
             check.obj(decision, where, "faces", "name")
             check.keys(decision["faces"], where + ".faces")
@@ -8090,6 +8098,12 @@ def check_decisions(data, path: Path) -> list[dict]:
             check.keys(decision["faces"], where + ".faces")
         elif verb == "split":
             check.key_lists(decision, where, "pieces", "a split needs two pieces or more")
+        elif verb == "apart" and "faces" in decision:  # these faces are not that person
+            check.obj(decision, where, "faces", "from")
+            check.keys(decision["faces"], where + ".faces")
+            check.keys(decision["from"], where + ".from")
+        elif verb == "apart":  # these people are not one person
+            check.key_lists(decision, where, "people", "apart needs two people or more")
         else:
             check.obj(decision, where, "undoes")
             target = check.integer(decision["undoes"], where + ".undoes", 1, index)
@@ -8118,13 +8132,18 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
     `rows_of(keys)` gives the cache rows of face keys (-1 for a face the cache
     lacks: it is left out). Returns `together` (lists of rows pinned into one
     person), `apart` (pairs of indexes into `together` that stay in different
-    people), `rejected` (rows that join no one) and `names` ((rows, name) in
-    order: the person holding most of the rows takes the name).
+    people), `apart_only` (rows pinned, each alone, only to keep them apart
+    from a person: an `apart` of faces says whom they are not, not whom they
+    are, so such a face alone is a single face, not a person, and refine may
+    drop it as an outlier), `rejected` (rows that join no one) and `names`
+    ((rows, name) in order: the person holding most of the rows takes the
+    name).
     """
     group_of: dict[int, int] = {}
     members: dict[int, set[int]] = {}
     apart: set[frozenset] = set()
     rejected: set[int] = set()
+    held: set[int] = set()  # pinned only to be kept apart (each alone in its group)
     names: list[tuple[list[int], str]] = []
     fresh = itertools.count()
 
@@ -8137,9 +8156,10 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
             if group is not None:
                 members[group].discard(face)
 
-    def pin(faces) -> int | None:
+    def pin(faces, only_apart: bool = False) -> int | None:
         """Pin faces into one new group, taking in the whole groups they were in
-        (and those groups' apart pairs)."""
+        (and those groups' apart pairs). `only_apart`: pinned only to be kept
+        apart (held); otherwise the group is asserted to be one person."""
         faces = [f for f in faces if f not in rejected]
         if not faces:
             return None
@@ -8157,7 +8177,30 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
                 (other,) = pair - {old}
                 if other != target:
                     apart.add(frozenset((target, other)))
+        if only_apart:
+            held.update(members[target])
+        else:
+            held.difference_update(members[target])
         return target
+
+    def keep_apart(groups) -> None:
+        groups = [g for g in groups if g is not None]
+        apart.update(frozenset(pair) for pair in itertools.combinations(groups, 2)
+                     if pair[0] != pair[1])
+
+    def divide(pieces) -> None:
+        """Pin each piece as one group, the pieces apart from one another; a
+        piece keeps the apart pairs of the groups its faces were in (a person
+        kept apart from someone, split or kept apart again, stays apart)."""
+        partners = [{other for face in piece if face in group_of for pair in apart
+                     if group_of[face] in pair for other in pair - {group_of[face]}}
+                    for piece in pieces]
+        release([face for piece in pieces for face in piece])
+        pinned = [pin(piece) for piece in pieces]
+        for group, others in zip(pinned, partners):
+            apart.update(frozenset((group, other)) for other in others
+                         if group is not None and other != group and members.get(other))
+        keep_apart(pinned)
 
     for decision in active_decisions(decisions):
         verb = decision["verb"]
@@ -8176,11 +8219,15 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
                 left = pin([f for f in rows(keys) if f not in set(moved)])
                 if left is not None and target is not None and left != target:
                     apart.add(frozenset((target, left)))
-        elif verb == "split":
-            pieces = [rows(keys) for keys in decision["pieces"]]
-            release([f for piece in pieces for f in piece])
-            pinned = [g for g in (pin(piece) for piece in pieces) if g is not None]
-            apart.update(frozenset(pair) for pair in itertools.combinations(pinned, 2))
+        elif verb == "split" or (verb == "apart" and "people" in decision):
+            # a split's pieces, or people kept apart: each one person, never joined
+            divide([rows(keys) for keys in decision["pieces" if verb == "split" else "people"]])
+        elif verb == "apart":  # faces that are not a person: each alone, apart from it
+            named = rows(decision["faces"])
+            release(named)
+            person = pin([f for f in rows(decision["from"]) if f not in set(named)])
+            for face in named:
+                keep_apart([person, pin([face], only_apart=True)])
         else:  # reject
             faces = rows(decision["faces"])
             release(faces)
@@ -8190,6 +8237,7 @@ def fold_decisions(decisions: list[dict], rows_of) -> dict:
     return {"together": [sorted(members[g]) for g in live],
             "apart": sorted(tuple(sorted(index[g] for g in pair)) for pair in apart
                             if all(g in index for g in pair) and len(pair) == 2),
+            "apart_only": sorted(f for f in held if f in group_of),
             "rejected": sorted(rejected), "names": names}
 
 
@@ -8974,7 +9022,8 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
     """(people, singleton faces, rejected faces, clustering info) of a cache
     at `threshold`, under the people decisions beside it. A person is a
     cluster of two faces or more, or one that holds a face pinned by a
-    decision (a face moved to a new person is one)."""
+    decision (a face moved to a new person is one; a face only kept apart
+    from a person is not)."""
     rejected = np.array(constraints["rejected"], np.int64)
     kept = faces_not_in(cache.n_faces, set(rejected.tolist()))
     position = np.full(cache.n_faces, -1, np.int64)
@@ -8984,7 +9033,8 @@ def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
                                         together=together, apart=constraints["apart"])
     info["decisions"] = {"pinned_groups": len(together), "apart": len(constraints["apart"]),
                          "rejected": int(len(rejected))}
-    pinned = set(f for g in constraints["together"] for f in g)
+    pinned = set(f for g in constraints["together"] for f in g) - \
+        set(constraints.get("apart_only", ()))  # a face only kept apart is no one yet
     people, singles = [], []
     for group in (kept[g] for g in groups_from_labels(labels)):
         is_person = len(group) >= 2 or not pinned.isdisjoint(group.tolist())
@@ -9972,16 +10022,18 @@ def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_
 
 # ============================================================================
 # PEOPLE
-# The user's decisions about people: name, merge, move, reject and undo. They
-# live in one append-only JSON file beside the cache (<cache>.people.json),
-# each keyed by the faces' content (the photo's sha256 and the face's box), so
-# they outlive a rebuilt cache. fold_decisions turns them into constraints on
-# the clustering (faces pinned together, pinned groups kept apart, faces
-# rejected), which `cluster` honours at any threshold; numbers are kept from
-# the output being rebuilt (keep_numbers). Each decision is reported as the
-# command that makes it on the output as it is (decision_words, an undo's
-# too), and a number the output no longer has says what became of it
-# (gone_person: its manifest's `former` and the decision that took it).
+# The user's decisions about people: name, merge, move, reject, split, apart
+# ("not this person": faces, or whole people, kept apart from a person) and
+# undo. They live in one append-only JSON file beside the cache
+# (<cache>.people.json), each keyed by the faces' content (the photo's sha256
+# and the face's box), so they outlive a rebuilt cache. fold_decisions turns
+# them into constraints on the clustering (faces pinned together, pinned
+# groups kept apart, faces rejected), which `cluster` honours at any
+# threshold; numbers are kept from the output being rebuilt (keep_numbers).
+# Each decision is reported as the command that makes it on the output as it
+# is (decision_words, an undo's too), and a number the output no longer has
+# says what became of it (gone_person: its manifest's `former` and the
+# decision that took it).
 # ============================================================================
 
 
@@ -10040,8 +10092,9 @@ def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
                 decisions) -> str | None:
     """What became of prefix_NNN when OUT once had it (its manifest's `former`:
     the person's faces when it went), or None: the decision in force that took
-    it away (a merge, a move of its faces, a reject: the one whose faces are
-    most nearly its faces) and the person that holds its faces now."""
+    it away (a merge, a move of its faces, a reject, an apart of its faces:
+    the one whose faces are most nearly its faces) and the person that holds
+    its faces now."""
     name = f"{view['prefix']}_{number:03d}"
     entry = next((e for e in view["manifest"].former if e.name == name), None)
     if entry is None:
@@ -10053,7 +10106,8 @@ def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
     for decision in active_decisions(decisions) if cache is not None else []:
         verb = decision["verb"]
         lists = decision["people"] if verb == "merge" else \
-            [decision["faces"]] if verb in ("move", "reject") else []
+            [decision["faces"]] if verb in ("move", "reject", "apart") and "faces" in decision \
+            else []
         for keys in lists:
             rows = {int(r) for r in face_rows(cache, keys) if r >= 0}
             overlap = len(rows & faces) / len(rows | faces) if rows | faces else 0.0
@@ -10066,6 +10120,10 @@ def gone_person(view: dict, out: Path, number: int, cache: FaceCache | None,
                 f"{name} was merged away (decision {best['id']}); {where}")
     if best["verb"] == "move":
         return f"{name}'s faces were moved (decision {best['id']}); {where}"
+    if best["verb"] == "apart":
+        person = holder(view, [int(r) for r in face_rows(cache, best["from"]) if r >= 0])
+        return (f"{name}'s faces were kept apart from {person or 'a person'} "
+                f"(decision {best['id']}); {where}")
     return f"{name}'s faces were rejected (decision {best['id']})"
 
 
@@ -10096,6 +10154,10 @@ def decision_words(decision: dict, view: dict, cache: FaceCache) -> str:
         return f"reject {face_list(decision['faces'])}"
     if verb == "split":
         return "split " + person([k for keys in decision["pieces"] for k in keys])
+    if verb == "apart" and "people" in decision:
+        return "apart " + " ".join(person(keys) for keys in decision["people"])
+    if verb == "apart":
+        return f"apart {face_list(decision['faces'])} --from {person(decision['from'])}"
     return f"undo (of decision {decision['undoes']})"
 
 
@@ -10117,12 +10179,32 @@ def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
     return faces
 
 
+def apart_faces(view: dict, out: Path, cache: FaceCache, faces_named, person: Entry) -> dict:
+    """An `apart` of faces from a person: the faces, and the person's other
+    faces (`from`), as face keys. UserError for a face not in that person, or
+    for all its faces (nothing would be left to keep them apart from)."""
+    faces = find_faces(view, out, faces_named, cache)
+    own = set(person.face_ids())
+    outside = [face for face in faces if face not in own]
+    if outside:
+        others = f" (and {len(outside) - 1} more of those named)" if len(outside) > 1 else ""
+        raise UserError(f"face {outside[0]}{others} is not in {person.name}: only a face of "
+                        f"{person.name} can be kept apart from it")
+    rest = [face for face in person.face_ids() if face not in set(faces)]
+    if not rest:
+        raise UserError(f"those are all the faces of {person.name}: reject them (strangers), or "
+                        "move them to another person")
+    return {"faces": [face_key(cache, f) for f in faces],
+            "from": [face_key(cache, f) for f in rest]}
+
+
 def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: list[dict],
                  people_named=(), faces_named=(), name=None, to=None,
-                 split_threshold=None) -> dict:
+                 split_threshold=None, apart_from=None) -> dict:
     """The decision a `people` command makes, checked against OUT (UserError
     for an unknown person or face, a merge of a person with itself, a name
-    another person has, nothing to undo)."""
+    another person has, a face kept apart from a person it is not in,
+    nothing to undo)."""
     keys = lambda faces: [face_key(cache, f) for f in faces]  # noqa: E731
     faces_of = lambda entry: entry.face_ids()  # noqa: E731
     find = lambda wanted: find_person(view, out, wanted, cache, decisions)  # noqa: E731
@@ -10169,6 +10251,25 @@ def new_decision(verb: str, view: dict, out: Path, cache: FaceCache, decisions: 
             raise UserError(f"{person.name} stays one person at threshold {threshold:.2f}; "
                             "give a lower --threshold to split it")
         decision["pieces"] = [keys(faces[piece]) for piece in pieces]
+    elif verb == "apart" and apart_from is not None:  # these faces are not that person
+        if people_named:
+            raise UserError("apart takes faces with --from PERSON, or people without it")
+        decision.update(apart_faces(view, out, cache, faces_named, find(str(apart_from))))
+    elif verb == "apart":  # these people are not one person
+        if faces_named:
+            raise UserError("faces are kept apart from a person: give --from PERSON")
+        try:
+            people = [find(p) for p in people_named]
+        except UserError as error:
+            raise UserError(f"{error}; to keep faces apart from a person, give --from "
+                            "PERSON") from None
+        if len(people) < 2:
+            raise UserError("apart needs two people or more (or faces and --from PERSON)")
+        twice = [p for i, p in enumerate(people) if any(q is p for q in people[:i])]
+        if twice:
+            raise UserError(f"{twice[0].name} is named twice: a person cannot be kept apart "
+                            "from itself")
+        decision["people"] = [keys(faces_of(p)) for p in people]
     else:
         active = active_decisions(decisions)
         if not active:
@@ -10219,9 +10320,11 @@ def rebuild_people_output(kind: str, cache_path: Path, out: Path, parameters: di
 
 
 def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=None,
-           split_threshold=None, quiet=False) -> dict:
+           split_threshold=None, apart_from=None, quiet=False) -> dict:
     """List the people of a cluster output OUT (or the facesets of a refine
-    output), or decide about them: name, merge, move, reject, split, undo. OUT
+    output), or decide about them: name, merge, move, reject, split, apart
+    (`faces_named` with `apart_from`, the person they are not; or two
+    `people_named` or more, who are not one person), undo. OUT
     is rebuilt with the decision at once, at its own parameters, and the
     decision appended to the people file beside OUT's cache (under the
     cache's lock) just before the rebuilt OUT replaces the old: a decision
@@ -10261,8 +10364,8 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
         manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
         decisions = load_decisions(path)
         before = people_view(manifest, kind)
-        decision = new_decision(verb, before, out, cache, decisions,
-                                people_named, faces_named, name, to, split_threshold)
+        decision = new_decision(verb, before, out, cache, decisions, people_named,
+                                faces_named, name, to, split_threshold, apart_from)
         check_decisions(decisions + [decision], path)  # what is written can be read back
         try:
             rebuild_people_output(kind, cache_path, out, manifest.parameters,
@@ -10426,7 +10529,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_replace_smaller_flag(p)
 
     p = add_command(sub, "people", cli_people,
-                    help="list, name, merge, move and reject people; later runs keep it",
+                    help="list, name, merge, move, reject, split and keep apart people; later "
+                         "runs keep it",
                     description="With OUT alone (a cluster output, or a refine output whose "
                                 "facesets are its people), list its people. A verb records a "
                                 "decision beside the cache (<cache>.people.json) and rebuilds OUT "
@@ -10452,6 +10556,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=option_type("threshold"), default=None,
                    help=f"cosine distance for the pieces (default: OUT's threshold - "
                         f"{SPLIT_TIGHTER_BY})")
+    v = verbs.add_parser("apart", help="not this person: faces that are not PERSON (apart 1042 "
+                                       "--from person_003), or people that are not one person "
+                                       "(apart person_003 person_017); kept apart from then on")
+    v.add_argument("targets", nargs="+", metavar="FACE|PERSON",
+                   help="with --from, faces of that person; without it, two people or more")
+    v.add_argument("--from", dest="apart_from", metavar="PERSON", default=None,
+                   help="the person the faces leave and never join again")
     verbs.add_parser("undo", help="undo the last decision")
     verbs.add_parser("suggest", help="likely merges and moves, most likely first, each with its "
                                      "command")
@@ -10459,11 +10570,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_people(args) -> int:
-    people(args.out, args.verb, people_named=(
-        [args.person] if args.verb in ("name", "split") else getattr(args, "people", ())),
-        faces_named=getattr(args, "faces", ()), name=getattr(args, "name", None),
-        to=getattr(args, "to", None), split_threshold=getattr(args, "threshold", None),
-        quiet=args.quiet)
+    people_named = [args.person] if args.verb in ("name", "split") else getattr(args, "people", ())
+    faces_named = getattr(args, "faces", ())
+    apart_from = getattr(args, "apart_from", None)
+    if args.verb == "apart":  # faces with --from, else people
+        people_named, faces_named = ((), args.targets) if apart_from is not None \
+            else (args.targets, ())
+    people(args.out, args.verb, people_named=people_named, faces_named=faces_named,
+           name=getattr(args, "name", None), to=getattr(args, "to", None),
+           split_threshold=getattr(args, "threshold", None), apart_from=apart_from,
+           quiet=args.quiet)
     return EXIT_OK
 
 

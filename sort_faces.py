@@ -4891,11 +4891,47 @@ def entry_title(name: str, label: str | None = None) -> str:
     return f"{name} {label}" if label else name
 
 
-def materialise(src: str, dst: Path, link: str) -> str:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A file of ours (`src`, in the output being replaced) at `dst` in the
+    one being built: a hardlink to it (no bytes copied), or a copy where the
+    file system has none. Whole or not at all (a temp name, then renamed)."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def earlier_copy(old: Path | None, src: str) -> Path | None:
+    """`old`, the file of the same name in the output being replaced, when it
+    is a copy of `src` as `src` is now: a regular file (not a link) of the
+    same size and modification time (copy2 keeps it; an edit of either
+    changes it). A name is the source path's own (output_name), so it is
+    that photo's copy; a rebuild links it instead of copying the photo again."""
+    if old is None or isinstance(src, FrameLocation):
+        return None
+    try:
+        held, now = os.lstat(old), os.stat(src)
+    except OSError:
+        return None
+    same = stat.S_ISREG(held.st_mode) and (held.st_size, held.st_mtime_ns) == \
+        (now.st_size, now.st_mtime_ns)
+    return old if same else None
+
+
+def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:
     """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
+    A copy whose `earlier` copy (earlier_copy) is still the photo's is that
+    file linked in, not copied again.
 
     The file appears whole or not at all (made under a temp name, then renamed).
     """
+    if link == "copy" and earlier is not None:
+        link_or_copy(earlier, dst)
+        return "copy"
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -5112,8 +5148,19 @@ def output_lock(out: Path):
     return exclusive_lock(Path(os.path.abspath(out)), "output")
 
 
-def materialise_files(folder: Path, paths, link: str) -> list[str]:
-    """Copy/link each path into `folder` under its safe name; return the names."""
+def earlier_folder(out: Path, name: str) -> Path | None:
+    """OUT/name, the folder of that name in the output a build replaces, when
+    it is a folder of OUT's own (not a link, nothing outside OUT)."""
+    folder = Path(out) / name
+    if folder.is_symlink() or not folder.is_dir() or not is_within(folder, out):
+        return None
+    return folder
+
+
+def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None) -> list[str]:
+    """Copy/link each path into `folder` under its safe name; return the names.
+    `earlier`: the folder of the same name in the output this build replaces,
+    whose copies still true are linked in rather than copied (earlier_copy)."""
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     failed_videos: set[str] = set()
@@ -5128,7 +5175,8 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
         if video in failed_videos:
             continue  # said once for the video, not once a frame
         try:
-            materialise(path, inside(folder, name), link)
+            materialise(path, inside(folder, name), link,
+                        earlier_copy(earlier / name if earlier else None, path))
             names[name] = path
         except OSError as error:
             if video is not None:
@@ -5146,12 +5194,13 @@ def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
                    bbox=[round(float(v), 1) for v in cache["bbox"][face]], **dropped)
 
 
-def write_group(folder: Path, faces, cache, locations, link) -> Group:
-    """Materialise every location of every photo of `faces` into `folder`."""
+def write_group(folder: Path, faces, cache, locations, link, earlier: Path | None = None) -> Group:
+    """Materialise every location of every photo of `faces` into `folder`
+    (`earlier`: as materialise_files)."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
     return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
-                 outputs=materialise_files(folder, paths, link))
+                 outputs=materialise_files(folder, paths, link, earlier))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
@@ -7704,8 +7753,8 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
         old = reuse_from / THUMBS_DIR_NAME / name if reuse_from else None
         if target.exists():
             continue
-        if old is not None and old.exists():
-            shutil.copy2(old, target)
+        if old is not None and old.is_file() and not old.is_symlink():
+            link_or_copy(old, target)
             continue
         todo.setdefault((path, pad), []).append((bbox, target))
 
@@ -8393,8 +8442,9 @@ def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache
         entries = []
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
-            group = write_group(work / entry_folder(name, labels.get(name)), faces, cache,
-                                locations, link)
+            folder = entry_folder(name, labels.get(name))
+            group = write_group(work / folder, faces, cache, locations, link,
+                                earlier_folder(out, folder))
             centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
             entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
                                  centroid=centroid, **vars(group)))
@@ -9069,11 +9119,13 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     noface, unreadable = noface_and_unreadable(cache, locations)
 
     def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
-        singletons = write_group(work / "_singletons", singles, cache, locations, link)
+        singletons = write_group(work / "_singletons", singles, cache, locations, link,
+                                 earlier_folder(out, "_singletons"))
         return ClusterManifest(
             **fields, clustering=info, clusters=entries, singletons=singletons,
             rejected=[face_record(cache, f, locations) for f in rejected],
-            noface=NoFace(files=noface, outputs=materialise_files(work / "_noface", noface, link)),
+            noface=NoFace(files=noface, outputs=materialise_files(
+                work / "_noface", noface, link, earlier_folder(out, "_noface"))),
             unreadable=unreadable,
             summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
                                    faces_in_people=int(sum(len(g) for g in people)),

@@ -4909,8 +4909,9 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     """`old`, the file of the same name in the output being replaced, when it
     is a copy of `src` as `src` is now: a regular file (not a link) of the
     same size and modification time (copy2 keeps it; an edit of either
-    changes it). A name is the source path's own (output_name), so it is
-    that photo's copy; a rebuild links it instead of copying the photo again."""
+    changes it), and not the photo itself (as in a `--link hardlink` output).
+    A name is the source path's own (output_name), so it is that photo's
+    copy; a rebuild links it instead of copying the photo again."""
     if old is None or isinstance(src, FrameLocation):
         return None
     try:
@@ -4919,7 +4920,8 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
         return None
     same = stat.S_ISREG(held.st_mode) and (held.st_size, held.st_mtime_ns) == \
         (now.st_size, now.st_mtime_ns)
-    return old if same else None
+    photo_itself = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)  # a hardlink output's
+    return old if same and not photo_itself else None
 
 
 def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:

@@ -317,3 +317,9 @@ def test_a_rebuild_links_the_copies_still_true_and_copies_again_what_changed(tmp
     assert all(t.stat().st_ino == before[t] for t in thumbs)
     # the sources are untouched by either build (the one we touched aside)
     assert all(s.stat().st_nlink == 1 for s in src.rglob("*.jpg"))
+    # an output of hardlinks rebuilt as copies: copies, never links to the photos
+    sort_faces.cluster(cache, out, link="hardlink", quiet=True)
+    assert all(s.stat().st_nlink == 2 for s in src.rglob("*.jpg"))
+    sort_faces.cluster(cache, out, link="copy", quiet=True)
+    assert all(s.stat().st_nlink == 1 for s in src.rglob("*.jpg"))
+    assert all(c.read_bytes() == source_of[c].read_bytes() for c in copies)

@@ -3756,7 +3756,45 @@ class PoolFailure(Exception):
     """The model workers cannot run at all (not one file's fault)."""
 
 
-class ModelPool:
+class WorkerPool:
+    """What the local pool (ModelPool) and Ray's (RayPool) share: the feed
+    loop that keeps at most `max_inflight` batches outstanding, and the
+    recovery that runs the batches a lost worker had one file at a time.
+
+    A subclass sets `step`, `max_inflight` and `inflight` (its handles of the
+    batches in flight), and gives `submit(batch)`, `drain(block)` (which
+    hands each finished batch to the step's `on_result`), `stop()` and
+    `shutdown()`.
+    """
+
+    worker_noun = "model worker"
+
+    def run(self, batches) -> None:
+        """Feed `batches` (consumed lazily: it may be hashing files as it goes)
+        with at most max_inflight outstanding tasks; results arrive in
+        the step's `on_result(batch, result)` in this process."""
+        for batch in batches:
+            self.submit(batch)
+            self.drain(block=len(self.inflight) >= self.max_inflight)
+        while self.inflight:
+            self.drain(block=True)
+
+    def run_alone(self, tasks, run_one, lost: type[BaseException] | tuple, replace) -> None:
+        """Run `tasks` again one file at a time (`run_one(task)` gives its
+        result) on a fresh worker: a file whose run loses the worker again
+        (`lost` raised) crashes it alone, so it gets the step's crash_result,
+        `replace(error)` starts another worker, and the rest go on."""
+        for task in tasks:
+            try:
+                result = run_one(task)
+            except lost as error:
+                replace(error)
+                log.warning("a %s crashed on %s", self.worker_noun, display(task.path))
+                result = [self.step.crash_result(CRASH_REASON)]
+            self.step.on_result([task], result)
+
+
+class ModelPool(WorkerPool):
     """A pool of model workers that survives a worker crash.
 
     A decoder or model that crashes the process on some file (a segfault, or
@@ -3774,15 +3812,8 @@ class ModelPool:
         self.inflight: dict = {}
         self.suspects: list = []
 
-    def run(self, batches) -> None:
-        """Feed `batches` (consumed lazily: it may be hashing files as it goes)
-        with at most max_inflight outstanding tasks; results arrive in
-        the step's `on_result(batch, result)` in this process."""
-        for batch in batches:
-            self.inflight[self.pool.submit(self.step.work, batch)] = batch
-            self.drain(block=len(self.inflight) >= self.max_inflight)
-        while self.inflight:
-            self.drain(block=True)
+    def submit(self, batch: list) -> None:
+        self.inflight[self.pool.submit(self.step.work, batch)] = batch
 
     def drain(self, block: bool) -> None:
         done, _ = concurrent.futures.wait(self.inflight, timeout=None if block else 0,
@@ -3815,14 +3846,10 @@ class ModelPool:
         suspects = self.suspects + list(self.inflight.values())
         self.suspects, self.inflight = [], {}
         self.restart()
-        for task in (task for batch in suspects for task in batch):
-            try:
-                result = self.pool.submit(self.step.work, [task]).result()
-            except concurrent.futures.process.BrokenProcessPool:
-                self.restart()  # PoolFailure if a fresh pool cannot run at all
-                log.warning("a model worker crashed on %s", display(task.path))
-                result = [self.step.crash_result(CRASH_REASON)]
-            self.step.on_result([task], result)
+        self.run_alone((task for batch in suspects for task in batch),
+                       lambda task: self.pool.submit(self.step.work, [task]).result(),
+                       concurrent.futures.process.BrokenProcessPool,
+                       lambda _error: self.restart())  # PoolFailure if a fresh pool cannot run
 
     def stop(self) -> None:
         """Stop every worker now: queued work is dropped, running work killed."""
@@ -4164,7 +4191,7 @@ def ray_actor_maker(ray, step: ModelStep, providers: list[str], resources: dict)
                                 step.identity["embedding_size"], step.options)
 
 
-class RayPool:
+class RayPool(WorkerPool):
     """ModelPool's contract (run, stop, shutdown; results in the step's
     `on_result`) on Ray actors.
 
@@ -4175,6 +4202,8 @@ class RayPool:
     the step's `crash_result`, as with the local pool. When no actor can
     start, or none is ready within RAY_ACTOR_START_S: PoolFailure.
     """
+
+    worker_noun = "Ray actor"
 
     def __init__(self, ray, make_actor, count: int, step: ModelStep):
         self.ray, self.make_actor, self.step = ray, make_actor, step
@@ -4222,13 +4251,6 @@ class RayPool:
         self.inflight[ref] = (index, self.generation[index], batch)
         self.load[index] += 1
 
-    def run(self, batches) -> None:
-        for batch in batches:
-            self.submit(batch)
-            self.drain(block=len(self.inflight) >= self.max_inflight)
-        while self.inflight:
-            self.drain(block=True)
-
     def drain(self, block: bool) -> None:
         done, _ = self.ray.wait(list(self.inflight), num_returns=1,
                                 timeout=None if block else 0)
@@ -4258,15 +4280,9 @@ class RayPool:
     def recover(self, index: int, generation: int, batch: list, error) -> None:
         self.replace(index, generation, error)
         self.video = ("", None)  # put again: the node holding it may be the one lost
-        for task in batch:
-            generation = self.generation[index]
-            try:
-                result = self.ray.get(self.send(index, [task]))
-            except self.ray.exceptions.RayError as again:
-                self.replace(index, generation, again)
-                log.warning("a Ray actor crashed on %s", display(task.path))
-                result = [self.step.crash_result(CRASH_REASON)]
-            self.step.on_result([task], result)
+        self.run_alone(batch, lambda task: self.ray.get(self.send(index, [task])),
+                       self.ray.exceptions.RayError,  # the actor just sent to is lost:
+                       lambda again: self.replace(index, self.generation[index], again))
 
     def stop(self) -> None:
         """Every actor killed now: their work in flight is dropped."""
@@ -4941,11 +4957,49 @@ def entry_title(name: str, label: str | None = None) -> str:
     return f"{name} {label}" if label else name
 
 
-def materialise(src: str, dst: Path, link: str) -> str:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A file of ours (`src`, in the output being replaced) at `dst` in the
+    one being built: a hardlink to it (no bytes copied), or a copy where the
+    file system has none. Whole or not at all (a temp name, then renamed)."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def earlier_copy(old: Path | None, src: str) -> Path | None:
+    """`old`, the file of the same name in the output being replaced, when it
+    is a copy of `src` as `src` is now: a regular file (not a link) of the
+    same size and modification time (copy2 keeps it; an edit of either
+    changes it), and not the photo itself (as in a `--link hardlink` output).
+    A name is the source path's own (output_name), so it is that photo's
+    copy; a rebuild links it instead of copying the photo again."""
+    if old is None or isinstance(src, FrameLocation):
+        return None
+    try:
+        held, now = os.lstat(old), os.stat(src)
+    except OSError:
+        return None
+    same = stat.S_ISREG(held.st_mode) and (held.st_size, held.st_mtime_ns) == \
+        (now.st_size, now.st_mtime_ns)
+    photo_itself = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)  # a hardlink output's
+    return old if same and not photo_itself else None
+
+
+def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:
     """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
+    A copy whose `earlier` copy (earlier_copy) is still the photo's is that
+    file linked in, not copied again.
 
     The file appears whole or not at all (made under a temp name, then renamed).
     """
+    if link == "copy" and earlier is not None:
+        link_or_copy(earlier, dst)
+        return "copy"
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -5162,8 +5216,19 @@ def output_lock(out: Path):
     return exclusive_lock(Path(os.path.abspath(out)), "output")
 
 
-def materialise_files(folder: Path, paths, link: str) -> list[str]:
-    """Copy/link each path into `folder` under its safe name; return the names."""
+def earlier_folder(out: Path, name: str) -> Path | None:
+    """OUT/name, the folder of that name in the output a build replaces, when
+    it is a folder of OUT's own (not a link, nothing outside OUT)."""
+    folder = Path(out) / name
+    if folder.is_symlink() or not folder.is_dir() or not is_within(folder, out):
+        return None
+    return folder
+
+
+def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None) -> list[str]:
+    """Copy/link each path into `folder` under its safe name; return the names.
+    `earlier`: the folder of the same name in the output this build replaces,
+    whose copies still true are linked in rather than copied (earlier_copy)."""
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     failed_videos: set[str] = set()
@@ -5178,7 +5243,8 @@ def materialise_files(folder: Path, paths, link: str) -> list[str]:
         if video in failed_videos:
             continue  # said once for the video, not once a frame
         try:
-            materialise(path, inside(folder, name), link)
+            materialise(path, inside(folder, name), link,
+                        earlier_copy(earlier / name if earlier else None, path))
             names[name] = path
         except OSError as error:
             if video is not None:
@@ -5196,12 +5262,13 @@ def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
                    bbox=[round(float(v), 1) for v in cache["bbox"][face]], **dropped)
 
 
-def write_group(folder: Path, faces, cache, locations, link) -> Group:
-    """Materialise every location of every photo of `faces` into `folder`."""
+def write_group(folder: Path, faces, cache, locations, link, earlier: Path | None = None) -> Group:
+    """Materialise every location of every photo of `faces` into `folder`
+    (`earlier`: as materialise_files)."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
     return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
-                 outputs=materialise_files(folder, paths, link))
+                 outputs=materialise_files(folder, paths, link, earlier))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
@@ -7754,8 +7821,8 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
         old = reuse_from / THUMBS_DIR_NAME / name if reuse_from else None
         if target.exists():
             continue
-        if old is not None and old.exists():
-            shutil.copy2(old, target)
+        if old is not None and old.is_file() and not old.is_symlink():
+            link_or_copy(old, target)
             continue
         todo.setdefault((path, pad), []).append((bbox, target))
 
@@ -8477,8 +8544,9 @@ def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache
         entries = []
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
-            group = write_group(work / entry_folder(name, labels.get(name)), faces, cache,
-                                locations, link)
+            folder = entry_folder(name, labels.get(name))
+            group = write_group(work / folder, faces, cache, locations, link,
+                                earlier_folder(out, folder))
             centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
             entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
                                  centroid=centroid, **vars(group)))
@@ -9153,11 +9221,13 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     noface, unreadable = noface_and_unreadable(cache, locations)
 
     def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
-        singletons = write_group(work / "_singletons", singles, cache, locations, link)
+        singletons = write_group(work / "_singletons", singles, cache, locations, link,
+                                 earlier_folder(out, "_singletons"))
         return ClusterManifest(
             **fields, clustering=info, clusters=entries, singletons=singletons,
             rejected=[face_record(cache, f, locations) for f in rejected],
-            noface=NoFace(files=noface, outputs=materialise_files(work / "_noface", noface, link)),
+            noface=NoFace(files=noface, outputs=materialise_files(
+                work / "_noface", noface, link, earlier_folder(out, "_noface"))),
             unreadable=unreadable,
             summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
                                    faces_in_people=int(sum(len(g) for g in people)),
@@ -9851,12 +9921,161 @@ def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
     return path.stat().st_size
 
 
+class FacesetPlan(NamedTuple):
+    """What export-swap makes of one faceset (kind "faceset") or of the
+    singletons close to it (kind "candidate"): its faces to crop, best first,
+    and the faces the gates dropped, each with why."""
+    name: str
+    kind: str
+    ranked: list[int]
+    dropped: dict[int, str]
+
+
+def export_scores(cache: FaceCache, faces: np.ndarray, params: dict) -> tuple[dict, dict]:
+    """The composite quality of each face (face id -> score) and its terms
+    (face id -> {term: value}), as export-swap ranks and records them."""
+    landmarks, pose = enrich_column(cache, "landmark_2d_106"), enrich_column(cache, "pose")
+    terms = quality_terms([frontality(pose[f]) for f in faces], cache["det_score"][faces],
+                          [landmark_symmetry(landmarks[f]) if np.isfinite(landmarks[f]).all()
+                           else np.nan for f in faces],
+                          cache["face_short"][faces], cache["blur"][faces],
+                          out_size=params["out_size"], pad_ratio=params["pad_ratio"])
+    score = dict(zip(faces.tolist(), composite_quality(terms).tolist()))
+    term_of = {f: {name: round(float(values[i]), 4) for name, values in terms.items()}
+               for i, f in enumerate(faces.tolist())}
+    return score, term_of
+
+
+def plan_faceset(faceset: Entry, cache: FaceCache, score: dict, params: dict, locations,
+                 per_file: list[np.ndarray]) -> FacesetPlan:
+    """One faceset's export: the tight outlier gate, the size gate, one face
+    of each group of near-duplicate photos (the best scored), the rest ranked."""
+    embeddings = cache["embeddings"]
+    members = np.array(faceset.face_ids(), dtype=np.int64)
+    centroid = unit_rows(np.asarray(faceset.centroid, dtype=np.float32))
+    distance = 1.0 - embeddings[members] @ centroid
+    dropped = {int(f): f"distance {d:.3f} from the faceset centroid > "
+                       f"{params['outlier_threshold']}"
+               for f, d in zip(members, distance) if d > params["outlier_threshold"]}
+    dropped.update({int(f): f"face short edge {cache['face_short'][f]:.0f} px < "
+                            f"{params['min_face_short']}"
+                    for f in members if int(f) not in dropped
+                    and cache["face_short"][f] < params["min_face_short"]})
+    kept = [int(f) for f in members if int(f) not in dropped]
+    rows = np.unique(cache["face_file"][kept]) if kept else np.zeros(0, np.int64)
+    for group, _distance in visual_duplicate_groups(cache, rows, DEFAULT_HAMMING, per_file):
+        in_group = [f for f in kept if cache["face_file"][f] in set(group.tolist())]
+        best = max(in_group, key=lambda f: (score[f], -f))
+        for f in in_group:
+            if f != best:
+                dropped[f] = ("near-duplicate photo of "
+                              + label_path(cache, locations, cache["face_file"][best]))
+    ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
+    return FacesetPlan(faceset.name, "faceset", ranked, dropped)
+
+
+def plan_candidates(facesets: list[Entry], singles: list[int], embeddings: np.ndarray,
+                    score: dict, params: dict) -> list[FacesetPlan]:
+    """The singletons close enough to a faceset's centroid, and scored well
+    enough, to be worth a look as more of that person (kind "candidate")."""
+    singles = np.array(singles, dtype=np.int64)
+    centroids = unit_rows(np.array([s.centroid for s in facesets], dtype=np.float32)) \
+        if facesets else np.zeros((0, 1))
+    best, distance = nearest_centroid(embeddings[singles], centroids)
+    plans = []
+    for index, faceset in enumerate(facesets):
+        chosen = [int(f) for f, b, d in zip(singles, best, distance)
+                  if b == index and d <= params["candidate_match_threshold"]
+                  and score[int(f)] >= params["candidate_min_score"]]
+        if chosen:
+            plans.append(FacesetPlan(faceset.name, "candidate",
+                                     sorted(chosen, key=lambda f: (-score[f], f)), {}))
+    return plans
+
+
+def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dict,
+               per_file: list[np.ndarray]) -> list[CropTask]:
+    """A CropTask for every face the plan ranks (path None where its photo
+    has moved or vanished since embed)."""
+    def task(face: int) -> CropTask:
+        row = cache["face_file"][face]
+        return CropTask(existing_location(locations[row], int(cache["file_size"][row])),
+                        cache["bbox"][face], params["pad_ratio"], params["out_size"], face,
+                        cache["bbox"][[o for o in per_file[row] if o != face]])
+    return [task(face) for item in plan for face in item.ranked]
+
+
+def make_crops(tasks: list[CropTask], pack_dir: Path, identity: dict, providers: list[str],
+               workers: int, bar) -> dict[int, dict]:
+    """Each task's face -> {"png", "blacked_out"} or {"error"}: crop and
+    re-detect in the model pool (export_task)."""
+    crops = {t.face: {"error": "the photo has moved or vanished since embed"}
+             for t in tasks if t.path is None}
+    runnable = [t for t in tasks if t.path is not None]
+    if not runnable:
+        return crops
+
+    def on_result(batch, results):
+        for task, result in zip(batch, results):
+            crops[task.face] = result
+        bar.update(len(batch))
+
+    step = ModelStep(export_task, pack_dir, ["detection"], identity, on_result=on_result,
+                     crash_result=lambda reason: {"error": reason})
+    run_model_step(step, in_batches(runnable), providers=providers, workers=workers,
+                   n_tasks=n_batches(len(runnable)))
+    return crops
+
+
+def lay_out_export(work: Path, plan: list[FacesetPlan], crops: dict[int, dict],
+                   cache: FaceCache, locations, scores: tuple[dict, dict], labels: dict,
+                   params: dict) -> dict[str, list[ExportEntry]]:
+    """Write the plan's crops into `work` (the output being built): a folder
+    of ranked PNGs for each faceset and its candidates, and each faceset's
+    .fsz bundles (its top --top-n and all). Returns the entries by kind."""
+    score, term_of = scores
+    source = lambda face: label_path(cache, locations, cache["face_file"][face])  # noqa: E731
+    top_n = params["top_n"]
+    exported: dict[str, list[ExportEntry]] = {"faceset": [], "candidate": []}
+    for item in plan:
+        label = labels.get(item.name)
+        folder = inside(work, entry_folder(item.name, label) if item.kind == "faceset" else
+                        candidates_folder(item.name, label))
+        folder.mkdir(parents=True, exist_ok=True)
+        written, skipped = [], []
+        for face in item.ranked:
+            result = crops[face]
+            if "error" in result:
+                skipped.append(LeftOut(face=face, reason=result["error"]))
+                continue
+            png = f"{len(written):04d}.png"
+            inside(folder, png).write_bytes(result["png"])
+            written.append(Crop(png=png, rank=len(written), face=face, source=source(face),
+                                bbox=[round(float(v), 1) for v in cache["bbox"][face]],
+                                score=round(score[face], 4), terms=term_of[face],
+                                blacked_out=result["blacked_out"], in_top=len(written) < top_n))
+        entry = ExportEntry(name=item.name, label=label, crops=written, skipped=skipped,
+                            dropped=[LeftOut(face=f, reason=r, source=source(f))
+                                     for f, r in sorted(item.dropped.items())])
+        if item.kind == "faceset":
+            entry.bundles = []
+            for bundle, chosen in ((entry_bundle(item.name, label, top_n), written[:top_n]),
+                                   (entry_bundle(item.name, label), written)):
+                if chosen:
+                    size = write_fsz(inside(work, bundle),
+                                     [(c.png, folder / c.png) for c in chosen])
+                    entry.bundles.append(Bundle(file=bundle, pngs=len(chosen), bytes=size))
+        exported[item.kind].append(entry)
+    return exported
+
+
 def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None,
                 candidates=False, enrich_first=False, model=DEFAULT_MODEL,
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
                 replace_smaller=False, quiet=False, **params) -> dict:
-    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT.
-    Returns the manifest as written (its JSON)."""
+    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT:
+    the plan (gates, duplicates, ranking, candidates), the crops made in the
+    model pool, then the layout. Returns the manifest as written (its JSON)."""
     params = table_params(EXPORT_DEFAULTS, params)
     check_options(workers=workers, providers=providers)
     started = time.time()
@@ -9885,116 +10104,23 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         cache = load_cache(cache_path)
     pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
 
-    # score every face the export may use
-    faces = np.array(sorted(wanted), dtype=np.int64)
-    landmarks, pose = enrich_column(cache, "landmark_2d_106"), enrich_column(cache, "pose")
-    terms = quality_terms([frontality(pose[f]) for f in faces], cache["det_score"][faces],
-                          [landmark_symmetry(landmarks[f]) if np.isfinite(landmarks[f]).all()
-                           else np.nan for f in faces],
-                          cache["face_short"][faces], cache["blur"][faces],
-                          out_size=params["out_size"], pad_ratio=params["pad_ratio"])
-    score = dict(zip(faces.tolist(), composite_quality(terms).tolist()))
-    term_of = {f: {name: round(float(values[i]), 4) for name, values in terms.items()}
-               for i, f in enumerate(faces.tolist())}
-    embeddings, locations = cache["embeddings"], file_locations(cache)
-
-    per_file = faces_by_file(cache["face_file"], cache.n_files)
-    plan = []  # (faceset name, kind, ranked faces, dropped)
-    for faceset in refined.facesets:
-        members = np.array(faceset.face_ids(), dtype=np.int64)
-        centroid = unit_rows(np.asarray(faceset.centroid, dtype=np.float32))
-        distance = 1.0 - embeddings[members] @ centroid
-        dropped = {int(f): f"distance {d:.3f} from the faceset centroid > "
-                           f"{params['outlier_threshold']}"
-                   for f, d in zip(members, distance) if d > params["outlier_threshold"]}
-        dropped.update({int(f): f"face short edge {cache['face_short'][f]:.0f} px < "
-                                f"{params['min_face_short']}"
-                        for f in members if int(f) not in dropped
-                        and cache["face_short"][f] < params["min_face_short"]})
-        kept = [int(f) for f in members if int(f) not in dropped]
-        rows = np.unique(cache["face_file"][kept]) if kept else np.zeros(0, np.int64)
-        for group, _distance in visual_duplicate_groups(cache, rows, DEFAULT_HAMMING, per_file):
-            in_group = [f for f in kept if cache["face_file"][f] in set(group.tolist())]
-            best = max(in_group, key=lambda f: (score[f], -f))
-            for f in in_group:
-                if f != best:
-                    dropped[f] = ("near-duplicate photo of "
-                                  + label_path(cache, locations, cache["face_file"][best]))
-        ranked = sorted((f for f in kept if f not in dropped), key=lambda f: (-score[f], f))
-        plan.append((faceset.name, "faceset", ranked, dropped))
+    scores = export_scores(cache, np.array(sorted(wanted), dtype=np.int64), params)
+    locations, per_file = file_locations(cache), faces_by_file(cache["face_file"], cache.n_files)
+    plan = [plan_faceset(faceset, cache, scores[0], params, locations, per_file)
+            for faceset in refined.facesets]
     if candidates:
-        singles = np.array(raw.singletons.face_ids(), dtype=np.int64)
-        centroids = unit_rows(np.array([s.centroid for s in refined.facesets],
-                                       dtype=np.float32)) if refined.facesets else np.zeros((0, 1))
-        best, distance = nearest_centroid(embeddings[singles], centroids)
-        for index, faceset in enumerate(refined.facesets):
-            chosen = [int(f) for f, b, d in zip(singles, best, distance)
-                      if b == index and d <= params["candidate_match_threshold"]
-                      and score[int(f)] >= params["candidate_min_score"]]
-            if chosen:
-                plan.append((faceset.name, "candidate",
-                             sorted(chosen, key=lambda f: (-score[f], f)), {}))
-
-    # crop everything in the model pool (re-detection), then lay out the result
-    tasks = [CropTask(existing_location(locations[cache["face_file"][f]],
-                                        int(cache["file_size"][cache["face_file"][f]])),
-                      cache["bbox"][f], params["pad_ratio"], params["out_size"], f,
-                      cache["bbox"][[o for o in per_file[cache["face_file"][f]] if o != f]])
-             for _name, _kind, ranked, _dropped in plan for f in ranked]
-    crops: dict[int, dict] = {}
-    for task in tasks:
-        if task.path is None:
-            crops[task.face] = {"error": "the photo has moved or vanished since embed"}
-    runnable = [t for t in tasks if t.path is not None]
+        plan += plan_candidates(refined.facesets, raw.singletons.face_ids(), cache["embeddings"],
+                                scores[0], params)
+    tasks = crop_tasks(plan, cache, locations, params, per_file)
+    runnable = sum(task.path is not None for task in tasks)
     provider_list, workers = worker_setup(providers, workers)
-    say(f"export-swap: {len(refined.facesets)} facesets, {len(runnable)} crops to make "
+    say(f"export-swap: {len(refined.facesets)} facesets, {runnable} crops to make "
         f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
-            progress(total=len(runnable), desc="export", unit="crop") as bar:
-        if runnable:
-            def on_result(batch, results):
-                for task, result in zip(batch, results):
-                    crops[task.face] = result
-                bar.update(len(batch))
-
-            step = ModelStep(export_task, pack_dir, ["detection"], identity, on_result=on_result,
-                             crash_result=lambda reason: {"error": reason})
-            run_model_step(step, in_batches(runnable), providers=provider_list, workers=workers,
-                           n_tasks=n_batches(len(runnable)))
-        labels = {f.name: f.label for f in refined.facesets if f.label}
-        exported: dict[str, list[ExportEntry]] = {"faceset": [], "candidate": []}
-        for name, kind, ranked, dropped in plan:
-            label = labels.get(name)
-            folder = inside(work, entry_folder(name, label) if kind == "faceset" else
-                            candidates_folder(name, label))
-            folder.mkdir(parents=True, exist_ok=True)
-            written, skipped = [], []
-            for face in ranked:
-                result = crops[face]
-                if "error" in result:
-                    skipped.append(LeftOut(face=face, reason=result["error"]))
-                    continue
-                png = f"{len(written):04d}.png"
-                inside(folder, png).write_bytes(result["png"])
-                written.append(Crop(png=png, rank=len(written), face=face,
-                                    source=label_path(cache, locations, cache["face_file"][face]),
-                                    bbox=[round(float(v), 1) for v in cache["bbox"][face]],
-                                    score=round(score[face], 4), terms=term_of[face],
-                                    blacked_out=result["blacked_out"],
-                                    in_top=len(written) < params["top_n"]))
-            entry = ExportEntry(name=name, label=label, crops=written, skipped=skipped,
-                                dropped=[LeftOut(face=f, reason=r, source=label_path(
-                                    cache, locations, cache["face_file"][f]))
-                                         for f, r in sorted(dropped.items())])
-            if kind == "faceset":
-                entry.bundles, top_n = [], params["top_n"]
-                for bundle, chosen in ((entry_bundle(name, label, top_n), written[:top_n]),
-                                       (entry_bundle(name, label), written)):
-                    if chosen:
-                        size = write_fsz(inside(work, bundle),
-                                         [(c.png, folder / c.png) for c in chosen])
-                        entry.bundles.append(Bundle(file=bundle, pngs=len(chosen), bytes=size))
-            exported[kind].append(entry)
+            progress(total=runnable, desc="export", unit="crop") as bar:
+        crops = make_crops(tasks, pack_dir, identity, provider_list, workers, bar)
+        exported = lay_out_export(work, plan, crops, cache, locations, scores,
+                                  {f.name: f.label for f in refined.facesets if f.label}, params)
         manifest = ExportManifest(
             **run_header("export-swap", cache_path, cache, params),
             refine_manifest=str(Path(refine_manifest_path).resolve()),

@@ -283,3 +283,43 @@ def test_a_crash_during_the_swap_is_undone_by_the_next_run(labeled_run, tmp_path
         assert (target / "manifest.json").exists()  # the last result is back
         (work / "manifest.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_a_rebuild_links_the_copies_still_true_and_copies_again_what_changed(tmp_path):
+    """A rebuild (every people decision is one) does not copy the library again:
+    a copy in the output it replaces that is still its photo's (same size and
+    time) is linked in; one edited in the output, or whose photo changed since,
+    is copied anew from the photo."""
+    src = tmp_path / "src"
+    for person in ("Ariel_Sharon", "Colin_Powell"):
+        (src / person).mkdir(parents=True)
+        for photo in sorted((DATA / "lfw10" / person).glob("*.jpg"))[:3]:
+            shutil.copy2(photo, src / person / photo.name)
+    cache, out = tmp_path / "c.npz", tmp_path / "out"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, out, quiet=True)
+    copies = sorted(p for p in out.glob("person_*/*.jpg"))
+    thumbs = sorted((out / "_thumbs").glob("*.jpg"))
+    assert len(copies) >= 4 and thumbs
+    before = {p: p.stat().st_ino for p in copies + thumbs}
+    source_of = {p: next(s for s in src.rglob("*.jpg")
+                         if sort_faces.output_name(str(s)) == p.name) for p in copies}
+    edited, touched = copies[0], copies[-1]
+    edited.write_bytes(edited.read_bytes() + b"edited in the output")
+    os.utime(source_of[touched], ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+
+    sort_faces.cluster(cache, out, quiet=True)
+    for copy in copies:
+        assert copy.read_bytes() == source_of[copy].read_bytes(), copy
+        assert copy.stat().st_mtime_ns == source_of[copy].stat().st_mtime_ns, copy
+        same_file = copy.stat().st_ino == before[copy]
+        assert same_file == (copy not in (edited, touched)), copy
+    assert all(t.stat().st_ino == before[t] for t in thumbs)
+    # the sources are untouched by either build (the one we touched aside)
+    assert all(s.stat().st_nlink == 1 for s in src.rglob("*.jpg"))
+    # an output of hardlinks rebuilt as copies: copies, never links to the photos
+    sort_faces.cluster(cache, out, link="hardlink", quiet=True)
+    assert all(s.stat().st_nlink == 2 for s in src.rglob("*.jpg"))
+    sort_faces.cluster(cache, out, link="copy", quiet=True)
+    assert all(s.stat().st_nlink == 1 for s in src.rglob("*.jpg"))
+    assert all(c.read_bytes() == source_of[c].read_bytes() for c in copies)

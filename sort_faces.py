@@ -10322,15 +10322,19 @@ def find_faces(view: dict, out: Path, wanted, cache: FaceCache) -> list[int]:
 
 def apart_faces(view: dict, out: Path, cache: FaceCache, faces_named, person: Entry) -> dict:
     """An `apart` of faces from a person: the faces, and the person's other
-    faces (`from`), as face keys. UserError for a face not in that person, or
-    for all its faces (nothing would be left to keep them apart from)."""
+    faces (`from`), as face keys. A face of the person leaves it; a loose one
+    (a single face, one refine left out) never joins it (a declined move
+    suggestion). UserError for a face of another person (move it, or keep it
+    apart from its own), or for all the person's faces (nothing would be left
+    to keep them apart from)."""
     faces = find_faces(view, out, faces_named, cache)
-    own = set(person.face_ids())
-    outside = [face for face in faces if face not in own]
-    if outside:
-        others = f" (and {len(outside) - 1} more of those named)" if len(outside) > 1 else ""
-        raise UserError(f"face {outside[0]}{others} is not in {person.name}: only a face of "
-                        f"{person.name} can be kept apart from it")
+    owner = {f: e.name for e in view["entries"] if e is not person for f in e.face_ids()}
+    elsewhere = [face for face in faces if face in owner]
+    if elsewhere:
+        others = f" (and {len(elsewhere) - 1} more of those named)" if len(elsewhere) > 1 else ""
+        raise UserError(f"face {elsewhere[0]}{others} is in {owner[elsewhere[0]]}, not "
+                        f"{person.name}: only a face of {person.name} or a loose face can be "
+                        "kept apart from it")
     rest = [face for face in person.face_ids() if face not in set(faces)]
     if not rest:
         raise UserError(f"those are all the faces of {person.name}: reject them (strangers), or "
@@ -10893,9 +10897,9 @@ def _app_person_html(state: dict, name: str) -> str:
 
 
 def _suggestion_html(state: dict, suggestion: dict, verbs) -> str:
-    """One suggestion, with Accept and, for a merge (where `apart` is a verb),
-    Not the same person. A move's faces are loose, and `apart` keeps only a
-    person's own faces apart from it, so a move has Accept alone."""
+    """One suggestion, with Accept and (where `apart` is a verb) Not the same
+    person: for a merge, the two kept apart; for a move, its loose faces kept
+    apart from the person."""
     person = lambda name: _app_person_html(state, name)  # noqa: E731
     if suggestion["kind"] == "merge":
         a, b = suggestion["people"]
@@ -10907,7 +10911,8 @@ def _suggestion_html(state: dict, suggestion: dict, verbs) -> str:
         what = (f'{_app_faces_html(state, suggestion["faces"])} '
                 f'{"is" if len(faces) == 1 else "are"} {person(to)} '
                 f'{_app_faces_html(state, state["first"].get(to, []))}?')
-        accept, apart = {"verb": "move", "faces": faces, "to": to}, None
+        accept = {"verb": "move", "faces": faces, "to": to}
+        apart = {"verb": "apart", "faces": faces, "from": to}
     buttons = f'<button type="button" class="app-do yes" {_decide_attr(accept)}>Accept</button>'
     if apart is not None and "apart" in verbs:
         buttons += (f' <button type="button" class="app-do" {_decide_attr(apart)}>'

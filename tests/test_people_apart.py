@@ -318,8 +318,6 @@ def test_apart_on_a_refine_output(clustered, tmp_path):
     assert face not in sets()[first] and set(rest) <= set(sets()[first])
     suggestions = sort_faces.people(out, "suggest", quiet=True)["suggestions"]
     assert (face, first) not in offered_moves(suggestions)
-    with pytest.raises(sort_faces.UserError, match=f"face {face} is not in {first}"):
-        sort_faces.people(out, "apart", faces_named=[str(face)], apart_from=first, quiet=True)
     loose = owners(sort_faces.refine(cache, tmp_path / "loose", quiet=True,
                                      **dict(REFINE, initial_threshold=0.75)), "facesets")
     held = collections.Counter(loose[f] for f in rest if f in loose).most_common(1)[0][0]
@@ -332,6 +330,27 @@ def test_apart_on_a_refine_output(clustered, tmp_path):
     sort_faces.people(out, "undo", quiet=True)
     sort_faces.people(out, "undo", quiet=True)
     assert sets() == start
+
+
+def test_a_declined_move_suggestion_keeps_the_loose_face_apart(clustered, capsys):
+    """Not the same person on a move suggestion: its loose faces are kept apart
+    from the person (all of whose faces stay), and it is never offered again,
+    whatever the faces' nearest person then is."""
+    cache, out = clustered
+    suggestions = sort_faces.people(out, "suggest", quiet=True)["suggestions"]
+    move = next(s for s in suggestions if s["kind"] == "move")
+    (person,), faces = move["people"], move["faces"]
+    before = manifest_of(out)
+    code, _out, err = said(capsys, "people", out, "apart", *faces, "--from", person)
+    assert code == 0, err
+    after = manifest_of(out)
+    assert faces_of(after, person) == faces_of(before, person)
+    assert set(faces) <= {f["face"] for f in after["singletons"]["faces"]}
+    decision = sort_faces.load_decisions(sort_faces.people_path(cache))[-1]
+    assert len(decision["faces"]) == len(faces)
+    assert len(decision["from"]) == len(faces_of(before, person))
+    offered = offered_moves(sort_faces.people(out, "suggest", quiet=True)["suggestions"])
+    assert not {(face, person) for face in faces} & offered
 
 
 def test_bad_apart_commands_are_one_line_and_change_nothing(clustered, capsys):
@@ -350,7 +369,7 @@ def test_bad_apart_commands_are_one_line_and_change_nothing(clustered, capsys):
             ((first, "person_999"), "'person_999' is not a person"),
             ((first, in_second), "give --from PERSON"),  # face ids read as people without it
             ((merged_away, first), f"{merged_away} was merged into"),
-            ((in_second, "--from", first), f"face {in_second} is not in {first}"),
+            ((in_second, "--from", first), f"face {in_second} is in {second}, not {first}"),
             ((in_first, in_first, "--from", first), "a face is named twice"),
             ((in_first, "--from", "person_999"), "'person_999' is not a person"),
             ((first, "--from", second), "is not a face id"),

@@ -249,7 +249,7 @@ def test_every_decision_by_clicking_in_chromium(celebs_cache, tmp_path):
 
         # not the same person: a suggested merge declined stays declined
         declined = next(b for b in finds("#app-suggestions button.app-do:not(.yes)")
-                        if json.loads(b.get_attribute("data-decide"))["verb"] == "apart")
+                        if "people" in json.loads(b.get_attribute("data-decide")))
         apart_pair = json.loads(declined.get_attribute("data-decide"))["people"]
         before = {p: sorted(faces_of(manifest, p)) for p in apart_pair}
         click(declined)
@@ -258,6 +258,18 @@ def test_every_decision_by_clicking_in_chromium(celebs_cache, tmp_path):
             sorted(faces_of(manifest, p)) == before[p] for p in apart_pair)
         assert apart_pair not in [json.loads(b.get_attribute("data-decide")).get("people")
                                   for b in finds("#app-suggestions [data-decide]")]
+
+        # not the same person on a suggested move: its loose faces stay out of that person
+        declined = next(b for b in finds("#app-suggestions button.app-do:not(.yes)")
+                        if "from" in json.loads(b.get_attribute("data-decide")))
+        request = json.loads(declined.get_attribute("data-decide"))
+        click(declined)
+        manifest = decided_ok("apart")
+        assert decided(cache)[-1]["from"]
+        assert {int(f) for f in request["faces"]} <= {f["face"] for f in
+                                                      manifest["singletons"]["faces"]}
+        assert request not in [json.loads(b.get_attribute("data-decide"))
+                               for b in finds("#app-suggestions [data-decide]")]
 
         # move a face to another person: the selection survives the rebuild
         moved = faces_of(start, "person_003")[-1]

@@ -1272,6 +1272,8 @@ def inside(root: Path, *parts: str) -> Path:
     path = Path(root).joinpath(*parts)
     plain = parts and all(part and not os.path.isabs(part) and
                           not {".", "..", ""} & set(re.split(r"[\\/]", part)) for part in parts)
+    if plain and len(parts) == 1 and not os.path.islink(path):
+        return path  # a plain name in root that is no link: inside, without resolving root
     if not plain or not is_within(path.parent, root) or \
             not (is_within(path, root) or (path.is_symlink() and not path.is_dir())):
         raise UserError(f"refusing to write {display(path)}: outside the output {display(root)}")

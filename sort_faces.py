@@ -598,10 +598,17 @@ CLUSTER_LEADER_MAX_PASSES = 8
 # Faces that share a photo (one cache file row: a photo, or a video's frame) are
 # different people: cluster, refine and extend never put two of them in one
 # person (cannot-link, inside the average linkage), unless a people decision
-# does. Two faces of one photo this similar (cosine) are one face seen twice, a
-# mirror or a photo of a photo, and are left free to join. Measured
-# (tests/benchmarks/measure_same_photo.py, docs/benchmarks.md): PLACEHOLDER
-SAME_PHOTO_MIRROR_SIMILARITY = 0.8
+# does. Two faces of one photo this similar (cosine) are one face seen twice (a
+# mirror, the same picture twice in a collage or on a screen) and are left free
+# to join. Measured with buffalo_s (tests/benchmarks/measure_same_photo.py,
+# docs/benchmarks.md): a face beside its flip, smaller and dimmer, at 0.80-0.98
+# (99.1% at 0.85 or more), beside itself again at 0.87-0.98; two distinct
+# people at most 0.297 (25,439 pairs of the labeled sets, and every pair of
+# look-alikes pasted into one photo), one person in two different photos at
+# 0.85 or more 0.3% of the time (shots of one sitting): twins would have to be
+# more alike than that. A small, blurred print of a face (a photo of a photo)
+# lies at 0.41-0.79, as two photos of one person do: it stays apart (merge it).
+SAME_PHOTO_MIRROR_SIMILARITY = 0.85
 
 # --- review pages ---
 REVIEW_PAGE_NAME = "index.html"

@@ -51,7 +51,9 @@ last, wires them all.
                          all-or-nothing changes in place, manifests as typed records (one
                          loader that validates them, one writer)
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
-                         faiss's inverted lists for many faces), centroids, refine's stages
+                         faiss's inverted lists for many faces) under must-link and
+                         cannot-link constraints (faces of one photo are different people),
+                         centroids, refine's stages
     DUPLICATES           visual near-duplicate groups confirmed by their faces
     REVIEW PAGES         index.html and face thumbnails for every output folder, and why an
                          output is empty or small
@@ -164,6 +166,7 @@ __all__ = [
     "read_video_frame",
     # pure functions over arrays
     "agglomerative_labels", "bcubed", "refine_partition", "quality_failures", "perceptual_hash",
+    "same_photo_pairs", "photo_neighbours_apart", "nearest_apart", "SAME_PHOTO_MIRROR_SIMILARITY",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
     "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",
@@ -6108,7 +6111,7 @@ def same_photo_pairs(photo, embeddings, together=(),
     together : lists of face indexes a people decision pinned into one
         person: a pair inside one is no constraint (the decision wins)
     mirror : a pair at this cosine similarity or more is one face seen twice
-        (a mirror, a photo of a photo): left free to join
+        (a mirror, the same picture twice): left free to join
 
     Returns
     -------
@@ -6136,7 +6139,8 @@ def same_photo_pairs(photo, embeddings, together=(),
     kept = pairs[~similar & ~decided]
     kept = kept[np.lexsort((kept[:, 1], kept[:, 0]))]
     return kept, {"photos": int((sizes >= 2).sum()), "pairs": int(len(kept)),
-                  "mirror_pairs": int(similar.sum()), "decided_pairs": int((decided & ~similar).sum())}
+                  "mirror_pairs": int(similar.sum()),
+                  "decided_pairs": int((decided & ~similar).sum())}
 
 
 def pairs_within(pairs: np.ndarray, faces, n: int) -> np.ndarray:
@@ -6901,8 +6905,8 @@ def _agglo_nearest(M, block_rows, forbid=None):
     forbid = np.zeros((0, 2), np.int64) if forbid is None else forbid
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
-        lo, hi = np.searchsorted(forbid[:, 0], [r0, r1])
-        fa, fb = forbid[lo:hi, 0], forbid[lo:hi, 1]
+        first, last = np.searchsorted(forbid[:, 0], [r0, r1])
+        fa, fb = forbid[first:last, 0], forbid[first:last, 1]
         for c0 in range(r0, m, step):
             c1 = min(c0 + step, m)
             S = M[r0:r1] @ M[c0:c1].T

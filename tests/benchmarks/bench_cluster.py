@@ -8,6 +8,7 @@ Usage::
     python tests/benchmarks/bench_cluster.py --real [N ...] [--method auto|exact|ann]
                                              [--compare] [--threshold 0.55]
                                              [--grid LISTS:NPROBE ...]
+    python tests/benchmarks/bench_cluster.py [--real] [N ...] --same-photo [--method ...]
 
 ``--real``: the embeddings of the shared photos (five_celebs, lfw10 and
 face_recognition, embedded once with buffalo_s into the cache given by
@@ -25,6 +26,15 @@ N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
 checks the partition against scikit-learn for N <= 20000. ``--max-component``
 lowers the exact-linkage limit to exercise the fallback.
+
+``--same-photo`` (issue 30): the faces are put into photos as a family
+library has them (PHOTO_SIZES: 60 % of photos with one face, 22 % two, 10 %
+three, the rest 4-12; a photo's people from one circle of about 20
+identities, look-alike "siblings" in their partner's circle, each identity at
+most once a photo), and each size is clustered without the same-photo rule
+and with it (the cannot-link pairs of sort_faces.same_photo_pairs, their
+building timed too), each in its own process: time, peak memory, BCubed, the
+pairs that share a cluster without the rule, the merges it prevented.
 
 Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
 one identity holding 5 % of all faces, and 10 % of identities given a
@@ -57,8 +67,9 @@ def load_agglomerative_labels():
     return sort_faces.agglomerative_labels
 
 
-def make_faces(n, dim=DIM, seed=0, chunk=20000):
-    """Synthetic unit-norm embeddings (float32) and their identity labels."""
+def make_faces(n, dim=DIM, seed=0, chunk=20000, circles=False):
+    """Synthetic unit-norm embeddings (float32) and their identity labels
+    (and with `circles` the circle of each identity: look-alikes share one)."""
     rng = np.random.default_rng(seed)
     sizes = [max(2, n // 20)]  # one very large identity
     n_single = n // 10
@@ -93,7 +104,46 @@ def make_faces(n, dim=DIM, seed=0, chunk=20000):
         x += centres[t]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         X[c0:c0 + chunk] = x
+    if circles:
+        circle = rng.permutation(n_id) // CIRCLE_SIZE
+        circle[sib] = circle[partner]  # siblings are photographed together
+        return X, truth, circle
     return X, truth
+
+
+# How many faces a photo holds, and how often (issue 30's benchmark): most
+# photos of a family library show one face, a third two or three, a few more.
+PHOTO_SIZES = {1: 0.60, 2: 0.22, 3: 0.10, 4: 0.03, 5: 0.02, 6: 0.015, 8: 0.01, 12: 0.005}
+CIRCLE_SIZE = 20  # identities photographed together (a family, friends)
+
+
+def photos_of(truth, circle, seed=0):
+    """A photo id for each face: within each circle, photos of PHOTO_SIZES
+    faces of as many distinct identities (drawn by their faces left), until
+    every face has its photo."""
+    rng = np.random.default_rng(seed)
+    sizes, weights = np.array(list(PHOTO_SIZES)), np.array(list(PHOTO_SIZES.values()))
+    photo = np.empty(len(truth), np.int64)
+    faces_of = {}
+    for face in rng.permutation(len(truth)):
+        faces_of.setdefault(int(truth[face]), []).append(int(face))
+    members = {}
+    for identity in faces_of:
+        members.setdefault(int(circle[identity]), []).append(identity)
+    next_photo = 0
+    for ids in members.values():
+        left = {i: faces_of[i] for i in ids}
+        while left:
+            alive = list(left)
+            k = min(int(rng.choice(sizes, p=weights)), len(alive))
+            counts = np.array([len(left[i]) for i in alive], np.float64)
+            for pick in rng.choice(len(alive), k, replace=False, p=counts / counts.sum()):
+                identity = alive[pick]
+                photo[left[identity].pop()] = next_photo
+                if not left[identity]:
+                    del left[identity]
+            next_photo += 1
+    return photo
 
 
 REAL_SETS = ("five_celebs", "lfw10", "face_recognition")
@@ -148,6 +198,73 @@ def pairwise_f(a, b):
     precision = both / max(pairs(np.bincount(ib)), 1.0)
     recall = both / max(pairs(np.bincount(ia)), 1.0)
     return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def same_photo_child(n, threshold, method, real, cache_path, rule):
+    """One side of --same-photo: N faces in photos, clustered with the rule or
+    without it; prints a RESULT line."""
+    sys.path.insert(0, ROOT)
+    import sort_faces
+
+    t0 = time.perf_counter()
+    if real:
+        X, truth = make_real(n, cache_path)
+        circle = np.arange(int(truth.max()) + 1) // 21  # a copy's 21 people: one circle
+    else:
+        X, truth, circle = make_faces(n, circles=True)
+    photo = photos_of(truth, circle)
+    gen_s = time.perf_counter() - t0
+    base_mb = peak_mb()
+    t0 = time.perf_counter()
+    pairs, counts = sort_faces.same_photo_pairs(photo, X)
+    pairs_s = time.perf_counter() - t0
+    if not rule:  # the time without the rule is the clustering's alone
+        t0 = time.perf_counter()
+    labels, info = sort_faces.agglomerative_labels(X, threshold, method=method,
+                                                   cannot_link=pairs if rule else None)
+    wall = time.perf_counter() - t0
+    precision, recall = sort_faces.bcubed(truth, labels)
+    together = int((labels[pairs[:, 0]] == labels[pairs[:, 1]]).sum())
+    out = {"n": n, "rule": rule, "seconds": wall, "pairs_seconds": pairs_s, "gen_seconds": gen_s,
+           "base_mb": base_mb, "peak_mb": peak_mb(), "bcubed_p": precision, "bcubed_r": recall,
+           "n_clusters": info["n_clusters"], "largest_component": info["largest_component"],
+           "method": info["method"], "photos": int(photo.max()) + 1,
+           "multi_face_photos": counts["photos"], "pairs": counts["pairs"],
+           "faces_in_multi": int(np.isin(photo, np.flatnonzero(np.bincount(photo) > 1)).sum()),
+           "pairs_in_one_cluster": together, "fallback": len(info["fallback_components"]),
+           "kept_apart": info.get("cannot_link", {}).get("kept_apart"),
+           "component_pairs": info.get("cannot_link", {}).get("pairs"),
+           "seconds_linkage": info["seconds_linkage"], "seconds_edges": info["seconds_edges"],
+           "loadavg": os.getloadavg()[0]}
+    print("RESULT " + json.dumps(out))
+
+
+def run_same_photo(args):
+    """--same-photo: each size without the rule and with it, each in its own process."""
+    for n in args.sizes:
+        for rule in (False, True):
+            cmd = [sys.executable, os.path.abspath(__file__), str(n), "--same-photo", "--child",
+                   "--threshold", str(args.threshold), "--method", args.method,
+                   "--real-cache", args.real_cache] + ["--real"] * args.real + ["--rule"] * rule
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"N={n} rule={rule}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+                continue
+            r = json.loads(lines[-1][7:])
+            side = "with the rule   " if rule else "without the rule"
+            print(f"N={n:>7} {side}: {r['seconds']:6.1f} s ("
+                  + (f"pairs {r['pairs_seconds']:.2f} s, " if rule else "")
+                  + f"pairs under the threshold {r['seconds_edges']:.1f} s, "
+                  + f"linkage {r['seconds_linkage']:.1f} s), peak {r['peak_mb']:6.0f} MB (faces "
+                  f"alone {r['base_mb']:.0f} MB), BCubed P/R {r['bcubed_p']:.4f}/"
+                  f"{r['bcubed_r']:.4f}, {r['n_clusters']} clusters, largest component "
+                  f"{r['largest_component']}, {r['fallback']} fallback", flush=True)
+            print(f"{'':>9} {r['photos']} photos, {r['multi_face_photos']} with several faces "
+                  f"({r['faces_in_multi']} faces), {r['pairs']} pairs of faces of one photo: "
+                  f"{r['pairs_in_one_cluster']} of them in one cluster"
+                  + (f"; {r['component_pairs']} in one component, {r['kept_apart']} merges "
+                     "prevented" if rule else ""), flush=True)
 
 
 def real_child(n, threshold, method, cache_path, save, ann=None):
@@ -260,10 +377,24 @@ def main():
     ap.add_argument("--real-cache", default="/tmp/face-sets-bench-real.npz")
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ann-params", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--same-photo", action="store_true",
+                    help="faces in photos: clustered without the same-photo rule and with it")
+    ap.add_argument("--rule", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--grid", nargs="+", default=None, metavar="LISTS:NPROBE",
                     help="with --real: the exact path, then the index at each lists-per-sqrt(N)"
                          ":nprobe, each against exact")
     args = ap.parse_args()
+    if args.same_photo:
+        if args.threshold == 0.6 and "--threshold" not in sys.argv and args.real:
+            args.threshold = 0.55  # cluster's default
+        if args.child:
+            same_photo_child(args.sizes[0], args.threshold, args.method, args.real,
+                             args.real_cache, args.rule)
+        else:
+            if args.real:
+                real_faces(args.real_cache)  # embedded once, before the timed children
+            run_same_photo(args)
+        return
     if args.real:
         if args.child:
             real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save,

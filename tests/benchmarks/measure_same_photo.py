@@ -95,7 +95,7 @@ def crop(path: str, box, side_px: int = CROP_HEIGHT) -> np.ndarray:
     half = max(x2 - x1, y2 - y1) * (0.5 + PAD)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     padded = cv2.copyMakeBorder(bgr, 400, 400, 400, 400, cv2.BORDER_CONSTANT,
-                                value=(150, 160, 170))  # the wall (a reflection would copy the face)
+                                value=(150, 160, 170))  # a wall: a reflection would copy the face
     left, top = int(round(cx - half)) + 400, int(round(cy - half)) + 400
     side = int(round(2 * half))
     return cv2.resize(padded[top:top + side, left:left + side], (side_px, side_px),

@@ -6130,8 +6130,12 @@ def same_photo_pairs(photo, embeddings, together=(),
         at = starts[sizes == size][:, None]
         parts.append(np.stack([order[at + first].ravel(), order[at + second].ravel()], axis=1))
     pairs = np.sort(np.concatenate(parts), axis=1)
-    similar = np.einsum("ij,ij->i", np.asarray(embeddings)[pairs[:, 0]],
-                        np.asarray(embeddings)[pairs[:, 1]]) >= mirror
+    embeddings = np.asarray(embeddings)
+    similar = np.zeros(len(pairs), bool)
+    for p0 in range(0, len(pairs), 1 << 15):  # in chunks: a crowd's pairs are many
+        chunk = pairs[p0:p0 + (1 << 15)]
+        similar[p0:p0 + len(chunk)] = np.einsum("ij,ij->i", embeddings[chunk[:, 0]],
+                                                embeddings[chunk[:, 1]]) >= mirror
     pinned = np.full(len(photo), -1, np.int64)
     for index, group in enumerate(together):
         pinned[np.asarray(group, np.int64)] = index
@@ -6174,21 +6178,24 @@ def photo_neighbours_apart(groups, embeddings, pairs, within: float,
     pairs, spanned = pairs[across], spanned[across]
     if not len(pairs):
         return {}
-    means = np.array([np.asarray(embeddings)[g].mean(axis=0) for g in groups], np.float64)
+    means = np.array([np.asarray(embeddings)[g].mean(axis=0) for g in groups], np.float32)
     if centroids:
-        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        means = unit_rows(means)
+    shared: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (group, other): face pairs
+    for (a, b), (fa, fb) in zip(spanned.tolist(), pairs.tolist()):
+        shared.setdefault((a, b), []).append((fa, fb))
+        shared.setdefault((b, a), []).append((fb, fa))
+    rows = np.unique(spanned)
     found = {}
-    for index in np.unique(spanned):
-        distance = 1.0 - means @ means[index]
-        distance[index] = np.inf
-        other = int(distance.argmin())
-        shared = (spanned[:, 0] == index) & (spanned[:, 1] == other) | \
-            (spanned[:, 1] == index) & (spanned[:, 0] == other)
-        if distance[other] < within and shared.any():
-            faces = [tuple(int(f) for f in (p if owner[p[0]] == index else p[::-1]))
-                     for p in pairs[shared]]
-            found[int(index)] = {"other": other, "distance": float(distance[other]),
-                                 "pairs": faces}
+    for r0 in range(0, len(rows), CLUSTER_BLOCK_ROWS):  # the nearest other group of each
+        block = rows[r0:r0 + CLUSTER_BLOCK_ROWS]
+        distance = 1.0 - means[block] @ means.T
+        distance[np.arange(len(block)), block] = np.inf
+        for index, other, d in zip(block.tolist(), distance.argmin(axis=1).tolist(),
+                                   distance.min(axis=1).tolist()):
+            if d < within and (index, other) in shared:
+                found[index] = {"other": other, "distance": float(d),
+                                "pairs": sorted(shared[(index, other)])}
     return found
 
 
@@ -9738,15 +9745,20 @@ def join_nearest(kind: str, entries: list, faces, centroids, within: float, out:
     whose centroid is nearest when it lies within `within` (cosine distance;
     `inclusive`: at it too), the entry's centroid kept up to date where the
     kind keeps one; never an entry holding another face of its photo (`pairs`,
-    same_photo_pairs: nearest_apart). Returns which of `faces` joined."""
+    same_photo_pairs: nearest_apart; the record's `same_photo_apart` counts
+    the faces it turned from their nearest entry). Returns which of `faces`
+    joined."""
     best, distance = nearest_centroid(cache["embeddings"][faces], centroids)
     joins = distance <= within if inclusive else distance < within
+    record["same_photo_apart"] = 0
     if pairs is not None and len(pairs) and len(entries) and len(faces):
         owner = np.full(cache.n_faces, -1, np.int64)
         for index, entry in enumerate(entries):
             owner[entry.face_ids()] = index
+        nearest, joined = best, joins
         best, joins = nearest_apart(faces, best, joins, cache["embeddings"], centroids, owner,
                                     pairs, within, inclusive)
+        record["same_photo_apart"] = int((joined & (~joins | (best != nearest))).sum())
     for index in np.unique(best[joins]):
         entry, taken = entries[index], faces[joins & (best == index)]
         add_faces_to_entry(entry, inside(out, entry.folder), taken, cache, locations, link)
@@ -9806,8 +9818,9 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
     # 2. the rest, with the old singletons, may now form new people
     old_singles = manifest.singletons.face_ids()
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
-    labels, _info = agglomerative_labels(embeddings[pool], threshold,
-                                         cannot_link=pairs_within(pairs, pool, cache.n_faces))
+    labels, info = agglomerative_labels(embeddings[pool], threshold,
+                                        cannot_link=pairs_within(pairs, pool, cache.n_faces))
+    record["same_photo_apart"] += info["cannot_link"]["kept_apart"]
     groups = [pool[group] for group in groups_from_labels(labels)]
     singles = [int(f) for faces in groups if len(faces) < 2 for f in faces]
     number = manifest.next_number
@@ -9877,9 +9890,10 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManife
     too_few = [f for f, d in dropped.items() if d.stage == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
     sub = {k: params[k] for k in REFINE_DEFAULTS}
-    grown, sub_dropped, _stages, _origin = refine_partition(
+    grown, sub_dropped, sub_stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
+    record["same_photo_apart"] += sub_stages["clustering"]["same_photo_apart"]
     number = manifest.next_number
     record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
                                              facesets, out, cache, locations, link)
@@ -9939,8 +9953,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
         else:
             made = record.get("new_people", record.get("new_facesets", []))
             joined = sum(len(v) for v in record["joined"].values())
+            apart = record.get("same_photo_apart", 0)
             say(f"extend: {record['faces_added']} new faces into {out}: {joined} joined existing "
-                f"sets, {len(made)} new ({', '.join(made) or 'none'})", quiet)
+                f"sets, {len(made)} new ({', '.join(made) or 'none'})"
+                + (f"; {apart} kept apart by the same-photo rule (faces that share a photo are "
+                   "different people)" if apart else ""), quiet)
     return results
 
 

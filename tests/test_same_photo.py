@@ -452,5 +452,6 @@ def test_refine_and_extend_keep_look_alikes_of_one_photo_apart(group_photos, tmp
     record = sort_faces.extend(grown, tmp_path / "raw", quiet=True)["extend_raw"]
     joined = set(record["joined"].get(person["name"], []))
     assert all(len(joined & set(c)) == 1 for c in composites), record
+    assert record["same_photo_apart"] >= 2
     after = owners(json.loads((tmp_path / "raw" / "manifest.json").read_text()))
     assert not [c for c in composites if c[0] in after and after.get(c[0]) == after.get(c[1])]

@@ -222,15 +222,22 @@ def scores(cache, scored: dict[int, str], thresholds, extra=None) -> None:
     """BCubed before and after at each threshold (and `extra`: a line's more)."""
     faces = np.array(sorted(scored), np.int64)
     truth = [scored[f] for f in faces]
+
+    def canonical(labels):  # a partition of the scored faces, whatever its numbers
+        _, first, inverse = np.unique(labels[faces], return_index=True, return_inverse=True)
+        return np.argsort(np.argsort(first))[inverse.ravel()]
+
     for threshold in thresholds:
-        row = []
+        row, partitions = [], []
         for same_photo in (False, True):
             labels, info = partition(cache, threshold, same_photo)
+            partitions.append(canonical(labels))
             precision, recall = sort_faces.bcubed(truth, labels[faces])
             more = f", {extra(labels)}" if extra else ""
             row.append(f"P/R {precision:.3f}/{recall:.3f}{more}"
                        + (f", {info['same_photo_apart']} prevented" if same_photo else ""))
-        print(f"  {threshold:.2f}: before {row[0]}   after {row[1]}")
+        same = "the same partition" if np.array_equal(*partitions) else "partitions differ"
+        print(f"  {threshold:.2f}: before {row[0]}   after {row[1]}   ({same})")
 
 
 def quantiles(values) -> str:

@@ -166,7 +166,7 @@ __all__ = [
     "read_video_frame",
     # pure functions over arrays
     "agglomerative_labels", "bcubed", "refine_partition", "quality_failures", "perceptual_hash",
-    "same_photo_pairs", "photo_neighbours_apart", "nearest_apart", "SAME_PHOTO_MIRROR_SIMILARITY",
+    "same_photo_pairs", "photo_neighbours_apart", "nearest_apart", "constrained_people",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
     "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",

@@ -55,8 +55,9 @@ last, wires them all.
                          cannot-link constraints (faces of one photo are different people),
                          centroids, refine's stages
     DUPLICATES           visual near-duplicate groups confirmed by their faces
-    REVIEW PAGES         index.html and face thumbnails for every output folder, and why an
-                         output is empty or small
+    REVIEW PAGES         index.html and face thumbnails for every output folder, why an
+                         output is empty or small, and the people the same-photo rule kept
+                         apart from their nearest
     PEOPLE AND NUMBERING the people decisions and their constraints, the numbers an output
                          keeps across rebuilds, an output's people and the suggestions
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands

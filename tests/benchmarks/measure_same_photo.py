@@ -37,6 +37,7 @@ pytest.
 """
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -251,6 +252,7 @@ def quantiles(values) -> str:
 
 def run(work: Path, wanted: int, thresholds, choose_at: float, crop_px: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FACESETS_LOG_DIR", str(work / "logs"))  # embed's logs: not in work/
     sets_cache = work / "sets.npz"
     if not sets_cache.exists():
         copy_sets(work / "sets")

@@ -53,10 +53,13 @@ last, wires them all.
                          all-or-nothing changes in place, manifests as typed records (one
                          loader that validates them, one writer)
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from
-                         faiss's inverted lists for many faces), centroids, refine's stages
+                         faiss's inverted lists for many faces) under must-link and
+                         cannot-link constraints (faces of one photo are different people),
+                         centroids, refine's stages
     DUPLICATES           visual near-duplicate groups confirmed by their faces
-    REVIEW PAGES         index.html and face thumbnails for every output folder, and why an
-                         output is empty or small
+    REVIEW PAGES         index.html and face thumbnails for every output folder, why an
+                         output is empty or small, and the people the same-photo rule kept
+                         apart from their nearest
     PEOPLE AND NUMBERING the people decisions and their constraints, the numbers an output
                          keeps across rebuilds, an output's people and the suggestions
     EMBED, CLUSTER, REFINE, DEDUP, EXTEND, ENRICH, EXPORT-SWAP, PEOPLE   the subcommands
@@ -174,6 +177,7 @@ __all__ = [
     "read_video_frame",
     # pure functions over arrays
     "agglomerative_labels", "bcubed", "refine_partition", "quality_failures", "perceptual_hash",
+    "same_photo_pairs", "photo_neighbours_apart", "nearest_apart", "constrained_people",
     "hamming_pairs", "group_pairs", "pose_from_landmarks_2d", "pose_from_kps5",
     "landmark_symmetry", "frontality", "face_thumbnails", "face_thumbnail", "render_review_page",
     "box_reduce", "coarsest_factor", "detect_factor", "detail_factor", "face_view",
@@ -607,6 +611,20 @@ CLUSTER_ANN = {"lists_per_sqrt": 4, "nprobe": 128, "train_per_list": 64, "niter"
                "recall_rows": 1000, "rescue_nprobe": 768, "rescue_component": 3}
 CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
 CLUSTER_LEADER_MAX_PASSES = 8
+# Faces that share a photo (one cache file row: a photo, or a video's frame) are
+# different people: cluster, refine and extend never put two of them in one
+# person (cannot-link, inside the average linkage), unless a people decision
+# does. Two faces of one photo this similar (cosine) are one face seen twice (a
+# mirror, the same picture twice in a collage or on a screen) and are left free
+# to join. Measured with buffalo_s (tests/benchmarks/measure_same_photo.py,
+# docs/benchmarks.md): a face beside its flip, smaller and dimmer, at 0.80-0.98
+# (99.1% at 0.85 or more), beside itself again at 0.87-0.98; two distinct
+# people at most 0.297 (25,439 pairs of the labeled sets, and every pair of
+# look-alikes pasted into one photo), one person in two different photos at
+# 0.85 or more 0.3% of the time (shots of one sitting): twins would have to be
+# more alike than that. A small, blurred print of a face (a photo of a photo)
+# lies at 0.41-0.79, as two photos of one person do: it stays apart (merge it).
+SAME_PHOTO_MIRROR_SIMILARITY = 0.85
 
 # --- review pages ---
 REVIEW_PAGE_NAME = "index.html"
@@ -628,6 +646,9 @@ _ORIENTATION_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4
 REVIEW_NEAREST = 24
 REVIEW_FARTHEST = 6
 REVIEW_MAX_LOOSE = 300
+# A person kept apart from its nearest person by the same-photo rule shows at
+# most this many of the photos they share (a face of each).
+REVIEW_MAX_SHARED_PHOTOS = 4
 
 # --- refine ---
 # Refine's quality gate: per option, the per-face measurement it is the floor
@@ -6198,6 +6219,106 @@ def bcubed(labels_true, labels_pred) -> tuple[float, float]:
     return precision, recall
 
 
+def same_photo_pairs(photo, embeddings, together=(),
+                     mirror: float = SAME_PHOTO_MIRROR_SIMILARITY) -> tuple[np.ndarray, dict]:
+    """The cannot-link pairs of faces that share a photo: two faces of one
+    photo (or one video frame) are two people, so clustering keeps them apart.
+
+    Parameters
+    ----------
+    photo : (N,) the photo of each face (a cache's face_file)
+    embeddings : (N, D) unit vectors
+    together : lists of face indexes a people decision pinned into one
+        person: a pair inside one is no constraint (the decision wins)
+    mirror : a pair at this cosine similarity or more is one face seen twice
+        (a mirror, the same picture twice): left free to join
+
+    Returns
+    -------
+    pairs : (P, 2) int64, smaller face first, sorted
+    counts : ``photos`` (with two faces or more), ``pairs``, ``mirror_pairs``
+        and ``decided_pairs`` (left out as mirrors, or by a decision)
+    """
+    photo = np.asarray(photo)
+    order = np.argsort(photo, kind="stable")
+    starts = np.flatnonzero(np.r_[True, photo[order][1:] != photo[order][:-1]]) \
+        if len(photo) else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, len(photo)])
+    parts = [np.zeros((0, 2), np.int64)]
+    for size in np.unique(sizes[sizes >= 2]):  # every pair inside each photo of that size
+        first, second = np.triu_indices(int(size), 1)
+        at = starts[sizes == size][:, None]
+        parts.append(np.stack([order[at + first].ravel(), order[at + second].ravel()], axis=1))
+    pairs = np.sort(np.concatenate(parts), axis=1)
+    embeddings = np.asarray(embeddings)
+    similar = np.zeros(len(pairs), bool)
+    for p0 in range(0, len(pairs), 1 << 15):  # in chunks: a crowd's pairs are many
+        chunk = pairs[p0:p0 + (1 << 15)]
+        similar[p0:p0 + len(chunk)] = np.einsum("ij,ij->i", embeddings[chunk[:, 0]],
+                                                embeddings[chunk[:, 1]]) >= mirror
+    pinned = np.full(len(photo), -1, np.int64)
+    for index, group in enumerate(together):
+        pinned[np.asarray(group, np.int64)] = index
+    decided = (pinned[pairs[:, 0]] >= 0) & (pinned[pairs[:, 0]] == pinned[pairs[:, 1]])
+    kept = pairs[~similar & ~decided]
+    kept = kept[np.lexsort((kept[:, 1], kept[:, 0]))]
+    return kept, {"photos": int((sizes >= 2).sum()), "pairs": int(len(kept)),
+                  "mirror_pairs": int(similar.sum()),
+                  "decided_pairs": int((decided & ~similar).sum())}
+
+
+def pairs_within(pairs: np.ndarray, faces, n: int) -> np.ndarray:
+    """The pairs both of whose faces are among `faces` (of 0..n-1), as
+    positions in `faces`."""
+    position = np.full(n, -1, np.int64)
+    position[np.asarray(faces, np.int64)] = np.arange(len(faces))
+    local = position[pairs].reshape(-1, 2)
+    return local[(local >= 0).all(axis=1)]
+
+
+def photo_neighbours_apart(groups, embeddings, pairs, within: float,
+                           centroids: bool = False) -> dict[int, dict]:
+    """The groups (people: arrays of face indexes) whose nearest other group
+    lies within `within` and shares a photo with it (`pairs`, same_photo_pairs):
+    two people the same-photo rule keeps apart, which a user may check.
+
+    Distances are average cosine distances between the groups' faces (the
+    linkage's), or with `centroids` between their unit centroids (refine's
+    centroid merge). Returns {group index: {"other", "distance", "pairs": the
+    shared faces' pairs (face of the group, face of the other)}}.
+    """
+    groups = [np.asarray(g, np.int64) for g in groups]
+    if len(groups) < 2 or not len(pairs):
+        return {}
+    owner = np.full(len(embeddings), -1, np.int64)
+    for index, faces in enumerate(groups):
+        owner[faces] = index
+    spanned = owner[pairs]
+    across = (spanned >= 0).all(axis=1) & (spanned[:, 0] != spanned[:, 1])
+    pairs, spanned = pairs[across], spanned[across]
+    if not len(pairs):
+        return {}
+    means = np.array([np.asarray(embeddings)[g].mean(axis=0) for g in groups], np.float32)
+    if centroids:
+        means = unit_rows(means)
+    shared: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (group, other): face pairs
+    for (a, b), (fa, fb) in zip(spanned.tolist(), pairs.tolist()):
+        shared.setdefault((a, b), []).append((fa, fb))
+        shared.setdefault((b, a), []).append((fb, fa))
+    rows = np.unique(spanned)
+    found = {}
+    for r0 in range(0, len(rows), CLUSTER_BLOCK_ROWS):  # the nearest other group of each
+        block = rows[r0:r0 + CLUSTER_BLOCK_ROWS]
+        distance = 1.0 - means[block] @ means.T
+        distance[np.arange(len(block)), block] = np.inf
+        for index, other, d in zip(block.tolist(), distance.argmin(axis=1).tolist(),
+                                   distance.min(axis=1).tolist()):
+            if d < within and (index, other) in shared:
+                found[index] = {"other": other, "distance": float(d),
+                                "pairs": sorted(shared[(index, other)])}
+    return found
+
+
 # Exact method. With average linkage two clusters merge only if the mean of
 # their pairwise distances is below the threshold, which needs at least one
 # pair below it. Final clusters therefore never straddle two connected
@@ -6228,6 +6349,7 @@ def agglomerative_labels(
     block_rows=CLUSTER_BLOCK_ROWS,
     together=None,
     apart=None,
+    cannot_link=None,
     method="auto",
 ):
     """Average-linkage clustering of face embeddings with a distance threshold.
@@ -6265,7 +6387,15 @@ def agglomerative_labels(
     apart : list of (i, j) pairs of indexes into ``together``, optional
         Cannot-link: those two groups never end in one cluster. A component
         holding a constraint is clustered by size-weighted average linkage
-        over the groups (exact, the same criterion) with those merges barred.
+        over the groups (exact, the same criterion) with those merges barred:
+        dense up to ``max_component`` groups, else by the fallback, whose
+        nearest neighbours and leader passes skip the barred pairs.
+    cannot_link : (P, 2) int array of face indexes, optional
+        Cannot-link pairs of faces (faces of one photo, same_photo_pairs):
+        the clusters holding the two faces never merge, checked at every
+        merge (their distance is infinite, and stays so for what they join),
+        so each pair costs only where both faces lie in one component. A pair
+        inside one `together` group is no constraint (the decision wins).
     method : "auto", "exact" or "ann"
         How the pairs under the threshold are found: the blocked all-pairs
         product ("exact"), or faiss's inverted-file index ("ann"; a pair it
@@ -6286,7 +6416,11 @@ def agglomerative_labels(
         ``_agglo_fallback``), ``seconds`` (total), ``seconds_edges``,
         ``seconds_linkage``, ``method`` ("exact" or "ann: faiss IVF..."),
         and with "ann" ``candidate_recall``: the share of the true pairs
-        under the threshold the index found, on a sample of faces.
+        under the threshold the index found, on a sample of faces. With
+        `cannot_link`, ``cannot_link``: ``pairs`` (those inside one component,
+        the only ones that can bar a merge) and ``kept_apart`` (pairs of final
+        clusters under the threshold, on average, that a pair keeps apart: the
+        merges it prevented).
     """
     t_start = time.perf_counter()
     threshold = check_option("threshold", threshold)  # NaN would make every face one alone
@@ -6302,6 +6436,8 @@ def agglomerative_labels(
             "n_edges": 0, "fallback_components": [], "method": "exact",
             "seconds": 0.0, "seconds_edges": 0.0, "seconds_linkage": 0.0}
     if n < 2:
+        if cannot_link is not None:
+            info["cannot_link"] = {"pairs": 0, "kept_apart": 0}
         info["seconds"] = time.perf_counter() - t_start
         return np.zeros(n, np.int64), info
 
@@ -6315,11 +6451,14 @@ def agglomerative_labels(
     if together:
         comp = _agglo_join_components(comp, together)
         constrained[np.concatenate(together)] = True
+    links = _agglo_component_links(cannot_link, comp, together, n)
+    constrained[links.ravel()] = True
     t_edges = time.perf_counter()
     n_comp = int(comp.max()) + 1
     sizes = np.bincount(comp, minlength=n_comp)
     order = np.argsort(comp, kind="stable")
     starts = np.cumsum(sizes) - sizes
+    constraints_of = _agglo_constraints_by_component(comp, together, apart or [], links)
 
     raw = np.empty(n, np.int64)
     single = sizes == 1
@@ -6330,7 +6469,10 @@ def agglomerative_labels(
     for c in np.flatnonzero(~single):
         idx = order[starts[c]:starts[c] + sizes[c]]
         if constrained[idx].any():
-            local = _agglo_constrained(X, idx, threshold, together, apart or [])
+            local, fb = _agglo_constrained(X, idx, threshold, together, *constraints_of(c),
+                                           max_component, block_rows)
+            if fb is not None:
+                info["fallback_components"].append({"size": int(idx.size), **fb})
         elif idx.size <= max_component:
             Y = E[idx].astype(np.float64)
             Y /= np.maximum(np.linalg.norm(Y, axis=1), 1e-12)[:, None]
@@ -6344,6 +6486,9 @@ def agglomerative_labels(
         next_label += int(local.max()) + 1
 
     labels = _agglo_canonical_labels(raw)
+    if cannot_link is not None:
+        info["cannot_link"] = {"pairs": int(len(links)),
+                               "kept_apart": _agglo_kept_apart(X, labels, links, threshold)}
     t_end = time.perf_counter()
     info.update(n_clusters=int(labels.max()) + 1, n_components=n_comp,
                 largest_component=int(sizes.max()), n_edges=int(n_edges),
@@ -6370,26 +6515,115 @@ def _agglo_join_components(comp, together):
     return np.unique(roots, return_inverse=True)[1][comp]
 
 
-def _agglo_constrained(X, idx, threshold, together, apart):
-    """Labels (0..) of one component's faces `idx` (sorted) under must-link
-    groups `together` and cannot-link pairs `apart` (indexes into together)."""
-    group = np.arange(len(idx))
-    for g in together:
-        local = np.searchsorted(idx, g[np.isin(g, idx)])
-        if len(local):
-            group[local] = group[local[0]]
-    _, group = np.unique(group, return_inverse=True)
-    weights = np.bincount(group).astype(np.float64)
-    means = np.zeros((len(weights), X.shape[1]), np.float64)
-    np.add.at(means, group, X[idx])
-    means /= weights[:, None]
-    forbid = []
+def _agglo_component_links(cannot_link, comp, together, n):
+    """The cannot-link pairs (k, 2) that can bar a merge: both faces in one
+    component (else they never meet), not both in one must-link group (a
+    decision put them together: it wins), each pair once, smaller face first."""
+    if cannot_link is None or not len(cannot_link):
+        return np.zeros((0, 2), np.int64)
+    pairs = np.sort(np.asarray(cannot_link, np.int64).reshape(-1, 2), axis=1)
+    if pairs.min() < 0 or pairs.max() >= n:
+        raise ValueError(f"cannot_link names a face outside 0..{n - 1}")
+    pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (comp[pairs[:, 0]] == comp[pairs[:, 1]])]
+    if together and len(pairs):
+        pinned = np.full(n, -1, np.int64)
+        for index, group in enumerate(together):
+            pinned[group] = index
+        a, b = pinned[pairs[:, 0]], pinned[pairs[:, 1]]
+        pairs = pairs[(a < 0) | (a != b)]
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def _agglo_constraints_by_component(comp, together, apart, links):
+    """A function of a component: its must-link groups (indexes into
+    together), their apart pairs and its cannot-link pairs; sorted once, so
+    that many components with constraints cost no scan of them all each."""
+    group_comp = np.array([comp[g[0]] for g in together], np.int64)
+    groups_of: dict[int, list[int]] = {}
+    for index, c in enumerate(group_comp.tolist()):
+        groups_of.setdefault(c, []).append(index)
+    apart_of: dict[int, list[tuple[int, int]]] = {}
     for a, b in apart:
-        ga = np.unique(group[np.searchsorted(idx, together[a][np.isin(together[a], idx)])])
-        gb = np.unique(group[np.searchsorted(idx, together[b][np.isin(together[b], idx)])])
-        forbid += [(int(i), int(j)) for i in ga for j in gb if i != j]
-    parent = _agglo_weighted_linkage(means.astype(np.float32), weights, threshold, forbid)
-    return np.unique(parent[group], return_inverse=True)[1]
+        if group_comp[a] == group_comp[b]:  # in two components they never meet anyway
+            apart_of.setdefault(int(group_comp[a]), []).append((int(a), int(b)))
+    link_comp = comp[links[:, 0]]
+    link_order = np.argsort(link_comp, kind="stable")
+    link_comp = link_comp[link_order]
+
+    def of(c):
+        lo, hi = np.searchsorted(link_comp, [c, c + 1])
+        return groups_of.get(int(c), []), apart_of.get(int(c), []), links[link_order[lo:hi]]
+
+    return of
+
+
+def _agglo_constrained(X, idx, threshold, together, groups, apart, links, max_component,
+                       block_rows):
+    """Labels (0..) of one component's faces `idx` (sorted) under its
+    must-link groups (`groups`, indexes into together), apart pairs of them
+    and cannot-link pairs of faces (`links`, global indexes), and the
+    fallback's details (None when the dense linkage took it): faces start as
+    one item a must-link group, and average linkage over the items never
+    merges two items a pair bars."""
+    item = np.arange(len(idx))
+    for g in groups:
+        local = np.searchsorted(idx, together[g])
+        item[local] = item[local[0]]
+    _, item = np.unique(item, return_inverse=True)
+    item_of_group = {g: int(item[np.searchsorted(idx, together[g][0])]) for g in groups}
+    weights = np.bincount(item).astype(np.float64)
+    means = _agglo_group_sums(X[idx], item, len(weights)) / weights[:, None]
+    forbid = np.array([(item_of_group[a], item_of_group[b]) for a, b in apart],
+                      np.int64).reshape(-1, 2)
+    if len(links):
+        forbid = np.vstack([forbid, item[np.searchsorted(idx, links)]])
+    forbid = _agglo_pairs(forbid)
+    means = means.astype(np.float32)
+    if len(weights) <= max_component:
+        parent = _agglo_weighted_linkage(means, weights, threshold, forbid)
+        return np.unique(parent[item], return_inverse=True)[1], None
+    labels, details = _agglo_fallback(means, threshold, max_component, block_rows,
+                                      weights=weights, forbid=forbid)
+    return labels[item], details
+
+
+def _agglo_group_sums(rows, group, n_groups):
+    """The float64 sum of the rows of each group 0..n_groups-1 (sorted once,
+    then summed in runs: np.add.at is an order of magnitude slower)."""
+    order = np.argsort(group, kind="stable")
+    sums = np.zeros((n_groups, rows.shape[1]), np.float64)
+    if len(order):
+        starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+        sums[group[order[starts]]] = np.add.reduceat(rows[order].astype(np.float64), starts,
+                                                     axis=0)
+    return sums
+
+
+def _agglo_pairs(pairs):
+    """Pairs of item indexes as a sorted (k, 2) array, each once, smaller
+    first, none of an item with itself."""
+    pairs = np.sort(np.asarray(pairs, np.int64).reshape(-1, 2), axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def _agglo_kept_apart(X, labels, links, threshold):
+    """How many pairs of final clusters a cannot-link pair keeps apart though
+    their average distance is under the threshold: each a merge the pairs
+    prevented (the linkage stops only when every allowed pair is at or past it)."""
+    if not len(links):
+        return 0
+    clusters = _agglo_pairs(labels[links])
+    involved, position = np.unique(clusters, return_inverse=True)
+    position = position.reshape(clusters.shape)
+    slot = np.full(int(labels.max()) + 1, -1, np.int64)
+    slot[involved] = np.arange(len(involved))
+    faces = np.flatnonzero(slot[labels] >= 0)
+    group = slot[labels[faces]]
+    means = _agglo_group_sums(X[faces], group, len(involved)) / \
+        np.bincount(group, minlength=len(involved))[:, None]
+    distance = 1.0 - np.einsum("ij,ij->i", means[position[:, 0]], means[position[:, 1]])
+    return int((distance < threshold).sum())
 
 
 def _agglo_unit_rows(embeddings):
@@ -6633,7 +6867,7 @@ def _agglo_condensed_cosine(Y):
     return out
 
 
-def _agglo_fallback(Xc, threshold, max_groups, block_rows):
+def _agglo_fallback(Xc, threshold, max_groups, block_rows, weights=None, forbid=None):
     """Bounded-memory average linkage for one oversized component.
 
     Groups are kept as (mean unit vector, face count); ``1 - mean_A . mean_B``
@@ -6647,10 +6881,16 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
     ``CLUSTER_RNN_MIN_GAIN`` does a greedy leader pass (approximate) run
     before the next round.
 
+    With barred pairs (`forbid`), a pair of groups holding a barred pair is
+    infinitely far: the nearest neighbours are the nearest allowed ones (still
+    exact: average linkage stays reducible with infinite distances), a leader
+    pass never puts such a pair in one group, and the dense stage bars them.
+
     Parameters
     ----------
     Xc : ndarray of shape (n, n_features), float32
-        Unit-length rows of the component.
+        Unit-length rows of the component, or the means of groups of faces
+        (with `weights`).
     threshold : float
         Cosine-distance threshold.
     max_groups : int
@@ -6658,6 +6898,10 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
         ``max_groups**2`` matrix) takes over.
     block_rows : int
         Rows per block in the nearest-neighbour and leader passes.
+    weights : ndarray of shape (n,), optional
+        Faces in each row (one each by default).
+    forbid : (k, 2) int array, optional
+        Pairs of rows that never end in one cluster.
 
     Returns
     -------
@@ -6671,7 +6915,8 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
     """
     n = len(Xc)
     means = Xc.copy()
-    weights = np.ones(n)
+    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64).copy()
+    forbid = np.zeros((0, 2), np.int64) if forbid is None else forbid
     group_of = np.arange(n)  # active group of each face, -1 once labelled
     labels = np.full(n, -1, np.int64)
     n_final = rounds = passes = 0
@@ -6680,10 +6925,14 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
         active = group_of >= 0
         group_of[active] = new_of_old[group_of[active]]
 
+    def barred():  # the barred pairs of the active groups
+        pairs = group_of[forbid]
+        return _agglo_pairs(pairs[(pairs >= 0).all(axis=1)])
+
     while len(weights) > max_groups:
         m = len(weights)
         new_of_old, means, weights, final = _agglo_rnn_round(
-            means, weights, threshold, block_rows)
+            means, weights, threshold, block_rows, barred())
         rounds += 1
         regroup(new_of_old)
         if final.any():
@@ -6702,8 +6951,10 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
         frac = CLUSTER_LEADER_RADII[min(passes, len(CLUSTER_LEADER_RADII) - 1)]
         # Heaviest groups first, so big groups lead and absorb the small ones.
         order = np.argsort(-weights, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
         assign, means, weights = _agglo_leader_pass(
-            means[order], weights[order], frac * threshold, block_rows)
+            means[order], weights[order], frac * threshold, block_rows, rank[barred()])
         new_of_old = np.empty_like(assign)
         new_of_old[order] = assign
         regroup(new_of_old)
@@ -6711,7 +6962,7 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
 
     dense = 0 < len(weights) <= max_groups
     if dense:
-        group_label = _agglo_weighted_linkage(means, weights, threshold)
+        group_label = _agglo_weighted_linkage(means, weights, threshold, barred())
     else:  # leader passes exhausted: remaining groups stay as they are
         group_label = np.arange(len(weights))
     active = group_of >= 0
@@ -6724,8 +6975,9 @@ def _agglo_fallback(Xc, threshold, max_groups, block_rows):
         "rnn_rounds": rounds, "leader_passes": passes}
 
 
-def _agglo_rnn_round(means, weights, threshold, block_rows):
-    """One reciprocal-nearest-neighbour round of average linkage.
+def _agglo_rnn_round(means, weights, threshold, block_rows, forbid=None):
+    """One reciprocal-nearest-neighbour round of average linkage (each group's
+    nearest allowed neighbour: none of the `forbid` pairs).
 
     Parameters
     ----------
@@ -6749,7 +7001,7 @@ def _agglo_rnn_round(means, weights, threshold, block_rows):
         reducibility no later merge can involve them.
     """
     m = len(weights)
-    nn, sim = _agglo_nearest(means, block_rows)
+    nn, sim = _agglo_nearest(means, block_rows, forbid)
     close = 1.0 - sim < threshold
     idx = np.arange(m)
     a = np.flatnonzero((nn[nn] == idx) & (idx < nn) & close)
@@ -6768,20 +7020,27 @@ def _agglo_rnn_round(means, weights, threshold, block_rows):
     return new_of_old, means[keep], weights[keep], final
 
 
-def _agglo_nearest(M, block_rows):
-    """Nearest other row (largest dot product) of every row of M, upper-triangle tiles."""
+def _agglo_nearest(M, block_rows, forbid=None):
+    """Nearest other row (largest dot product) of every row of M, upper-triangle
+    tiles; the pairs of `forbid` ((k, 2), smaller row first, sorted) are never
+    nearest (their product is -inf; a row with no other allowed has -inf)."""
     m = len(M)
     step = max(block_rows, CLUSTER_TILE_ELEMS // block_rows)
     lower = np.tri(min(block_rows, m), dtype=bool)  # diagonal and below
     best = np.full(m, -np.inf, np.float32)
     arg = np.zeros(m, np.int64)
+    forbid = np.zeros((0, 2), np.int64) if forbid is None else forbid
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
+        first, last = np.searchsorted(forbid[:, 0], [r0, r1])
+        fa, fb = forbid[first:last, 0], forbid[first:last, 1]
         for c0 in range(r0, m, step):
             c1 = min(c0 + step, m)
             S = M[r0:r1] @ M[c0:c1].T
             if c0 == r0:
                 S[:, :r1 - r0][lower[:r1 - r0, :r1 - r0]] = -np.inf
+            barred = (fb >= c0) & (fb < c1)
+            S[fa[barred] - r0, fb[barred] - c0] = -np.inf
             for axis, lo, other in ((1, r0, c0), (0, c0, r0)):
                 j = S.argmax(axis=axis)
                 s = np.take_along_axis(S, np.expand_dims(j, axis), axis).ravel()
@@ -6792,13 +7051,14 @@ def _agglo_nearest(M, block_rows):
     return arg, best
 
 
-def _agglo_leader_pass(means, weights, radius, block_rows):
+def _agglo_leader_pass(means, weights, radius, block_rows, forbid=None):
     """One greedy leader pass over weighted items.
 
     Each item joins the existing group with the smallest average cosine
     distance (``1 - item_mean . group_mean``) if that is below ``radius``,
     otherwise it founds a new group. Decisions inside a block use the group
-    means from the start of the block.
+    means from the start of the block. An item barred from one already in
+    that group (`forbid`) founds a new group instead.
 
     Parameters
     ----------
@@ -6810,6 +7070,8 @@ def _agglo_leader_pass(means, weights, radius, block_rows):
         Joining distance.
     block_rows : int
         Items per block.
+    forbid : (k, 2) int array, optional
+        Pairs of items never put in one group.
 
     Returns
     -------
@@ -6819,10 +7081,15 @@ def _agglo_leader_pass(means, weights, radius, block_rows):
     group_weights : ndarray of shape (g,)
     """
     m, dim = means.shape
-    assign = np.empty(m, np.int64)
+    assign = np.full(m, -1, np.int64)  # -1: not yet placed
     g_means = np.zeros((m, dim), np.float32)
     g_weights = np.zeros(m)
     n_groups = 0
+    mates = _agglo_mates(forbid, m)
+
+    def barred(item, group) -> bool:  # a mate of the item already in the group
+        return mates is not None and bool((assign[mates[item]] == group).any())
+
     for r0 in range(0, m, block_rows):
         r1 = min(r0 + block_rows, m)
         B, w = means[r0:r1], weights[r0:r1]
@@ -6831,6 +7098,11 @@ def _agglo_leader_pass(means, weights, radius, block_rows):
             best, best_sim = _agglo_best_match(B, g_means[:n_groups])
             join = 1.0 - best_sim < radius
             a[join] = best[join]
+            assign[r0:r1] = a
+            if mates is not None:  # one by one, those with mates
+                for k in np.flatnonzero(join & (mates.counts[r0:r1] > 0)):
+                    if barred(r0 + k, a[k]):
+                        a[k] = assign[r0 + k] = -1
         rest = np.flatnonzero(a < 0)
         if rest.size:
             # Unmatched items: sequential leader pass among themselves.
@@ -6840,10 +7112,11 @@ def _agglo_leader_pass(means, weights, radius, block_rows):
                 if leaders:
                     s = S[k, leaders]
                     j = int(s.argmax())
-                    if 1.0 - s[j] < radius:
-                        a[rest[k]] = a[rest[leaders[j]]]
+                    group = a[rest[leaders[j]]]
+                    if 1.0 - s[j] < radius and not barred(r0 + rest[k], group):
+                        a[rest[k]] = assign[r0 + rest[k]] = group
                         continue
-                a[rest[k]] = n_groups
+                a[rest[k]] = assign[r0 + rest[k]] = n_groups
                 n_groups += 1
                 leaders.append(k)
         # Weighted running means of the groups touched by this block.
@@ -6857,6 +7130,25 @@ def _agglo_leader_pass(means, weights, radius, block_rows):
         g_weights[touched] = w_old + w_add
         assign[r0:r1] = a
     return assign, g_means[:n_groups].copy(), g_weights[:n_groups].copy()
+
+
+class _Mates:
+    """Each item's barred partners (both ways), as slices of one array."""
+
+    def __init__(self, forbid, m):
+        both = np.vstack([forbid, forbid[:, ::-1]])
+        order = np.argsort(both[:, 0], kind="stable")
+        self.partners = both[order, 1]
+        self.starts = np.searchsorted(both[order, 0], np.arange(m + 1))
+        self.counts = np.diff(self.starts)
+
+    def __getitem__(self, item):
+        return self.partners[self.starts[item]:self.starts[item + 1]]
+
+
+def _agglo_mates(forbid, m):
+    """_Mates of barred pairs of m items, or None when there are none."""
+    return None if forbid is None or not len(forbid) else _Mates(forbid, m)
 
 
 def _agglo_best_match(B, G):
@@ -6903,8 +7195,9 @@ def _agglo_weighted_linkage(means, weights, threshold, forbid=()):
     m = len(weights)
     D = means @ means.T
     np.subtract(np.float32(1.0), D, out=D)
-    for a, b in forbid:
-        D[a, b] = D[b, a] = np.inf
+    forbid = np.asarray(forbid, np.int64).reshape(-1, 2)
+    D[forbid[:, 0], forbid[:, 1]] = np.inf
+    D[forbid[:, 1], forbid[:, 0]] = np.inf
     size = np.asarray(weights, np.float64).copy()
     gone = np.zeros(m, np.float32)  # +inf once merged away or final
     parent = np.arange(m)
@@ -6980,7 +7273,8 @@ def size_filter_summary(dropped_images: list[int], min_faces: int) -> dict:
 
 def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
                      initial_threshold, merge_threshold, outlier_threshold, min_faces,
-                     min_short, min_blur, min_det_score, damage=None, constraints=None):
+                     min_short, min_blur, min_det_score, damage=None, constraints=None,
+                     same_photo=True):
     """The refine stages over arrays.
 
     Parameters
@@ -6994,6 +7288,10 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
         cluster and are never outliers (but faces pinned only to be kept apart,
         `apart_only`), apart groups never share a cluster (nor a centroid
         merge), rejected faces are dropped first
+    same_photo : faces of one image (`face_image`) are different people: no
+        cluster, nor centroid merge, holds two of them (same_photo_pairs; but
+        a mirror pair, or one a pinned group holds); the clustering record
+        says how many merges that prevented (`same_photo_apart`)
 
     Returns
     -------
@@ -7010,22 +7308,38 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     position = np.full(n, -1, np.int64)
     position[kept_faces] = np.arange(len(kept_faces))
     together = [position[np.array(g, np.int64)] for g in constraints["together"]]
+    pairs = np.zeros((0, 2), np.int64)
+    if same_photo:
+        pairs, photo_counts = same_photo_pairs(face_image, embeddings, constraints["together"])
+    links = pairs_within(pairs, kept_faces, n) if same_photo else None
     labels, info = agglomerative_labels(np.asarray(embeddings)[kept_faces], initial_threshold,
-                                        together=together, apart=constraints["apart"])
+                                        together=together, apart=constraints["apart"],
+                                        cannot_link=links)
     clusters = clusters_initial = [kept_faces[g] for g in groups_from_labels(labels)]
     stages = {"initial_clusters": len(clusters), "clustering": info}
+    apart_at_merge = 0
     # Centroid merge: over-split clusters of one person have close centroids.
     if len(clusters) > 1:
         member_labels = np.full(n, -1, dtype=np.int64)
         for index, faces in enumerate(clusters):
             member_labels[faces] = index
         centroids = unit_rows(np.array([np.asarray(embeddings)[c].mean(axis=0) for c in clusters]))
-        # pinned groups kept apart keep their clusters apart here too
+        # pinned groups kept apart keep their clusters apart here too, and so
+        # do clusters holding faces of one photo
         cluster_groups = [[int(member_labels[g[0]])] for g in constraints["together"]]
-        merged, _ = agglomerative_labels(centroids, merge_threshold, together=cluster_groups,
-                                         apart=constraints["apart"])
+        cluster_links = member_labels[pairs] if same_photo else None
+        if same_photo:
+            cluster_links = cluster_links[(cluster_links >= 0).all(axis=1)]
+        merged, merge_info = agglomerative_labels(
+            centroids, merge_threshold, together=cluster_groups, apart=constraints["apart"],
+            cannot_link=cluster_links)
+        apart_at_merge = merge_info.get("cannot_link", {}).get("kept_apart", 0)
         clusters = order_groups([np.concatenate([clusters[i] for i in np.flatnonzero(merged == m)])
                                  for m in np.unique(merged)])
+    if same_photo:
+        initial = info.pop("cannot_link")["kept_apart"]
+        info["same_photo"] = {**photo_counts, "apart_at_merge": apart_at_merge}
+        info["same_photo_apart"] = initial + apart_at_merge
     stages["after_merge"] = len(clusters)
     dropped: dict[int, tuple[str, str]] = {
         int(face): ("rejected", "rejected by a people decision") for face in sorted(rejected)}
@@ -7493,6 +7807,10 @@ background:#fff;cursor:pointer;display:none}
 .picking button.pick{display:inline-block}
 .t.sel::after,button.pick.sel{outline:3px solid var(--bad);outline-offset:-3px}
 .t.sel::after{content:"";position:absolute;inset:0}
+.row.noted{border-left:4px solid var(--dup)}
+.note{margin:0 0 6px;color:var(--dup);font-size:13px}
+.note code{display:block;margin:2px 0 0;color:var(--fg);white-space:pre-wrap;
+overflow-wrap:anywhere;user-select:all}
 """ % {"px": THUMB_DISPLAY_PX}
 
 # Filter rows by name. With ?eager in the URL every thumbnail loads at once;
@@ -7649,14 +7967,20 @@ def _group_html(group: dict) -> str:
         head += (f'<button class="pick" type="button" data-person="{e(str(group["person"]))}">'
                  'select</button>')
     body = _strip_html(group.get("thumbs") or [], name)
+    note = group.get("note")
+    if note:  # a line for the user to check, with the command that acts on it
+        body = (f'<p class="note">{e(str(note["text"]))}'
+                + (f'<code>{e(str(note["command"]))}</code>' if note.get("command") else "")
+                + "</p>" + body)
     for section in group.get("sections") or []:
         body += (f'<details class="more"><summary>{e(str(section.get("heading", "")))}</summary>'
                  f'{_strip_html(section.get("thumbs") or [], name)}</details>')
     data = f'data-row data-name="{e(name.lower())}"'
+    row = "row noted" if note else "row"
     if group.get("collapsed"):
-        return (f'<details class="row" {data}><summary><span class="head">{head}</span></summary>'
-                f'{body}</details>\n')
-    return f'<section class="row" {data}><div class="head">{head}</div>{body}</section>\n'
+        return (f'<details class="{row}" {data}><summary><span class="head">{head}</span>'
+                f'</summary>{body}</details>\n')
+    return f'<section class="{row}" {data}><div class="head">{head}</div>{body}</section>\n'
 
 
 def render_review_page(page: dict) -> str:
@@ -7670,8 +7994,10 @@ def render_review_page(page: dict) -> str:
         ``groups`` (list of dict): one row each, in order, with ``name`` (str),
         ``href`` (folder link, optional), ``subtitle`` (optional), ``thumbs``,
         ``sections`` (optional list of ``{"heading", "thumbs"}`` shown as
-        closed <details> under the strip) and ``collapsed`` (bool: the whole
-        row inside a closed <details>).
+        closed <details> under the strip), ``collapsed`` (bool: the whole
+        row inside a closed <details>) and ``note`` (optional ``{"text",
+        "command"}``: a line above the strip for the user to check, with the
+        command that acts on it; the row is marked, class ``noted``).
         A thumb is ``{"src", "href", "title", "badge", "mark", "alt",
         "caption"}``; only ``src`` is required (``caption``: a line shown
         under it, such as why a face was dropped). ``mark`` "top", "dropped" and "dup" have their
@@ -7849,23 +8175,65 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     return page
 
 
-def entry_group(entry: Entry, cache: FaceCache, locations, more: str = "", sections=()) -> dict:
+def entry_group(entry: Entry, cache: FaceCache, locations, more: str = "", sections=(),
+                kept_apart: dict | None = None) -> dict:
     """The row of one person or faceset on a cluster or refine page: its
     name and folder, its counts (and `more`), the "select" button, and its
-    faces nearest the centroid first and the farthest few last (strip_faces)."""
+    faces nearest the centroid first and the farthest few last (strip_faces);
+    with `kept_apart` (kept_apart_rows), the mark of a person the same-photo
+    rule keeps apart from its nearest person, and their shared photos."""
+    kept_apart = kept_apart or {}
     return {"name": entry.title, "href": entry.folder + "/", "person": entry.name,
             "subtitle": f"{counted(entry.size, 'face')} in {counted(entry.images, 'image')}"
                         + more,
             "thumbs": [face_thumb(cache, locations, f, entry.folder, badge=f, face_id=True)
                        for f in strip_faces(cache["embeddings"], entry.face_ids())],
-            "sections": list(sections)}
+            "note": kept_apart.get("note"),
+            "sections": kept_apart.get("sections", []) + list(sections)}
+
+
+def kept_apart_rows(entries: list[Entry], cache: FaceCache, locations, within: float,
+                    centroids: bool, out: Path | None) -> dict[str, dict]:
+    """{entry name: its row's note and section} for each person (or faceset)
+    whose nearest other one lies within `within` but shares a photo with it
+    (photo_neighbours_apart): the same-photo rule kept them apart. The note
+    says so, with the merge command for when they are one person (a mirror
+    or a collage the rule could not tell); the section shows a face of each
+    from up to REVIEW_MAX_SHARED_PHOTOS of the photos they share."""
+    pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"])
+    found = photo_neighbours_apart([e.face_ids() for e in entries], cache["embeddings"], pairs,
+                                   within, centroids)
+    rows = {}
+    for index, near in found.items():
+        entry, other = entries[index], entries[near["other"]]
+        photos = {int(cache["face_file"][here]): (here, there) for here, there in near["pairs"]}
+        thumbs = []
+        for here, there in list(photos.values())[:REVIEW_MAX_SHARED_PHOTOS]:
+            thumbs += [face_thumb(cache, locations, here, entry.folder, badge=here, face_id=True,
+                                  caption=entry.name),
+                       face_thumb(cache, locations, there, other.folder, badge=there,
+                                  face_id=True, caption=other.name, mark="apart")]
+        text = (f"kept apart from {other.title}, its nearest (cosine distance "
+                f"{near['distance']:.3f}, under {within:g}): they share "
+                f"{counted(len(photos), 'photo')}, and faces of one photo are two people; "
+                "if they are one person (a mirror, a collage), merge them")
+        command = tool_command("people", Path(out), "merge", entry.name, other.name,
+                               absolute=True) if out is not None else None
+        rows[entry.name] = {"note": {"text": text, "command": command},
+                            "sections": [{"heading": f"photos shared with {other.title} "
+                                                     f"({len(photos)}): a face of each",
+                                          "thumbs": thumbs}]}
+    return rows
 
 
 def cluster_review_page(manifest: ClusterManifest, cache: FaceCache, locations,
                         out: Path | None = None, suggestions=()) -> dict:
     """The review page of a cluster (or extended) output; with `out` (its final
-    path) the people panel, with `suggestions` listed."""
-    groups = [entry_group(entry, cache, locations)
+    path) the people panel, with `suggestions` listed; people the same-photo
+    rule keeps apart from their nearest person are marked (kept_apart_rows)."""
+    apart = kept_apart_rows(manifest.clusters, cache, locations,
+                            manifest.parameters["threshold"], False, out)
+    groups = [entry_group(entry, cache, locations, kept_apart=apart.get(entry.name))
               for entry in sorted(manifest.clusters, key=lambda e: (-e.size, e.name))]
     singles = manifest.singletons.face_ids()
     groups.append({"name": "_singletons", "href": "_singletons/", "collapsed": True,
@@ -7951,7 +8319,9 @@ def cluster_shortfalls(manifest: ClusterManifest) -> list[tuple[str, list | None
 def refine_review_page(manifest: RefineManifest, cache: FaceCache, locations,
                        out: Path | None = None, suggestions=()) -> dict:
     """The review page of a refine output: facesets, and what each gate dropped;
-    with `out` (its final path) the people panel, with `suggestions` listed."""
+    with `out` (its final path) the people panel, with `suggestions` listed;
+    facesets the same-photo rule keeps apart from their nearest one (their
+    centroids within the centroid merge's threshold) are marked."""
     by_faceset: dict = {}
     for drop in manifest.dropped:
         by_faceset.setdefault(drop.faceset, []).append(drop)
@@ -7970,13 +8340,15 @@ def refine_review_page(manifest: RefineManifest, cache: FaceCache, locations,
         return sections
 
     groups = []
+    apart = kept_apart_rows(manifest.facesets, cache, locations,
+                            manifest.parameters["merge_threshold"], True, out)
     for entry in manifest.facesets:
         drops = by_faceset.get(entry.name, [])
         counts = ", ".join(f"{stage} {sum(d.stage == stage for d in drops)}"
                            for stage in ("quality", "outlier")
                            if any(d.stage == stage for d in drops))
         groups.append(entry_group(entry, cache, locations, f"; dropped: {counts}" if counts else "",
-                                  dropped_sections(drops)))
+                                  dropped_sections(drops), apart.get(entry.name)))
     loose = by_faceset.get(None, [])
     groups.append({"name": "not in any faceset", "collapsed": bool(manifest.facesets),
                    "subtitle": f"{counted(len(loose), 'face')} dropped with their whole cluster "
@@ -8438,7 +8810,10 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     threshold but within `ceiling`, SUGGEST_MAX_DISTANCE unless given) and
     moves (a loose face within it of a person), most likely first, each with
     the command that applies it (people_view gives the people, the loose
-    faces and the threshold). Pairs a decision keeps apart are not offered."""
+    faces and the threshold). Pairs a decision keeps apart are not offered,
+    nor what the same-photo rule forbids (same_photo_pairs): two people with
+    faces of one photo, a face to a person holding another face of its photo,
+    two faces of one photo in one move (a mirror pair is offered)."""
     threshold = view["threshold"]
     ceiling = SUGGEST_MAX_DISTANCE if ceiling is None else ceiling
     entries = view["entries"]
@@ -8448,15 +8823,29 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
     pinned = {f: g for g, faces in enumerate(constraints["together"]) for f in faces}
     apart = {frozenset(pair) for pair in constraints["apart"]}
     groups_of = [{pinned[f] for f in e.face_ids() if f in pinned} for e in entries]
+    pairs, _counts = same_photo_pairs(cache["face_file"], embeddings, constraints["together"])
+    owner = np.full(cache.n_faces, -1, np.int64)
+    for index, entry in enumerate(entries):
+        owner[entry.face_ids()] = index
+    spanned = owner[pairs]
+    share_photo = {frozenset(p) for p in spanned[(spanned >= 0).all(axis=1)].tolist()}
+    partners: dict[int, set[int]] = {}
+    for a, b in pairs.tolist():
+        partners.setdefault(a, set()).add(b)
+        partners.setdefault(b, set()).add(a)
 
     def allowed(groups_a: set, groups_b: set) -> bool:
         return not any(frozenset((a, b)) in apart for a in groups_a for b in groups_b)
+
+    def photo_allows(face: int, person: int) -> bool:
+        return all(owner[p] != person for p in partners.get(face, ()))
 
     where = as_typed(out)
     found = []
     distance = 1.0 - means @ means.T if len(entries) else np.zeros((0, 0))
     for i, j in zip(*np.triu_indices(len(entries), 1)):
-        if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]):
+        if threshold <= distance[i, j] < ceiling and allowed(groups_of[i], groups_of[j]) \
+                and frozenset((int(i), int(j))) not in share_photo:
             a, b = sorted((entries[i].name, entries[j].name))
             found.append({"kind": "merge", "people": [a, b], "distance": float(distance[i, j]),
                           "args": ["people", where, "merge", a, b]})
@@ -8467,10 +8856,16 @@ def people_suggestions(view: dict, out: Path, cache: FaceCache, constraints: dic
         for face, row in zip(singles, to_person):
             best = int(row.argmin())
             if row[best] < ceiling and allowed({pinned[face]} if face in pinned else set(),
-                                               groups_of[best]):
+                                               groups_of[best]) and photo_allows(face, best):
                 moves.setdefault(best, []).append((float(row[best]), int(face)))
     for index, close in moves.items():  # one command a person: its close faces, nearest first
-        faces = [face for _d, face in sorted(close)]
+        kept, taken = [], set()
+        for d, face in sorted(close):  # one face of a photo a move: the nearest
+            if not partners.get(face, set()) & taken:
+                kept.append((d, face))
+                taken.add(face)
+        close = kept
+        faces = [face for _d, face in close]
         name = entries[index].name
         found.append({"kind": "move", "faces": faces, "people": [name],
                       "distance": min(close)[0], "distances": [d for d, _f in sorted(close)],
@@ -8512,6 +8907,15 @@ def output_fingerprint(manifest_path: Path) -> str:
     so it is never applied to an output rebuilt since."""
     with open_regular(manifest_path, "manifest") as handle:
         return hashlib.sha256(handle.read()).hexdigest()[:OUTPUT_FINGERPRINT_CHARS]
+
+
+def say_same_photo(step: str, info: dict, quiet: bool) -> None:
+    """The line that says how many merges the same-photo rule prevented
+    (none: no line), pointing at the review page's marks."""
+    prevented = info.get("same_photo_apart", 0)
+    if prevented:
+        say(f"{step}: {counted(prevented, 'merge')} prevented by the same-photo rule (faces "
+            "that share a photo are different people); the review page marks them", quiet)
 
 
 class PeopleBuild(NamedTuple):
@@ -9172,19 +9576,31 @@ class EmbedRun:
 # ============================================================================
 
 
-def constrained_people(cache: FaceCache, threshold: float, constraints: dict):
+def constrained_people(cache: FaceCache, threshold: float, constraints: dict,
+                       same_photo: bool = True):
     """(people, singleton faces, rejected faces, clustering info) of a cache
-    at `threshold`, under the people decisions beside it. A person is a
-    cluster of two faces or more, or one that holds a face pinned by a
-    decision (a face moved to a new person is one; a face only kept apart
-    from a person is not)."""
+    at `threshold`, under the people decisions beside it and (`same_photo`)
+    the rule that faces of one photo are different people (same_photo_pairs;
+    info's `same_photo` and `same_photo_apart`, the merges it prevented). A
+    person is a cluster of two faces or more, or one that holds a face pinned
+    by a decision (a face moved to a new person is one; a face only kept
+    apart from a person is not)."""
     rejected = np.array(constraints["rejected"], np.int64)
     kept = faces_not_in(cache.n_faces, set(rejected.tolist()))
     position = np.full(cache.n_faces, -1, np.int64)
     position[kept] = np.arange(len(kept))
     together = [position[np.array(g, np.int64)] for g in constraints["together"]]
+    links, photo_counts = None, None
+    if same_photo:
+        pairs, photo_counts = same_photo_pairs(cache["face_file"], cache["embeddings"],
+                                               constraints["together"])
+        links = pairs_within(pairs, kept, cache.n_faces)
     labels, info = agglomerative_labels(cache["embeddings"][kept], threshold,
-                                        together=together, apart=constraints["apart"])
+                                        together=together, apart=constraints["apart"],
+                                        cannot_link=links)
+    if same_photo:
+        info["same_photo"] = photo_counts
+        info["same_photo_apart"] = info.pop("cannot_link")["kept_apart"]
     info["decisions"] = {"pinned_groups": len(together), "apart": len(constraints["apart"]),
                          "rejected": int(len(rejected))}
     pinned = set(f for g in constraints["together"] for f in g) - \
@@ -9248,6 +9664,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
         f"{counted(summary.singletons, 'single face')} "
         f"({counted(summary.singleton_files, 'photo')} in _singletons/), "
         f"{counted(summary.noface_images, 'no-face image')} -> {out}", quiet)
+    say_same_photo("cluster", info, quiet)
     for line in shortfall_lines("cluster", cluster_shortfalls(manifest)):
         say(line, quiet)
     return manifest.to_json()
@@ -9306,6 +9723,7 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
         f"{counted(stages['dropped_quality'], 'face')}, outliers {stages['dropped_outlier']}, "
         f"size filter {stages['dropped_size']} -> {counted(len(facesets), 'faceset')} -> {out}",
         quiet)
+    say_same_photo("refine", stages["clustering"], quiet)
     for line in shortfall_lines("refine", refine_shortfalls(manifest, out)):
         say(line, quiet)
     return manifest.to_json()
@@ -9449,14 +9867,55 @@ def sync_entry_files(group: Group, folder: Path, cache, locations, link) -> int:
     return len(missing)
 
 
+def nearest_apart(faces, best, joins, embeddings, centroids, owner, pairs, within: float,
+                  inclusive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`best` and `joins` of join_nearest under the same-photo rule: a face
+    whose photo has another face in its nearest entry (`owner`: the entry of
+    each face, -1 for none), or one joining it now, joins its nearest other
+    entry within `within` instead, if any. The faces of such photos are
+    placed nearest first, so the closer face of a photo takes the entry."""
+    best, joins, owner = best.copy(), joins.copy(), owner.copy()
+    position = {int(f): k for k, f in enumerate(faces)}
+    partners: dict[int, list[int]] = {}
+    for a, b in pairs.tolist():
+        for face, other in ((a, b), (b, a)):
+            if face in position:
+                partners.setdefault(face, []).append(other)
+    free = [k for k in range(len(faces)) if int(faces[k]) not in partners and joins[k]]
+    owner[faces[free]] = best[free]
+    for face in sorted(partners, key=lambda f: 1.0 - embeddings[f] @ centroids[best[position[f]]]):
+        k = position[face]
+        distance = 1.0 - centroids @ embeddings[face]
+        barred = [owner[p] for p in partners[face] if owner[p] >= 0]
+        distance[barred] = np.inf
+        best[k] = int(distance.argmin())
+        joins[k] = distance[best[k]] <= within if inclusive else distance[best[k]] < within
+        if joins[k]:
+            owner[face] = best[k]
+    return best, joins
+
+
 def join_nearest(kind: str, entries: list, faces, centroids, within: float, out: Path, cache,
-                 locations, link: str, record: dict, inclusive: bool = False) -> np.ndarray:
+                 locations, link: str, record: dict, inclusive: bool = False,
+                 pairs=None) -> np.ndarray:
     """extend's first fold, for either kind: each of `faces` joins the entry
     whose centroid is nearest when it lies within `within` (cosine distance;
     `inclusive`: at it too), the entry's centroid kept up to date where the
-    kind keeps one. Returns which of `faces` joined."""
+    kind keeps one; never an entry holding another face of its photo (`pairs`,
+    same_photo_pairs: nearest_apart; the record's `same_photo_apart` counts
+    the faces it turned from their nearest entry). Returns which of `faces`
+    joined."""
     best, distance = nearest_centroid(cache["embeddings"][faces], centroids)
     joins = distance <= within if inclusive else distance < within
+    record["same_photo_apart"] = 0
+    if pairs is not None and len(pairs) and len(entries) and len(faces):
+        owner = np.full(cache.n_faces, -1, np.int64)
+        for index, entry in enumerate(entries):
+            owner[entry.face_ids()] = index
+        nearest, joined = best, joins
+        best, joins = nearest_apart(faces, best, joins, cache["embeddings"], centroids, owner,
+                                    pairs, within, inclusive)
+        record["same_photo_apart"] = int((joined & (~joins | (best != nearest))).sum())
     for index in np.unique(best[joins]):
         entry, taken = entries[index], faces[joins & (best == index)]
         add_faces_to_entry(entry, inside(out, entry.folder), taken, cache, locations, link)
@@ -9494,11 +9953,12 @@ def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, record: 
 
 
 def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest,
-               change: InPlaceChange) -> tuple[dict, ClusterManifest] | None:
+               change: InPlaceChange, pairs: np.ndarray) -> tuple[dict, ClusterManifest] | None:
     """Fold new faces into a `cluster` output (its manifest read and checked),
     the manifest written last (the files it no longer needs go through
-    `change`). Returns the run record and the manifest, or None when there was
-    nothing to do."""
+    `change`), faces of one photo never in one person (`pairs`,
+    same_photo_pairs). Returns the run record and the manifest, or None when
+    there was nothing to do."""
     threshold, link = manifest.parameters["threshold"], manifest.parameters["link"]
     embeddings = cache["embeddings"]
     people = manifest.clusters
@@ -9511,11 +9971,13 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
     centroids = unit_rows(np.array([embeddings[p.face_ids()].mean(axis=0)
                                     for p in people])) if people else np.zeros((0, 1))
     joins = join_nearest("cluster", people, new, centroids, threshold, out, cache, locations, link,
-                         record)
+                         record, pairs=pairs)
     # 2. the rest, with the old singletons, may now form new people
     old_singles = manifest.singletons.face_ids()
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
-    labels, _info = agglomerative_labels(embeddings[pool], threshold)
+    labels, info = agglomerative_labels(embeddings[pool], threshold,
+                                        cannot_link=pairs_within(pairs, pool, cache.n_faces))
+    record["same_photo_apart"] += info["cannot_link"]["kept_apart"]
     groups = [pool[group] for group in groups_from_labels(labels)]
     singles = [int(f) for faces in groups if len(faces) < 2 for f in faces]
     number = manifest.next_number
@@ -9551,10 +10013,11 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
 
 
 def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManifest,
-                  change: InPlaceChange) -> tuple[dict, RefineManifest] | None:
+                  change: InPlaceChange, pairs: np.ndarray) -> tuple[dict, RefineManifest] | None:
     """Fold new faces into a `refine` output (its manifest read and checked)
     under its own gates, its manifest written last; as extend_raw (it removes
-    nothing: `change` is unused)."""
+    nothing: `change` is unused; the new facesets' refine_partition keeps
+    faces of one photo apart itself)."""
     params = manifest.parameters
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
@@ -9579,14 +10042,15 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManife
     centroids = unit_rows(np.array([s.centroid for s in facesets])) if facesets \
         else np.zeros((0, 1))
     joins = join_nearest("refine", facesets, candidates, centroids, params["outlier_threshold"], out,
-                         cache, locations, link, record, inclusive=True)
+                         cache, locations, link, record, inclusive=True, pairs=pairs)
     # the rest, with faces earlier dropped only for the size filter, may form new facesets
     too_few = [f for f, d in dropped.items() if d.stage == "size"]
     pool = np.concatenate([np.array(too_few, dtype=np.int64), candidates[~joins]])
     sub = {k: params[k] for k in REFINE_DEFAULTS}
-    grown, sub_dropped, _stages, _origin = refine_partition(
+    grown, sub_dropped, sub_stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
         cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
+    record["same_photo_apart"] += sub_stages["clustering"]["same_photo_apart"]
     number = manifest.next_number
     record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
                                              facesets, out, cache, locations, link)
@@ -9631,9 +10095,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
                                            cache.embedding_size))
             check_manifest_model(manifests[-1], cache, cache_path, out)
         constraints = people_constraints(cache_path, cache)
+        pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"],
+                                          constraints["together"])
         for (out, step, kind), manifest in zip(steps, manifests):
             with changed_in_place(out) as change:  # all or nothing, up to the manifest
-                done = step(cache, out, locations, manifest, change)
+                done = step(cache, out, locations, manifest, change, pairs)
             results[step.__name__] = record = done[0] if done is not None else None
             if done is not None:
                 write_extended_review(out, kind, done[1], cache, constraints, locations)
@@ -9644,8 +10110,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
         else:
             made = record.get("new_people", record.get("new_facesets", []))
             joined = sum(len(v) for v in record["joined"].values())
+            apart = record.get("same_photo_apart", 0)
             say(f"extend: {record['faces_added']} new faces into {out}: {joined} joined existing "
-                f"sets, {len(made)} new ({', '.join(made) or 'none'})", quiet)
+                f"sets, {len(made)} new ({', '.join(made) or 'none'})"
+                + (f"; {apart} kept apart by the same-photo rule (faces that share a photo are "
+                   "different people)" if apart else ""), quiet)
     return results
 
 

@@ -720,4 +720,8 @@ def test_suggest_never_offers_to_join_two_labeled_people(labeled_cache, tmp_path
                  for face in s["faces"]]
         assert all(label[a] == label[b] for a, b in merges), (threshold, merges)
         assert all(truth(face) == label[person] for face, person in moves), (threshold, moves)
-        assert len(merges) >= 5 and len(moves) >= 5, (threshold, len(merges), len(moves))
+        # (at 0.65 a fifth move was offered before the same-photo rule: a guardsman
+        # behind Vladimir Putin, face 235, to the two others of that photo, one person
+        # then; they are three men of one photo, so the rule keeps them apart and the
+        # move is not offered)
+        assert len(merges) >= 5 and len(moves) >= 4, (threshold, len(merges), len(moves))

@@ -8,6 +8,7 @@ Usage::
     python tests/benchmarks/bench_cluster.py --real [N ...] [--method auto|exact|ann]
                                              [--compare] [--threshold 0.55]
                                              [--grid LISTS:NPROBE ...]
+    python tests/benchmarks/bench_cluster.py [--real] [N ...] --same-photo [--method ...]
 
 ``--real``: the embeddings of the shared photos (five_celebs, lfw10 and
 face_recognition, embedded once with buffalo_s into the cache given by
@@ -25,6 +26,16 @@ N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
 checks the partition against scikit-learn for N <= 20000. ``--max-component``
 lowers the exact-linkage limit to exercise the fallback.
+
+``--same-photo`` (issue 30): the faces are put into photos as a family
+library has them (PHOTO_SIZES: 60 % of photos with one face, 22 % two, 10 %
+three, the rest 4-12; a photo's people from one circle of about 20
+identities, look-alike "siblings" in their partner's circle, each identity at
+most once a photo), and each size is clustered without the same-photo rule
+and with it (the cannot-link pairs of sort_faces.same_photo_pairs, their
+building timed too), in one process a size, ``--rounds`` times a side in
+alternating order (the quickest kept): time, peak memory, BCubed, the pairs
+that share a cluster without the rule, the merges it prevented.
 
 Synthetic data (512-d, unit rows): Zipf-sized identities, 10 % singletons,
 one identity holding 5 % of all faces, and 10 % of identities given a
@@ -57,8 +68,9 @@ def load_agglomerative_labels():
     return sort_faces.agglomerative_labels
 
 
-def make_faces(n, dim=DIM, seed=0, chunk=20000):
-    """Synthetic unit-norm embeddings (float32) and their identity labels."""
+def make_faces(n, dim=DIM, seed=0, chunk=20000, circles=False):
+    """Synthetic unit-norm embeddings (float32) and their identity labels
+    (and with `circles` the circle of each identity: look-alikes share one)."""
     rng = np.random.default_rng(seed)
     sizes = [max(2, n // 20)]  # one very large identity
     n_single = n // 10
@@ -93,7 +105,46 @@ def make_faces(n, dim=DIM, seed=0, chunk=20000):
         x += centres[t]
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         X[c0:c0 + chunk] = x
+    if circles:
+        circle = rng.permutation(n_id) // CIRCLE_SIZE
+        circle[sib] = circle[partner]  # siblings are photographed together
+        return X, truth, circle
     return X, truth
+
+
+# How many faces a photo holds, and how often (issue 30's benchmark): most
+# photos of a family library show one face, a third two or three, a few more.
+PHOTO_SIZES = {1: 0.60, 2: 0.22, 3: 0.10, 4: 0.03, 5: 0.02, 6: 0.015, 8: 0.01, 12: 0.005}
+CIRCLE_SIZE = 20  # identities photographed together (a family, friends)
+
+
+def photos_of(truth, circle, seed=0):
+    """A photo id for each face: within each circle, photos of PHOTO_SIZES
+    faces of as many distinct identities (drawn by their faces left), until
+    every face has its photo."""
+    rng = np.random.default_rng(seed)
+    sizes, weights = np.array(list(PHOTO_SIZES)), np.array(list(PHOTO_SIZES.values()))
+    photo = np.empty(len(truth), np.int64)
+    faces_of = {}
+    for face in rng.permutation(len(truth)):
+        faces_of.setdefault(int(truth[face]), []).append(int(face))
+    members = {}
+    for identity in faces_of:
+        members.setdefault(int(circle[identity]), []).append(identity)
+    next_photo = 0
+    for ids in members.values():
+        left = {i: faces_of[i] for i in ids}
+        while left:
+            alive = list(left)
+            k = min(int(rng.choice(sizes, p=weights)), len(alive))
+            counts = np.array([len(left[i]) for i in alive], np.float64)
+            for pick in rng.choice(len(alive), k, replace=False, p=counts / counts.sum()):
+                identity = alive[pick]
+                photo[left[identity].pop()] = next_photo
+                if not left[identity]:
+                    del left[identity]
+            next_photo += 1
+    return photo
 
 
 REAL_SETS = ("five_celebs", "lfw10", "face_recognition")
@@ -148,6 +199,87 @@ def pairwise_f(a, b):
     precision = both / max(pairs(np.bincount(ib)), 1.0)
     recall = both / max(pairs(np.bincount(ia)), 1.0)
     return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def same_photo_child(n, threshold, method, real, cache_path, rounds):
+    """--same-photo at one size, in one process: N faces in photos, clustered
+    without the rule and with it, `rounds` times each, alternating which goes
+    first (the machine's other work moves a single time by half); prints a
+    RESULT line with each side's quickest run and the peak memory after each
+    side's first run (the rule's first: a rise is its own memory)."""
+    sys.path.insert(0, ROOT)
+    import sort_faces
+
+    if real:
+        X, truth = make_real(n, cache_path)
+        circle = np.arange(int(truth.max()) + 1) // 21  # a copy's 21 people: one circle
+    else:
+        X, truth, circle = make_faces(n, circles=True)
+    photo = photos_of(truth, circle)
+    sides = {False: [], True: []}
+    base_mb, peaks = peak_mb(), {}
+    for round_ in range(rounds):
+        for rule in ((False, True) if round_ % 2 == 0 else (True, False)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            pairs, counts = sort_faces.same_photo_pairs(photo, X)
+            pairs_s = time.perf_counter() - t0
+            if not rule:  # without the rule: the clustering's time alone
+                t0, c0 = time.perf_counter(), time.process_time()
+            labels, info = sort_faces.agglomerative_labels(X, threshold, method=method,
+                                                           cannot_link=pairs if rule else None)
+            sides[rule].append((time.perf_counter() - t0, time.process_time() - c0, pairs_s,
+                                labels, info))
+            peaks.setdefault(rule, peak_mb())
+    out = {"n": n, "base_mb": base_mb, "photos": int(photo.max()) + 1,
+           "multi_face_photos": counts["photos"], "pairs": counts["pairs"],
+           "faces_in_multi": int(np.isin(photo, np.flatnonzero(np.bincount(photo) > 1)).sum()),
+           "loadavg": os.getloadavg()[0], "rounds": rounds}
+    for rule, runs in sides.items():
+        wall, cpu, pairs_s, labels, info = min(runs, key=lambda r: r[0])
+        precision, recall = sort_faces.bcubed(truth, labels)
+        out["with" if rule else "without"] = {
+            "seconds": wall, "cpu_seconds": cpu, "all_seconds": [round(r[0], 1) for r in runs],
+            "pairs_seconds": pairs_s, "seconds_edges": info["seconds_edges"],
+            "seconds_linkage": info["seconds_linkage"], "peak_mb": peaks[rule],
+            "bcubed_p": precision, "bcubed_r": recall, "n_clusters": info["n_clusters"],
+            "largest_component": info["largest_component"], "method": info["method"],
+            "fallback": len(info["fallback_components"]),
+            "pairs_in_one_cluster": int((labels[pairs[:, 0]] == labels[pairs[:, 1]]).sum()),
+            "kept_apart": info.get("cannot_link", {}).get("kept_apart"),
+            "component_pairs": info.get("cannot_link", {}).get("pairs")}
+    print("RESULT " + json.dumps(out))
+
+
+def run_same_photo(args):
+    """--same-photo: each size in its own process, without the rule and with it."""
+    for n in args.sizes:
+        cmd = [sys.executable, os.path.abspath(__file__), str(n), "--same-photo", "--child",
+               "--threshold", str(args.threshold), "--method", args.method,
+               "--real-cache", args.real_cache, "--rounds", str(args.rounds)] + \
+            ["--real"] * args.real
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"N={n}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+            continue
+        r = json.loads(lines[-1][7:])
+        print(f"N={n:>7}: {r['photos']} photos, {r['multi_face_photos']} with several faces "
+              f"({r['faces_in_multi']} faces), {r['pairs']} pairs of faces of one photo; "
+              f"threshold {args.threshold}, quickest of {r['rounds']} runs a side, load "
+              f"{r['loadavg']:.2f}", flush=True)
+        for side in ("without", "with"):
+            s = r[side]
+            print(f"  {side:>7} the rule: {s['seconds']:6.1f} s (cpu {s['cpu_seconds']:.0f} s; "
+                  + (f"the pairs {s['pairs_seconds']:.2f} s, " if side == "with" else "")
+                  + f"pairs under the threshold {s['seconds_edges']:.1f} s, linkage "
+                  f"{s['seconds_linkage']:.1f} s; runs {s['all_seconds']}), peak "
+                  f"{s['peak_mb']:.0f} MB (faces alone {r['base_mb']:.0f} MB), BCubed P/R "
+                  f"{s['bcubed_p']:.4f}/{s['bcubed_r']:.4f}, {s['n_clusters']} clusters, "
+                  f"largest component {s['largest_component']}, {s['fallback']} by the fallback, "
+                  f"{s['method'].split(';')[0]}; "
+                  f"{s['pairs_in_one_cluster']} pairs in one cluster"
+                  + (f"; {s['component_pairs']} pairs in one component, {s['kept_apart']} "
+                     "merges prevented" if side == "with" else ""), flush=True)
 
 
 def real_child(n, threshold, method, cache_path, save, ann=None):
@@ -260,10 +392,25 @@ def main():
     ap.add_argument("--real-cache", default="/tmp/face-sets-bench-real.npz")
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ann-params", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--same-photo", action="store_true",
+                    help="faces in photos: clustered without the same-photo rule and with it")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="with --same-photo: runs a side (the quickest is kept)")
     ap.add_argument("--grid", nargs="+", default=None, metavar="LISTS:NPROBE",
                     help="with --real: the exact path, then the index at each lists-per-sqrt(N)"
                          ":nprobe, each against exact")
     args = ap.parse_args()
+    if args.same_photo:
+        if args.threshold == 0.6 and "--threshold" not in sys.argv and args.real:
+            args.threshold = 0.55  # cluster's default
+        if args.child:
+            same_photo_child(args.sizes[0], args.threshold, args.method, args.real,
+                             args.real_cache, args.rounds)
+        else:
+            if args.real:
+                real_faces(args.real_cache)  # embedded once, before the timed children
+            run_same_photo(args)
+        return
     if args.real:
         if args.child:
             real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save,

@@ -10,7 +10,7 @@ links in a folder of their own, given an identity of their own (the sha256
 of the copy's name and the photo's), and each copy's faces are turned by a
 random orthogonal matrix of their own (a new set of people with the same
 inner distances, as bench_cluster.py --real makes them). Clusters it at the
-defaults (--link symlink, so the output holds no copies), starts `review OUT`
+defaults (--link copy, as a user's; --link symlink for an output of links), starts `review OUT`
 as a user does, opens the page in headless Chromium and merges two people
 --merges times, by keys (select their rows' buttons, then m), each time
 timing from the keypress to the page showing the rebuilt output: the
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=1000)
     parser.add_argument("--merges", type=int, default=5)
     parser.add_argument("--keep", type=Path, default=None, help="work here, and keep it")
+    parser.add_argument("--link", default="copy", choices=("copy", "symlink", "hardlink"),
+                        help="the output's --link (copy: the default a user gets)")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="measure-review-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,11 +100,12 @@ def main() -> None:
     cache = copied_cache(real, copies, folder)
     out = folder / "raw"
     started = time.perf_counter()
-    manifest = sort_faces.cluster(cache, out, link="symlink", quiet=True)
+    manifest = sort_faces.cluster(cache, out, link=args.link, quiet=True)
     built = time.perf_counter() - started
     page = (out / "index.html").stat().st_size
     print(f"output: {len(manifest['clusters'])} people, {manifest['summary']['faces']} faces "
-          f"({copies} copies of {', '.join(SETS)}); first cluster with thumbnails {built:.1f} s; "
+          f"({copies} copies of {', '.join(SETS)}, --link {args.link}); first cluster with "
+          f"thumbnails {built:.1f} s; "
           f"index.html {page / 1e6:.1f} MB")
     from browser import selenium_chromium
     from selenium.webdriver.common.by import By

@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,3 +284,22 @@ def tree_fingerprint(root: Path) -> dict:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
         out[str(path.relative_to(root))] = (digest, info.st_size, info.st_mode, info.st_mtime_ns)
     return out
+
+
+# Face keys for decisions made by hand (fast tests of fold_decisions): face i's
+# key names the made-up photo i, and rows_of reads i back as the cache row.
+def key(i: int) -> dict:
+    return {"sha256": f"{i:064x}", "box": [0.0, 0.0, 10.0, 10.0]}
+
+
+def keys(*rows) -> list[dict]:
+    return [key(r) for r in rows]
+
+
+def rows_of(face_keys) -> np.ndarray:
+    return np.array([int(k["sha256"], 16) for k in face_keys])
+
+
+def decided(*decisions) -> list[dict]:
+    """Decisions as a people file holds them: numbered, with a time."""
+    return [dict(d, id=i + 1, time="2026-11-25T12:00:00") for i, d in enumerate(decisions)]

@@ -11,23 +11,8 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, embed_quiet, run_cli, run_pasted, tree_fingerprint
-
-
-def key(i: int) -> dict:
-    return {"sha256": f"{i:064x}", "box": [0.0, 0.0, 10.0, 10.0]}
-
-
-def keys(*rows) -> list[dict]:
-    return [key(r) for r in rows]
-
-
-def rows_of(face_keys) -> np.ndarray:
-    return np.array([int(k["sha256"], 16) for k in face_keys])
-
-
-def decided(*decisions) -> list[dict]:
-    return [dict(d, id=i + 1, time="2026-11-25T12:00:00") for i, d in enumerate(decisions)]
+from conftest import (DATA, decided, embed_quiet, keys, rows_of, run_cli, run_pasted,
+                      tree_fingerprint)
 
 
 # --- fast tier: the decisions and the constraints, no model -----------------------

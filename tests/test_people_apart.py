@@ -14,25 +14,9 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import REFINE, ROOT, run_cli, tree_fingerprint
+from conftest import REFINE, ROOT, decided, keys, rows_of, run_cli, tree_fingerprint
 
 V1_DECISIONS = ROOT / "tests" / "data" / "people_v1" / "five_celebs.npz.people.json"
-
-
-def key(i: int) -> dict:
-    return {"sha256": f"{i:064x}", "box": [0.0, 0.0, 10.0, 10.0]}
-
-
-def keys(*rows) -> list[dict]:
-    return [key(r) for r in rows]
-
-
-def rows_of(face_keys) -> np.ndarray:
-    return np.array([int(k["sha256"], 16) for k in face_keys])
-
-
-def decided(*decisions) -> list[dict]:
-    return [dict(d, id=i + 1, time="2026-12-07T12:00:00") for i, d in enumerate(decisions)]
 
 
 def groups(folded) -> list[tuple]:

@@ -4998,7 +4998,9 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     """`old`, the file of the same name in the output being replaced, when it
     is a copy of `src` as `src` is now: a regular file (not a link) of the
     same size and modification time (copy2 keeps it; an edit of either
-    changes it), and not the photo itself (as in a `--link hardlink` output).
+    changes it), and not the photo itself (as in a `--link hardlink` output)
+    nor any other file's name too (one link only: a copy hardlinked by hand
+    to a file outside OUT, which may hold other bytes, is copied anew).
     A name is the source path's own (output_name), so it is that photo's
     copy; a rebuild links it instead of copying the photo again."""
     if old is None or isinstance(src, FrameLocation):
@@ -5007,8 +5009,8 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
         held, now = os.lstat(old), os.stat(src)
     except OSError:
         return None
-    same = stat.S_ISREG(held.st_mode) and (held.st_size, held.st_mtime_ns) == \
-        (now.st_size, now.st_mtime_ns)
+    same = stat.S_ISREG(held.st_mode) and held.st_nlink == 1 and \
+        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
     photo_itself = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)  # a hardlink output's
     return old if same and not photo_itself else None
 
@@ -8118,10 +8120,13 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     An entry names what to show: "face" (a cached face), "image" (a whole cached
     photo) or "png" (a file, e.g. an exported crop, path relative to folder).
     A thumbnail already in folder/_thumbs or in reuse_from/_thumbs (the output
-    this one replaces) is reused; entries whose photo cannot be read are dropped.
+    this one replaces; only when that is a folder of its own, not a link out
+    of it: earlier_folder) is reused; entries whose photo cannot be read are
+    dropped.
     """
     thumbs_dir = Path(folder) / THUMBS_DIR_NAME
     thumbs_dir.mkdir(parents=True, exist_ok=True)
+    reused = earlier_folder(reuse_from, THUMBS_DIR_NAME) if reuse_from else None
     entries = [t for g in page["groups"] for t in
                [*g.get("thumbs", []), *(t for s in g.get("sections", []) for t in s["thumbs"])]]
 
@@ -8146,7 +8151,7 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
             thumb_file_name(path, bbox).replace(".jpg", "-whole.jpg")
         entry["src"] = f"{THUMBS_DIR_NAME}/{name}"
         target = thumbs_dir / name
-        old = reuse_from / THUMBS_DIR_NAME / name if reuse_from else None
+        old = reused / name if reused else None
         if target.exists():
             continue
         if old is not None and old.is_file() and not old.is_symlink():

@@ -206,3 +206,46 @@ def test_a_link_that_cannot_be_made_is_a_copy(tmp_path, monkeypatch):
         target = tmp_path / f"{link}.jpg"
         assert sort_faces.materialise(str(source), target, link) == "copy"
         assert target.read_bytes() == b"pixels" and not target.is_symlink()
+
+
+def test_a_rebuild_links_in_nothing_from_outside_out(tmp_path):
+    """An output whose copy was replaced by a hardlink to a file outside it
+    (same size and time as the photo, other bytes) and whose _thumbs is a link
+    to a folder outside it: the rebuild copies that photo anew and makes its
+    thumbnails again, so every copy equals its photo and nothing outside OUT
+    gains a link or changes; a copy still its own is linked in, rebuild after
+    rebuild."""
+    src = tmp_path / "src"
+    for person in ("Ariel_Sharon", "Colin_Powell"):
+        (src / person).mkdir(parents=True)
+        for photo in sorted((DATA / "lfw10" / person).glob("*.jpg"))[:2]:
+            shutil.copy2(photo, src / person / photo.name)
+    cache, out, outside = tmp_path / "c.npz", tmp_path / "out", tmp_path / "outside"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, out, quiet=True)
+    copies = sorted(out.glob("person_*/*.jpg"))
+    assert len(copies) >= 2
+    source_of = {p: next(s for s in src.rglob("*.jpg")
+                         if sort_faces.output_name(str(s)) == p.name) for p in copies}
+    outside.mkdir()
+    other = outside / "other.jpg"  # the photo's size and time, not its bytes
+    other.write_bytes(b"Z" * copies[0].stat().st_size)
+    shutil.copystat(copies[0], other)
+    copies[0].unlink()
+    os.link(other, copies[0])
+    (out / "_thumbs").rename(outside / "thumbs")
+    (out / "_thumbs").symlink_to(outside / "thumbs")
+    before = tree_fingerprint(outside)
+    links = {p: p.stat().st_nlink for p in outside.rglob("*") if p.is_file()}
+
+    sort_faces.cluster(cache, out, quiet=True)
+    assert tree_fingerprint(outside) == before
+    assert {p: p.stat().st_nlink for p in outside.rglob("*") if p.is_file()} == \
+        {p: (1 if p == other else n) for p, n in links.items()}
+    assert not (out / "_thumbs").is_symlink() and any((out / "_thumbs").glob("*.jpg"))
+    for copy in copies:
+        assert copy.read_bytes() == source_of[copy].read_bytes(), copy
+        assert copy.stat().st_nlink == 1, copy
+    kept = {p: p.stat().st_ino for p in copies}
+    sort_faces.cluster(cache, out, quiet=True)
+    assert {p: p.stat().st_ino for p in copies} == kept  # its own copies: linked in

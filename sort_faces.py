@@ -820,6 +820,9 @@ REVIEW_ACTIONS = {
 # every face a page shows is well inside them).
 REVIEW_REQUEST_FIELDS = ("verb", "people", "faces", "to", "from", "name", "fingerprint")
 REVIEW_MAX_BODY = 256 * 1024
+# Seconds a connection may stay silent (an idle keep-alive, a body sent short
+# of its Content-Length) before its thread lets it go.
+REVIEW_CLIENT_TIMEOUT = 30.0
 REVIEW_MAX_ITEMS = 5000
 REVIEW_MAX_WORD = 200
 # Seconds between the page's checks that OUT was not rebuilt by another run,
@@ -11679,6 +11682,7 @@ class ReviewHandler(http.server.BaseHTTPRequestHandler):
     build's fingerprint, a decision, or a file inside OUT."""
 
     server_version = f"face-sets/{__version__}"
+    timeout = REVIEW_CLIENT_TIMEOUT  # a silent client frees its thread (socket timeout)
 
     def version_string(self) -> str:
         return self.server_version
@@ -11747,8 +11751,8 @@ class ReviewHandler(http.server.BaseHTTPRequestHandler):
         logged and said to be one, a closed connection is let go."""
         try:
             handle()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # gone, or silent past REVIEW_CLIENT_TIMEOUT
         except UserError as error:
             self.line(500, " ".join(display(error).split()))
         except Exception:
@@ -11809,7 +11813,11 @@ class ReviewHandler(http.server.BaseHTTPRequestHandler):
                 "application/json":
             self.close_connection = True
             return self.line(415, "a decision is sent as JSON")
-        length = plain_number(self.headers.get("Content-Length", "").strip())
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) != 1 or self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True  # none (chunked), or two: which one is the body's?
+            return self.line(411, "a decision is sent with one Content-Length")
+        length = plain_number(lengths[0].strip())
         if length is None or length > REVIEW_MAX_BODY:
             self.close_connection = True
             return self.line(413, f"a decision is at most {REVIEW_MAX_BODY} bytes")

@@ -540,6 +540,47 @@ def test_bad_decisions_are_one_line_and_write_nothing(guarded):
     nothing_written(guarded)
 
 
+def raw_request(server: Server, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """(status, body) of a POST to /api/decide sent byte for byte as written
+    (the page's headers, then `head`'s lines, then `body`), as no browser
+    sends it."""
+    import socket
+
+    lines = (f"POST /api/decide HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+             f"Cookie: {server.cookie}\r\nOrigin: {server.origin}\r\n"
+             f"X-Review-Token: {server.token}\r\nContent-Type: application/json\r\n{head}\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(lines.encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    status, _, rest = answer.partition(b"\r\n")
+    return int(status.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_a_body_without_one_content_length_is_refused_and_a_slow_one_stalls_nothing(guarded):
+    """A decision sent chunked, with no length or with two lengths (which is
+    the body's?) is refused, 411; a client that sends less than its length
+    and waits holds only its own connection: the server answers others."""
+    import socket
+
+    server = guarded["server"]
+    decision = json.dumps({"verb": "undo", "fingerprint": server.fingerprint()}).encode()
+    chunked = f"{len(decision):x}\r\n".encode() + decision + b"\r\n0\r\n\r\n"
+    for head, body in [("Transfer-Encoding: chunked\r\n", chunked), ("", decision),
+                       (f"Content-Length: 2\r\nContent-Length: {len(decision)}\r\n",
+                        b"{}" + decision)]:
+        status, text = raw_request(server, head, body)
+        assert status == 411 and b"one Content-Length" in text, (head, text)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as slow:
+        slow.sendall(f"POST /api/decide HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                     f"Cookie: {server.cookie}\r\nOrigin: {server.origin}\r\n"
+                     f"X-Review-Token: {server.token}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{".encode())
+        started = time.monotonic()
+        assert server.fingerprint() and time.monotonic() - started < 5
+    nothing_written(guarded)
+
+
 def test_a_locked_cache_or_output_and_a_stale_page_write_nothing(guarded):
     server, cache, out = guarded["server"], guarded["cache"], guarded["out"]
     name = {"verb": "name", "people": ["person_001"], "name": "Alice",

@@ -4997,6 +4997,18 @@ def link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def lone_file(path: Path) -> os.stat_result | None:
+    """`path`'s own status when it is a regular file (not a link) that no
+    other name shares (one link: not also a file outside the output, which may
+    hold other bytes); else None. What a rebuild may link in from the output
+    it replaces."""
+    try:
+        held = os.lstat(path)
+    except OSError:
+        return None
+    return held if stat.S_ISREG(held.st_mode) and held.st_nlink == 1 else None
+
+
 def earlier_copy(old: Path | None, src: str) -> Path | None:
     """`old`, the file of the same name in the output being replaced, when it
     is a copy of `src` as `src` is now: a regular file (not a link) of the
@@ -5008,14 +5020,14 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     copy; a rebuild links it instead of copying the photo again."""
     if old is None or isinstance(src, FrameLocation):
         return None
+    held = lone_file(old)
     try:
-        held, now = os.lstat(old), os.stat(src)
+        now = os.stat(src)
     except OSError:
         return None
-    same = stat.S_ISREG(held.st_mode) and held.st_nlink == 1 and \
+    same = held is not None and \
         (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
-    photo_itself = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)  # a hardlink output's
-    return old if same and not photo_itself else None
+    return old if same and (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) else None
 
 
 def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:
@@ -8157,7 +8169,7 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
         old = reused / name if reused else None
         if target.exists():
             continue
-        if old is not None and old.is_file() and not old.is_symlink():
+        if old is not None and lone_file(old) is not None:
             link_or_copy(old, target)
             continue
         todo.setdefault((path, pad), []).append((bbox, target))

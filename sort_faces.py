@@ -6690,19 +6690,19 @@ class _Int8Faces:
     """Faces as int8 codes for the candidate search (issue 31): code =
     round(x * scale), a scale a row (127 / its largest coordinate), held as
     code + 128 in uint8, since onnxruntime's MatMulInteger multiplies uint8
-    by int8 at the processor's integer-vector speed (about ten times float32
-    BLAS here). ``slack`` bounds how far a product of decoded codes can stray
-    from the float32 product (x = code / scale + e: the gap is at most
-    2 (1 + E) E + E**2, E the largest |e|), so candidates within it of the
-    threshold are re-checked in float32 and no pair is lost."""
+    (less its zero point, 128) by int8 at the processor's integer-vector
+    speed. ``slack`` bounds how far a product of decoded codes can stray from
+    the float32 product (x = code / scale + e: the gap is at most
+    2 (1 + E) E + E**2, E the largest |e|), so every pair whose codes come
+    within it of the threshold is re-checked in float32 and no pair is lost."""
 
     def __init__(self, X, chunk=65536):
         import onnxruntime
-        from onnx import TensorProto, helper
+        from onnx import TensorProto, helper, numpy_helper
 
         n, dim = X.shape
         self.codes = np.empty((n, dim), np.uint8)
-        self.inverse = np.empty(n, np.float32)  # 1 / scale
+        self.scale = np.empty(n, np.float32)
         worst = 0.0
         for r0 in range(0, n, chunk):
             x = X[r0:r0 + chunk]
@@ -6711,39 +6711,53 @@ class _Int8Faces:
             error = np.sqrt(np.einsum("ij,ij->i", *(2 * [x - code / scale[:, None]])))
             worst = max(worst, float(error.max()) if len(error) else 0.0)
             self.codes[r0:r0 + chunk] = (code + 128).astype(np.uint8)
-            self.inverse[r0:r0 + chunk] = 1.0 / scale
+            self.scale[r0:r0 + chunk] = scale
         self.slack = np.float32(2 * (1 + worst) * worst + worst * worst + 1e-6)
         graph = helper.make_graph(
-            [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "products",
+            [helper.make_node("MatMulInteger", ["A", "B", "zero"], ["Y"])], "products",
             [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, dim]),
              helper.make_tensor_value_info("B", TensorProto.INT8, [dim, None])],
-            [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, None])])
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, None])],
+            [numpy_helper.from_array(np.array(128, np.uint8), "zero")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        self.session = onnxruntime.InferenceSession(model.SerializeToString(),
-                                                    providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def columns(self, members):
-        """The int8 codes of `members` as columns (dim, m), their sums and
-        their inverse scales: the right side of products()."""
+        """The int8 codes of `members` as columns (dim, m) and their scales:
+        the right side of products()."""
         cols = (self.codes[members].astype(np.int16) - 128).astype(np.int8)
-        return np.ascontiguousarray(cols.T), cols.sum(axis=1, dtype=np.int64) * 128, \
-            self.inverse[members]
+        return np.ascontiguousarray(cols.T), self.scale[members]
 
     @staticmethod
     def columns_of(Y):
         """columns() of other unit rows (the lists' centroids), coded alike."""
         scale = np.float32(127.0) / np.maximum(np.abs(Y).max(axis=1), np.float32(1e-12))
-        cols = np.rint(Y * scale[:, None]).astype(np.int8)
-        return np.ascontiguousarray(cols.T), cols.sum(axis=1, dtype=np.int64) * 128, \
-            (1.0 / scale).astype(np.float32)
+        return np.ascontiguousarray(np.rint(Y * scale[:, None]).astype(np.int8).T), scale
+
+    def products(self, rows, columns):
+        """The int32 products of the codes of faces `rows` with columns()."""
+        return self.session.run(None, {"A": self.codes[rows], "B": columns[0]})[0]
+
+    def candidates(self, rows, columns, sim_min):
+        """(i, j): the pairs of rows[i] and column j whose codes' product may
+        reach sim_min (from sim_min less the slack, with the columns' smallest
+        scale, or largest below 0: a bound in integers, cheap to test), for a
+        float32 re-check."""
+        low = sim_min - self.slack
+        bound = low * self.scale[rows] * (columns[1].min() if low >= 0 else columns[1].max())
+        return np.nonzero(self.products(rows, columns) >= np.floor(bound)[:, None])
 
     def nearest(self, rows, columns, count, block=8192):
         """For each face of `rows`, the `count` columns with the largest
-        int8 products, largest first (int32 (len(rows), count)): the lists a
+        products, largest first (int32 (len(rows), count)): the lists a
         face probes, ranked by its centroids' similarity."""
         out = np.empty((len(rows), count), np.int32)
         for r0 in range(0, len(rows), block):
-            sim = self.products(rows[r0:r0 + block], columns)
+            sim = self.products(rows[r0:r0 + block], columns).astype(np.float32)
+            sim /= columns[1][None, :]  # a row's own scale leaves its order alone
             if count == 1:
                 out[r0:r0 + block, 0] = sim.argmax(axis=1)
                 continue
@@ -6767,16 +6781,6 @@ class _Int8Faces:
             filled = norms > 0
             centroids[assign[order[starts]][filled]] = sums[filled] / norms[filled, None]
         return centroids
-
-    def products(self, rows, columns):
-        """Approximate float products of faces `rows` with columns() (within
-        ``slack`` of the float32 ones)."""
-        cols, shift, inverse = columns
-        y = self.session.run(None, {"A": self.codes[rows], "B": cols})[0]
-        approx = (y - shift[None, :]).astype(np.float32)
-        approx *= self.inverse[rows][:, None]
-        approx *= inverse[None, :]
-        return approx
 
 
 def _rss_mb():
@@ -6941,7 +6945,7 @@ def _agglo_ivf_edges(X, edges, queries, probes, targets, target_lists, nlist, si
             if codes is None:
                 hit_i, hit_j = np.nonzero(X[rows] @ Xm.T >= sim_min)
             else:  # int8 candidates, re-checked in float32
-                hit_i, hit_j = np.nonzero(codes.products(rows, Xm) >= sim_min - codes.slack)
+                hit_i, hit_j = codes.candidates(rows, Xm, sim_min)
                 exact = np.einsum("ij,ij->i", X[rows[hit_i]], X[members[hit_j]]) >= sim_min
                 hit_i, hit_j = hit_i[exact], hit_j[exact]
             i, j = rows[hit_i], members[hit_j]

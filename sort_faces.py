@@ -6421,7 +6421,7 @@ def agglomerative_labels(
         ``groups``, ``rnn_rounds``, ``leader_passes``; see
         ``_agglo_fallback``), ``seconds`` (total), ``seconds_edges``,
         ``seconds_linkage``, ``stages`` (each stage's ``seconds`` and the
-        process's ``rss_mb`` after it), ``method`` ("exact" or "ann: faiss IVF..."),
+        process's ``rss_mb`` after it), ``method`` ("exact" or "ann: inverted lists..."),
         and with "ann" ``candidate_recall``: the share of the true pairs
         under the threshold the index found, on a sample of faces. With
         `cannot_link`, ``cannot_link``: ``pairs`` (those inside one component,
@@ -6836,6 +6836,8 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS, mark=None
     rng = np.random.default_rng(0)
     train = np.sort(rng.choice(n, min(n, params["train_per_list"] * nlist), replace=False))
     codes = _Int8Faces(X) if params["int8"] else None
+    index = ("inverted lists (spherical k-means), int8 products re-checked in float32"
+             if codes is not None else "faiss inverted lists (spherical k-means)")
     if codes is not None:
         mark("int8 codes")
     if codes is not None:
@@ -6907,7 +6909,7 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS, mark=None
     del codes
     mark("candidate recall")
     return comp, n_edges, {
-        "method": f"ann: faiss inverted lists (spherical k-means), nlist {nlist}, "
+        "method": f"ann: {index}, nlist {nlist}, "
                   f"nprobe {nprobe}, exact products inside; {len(alone)} faces alone "
                   f"compared again through {rescue_nprobe} lists with the "
                   f"{len(small)} faces of components of at most "

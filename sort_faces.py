@@ -607,8 +607,14 @@ CLUSTER_ANN_FROM = 200_000
 # (the pairs the lists miss are mostly two faces alone in a sparse part of the
 # space, their lists far apart: at 300k, 96% of them lie within 512 probes,
 # all within 1,024).
+# Issue 31: the queries go a query_block of faces at a time (their probe lists
+# are the search's largest arrays), the rescue skips the nprobe lists searched
+# already, and with int8 the products (the k-means' assignments, the probes and
+# the search's) are int8 ones by onnxruntime (about ten times float32 here),
+# every pair near the threshold re-checked in float32 (_Int8Faces).
 CLUSTER_ANN = {"lists_per_sqrt": 4, "nprobe": 128, "train_per_list": 64, "niter": 12,
-               "recall_rows": 1000, "rescue_nprobe": 768, "rescue_component": 3}
+               "recall_rows": 1000, "rescue_nprobe": 768, "rescue_component": 3,
+               "query_block": 65536, "int8": True}
 CLUSTER_LEADER_RADII = (0.5, 0.75, 0.9, 1.0)
 CLUSTER_LEADER_MAX_PASSES = 8
 # Faces that share a photo (one cache file row: a photo, or a video's frame) are
@@ -6431,7 +6437,8 @@ def agglomerative_labels(
         component that used the fallback: ``size``, ``method``, ``exact``,
         ``groups``, ``rnn_rounds``, ``leader_passes``; see
         ``_agglo_fallback``), ``seconds`` (total), ``seconds_edges``,
-        ``seconds_linkage``, ``method`` ("exact" or "ann: faiss IVF..."),
+        ``seconds_linkage``, ``stages`` (each stage's ``seconds`` and the
+        process's ``rss_mb`` after it), ``method`` ("exact" or "ann: inverted lists..."),
         and with "ann" ``candidate_recall``: the share of the true pairs
         under the threshold the index found, on a sample of faces. With
         `cannot_link`, ``cannot_link``: ``pairs`` (those inside one component,
@@ -6458,11 +6465,14 @@ def agglomerative_labels(
         info["seconds"] = time.perf_counter() - t_start
         return np.zeros(n, np.int64), info
 
+    stages = []
+    mark = _stage_clock(stages)
     if ann and n >= 2 * CLUSTER_ANN["recall_rows"]:
-        comp, n_edges, ann_info = _agglo_ann_components(X, threshold)
+        comp, n_edges, ann_info = _agglo_ann_components(X, threshold, mark=mark)
         info.update(ann_info)
     else:
         comp, n_edges = _agglo_threshold_components(X, threshold, block_rows)
+        mark("pairs")
     together = [np.asarray(g, np.int64) for g in (together or []) if len(g)]
     constrained = np.zeros(n, bool)
     if together:
@@ -6506,8 +6516,9 @@ def agglomerative_labels(
     if cannot_link is not None:
         info["cannot_link"] = {"pairs": int(len(links)),
                                "kept_apart": _agglo_kept_apart(X, labels, links, threshold)}
+    mark("linkage")
     t_end = time.perf_counter()
-    info.update(n_clusters=int(labels.max()) + 1, n_components=n_comp,
+    info.update(stages=stages, n_clusters=int(labels.max()) + 1, n_components=n_comp,
                 largest_component=int(sizes.max()), n_edges=int(n_edges),
                 seconds=t_end - t_start, seconds_edges=t_edges - t_start,
                 seconds_linkage=t_end - t_edges)
@@ -6692,12 +6703,133 @@ class _EdgeComponents:
         return self.comp.astype(np.int64), self.n_edges
 
 
-def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS):
+class _Int8Faces:
+    """Faces as int8 codes for the candidate search (issue 31): code =
+    round(x * scale), a scale a row (127 / its largest coordinate), held as
+    code + 128 in uint8, since onnxruntime's MatMulInteger multiplies uint8
+    (less its zero point, 128) by int8 at the processor's integer-vector
+    speed. ``slack`` bounds how far a product of decoded codes can stray from
+    the float32 product (x = code / scale + e: the gap is at most
+    2 (1 + E) E + E**2, E the largest |e|), so every pair whose codes come
+    within it of the threshold is re-checked in float32 and no pair is lost."""
+
+    def __init__(self, X, chunk=65536):
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+
+        n, dim = X.shape
+        self.codes = np.empty((n, dim), np.uint8)
+        self.scale = np.empty(n, np.float32)
+        worst = 0.0
+        for r0 in range(0, n, chunk):
+            x = X[r0:r0 + chunk]
+            scale = np.float32(127.0) / np.maximum(np.abs(x).max(axis=1), np.float32(1e-12))
+            code = np.rint(x * scale[:, None])
+            error = np.sqrt(np.einsum("ij,ij->i", *(2 * [x - code / scale[:, None]])))
+            worst = max(worst, float(error.max()) if len(error) else 0.0)
+            self.codes[r0:r0 + chunk] = (code + 128).astype(np.uint8)
+            self.scale[r0:r0 + chunk] = scale
+        self.slack = np.float32(2 * (1 + worst) * worst + worst * worst + 1e-6)
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B", "zero"], ["Y"])], "products",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, dim]),
+             helper.make_tensor_value_info("B", TensorProto.INT8, [dim, None])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, None])],
+            [numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def columns(self, members):
+        """The int8 codes of `members` as columns (dim, m) and their scales:
+        the right side of products()."""
+        cols = (self.codes[members].astype(np.int16) - 128).astype(np.int8)
+        return np.ascontiguousarray(cols.T), self.scale[members]
+
+    @staticmethod
+    def columns_of(Y):
+        """columns() of other unit rows (the lists' centroids), coded alike."""
+        scale = np.float32(127.0) / np.maximum(np.abs(Y).max(axis=1), np.float32(1e-12))
+        return np.ascontiguousarray(np.rint(Y * scale[:, None]).astype(np.int8).T), scale
+
+    def products(self, rows, columns):
+        """The int32 products of the codes of faces `rows` with columns()."""
+        return self.session.run(None, {"A": self.codes[rows], "B": columns[0]})[0]
+
+    def candidates(self, rows, columns, sim_min):
+        """(i, j): the pairs of rows[i] and column j whose codes' product may
+        reach sim_min (from sim_min less the slack, with the columns' smallest
+        scale, or largest below 0: a bound in integers, cheap to test), for a
+        float32 re-check."""
+        low = sim_min - self.slack
+        bound = low * self.scale[rows] * (columns[1].min() if low >= 0 else columns[1].max())
+        return np.nonzero(self.products(rows, columns) >= np.floor(bound)[:, None])
+
+    def nearest(self, rows, columns, count, block=8192):
+        """For each face of `rows`, the `count` columns with the largest
+        products, largest first (int32 (len(rows), count)): the lists a
+        face probes, ranked by its centroids' similarity."""
+        out = np.empty((len(rows), count), np.int32)
+        for r0 in range(0, len(rows), block):
+            sim = self.products(rows[r0:r0 + block], columns).astype(np.float32)
+            sim /= columns[1][None, :]  # a row's own scale leaves its order alone
+            if count == 1:
+                out[r0:r0 + block, 0] = sim.argmax(axis=1)
+                continue
+            top = np.argpartition(-sim, count - 1, axis=1)[:, :count] \
+                if count < sim.shape[1] else np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
+            rank = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+            out[r0:r0 + block] = np.take_along_axis(top, rank, axis=1)
+        return out
+
+    def spherical_kmeans(self, X, train, nlist, niter, rng):
+        """Centroids (nlist, dim) of spherical k-means on the faces `train`,
+        each round's assignment by int8 products: started from nlist random
+        faces of it; a list left empty keeps its centroid."""
+        centroids = X[rng.choice(train, nlist, replace=False)].copy()
+        for _ in range(niter):
+            assign = self.nearest(train, self.columns_of(centroids), 1)[:, 0]
+            order = np.argsort(assign, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(assign[order]) != 0])
+            sums = np.add.reduceat(X[train[order]], starts, axis=0)
+            norms = np.linalg.norm(sums, axis=1)
+            filled = norms > 0
+            centroids[assign[order[starts]][filled]] = sums[filled] / norms[filled, None]
+        return centroids
+
+
+def _rss_mb():
+    """This process's resident memory now, in MB (psutil; 0 where it cannot look)."""
+    try:
+        return psutil.Process().memory_info().rss / 1e6
+    except psutil.Error:
+        return 0.0
+
+
+def _stage_clock(stages):
+    """A function mark(name) that appends to `stages` the seconds since the
+    previous mark and the resident memory after it: where a long clustering's
+    time and memory go (info["stages"])."""
+    last = [time.perf_counter()]
+
+    def mark(name):
+        now = time.perf_counter()
+        stages.append({"stage": name, "seconds": round(now - last[0], 2),
+                       "rss_mb": round(_rss_mb())})
+        last[0] = now
+
+    return mark
+
+
+def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS, mark=None):
     """Connected components of the graph of pairs under the threshold, the
     pairs found as faiss's IndexIVFFlat finds them: spherical k-means splits
     the faces into nlist lists, and each face is compared with the members of
     the CLUSTER_ANN["nprobe"] lists whose centroids are nearest it (exact
-    inner products there, _agglo_ivf_edges).
+    inner products there, _agglo_ivf_edges), CLUSTER_ANN["query_block"]
+    faces at a time (their probe lists are the search's largest arrays).
 
     Then the rescue: a face left alone is usually one of a pair, or of a
     small group, in a sparse part of the space, whose partner's list lies
@@ -6708,53 +6840,78 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS):
     Returns (comp, n_edges, info): the method, its parameters and
     candidate_recall, the share of the true pairs under the threshold of
     CLUSTER_ANN["recall_rows"] sampled faces that the probes (with the
-    rescue's) reach."""
+    rescue's) reach. `mark(stage)`, if given, is called after each stage."""
     import faiss
 
+    mark = mark or (lambda stage: None)
     n, dim = X.shape
     params = CLUSTER_ANN
     nlist = int(max(1, min(params["lists_per_sqrt"] * math.sqrt(n), n // params["train_per_list"])))
     nprobe = min(params["nprobe"], nlist)
     rescue_nprobe = min(params["rescue_nprobe"], nlist)
+    query_block = max(1, int(params["query_block"]))
     rng = np.random.default_rng(0)
-    kmeans = faiss.Kmeans(dim, nlist, niter=params["niter"], spherical=True, seed=1,
-                          max_points_per_centroid=params["train_per_list"])
-    kmeans.train(X[np.sort(rng.choice(n, min(n, params["train_per_list"] * nlist),
-                                      replace=False))])
+    train = np.sort(rng.choice(n, min(n, params["train_per_list"] * nlist), replace=False))
+    codes = _Int8Faces(X) if params["int8"] else None
+    index = ("inverted lists (spherical k-means), int8 products re-checked in float32"
+             if codes is not None else "faiss inverted lists (spherical k-means)")
+    if codes is not None:
+        mark("int8 codes")
+    if codes is not None:
+        centroid_columns = codes.columns_of(
+            codes.spherical_kmeans(X, train, nlist, params["niter"], rng))
+    else:
+        kmeans = faiss.Kmeans(dim, nlist, niter=params["niter"], spherical=True, seed=1,
+                              max_points_per_centroid=params["train_per_list"])
+        kmeans.train(X[train])
+    mark("k-means")
 
     def probes_of(rows, count):
+        if codes is not None:
+            return codes.nearest(rows, centroid_columns, count)
         return np.concatenate([kmeans.index.search(X[rows[r0:r0 + 65536]], count)[1]
                                for r0 in range(0, len(rows), 65536)] or
                               [np.zeros((0, count), np.int64)]).astype(np.int32)
 
+    def search(queries, count, targets, target_lists, searched=0):
+        """Each query against the targets in its `count` nearest lists but
+        the `searched` nearest (compared already), a block of queries at a
+        time."""
+        for q0 in range(0, len(queries) if count > searched else 0, query_block):
+            block = queries[q0:q0 + query_block]
+            probes = np.ascontiguousarray(probes_of(block, count)[:, searched:])
+            _agglo_ivf_edges(X, edges, block, probes, targets, target_lists, nlist, sim_min,
+                             block_rows, codes)
+
     everyone = np.arange(n)
-    probes = probes_of(everyone, nprobe)
-    assign = probes[:, 0].astype(np.int64)
+    assign = probes_of(everyone, 1)[:, 0].astype(np.int64)
     sim_min = np.float32(1.0 - threshold - CLUSTER_EDGE_MARGIN)
     edges = _EdgeComponents(n)
-    _agglo_ivf_edges(X, edges, everyone, probes, everyone, assign, nlist, sim_min, block_rows)
+    search(everyone, nprobe, everyone, assign)
     comp, _ = edges.result()
+    mark("candidate search")
     component_size = np.bincount(comp)[comp]  # of each face's component
     alone = np.flatnonzero(component_size == 1)
     small = np.flatnonzero(component_size <= params["rescue_component"])
-    rescue_probes = probes_of(alone, rescue_nprobe)
-    _agglo_ivf_edges(X, edges, alone, rescue_probes, small, assign[small], nlist, sim_min,
-                     block_rows)
+    del component_size
+    search(alone, rescue_nprobe, small, assign[small], searched=nprobe)
     comp, n_edges = edges.result()
+    del edges
+    mark("rescue")
     # candidate recall: the sample's true pairs (exact products against every
     # face) that a probe reaches, from either side, the rescue's included
     sample = np.sort(rng.choice(n, min(n, params["recall_rows"]), replace=False))
-    rescue_row = np.full(n, -1, np.int64)
-    rescue_row[alone] = np.arange(len(alone))
+    is_alone = np.zeros(n, bool)
+    is_alone[alone] = True
     in_small = np.zeros(n, bool)
     in_small[small] = True
 
     def reached(q, c):
         """Does q's probing (main, or the rescue's) reach c's list?"""
-        found = (probes[q] == assign[c][:, None]).any(axis=1)
-        rescued = (rescue_row[q] >= 0) & in_small[c]
+        found = (probes_of(q, nprobe) == assign[c][:, None]).any(axis=1)
+        rescued = is_alone[q] & in_small[c]
         if rescued.any():
-            rows = rescue_probes[rescue_row[q[rescued]]]
+            rows = probes_of(q[rescued], rescue_nprobe)
             found[rescued] |= (rows == assign[c[rescued]][:, None]).any(axis=1)
         return found
 
@@ -6766,8 +6923,10 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS):
         qi, cj = sample[qi[other]], cj[other]
         true_pairs += len(qi)
         found_pairs += int((reached(qi, cj) | reached(cj, qi)).sum())
+    del codes
+    mark("candidate recall")
     return comp, n_edges, {
-        "method": f"ann: faiss inverted lists (spherical k-means), nlist {nlist}, "
+        "method": f"ann: {index}, nlist {nlist}, "
                   f"nprobe {nprobe}, exact products inside; {len(alone)} faces alone "
                   f"compared again through {rescue_nprobe} lists with the "
                   f"{len(small)} faces of components of at most "
@@ -6777,12 +6936,14 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS):
 
 
 def _agglo_ivf_edges(X, edges, queries, probes, targets, target_lists, nlist, sim_min,
-                     block_rows):
+                     block_rows, codes=None):
     """Add to `edges` every pair (q, t) of a query q and a target t in a list
     that q probes (probes[k]: the lists of queries[k]; target_lists[k]: the
     list of targets[k]) with X[q] . X[t] >= sim_min. Made a list at a time:
     all the queries that probe a list against its targets in one blocked
-    matrix product, so the products run at matrix speed."""
+    matrix product, so the products run at matrix speed; with `codes` (the
+    faces' _Int8Faces) the products are int8 ones, the pairs they put within
+    their slack of sim_min re-checked in float32."""
     if not len(queries) or not len(targets):
         return
     target_order = np.argsort(target_lists, kind="stable")
@@ -6796,11 +6957,16 @@ def _agglo_ivf_edges(X, edges, queries, probes, targets, target_lists, nlist, si
         rows_of_list = queries[probe_order[probe_starts[a]:probe_starts[a + 1]] // nprobe]
         if not len(members) or not len(rows_of_list):
             continue
-        Xm = X[members]
+        Xm = X[members] if codes is None else codes.columns(members)
         step = max(1, min(block_rows, CLUSTER_TILE_ELEMS // len(members)))
         for q0 in range(0, len(rows_of_list), step):
             rows = rows_of_list[q0:q0 + step]
-            hit_i, hit_j = np.nonzero(X[rows] @ Xm.T >= sim_min)
+            if codes is None:
+                hit_i, hit_j = np.nonzero(X[rows] @ Xm.T >= sim_min)
+            else:  # int8 candidates, re-checked in float32
+                hit_i, hit_j = codes.candidates(rows, Xm, sim_min)
+                exact = np.einsum("ij,ij->i", X[rows[hit_i]], X[members[hit_j]]) >= sim_min
+                hit_i, hit_j = hit_i[exact], hit_j[exact]
             i, j = rows[hit_i], members[hit_j]
             other = i != j
             edges.add(i[other], j[other])

@@ -27,7 +27,7 @@ def test_probing_every_list_gives_the_exact_partition(monkeypatch):
     monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 10**6)
     exact, exact_info = sort_faces.agglomerative_labels(X, 0.55, method="exact")
     ann, info = sort_faces.agglomerative_labels(X, 0.55, method="ann")
-    assert exact_info["method"] == "exact" and info["method"].startswith("ann: faiss")
+    assert exact_info["method"] == "exact" and info["method"].startswith("ann: inverted lists")
     assert info["candidate_recall"] == 1.0
     assert np.array_equal(exact, ann)
 
@@ -98,3 +98,55 @@ def test_faces_left_alone_are_compared_again_through_more_lists(monkeypatch):
     assert np.array_equal(rescued, exact) and info["candidate_recall"] == 1.0
     assert re.search(r"; [1-9]\d* faces alone compared again through 46 lists with the 3000 "
                      r"faces of components of at most 3$", info["method"])
+
+
+@pytest.mark.fast
+def test_queries_in_blocks_keep_the_rescue_and_the_constraints(monkeypatch):
+    """Issue 31: the search and the rescue take their queries a block at a
+    time (the rescue skipping the lists searched already); the partition is
+    the exact one, and people's decisions and the same-photo rule hold."""
+    X = isolated_pairs(1500, seed=5)  # face k and face 1500 + k are a pair
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 2)  # a poor index, on purpose
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "rescue_nprobe", 10**6)  # every list
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "query_block", 97)
+    rules = {"together": [np.array([1, 2]), np.array([3]), np.array([1503])],
+             "apart": [(1, 2)],  # the groups of faces 3 and 1503: a pair, kept apart
+             "cannot_link": np.array([[0, 1500], [7, 8]])}  # 0 and 1500 share a photo
+    exact, _ = sort_faces.agglomerative_labels(X, 0.55, method="exact", **rules)
+    ann, info = sort_faces.agglomerative_labels(X, 0.55, method="ann", **rules)
+    assert np.array_equal(ann, exact) and info["candidate_recall"] == 1.0
+    assert ann[0] != ann[1500] and ann[3] != ann[1503]  # kept apart
+    assert ann[1] == ann[2]  # put together
+    assert ann[5] == ann[1505] and ann[7] == ann[1507]  # the other pairs found
+    assert info["cannot_link"]["pairs"] == 1  # 7 and 8 never share a component
+    assert [s["stage"] for s in info["stages"]] == \
+        ["int8 codes", "k-means", "candidate search", "rescue", "candidate recall", "linkage"]
+    assert all(s["seconds"] >= 0 and s["rss_mb"] > 0 for s in info["stages"])
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "rescue_nprobe", 2)  # no rescue: pairs split
+    poor, _ = sort_faces.agglomerative_labels(X, 0.55, method="ann", **rules)
+    assert poor.max() > exact.max()
+
+
+@pytest.mark.fast
+def test_int8_products_lose_no_pair_at_the_threshold(monkeypatch):
+    """The int8 candidate search (issue 31) re-checks in float32 every pair
+    its codes put near the threshold: pairs a hair either side of it come out
+    as the float32 search has them."""
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((1200, 512))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    z = rng.standard_normal((1200, 512))
+    z -= (z * a).sum(axis=1, keepdims=True) * a
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    cos = 1 - 0.55 - 1e-3 + rng.uniform(-0.004, 0.004, 1200)  # about the search's bound
+    b = cos[:, None] * a + np.sqrt(1 - cos**2)[:, None] * z
+    X = np.concatenate([a, b]).astype(np.float32)
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "nprobe", 10**6)  # every list: no miss
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "int8", False)
+    float32, plain = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    monkeypatch.setitem(sort_faces.CLUSTER_ANN, "int8", True)
+    int8, coded = sort_faces.agglomerative_labels(X, 0.55, method="ann")
+    assert np.array_equal(int8, float32) and coded["n_edges"] == plain["n_edges"]
+    assert 100 < plain["n_edges"] < 1200  # pairs on both sides of the bound
+    assert "int8 codes" in [s["stage"] for s in coded["stages"]]
+    assert "int8 codes" not in [s["stage"] for s in plain["stages"]]

@@ -9,6 +9,7 @@ Usage::
                                              [--compare] [--threshold 0.55]
                                              [--grid LISTS:NPROBE ...]
     python tests/benchmarks/bench_cluster.py [--real] [N ...] --same-photo [--method ...]
+    python tests/benchmarks/bench_cluster.py --real --library [N ...] [--compare] [--method ...]
 
 ``--real``: the embeddings of the shared photos (five_celebs, lfw10 and
 face_recognition, embedded once with buffalo_s into the cache given by
@@ -26,6 +27,13 @@ N defaults to 10000 100000 300000. Each size runs in a fresh subprocess so
 ``ru_maxrss`` (peak resident memory) is separate per size. ``--sklearn`` also
 checks the partition against scikit-learn for N <= 20000. ``--max-component``
 lowers the exact-linkage limit to exercise the fallback.
+
+``--real --library`` (issue 31): the copies have a library's shape
+(LIBRARY_KEEP: each person of a copy keeps 1, 2, 3 or all of their faces, so
+that 31 % of the faces are people seen once, as in the public face set the
+issue names), the faces are put into photos as ``--same-photo`` does (a
+copy's people one circle), and clustering gets the same-photo rule's pairs.
+Prints each stage's seconds and the resident memory after it.
 
 ``--same-photo`` (issue 30): the faces are put into photos as a family
 library has them (PHOTO_SIZES: 60 % of photos with one face, 22 % two, 10 %
@@ -186,6 +194,59 @@ def make_real(n, cache_path, seed=0):
     return X, labels
 
 
+# --library (issue 31): how many of a person's faces a copy keeps, by share of
+# people: as in the public face set the issue names (5,744 people for 13,213
+# faces, 4,069 of them seen once: 71% of people, 31% of faces), 71% of a
+# copy's people keep one face, 12% two, 8% three, 9% all they have (12 on
+# average here): 31% of the faces are people seen once.
+LIBRARY_KEEP = {1: 0.71, 2: 0.12, 3: 0.08, 0: 0.09}  # 0: every face
+LIBRARY_ROTATIONS = 64  # random rotations, each taken with a signed permutation a copy
+
+
+def make_library(n, cache_path, seed=0):
+    """n faces of a library's shape: copies of the real faces, each person of
+    a copy keeping 1, 2, 3 or all of their faces (LIBRARY_KEEP), each copy
+    turned by its own orthogonal matrix (one of LIBRARY_ROTATIONS random
+    rotations, then a random signed permutation of the coordinates: tens of
+    thousands of copies without as many QR decompositions). Returns the
+    faces, their person labels and each person's copy (a circle of people
+    photographed together)."""
+    base, names = real_faces(cache_path)
+    _, base_labels = np.unique(names, return_inverse=True)
+    people = int(base_labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    turned = []
+    for _ in range(LIBRARY_ROTATIONS):
+        q, r = np.linalg.qr(rng.standard_normal((base.shape[1], base.shape[1])))
+        turned.append(base @ (q * np.sign(np.diag(r))).astype(np.float32))
+    faces_of = [np.flatnonzero(base_labels == p) for p in range(people)]
+    keeps, shares = np.array(list(LIBRARY_KEEP)), np.array(list(LIBRARY_KEEP.values()))
+    X = np.empty((n, base.shape[1]), np.float32)
+    labels = np.empty(n, np.int64)
+    face_copy = np.empty(n, np.int64)
+    r0, copy = 0, 0
+    while r0 < n:
+        keep = rng.choice(keeps, size=people, p=shares)
+        rows = np.concatenate([rng.permutation(f)[:k or len(f)] for f, k in zip(faces_of, keep)])
+        rows = rows[:n - r0]
+        sign = rng.choice(np.float32([-1, 1]), base.shape[1])
+        X[r0:r0 + len(rows)] = turned[copy % LIBRARY_ROTATIONS][rows][:, rng.permutation(
+            base.shape[1])] * sign
+        labels[r0:r0 + len(rows)] = base_labels[rows] + copy * people
+        face_copy[r0:r0 + len(rows)] = copy
+        r0, copy = r0 + len(rows), copy + 1
+    _, labels = np.unique(labels, return_inverse=True)
+    circle = np.empty(int(labels.max()) + 1, np.int64)
+    circle[labels] = face_copy
+    return X, labels, circle
+
+
+def library_shape(labels):
+    """Shares of faces in people of one, two, three faces and more."""
+    size = np.bincount(labels)[labels]
+    return {k: float(np.mean(size == k)) for k in (1, 2, 3)} | {"4+": float(np.mean(size >= 4))}
+
+
 def pairwise_f(a, b):
     """Pairwise F of partition b against partition a (pairs counted exactly)."""
     def pairs(counts):
@@ -282,17 +343,28 @@ def run_same_photo(args):
                      "merges prevented" if side == "with" else ""), flush=True)
 
 
-def real_child(n, threshold, method, cache_path, save, ann=None):
+def real_child(n, threshold, method, cache_path, save, ann=None, library=False):
     sys.path.insert(0, ROOT)
     import sort_faces
 
     if ann:  # lists per sqrt(N) : nprobe
         lists, probes = ann.split(":")
         sort_faces.CLUSTER_ANN.update(lists_per_sqrt=float(lists), nprobe=int(probes))
-    X, truth = make_real(n, cache_path)
+    pairs, extra = None, {}
+    if library:  # a library's shape, in photos: the same-photo rule at work
+        X, truth, circle = make_library(n, cache_path)
+        photo = photos_of(truth, circle)
+        t0 = time.perf_counter()
+        pairs, counts = sort_faces.same_photo_pairs(photo, X)
+        extra = {"shape": library_shape(truth), "photos": int(photo.max()) + 1,
+                 "multi_face_photos": counts["photos"], "pairs": counts["pairs"],
+                 "pairs_seconds": time.perf_counter() - t0}
+        del photo
+    else:
+        X, truth = make_real(n, cache_path)
     base_mb = peak_mb()
     t0 = time.perf_counter()
-    labels, info = sort_faces.agglomerative_labels(X, threshold, method=method)
+    labels, info = sort_faces.agglomerative_labels(X, threshold, method=method, cannot_link=pairs)
     wall = time.perf_counter() - t0
     precision, recall = sort_faces.bcubed(truth, labels)
     if save:
@@ -302,7 +374,10 @@ def real_child(n, threshold, method, cache_path, save, ann=None):
            "bcubed_f": 2 * precision * recall / (precision + recall), "method": info["method"],
            "candidate_recall": info.get("candidate_recall"), "n_clusters": info["n_clusters"],
            "seconds_edges": info["seconds_edges"], "seconds_linkage": info["seconds_linkage"],
-           "largest_component": info["largest_component"], "loadavg": os.getloadavg()[0]}
+           "largest_component": info["largest_component"], "loadavg": os.getloadavg()[0],
+           "stages": info.get("stages", []), "cannot_link": info.get("cannot_link"), **extra}
+    if pairs is not None:
+        out["pairs_in_one_cluster"] = int((labels[pairs[:, 0]] == labels[pairs[:, 1]]).sum())
     print("RESULT " + json.dumps(out))
 
 
@@ -320,6 +395,7 @@ def run_real(args):
                        "--threshold", str(args.threshold), "--method", method.split("=")[0],
                        "--real-cache", args.real_cache, "--save", save]
                 cmd += ["--ann-params", method.split("=")[1]] if "=" in method else []
+                cmd += ["--library"] if args.library else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not lines:
@@ -335,6 +411,17 @@ def run_real(args):
                       f"{r['method']}"
                       + (f", candidate recall {r['candidate_recall']:.5f}"
                          if r["candidate_recall"] is not None else ""), flush=True)
+                if "shape" in r:
+                    print(f"    library: faces in people of 1/2/3/4+: " + "/".join(
+                        f"{v:.3f}" for v in r["shape"].values()) + f"; {r['photos']} photos, "
+                        f"{r['multi_face_photos']} with several faces, {r['pairs']} same-photo "
+                        f"pairs ({r['pairs_seconds']:.1f} s), {r['cannot_link']['pairs']} in one "
+                        f"component, {r['cannot_link']['kept_apart']} merges prevented, "
+                        f"{r['pairs_in_one_cluster']} in one cluster", flush=True)
+                if r["stages"]:
+                    print("    stages: " + ", ".join(f"{st['stage']} {st['seconds']:.1f} s "
+                                                      f"(RSS {st['rss_mb']:.0f} MB)"
+                                                      for st in r["stages"]), flush=True)
         for name, b in results.items():
             if name == "exact" or "exact" not in results:
                 continue
@@ -394,6 +481,9 @@ def main():
     ap.add_argument("--ann-params", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--same-photo", action="store_true",
                     help="faces in photos: clustered without the same-photo rule and with it")
+    ap.add_argument("--library", action="store_true",
+                    help="with --real: a library's shape (LIBRARY_KEEP: 31%% of faces people "
+                         "seen once), in photos, clustered with the same-photo rule")
     ap.add_argument("--rounds", type=int, default=2,
                     help="with --same-photo: runs a side (the quickest is kept)")
     ap.add_argument("--grid", nargs="+", default=None, metavar="LISTS:NPROBE",
@@ -414,7 +504,7 @@ def main():
     if args.real:
         if args.child:
             real_child(args.sizes[0], args.threshold, args.method, args.real_cache, args.save,
-                       args.ann_params)
+                       args.ann_params, args.library)
         else:
             if args.threshold == 0.6 and "--threshold" not in sys.argv:
                 args.threshold = 0.55  # cluster's default

@@ -1,5 +1,6 @@
 """Shared fixtures: the real photos, the real offline model, small real caches."""
 
+import json
 import os
 import shutil
 import sys
@@ -303,3 +304,25 @@ def rows_of(face_keys) -> np.ndarray:
 def decided(*decisions) -> list[dict]:
     """Decisions as a people file holds them: numbered, with a time."""
     return [dict(d, id=i + 1, time="2026-11-25T12:00:00") for i, d in enumerate(decisions)]
+
+
+@pytest.fixture()
+def clustered(celebs_cache, tmp_path):
+    """five_celebs' cache copied into tmp_path and clustered at the defaults
+    (tmp_path/raw), for a test to decide on: (cache, out)."""
+    cache = tmp_path / "cache" / "c.npz"
+    cache.parent.mkdir()
+    shutil.copy2(celebs_cache, cache)
+    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    return cache, tmp_path / "raw"
+
+
+def manifest_of(out: Path) -> dict:
+    """A cluster output's manifest.json, as JSON."""
+    return json.loads((out / "manifest.json").read_text())
+
+
+def faceset_faces(out: Path) -> dict[str, list[int]]:
+    """A refine output's facesets: each name and its faces, sorted."""
+    return {e["name"]: sorted(f["face"] for f in e["faces"])
+            for e in json.loads((out / "refine_manifest.json").read_text())["facesets"]}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import (DATA, decided, embed_quiet, keys, rows_of, run_cli, run_pasted,
-                      tree_fingerprint)
+from conftest import (DATA, decided, embed_quiet, faceset_faces, keys, manifest_of, rows_of,
+                      run_cli, run_pasted, tree_fingerprint)
 
 
 # --- fast tier: the decisions and the constraints, no model -----------------------
@@ -129,19 +129,6 @@ def test_a_name_that_normalises_to_a_number_is_refused(tmp_path, name):
 
 
 # --- the model tier: decisions on a real cluster output ----------------------------
-
-
-@pytest.fixture()
-def clustered(celebs_cache, tmp_path):
-    cache = tmp_path / "cache" / "c.npz"
-    cache.parent.mkdir()
-    shutil.copy2(celebs_cache, cache)
-    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
-    return cache, tmp_path / "raw"
-
-
-def manifest_of(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def person_of(manifest: dict) -> dict:
@@ -557,8 +544,7 @@ def test_people_on_a_refine_output(clustered, tmp_path):
     out = tmp_path / "refined"
     sort_faces.refine(cache, out, quiet=True, **REFINE)
     path = out / "refine_manifest.json"
-    sets = lambda: {e["name"]: sorted(f["face"] for f in e["faces"])  # noqa: E731
-                    for e in json.loads(path.read_text())["facesets"]}
+    sets = lambda: faceset_faces(out)  # noqa: E731
     start = sets()
     assert len(start) >= 3
     code, listing, _err = run_cli("people", out)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import REFINE, ROOT, decided, keys, rows_of, run_cli, tree_fingerprint
+from conftest import (REFINE, ROOT, decided, faceset_faces, keys, manifest_of, rows_of,
+                      run_cli, tree_fingerprint)
 
 V1_DECISIONS = ROOT / "tests" / "data" / "people_v1" / "five_celebs.npz.people.json"
 
@@ -151,19 +152,6 @@ def test_apart_records_are_checked_and_version_1_files_still_read(tmp_path):
 # --- the model tier: on a real cluster output of five_celebs ------------------------
 
 
-@pytest.fixture()
-def clustered(celebs_cache, tmp_path):
-    cache = tmp_path / "cache" / "c.npz"
-    cache.parent.mkdir()
-    shutil.copy2(celebs_cache, cache)
-    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
-    return cache, tmp_path / "raw"
-
-
-def manifest_of(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
-
-
 def owners(manifest: dict, groups_key: str = "clusters") -> dict:
     return {f["face"]: e["name"] for e in manifest[groups_key] for f in e["faces"]}
 
@@ -288,8 +276,7 @@ def test_apart_on_a_refine_output(clustered, tmp_path):
     out = tmp_path / "refined"
     sort_faces.refine(cache, out, quiet=True, **REFINE)
     path = out / "refine_manifest.json"
-    sets = lambda: {e["name"]: sorted(f["face"] for f in e["faces"])  # noqa: E731
-                    for e in json.loads(path.read_text())["facesets"]}
+    sets = lambda: faceset_faces(out)  # noqa: E731
     start = sets()
     first, second = sorted(start)[:2]
     embeddings = sort_faces.load_cache(cache)["embeddings"]

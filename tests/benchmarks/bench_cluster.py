@@ -262,6 +262,17 @@ def pairwise_f(a, b):
     return 2 * precision * recall / max(precision + recall, 1e-12)
 
 
+def child_result(cmd: list[str], what: str) -> dict | None:
+    """Run a child of this script (`cmd`): its RESULT line's JSON, or None
+    after saying why it has none (its exit status and the end of its stderr)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{what}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1][7:])
+
+
 def same_photo_child(n, threshold, method, real, cache_path, rounds):
     """--same-photo at one size, in one process: N faces in photos, clustered
     without the rule and with it, `rounds` times each, alternating which goes
@@ -318,12 +329,9 @@ def run_same_photo(args):
                "--threshold", str(args.threshold), "--method", args.method,
                "--real-cache", args.real_cache, "--rounds", str(args.rounds)] + \
             ["--real"] * args.real
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"N={n}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+        r = child_result(cmd, f"N={n}")
+        if r is None:
             continue
-        r = json.loads(lines[-1][7:])
         print(f"N={n:>7}: {r['photos']} photos, {r['multi_face_photos']} with several faces "
               f"({r['faces_in_multi']} faces), {r['pairs']} pairs of faces of one photo; "
               f"threshold {args.threshold}, quickest of {r['rounds']} runs a side, load "
@@ -396,12 +404,10 @@ def run_real(args):
                        "--real-cache", args.real_cache, "--save", save]
                 cmd += ["--ann-params", method.split("=")[1]] if "=" in method else []
                 cmd += ["--library"] if args.library else []
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    print(f"N={n} {method}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+                r = child_result(cmd, f"N={n} {method}")
+                if r is None:
                     continue
-                r = results[method] = json.loads(lines[-1][7:])
+                results[method] = r
                 r["labels"] = np.load(save)
                 print(f"N={n:>8} {method:>5}: {r['seconds']:7.1f} s (pairs {r['seconds_edges']:.1f}"
                       f" s, linkage {r['seconds_linkage']:.1f} s), peak {r['peak_mb']:6.0f} MB "
@@ -518,12 +524,9 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), str(n), "--child",
                "--threshold", str(args.threshold), "--max-component", str(args.max_component)]
         cmd += ["--sklearn"] if args.sklearn else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"N={n}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}")
+        r = child_result(cmd, f"N={n}")
+        if r is None:
             continue
-        r = json.loads(lines[-1][7:])
         fb = "; ".join(f"{f['size']} faces -> {f['method']} (exact={f['exact']}, "
                        f"{f['rnn_rounds']} rnn rounds, {f['groups']} dense groups)"
                        for f in r["fallback_components"]) or "none"

@@ -3,6 +3,7 @@ order; each uses only the sections above it (a subcommand may run an earlier
 subcommand whole); every default and table lives in CONSTANTS."""
 
 import ast
+import functools
 import re
 
 import pytest
@@ -22,10 +23,12 @@ SUBCOMMAND_SECTIONS = {"EMBED": "embed", "CLUSTER": "cluster", "REFINE": "refine
                        "REVIEW APP": "review"}
 
 
-def banners() -> list[tuple[int, str]]:
+@functools.cache  # section_at asks for them once a top-level definition
+def banners() -> tuple[tuple[int, str], ...]:
     """(line, name) of each section banner: a '# NAME' line under a '# ====' line."""
-    return [(number, line[2:].strip()) for number, line in enumerate(LINES, 1)
-            if re.fullmatch(r"# [A-Z][A-Z ,/&-]+", line) and LINES[number - 2].startswith("# ====")]
+    return tuple((number, line[2:].strip()) for number, line in enumerate(LINES, 1)
+                 if re.fullmatch(r"# [A-Z][A-Z ,/&-]+", line)
+                 and LINES[number - 2].startswith("# ===="))
 
 
 def section_at(line: int) -> str | None:

@@ -6762,16 +6762,23 @@ class _Int8Faces:
         """(i, j): the pairs of rows[i] and column j whose codes' product may
         reach sim_min (from sim_min less the slack, with the columns' smallest
         scale, or largest below 0: a bound in integers, cheap to test), for a
-        float32 re-check."""
+        float32 re-check. Most rows have none: a row's largest product is
+        tested first, and only the rows that pass are searched for pairs."""
         low = sim_min - self.slack
-        bound = low * self.scale[rows] * (columns[1].min() if low >= 0 else columns[1].max())
-        return np.nonzero(self.products(rows, columns) >= np.floor(bound)[:, None])
+        bound = np.floor(low * self.scale[rows]
+                         * (columns[1].min() if low >= 0 else columns[1].max()))
+        bound = np.clip(bound, -2**31, 2**31 - 1).astype(np.int32)  # int32 against int32
+        products = self.products(rows, columns)
+        near = np.flatnonzero(products.max(axis=1, initial=np.iinfo(np.int32).min) >= bound)
+        i, j = np.nonzero(products[near] >= bound[near, None])
+        return near[i], j
 
-    def nearest(self, rows, columns, count, block=8192):
-        """For each face of `rows`, the `count` columns with the largest
-        products, largest first (int32 (len(rows), count)): the lists a
-        face probes, ranked by its centroids' similarity."""
-        out = np.empty((len(rows), count), np.int32)
+    def nearest(self, rows, columns, count, skip=0, block=8192):
+        """For each face of `rows`, the columns ranked `skip` to `count` by
+        their products, largest first (int32 (len(rows), count - skip)): the
+        lists a face probes, by its centroids' similarity, less the `skip`
+        nearest (probed already). A set: its order is not kept."""
+        out = np.empty((len(rows), count - skip), np.int32)
         for r0 in range(0, len(rows), block):
             sim = self.products(rows[r0:r0 + block], columns).astype(np.float32)
             sim /= columns[1][None, :]  # a row's own scale leaves its order alone
@@ -6780,8 +6787,11 @@ class _Int8Faces:
                 continue
             top = np.argpartition(-sim, count - 1, axis=1)[:, :count] \
                 if count < sim.shape[1] else np.broadcast_to(np.arange(sim.shape[1]), sim.shape)
-            rank = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
-            out[r0:r0 + block] = np.take_along_axis(top, rank, axis=1)
+            if skip:  # the skip nearest of the top, set aside
+                after = np.argpartition(-np.take_along_axis(sim, top, axis=1), skip - 1,
+                                        axis=1)[:, skip:]
+                top = np.take_along_axis(top, after, axis=1)
+            out[r0:r0 + block] = top
         return out
 
     def spherical_kmeans(self, X, train, nlist, niter, rng):
@@ -6866,12 +6876,13 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS, mark=None
         kmeans.train(X[train])
     mark("k-means")
 
-    def probes_of(rows, count):
+    def probes_of(rows, count, skip=0):
+        """The lists ranked skip to count nearest each face of `rows`."""
         if codes is not None:
-            return codes.nearest(rows, centroid_columns, count)
-        return np.concatenate([kmeans.index.search(X[rows[r0:r0 + 65536]], count)[1]
+            return codes.nearest(rows, centroid_columns, count, skip)
+        return np.concatenate([kmeans.index.search(X[rows[r0:r0 + 65536]], count)[1][:, skip:]
                                for r0 in range(0, len(rows), 65536)] or
-                              [np.zeros((0, count), np.int64)]).astype(np.int32)
+                              [np.zeros((0, count - skip), np.int64)]).astype(np.int32)
 
     def search(queries, count, targets, target_lists, searched=0):
         """Each query against the targets in its `count` nearest lists but
@@ -6879,7 +6890,7 @@ def _agglo_ann_components(X, threshold, block_rows=CLUSTER_BLOCK_ROWS, mark=None
         time."""
         for q0 in range(0, len(queries) if count > searched else 0, query_block):
             block = queries[q0:q0 + query_block]
-            probes = np.ascontiguousarray(probes_of(block, count)[:, searched:])
+            probes = probes_of(block, count, searched)
             _agglo_ivf_edges(X, edges, block, probes, targets, target_lists, nlist, sim_min,
                              block_rows, codes)
 
@@ -6946,11 +6957,15 @@ def _agglo_ivf_edges(X, edges, queries, probes, targets, target_lists, nlist, si
     their slack of sim_min re-checked in float32."""
     if not len(queries) or not len(targets):
         return
-    target_order = np.argsort(target_lists, kind="stable")
-    target_starts = np.searchsorted(target_lists[target_order], np.arange(nlist + 1))
-    probing = probes.ravel()
-    probe_order = np.argsort(probing, kind="stable")
-    probe_starts = np.searchsorted(probing[probe_order], np.arange(nlist + 1))
+    def by_list(lists):
+        """The order that groups `lists` by list, and where each list starts
+        in it (a radix sort where the lists' numbers fit 16 bits)."""
+        lists = lists.astype(np.uint16) if nlist <= 1 << 16 else lists
+        order = np.argsort(lists, kind="stable")
+        return order, np.r_[0, np.cumsum(np.bincount(lists, minlength=nlist))]
+
+    target_order, target_starts = by_list(target_lists)
+    probe_order, probe_starts = by_list(probes.ravel())
     nprobe = probes.shape[1]
     for a in progress(range(nlist), desc="cluster: lists", unit="list", leave=False):
         members = targets[target_order[target_starts[a]:target_starts[a + 1]]]

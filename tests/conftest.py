@@ -191,10 +191,11 @@ def face_boxes(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def labeled_cache(tmp_path_factory):
-    """five_celebs + lfw10 in one cache, for clustering tests."""
+def labeled_cache(celebs_cache, tmp_path_factory):
+    """five_celebs + lfw10 in one cache, for clustering tests (celebs_cache's
+    copy, lfw10 embedded into it)."""
     cache = tmp_path_factory.mktemp("labeled") / "labeled.npz"
-    embed_quiet(DATA / "five_celebs", cache)
+    shutil.copy2(celebs_cache, cache)
     embed_quiet(DATA / "lfw10", cache)
     return cache
 

@@ -204,7 +204,7 @@ def test_the_pool_never_starts_more_workers_than_tasks(tmp_path, pack_dir, caplo
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
-    src = copy_photos(tmp_path / "src", 120, sets=("lfw10", "five_celebs"))
+    src = copy_photos(tmp_path / "src", 40, sets=("lfw10", "five_celebs"))
     cache = tmp_path / "c.npz"
     process = subprocess.Popen([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
                                 str(cache), "--model", "buffalo_s", "--flush-every", "4",
@@ -225,7 +225,7 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
     saved = sort_faces.load_cache(cache)
     assert cache.exists() and not journal.exists() and saved.n_files >= 4
     assert not Path(str(cache) + ".lock").exists()
-    assert embed_quiet(src, cache)["new"] == 120 - saved.n_files
+    assert embed_quiet(src, cache)["new"] == 40 - saved.n_files
 
 
 # ---------------------------------------------------------------------------

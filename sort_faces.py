@@ -6755,8 +6755,10 @@ class _Int8Faces:
         return np.ascontiguousarray(np.rint(Y * scale[:, None]).astype(np.int8).T), scale
 
     def products(self, rows, columns):
-        """The int32 products of the codes of faces `rows` with columns()."""
-        return self.session.run(None, {"A": self.codes[rows], "B": columns[0]})[0]
+        """The int32 products of the codes of faces `rows` with columns()
+        (np.take gathers the rows about twice as fast as indexing)."""
+        return self.session.run(None, {"A": np.take(self.codes, rows, axis=0),
+                                       "B": columns[0]})[0]
 
     def candidates(self, rows, columns, sim_min):
         """(i, j): the pairs of rows[i] and column j whose codes' product may

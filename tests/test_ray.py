@@ -21,8 +21,8 @@ import pytest
 
 import sort_faces
 import videos
-from conftest import (DATA, ROOT, embed_process, embed_quiet, left_running, run_cli,
-                      wait_for_chunks)
+from conftest import (DATA, ROOT, copy_photos, embed_process, embed_quiet, left_running,
+                      run_cli, wait_for_chunks)
 
 
 # --- fast tier: the flag and its errors, no Ray started -------------------------
@@ -236,7 +236,8 @@ def test_a_file_that_crashes_an_actor_is_retried_once_then_recorded(tmp_path, mo
     first = embed_quiet(src, cache, ray="local", workers=2)
     assert first["crashed"] == 1 and first["new"] == 4 and first["unreadable"] == 0
     assert len(sort_faces.load_cache(cache).meta["crash_suspects"]) == 1
-    second = embed_quiet(src, cache, ray="local", workers=2)  # tried again: crashes again
+    # tried again (by the local pool: the suspects are embed's, not Ray's): crashes again
+    second = embed_quiet(src, cache, workers=2)
     assert second["new"] == 1 and second["unreadable"] == 1 and second["crashed"] == 0
     loaded = sort_faces.load_cache(cache)
     row = list(loaded["files"]).index(str(src / f"CRASH_{crasher.name}"))
@@ -246,8 +247,7 @@ def test_a_file_that_crashes_an_actor_is_retried_once_then_recorded(tmp_path, mo
 def test_sigterm_in_a_ray_run_saves_the_work_and_leaves_nothing_running(tmp_path):
     """Ray installs its own SIGTERM handler, which would end the run without
     saving: embed keeps its own (a stop saves what is done, exit 130)."""
-    src = tmp_path / "src"
-    shutil.copytree(DATA / "lfw10", src)
+    src = copy_photos(tmp_path / "src", 50)
     cache = tmp_path / "c.npz"
     command = [sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src), str(cache),
                "--model", "buffalo_s", "--workers", "2", "--flush-every", "5", "--ray", "local"]

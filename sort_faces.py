@@ -5231,6 +5231,7 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
     if kind == "export-swap":
         names |= {bundle.file for entry in entries for bundle in entry.bundles} | {CANDIDATES_DIR}
+        names |= {file.file for entry in entries for file in entry.swap_files or []}
     for entry in os.scandir(out):
         if entry.name not in names and not (entry.name.startswith(".") and
                                             entry.name.endswith(".tmp")):
@@ -10924,7 +10925,8 @@ def tool_aligned_face(image: np.ndarray, kps: np.ndarray, warp: str, template: i
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        matrix = face_align.estimate_norm(np.asarray(kps, np.float64), template)
+        # in float32, the detector's own, as every tool hands its key points on
+        matrix = face_align.estimate_norm(np.asarray(kps, np.float32), template)
     if warp == "insightface":
         return cv2.warpAffine(image, matrix, (template, template), borderValue=0.0)
     inverse = cv2.invertAffineTransform(matrix)
@@ -10970,14 +10972,13 @@ class SwapEmbedder:
         size, pad = spec["detect"]
         faces, used = [], []
         for index, image in enumerate(images):
-            boxes, kpss = detect_as_loader(self.app.det_model, image, size, pad)
+            view = padded_image(image, pad)[0] if pad else image  # Rope aligns in its padded one
+            boxes, kpss = self.app.det_model.detect(view, input_size=(size, size), max_num=0,
+                                                    metric="default")
             if not len(boxes):
                 continue
             kps = kpss[int(np.argmax(boxes[:, 4]))]  # the loaders take one face; a crop has one
-            if pad:  # Rope aligns in the padded image it detected in
-                image, offset = padded_image(image, pad)
-                kps = kps + offset
-            faces.append(tool_aligned_face(image, kps, spec["warp"], spec["template"]))
+            faces.append(tool_aligned_face(view, kps, spec["warp"], spec["template"]))
             used.append(index)
         if not faces:
             return np.zeros((0, SWAP_RECOGNIZER_SHAPES[1][0]), np.float32), []
@@ -11031,8 +11032,8 @@ def rope_records_text(name: str, embedding: np.ndarray) -> str:
     load_input_faces reads 513 lines a record (the name from the 7th
     character). Records end with a newline, so a file of them may be appended
     to a user's merged_embeddings.txt as it is."""
-    return "".join([f"Name: {name}\n", *(f"{value}\n" for value in
-                                          np.asarray(embedding, np.float32))])
+    return "".join(["Name: %s\n" % name, *("%s\n" % value for value in
+                                            np.asarray(embedding, np.float32))])
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
@@ -11045,8 +11046,8 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] |
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     blobs, start = [], 0
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
-        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        array = np.asarray(value)  # (not ascontiguousarray: it makes a scalar 1-d)
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
         header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
                         "data_offsets": [start, start + len(data)]}
         blobs.append(data)

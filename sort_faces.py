@@ -166,7 +166,7 @@ __all__ = [
     "candidates_folder", "entry_swap_files",
     # export-swap's files for each face-swap tool
     "swap_tools", "rope_name", "rope_records_text", "visomaster_embeddings_text",
-    "safetensors_bytes", "reactor_face_model", "facefusion_texts",
+    "safetensors_bytes", "reactor_face_model", "facefusion_texts", "find_swap_recognizer",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
     "offline_pack_dir", "ModelStep", "run_model_step", "in_batches", "PhotoTask", "embed_task",
@@ -325,7 +325,8 @@ EXPORT_DEFAULTS = {
     "candidate_min_score": 0.40,
 }
 EXPORT_HELP = {
-    "top_n": "size of the <faceset>_topN.fsz bundle",
+    "top_n": "size of the <faceset>_topN.fsz bundle, and how many of the best crops the other "
+             "--for tools' files are made of",
     "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
     "pad_ratio": "padding around the face box on each side, as a share of the box (at least "
                  "as far as keeps the face within 60%% of the crop)",
@@ -768,6 +769,9 @@ BLACKOUT_GROW = 0.15
 BLACKOUT_ROUNDS = 3
 # export-swap --for: the face-swap tools it writes for ("all": every one). roop is
 # roop-unleashed's .fsz bundles, the only one before; every tool gets the PNG crops.
+# Each format below follows its tool's own code, as read at: facefusion/facefusion
+# 33cc6b4, visomaster/VisoMaster 429cc08, Hillobar/Rope 3fb328e,
+# Gourieff/comfyui-reactor-node 3ea587d, hacksider/Deep-Live-Cam bdeeb3a.
 SWAP_TOOLS = ("roop", "facefusion", "visomaster", "rope", "reactor", "deeplivecam")
 DEFAULT_SWAP_TOOLS = ("roop",)
 # The tools whose files hold embeddings, which only InsightFace's w600k_r50 may make

@@ -158,7 +158,9 @@ def similarity(kps, dst) -> np.ndarray:
     from skimage import transform
 
     tform = transform.SimilarityTransform()
-    tform.estimate(np.asarray(kps, np.float32), dst)  # the detector's float32, as they pass it
+    with warnings.catch_warnings():  # skimage's FutureWarning: as they call it, still
+        warnings.simplefilter("ignore")
+        tform.estimate(np.asarray(kps, np.float32), dst)  # the detector's float32, as passed
     return tform.params
 
 
@@ -494,6 +496,10 @@ def test_stand_in_every_tools_files_are_named_listed_and_read_back(stand_in_expo
         [dlc] = swap_files(entry, "deeplivecam")
         assert (out / dlc["file"]).read_bytes() == (out / folder / top_pngs[0]).read_bytes()
         assert dlc["crops"] == top_pngs[:1]
+        # modules/face_analyser.py get_one_face: min(faces, key=lambda x: x.bbox[0]), at 640
+        faces = detector.get(cv2.imread(str(out / dlc["file"])))
+        assert len(faces) == 1 and np.allclose(min(faces, key=lambda x: x.bbox[0]).bbox,
+                                               face.bbox, atol=1e-3)
     assert set(os.listdir(out)) == listed
 
 
@@ -583,6 +589,27 @@ def test_without_w600k_r50_the_embedding_tools_are_refused_and_the_rest_written(
     assert not [n for n in os.listdir(out)
                 if n.endswith(("_visomaster.json", "_rope.txt", ".safetensors"))]
     assert "not written" in (out / "index.html").read_text("utf-8")
+
+
+def test_the_recognizer_is_looked_for_in_the_buffalo_l_pack_and_checked_there(pack_dir,
+                                                                             tmp_path):
+    """Without --swap-recognizer, <model-root>/models/buffalo_l/w600k_r50.onnx is
+    the one used; a file there that is not w600k_r50 (here w600k_mbf under its
+    name) is refused by its checksum, in the one line that names it. The cache's
+    own pack is not looked in unless it was made with w600k_r50."""
+    from types import SimpleNamespace
+
+    buffalo_s_cache = SimpleNamespace(meta={"model": {"pack": "buffalo_s",
+                                                      "recognition_sha256": "0" * 64}})
+    root = tmp_path / "root"
+    found = sort_faces.find_swap_recognizer(buffalo_s_cache, pack_dir, str(root))
+    assert isinstance(found, str) and str(root / "models" / "buffalo_l" / "w600k_r50.onnx") in found
+    home = root / "models" / "buffalo_l"
+    home.mkdir(parents=True)
+    shutil.copy2(pack_dir / "w600k_mbf.onnx", home / "w600k_r50.onnx")
+    found = sort_faces.find_swap_recognizer(buffalo_s_cache, pack_dir, str(root))
+    assert isinstance(found, str) and f"{home / 'w600k_r50.onnx'} is not InsightFace's" in found
+    assert "sha256" in found and "--swap-recognizer" in found
 
 
 def test_a_swap_recognizer_that_is_not_w600k_r50_is_one_line_and_nothing_is_written(

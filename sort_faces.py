@@ -11286,6 +11286,8 @@ def write_swap_files(work: Path, out: Path, entry: ExportEntry, pngs: dict[int, 
     def put(file: str, data: bytes, tool: str, crops: list[Crop]) -> None:
         with atomic_output(inside(work, file)) as handle:
             handle.write(data)
+        if file.endswith(".sh"):  # runnable as it is, as well as with `sh`
+            os.chmod(inside(work, file), 0o777 & ~_UMASK)
         written.append(SwapFile(tool=tool, file=file, crops=[c.png for c in crops],
                                 bytes=len(data)))
 

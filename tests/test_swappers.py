@@ -491,6 +491,7 @@ def test_stand_in_every_tools_files_are_named_listed_and_read_back(stand_in_expo
         assert sorted(ff) == [".cmd", ".sh", ".txt"]
         wanted = [str(out / folder / png) for png in top_pngs]
         assert facefusion_source_paths(out / ff[".sh"]["file"], tmp_path) == wanted
+        assert os.access(out / ff[".sh"]["file"], os.X_OK)
         assert (out / ff[".txt"]["file"]).read_text("utf-8").splitlines() == wanted
         # Deep-Live-Cam: the best crop, one face at its det 640
         [dlc] = swap_files(entry, "deeplivecam")

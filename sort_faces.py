@@ -10,7 +10,9 @@ One file, one subcommand function each, over shared helpers:
     dedup        byte-identical and visual near-duplicate report
     extend       fold new faces into an existing result without renumbering
     enrich       landmarks and pose for every cached face
-    export-swap  ranked single-face PNG crops and .fsz bundles for roop-unleashed
+    export-swap  ranked single-face PNG crops, and the files of them each face-swap tool
+                 takes: .fsz bundles for roop-unleashed, FaceFusion's command line,
+                 VisoMaster's, Rope's and ReActor's embeddings, Deep-Live-Cam's image
     people       name, merge, move, reject, split and keep apart people; every later run
                  keeps it
     review       the same by clicking: OUT's review page served on this machine, each
@@ -161,7 +163,10 @@ __all__ = [
     "journal_chunks", "rows_from_records", "file_locations", "faces_by_file", "duplicates_path",
     "embed_incomplete", "manifest_face_ids", "person_name_problem", "output_lock", "building",
     "read_marker", "materialise", "entry_folder", "entry_bundle", "entry_title",
-    "candidates_folder",
+    "candidates_folder", "entry_swap_files",
+    # export-swap's files for each face-swap tool
+    "swap_tools", "rope_name", "rope_records_text", "visomaster_embeddings_text",
+    "safetensors_bytes", "reactor_face_model", "facefusion_texts", "find_swap_recognizer",
     # images and models
     "decode_image", "UnreadableImage", "PhotoPixels", "decode_or_reason", "resolve_model",
     "offline_pack_dir", "ModelStep", "run_model_step", "in_batches", "PhotoTask", "embed_task",
@@ -320,7 +325,8 @@ EXPORT_DEFAULTS = {
     "candidate_min_score": 0.40,
 }
 EXPORT_HELP = {
-    "top_n": "size of the <faceset>_topN.fsz bundle",
+    "top_n": "size of the <faceset>_topN.fsz bundle, and how many of the best crops the other "
+             "--for tools' files are made of",
     "outlier_threshold": "drop a face farther than this (cosine) from its faceset centroid",
     "pad_ratio": "padding around the face box on each side, as a share of the box (at least "
                  "as far as keeps the face within 60%% of the crop)",
@@ -761,6 +767,83 @@ CROP_MATCH_IOU = 0.3
 # Black-out is grown by this share of the other face's box, to cover its edges.
 BLACKOUT_GROW = 0.15
 BLACKOUT_ROUNDS = 3
+# export-swap --for: the face-swap tools it writes for ("all": every one). roop is
+# roop-unleashed's .fsz bundles, the only one before; every tool gets the PNG crops.
+# Each format below follows its tool's own code, as read at: facefusion/facefusion
+# 33cc6b4, visomaster/VisoMaster 429cc08, Hillobar/Rope 3fb328e,
+# Gourieff/comfyui-reactor-node 3ea587d, hacksider/Deep-Live-Cam bdeeb3a.
+SWAP_TOOLS = ("roop", "facefusion", "visomaster", "rope", "reactor", "deeplivecam")
+DEFAULT_SWAP_TOOLS = ("roop",)
+# The tools whose files hold embeddings, which only InsightFace's w600k_r50 may make
+# (buffalo_l's recognizer: the identity space of inswapper, the swapper all of them run).
+EMBEDDING_TOOLS = ("visomaster", "rope", "reactor")
+SWAP_RECOGNIZER_PACK = "buffalo_l"
+SWAP_RECOGNIZER_FILE = "w600k_r50.onnx"
+# sha256 of buffalo_l's w600k_r50.onnx (174,383,860 bytes): the checksum VisoMaster pins
+# for the file it downloads as its Inswapper128ArcFace (visomaster/VisoMaster,
+# app/processors/models_data.py, "hash" of w600k_r50.onnx, at commit 429cc08), the same
+# file as in InsightFace's buffalo_l.zip of release v0.7. FaceFusion's .hash files (a
+# CRC32, facefusion/hash_helper.py create_hash) are of its own arcface_w600k_r50.onnx,
+# re-exported with an input named "input" (facefusion/face_recognizer.py forward), not
+# of this file; Rope's and ReActor's download lists carry no checksum.
+SWAP_RECOGNIZER_SHA256 = ("4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43",)
+# Its input (batch, 3, 112, 112) and output (batch, 512), as its graph declares them.
+SWAP_RECOGNIZER_SHAPES = ((3, 112, 112), (512,))
+# How each tool's loader detects the face in an image it is given, as export-swap checks
+# its crops with the offline detector (every crop must hold exactly one face at each
+# setting of each tool asked for, and roop's always): (det size, padding the loader adds
+# around the image, as a share of its side). SCRFD's score threshold, 0.5, is each
+# loader's: VisoMaster's DetectorScoreSlider default 50, Rope's score=.5.
+#   roop: 640, and 320 with its "default det-size" off (roop.face_util).
+#   facefusion: face_detector_size 640x640, the largest face (extract_source_face).
+#   visomaster: the Input Faces loader, input_size=(512, 512), no padding
+#     (app/ui/widgets/ui_workers.py InputFacesLoaderWorker.load_faces).
+#   rope: pads each image by 20% (pad_scale = 0.2), then detects at 640
+#     (rope/GUI.py load_input_faces, rope/Models.py detect_retinaface).
+#   reactor: insightface's FaceAnalysis at 640, at 320 when it finds none
+#     (scripts/reactor_swapper.py analyze_faces, half_det_size).
+#   deeplivecam: buffalo_l's FaceAnalysis at DET_SIZE (640, 640), the leftmost face
+#     (modules/face_analyser.py get_one_face).
+SWAP_DETECTION = {
+    "roop": tuple((size, 0.0) for size in ROOP_DET_SIZES),
+    "facefusion": ((640, 0.0),),
+    "visomaster": ((512, 0.0),),
+    "rope": ((640, 0.2),),
+    "reactor": ((640, 0.0), (320, 0.0)),
+    "deeplivecam": ((640, 0.0),),
+}
+# How each embedding tool makes an embedding of an image it is given: its loader's
+# detection of the face (det size, padding), then the warp to its recognizer's crop:
+# "insightface" is norm_crop (cv2, bilinear: insightface's ArcFaceONNX, as ReActor runs
+# it), "torchvision" is v2.functional.affine (nearest pixel: VisoMaster's "Opal"
+# similarity, face_swappers.py recognize; Rope's Models.recognize), to the arcface
+# template at 112, or at 128 (shifted 8 px right) then resized to 112 (Rope); then
+# RGB, (x - 127.5) / 127.5, raw output. `cache`: the cache's own embeddings may stand
+# for it when the cache was made with the recognizer (the same template; not Rope's).
+SWAP_EMBEDDING = {
+    "visomaster": {"detect": (512, 0.0), "warp": "torchvision", "template": 112, "cache": True},
+    "rope": {"detect": (640, 0.2), "warp": "torchvision", "template": 128, "cache": False},
+    "reactor": {"detect": (640, 0.0), "warp": "insightface", "template": 112, "cache": True},
+}
+# The files written for each tool but roop (whose .fsz bundles are entry_bundle's), after
+# the faceset's folder name (entry_folder): FaceFusion's list of the crops and the
+# scripts that pass it, VisoMaster's embeddings file, Rope's records to append to its
+# merged_embeddings.txt, ReActor's face model (its name in ReActor's list is the file's),
+# Deep-Live-Cam's one source image.
+SWAP_FILES = {"facefusion": ("_facefusion.txt", "_facefusion.sh", "_facefusion.cmd"),
+              "visomaster": ("_visomaster.json",), "rope": ("_rope.txt",),
+              "reactor": (".safetensors",), "deeplivecam": ("_deeplivecam.png",)}
+# The key VisoMaster's embedding files give w600k_r50's embeddings ("embedding_store",
+# app/processors/models_data.py: Inswapper128 -> Inswapper128ArcFace).
+VISOMASTER_RECOGNIZER = "Inswapper128ArcFace"
+# ReActor's face model fields (reactor_utils.py save_face_model), in its order, and the
+# dtype torch.tensor gives each (insightface's float32 arrays, its int gender and age).
+REACTOR_FIELDS = {"bbox": "float32", "kps": "float32", "det_score": "float32",
+                  "landmark_3d_68": "float32", "pose": "float32",
+                  "landmark_2d_106": "float32", "embedding": "float32", "gender": "int64",
+                  "age": "int64"}
+# safetensors' names of the numpy dtypes it stores here (little-endian).
+SAFETENSORS_DTYPES = {"float32": "F32", "int64": "I64"}
 
 # --- people ---
 PEOPLE_FORMAT = "face-sets people decisions"
@@ -4977,6 +5060,12 @@ def entry_bundle(name: str, label: str | None = None, top_n: int | None = None) 
     return f"{entry_folder(name, label)}_{'all' if top_n is None else f'top{top_n}'}.fsz"
 
 
+def entry_swap_files(name: str, label: str | None, tool: str) -> list[str]:
+    """The files export-swap writes for a faceset for `tool` (SWAP_FILES), beside
+    its folder and bundles: faceset_002_Alice_visomaster.json, faceset_002_Alice.safetensors."""
+    return [entry_folder(name, label) + suffix for suffix in SWAP_FILES.get(tool, ())]
+
+
 def candidates_folder(name: str, label: str | None = None) -> str:
     """Where export-swap puts a faceset's candidates, relative to its output:
     _candidates/ then the faceset's folder name (entry_folder)."""
@@ -5146,6 +5235,7 @@ def adopt_unmarked_output(out: Path, kind: str) -> dict | None:
     names |= {"_singletons", "_noface"} if kind == "cluster" else set()
     if kind == "export-swap":
         names |= {bundle.file for entry in entries for bundle in entry.bundles} | {CANDIDATES_DIR}
+        names |= {file.file for entry in entries for file in entry.swap_files or []}
     for entry in os.scandir(out):
         if entry.name not in names and not (entry.name.startswith(".") and
                                             entry.name.endswith(".tmp")):
@@ -6055,16 +6145,72 @@ class Bundle:
 
 
 @dataclasses.dataclass(kw_only=True)
+class SwapFile:
+    """A file export-swap wrote for a face-swap tool other than roop (SWAP_FILES):
+    the tool, the file (beside the faceset's folder), and the faceset's crops it
+    lists or was made from (their PNG names, best first), and its size."""
+    tool: str
+    file: str
+    crops: list[str]
+    bytes: int
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str, entry: ExportEntry) -> SwapFile:
+        check.obj(value, where, "tool", "file", "crops", "bytes")
+        tool = check.choice(value["tool"], where + ".tool", SWAP_TOOLS[1:])
+        file = check.file_name(value["file"], where + ".file")
+        if file not in entry_swap_files(entry.name, entry.label, tool):
+            check.fail(where + ".file", f"{file!r} is not a {tool} file of {entry.name}")
+        pngs = {crop.png for crop in entry.crops}
+        crops = check.file_names(value["crops"], where + ".crops")
+        if not set(crops) <= pngs:
+            check.fail(where + ".crops", "names a PNG the faceset's crops do not")
+        return cls(tool=tool, file=file, crops=crops,
+                   bytes=check.count(value["bytes"], where + ".bytes"))
+
+    def to_json(self) -> dict:
+        return {"tool": self.tool, "file": self.file, "crops": list(self.crops),
+                "bytes": self.bytes}
+
+
+@dataclasses.dataclass(kw_only=True)
+class Refusal:
+    """A tool export-swap was asked for and did not write, and why (one line)."""
+    tool: str
+    reason: str
+
+    @classmethod
+    def from_json(cls, value, check: _ManifestCheck, where: str) -> Refusal:
+        check.obj(value, where, "tool", "reason")
+        return cls(tool=check.choice(value["tool"], where + ".tool", SWAP_TOOLS),
+                   reason=check.text(value["reason"], where + ".reason"))
+
+    def to_json(self) -> dict:
+        return {"tool": self.tool, "reason": self.reason}
+
+
+def refusal_lines(refused: list[Refusal]) -> list[str]:
+    """What export-swap says of the tools it refused: one line a reason."""
+    reasons: dict[str, list[str]] = {}
+    for refusal in refused:
+        reasons.setdefault(refusal.reason, []).append(refusal.tool)
+    return [f"export-swap: {', '.join(tools)} not written: {reason}"
+            for reason, tools in reasons.items()]
+
+
+@dataclasses.dataclass(kw_only=True)
 class ExportEntry(_Named):
     """A faceset of an export (or its candidates): its name and label, its
     crops, the faces skipped (no single-face crop) and dropped before
-    cropping, and (facesets only) its bundles."""
+    cropping, and (facesets only) its bundles and the other tools' files
+    (swap_files, from exports that could write them)."""
     name: str
     label: str | None = None
     crops: list[Crop]
     skipped: list[LeftOut]
     dropped: list[LeftOut]
     bundles: list[Bundle] | None = None
+    swap_files: list[SwapFile] | None = None
 
     @classmethod
     def from_json(cls, value, check: _ManifestCheck, where: str, faceset: bool) -> ExportEntry:
@@ -6092,6 +6238,11 @@ class ExportEntry(_Named):
                 entry.bundles.append(Bundle(file=file,
                                             pngs=check.count(bundle["pngs"], at + ".pngs"),
                                             bytes=check.count(bundle["bytes"], at + ".bytes")))
+            if "swap_files" in value:
+                entry.swap_files = check.records(
+                    value["swap_files"], where + ".swap_files",
+                    lambda v, w: SwapFile.from_json(v, check, w, entry))
+                check.unique([f.file for f in entry.swap_files], where + ".swap_files files")
         return entry
 
     def to_json(self) -> dict:
@@ -6100,18 +6251,26 @@ class ExportEntry(_Named):
             "crops": [crop.to_json() for crop in self.crops],
             "skipped": [item.to_json() for item in self.skipped],
             "dropped": [item.to_json() for item in self.dropped],
-            "bundles": None if self.bundles is None else [b.to_json() for b in self.bundles]},
-            "label", "bundles")
+            "bundles": None if self.bundles is None else [b.to_json() for b in self.bundles],
+            "swap_files": None if self.swap_files is None else
+            [f.to_json() for f in self.swap_files]},
+            "label", "bundles", "swap_files")
 
 
 @dataclasses.dataclass(kw_only=True)
 class ExportManifest(Manifest):
     """export_manifest.json: an export-swap output. The manifests it was
-    made from, the weights of its score, its facesets (crops, skipped,
-    dropped, bundles), their candidates (in _candidates/) and the summary."""
+    made from, the weights of its score, the tools it was asked to write for
+    (--for; absent: roop alone, as before there was a choice), those it
+    refused and why, the recognizer its embeddings were made with, its
+    facesets (crops, skipped, dropped, bundles, the other tools' files), their
+    candidates (in _candidates/) and the summary."""
     refine_manifest: str
     raw_manifest: str | None
     quality_weights: dict[str, float]
+    tools: list[str] | None = None
+    refused: list[Refusal] | None = None
+    recognizer: dict | None = None
     facesets: list[ExportEntry]
     candidates: list[ExportEntry]
     summary: ExportSummary
@@ -6127,19 +6286,34 @@ class ExportManifest(Manifest):
         candidates = check.records(data["candidates"], "candidates",
                                    lambda v, w: ExportEntry.from_json(v, check, w, False))
         check.unique([entry.name for entry in candidates], "candidates names")
+        tools = check.optional(data.get("tools"), "tools", lambda v, w: check.unique(
+            [check.choice(tool, w, SWAP_TOOLS) for tool in check.items(v, w)], w))
         return cls(**header, refine_manifest=check.text(data["refine_manifest"], "refine_manifest"),
                    raw_manifest=check.optional(data["raw_manifest"], "raw_manifest", check.text),
                    quality_weights=check.table(data["quality_weights"], "quality_weights",
                                                check.number),
+                   tools=tools,
+                   refused=check.optional(data.get("refused"), "refused", lambda v, w: check.records(
+                       v, w, lambda item, at: Refusal.from_json(item, check, at))),
+                   recognizer=check.optional(data.get("recognizer"), "recognizer", check.obj),
                    facesets=facesets, candidates=candidates,
                    summary=ExportSummary.from_json(data["summary"], check, "summary"))
 
+    @property
+    def tools_asked(self) -> list[str]:
+        """The tools this export was asked to write for (roop alone before --for)."""
+        return list(self.tools) if self.tools is not None else list(DEFAULT_SWAP_TOOLS)
+
     def to_json(self) -> dict:
-        return {**self.header_json(), "refine_manifest": self.refine_manifest,
-                "raw_manifest": self.raw_manifest, "quality_weights": self.quality_weights,
-                "facesets": [entry.to_json() for entry in self.facesets],
-                "candidates": [entry.to_json() for entry in self.candidates],
-                "summary": self.summary.to_json()}
+        return _without_none({
+            **self.header_json(), "refine_manifest": self.refine_manifest,
+            "raw_manifest": self.raw_manifest, "quality_weights": self.quality_weights,
+            "tools": self.tools,
+            "refused": None if self.refused is None else [r.to_json() for r in self.refused],
+            "recognizer": self.recognizer,
+            "facesets": [entry.to_json() for entry in self.facesets],
+            "candidates": [entry.to_json() for entry in self.candidates],
+            "summary": self.summary.to_json()}, "tools", "refused", "recognizer")
 
 
 def manifest_record(kind: str) -> type:
@@ -8570,8 +8744,10 @@ def refine_review_page(manifest: RefineManifest, cache: FaceCache, locations,
 
 
 def export_review_page(manifest: ExportManifest, cache: FaceCache, locations) -> dict:
-    """The review page of an export: ranked crops with scores, bundles, candidates."""
+    """The review page of an export: ranked crops with scores, bundles and the
+    other tools' files, candidates, the tools refused."""
     side, top_n = manifest.parameters["out_size"], manifest.parameters["top_n"]
+    tools = manifest.tools_asked
 
     def crop_thumb(crop: Crop, folder: str) -> dict:
         terms = ", ".join(f"{k} {v:.2f}" for k, v in crop.terms.items())
@@ -8606,17 +8782,24 @@ def export_review_page(manifest: ExportManifest, cache: FaceCache, locations) ->
         bundle = entry_bundle(entry.name, entry.label, top_n)
         bundled = f"top {top} bundled in {bundle}" if any(
             b.file == bundle for b in entry.bundles or []) else "no bundle"
+        others = sorted({f.tool for f in entry.swap_files or []}, key=SWAP_TOOLS.index)
+        if "roop" not in tools:
+            bundled = f"top {top} for {', '.join(others)}" if others else "no files"
         groups.append({"name": entry.title, "href": entry.folder + "/",
                        "subtitle": f"{counted(len(entry.crops), 'crop')}, {bundled}",
                        "thumbs": [crop_thumb(c, entry.folder) for c in entry.crops],
                        "sections": sections})
         files += [{"name": b.file, "href": b.file, "bytes": b.bytes} for b in entry.bundles or []]
+        files += [{"name": f.file, "href": f.file, "bytes": f.bytes}
+                  for f in entry.swap_files or []]
     summary = manifest.summary
-    return {"title": "export-swap: roop-unleashed bundles",
+    refused = "".join(f"; {line}" for line in refusal_lines(manifest.refused or []))
+    return {"title": "export-swap: roop-unleashed bundles" if tools == ["roop"] else
+                     f"export-swap: face sets for {', '.join(tools)}",
             "summary": f"{counted(summary.facesets, 'faceset')}, "
                        f"{counted(summary.crops, 'crop')} ({summary.skipped} skipped), "
                        f"{counted(summary.candidates, 'candidate')}; hover a crop for its "
-                       "score terms",
+                       f"score terms{refused}",
             "groups": groups, "files": files}
 
 
@@ -10453,11 +10636,16 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
 # ============================================================================
 # EXPORT-SWAP
 # Per faceset: tight outlier gate, size gate, near-duplicate collapse, rank by
-# composite quality, then square single-face PNG crops and .fsz bundles that
-# roop-unleashed loads as they are. roop re-detects every face in every PNG
-# (det 640, or 320 with its "default det-size" off) and averages all their
-# embeddings, so each crop is re-detected here at both sizes and must hold
-# exactly one face: other faces are blacked out, or the crop is skipped.
+# composite quality, then square single-face PNG crops, and what each face-swap
+# tool asked for (--for) loads as it is: .fsz bundles for roop-unleashed, the
+# crops and the command line that passes them for FaceFusion, an embeddings
+# file for VisoMaster, merged_embeddings.txt records for Rope, a face model for
+# ReActor, one source image for Deep-Live-Cam. Every tool re-detects the faces
+# of an image it is given (roop at det 640 and 320, VisoMaster at 512, Rope at
+# 640 after padding the image by 20%), so each crop is re-detected here at every
+# setting of every tool asked for and must hold exactly one face: other faces
+# are blacked out, or the crop is skipped. The embeddings are InsightFace's
+# w600k_r50's (inswapper's identity space), made as each tool makes them.
 # ============================================================================
 
 
@@ -10508,13 +10696,41 @@ def black_out(crop: np.ndarray, boxes, wanted: np.ndarray) -> int | None:
     return len(boxes)
 
 
-def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=()):
-    """Make `crop` re-detect as exactly the wanted face at every roop det size.
+def padded_image(image: np.ndarray, share: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """`image` on a black canvas `share` wider and taller, placed as Rope's
+    loader pads its source faces (rope/GUI.py load_input_faces: padded_width =
+    int(width * (1 + pad_scale)), width_start = int(width * pad_scale / 2)),
+    and the (x, y) of its top-left corner there."""
+    height, width = image.shape[:2]
+    x0, y0 = int(width * share / 2), int(height * share / 2)
+    canvas = np.zeros((int(height * (1 + share)), int(width * (1 + share)), *image.shape[2:]),
+                      image.dtype)
+    canvas[y0:y0 + height, x0:x0 + width] = image
+    return canvas, (x0, y0)
 
-    `detect(image, size)` returns an (K, 4+) array of boxes; `known_others` are
-    the other faces embed found in the photo (crop coordinates), blacked out
-    first so a stronger detector than ours cannot find their remains either.
-    Returns (crop or None, reason, faces blacked out).
+
+def detect_as_loader(detector, image: np.ndarray, size: int, pad: float):
+    """(boxes (K, 5), key points (K, 5, 2)) the detector finds in `image` as a
+    tool's loader shows it: padded by `pad` (padded_image), at det `size`;
+    coordinates in `image`'s own pixels."""
+    offset = np.zeros(2)
+    if pad:
+        image, offset = padded_image(image, pad)
+    boxes, kpss = detector.detect(image, input_size=(size, size), max_num=0, metric="default")
+    boxes, kpss = np.array(boxes, np.float64), np.asarray(kpss, np.float64).reshape(-1, 5, 2)
+    boxes[:, :4] -= np.tile(offset, 2)
+    return boxes, kpss - offset
+
+
+def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=(),
+                     checks=SWAP_DETECTION["roop"]):
+    """Make `crop` re-detect as exactly the wanted face at every setting of `checks`
+    ((det size, padding) pairs, SWAP_DETECTION: roop's by default).
+
+    `detect(image, size, pad)` returns an (K, 4+) array of boxes, in the crop's
+    pixels; `known_others` are the other faces embed found in the photo (crop
+    coordinates), blacked out first so a stronger detector than ours cannot
+    find their remains either. Returns (crop or None, reason, faces blacked out).
     """
     crop = crop.copy()
     inside = [b for b in np.asarray(known_others, dtype=np.float64).reshape(-1, 4)
@@ -10524,11 +10740,13 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=
     blacked = len(inside)
     for _round in range(BLACKOUT_ROUNDS + 1):
         others = []
-        for size in ROOP_DET_SIZES:
-            boxes = detect(crop, size)
+        for size, pad in checks:
+            boxes = detect(crop, size, pad)
             iou = box_iou([wanted], boxes[:, :4])[0] if len(boxes) else np.zeros(0)
             if not len(boxes) or iou.max() < CROP_MATCH_IOU:
-                return None, f"the face is not re-detected in the crop at det {size}", blacked
+                padded = f" padded by {pad:.0%}" if pad else ""
+                return None, f"the face is not re-detected in the crop{padded} at det {size}", \
+                    blacked
             others += [b[:4] for b, overlap in zip(boxes, iou) if overlap < CROP_MATCH_IOU]
         if not others:
             return crop, "", blacked
@@ -10542,14 +10760,17 @@ def single_face_crop(detect, crop: np.ndarray, wanted: np.ndarray, known_others=
 class CropTask:
     """export-swap's task for one face: its square crop, `pad_ratio` around
     its box, `out_size` pixels across, the photo's `others` faces (their
-    boxes) kept out of it; boxes in the cache's full resolution. `path` is
-    None when the photo has moved or vanished since embed (not run)."""
+    boxes) kept out of it; boxes in the cache's full resolution; the
+    detection settings it must show exactly that face at (`checks`,
+    single_face_crop). `path` is None when the photo has moved or vanished
+    since embed (not run)."""
     path: str | None
     bbox: np.ndarray
     pad_ratio: float
     out_size: int
     face: int
     others: np.ndarray
+    checks: tuple = SWAP_DETECTION["roop"]
 
 
 def export_task(batch: list[CropTask]) -> list[dict]:
@@ -10560,8 +10781,8 @@ def export_task(batch: list[CropTask]) -> list[dict]:
 def _export_one(task: CropTask, decoded) -> dict:
     detector = _WORKER["app"].det_model
 
-    def detect(image, size):
-        return detector.detect(image, input_size=(size, size))[0]
+    def detect(image, size, pad):
+        return detect_as_loader(detector, image, size, pad)[0]
 
     bgr, _width, _height, _damage, view = decoded  # decode_image_viewed's
     out_size = task.out_size
@@ -10570,7 +10791,7 @@ def _export_one(task: CropTask, decoded) -> dict:
     box = square_crop_box(bbox, task.pad_ratio)
     crop, reason, blacked = single_face_crop(
         detect, crop_square(bgr, box, out_size), box_in_crop(bbox, box, out_size),
-        [box_in_crop(other, box, out_size) for other in others])
+        [box_in_crop(other, box, out_size) for other in others], task.checks)
     if crop is None:
         return {"error": reason}
     _ok, png = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 6])
@@ -10593,6 +10814,314 @@ def write_fsz(path: Path, pngs: list[tuple[str, Path]]) -> int:
         for name, source in pngs:
             bundle.write(source, arcname=name)
     return path.stat().st_size
+
+
+def swap_tools(asked) -> tuple[str, ...]:
+    """--for: the tools named (comma-separated words, or a sequence of them) in
+    SWAP_TOOLS' order, each once; "all" is every one. UserError names a word
+    that is not a tool."""
+    words = asked.split(",") if isinstance(asked, str) else list(asked)
+    words = [str(word).strip().lower() for word in words if str(word).strip()]
+    unknown = [word for word in words if word not in (*SWAP_TOOLS, "all")]
+    if unknown or not words:
+        raise UserError(f"--for: {'not a tool: ' + ', '.join(unknown) if unknown else 'no tool'}; "
+                        f"name one or more of {','.join(SWAP_TOOLS)} (or all)")
+    return SWAP_TOOLS if "all" in words else tuple(t for t in SWAP_TOOLS if t in words)
+
+
+def crop_checks(tools) -> tuple[tuple[int, float], ...]:
+    """The (det size, padding) settings each crop must show exactly its face at
+    (single_face_crop): roop's, as every export's crops always were, then each
+    tool's asked for (SWAP_DETECTION), each once."""
+    checks: list = []
+    for tool in ("roop", *tools):
+        checks += [check for check in SWAP_DETECTION[tool] if check not in checks]
+    return tuple(checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapRecognizer:
+    """The w600k_r50 file the embedding tools' files are made with: where, its
+    sha256, and what vouched for it: "sha256" (one of SWAP_RECOGNIZER_SHA256),
+    or "stand-in" (a test's stand-in for a model it cannot download: only its
+    shapes were checked)."""
+    path: Path
+    sha256: str
+    check: str
+
+    def to_json(self) -> dict:
+        return {"file": str(self.path), "sha256": self.sha256, "check": self.check}
+
+
+def onnx_io_shapes(path: Path, what: str) -> tuple[tuple, tuple]:
+    """An ONNX file's first input's and first output's dimensions after the
+    batch one, as its graph declares them (0 for one it leaves open);
+    UserError when the file is not an ONNX model."""
+    import onnx
+
+    try:
+        graph = onnx.load_model(str(path), load_external_data=False).graph
+        shapes = tuple(tuple(d.dim_value for d in value.type.tensor_type.shape.dim[1:])
+                       for value in (graph.input[0], graph.output[0]))
+    except Exception as error:  # noqa: BLE001 - protobuf's and onnx's own errors, all one here
+        raise UserError(f"{what} {display(path)} is not an ONNX model "
+                        f"({type(error).__name__})") from None
+    return shapes
+
+
+def check_swap_recognizer(path, what: str, stand_in: bool = False) -> SwapRecognizer:
+    """`path` as the recognizer of the embedding tools' files, if it is
+    InsightFace's w600k_r50: an ONNX model from (N, 3, 112, 112) to (N, 512)
+    whose sha256 is one of SWAP_RECOGNIZER_SHA256 (not checked for a test's
+    `stand_in`). Else UserError naming `what` and why, in one line."""
+    path = Path(os.path.expanduser(str(path)))
+    try:
+        with open_regular(path, what):
+            pass
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {display(path)}") from None
+    shapes = onnx_io_shapes(path, what)
+    if shapes != SWAP_RECOGNIZER_SHAPES:
+        given, wanted = ((f"(N, {', '.join(map(str, i))}) to (N, {', '.join(map(str, o))})")
+                         for i, o in (shapes, SWAP_RECOGNIZER_SHAPES))
+        raise UserError(f"{what} {display(path)} is not InsightFace's {SWAP_RECOGNIZER_FILE}: "
+                        f"it maps {given}, not {wanted}")
+    digest = sha256_file(str(path))
+    if not stand_in and digest not in SWAP_RECOGNIZER_SHA256:
+        raise UserError(f"{what} {display(path)} is not InsightFace's {SWAP_RECOGNIZER_FILE} "
+                        f"of {SWAP_RECOGNIZER_PACK}: its sha256 is {digest}, not "
+                        f"{' or '.join(SWAP_RECOGNIZER_SHA256)}")
+    return SwapRecognizer(path.resolve(), digest, "stand-in" if stand_in else "sha256")
+
+
+def swap_recognizer_home(model_root: str) -> Path:
+    """Where a user puts buffalo_l's w600k_r50 for export-swap to find it."""
+    return (Path(os.path.expanduser(model_root)) / "models" / SWAP_RECOGNIZER_PACK
+            / SWAP_RECOGNIZER_FILE)
+
+
+def find_swap_recognizer(cache: FaceCache, pack_dir: Path, model_root: str, given=None,
+                         stand_in=None) -> SwapRecognizer | str:
+    """The w600k_r50 the embedding tools' files are made with, or why there is
+    none (the one line a refusal says). In order: a test's `stand_in`; the
+    file `given` (--swap-recognizer: one that is not w600k_r50 is a
+    UserError); the cache's own recognizer when the cache was made with it
+    (buffalo_l); w600k_r50.onnx in the buffalo_l pack under `model_root`."""
+    if stand_in is not None:
+        return check_swap_recognizer(stand_in, "the stand-in recognizer", stand_in=True)
+    if given is not None:
+        return check_swap_recognizer(given, "--swap-recognizer")
+    root = Path(os.path.expanduser(model_root))
+    places = [root / "models" / SWAP_RECOGNIZER_PACK / SWAP_RECOGNIZER_FILE,
+              root / SWAP_RECOGNIZER_PACK / SWAP_RECOGNIZER_FILE]
+    if (cache.meta.get("model") or {}).get("recognition_sha256") in SWAP_RECOGNIZER_SHA256:
+        places.insert(0, pack_roles(pack_dir).get("recognition"))
+    for place in places:
+        if place is not None and place.is_file():
+            try:
+                return check_swap_recognizer(place, "the recognizer")
+            except UserError as error:
+                return f"{error}: put buffalo_l's {SWAP_RECOGNIZER_FILE} in its place, or pass " \
+                       "--swap-recognizer PATH"
+    return (f"they need InsightFace's {SWAP_RECOGNIZER_FILE} recognizer (buffalo_l's: an "
+            "embedding of another model swaps in another face), which is not here: put "
+            f"{SWAP_RECOGNIZER_FILE} from {PACK_URL.format(name=SWAP_RECOGNIZER_PACK)} at "
+            f"{display(swap_recognizer_home(model_root))}, or pass --swap-recognizer PATH")
+
+
+def tool_aligned_face(image: np.ndarray, kps: np.ndarray, warp: str, template: int) -> np.ndarray:
+    """The 112 px face a tool's recognizer reads (BGR, uint8), warped as that
+    tool warps it (SWAP_EMBEDDING): the similarity that takes the key points to
+    InsightFace's arcface template (skimage's estimate, as every one of them
+    makes it; at 128 the template is shifted 8 px right, as Rope's is), then
+
+    "insightface": cv2's bilinear warp, insightface's norm_crop (ReActor);
+    "torchvision": torchvision's v2.functional.affine(img, angle, translate,
+    scale, 0, center=(0, 0)) as VisoMaster and Rope call it, which samples the
+    nearest pixel and measures from pixel corners (a pixel's centre at +0.5):
+    the map src = inverse(dst + 0.5) - 0.5 with INTER_NEAREST; Rope's 128
+    square then resized to 112 (bilinear, antialias off: INTER_LINEAR in
+    float, rounded, as torchvision resizes a uint8 image)."""
+    from insightface.utils import face_align
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # in float32, the detector's own, as every tool hands its key points on
+        matrix = face_align.estimate_norm(np.asarray(kps, np.float32), template)
+    if warp == "insightface":
+        return cv2.warpAffine(image, matrix, (template, template), borderValue=0.0)
+    inverse = cv2.invertAffineTransform(matrix)
+    inverse[:, 2] += inverse[:, :2] @ [0.5, 0.5] - 0.5
+    warped = cv2.warpAffine(image, inverse, (template, template),
+                            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0.0)
+    if template == RECOGNIZER_CROP_PX:
+        return warped
+    resized = cv2.resize(warped.astype(np.float32), (RECOGNIZER_CROP_PX, RECOGNIZER_CROP_PX),
+                         interpolation=cv2.INTER_LINEAR)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+def recognizer_blob(faces: list[np.ndarray]) -> np.ndarray:
+    """The recognizer's input of aligned BGR faces: RGB, (x - 127.5) / 127.5,
+    NCHW float32, as VisoMaster and Rope compute it and insightface's
+    ArcFaceONNX (blobFromImages, swapRB) for w600k_r50."""
+    rgb = np.stack(faces)[..., ::-1].astype(np.float32)
+    return np.ascontiguousarray(((rgb - 127.5) / 127.5).transpose(0, 3, 1, 2))
+
+
+class SwapEmbedder:
+    """What makes the embedding tools' embeddings of an export's crops, loaded
+    once in this process: the cache's pack (its detector, and the landmark and
+    gender-age models it has, as insightface's FaceAnalysis at det 640, for
+    ReActor's face fields) and the recognizer's session."""
+
+    def __init__(self, pack_dir: Path, recognizer: SwapRecognizer, providers: list[str]):
+        import onnxruntime
+
+        self.app = load_face_analysis(
+            str(pack_dir), ["detection", "landmark_2d_106", "landmark_3d_68", "genderage"],
+            providers, SWAP_DETECTION["reactor"][0][0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.session = onnxruntime.InferenceSession(str(recognizer.path), providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def embeddings(self, images: list[np.ndarray], tool: str) -> tuple[np.ndarray, list[int]]:
+        """The raw embeddings of `images` as `tool` makes them (SWAP_EMBEDDING),
+        and which images they are of (one whose face its detection misses has none)."""
+        spec = SWAP_EMBEDDING[tool]
+        size, pad = spec["detect"]
+        faces, used = [], []
+        for index, image in enumerate(images):
+            view = padded_image(image, pad)[0] if pad else image  # Rope aligns in its padded one
+            boxes, kpss = self.app.det_model.detect(view, input_size=(size, size), max_num=0,
+                                                    metric="default")
+            if not len(boxes):
+                continue
+            kps = kpss[int(np.argmax(boxes[:, 4]))]  # the loaders take one face; a crop has one
+            faces.append(tool_aligned_face(view, kps, spec["warp"], spec["template"]))
+            used.append(index)
+        if not faces:
+            return np.zeros((0, SWAP_RECOGNIZER_SHAPES[1][0]), np.float32), []
+        raw = self.session.run(None, {self.input: recognizer_blob(faces)})[0]
+        return np.asarray(raw, np.float32).reshape(len(faces), -1), used
+
+    def face_fields(self, image: np.ndarray) -> dict:
+        """The fields of ReActor's face model but its embedding, as its
+        BuildFaceModel takes them from its first image: insightface's
+        FaceAnalysis.get of `image` (det 640), with the models the pack has."""
+        faces = self.app.get(image)
+        if not faces:
+            return {}
+        face = max(faces, key=lambda f: float(f.det_score))
+        return {key: value for key, value in face.items()
+                if key in REACTOR_FIELDS and key != "embedding"}
+
+
+def mean_embedding(raw: np.ndarray) -> np.ndarray:
+    """The identity of several raw embeddings as every one of these tools blends
+    them by default: their mean, in float32 (np.mean of float32 vectors:
+    VisoMaster's and Rope's "Mean", ReActor's compute_method "Mean")."""
+    return np.mean(np.asarray(raw, np.float32), axis=0)
+
+
+def visomaster_embeddings_text(name: str, embedding: np.ndarray) -> str:
+    """VisoMaster's embeddings file (File > Load Embeddings) of one identity,
+    as app/ui/widgets/actions/save_load_actions.py save_embeddings_to_file
+    writes it (json.dumps(list, indent=4)) and open_embeddings_from_file reads
+    it: a list of {"name", "embedding_store": {recognizer: [numbers]}}, here the
+    w600k_r50 one (VISOMASTER_RECOGNIZER). ASCII throughout (json's escapes):
+    VisoMaster opens it in the platform's own encoding."""
+    return json.dumps([{"name": name, "embedding_store": {
+        VISOMASTER_RECOGNIZER: [float(value) for value in np.asarray(embedding, np.float32)]}}],
+        indent=4) + "\n"
+
+
+def rope_name(title: str) -> str:
+    """A name for Rope's record in ASCII (accents dropped, other characters
+    left out): Rope opens merged_embeddings.txt in the platform's encoding, and
+    one byte it cannot decode there loses every record (its loader's bare
+    except)."""
+    folded = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode("ascii")
+    return " ".join(folded.split())
+
+
+def rope_records_text(name: str, embedding: np.ndarray) -> str:
+    """Rope's record of one identity in merged_embeddings.txt, as rope/GUI.py
+    save_selected_source_faces appends it: "Name: " and the name on a line,
+    then each of the 512 numbers ("%s" of a float32) on a line of its own;
+    load_input_faces reads 513 lines a record (the name from the 7th
+    character). Records end with a newline, so a file of them may be appended
+    to a user's merged_embeddings.txt as it is."""
+    return "".join(["Name: %s\n" % name, *("%s\n" % value for value in
+                                            np.asarray(embedding, np.float32))])
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                      ) -> bytes:
+    """The safetensors file of `tensors` (name -> array), laid out as the
+    format's own writers lay it out: the header's length (8 bytes, little-
+    endian), the header (JSON: __metadata__, strings; each tensor's dtype,
+    shape and [start, end) in the data), padded with spaces to a multiple of
+    8, then each tensor's bytes, little-endian in C order, one after another."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, start = [], 0
+    for name, value in tensors.items():
+        array = np.asarray(value)  # (not ascontiguousarray: it makes a scalar 1-d)
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [start, start + len(data)]}
+        blobs.append(data)
+        start += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def reactor_face_model(fields: dict, embedding: np.ndarray) -> dict[str, np.ndarray]:
+    """ReActor's face model of a blended face (reactor_utils.py save_face_model,
+    which nodes.py BuildFaceModel.blend_faces saves): the fields insightface's
+    Face of its first image has, the blended embedding, each of REACTOR_FIELDS'
+    dtype. A field the models at hand do not give (a pack without a 3D landmark
+    or gender-age model) is left out: load_face_model reads whichever keys the
+    file has, and insightface's Face answers None for one it lacks."""
+    model = {}
+    for name, dtype in REACTOR_FIELDS.items():
+        value = embedding if name == "embedding" else fields.get(name)
+        if value is not None:
+            model[name] = np.asarray(value).astype(dtype)
+    return model
+
+
+def facefusion_texts(title: str, out: Path, pngs: list[str]) -> dict[str, str]:
+    """FaceFusion's source faces: `pngs` (paths relative to OUT) as the files
+    that -s/--source-paths takes (a folder or a pattern is not one:
+    filesystem.py filter_image_paths keeps files of an image format, and a
+    shell's glob does not expand on Windows). By suffix (SWAP_FILES): the list
+    (absolute paths in OUT, one a line), and the command that passes them, as
+    a POSIX shell script and a Windows .cmd, each finding the crops beside
+    itself. Run either in FaceFusion's folder with FaceFusion's command and
+    its other arguments: `sh X_facefusion.sh headless-run -t target.mp4 -o
+    output.mp4`."""
+    about = (f"FaceFusion with {len(pngs)} crops of {title} as its source faces "
+             "(face-sets export-swap)")
+    sh_lines = ["#!/bin/sh", f"# {about}.", "# Run it in FaceFusion's folder, with FaceFusion's "
+                "command and its other arguments:",
+                "#   sh THIS_FILE headless-run -t target.mp4 -o output.mp4",
+                'here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd) || exit 1',
+                'exec python facefusion.py "$@" --source-paths \\']
+    sh_lines += [f'  "$here"/{shlex.quote(png)}' + (" \\" if i < len(pngs) - 1 else "")
+                 for i, png in enumerate(pngs)]
+    cmd_lines = ["@echo off", "rem FaceFusion with the crops beside this file as its source "
+                 "faces (face-sets export-swap).", "rem Run it in FaceFusion's folder, with "
+                 "FaceFusion's command and its other arguments:",
+                 "rem   THIS_FILE headless-run -t target.mp4 -o output.mp4",
+                 "chcp 65001 >nul", "python facefusion.py %* --source-paths ^"]
+    cmd_lines += [' "%~dp0' + png.replace("/", "\\").replace("%", "%%") + '"'
+                  + (" ^" if i < len(pngs) - 1 else "") for i, png in enumerate(pngs)]
+    return {"_facefusion.txt": "".join(f"{Path(out) / png}\n" for png in pngs),
+            "_facefusion.sh": "\n".join(sh_lines) + "\n",
+            "_facefusion.cmd": "\r\n".join(cmd_lines) + "\r\n"}
 
 
 class FacesetPlan(NamedTuple):
@@ -10668,14 +11197,14 @@ def plan_candidates(facesets: list[Entry], singles: list[int], embeddings: np.nd
 
 
 def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dict,
-               per_file: list[np.ndarray]) -> list[CropTask]:
+               per_file: list[np.ndarray], checks=SWAP_DETECTION["roop"]) -> list[CropTask]:
     """A CropTask for every face the plan ranks (path None where its photo
-    has moved or vanished since embed)."""
+    has moved or vanished since embed), each crop to be checked at `checks`."""
     def task(face: int) -> CropTask:
         row = cache["face_file"][face]
         return CropTask(existing_location(locations[row], int(cache["file_size"][row])),
                         cache["bbox"][face], params["pad_ratio"], params["out_size"], face,
-                        cache["bbox"][[o for o in per_file[row] if o != face]])
+                        cache["bbox"][[o for o in per_file[row] if o != face]], checks)
     return [task(face) for item in plan for face in item.ranked]
 
 
@@ -10703,10 +11232,10 @@ def make_crops(tasks: list[CropTask], pack_dir: Path, identity: dict, providers:
 
 def lay_out_export(work: Path, plan: list[FacesetPlan], crops: dict[int, dict],
                    cache: FaceCache, locations, scores: tuple[dict, dict], labels: dict,
-                   params: dict) -> dict[str, list[ExportEntry]]:
+                   params: dict, tools=DEFAULT_SWAP_TOOLS) -> dict[str, list[ExportEntry]]:
     """Write the plan's crops into `work` (the output being built): a folder
-    of ranked PNGs for each faceset and its candidates, and each faceset's
-    .fsz bundles (its top --top-n and all). Returns the entries by kind."""
+    of ranked PNGs for each faceset and its candidates, and, for roop, each
+    faceset's .fsz bundles (its top --top-n and all). Returns the entries by kind."""
     score, term_of = scores
     source = lambda face: label_path(cache, locations, cache["face_file"][face])  # noqa: E731
     top_n = params["top_n"]
@@ -10735,7 +11264,7 @@ def lay_out_export(work: Path, plan: list[FacesetPlan], crops: dict[int, dict],
             entry.bundles = []
             for bundle, chosen in ((entry_bundle(item.name, label, top_n), written[:top_n]),
                                    (entry_bundle(item.name, label), written)):
-                if chosen:
+                if chosen and "roop" in tools:
                     size = write_fsz(inside(work, bundle),
                                      [(c.png, folder / c.png) for c in chosen])
                     entry.bundles.append(Bundle(file=bundle, pngs=len(chosen), bytes=size))
@@ -10743,14 +11272,90 @@ def lay_out_export(work: Path, plan: list[FacesetPlan], crops: dict[int, dict],
     return exported
 
 
+def swap_embeddings(tool: str, top: list[Crop], images: dict[int, np.ndarray],
+                    cache: FaceCache, from_cache: bool, embedder: SwapEmbedder
+                    ) -> tuple[np.ndarray, list[Crop]]:
+    """The raw w600k_r50 embeddings `tool`'s file is made of, and the crops
+    they are of: the cache's own (its unit rows times their norms) where the
+    cache was made with the recognizer and the tool aligns as embed does
+    (SWAP_EMBEDDING's `cache`), else those of the crops' images made as the
+    tool makes them."""
+    if from_cache and SWAP_EMBEDDING[tool]["cache"]:
+        faces = [crop.face for crop in top]
+        return (cache["embeddings"][faces] * cache["embedding_norm"][faces][:, None],
+                list(top))
+    raw, used = embedder.embeddings([images[crop.face] for crop in top], tool)
+    return raw, [top[index] for index in used]
+
+
+def write_swap_files(work: Path, out: Path, entry: ExportEntry, pngs: dict[int, bytes], tools,
+                     top_n: int, cache: FaceCache, embedder: SwapEmbedder | None,
+                     from_cache: bool) -> list[SwapFile]:
+    """One faceset's files for each tool asked for but roop (SWAP_FILES), made
+    of its best `top_n` crops (Deep-Live-Cam's: its best one), written whole
+    into `work`, the output being built that becomes `out`; their records.
+    `embedder` None: the embedding tools were refused (no w600k_r50)."""
+    top = entry.crops[:top_n]
+    if not top:
+        return []
+    written: list[SwapFile] = []
+
+    def put(file: str, data: bytes, tool: str, crops: list[Crop]) -> None:
+        with atomic_output(inside(work, file)) as handle:
+            handle.write(data)
+        if file.endswith(".sh"):  # runnable as it is, as well as with `sh`
+            os.chmod(inside(work, file), 0o777 & ~_UMASK)
+        written.append(SwapFile(tool=tool, file=file, crops=[c.png for c in crops],
+                                bytes=len(data)))
+
+    if "facefusion" in tools:
+        texts = facefusion_texts(entry.title, out, [f"{entry.folder}/{c.png}" for c in top])
+        for file, suffix in zip(entry_swap_files(entry.name, entry.label, "facefusion"),
+                                SWAP_FILES["facefusion"]):
+            put(file, texts[suffix].encode("utf-8"), "facefusion", top)
+    images = {c.face: cv2.imdecode(np.frombuffer(pngs[c.face], np.uint8), cv2.IMREAD_COLOR)
+              for c in top} if embedder is not None else {}
+    for tool in (t for t in EMBEDDING_TOOLS if t in tools and embedder is not None):
+        raw, used = swap_embeddings(tool, top, images, cache, from_cache, embedder)
+        if not used:
+            continue
+        identity = mean_embedding(raw)
+        if tool == "visomaster":
+            data = visomaster_embeddings_text(entry.title, identity).encode("ascii")
+        elif tool == "rope":
+            data = rope_records_text(rope_name(entry.title), identity).encode("ascii")
+        else:
+            data = safetensors_bytes(
+                reactor_face_model(embedder.face_fields(images[top[0].face]), identity),
+                {"format": "pt", "face_sets": f"export-swap {__version__}", "name": entry.title,
+                 "crops": str(len(used)), "recognizer": SWAP_RECOGNIZER_FILE})
+        put(entry_swap_files(entry.name, entry.label, tool)[0], data, tool, used)
+    if "deeplivecam" in tools:
+        put(entry_swap_files(entry.name, entry.label, "deeplivecam")[0], pngs[top[0].face],
+            "deeplivecam", top[:1])
+    return written
+
+
 def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None,
                 candidates=False, enrich_first=False, model=DEFAULT_MODEL,
                 model_root=DEFAULT_MODEL_ROOT, providers=None, workers=None,
-                replace_smaller=False, quiet=False, **params) -> dict:
-    """Ranked single-face PNG crops and .fsz bundles per faceset into OUT:
+                replace_smaller=False, quiet=False, tools=DEFAULT_SWAP_TOOLS,
+                swap_recognizer=None, stand_in_recognizer=None, **params) -> dict:
+    """Ranked single-face PNG crops per faceset into OUT, and each face-swap
+    tool's files of them (`tools`, --for: roop's .fsz bundles by default):
     the plan (gates, duplicates, ranking, candidates), the crops made in the
-    model pool, then the layout. Returns the manifest as written (its JSON)."""
+    model pool, the layout, then the other tools' files. Returns the manifest
+    as written (its JSON).
+
+    The embedding tools' files (EMBEDDING_TOOLS) are made with w600k_r50
+    (find_swap_recognizer: `swap_recognizer`, --swap-recognizer, or the one
+    at hand); without it they are refused (the manifest's `refused`, a line
+    on the terminal) and every other file is written. `stand_in_recognizer`
+    is for tests alone, which cannot download w600k_r50: an ONNX file of its
+    shapes standing in for it, its checksum not checked (the manifest's
+    recognizer says "stand-in")."""
     params = table_params(EXPORT_DEFAULTS, params)
+    tools = swap_tools(tools)
     check_options(workers=workers, providers=providers)
     started = time.time()
     cache_path, out = Path(cache_path), Path(out)
@@ -10768,6 +11373,18 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                    replace_smaller)
     wanted = manifest_face_ids(refined.facesets) | (
         set(raw.singletons.face_ids()) if candidates else set())
+    pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
+    embedding_tools = [tool for tool in tools if tool in EMBEDDING_TOOLS]
+    recognizer, refused = None, []
+    if embedding_tools or swap_recognizer is not None or stand_in_recognizer is not None:
+        found = find_swap_recognizer(cache, pack_dir, model_root, swap_recognizer,
+                                     stand_in_recognizer)
+        if isinstance(found, str):
+            refused = [Refusal(tool=tool, reason=found) for tool in embedding_tools]
+        else:
+            recognizer = found
+    from_cache = recognizer is not None and recognizer.sha256 == (
+        cache.meta.get("model") or {}).get("recognition_sha256")
     try:
         require_enrich(cache, wanted, cache_path)
     except UserError:
@@ -10776,7 +11393,6 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         enrich(cache_path, model=model, model_root=model_root, providers=providers,
                workers=workers, quiet=quiet)
         cache = load_cache(cache_path)
-    pack_name, pack_dir, identity = model_for_cache(cache, model, model_root, None, cache_path)
 
     scores = export_scores(cache, np.array(sorted(wanted), dtype=np.int64), params)
     locations, per_file = file_locations(cache), faces_by_file(cache["face_file"], cache.n_files)
@@ -10785,21 +11401,38 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
     if candidates:
         plan += plan_candidates(refined.facesets, raw.singletons.face_ids(), cache["embeddings"],
                                 scores[0], params)
-    tasks = crop_tasks(plan, cache, locations, params, per_file)
+    checks = crop_checks(tools)
+    tasks = crop_tasks(plan, cache, locations, params, per_file, checks)
     runnable = sum(task.path is not None for task in tasks)
     provider_list, workers = worker_setup(providers, workers)
-    say(f"export-swap: {len(refined.facesets)} facesets, {runnable} crops to make "
-        f"(re-detection at det {' and '.join(map(str, ROOP_DET_SIZES))} with {pack_name})", quiet)
+    settings = [f"{size}" + (f" padded by {pad:.0%}" if pad else "") for size, pad in checks]
+    say(f"export-swap: {len(refined.facesets)} facesets, {runnable} crops to make for "
+        f"{', '.join(tools)} (re-detection at det {', '.join(settings[:-1])} and "
+        f"{settings[-1]} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
             progress(total=runnable, desc="export", unit="crop") as bar:
         crops = make_crops(tasks, pack_dir, identity, provider_list, workers, bar)
         exported = lay_out_export(work, plan, crops, cache, locations, scores,
-                                  {f.name: f.label for f in refined.facesets if f.label}, params)
+                                  {f.name: f.label for f in refined.facesets if f.label}, params,
+                                  tools)
+        if set(tools) - {"roop"}:
+            embedder = SwapEmbedder(pack_dir, recognizer, provider_list) \
+                if recognizer is not None and embedding_tools else None
+            for entry in exported["faceset"]:
+                entry.swap_files = write_swap_files(
+                    work, Path(os.path.abspath(out)), entry,
+                    {c.face: crops[c.face]["png"] for c in entry.crops}, tools,
+                    params["top_n"], cache, embedder, from_cache)
         manifest = ExportManifest(
             **run_header("export-swap", cache_path, cache, params),
             refine_manifest=str(Path(refine_manifest_path).resolve()),
             raw_manifest=str(Path(raw_manifest_path).resolve()) if raw else None,
-            quality_weights=QUALITY_WEIGHTS, facesets=exported["faceset"],
+            quality_weights=QUALITY_WEIGHTS, tools=list(tools), refused=refused,
+            recognizer=None if recognizer is None else {
+                **recognizer.to_json(),
+                "embeddings": {tool: "cache" if from_cache and SWAP_EMBEDDING[tool]["cache"]
+                               else "crops" for tool in embedding_tools}},
+            facesets=exported["faceset"],
             candidates=exported["candidate"],
             summary=ExportSummary(
                 facesets=len(exported["faceset"]),
@@ -10810,9 +11443,11 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         write_manifest(work, manifest)
         again = ["export-swap", Path(cache_path), Path(refine_manifest_path), Path(out),
                  *(["--raw-manifest", Path(raw_manifest_path)] if raw_manifest_path else []),
-                 *(["--candidates"] if candidates else []), *option_words(params, EXPORT_DEFAULTS)]
+                 *(["--candidates"] if candidates else []),
+                 *(["--for", ",".join(tools)] if tools != DEFAULT_SWAP_TOOLS else []),
+                 *option_words(params, EXPORT_DEFAULTS)]
         shortfalls = export_shortfalls(manifest, refined, refine_manifest_path, params["top_n"],
-                                       again)
+                                       again, tools)
         page = export_review_page(manifest, cache, locations)
         page["notice"] = shortfall_notice(shortfalls)
         write_review(work, page, cache, locations, reuse_from=out)
@@ -10822,11 +11457,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         f"{counted(summary.candidates, 'candidate')} -> {out}", quiet)
     for line in shortfall_lines("export-swap", shortfalls):
         say(line, quiet)
+    for line in refusal_lines(refused):
+        log.error(line)  # shown even with --quiet: a file asked for is not there
     return manifest.to_json()
 
 
 def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_manifest_path,
-                      top_n: int, again: list) -> list[tuple[str, list | None]]:
+                      top_n: int, again: list, tools=DEFAULT_SWAP_TOOLS
+                      ) -> list[tuple[str, list | None]]:
     """Why an export is empty or small, as refine_shortfalls' lines: no
     facesets (why refine made none, and `again`, this export's own arguments,
     to run after the refine that fixes it), or facesets with fewer crops than
@@ -10843,7 +11481,9 @@ def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_
         smallest = min(short, key=lambda e: len(e.crops))
         lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} have "
                       f"fewer than --top-n {top_n} crops (smallest: {smallest.name}, "
-                      f"{len(smallest.crops)}); their _top{top_n}.fsz holds all they have",
+                      f"{len(smallest.crops)}); "
+                      + (f"their _top{top_n}.fsz holds all they have" if "roop" in tools
+                         else "their files are made of all they have"),
                       None))
     return lines
 
@@ -12211,13 +12851,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush results to disk after this many images")
 
     p = add_command(sub, "export-swap", cli_export_swap,
-                    help="ranked single-face PNG crops and .fsz bundles for roop-unleashed",
+                    help="ranked single-face PNG crops, and files of them for face-swap tools "
+                         "(roop-unleashed's .fsz bundles, FaceFusion, VisoMaster, Rope, ReActor, "
+                         "Deep-Live-Cam)",
                     description="Per faceset of REFINE_MANIFEST: tight outlier gate, size gate, "
                                 "near-duplicate collapse, rank by composite quality "
                                 "(0.30 frontality + 0.20 det_score + 0.20 landmark_symmetry + "
                                 "0.15 face_size + 0.15 sharpness), then square PNG crops that "
-                                "re-detect as exactly one face at det 640 and 320, and "
-                                "<faceset>_topN.fsz / <faceset>_all.fsz bundles.")
+                                "re-detect as exactly one face at det 640 and 320 (and at the "
+                                "detection settings of each tool asked for), and the files of "
+                                "each tool of --for: <faceset>_topN.fsz / <faceset>_all.fsz "
+                                "bundles for roop. VisoMaster's, Rope's and ReActor's files hold "
+                                "embeddings of InsightFace's w600k_r50 (buffalo_l's "
+                                "recognizer): without it they are not written, the run says so "
+                                "and exits 1 once every other file is written.")
     p.add_argument("cache", help="the .npz cache (enriched)")
     p.add_argument("refine_manifest", help="refine_manifest.json written by refine")
     p.add_argument("out", help="output folder (rebuilt beside, then swapped in)")
@@ -12226,6 +12873,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", action="store_true",
                    help="rescue raw singletons close to a faceset into _candidates/ for review")
     p.add_argument("--enrich", action="store_true", help="run enrich first if the cache needs it")
+    p.add_argument("--for", dest="tools", type=tools_option, default=",".join(DEFAULT_SWAP_TOOLS),
+                   metavar="TOOLS",
+                   help=f"the face-swap tools to write for, comma-separated: "
+                        f"{','.join(SWAP_TOOLS)}, or all (README: where each file goes)")
+    p.add_argument("--swap-recognizer", default=None, metavar="PATH",
+                   help=f"InsightFace's {SWAP_RECOGNIZER_FILE} (buffalo_l's) for the embeddings of "
+                        f"{', '.join(EMBEDDING_TOOLS)}; by default the cache's own when it was "
+                        f"made with it, else <model-root>/models/{SWAP_RECOGNIZER_PACK}/"
+                        f"{SWAP_RECOGNIZER_FILE}")
     add_table_flags(p, EXPORT_DEFAULTS, EXPORT_HELP)
     add_model_flags(p)
     add_replace_smaller_flag(p)
@@ -12304,15 +12960,25 @@ def cli_people(args) -> int:
     return EXIT_OK
 
 
+def tools_option(text: str) -> tuple[str, ...]:
+    """--for's words as swap_tools reads them; argparse's one-line error if one is no tool."""
+    try:
+        return swap_tools(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--for: ")) from None
+
+
 def cli_export_swap(args) -> int:
     if args.det_size is not None:
         raise UserError("export-swap re-detects at roop's sizes (640 and 320); drop --det-size")
-    export_swap(args.cache, args.refine_manifest, args.out, raw_manifest_path=args.raw_manifest,
-                candidates=args.candidates, enrich_first=args.enrich, model=args.model,
-                model_root=args.model_root, providers=args.providers, workers=args.workers,
-                replace_smaller=args.replace_smaller, quiet=args.quiet,
-                **{key: getattr(args, key) for key in EXPORT_DEFAULTS})
-    return EXIT_OK
+    manifest = export_swap(
+        args.cache, args.refine_manifest, args.out, raw_manifest_path=args.raw_manifest,
+        candidates=args.candidates, enrich_first=args.enrich, model=args.model,
+        model_root=args.model_root, providers=args.providers, workers=args.workers,
+        replace_smaller=args.replace_smaller, quiet=args.quiet, tools=args.tools,
+        swap_recognizer=args.swap_recognizer,
+        **{key: getattr(args, key) for key in EXPORT_DEFAULTS})
+    return EXIT_PARTIAL if manifest.get("refused") else EXIT_OK
 
 
 def cli_enrich(args) -> int:

@@ -174,7 +174,7 @@ __all__ = [
     "perceptual_hashes",
     # what a model step runs on, and the GPU's shape (decode workers feeding a model server)
     "pipeline_shape", "model_line", "ort_provider_log", "fallback_line", "call_groups",
-    "split_rows", "plain_settings",
+    "split_rows", "plain_settings", "ModelServer",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
     "plan_video_samples", "video_plan", "video_frames_at", "video_samples", "probe_video",
@@ -3985,9 +3985,9 @@ class ModelPool(WorkerPool):
     `crash_result(reason)` for it and the run goes on. If a fresh pool cannot
     even run an empty task, the fault is the pool's, not the file's:
     PoolFailure, and nothing is recorded against the files in flight.
+    `on_start(answer)` is told once what the workers' model runs on (the
+    first worker's pool_canary), before any batch's result.
     """
-
-    shape = "pool"
 
     def __init__(self, make_pool, step: ModelStep, max_inflight: int, on_start=None):
         self.make_pool, self.step, self.max_inflight = make_pool, step, max_inflight
@@ -4167,12 +4167,13 @@ class ModelServer:
     One thread accepts the workers' connections (authenticated: a key only
     the run and its processes know) and greets each with `hello` (what a
     worker needs to stand in for the models: remote_app), one a connection
-    receives its calls,
-    and SERVER_THREADS threads answer them: each takes what waits, runs the
-    groups of call_groups (a batch through the model's own method: the same
-    preprocessing as one call's) and sends each call its answer, ("ok",
-    value) or ("error", why): a call that fails in a batch is run alone, so
-    an error is its own call's. A worker that ends just leaves.
+    receives its calls, and SERVER_THREADS threads answer them: each takes
+    what waits, runs the groups of call_groups (a batch through the model's
+    own method: the same preprocessing as one call's) and sends each call
+    its answer, ("ok", value) or ("error", why): a call that fails in a
+    batch is run alone, so an error is its own call's. Every call gets an
+    answer (a worker waiting for one would wait for ever); a worker that
+    ends just leaves.
     """
 
     methods = ("forward", "get_feat", "run", "ping")
@@ -4196,6 +4197,7 @@ class ModelServer:
                 connection = self.listener.accept()
                 connection.send(self.hello)
             except (OSError, EOFError, multiprocessing.AuthenticationError):
+                time.sleep(MODEL_SERVER_POLL_S)  # (one that failed: the next)
                 continue
             threading.Thread(target=self.receive, args=(connection,), daemon=True).start()
 
@@ -4206,7 +4208,10 @@ class ModelServer:
             except (EOFError, OSError):  # its worker ended (or was killed)
                 connection.close()
                 return
-            self.calls.put((connection, call))
+            if isinstance(call, tuple) and len(call) == 3 and isinstance(call[2], tuple):
+                self.calls.put((connection, call))
+            else:
+                self.reply(connection, ("error", "not a model call"))
 
     def answer(self) -> None:
         while True:
@@ -4214,7 +4219,11 @@ class ModelServer:
             with contextlib.suppress(queue.Empty):
                 while len(waiting) < SERVER_BATCH_ITEMS:
                     waiting.append(self.calls.get_nowait())
-            for group in call_groups([call for _conn, call in waiting]):
+            try:
+                groups = call_groups([call for _conn, call in waiting])
+            except Exception:  # noqa: BLE001 - a call of no known shape: each alone (run says why)
+                groups = [[i] for i in range(len(waiting))]
+            for group in groups:
                 self.run_group([waiting[i] for i in group])
 
     def run_group(self, group: list) -> None:
@@ -4245,8 +4254,13 @@ class ModelServer:
 
     @staticmethod
     def reply(connection, answer) -> None:
-        with contextlib.suppress(OSError):  # its worker ended meanwhile
+        try:
             connection.send(answer)
+        except OSError:  # its worker ended meanwhile
+            pass
+        except Exception as error:  # noqa: BLE001 - an answer that cannot be sent: why
+            with contextlib.suppress(Exception):
+                connection.send(("error", f"the answer cannot be sent: {error}"))
 
 
 def _serve_models(pack_dir, modules, providers, det_size, device_id, address, authkey,
@@ -4475,7 +4489,6 @@ class ModelServerPool(ModelPool):
     workers decode within the same memory budget."""
 
     worker_noun = "decode worker"
-    shape = "server"
 
     def __init__(self, step: ModelStep, providers: list[str], workers: int,
                  devices: list[int], servers: list[ModelServerProcess] | None = None,
@@ -12758,7 +12771,8 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--det-size", type=option_type("det_size"), default=None,
                         help=f"detector input size (default {DEFAULT_DET_SIZE}, or the cache's)")
     parser.add_argument("--workers", type=option_type("workers"), default=None,
-                        help="model worker processes (default: core count; one per GPU on CUDA)")
+                        help="model worker processes (default: core count; on CUDA the decode "
+                             "workers that feed one model process a GPU)")
 
 
 def add_verbosity_flags(parser) -> None:

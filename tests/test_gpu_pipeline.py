@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,44 +139,74 @@ def test_no_fallback_line_unless_cuda_was_asked_for_and_not_used():
 # ---------------------------------------------------------------------------
 
 
+class Answers:
+    """A decode worker's end of its connection, as the model server sees it:
+    what the server sends it."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, answer):
+        self.sent.append(answer)
+
+
+def test_waiting_recognizer_calls_run_as_one_batch_and_each_gets_its_own_rows(pack_dir):
+    """ModelServer.run_group on the real recognizer: three workers' calls in
+    one session.run give each the rows of its crops alone; a call that fails
+    fails alone (the batch is run again call by call)."""
+    import cv2
+
+    app = sort_faces.load_face_analysis(str(pack_dir), ["detection", "recognition"], CPU, 640)
+    server = sort_faces.ModelServer(app, None, {})
+    photo = cv2.imread(str(DATA / "group_photos" / "couple.jpg"))
+    crops = [np.ascontiguousarray(photo[y:y + 112, x:x + 112])
+             for y in (40, 200, 360) for x in (60, 300)]
+    calls = [crops[:3], crops[3:4], crops[4:]]
+    alone = [app.models["recognition"].get_feat(c) for c in calls]
+    answers = [Answers() for _ in calls]
+    server.run_group([(a, ("recognition", "get_feat", (c,))) for a, c in zip(answers, calls)])
+    for answer, rows in zip(answers, alone):
+        (status, got), = answer.sent
+        assert status == "ok" and got.shape == rows.shape
+        cosine = np.sum(sort_faces.unit_rows(got) * sort_faces.unit_rows(rows), axis=1)
+        assert np.all(cosine > 0.9999), cosine
+    broken = [Answers() for _ in range(3)]
+    server.run_group([(broken[0], ("recognition", "get_feat", (calls[0],))),
+                      (broken[1], ("recognition", "get_feat", ([np.zeros((0, 0, 3), np.uint8)],))),
+                      (broken[2], ("recognition", "get_feat", (calls[2],)))])
+    assert [a.sent[0][0] for a in broken] == ["ok", "error", "ok"]
+    assert broken[1].sent[0][1].startswith("error: OpenCV")  # cv2.error: the empty crop's own
+
+
 def test_the_servers_shape_gives_the_pools_rows_through_a_killed_worker_and_server(
         faces_cache, tmp_path, capsys, monkeypatch):
     """The group photos (many faces a photo: the recognizer's calls batch
-    across workers) and a few portraits, embedded in the server's shape on
-    the CPU while a decode worker dies on one file (crashing_task) and the
-    model server is killed mid-run: every other file's rows are the CPU
-    pool's (faces_cache), each recorded once; the first line says what ran."""
+    across workers) and a portrait, embedded in the server's shape on the
+    CPU, beside a file that kills its decode worker (CRASH_) and one that
+    kills the model server (KILLSERVER_): those two are the crashed ones
+    (tried again next run), and every other file's rows are the CPU pool's
+    (faces_cache), each recorded once; the first line says what ran."""
     from crashing_task import embed_or_crash
 
     src = tmp_path / "src"
     shutil.copytree(DATA / "group_photos", src)
     portraits = sorted((DATA / "face_recognition").rglob("*.jpg"))[:3]
-    for photo in portraits[:2]:
-        shutil.copy2(photo, src / photo.name)
-    shutil.copy2(portraits[2], src / f"CRASH_{portraits[2].name}")
+    shutil.copy2(portraits[0], src / portraits[0].name)
+    shutil.copy2(portraits[1], src / f"CRASH_{portraits[1].name}")
+    shutil.copy2(portraits[2], src / f"KILLSERVER_{portraits[2].name}")
     monkeypatch.setenv("FACESETS_PIPELINE", "server")
     monkeypatch.setattr(sort_faces, "embed_task", embed_or_crash)
-    on_result, killed = sort_faces.EmbedRun.on_result, []
-
-    def kill_the_server_once(run, batch, results):
-        on_result(run, batch, results)
-        if run.summary["new"] >= 2 and not killed:
-            for child in multiprocessing.active_children():
-                if child.name.startswith("face-sets model server"):
-                    os.kill(child.pid, signal.SIGKILL)
-                    killed.append(child.pid)
-
-    monkeypatch.setattr(sort_faces.EmbedRun, "on_result", kill_the_server_once)
     cache = tmp_path / "c.npz"
     summary = sort_faces.embed(src, cache, model="buffalo_s", workers=2, flush_every=2)
-    assert killed, "no model server was killed"
     assert capsys.readouterr().out.splitlines()[1] == \
         "model: CPUExecutionProvider in 1 model process, fed by 2 decode workers"
-    assert summary["crashed"] == 1 and summary["new"] == 8 and summary["unreadable"] == 0
+    assert summary["crashed"] == 2 and summary["new"] == 7 and summary["unreadable"] == 0
+    crashed = sort_faces.load_cache(cache).meta["crash_suspects"].values()
+    assert sorted(Path(c["path"]).name.split("_")[0] for c in crashed) == ["CRASH", "KILLSERVER"]
     problems, compared = compare(cache_faces(faces_cache), cache_faces(cache))
     assert [p for p in problems if "only in the first" not in p] == [], \
         summary_line(problems, compared)
-    assert compared["files"] == 8 and compared["faces"] >= 15  # the group photos'
+    assert compared["files"] == 7 and compared["faces"] >= 15  # the group photos'
 
 
 def test_kill_9_of_a_run_in_the_servers_shape_leaves_no_process(tmp_path, monkeypatch):

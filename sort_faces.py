@@ -3751,12 +3751,8 @@ def load_face_analysis_reporting(pack_dir: str, modules: list[str], providers: l
     sessions use, fallback_line). What onnxruntime writes to standard error
     while the sessions are made is held: its lines about a provider it could
     not use become the fallback line's reason; anything else is written on."""
-    import onnxruntime
-
     held: list[str] = []
-    with stderr_captured(held):
-        if CUDA in providers:  # its warnings too (FaceAnalysis sets errors only)
-            onnxruntime.set_default_logger_severity(2)
+    with stderr_captured(held):  # (FaceAnalysis has onnxruntime log its errors only)
         app = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
     reason, rest = ort_provider_log("".join(held))
     if rest:

@@ -16,6 +16,12 @@
 #     --keep DIR     make the photos and caches in DIR and keep them (default: a temporary
 #                    folder, removed at the end)
 #
+# The machine needs the NVIDIA driver (CUDA 13: driver 580 or newer), Python 3.11 and the
+# package index, or the wheels at hand: on a machine that cannot reach the index, download them
+# elsewhere (`pip download -r requirements-gpu.txt -d wheels`, on Linux x86_64 with Python
+# 3.11) and run `PIP_NO_INDEX=1 PIP_FIND_LINKS=wheels bash tests/benchmarks/gpu_check.sh`.
+# Offline, `auto` is buffalo_s; for buffalo_l put its ONNX files in ~/.insightface/models/.
+#
 # Without an NVIDIA GPU (nvidia-smi finds none) it says so on its first line and runs everything
 # all the same: the CUDA half asks for CUDA, which falls back to the CPU (the run's fallback
 # line gives onnxruntime's reason), in the GPU's shape forced on (FACESETS_PIPELINE=server), so

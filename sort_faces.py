@@ -42,10 +42,11 @@ last, wires them all.
     GEOMETRY             box sizes and overlaps, the second look's spans, unit vectors
     POSE AND SYMMETRY    head pose, landmark symmetry, frontality
     QUALITY              the blur score, refine's quality gate, export-swap's ranking terms
-    MODEL                InsightFace packs, providers, the model's tasks as named records,
-                         a model step described once (ModelStep), the crash-proof worker
-                         pool whose workers end with the run that started them, even a
-                         killed one
+    MODEL                InsightFace packs, providers (and what the sessions really run
+                         on), the model's tasks as named records, a model step described
+                         once (ModelStep), the crash-proof worker pool whose workers end
+                         with the run that started them, even a killed one, and the GPU's
+                         shape of it: decode workers feeding a model process a GPU
     RAY                  embed's model stage on a Ray cluster: actors fed files' bytes
                          through the object store, replaced when lost; a local instance
                          guarded so that it ends with its run
@@ -176,6 +177,9 @@ __all__ = [
     "decode_image_checked", "decode_image_viewed", "decode_memory_problem", "load_face_analysis",
     "detect_faces", "model_identity", "worker_setup", "EmbedRun", "grpc_problem",
     "perceptual_hashes",
+    # what a model step runs on, and the GPU's shape (decode workers feeding a model server)
+    "pipeline_shape", "model_line", "ort_provider_log", "fallback_line", "call_groups",
+    "split_rows", "plain_settings", "ModelServer",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
     "plan_video_samples", "video_plan", "video_frames_at", "video_samples", "probe_video",
@@ -385,7 +389,8 @@ PEOPLE_OUTPUTS = {
 
 # --- errors and logging ---
 # Nouns whose plural is not noun + "s"; every count the tool prints goes through counted().
-PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images"}
+PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images",
+           "model process": "model processes"}
 # SIGTERM and SIGHUP end a run the way Ctrl-C does (work saved, pool stopped).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
                      if hasattr(signal, name))
@@ -453,6 +458,38 @@ PACK_SIZES = {"buffalo_l": "about 280 MB", "buffalo_m": "about 260 MB", "buffalo
               "antelopev2": "about 340 MB"}
 DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download is given up
 CRASH_REASON = "the decoder or model crashed on this file"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# The shape a model step runs in (run_model_step): "pool", worker processes that each
+# decode and run the model (ModelPool); "server", decode workers that feed one model
+# process a GPU (ModelServerPool). The environment variable FACESETS_PIPELINE picks one
+# ("auto", its default: the server where the model runs on CUDA, the pool elsewhere):
+# "server" runs the GPU's shape with any provider, which is how the tests check it on
+# the CPU, and how a GPU's two shapes are compared (tests/benchmarks/gpu_check.sh).
+PIPELINE_ENV = "FACESETS_PIPELINE"
+PIPELINE_SHAPES = ("auto", "server", "pool")
+# The model tasks whose requests a model server runs together: several decode workers'
+# face crops in one session.run, at most SERVER_BATCH_ITEMS of them.
+BATCHED_TASKS = ("recognition",)
+SERVER_BATCH_ITEMS = 128
+# Threads of a model server that take waiting calls and run them: a detector's call
+# holds some CPU work (its input's blob, the anchors) that overlaps another's run.
+SERVER_THREADS = 4
+# Seconds a model server may take to load its model before the step gives up on it,
+# and to answer the run's ping after a worker's crash before it is taken to be gone.
+MODEL_SERVER_START_S = 300
+MODEL_SERVER_PING_S = 30
+# How often a decode worker tries to reach a model server that is still loading.
+MODEL_SERVER_POLL_S = 0.05
+# onnxruntime's own lines about an execution provider it could not use, which a model
+# step turns into one line: its log lines ("[E:onnxruntime:...] ... : FAIL : Failed to
+# load library ...: libcuda.so.1: cannot open shared object file", in colour), the
+# session's fallback note ("EP Error ... Falling back to ['CPUExecutionProvider'] and
+# retrying.") and preload_dlls' lines about the CUDA libraries it could not load.
+ORT_LOG_LINE = re.compile(r"^(?:\S+ \S+ )?\[([EWIV]):onnxruntime:[^\]]*\]\s*(.*)$")
+ORT_PROVIDER_LINES = ("EP Error", "Falling back to", "*****", "Failed to load ",
+                      "Please follow https://onnxruntime.ai")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # --- pose and symmetry ---
 # Landmarks used for solvePnP, in the same order as POSE_MODEL_POINTS_3D.
@@ -1219,6 +1256,24 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("disable", None)  # tqdm: None means off on a non-tty
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
+@contextlib.contextmanager
+def stderr_captured(sink: list):
+    """What this process writes to its standard error (file descriptor 2, so
+    a library's C++ lines too) meanwhile, appended to `sink` instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            sink.append(held.read().decode("utf-8", "replace"))
 
 
 # ============================================================================
@@ -3430,6 +3485,9 @@ def quality_terms(frontality_values, det_score, symmetry, face_short, blur, *,
 # Measured on 2 cores: one process runs ~20 img/s whatever its intra-op thread
 # count, two single-threaded processes ~46 img/s. So every model step uses a
 # pool of processes, each with its own sessions and intra_op_num_threads=1.
+# On CUDA the pool's workers only decode and prepare, and a model process a
+# GPU runs the model (ModelServerPool): a GPU left idle while its one worker
+# decodes would run at the speed of one core's decoding.
 # ============================================================================
 
 
@@ -3644,8 +3702,9 @@ def gpu_count() -> int:
 
 
 def default_workers(providers: list[str]) -> int:
-    if providers and providers[0] == "CUDAExecutionProvider":
-        return gpu_count()
+    """The worker processes a model step starts by default: one a core. On CUDA
+    they are the decode workers that feed the GPUs' model processes
+    (ModelServerPool); elsewhere each runs the model too (ModelPool)."""
     return os.cpu_count() or 1
 
 
@@ -3714,6 +3773,77 @@ def load_face_analysis(pack_dir: str, modules: list[str], providers: list[str],
     return app
 
 
+def ort_provider_log(text: str) -> tuple[str, str]:
+    """(why onnxruntime could not use an execution provider, in its own words;
+    the rest of `text`), from what loading a model wrote to standard error.
+
+    The reason is its error and warning lines (ORT_LOG_LINE) without their
+    time, source file and error code, and the exception its session's
+    fallback note quotes ("EP Error ... when using [...]"), each once; its
+    other lines about the provider (ORT_PROVIDER_LINES) are dropped, and its
+    colours; every other line is the rest, for the user to see as before."""
+    reasons, rest = [], []
+    for line in ANSI_ESCAPE.sub("", text).splitlines():
+        bare = line.strip()
+        logged = ORT_LOG_LINE.match(bare)
+        if logged:
+            if logged.group(1) in "EW":
+                reasons.append(ort_message(logged.group(2)))
+        elif bare.startswith("EP Error"):
+            reasons.append(ort_message(re.sub(r"^EP Error\s*|\s*when using \[.*$", "", bare)))
+        elif bare and not bare.startswith(ORT_PROVIDER_LINES):
+            rest.append(line)
+    kept = [r for i, r in enumerate(reasons) if r and r not in reasons[:i]]
+    return "; ".join(kept), "\n".join(rest).strip("\n")
+
+
+def ort_message(text: str) -> str:
+    """An onnxruntime error's own words: without the source location
+    ("/onnxruntime_src/...cc:123 onnxruntime::Provider& ...Get()") and the
+    status prefix ("[ONNXRuntimeError] : 1 : FAIL : ") before them, and a
+    library's folder (the venv's) before its file name."""
+    text = re.sub(r"^.*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text.strip())
+    text = re.sub(r"^/\S+:\d+ .*?\) ", "", text)  # a source file and the function's signature
+    text = re.sub(r"(?<![\w.])(?:/[^/\s:]+)+/([^/\s:]+)", r"\1", text)  # a library: its name
+    return " ".join(text.split())
+
+
+def providers_in_use(app) -> list[str]:
+    """The execution providers the sessions of `app`'s models run on, as the
+    sessions report them (get_providers: after any fallback), in order."""
+    found: list[str] = []
+    for model in app.models.values():
+        for provider in model.session.get_providers():
+            if provider not in found:
+                found.append(provider)
+    return found
+
+
+def fallback_line(requested: list[str], in_use: list[str], reason: str) -> str:
+    """One line when CUDA was asked for (first) but the sessions run on
+    something else, with onnxruntime's reason; '' otherwise."""
+    if not requested or requested[0] != CUDA or (in_use and in_use[0] == CUDA):
+        return ""
+    return (f"CUDA was asked for, but the model runs on {in_use[0] if in_use else 'no provider'}"
+            f": {reason or 'onnxruntime gave no reason (no GPU, or no NVIDIA driver?)'}")
+
+
+def load_face_analysis_reporting(pack_dir: str, modules: list[str], providers: list[str],
+                                 det_size: int, device_id: int = 0):
+    """load_face_analysis, and what it runs on: (app, the providers its
+    sessions use, fallback_line). What onnxruntime writes to standard error
+    while the sessions are made is held: its lines about a provider it could
+    not use become the fallback line's reason; anything else is written on."""
+    held: list[str] = []
+    with stderr_captured(held):  # (FaceAnalysis has onnxruntime log its errors only)
+        app = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
+    reason, rest = ort_provider_log("".join(held))
+    if rest:
+        print(rest, file=sys.stderr, flush=True)
+    in_use = providers_in_use(app)
+    return app, in_use, fallback_line(providers, in_use, reason)
+
+
 class WorkerStartError(Exception):
     """A model worker could not load its model (raised in the worker, re-raised here)."""
 
@@ -3739,7 +3869,11 @@ def exit_with_parent(parent_pid: int) -> None:
 
 
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
-                 options, parent_pid: int) -> None:
+                 options, parent_pid: int, servers: list | None = None) -> None:
+    """A worker process's start: its own model (a pool's worker), or with
+    `servers` (where the model servers listen, and their keys:
+    ModelServerProcess.info) a decode worker whose model calls run in one of
+    them, chosen by its index."""
     # The parent handles Ctrl-C, SIGTERM and SIGHUP, and stops the workers itself;
     # a parent that is killed outright leaves its workers to exit_with_parent.
     for signum in (signal.SIGINT, *STOP_SIGNALS):
@@ -3750,7 +3884,14 @@ def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding
     with contextlib.suppress(Exception):
         device_id = device_queue.get_nowait()
     try:
-        _WORKER["app"] = load_face_analysis(pack_dir, modules, providers, det_size, device_id)
+        if servers:
+            server = servers[device_id % len(servers)]
+            client = ModelClient(server["address"], server["authkey"])
+            _WORKER.update(app=remote_app(client, client.hello["models"]),
+                           providers=client.hello["providers"], fallback=client.hello["fallback"])
+        else:
+            _WORKER["app"], _WORKER["providers"], _WORKER["fallback"] = \
+                load_face_analysis_reporting(pack_dir, modules, providers, det_size, device_id)
     except Exception as error:  # noqa: BLE001 - told to the parent by the first task
         _WORKER["error"] = f"{type(error).__name__}: {error}"
     _WORKER["decoder"] = concurrent.futures.ThreadPoolExecutor(1)
@@ -3763,12 +3904,13 @@ def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding
     _WORKER.update(options or {})
 
 
-def pool_canary() -> int:
+def pool_canary() -> dict:
     """A task that needs nothing but a working worker (to tell a pool that cannot
-    run at all from one file that crashes it)."""
+    run at all from one file that crashes it): what the worker's model runs
+    on, {"providers": as its sessions report them, "fallback": fallback_line}."""
     if "error" in _WORKER:
         raise WorkerStartError(_WORKER["error"])
-    return os.getpid()
+    return {"providers": _WORKER.get("providers", []), "fallback": _WORKER.get("fallback", "")}
 
 
 # The model's tasks: each kind a named record that pickles to the workers and
@@ -3841,7 +3983,8 @@ class ModelStep:
     batch's results; a task that crashes its worker alone gets
     `crash_result(reason)` for its result; and `on_stop()`, when given, saves
     the work done when the step ends early (a stop signal, or workers that
-    cannot run at all).
+    cannot run at all). The step's first line (model_line, on standard output
+    unless `quiet`) names what its model runs on.
     """
     work: Callable
     pack_dir: Path
@@ -3851,12 +3994,14 @@ class ModelStep:
     crash_result: Callable
     on_stop: Callable | None = None
     options: dict | None = None
+    quiet: bool = False
 
 
-def model_pool(step: ModelStep, providers: list[str],
-               workers: int) -> concurrent.futures.ProcessPoolExecutor:
+def model_pool(step: ModelStep, providers: list[str], workers: int,
+               servers: list | None = None) -> concurrent.futures.ProcessPoolExecutor:
     """Worker processes that each hold their own model sessions for `step`
-    (and its options)."""
+    (and its options); with `servers` (ModelServerPool), decode workers whose
+    model calls run in those model servers, spread over them."""
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     devices = context.Queue()
     for index in range(workers):
@@ -3864,7 +4009,7 @@ def model_pool(step: ModelStep, providers: list[str],
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
         initargs=(str(step.pack_dir), step.modules, providers, step.identity["det_size"], devices,
-                  step.identity["embedding_size"], step.options, os.getpid()))
+                  step.identity["embedding_size"], step.options, os.getpid(), servers))
 
 
 class PoolFailure(Exception):
@@ -3919,13 +4064,35 @@ class ModelPool(WorkerPool):
     `crash_result(reason)` for it and the run goes on. If a fresh pool cannot
     even run an empty task, the fault is the pool's, not the file's:
     PoolFailure, and nothing is recorded against the files in flight.
+    `on_start(answer)` is told once what the workers' model runs on (the
+    first worker's pool_canary), before any batch's result.
     """
 
-    def __init__(self, make_pool, step: ModelStep, max_inflight: int):
+    def __init__(self, make_pool, step: ModelStep, max_inflight: int, on_start=None):
         self.make_pool, self.step, self.max_inflight = make_pool, step, max_inflight
-        self.pool = make_pool()
+        self.on_start = on_start
         self.inflight: dict = {}
         self.suspects: list = []
+        self.pool = make_pool()
+        # asked first, answered by the first worker up; not waited for, so that the
+        # other workers start meanwhile (the pool starts them as tasks arrive)
+        self.starting = self.pool.submit(pool_canary)
+
+    def started(self, block: bool = True) -> None:
+        """`on_start(the canary's answer)` once, when it is in (or, with
+        `block`, when it comes): before any batch's result is taken."""
+        if self.starting is None or not (block or self.starting.done()):
+            return
+        starting, self.starting = self.starting, None
+        try:
+            answer = starting.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return  # a file broke the pool first: the restart's canary answers
+        except WorkerStartError as error:
+            raise PoolFailure(f"the model workers could not load the model: {error}") from None
+        if self.on_start is not None:
+            self.on_start(answer)
+            self.on_start = None
 
     def submit(self, batch: list) -> None:
         self.inflight[self.pool.submit(self.step.work, batch)] = batch
@@ -3933,6 +4100,7 @@ class ModelPool(WorkerPool):
     def drain(self, block: bool) -> None:
         done, _ = concurrent.futures.wait(self.inflight, timeout=None if block else 0,
                                           return_when=concurrent.futures.FIRST_COMPLETED)
+        self.started(block=bool(done))
         for future in done:
             batch = self.inflight.pop(future)
             try:
@@ -3947,15 +4115,21 @@ class ModelPool(WorkerPool):
             self.recover()
 
     def restart(self) -> None:
-        self.stop()
+        self.stop_workers()
+        self.start()
+
+    def start(self) -> None:
+        """A fresh pool that can run (its canary answered), else PoolFailure."""
         self.pool = self.make_pool()
+        self.starting = self.pool.submit(pool_canary)
         try:
-            self.pool.submit(pool_canary).result()
+            self.starting.result()
         except concurrent.futures.process.BrokenProcessPool:
             raise PoolFailure("the model workers stop as soon as they start "
                               "(out of memory, or a broken install?)") from None
-        except WorkerStartError as error:
-            raise PoolFailure(f"the model workers could not load the model: {error}") from None
+        except WorkerStartError:
+            pass  # started() says so
+        self.started()
 
     def recover(self) -> None:
         suspects = self.suspects + list(self.inflight.values())
@@ -3967,7 +4141,13 @@ class ModelPool(WorkerPool):
                        lambda _error: self.restart())  # PoolFailure if a fresh pool cannot run
 
     def stop(self) -> None:
+        """Stop every process of the pool now: queued work is dropped, running work killed."""
+        self.stop_workers()
+
+    def stop_workers(self) -> None:
         """Stop every worker now: queued work is dropped, running work killed."""
+        if getattr(self, "pool", None) is None:  # (a pool whose start failed first)
+            return
         processes = list((getattr(self.pool, "_processes", None) or {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
@@ -3981,6 +4161,503 @@ class ModelPool(WorkerPool):
         self.pool.shutdown(wait=True)
 
 
+# The GPU's shape of a model step (ModelServerPool): the decode workers run a
+# step's work as a pool's workers do, but each model call (a detector's
+# forward pass, a recognizer's get_feat, any other model's session.run) goes
+# to a model process that only runs the model, one a GPU. Each decode worker
+# has one call in flight and decodes one photo ahead, so what waits for the
+# model process is bounded by the worker count; the recognizer's calls that
+# wait together run as one batch (call_groups).
+
+
+class NodeInfo(NamedTuple):
+    """A session's input or output as onnxruntime's NodeArg describes it."""
+    name: str
+    shape: list
+    type: str
+
+
+def plain_settings(values: dict) -> dict:
+    """The attributes of a model object that are plain data (numbers, words,
+    arrays, numpy types, and lists, tuples and dicts of them): its settings
+    (thresholds, sizes, means), without its sessions and locks."""
+    def plain(value) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str, bytes, np.ndarray,
+                                               np.generic)):
+            return True
+        if isinstance(value, type):
+            return issubclass(value, np.generic)
+        if isinstance(value, (list, tuple)):
+            return all(plain(item) for item in value)
+        if isinstance(value, dict):
+            return all(plain(k) and plain(v) for k, v in value.items())
+        return False
+
+    return {key: value for key, value in values.items() if key != "session" and plain(value)}
+
+
+def remote_model_specs(app) -> dict:
+    """What a decode worker needs to stand in for each model of `app` (in the
+    model server): its class, its plain settings, its session's inputs,
+    outputs and providers."""
+    def nodes(args) -> list[NodeInfo]:
+        return [NodeInfo(a.name, list(a.shape), a.type) for a in args]
+
+    return {task: {"class": type(model), "settings": plain_settings(vars(model)),
+                   "inputs": nodes(model.session.get_inputs()),
+                   "outputs": nodes(model.session.get_outputs()),
+                   "providers": list(model.session.get_providers())}
+            for task, model in app.models.items()}
+
+
+def call_groups(calls: list[tuple], batched=BATCHED_TASKS,
+                limit: int = SERVER_BATCH_ITEMS) -> list[list[int]]:
+    """Which of the (task, method, args) calls waiting at a model server run
+    together: a batched task's get_feat calls (each args[0] a list of crops),
+    in order of arrival, as many as keep a group within `limit` crops (a
+    bigger call alone); every other call alone. Indexes into `calls`."""
+    groups: list[list[int]] = []
+    open_group: list[int] = []
+    items = 0
+    for index, (task, method, args) in enumerate(calls):
+        if task not in batched or method != "get_feat":
+            groups.append([index])
+            continue
+        count = len(args[0])
+        if open_group and items + count > limit:
+            groups.append(open_group)
+            open_group, items = [], 0
+        open_group.append(index)
+        items += count
+    if open_group:
+        groups.append(open_group)
+    return groups
+
+
+def split_rows(rows: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """`rows` cut into consecutive parts of `counts` rows (one batch's output
+    back to the calls it was made of)."""
+    return np.split(rows, np.cumsum(counts)[:-1]) if counts else []
+
+
+class ModelServer:
+    """The model process's side: answers its decode workers' model calls.
+
+    One thread accepts the workers' connections (authenticated: a key only
+    the run and its processes know) and greets each with `hello` (what a
+    worker needs to stand in for the models: remote_app), one a connection
+    receives its calls, and SERVER_THREADS threads answer them: each takes
+    what waits, runs the groups of call_groups (a batch through the model's
+    own method: the same preprocessing as one call's) and sends each call
+    its answer, ("ok", value) or ("error", why): a call that fails in a
+    batch is run alone, so an error is its own call's. Every call gets an
+    answer (a worker waiting for one would wait for ever); a worker that
+    ends just leaves.
+    """
+
+    methods = ("forward", "get_feat", "run", "ping")
+
+    def __init__(self, app, listener, hello: dict):
+        self.models, self.listener, self.hello = dict(app.models), listener, hello
+        self.calls: queue.Queue = queue.Queue()
+
+    def serve(self) -> None:
+        threading.Thread(target=self.accept, name="accept", daemon=True).start()
+        answering = [threading.Thread(target=self.answer, name=f"answer-{n}", daemon=True)
+                     for n in range(SERVER_THREADS)]
+        for thread in answering:
+            thread.start()
+        for thread in answering:
+            thread.join()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                connection = self.listener.accept()
+                connection.send(self.hello)
+            except (OSError, EOFError, multiprocessing.AuthenticationError):
+                time.sleep(MODEL_SERVER_POLL_S)  # (one that failed: the next)
+                continue
+            threading.Thread(target=self.receive, args=(connection,), daemon=True).start()
+
+    def receive(self, connection) -> None:
+        while True:
+            try:
+                call = connection.recv()
+            except (EOFError, OSError):  # its worker ended (or was killed)
+                connection.close()
+                return
+            if isinstance(call, tuple) and len(call) == 3 and isinstance(call[2], tuple):
+                self.calls.put((connection, call))
+            else:
+                self.reply(connection, ("error", "not a model call"))
+
+    def answer(self) -> None:
+        while True:
+            waiting = [self.calls.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(waiting) < SERVER_BATCH_ITEMS:
+                    waiting.append(self.calls.get_nowait())
+            try:
+                groups = call_groups([call for _conn, call in waiting])
+            except Exception:  # noqa: BLE001 - a call of no known shape: each alone (run says why)
+                groups = [[i] for i in range(len(waiting))]
+            for group in groups:
+                self.run_group([waiting[i] for i in group])
+
+    def run_group(self, group: list) -> None:
+        if len(group) > 1:  # a batch of get_feat calls: one run, each call its rows
+            (task, method, _args) = group[0][1]
+            crops = [list(call[2][0]) for _conn, call in group]
+            try:
+                rows = self.run(task, method, ([c for part in crops for c in part],))
+            except Exception:  # noqa: BLE001 - each call alone below: its own error
+                pass
+            else:
+                for (connection, _call), part in zip(group, split_rows(rows, list(map(len, crops)))):
+                    self.reply(connection, ("ok", part))
+                return
+        for connection, call in group:
+            try:
+                self.reply(connection, ("ok", self.run(*call)))
+            except Exception as error:  # noqa: BLE001 - the worker records it against its file
+                self.reply(connection, ("error", f"{type(error).__name__}: {error}"))
+
+    def run(self, task: str, method: str, args: tuple):
+        if method not in self.methods:
+            raise ValueError(f"no model call {method!r}")
+        if method == "ping":  # (the run asking whether this server still runs)
+            return ""
+        model = self.models[task]
+        return model.session.run(*args) if method == "run" else getattr(model, method)(*args)
+
+    @staticmethod
+    def reply(connection, answer) -> None:
+        try:
+            connection.send(answer)
+        except OSError:  # its worker ended meanwhile
+            pass
+        except Exception as error:  # noqa: BLE001 - an answer that cannot be sent: why
+            with contextlib.suppress(Exception):
+                connection.send(("error", f"the answer cannot be sent: {error}"))
+
+
+def _serve_models(pack_dir, modules, providers, det_size, device_id, address, authkey,
+                  ready, parent_pid: int) -> None:
+    """A model server process: load the model on `device_id`, listen at
+    `address`, tell the run on `ready` what it runs on (or why it cannot),
+    then answer decode workers' calls until the run stops it or ends."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
+    warnings.filterwarnings("ignore")
+    import multiprocessing.connection
+
+    try:
+        app, in_use, fallback = load_face_analysis_reporting(pack_dir, modules, providers,
+                                                             det_size, device_id)
+        hello = {"pid": os.getpid(), "providers": in_use, "fallback": fallback,
+                 "models": remote_model_specs(app)}
+        listener = multiprocessing.connection.Listener(address, family="AF_UNIX",
+                                                       authkey=authkey)
+    except Exception as error:  # noqa: BLE001 - told to the run
+        ready.send({"error": f"{type(error).__name__}: {error}"})
+        return
+    ready.send({key: hello[key] for key in ("pid", "providers", "fallback")})
+    ready.close()
+    ModelServer(app, listener, hello).serve()
+
+
+class ModelServerProcess:
+    """In the run: one model server process for `step` on GPU `device`,
+    started at once (`info`: where it will listen, and the key; decode
+    workers can be started meanwhile: they wait for it), then waited for
+    (wait_ready: `info` gains what its sessions run on), and stopped. It
+    ends with the run (exit_with_parent)."""
+
+    def __init__(self, step: ModelStep, providers: list[str], device: int):
+        import multiprocessing.connection
+
+        context = multiprocessing.get_context("spawn")
+        self.receive, send = context.Pipe(duplex=False)
+        self.authkey = secrets.token_bytes(32)
+        # a socket in this run's own temporary folder (multiprocessing's, removed
+        # when the run ends), named here so that its workers know it at once
+        self.info: dict = {"address": multiprocessing.connection.arbitrary_address("AF_UNIX"),
+                           "authkey": self.authkey}
+        self.process = context.Process(
+            target=_serve_models, name=f"face-sets model server {device}", daemon=True,
+            args=(str(step.pack_dir), step.modules, providers, step.identity["det_size"],
+                  device, self.info["address"], self.authkey, send, os.getpid()))
+        self.process.start()
+        send.close()
+
+    def wait_ready(self) -> None:
+        """Until the server has loaded the model: PoolFailure if it cannot, or
+        does not within MODEL_SERVER_START_S."""
+        if "providers" in self.info:
+            return
+        try:
+            if not self.receive.poll(MODEL_SERVER_START_S):
+                raise PoolFailure(f"the model server did not load the model within "
+                                  f"{MODEL_SERVER_START_S} s")
+            info = self.receive.recv()
+        except EOFError:
+            raise PoolFailure("the model server stopped as it started (out of memory, or a "
+                              "broken install?)") from None
+        finally:
+            self.receive.close()
+        if "error" in info:
+            raise PoolFailure(f"the model server could not load the model: {info['error']}")
+        self.info.update(info)
+
+    def responds(self) -> bool:
+        """Does the server answer a call (within MODEL_SERVER_PING_S)? The
+        one sure sign it runs: a server killed or crashed before this call
+        does not (one still dying may look alive to its process handle)."""
+        import multiprocessing.connection
+
+        try:
+            with multiprocessing.connection.Client(self.info["address"], family="AF_UNIX",
+                                                   authkey=self.authkey) as connection:
+                if not connection.poll(MODEL_SERVER_PING_S):
+                    return False
+                connection.recv()  # its hello
+                connection.send(("", "ping", ()))
+                return connection.poll(MODEL_SERVER_PING_S) and connection.recv() == ("ok", "")
+        except (OSError, EOFError, multiprocessing.AuthenticationError):
+            return False
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.join(timeout=10)
+
+
+def start_model_servers(step: ModelStep, providers: list[str],
+                        devices: list[int]) -> list[ModelServerProcess]:
+    """A model server a device, started side by side (not waited for)."""
+    servers: list[ModelServerProcess] = []
+    try:
+        for device in devices:
+            servers.append(ModelServerProcess(step, providers, device))
+    except BaseException:
+        stop_model_servers(servers)
+        raise
+    return servers
+
+
+def wait_model_servers(servers: list[ModelServerProcess]) -> None:
+    """Every server ready, else all stopped and PoolFailure (or the
+    interruption) raised."""
+    try:
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        stop_model_servers(servers)
+        raise
+
+
+def stop_model_servers(servers: list[ModelServerProcess]) -> None:
+    for server in servers:
+        server.stop()
+
+
+class ModelClient:
+    """A decode worker's connection to its model server, and its calls."""
+
+    def __init__(self, address, authkey: bytes, within: float = MODEL_SERVER_START_S):
+        """Connect, waiting for a server that is still loading its model (up
+        to `within` seconds): `hello`, the server's greeting (ModelServer)."""
+        import multiprocessing.connection
+
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self.connection = multiprocessing.connection.Client(address, family="AF_UNIX",
+                                                                    authkey=authkey)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(MODEL_SERVER_POLL_S)
+        self.hello = self.connection.recv()
+
+    def call(self, task: str, method: str, *args):
+        """The model server's answer to `method(*args)` of its model `task`;
+        the server's error raised here (RuntimeError, recorded against the
+        file). A server that is gone (it crashed, or was killed) ends this
+        worker at once, as a crash would: the pool then recovers, a fresh
+        server with it (ModelServerPool)."""
+        try:
+            self.connection.send((task, method, args))
+            status, value = self.connection.recv()
+        except (EOFError, OSError):
+            os._exit(EXIT_INTERRUPTED)
+        if status != "ok":
+            raise RuntimeError(f"in the model server: {value}")
+        return value
+
+
+class RemoteSession:
+    """A model's session in a decode worker: the server's session's inputs,
+    outputs and providers, and `run`, which runs there."""
+
+    def __init__(self, client: ModelClient, task: str, spec: dict):
+        self.client, self.task, self.spec = client, task, spec
+
+    def get_inputs(self) -> list[NodeInfo]:
+        return list(self.spec["inputs"])
+
+    def get_outputs(self) -> list[NodeInfo]:
+        return list(self.spec["outputs"])
+
+    def get_providers(self) -> list[str]:
+        return list(self.spec["providers"])
+
+    def get_provider_options(self) -> dict:
+        return {}
+
+    def set_providers(self, *_args, **_kwargs) -> None:
+        """The server's session is set already."""
+
+    def run(self, output_names, feed, _run_options=None):
+        return self.client.call(self.task, "run", output_names, feed)
+
+
+@dataclasses.dataclass
+class RemoteApp:
+    """A FaceAnalysis's stand-in in a decode worker: `models` by task, the
+    detector `det_model`."""
+    models: dict
+    det_model: object
+
+
+def remote_app(client: ModelClient, specs: dict) -> RemoteApp:
+    """Each of the model server's models (remote_model_specs) as an object of
+    its own class with its settings, so that every step of InsightFace's own
+    code runs here as in a pool's worker (resizing, crops, anchors, NMS,
+    landmarks' transforms), but its model calls run in the server: the
+    detector's forward pass (a detector input's pixels in, its candidates
+    out), the recognizer's get_feat (aligned crops in, embeddings out: the
+    server batches these), and any other model's session.run."""
+    models = {}
+    for task, spec in specs.items():
+        model = spec["class"].__new__(spec["class"])
+        vars(model).update(spec["settings"])
+        model.session = RemoteSession(client, task, spec)
+        if task == "detection":
+            model.forward = lambda image, threshold, _task=task: client.call(
+                _task, "forward", image, threshold)
+        elif task == "recognition":
+            model.get_feat = lambda crops, _task=task: client.call(
+                _task, "get_feat", crops if isinstance(crops, list) else [crops])
+        models[task] = model
+    return RemoteApp(models, models.get("detection"))
+
+
+class ModelServerPool(ModelPool):
+    """The GPU's shape of a model step: a ModelServerProcess a device, fed by
+    `workers` decode workers (a ModelPool whose workers call them for the
+    model: remote_app). Everything the pool guarantees holds as it is: a
+    decode worker that crashes (or is killed) breaks the pool, which is
+    started again and runs the batches in flight one file at a time; a model
+    server that crashes ends its workers, so the same recovery runs, with
+    fresh servers (start); every process ends with the run; the decode
+    workers decode within the same memory budget."""
+
+    worker_noun = "decode worker"
+
+    def __init__(self, step: ModelStep, providers: list[str], workers: int,
+                 devices: list[int], servers: list[ModelServerProcess] | None = None,
+                 on_start=None):
+        """The decode workers start while the servers (started, not yet
+        ready: start_model_servers) load the model; then the servers are
+        waited for (PoolFailure, everything stopped, if one cannot)."""
+        self.step, self.providers, self.devices = step, providers, devices
+        self.servers = servers or start_model_servers(step, providers, devices)
+        try:
+            super().__init__(lambda: model_pool(step, providers, workers,
+                                                [s.info for s in self.servers]),
+                             step, max_inflight=2 * workers + 2, on_start=on_start)
+            wait_model_servers(self.servers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self) -> None:
+        """A fresh pool of decode workers, after fresh model servers if one is
+        gone (a crash, a kill); servers that all run serve on (a decode
+        worker's crash leaves them as they were)."""
+        if not all(server.responds() for server in self.servers):
+            stop_model_servers(self.servers)
+            self.servers = start_model_servers(self.step, self.providers, self.devices)
+            wait_model_servers(self.servers)
+        super().start()
+
+    def stop(self) -> None:
+        self.stop_workers()
+        self.stop_servers()
+
+    def stop_servers(self) -> None:
+        stop_model_servers(self.servers)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.stop_servers()
+
+
+def pipeline_shape(setting: str | None, providers: list[str]) -> str:
+    """The shape a model step asks for ("server" or "pool") from FACESETS_PIPELINE's
+    `setting` (PIPELINE_SHAPES; unset is "auto": the server where CUDA is
+    asked for, the pool elsewhere)."""
+    value = (setting or "auto").strip().lower()
+    if value not in PIPELINE_SHAPES:
+        raise UserError(f"{PIPELINE_ENV}={setting!r}: it takes {', '.join(PIPELINE_SHAPES)}")
+    if value == "auto":
+        return "server" if providers and providers[0] == CUDA else "pool"
+    return value
+
+
+def model_line(in_use: list[str], shape: str, workers: int, servers: int) -> str:
+    """A model step's first line: the provider its sessions run on (as they
+    report it) and the processes that run it."""
+    provider = in_use[0] if in_use else "no provider"
+    if shape == "server":
+        return (f"model: {provider} in {counted(servers, 'model process')}"
+                f"{' (one a GPU)' if provider == CUDA else ''}, fed by "
+                f"{counted(workers, 'decode worker')}")
+    return f"model: {provider} in {counted(workers, 'worker')} (each decodes and runs the model)"
+
+
+def local_model_pool(step: ModelStep, providers: list[str], workers: int) -> ModelPool:
+    """The pool that runs `step` on this machine, started. Where CUDA is asked
+    for (pipeline_shape), a model server a GPU fed by `workers` decode
+    workers (ModelServerPool); if the servers' sessions fell back to the CPU
+    (no GPU, missing libraries, a driver too old), the CPU's pool instead, and
+    the fallback line says why. The step's first line (model_line) comes when
+    the first worker is up, the fallback line after it."""
+    setting = os.environ.get(PIPELINE_ENV)
+    shape, fallback = pipeline_shape(setting, providers), ""
+    devices = list(range(gpu_count())) if providers[0] == CUDA else [0]
+
+    def on_start(answer: dict) -> None:
+        say(model_line(answer["providers"], shape, workers, len(devices)), step.quiet)
+        if fallback or answer["fallback"]:
+            log.warning("model: %s", fallback or answer["fallback"])
+
+    if shape == "server":
+        pool = ModelServerPool(step, providers, workers, devices, on_start=on_start)
+        in_use = pool.servers[0].info["providers"]
+        if pipeline_shape(setting, in_use) == "server":  # on CUDA, or the server shape asked for
+            return pool
+        pool.stop()
+        fallback, shape, providers = pool.servers[0].info["fallback"], "pool", in_use or [CPU]
+    return ModelPool(lambda: model_pool(step, providers, workers), step,
+                     max_inflight=2 * workers + 2, on_start=on_start)
+
+
 def in_batches(items: list, size: int = TASK_FILES):
     return (items[i:i + size] for i in range(0, len(items), size))
 
@@ -3990,8 +4667,10 @@ def n_batches(count: int, size: int = TASK_FILES) -> int:
 
 
 def worker_setup(providers: str | None, workers: int | None) -> tuple[list[str], int]:
-    """(provider list, worker count) from the --providers and --workers flags."""
+    """(provider list, worker count) from the --providers and --workers flags
+    (and FACESETS_PIPELINE checked: a wrong value is a UserError before any work)."""
     provider_list = choose_providers(providers)
+    pipeline_shape(os.environ.get(PIPELINE_ENV), provider_list)
     if workers is not None:
         workers = check_option("workers", workers)
         cores = os.cpu_count() or 1
@@ -4099,24 +4778,6 @@ def grpc_problem(address: str) -> str:
     if len(head) < 4 or head[3] != 4:  # an HTTP/2 frame of type SETTINGS
         return "what listens there is not a Ray cluster (no gRPC answer)"
     return ""
-
-
-@contextlib.contextmanager
-def stderr_captured(sink: list):
-    """What this process writes to its standard error (file descriptor 2, so
-    a library's C++ lines too) meanwhile, appended to `sink` instead."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            sink.append(held.read().decode("utf-8", "replace"))
 
 
 @contextlib.contextmanager
@@ -4436,12 +5097,13 @@ def run_model_step(step: ModelStep, batches, *, providers: list[str], workers: i
     pool = None
     try:
         if ray_actor is None:
-            pool = ModelPool(lambda: model_pool(step, providers, workers), step,
-                             max_inflight=2 * workers + 2)
+            pool = local_model_pool(step, providers, workers)
         else:
             ray = ray_module()
             pool = RayPool(ray, ray_actor_maker(ray, step, providers, ray_actor), workers, step)
         pool.run(batches)
+        if isinstance(pool, ModelPool):
+            pool.started()  # (its first line even when no batch came)
     except KeyboardInterrupt:
         if pool is not None:
             pool.stop()
@@ -9608,14 +10270,14 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
             sources.append(str(src.resolve()))
         video_every = check_video_every(cache, float(video_every), cache_path)
         ray_actor, where = None, ""
-        if ray is None:
+        if ray is None:  # (what the model runs on: the model step's first line)
             provider_list, workers = worker_setup(providers, workers)
         else:
             cluster = stack.enter_context(ray_session(ray, embed_task))
             provider_list, ray_actor, workers = ray_actor_plan(cluster, providers, workers)
-            where = f"Ray at {ray}: "
-        say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}, "
-            f"{where}{workers} worker(s), {provider_list[0]})", quiet)
+            where = f", Ray at {ray}: {workers} worker(s), {provider_list[0]}"
+        say(f"embed: {src} -> {cache_path} (model {pack_name}, det {identity['det_size']}"
+            f"{where})", quiet)
         run = EmbedRun(cache, cache_path, flush_every, video_every)
         clock = time.perf_counter()
         paths, problems = scan_images(src, IMAGE_EXTENSIONS + HEIF_EXTENSIONS + VIDEO_EXTENSIONS)
@@ -9637,7 +10299,7 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
                         on_result=run.on_result,
                         crash_result=lambda reason: {"status": "crashed", "reason": reason},
                         on_stop=lambda: (run.flush(), save_cache(cache_path, cache)),
-                        options={"full_decode": bool(full_decode)})
+                        options={"full_decode": bool(full_decode)}, quiet=quiet)
                     run_model_step(step, run.batches(hashed), providers=provider_list,
                                    workers=workers, ray_actor=ray_actor,
                                    n_tasks=None if any(is_video_path(path) for path, *_ in todo)
@@ -10621,7 +11283,8 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
             if tasks:
                 step = ModelStep(enrich_task, pack_dir, modules, identity, on_result=on_result,
                                  crash_result=lambda reason: {"error": reason},
-                                 on_stop=lambda: (flush(), save_cache(cache_path, cache)))
+                                 on_stop=lambda: (flush(), save_cache(cache_path, cache)),
+                                 quiet=quiet)
                 run_model_step(step, in_batches(tasks), providers=provider_list, workers=workers,
                                n_tasks=n_batches(len(tasks)))
         flush()
@@ -11209,7 +11872,7 @@ def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dic
 
 
 def make_crops(tasks: list[CropTask], pack_dir: Path, identity: dict, providers: list[str],
-               workers: int, bar) -> dict[int, dict]:
+               workers: int, bar, quiet: bool = False) -> dict[int, dict]:
     """Each task's face -> {"png", "blacked_out"} or {"error"}: crop and
     re-detect in the model pool (export_task)."""
     crops = {t.face: {"error": "the photo has moved or vanished since embed"}
@@ -11224,7 +11887,7 @@ def make_crops(tasks: list[CropTask], pack_dir: Path, identity: dict, providers:
         bar.update(len(batch))
 
     step = ModelStep(export_task, pack_dir, ["detection"], identity, on_result=on_result,
-                     crash_result=lambda reason: {"error": reason})
+                     crash_result=lambda reason: {"error": reason}, quiet=quiet)
     run_model_step(step, in_batches(runnable), providers=providers, workers=workers,
                    n_tasks=n_batches(len(runnable)))
     return crops
@@ -11411,7 +12074,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         f"{settings[-1]} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
             progress(total=runnable, desc="export", unit="crop") as bar:
-        crops = make_crops(tasks, pack_dir, identity, provider_list, workers, bar)
+        crops = make_crops(tasks, pack_dir, identity, provider_list, workers, bar, quiet)
         exported = lay_out_export(work, plan, crops, cache, locations, scores,
                                   {f.name: f.label for f in refined.facesets if f.label}, params,
                                   tools)
@@ -12761,7 +13424,8 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--det-size", type=option_type("det_size"), default=None,
                         help=f"detector input size (default {DEFAULT_DET_SIZE}, or the cache's)")
     parser.add_argument("--workers", type=option_type("workers"), default=None,
-                        help="model worker processes (default: core count; one per GPU on CUDA)")
+                        help="model worker processes (default: core count; on CUDA the decode "
+                             "workers that feed one model process a GPU)")
 
 
 def add_verbosity_flags(parser) -> None:

@@ -2,16 +2,25 @@
 # Fold a new photo folder into an existing result without renumbering, as the
 # spec's "merging a new source into an existing result":
 #   embed NEW into the same cache -> extend raw + facesets -> enrich -> export-swap
-# Usage: scripts/merge.sh NEW_SRC NAME
+# Usage: scripts/merge.sh [--gpu] NEW_SRC NAME
+#   --gpu: with the GPU build, in .venv-gpu (as scripts/pipeline.sh --gpu).
 #   NAME is the name the first pipeline run used (work/cache/NAME.npz, work/out/NAME/).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-[ $# -eq 2 ] || { echo "usage: $0 NEW_SRC NAME" >&2; exit 2; }
+gpu=""
+if [ "${1:-}" = "--gpu" ]; then gpu=1; shift; fi
+[ $# -eq 2 ] || { echo "usage: $0 [--gpu] NEW_SRC NAME" >&2; exit 2; }
 src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
 name="$2"
-bash "$root/scripts/setup_venv.sh" requirements.txt
+if [ -n "$gpu" ]; then
+    bash "$root/scripts/setup_venv.sh" --gpu
+    python="${GPU_VENV:-.venv-gpu}/bin/python"
+else
+    bash "$root/scripts/setup_venv.sh" requirements.txt
+    python=.venv/bin/python
+fi
 cd "$root"
-py=(.venv/bin/python sort_faces.py)
+py=("$python" sort_faces.py)
 cache="work/cache/$name.npz"
 out="work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run scripts/pipeline.sh first" >&2; exit 2; }

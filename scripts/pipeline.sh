@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline on one photo folder, as the spec's "typical end-to-end run":
 #   embed -> cluster -> refine -> dedup -> enrich -> export-swap (--candidates)
-# Usage: scripts/pipeline.sh SRC [NAME]
+# Usage: scripts/pipeline.sh [--gpu] SRC [NAME]
+#   --gpu: run it with the GPU build, in .venv-gpu (scripts/setup_venv.sh --gpu): the model on
+#   the NVIDIA GPU (on the CPU, with the same results, where there is none).
 #   NAME (default: the folder's name) names the cache work/cache/NAME.npz and the
 #   outputs under work/out/NAME/. Re-running is quick: embed and enrich only do
 #   new photos, and the other steps rebuild their folders from the cache.
@@ -10,16 +12,24 @@
 #   raw_full/ and facesets_full/ (their --link; scripts/merge.sh's extend keeps it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-[ $# -ge 1 ] || { echo "usage: $0 SRC [NAME]" >&2; exit 2; }
+gpu=""
+if [ "${1:-}" = "--gpu" ]; then gpu=1; shift; fi
+[ $# -ge 1 ] || { echo "usage: $0 [--gpu] SRC [NAME]" >&2; exit 2; }
 src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
 name="${2:-$(basename "$src")}"
 link="${LINK:-copy}"
 case "$link" in copy|hardlink|symlink) ;;
     *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
 esac
-bash "$root/scripts/setup_venv.sh" requirements.txt
+if [ -n "$gpu" ]; then
+    bash "$root/scripts/setup_venv.sh" --gpu
+    python="${GPU_VENV:-.venv-gpu}/bin/python"
+else
+    bash "$root/scripts/setup_venv.sh" requirements.txt
+    python=.venv/bin/python
+fi
 cd "$root"
-py=(.venv/bin/python sort_faces.py)
+py=("$python" sort_faces.py)
 cache="work/cache/$name.npz"
 out="work/out/$name"
 status=0
@@ -46,17 +56,18 @@ printf '%-20s %s\n' "logs:" "$root/work/logs/"
 # Small libraries: refine's size filter (--min-faces 15) may have dropped everyone.
 case " ${REFINE_ARGS:-} " in
     *" --min-faces "*) ;;
-    *) .venv/bin/python - "$out/facesets_full/refine_manifest.json" "$src" "$name" "$link" <<'PY'
+    *) "$python" - "$out/facesets_full/refine_manifest.json" "$src" "$name" "$link" "$gpu" <<'PY'
 import json, shlex, sys
 manifest = json.load(open(sys.argv[1]))
 size = manifest["stages"].get("size_filter") or {}
 if size.get("kept_at_suggestion"):
     n, keep = len(manifest["facesets"]), size["suggested_min_faces"]
     link = "" if sys.argv[4] == "copy" else f"LINK={sys.argv[4]} "  # as this run had it
+    gpu = "--gpu " if sys.argv[5] else ""
     print(f"\n{n} facesets; the size filter (--min-faces {size['min_faces']}) dropped "
           f"{size['dropped_people']} people (the largest has {size['largest_images']} images). "
           f"To keep the {size['kept_at_suggestion']} with {keep} or more, re-run:\n"
-          f"  {link}REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh "
+          f"  {link}REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh {gpu}"
           f"{shlex.quote(sys.argv[2])} {shlex.quote(sys.argv[3])}")
 PY
     ;;

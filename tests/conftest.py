@@ -176,13 +176,20 @@ def celebs_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def face_boxes(tmp_path_factory):
-    """Real face boxes (decode_image's frame) of each photo of face_recognition and
-    group_photos, embedded with buffalo_s as the tool itself does (~4 s)."""
+def faces_cache(tmp_path_factory):
+    """face_recognition and group_photos embedded with buffalo_s as the tool itself
+    does, by the CPU's pool (~4 s): the cache."""
     cache_path = tmp_path_factory.mktemp("face_boxes") / "faces.npz"
     for folder in ("face_recognition", "group_photos"):
         embed_quiet(DATA / folder, cache_path)
-    cache = sort_faces.load_cache(cache_path)
+    return cache_path
+
+
+@pytest.fixture(scope="session")
+def face_boxes(faces_cache):
+    """Real face boxes (decode_image's frame) of each photo of face_recognition and
+    group_photos (faces_cache)."""
+    cache = sort_faces.load_cache(faces_cache)
     files = cache["files"]
     faces: dict[str, list] = {}
     for index, bbox in zip(cache["face_file"], cache["bbox"]):

@@ -65,16 +65,27 @@ def test_importing_without_a_package_raises_the_import_error():
 
 
 # A Python that only says its version (FAKE_VERSION) and makes a "venv" whose
-# python logs what pip would install, so setup_venv.sh runs without installing.
+# python logs what pip would install, so setup_venv.sh runs without installing;
+# asked `pip list`, that python lists FAKE_FREEZE (the packages a venv would hold).
 FAKE_PYTHON = """#!/bin/sh
 case "$1" in
     --version) echo "Python $FAKE_VERSION" ;;
     -m) mkdir -p "$3/bin"
-        printf '#!/bin/sh\\n[ "$1" = --version ] && echo "Python %s" || echo "$*" >> %s\\n' \\
-            "$FAKE_VERSION" "$(cd "$3" && pwd)/pip.log" > "$3/bin/python"
+        cat > "$3/bin/python" <<EOF
+#!/bin/sh
+[ "\\$1" = --version ] && { echo "Python $FAKE_VERSION"; exit 0; }
+echo "\\$*" >> "$(cd "$3" && pwd)/pip.log"
+[ "\\$3" = list ] && [ -n "\\${FAKE_FREEZE:-}" ] && printf '%s\\\\n' "\\$FAKE_FREEZE"
+exit 0
+EOF
         chmod +x "$3/bin/python" ;;
 esac
 """
+
+
+def pip_commands(log) -> list[str]:
+    """The pip commands a fake venv's python was given, but its `pip list`s."""
+    return [line for line in log.read_text().splitlines() if not line.startswith("-m pip list")]
 
 
 @pytest.fixture
@@ -85,14 +96,15 @@ def project(tmp_path):
     shutil.copy2(ROOT / "scripts" / "setup_venv.sh", project / "scripts")
     (project / "requirements.txt").write_text("numpy\n")
     (project / "requirements-test.txt").write_text("-r requirements.txt\npytest\n")
+    (project / "requirements-gpu.txt").write_text("numpy\nonnxruntime-gpu[cuda,cudnn]==1.31.1\n")
     fake = tmp_path / "fake-python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     return project
 
 
-def setup_venv(project, *args, version="3.11.9", python=None):
-    env = dict(os.environ, FAKE_VERSION=version,
+def setup_venv(project, *args, version="3.11.9", python=None, freeze=""):
+    env = dict(os.environ, FAKE_VERSION=version, FAKE_FREEZE=freeze,
                PYTHON=str(python or project.parent / "fake-python"))
     return subprocess.run(["bash", "scripts/setup_venv.sh", *args], cwd=project,
                           capture_output=True, text=True, env=env, timeout=60)
@@ -122,7 +134,7 @@ def test_setup_says_what_it_installs_and_what_changed(project, version, warned):
     assert lines == [f"setting up .venv with Python {version} "
                      "(first run only, about 1 GB to download)"]
     log = project / ".venv" / "pip.log"
-    assert log.read_text().splitlines()[-1] == "-m pip install --quiet -r requirements.txt"
+    assert pip_commands(log)[-1] == "-m pip install --quiet -r requirements.txt"
     # again: nothing to do, nothing said (PYTHON matters only while .venv is missing)
     plain = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     again = subprocess.run(["bash", "scripts/setup_venv.sh"], cwd=project,
@@ -133,7 +145,7 @@ def test_setup_says_what_it_installs_and_what_changed(project, version, warned):
     assert test.stderr.splitlines()[-1] == ("installing requirements-test.txt into .venv "
                                             "(first time; up to 1 GB to download)")
     assert test.stderr.startswith(f"note: .venv exists (Python {version}); PYTHON is used only")
-    assert log.read_text().splitlines()[-1] == "-m pip install --quiet -r requirements-test.txt"
+    assert pip_commands(log)[-1] == "-m pip install --quiet -r requirements-test.txt"
     later = os.stat(project / ".venv" / ".installed-requirements-test.txt").st_mtime + 10
     os.utime(project / "requirements.txt", (later, later))
     changed = subprocess.run(["bash", "scripts/setup_venv.sh", "requirements-test.txt"],
@@ -142,3 +154,35 @@ def test_setup_says_what_it_installs_and_what_changed(project, version, warned):
         "updating .venv: requirements.txt changed since requirements-test.txt was last installed\n")
     assert log.read_text().count("-r requirements-test.txt") == 2
     assert log.read_text().startswith(installs)
+
+
+def test_the_gpu_install_has_a_venv_of_its_own_and_never_both_builds(project):
+    """--gpu: .venv-gpu with requirements-gpu.txt, .venv untouched; the CPU build a
+    dependency brought along is removed and the GPU build reinstalled whole."""
+    first = setup_venv(project, "--gpu", freeze="numpy==2.4.6\nonnxruntime==1.32.0\n"
+                                                 "onnxruntime-gpu==1.31.1")
+    assert first.returncode == 0, first.stderr
+    assert not (project / ".venv").exists()
+    assert first.stderr.splitlines() == [
+        "setting up .venv-gpu with Python 3.11.9 (first run only, about 3 GB with CUDA and cuDNN "
+        "to download)",
+        ".venv-gpu: removing onnxruntime (a dependency brought it) and reinstalling "
+        "onnxruntime-gpu==1.31.1 whole: the two builds never share a venv"]
+    assert pip_commands(project / ".venv-gpu" / "pip.log")[-3:] == [
+        "-m pip install --quiet -r requirements-gpu.txt",
+        "-m pip uninstall --quiet --yes onnxruntime",
+        "-m pip install --quiet --no-deps --force-reinstall onnxruntime-gpu==1.31.1"]
+    assert (project / ".venv-gpu" / ".installed-requirements-gpu.txt").exists()
+    cpu = setup_venv(project, freeze="numpy==2.4.6\nonnxruntime==1.32.0")  # the CPU venv beside it
+    assert cpu.returncode == 0 and "removing" not in cpu.stderr, cpu.stderr
+    assert pip_commands(project / ".venv" / "pip.log")[-1] == "-m pip install --quiet -r requirements.txt"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["requirements-gpu.txt"], "requirements-gpu.txt is the GPU build: it goes into its own venv, "
+                               "bash scripts/setup_venv.sh --gpu"),
+    (["--gpu", "requirements.txt"], "--gpu installs a GPU requirements file")])
+def test_a_build_in_the_wrong_venv_is_refused_in_one_line(project, args, words):
+    line = one_line_error(setup_venv(project, *args))
+    assert words in line
+    assert not (project / ".venv").exists() and not (project / ".venv-gpu").exists()

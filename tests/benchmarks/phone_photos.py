@@ -1,6 +1,6 @@
 """12 MP phone-like JPEGs made from the shared labeled photos (issue 16).
 
-    .venv/bin/python tests/benchmarks/phone_photos.py FOLDER [COUNT]
+    .venv/bin/python tests/benchmarks/phone_photos.py FOLDER [COUNT [PROCESSES]]
 
 Each photo takes one shared photo (cycling through every set: five_celebs,
 lfw10, face_recognition, group_photos), scales it up to cover a 4000x3000
@@ -58,22 +58,34 @@ def phone_photo(source: Path, seed: int, portrait: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def make_phone_photos(folder: Path, count: int, data: Path = DATA) -> list[Path]:
-    """`count` phone photos in `folder` (made once: existing ones are kept)."""
+def make_phone_photo(path: Path, source: Path, index: int) -> Path:
+    """The phone photo number `index` at `path` (made once: an existing one is kept)."""
+    if not path.exists():
+        data_bytes = phone_photo(source, index, portrait=index % 4 == 3)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data_bytes)
+        tmp.replace(path)
+    return path
+
+
+def make_phone_photos(folder: Path, count: int, data: Path = DATA,
+                      processes: int = 1) -> list[Path]:
+    """`count` phone photos in `folder` (made once: existing ones are kept),
+    by `processes` processes side by side (each photo is its own: the same
+    bytes however many make them)."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = shared_photos(data)
-    out = []
-    for index in range(count):
-        path = folder / f"phone_{index:04d}.jpg"
-        if not path.exists():
-            data_bytes = phone_photo(sources[index % len(sources)], index, portrait=index % 4 == 3)
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data_bytes)
-            tmp.replace(path)
-        out.append(path)
-    return out
+    jobs = [(folder / f"phone_{index:04d}.jpg", sources[index % len(sources)], index)
+            for index in range(count)]
+    if processes <= 1:
+        return [make_phone_photo(*job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(make_phone_photo, *zip(*jobs))) if jobs else []
 
 
 if __name__ == "__main__":
-    made = make_phone_photos(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 200)
+    made = make_phone_photos(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 200,
+                             processes=int(sys.argv[3]) if len(sys.argv) > 3 else 1)
     print(f"{len(made)} photos in {sys.argv[1]}")

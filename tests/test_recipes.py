@@ -142,7 +142,9 @@ def test_recipe_refuses_an_unknown_link_before_any_step(tmp_path):
 
 
 def test_readme_commands_work_on_a_fresh_clone(tmp_path):
-    """A newcomer: clone, then the README's two commands, with no .venv yet."""
+    """A newcomer: clone, then the README's first command, with no .venv yet.
+    The second, `bash scripts/test.sh`, is what CI runs on a fresh clone
+    (.ci/run): checked here only to be the README's second command."""
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^(bash scripts/\S+\.sh.*)$", readme.split("## ")[0], re.MULTILINE)
     assert [c.split()[1] for c in commands] == ["scripts/pipeline.sh", "scripts/test.sh"]
@@ -160,12 +162,6 @@ def test_readme_commands_work_on_a_fresh_clone(tmp_path):
     assert (clone / ".venv" / "bin" / "python").exists()
     assert (clone / "work" / "out" / "photos" / "raw_full" / "manifest.json").is_file()
     assert list((clone / "work" / "logs").glob("embed-*.log"))
-    # the test command, on a quick selection (the whole suite is what CI runs)
-    second = subprocess.run(["bash", "scripts/test.sh", "-q", "-p", "no:warnings",
-                             "tests/test_cluster_refine.py", "-k", "safe_dst_name or defaults"],
-                            cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert re.search(r"\b2 passed\b", second.stdout)
 
 
 def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_path):

@@ -399,7 +399,7 @@ def test_a_kill_inside_a_video_resumes_there(tmp_path):
     src.mkdir()
     videos.make_video(src / "long.mp4", [(p, 30) for p in photos], size=(640, 360), fps=5)
     reference = tmp_path / "ref.npz"
-    embed_quiet(src, reference, workers=1)
+    embed_quiet(src, reference, workers=2)
     killed = tmp_path / "killed.npz"
     kill_embed_after(src, killed, chunks=3, flush_every=8)
     partial = sort_faces.load_cache(killed)

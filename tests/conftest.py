@@ -232,7 +232,12 @@ def labeled_export(labeled_cache, tmp_path_factory):
     refined = sort_faces.load_manifest(tmp / "refined" / "refine_manifest.json",
                                        "refine").to_json()  # as the others: their JSON
     enriched = sort_faces.enrich(cache, quiet=True)
-    plain = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json", tmp / "plain",
+    # without --candidates: the named faceset alone (it has a candidate), a small export
+    named = tmp / "named" / "refine_manifest.json"
+    named.parent.mkdir()
+    named.write_text(json.dumps(dict(refined, facesets=[
+        s for s in refined["facesets"] if s["name"] == number])))
+    plain = sort_faces.export_swap(cache, named, tmp / "plain",
                                    raw_manifest_path=tmp / "raw" / "manifest.json", quiet=True,
                                    **EXPORT)
     manifest = sort_faces.export_swap(cache, tmp / "refined" / "refine_manifest.json",

@@ -157,6 +157,9 @@ def test_candidates_only_with_the_flag(exported):
     assert exported["plain"]["candidates"] == []
     candidates = exported["manifest"]["candidates"]
     assert candidates, "singletons near a faceset are offered for review"
+    # the plain export is of the named faceset alone, which has candidates with the flag
+    assert [e["name"] for e in exported["plain"]["facesets"]] == [NAMED_FACESET[0]]
+    assert NAMED_FACESET[0] in {e["name"] for e in candidates}
     bundled = {c["face"] for e in exported["manifest"]["facesets"] for c in e["crops"]}
     centroids = faceset_centroids(exported)
     cache = sort_faces.load_cache(exported["cache"])

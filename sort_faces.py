@@ -120,9 +120,7 @@ try:  # the third-party packages, from .venv (scripts/setup_venv.sh)
     import numpy as np  # first: without it, cv2's import prints lines of its own
     import cv2
     import psutil
-    import scipy.sparse
-    import scipy.sparse.csgraph
-    from scipy.cluster.hierarchy import fcluster, linkage
+    import scipy  # (its modules where they are used: a model worker needs none of them)
 except ImportError as missing:
     if __name__ != "__main__":
         raise  # imported: the caller wants the exception itself
@@ -5663,6 +5661,8 @@ def group_pairs(n: int, pairs: np.ndarray) -> list:
     >>> group_pairs(6, np.array([[4, 1], [0, 5], [1, 2]]))
     [array([0, 5]), array([1, 2, 4])]
     """
+    import scipy.sparse.csgraph
+
     n = int(n)
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -7282,6 +7282,8 @@ def agglomerative_labels(
         clusters under the threshold, on average, that a pair keeps apart: the
         merges it prevented).
     """
+    from scipy.cluster.hierarchy import fcluster, linkage
+
     t_start = time.perf_counter()
     threshold = check_option("threshold", threshold)  # NaN would make every face one alone
     E = np.asarray(embeddings)  # exact linkage uses the caller's precision, like sklearn
@@ -7522,6 +7524,8 @@ class _EdgeComponents:
                 self._collapse()
 
     def _collapse(self) -> None:
+        import scipy.sparse.csgraph
+
         graph = scipy.sparse.coo_matrix(
             (np.ones(self.buffered, np.int8),
              (np.concatenate(self.rows), np.concatenate(self.cols))), shape=(self.n, self.n))

@@ -104,7 +104,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, labeled_cache):
     partial = sort_faces.load_cache(killed)  # loads despite the kill
     assert 0 < partial.n_files < 218
     (Path(str(killed) + ".lock")).exists()  # left behind: the rerun must take it over
-    summary = embed_quiet(src, killed, workers=1)
+    summary = embed_quiet(src, killed, workers=2)
     assert summary["new"] == 218 - partial.n_files
     a, b = sort_faces.load_cache(labeled_cache), sort_faces.load_cache(killed)
     files_a = [str(Path(f).relative_to(DATA)) for f in a["files"]]

@@ -11770,8 +11770,8 @@ def facefusion_texts(title: str, out: Path, pngs: list[str]) -> dict[str, str]:
     itself. Run either in FaceFusion's folder with FaceFusion's command and
     its other arguments: `sh X_facefusion.sh headless-run -t target.mp4 -o
     output.mp4`."""
-    about = (f"FaceFusion with {len(pngs)} crops of {title} as its source faces "
-             "(face-sets export-swap)")
+    about = (f"FaceFusion with {len(pngs)} crops of {display(title)} as its source faces "
+             "(face-sets export-swap)")  # display: a comment line stays one line
     sh_lines = ["#!/bin/sh", f"# {about}.", "# Run it in FaceFusion's folder, with FaceFusion's "
                 "command and its other arguments:",
                 "#   sh THIS_FILE headless-run -t target.mp4 -o output.mp4",

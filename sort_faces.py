@@ -162,6 +162,7 @@ __all__ = [
     "journal_chunks", "rows_from_records", "file_locations", "faces_by_file", "duplicates_path",
     "embed_incomplete", "manifest_face_ids", "person_name_problem", "output_lock", "building",
     "read_marker", "materialise", "entry_folder", "entry_bundle", "entry_title",
+    "repair_in_place_change",
     "candidates_folder", "entry_swap_files",
     # export-swap's files for each face-swap tool
     "swap_tools", "rope_name", "rope_records_text", "visomaster_embeddings_text",
@@ -178,6 +179,8 @@ __all__ = [
     # what a model step runs on, and the GPU's shape (decode workers feeding a model server)
     "pipeline_shape", "model_line", "ort_provider_log", "fallback_line", "call_groups",
     "split_rows", "plain_settings", "ModelServer",
+    # the model's worker processes: forked from a fork server, each ending with its run
+    "worker_context", "model_pool", "pool_canary",
     # videos
     "FrameLocation", "output_name", "frame_key", "VideoIndex", "index_video",
     "plan_video_samples", "video_plan", "video_frames_at", "video_samples", "probe_video",
@@ -609,6 +612,9 @@ CANDIDATES_DIR = "_candidates"
 # marker of its own kind (or is a face-sets output from before markers, every
 # entry of which its manifest accounts for).
 OUTPUT_MARKER = ".face-sets-output.json"
+# In an output extend changes in place, while it does (changed_in_place): what a
+# later run needs to undo or finish the change if this one is killed outright.
+IN_PLACE_JOURNAL = ".face-sets-change.json"
 MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
                   "export-swap": "export_manifest.json"}
 ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
@@ -3854,16 +3860,12 @@ class WorkerStartError(Exception):
 def run_identity() -> tuple[int, float]:
     """This process as its workers watch it (exit_with_run): its pid, and
     when it started (a pid alone may be another process's after it ends)."""
-    import psutil
-
     return os.getpid(), psutil.Process().create_time()
 
 
 def run_has_ended(run: tuple[int, float]) -> bool:
     """Whether the process `run` (run_identity) has ended: gone, a zombie, or
     its pid another process's now."""
-    import psutil
-
     pid, started = run
     if os.getppid() == pid:
         return False
@@ -3900,10 +3902,11 @@ def exit_with_run(run: tuple[int, float]) -> None:
 def worker_context():
     """multiprocessing's context for the model's worker processes: a fork
     server with WORKER_PRELOAD imported (and this module, as the run knows
-    it), where the platform has one; spawn elsewhere. Never a fork of the run
-    itself: it has threads. The server is started once a run, by its first
-    pool, and ends when the run and every worker it forked have."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    it), on Linux; spawn elsewhere (macOS's libraries are not safe to use in
+    a fork, and Windows has no fork). Never a fork of the run itself: it has
+    threads. The server is started once a run, by its first pool, and ends
+    when the run and every worker it forked have."""
+    if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([_init_worker.__module__, *WORKER_PRELOAD])
@@ -6012,44 +6015,118 @@ def output_paths(out: Path) -> set[str]:
 
 
 class InPlaceChange:
-    """What a step changing an output in place (changed_in_place) removes
-    once it has written its manifest."""
+    """A change of the output `out` in place (changed_in_place): the removals
+    its step asks for, made only once it has written its manifest, and the
+    journal (IN_PLACE_JOURNAL) from which a later run undoes or finishes it
+    if this run is killed outright (repair_in_place_change): what was under
+    `out` before, the manifest it started from (its sha256), and the
+    removals, journaled before the manifest is written."""
 
-    def __init__(self):
+    def __init__(self, out: Path, manifest: Path):
+        self.out, self.manifest = out, manifest
+        self.before = output_paths(out)
+        self.manifest_sha256 = sha256_or_none(manifest)
         self.removals: list[Path] = []
 
     def remove_later(self, path: Path) -> None:
         self.removals.append(path)
 
+    def write_journal(self) -> None:
+        write_json_atomic(self.out / IN_PLACE_JOURNAL, {
+            "manifest_sha256": self.manifest_sha256,
+            "before": sorted(os.path.relpath(p, self.out) for p in self.before),
+            "removals": [os.path.relpath(p, self.out) for p in self.removals]})
+
+    def commit(self, write_manifest: Callable[[], object]) -> None:
+        """The removals journaled, then `write_manifest()`: the point after
+        which the change is finished, not undone."""
+        self.write_journal()
+        write_manifest()
+
+
+def sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(str(path))
+    except OSError:
+        return None
+
+
+def remove_output_paths(paths) -> None:
+    """Remove each path under an output (a folder with what it holds, a link
+    as a link), folders before what they hold; one already gone is fine."""
+    for path in sorted(paths, key=lambda p: str(p).count(os.sep)):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def journal_paths(out: Path, journal: Path, data, key: str) -> list[Path]:
+    """The paths under `out` a journal lists under `key` (relative), each
+    checked to lie inside `out` (UserError naming the journal otherwise)."""
+    listed = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
+        raise UserError(f"{display(journal)} is not a face-sets journal (no list of paths as "
+                        f"{key!r}): remove it, and build {display(out)} again with its step")
+    try:
+        return [inside(out, *Path(p).parts) for p in listed]
+    except UserError:
+        raise UserError(f"{display(journal)} lists a path outside {display(out)}: remove it, and "
+                        f"build {display(out)} again with its step") from None
+
+
+def repair_in_place_change(out: Path, manifest: Path) -> str | None:
+    """Undo or finish the change of `out` a run killed outright left (its
+    IN_PLACE_JOURNAL), before anything else reads `out`: while the manifest
+    is still the one the change started from, every path the run added is
+    removed (undone: `out` is as it was); once it was written, the removals
+    the run journaled are made (finished). Returns one line saying which,
+    or None when no change was left. A journal that is not face-sets' own is
+    refused (UserError), and nothing is touched."""
+    journal = out / IN_PLACE_JOURNAL
+    if not os.path.lexists(journal):
+        return None
+    data = read_json(journal, "journal of an unfinished change")
+    before = {str(p) for p in journal_paths(out, journal, data, "before")}
+    removals = journal_paths(out, journal, data, "removals")
+    if sha256_or_none(manifest) == data.get("manifest_sha256"):
+        added = output_paths(out) - before - {str(journal)}
+        remove_output_paths(added)
+        what = (f"undid the change a stopped run left unfinished in {display(out)} "
+                f"({counted(len(added), 'path')} it had added removed)")
+    else:
+        remove_output_paths(removals)
+        what = (f"finished the change a stopped run left in {display(out)} "
+                f"({counted(len(removals), 'path')} its manifest no longer lists removed)")
+    os.unlink(journal)
+    return what
+
 
 @contextlib.contextmanager
-def changed_in_place(out: Path):
+def changed_in_place(out: Path, manifest: Path):
     """Change the output `out` in place, all or nothing (extend): the step adds
     files, and asks for removals (InPlaceChange.remove_later), which are made
-    only when the block ends, with its manifest written last inside it. If
-    the block fails instead, every path it added under `out` is removed
-    again, nothing is removed, and `out` is as it was; an OSError (a full
-    disk, say) ends the run with one line saying so.
+    only once its manifest (`manifest`) is written (InPlaceChange.commit),
+    when the block ends. If the block fails instead, every path it added
+    under `out` is removed again, nothing is removed, and `out` is as it was;
+    an OSError (a full disk, say) ends the run with one line saying so. If
+    the run is killed outright, its journal lets the next run undo or finish
+    the change (repair_in_place_change), as the caller has it do first.
     """
     out = Path(out)
-    before = output_paths(out)
-    change = InPlaceChange()
+    change = InPlaceChange(out, manifest)
     try:
+        change.write_journal()
         yield change
     except BaseException as error:
-        for added in sorted(output_paths(out) - before, key=lambda p: p.count(os.sep)):
-            if os.path.isdir(added) and not os.path.islink(added):
-                shutil.rmtree(added, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(added)
+        remove_output_paths(output_paths(out) - change.before)
         if isinstance(error, OSError):
             raise UserError(f"cannot change {display(out)}: {error.strerror or error}; it is "
                             "left as it was") from None
         raise
-    for path in change.removals:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    remove_output_paths(change.removals)
+    os.unlink(out / IN_PLACE_JOURNAL)
 
 
 def output_lock(out: Path):
@@ -10940,8 +11017,8 @@ def duplicates_path(cache_path: Path) -> Path:
 # after the highest; never renumber, never move an existing member. New files
 # are added in place (each written whole, then renamed), the manifest is
 # rewritten last and only then are files it no longer lists removed; a step
-# that fails before removes what it added (changed_in_place), and a crash is
-# repaired by running extend again.
+# that fails before removes what it added (changed_in_place), and one killed
+# outright leaves a journal from which the next extend undoes or finishes it.
 # ============================================================================
 
 
@@ -11037,14 +11114,16 @@ def add_new_entries(kind: str, groups, number: int, entries: list, out: Path, ca
     return made
 
 
-def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, record: dict,
-                 number: int, **summary) -> tuple[dict, ClusterManifest | RefineManifest]:
+def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, change: InPlaceChange,
+                 record: dict, number: int,
+                 **summary) -> tuple[dict, ClusterManifest | RefineManifest]:
     """extend's last step, for either kind: the run recorded and the manifest
-    written (last: what it no longer lists is removed only after it)."""
+    written (last, as `change` commits: what it no longer lists is removed
+    only after it)."""
     manifest.next_number = number
     manifest.extend_runs.append(record)
     manifest.summary = dataclasses.replace(manifest.summary, **summary)
-    write_manifest(out, manifest)
+    change.commit(lambda: write_manifest(out, manifest))
     return record, manifest
 
 
@@ -11103,7 +11182,7 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
     record["noface_added"] = len(new_noface)
     if not len(new) and not new_noface and not aliases_added:
         return None
-    return close_extend(out, manifest, record, number, people=len(people),
+    return close_extend(out, manifest, change, record, number, people=len(people),
                         faces=int(cache.n_faces), singletons=len(singles),
                         noface_images=len(manifest.noface.files))
 
@@ -11159,7 +11238,7 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManife
         dropped[face] = face_record(cache, face, locations, stage=stage, reason=reason)
     record["dropped"] = {int(f): dropped[int(f)].stage for f in new if int(f) in dropped}
     manifest.dropped = [dropped[f] for f in sorted(dropped)]
-    return close_extend(out, manifest, record, number, facesets=len(facesets),
+    return close_extend(out, manifest, change, record, number, facesets=len(facesets),
                         faces=int(cache.n_faces), faces_kept=sum(s.size for s in facesets))
 
 
@@ -11187,6 +11266,9 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
         for out, _step, kind in steps:
             claim_output(out, kind)  # first: one folder given twice is not "in use"
             locks.enter_context(output_lock(out))
+            repaired = repair_in_place_change(out, out / MANIFEST_FILES[kind])
+            if repaired:
+                log.warning("extend: %s", repaired)
             manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
                                            cache.embedding_size))
             check_manifest_model(manifests[-1], cache, cache_path, out)
@@ -11194,7 +11276,7 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
         pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"],
                                           constraints["together"])
         for (out, step, kind), manifest in zip(steps, manifests):
-            with changed_in_place(out) as change:  # all or nothing, up to the manifest
+            with changed_in_place(out, out / MANIFEST_FILES[kind]) as change:  # all or nothing
                 done = step(cache, out, locations, manifest, change, pairs)
             results[step.__name__] = record = done[0] if done is not None else None
             if done is not None:
@@ -13250,7 +13332,8 @@ class ReviewHandler(http.server.BaseHTTPRequestHandler):
                             "Content-Security-Policy": REVIEW_CSP, **dict(headers)}.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def line(self, status: int, text: str) -> None:
         self.send(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
@@ -13289,8 +13372,21 @@ class ReviewHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.guarded(self.get)
 
+    def do_HEAD(self):  # GET's answer, without its body
+        self.guarded(self.get)
+
     def do_POST(self):
         self.guarded(self.post)
+
+    def refuse_method(self):
+        """A method this server does not take (a known one: an unknown one is
+        http.server's 501): 405, naming those it takes. Any body is left
+        unread, so the connection closes."""
+        self.close_connection = True
+        self.send(405, f"{self.command} is not taken here\n".encode("ascii", "replace"),
+                  "text/plain; charset=utf-8", {"Allow": "GET, HEAD, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
 
     def guarded(self, handle) -> None:
         """`handle` the request; a UserError is its one line (500), a bug is

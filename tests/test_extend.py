@@ -191,8 +191,12 @@ def test_a_failed_extend_leaves_the_output_as_it_was(halves, tmp_path, monkeypat
     cache, raw, refined = built_then_grown(halves, tmp_path)
     before = {out: contents(out) for out in (raw, refined)}
 
-    def disk_full(path, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    write = sort_faces.write_json_atomic
+
+    def disk_full(path, data):  # the manifest (the change's journal is written)
+        if Path(path).name in sort_faces.MANIFEST_FILES.values():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, data)
 
     monkeypatch.setattr(sort_faces, "write_json_atomic", disk_full)
     for outs in ((raw, None), (None, refined)):
@@ -203,6 +207,107 @@ def test_a_failed_extend_leaves_the_output_as_it_was(halves, tmp_path, monkeypat
     monkeypatch.undo()
     result = sort_faces.extend(cache, raw, refined, quiet=True)
     assert result["extend_raw"]["new_people"] and result["extend_refine"]["new_facesets"]
+
+
+KILLED_EXTEND = """import os, signal, sys
+sys.path.insert(0, {root!r})
+import sort_faces
+real = sort_faces.{name}
+
+def killed(*args, **kwargs):
+    if {after!r}:
+        real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a power cut would
+
+sort_faces.{name} = killed
+sort_faces.extend({cache!r}, {raw!r}, {refined!r}, quiet=True)
+"""
+
+
+def extend_killed(cache, raw, refined, name: str, after: bool) -> None:
+    """extend in a process of its own, killed outright (kill -9) at the call of
+    sort_faces.`name` (`after`: once that call is made)."""
+    import subprocess
+    import sys
+
+    script = KILLED_EXTEND.format(root=str(Path(sort_faces.__file__).parent),
+                                  name=name, after=after, cache=str(cache), raw=str(raw),
+                                  refined=str(refined) if refined else None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr[-2000:]
+
+
+def folders_match_manifest(out: Path, kind: str) -> dict:
+    """{folder: the names it holds}, each exactly what the manifest lists for
+    it, and no person or faceset folder the manifest does not list."""
+    manifest = json.loads((out / sort_faces.MANIFEST_FILES[kind]).read_text())
+    key = "clusters" if kind == "cluster" else "facesets"
+    listed = {sort_faces.entry_folder(e["name"], e.get("label")): set(e["outputs"])
+              for e in manifest[key]}
+    if kind == "cluster":
+        listed["_singletons"] = set(manifest["singletons"]["outputs"])
+    on_disk = {p.name: {q.name for q in p.iterdir()} for p in out.iterdir()
+               if p.name.startswith(("person_", "faceset_", "_singletons"))}
+    assert on_disk == listed
+    assert not (out / sort_faces.IN_PLACE_JOURNAL).exists()
+    return on_disk
+
+
+def test_an_extend_killed_outright_is_undone_or_finished_by_the_next(halves, extended, tmp_path,
+                                                                     caplog):
+    """kill -9 of extend after it added its files but before its manifest: the
+    output holds files no manifest lists (a new person's folder, photos in a
+    known person's); the next extend first removes them (a line says so),
+    then does the work, as an uninterrupted extend did. Killed after the
+    manifest but before the removals it asks for (singletons that joined a
+    person): the next extend makes them. Either way every folder then holds
+    exactly what its manifest lists."""
+    (tmp_path / "before").mkdir()
+    cache, raw, refined = built_then_grown(halves, tmp_path / "before")
+    before = contents(raw)
+    extend_killed(cache, raw, None, "write_manifest", after=False)
+    assert contents(raw) != before and (raw / sort_faces.IN_PLACE_JOURNAL).exists()
+    assert (raw / "manifest.json").read_bytes() == before["manifest.json"]
+    result = sort_faces.extend(cache, raw, None, quiet=True)
+    assert "undid the change a stopped run left unfinished" in caplog.text
+    after = json.loads((raw / "manifest.json").read_text())
+    assert members(after["clusters"]) == members(extended["after_raw"]["clusters"])
+    assert result["extend_raw"]["new_people"] == extended["result"]["extend_raw"]["new_people"]
+    folders_match_manifest(raw, "cluster")
+    caplog.clear()
+    (tmp_path / "after").mkdir()
+    cache, raw, refined = built_then_grown(halves, tmp_path / "after")
+    extend_killed(cache, raw, refined, "remove_output_paths", after=False)
+    assert members(json.loads((raw / "manifest.json").read_text())["clusters"]) == \
+        members(extended["after_raw"]["clusters"])  # the manifest was written
+    gone = set(extended["before_raw"]["singletons"]["outputs"]) - \
+        set(extended["after_raw"]["singletons"]["outputs"])
+    assert gone and all((raw / "_singletons" / name).exists() for name in gone)  # not yet removed
+    assert sort_faces.extend(cache, raw, refined, quiet=True)["extend_raw"] is None
+    assert "finished the change a stopped run left" in caplog.text
+    folders_match_manifest(raw, "cluster")
+    folders_match_manifest(refined, "refine")
+
+
+@pytest.mark.fast
+def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(tmp_path):
+    out = tmp_path / "out"
+    (out / "person_001").mkdir(parents=True)
+    (out / "person_001" / "a.jpg").write_bytes(b"photo")
+    (out / "manifest.json").write_text("{}")
+    outside = tmp_path / "keep.jpg"
+    outside.write_bytes(b"mine")
+    journal = out / sort_faces.IN_PLACE_JOURNAL
+    for data in ({"before": "person_001", "removals": []},
+                 {"before": [], "removals": ["../keep.jpg"]},
+                 {"before": [], "removals": [str(outside)]}):
+        journal.write_text(json.dumps({"manifest_sha256": "x", **data}))
+        with pytest.raises(sort_faces.UserError, match="journal|outside"):
+            sort_faces.repair_in_place_change(out, out / "manifest.json")
+        assert outside.read_bytes() == b"mine" and (out / "person_001" / "a.jpg").exists()
+    journal.write_text("not json")
+    with pytest.raises(sort_faces.UserError, match="cannot read journal"):
+        sort_faces.repair_in_place_change(out, out / "manifest.json")
 
 
 @pytest.mark.fast

@@ -475,8 +475,15 @@ def test_requests_without_the_token_or_from_elsewhere_are_refused(guarded):
     assert status == 405
     status, answer = server.decide(merge, {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 415
-    status, _headers, _body = server.request("PUT", "/api/decide", json.dumps(merge).encode())
-    assert status == 501
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, headers, _body = server.request(method, "/api/decide", json.dumps(merge).encode())
+        assert (status, headers["Allow"]) == (405, "GET, HEAD, POST"), method
+    status, _headers, _body = server.request("BREW", "/api/decide", json.dumps(merge).encode())
+    assert status == 501  # not a method at all
+    # HEAD: GET's status and headers, no body; refused without the token as GET is
+    status, headers, body = server.request("HEAD", "/")
+    assert (status, body) == (200, b"") and int(headers["Content-Length"]) > 1000
+    assert server.request("HEAD", "/", cookie=None)[0] == 403
     nothing_written(guarded)
 
 

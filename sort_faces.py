@@ -3857,28 +3857,44 @@ class WorkerStartError(Exception):
     """A model worker could not load its model (raised in the worker, re-raised here)."""
 
 
-def run_identity() -> tuple[int, float]:
-    """This process as its workers watch it (exit_with_run): its pid, and
-    when it started (a pid alone may be another process's after it ends)."""
-    return os.getpid(), psutil.Process().create_time()
+@dataclasses.dataclass(frozen=True)
+class RunOrigin:
+    """The run a worker process serves, as the worker is told it (this_run):
+    its pid and when it started (a pid alone may be another process's once
+    it ends), which exit_with_run watches, and its environment when the pool
+    started, which the worker takes (one forked by the fork server has the
+    server's otherwise, from when the server started)."""
+    pid: int
+    started: float
+    environment: dict
 
 
-def run_has_ended(run: tuple[int, float]) -> bool:
-    """Whether the process `run` (run_identity) has ended: gone, a zombie, or
-    its pid another process's now."""
-    pid, started = run
-    if os.getppid() == pid:
+def this_run() -> RunOrigin:
+    return RunOrigin(os.getpid(), psutil.Process().create_time(), dict(os.environ))
+
+
+def join_run(run: RunOrigin) -> None:
+    """A worker's first act: the run's environment, and an end with the run."""
+    if os.environ != run.environment:
+        os.environ.clear()
+        os.environ.update(run.environment)
+    exit_with_run(run)
+
+
+def run_has_ended(run: RunOrigin) -> bool:
+    """Whether the process `run` has ended: gone, a zombie, or its pid
+    another process's now."""
+    if os.getppid() == run.pid:
         return False
     try:
-        process = psutil.Process(pid)
-        return process.create_time() != started or process.status() == psutil.STATUS_ZOMBIE
+        process = psutil.Process(run.pid)
+        return process.create_time() != run.started or process.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return True
 
 
-def exit_with_run(run: tuple[int, float]) -> None:
-    """End this process as soon as the run that started it (run_identity) has
-    ended.
+def exit_with_run(run: RunOrigin) -> None:
+    """End this process as soon as the run that started it has ended.
 
     A worker ignores the stop signals (its run stops it), so a run killed
     outright (kill -9, the OOM killer) would leave it running for good: its
@@ -3914,7 +3930,7 @@ def worker_context():
 
 
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
-                 options, run: tuple[int, float], servers: list | None = None) -> None:
+                 options, run: RunOrigin, servers: list | None = None) -> None:
     """A worker process's start: its own model (a pool's worker), or with
     `servers` (where the model servers listen, and their keys:
     ModelServerProcess.info) a decode worker whose model calls run in one of
@@ -3923,7 +3939,7 @@ def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding
     # a parent that is killed outright leaves its workers to exit_with_run.
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
-    exit_with_run(run)
+    join_run(run)
     warnings.filterwarnings("ignore")
     device_id = 0
     with contextlib.suppress(Exception):
@@ -4054,7 +4070,7 @@ def model_pool(step: ModelStep, providers: list[str], workers: int,
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker,
         initargs=(str(step.pack_dir), step.modules, providers, step.identity["det_size"], devices,
-                  step.identity["embedding_size"], step.options, run_identity(), servers))
+                  step.identity["embedding_size"], step.options, this_run(), servers))
 
 
 class PoolFailure(Exception):
@@ -4388,13 +4404,13 @@ class ModelServer:
 
 
 def _serve_models(pack_dir, modules, providers, det_size, device_id, address, authkey,
-                  ready, run: tuple[int, float]) -> None:
+                  ready, run: RunOrigin) -> None:
     """A model server process: load the model on `device_id`, listen at
     `address`, tell the run on `ready` what it runs on (or why it cannot),
     then answer decode workers' calls until the run stops it or ends."""
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
-    exit_with_run(run)
+    join_run(run)
     warnings.filterwarnings("ignore")
     import multiprocessing.connection
 
@@ -4433,7 +4449,7 @@ class ModelServerProcess:
         self.process = context.Process(
             target=_serve_models, name=f"face-sets model server {device}", daemon=True,
             args=(str(step.pack_dir), step.modules, providers, step.identity["det_size"],
-                  device, self.info["address"], self.authkey, send, run_identity()))
+                  device, self.info["address"], self.authkey, send, this_run()))
         self.process.start()
         send.close()
 

@@ -26,12 +26,17 @@ def kill_model_server():
     for sibling in me.parent().children():
         if sibling.pid != me.pid and any("listener-" in (c.laddr or "")
                                          for c in sibling.net_connections(kind="unix")):
-            sibling.kill()  # (its parent, the run, reaps it)
+            sibling.kill()  # (its parent reaps it)
 
 
 def worker_pid(batch):
     """A model task that answers each file with the pid of the worker that ran it."""
     return [os.getpid() for _task in batch]
+
+
+def worker_environment(batch):
+    """A model task that answers each file with its worker's FACESETS_TEST_PROBE."""
+    return [os.environ.get("FACESETS_TEST_PROBE") for _task in batch]
 
 
 def stall(batch):

@@ -197,6 +197,27 @@ def test_the_pool_never_starts_more_workers_than_tasks(tmp_path, pack_dir, caplo
     assert any("more than the" in r.getMessage() for r in caplog.records)
 
 
+def test_workers_take_the_runs_environment_as_each_step_starts(pack_dir, monkeypatch):
+    """The workers of a step are forked from a fork server that started with
+    the run's first pool; each step's workers still see the run's environment
+    as it is when that step starts, as spawned workers did."""
+    from crashing_task import worker_environment
+
+    seen = []
+    step = sort_faces.ModelStep(worker_environment, pack_dir, ["detection"],
+                                sort_faces.model_identity("buffalo_s", pack_dir, 640),
+                                on_result=lambda batch, result: seen.extend(result),
+                                crash_result=lambda reason: None)
+    for value in ("first", "second"):
+        monkeypatch.setenv("FACESETS_TEST_PROBE", value)
+        sort_faces.run_model_step(step, [[sort_faces.PhotoTask("a.jpg", 0, 0, "")]],
+                                  providers=["CPUExecutionProvider"], workers=1)
+    monkeypatch.delenv("FACESETS_TEST_PROBE")
+    sort_faces.run_model_step(step, [[sort_faces.PhotoTask("a.jpg", 0, 0, "")]],
+                              providers=["CPUExecutionProvider"], workers=1)
+    assert seen == ["first", "second", None]
+
+
 # ---------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------

@@ -1245,7 +1245,18 @@ def say(message: str, quiet: bool = False) -> None:
     message = display(message)
     log.info(message, extra={"summary": True})  # the console handler leaves it to print
     if not quiet:
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except BrokenPipeError:  # its reader went away (`| head -1`): the run goes on, unheard
+            stdout_to_devnull()
+
+
+def stdout_to_devnull() -> None:
+    """Standard output, whose reader has gone, pointed at os.devnull: later
+    lines (and the flush at exit) go nowhere instead of raising."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _stop_signal(signum, _frame):
@@ -1392,7 +1403,9 @@ def exclusive_lock(target: Path, what: str):
     behind by a killed run (its process gone, or its pid reused) is taken over
     instead of blocking forever.
     """
-    lock_path = Path(str(target) + ".lock")
+    # beside what `target` names in the end: an output or cache named through a
+    # link, or by another path, takes the same lock
+    lock_path = Path(os.path.realpath(target) + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()} {os.getpid()} {process_started(os.getpid()) or 0.0:.3f}"
     for _attempt in range(2):
@@ -3923,10 +3936,37 @@ def worker_context():
     threads. The server is started once a run, by its first pool, and ends
     when the run and every worker it forked have."""
     if not sys.platform.startswith("linux"):
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([_init_worker.__module__, *WORKER_PRELOAD])
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([_init_worker.__module__, *WORKER_PRELOAD])
+    start_pool_helpers(context)
     return context
+
+
+def start_pool_helpers(context) -> None:
+    """multiprocessing's own processes for the workers (its resource tracker,
+    and the fork server), started with the stop signals ignored, as the
+    workers have them: a Ctrl-C or a closed terminal reaches the whole
+    process group, and would kill them under the run (the tracker, then
+    every semaphore the run releases is a traceback) or interrupt the fork
+    server's imports (a traceback); the run stops its workers itself, and
+    these end with it. (Ignored signals are inherited; the window in which
+    the run ignores them too is the few milliseconds of their start.)"""
+    from multiprocessing import forkserver, resource_tracker
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signals are set in the main thread only; the pools start there)
+    saved = {signum: signal.signal(signum, signal.SIG_IGN)
+             for signum in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        resource_tracker.ensure_running()
+        if context.get_start_method() == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # (None: a handler not set from Python, left ignored)
+                signal.signal(signum, handler)
 
 
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
@@ -4210,13 +4250,13 @@ class ModelPool(WorkerPool):
         if getattr(self, "pool", None) is None:  # (a pool whose start failed first)
             return
         processes = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
+        for process in processes:  # first: a worker still starting reads the pool's queues
             with contextlib.suppress(Exception):
                 process.kill()
         for process in processes:
             with contextlib.suppress(Exception):
                 process.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
@@ -6043,6 +6083,7 @@ class InPlaceChange:
         self.before = output_paths(out)
         self.manifest_sha256 = sha256_or_none(manifest)
         self.removals: list[Path] = []
+        self.committed = False
 
     def remove_later(self, path: Path) -> None:
         self.removals.append(path)
@@ -6057,7 +6098,10 @@ class InPlaceChange:
         """The removals journaled, then `write_manifest()`: the point after
         which the change is finished, not undone."""
         self.write_journal()
-        write_manifest()
+        try:
+            write_manifest()
+        finally:  # written (even if what follows its rename failed): a failure now is no undo
+            self.committed = sha256_or_none(self.manifest) != self.manifest_sha256
 
 
 def sha256_or_none(path: Path) -> str | None:
@@ -6082,14 +6126,33 @@ def journal_paths(out: Path, journal: Path, data, key: str) -> list[Path]:
     """The paths under `out` a journal lists under `key` (relative), each
     checked to lie inside `out` (UserError naming the journal otherwise)."""
     listed = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
+    if not isinstance(listed, list) or not all(isinstance(p, str) and p and "\0" not in p
+                                               for p in listed):
         raise UserError(f"{display(journal)} is not a face-sets journal (no list of paths as "
                         f"{key!r}): remove it, and build {display(out)} again with its step")
     try:
         return [inside(out, *Path(p).parts) for p in listed]
-    except UserError:
+    except (UserError, OSError, ValueError):
         raise UserError(f"{display(journal)} lists a path outside {display(out)}: remove it, and "
                         f"build {display(out)} again with its step") from None
+
+
+def checked_journal(out: Path, journal: Path, manifest: Path) -> tuple[str, set[str], list[Path]]:
+    """(the manifest's sha256 the change started from, the paths under `out`
+    before it, the removals it asked for) from the journal's document, as
+    extend writes it: what was before holds the manifest and the output's
+    marker (they were there), and no removal is either, or the journal."""
+    data = read_json(journal, "journal of an unfinished change")
+    started = data.get("manifest_sha256") if isinstance(data, dict) else None
+    before = {str(p) for p in journal_paths(out, journal, data, "before")}
+    removals = journal_paths(out, journal, data, "removals")
+    kept = {str(out / OUTPUT_MARKER), str(manifest)}
+    if not isinstance(started, str) or not kept <= before or \
+            kept & {str(p) for p in removals} or str(journal) in {str(p) for p in removals}:
+        raise UserError(f"{display(journal)} is not a face-sets journal (its manifest, marker or "
+                        f"removals are not extend's): remove it, and build {display(out)} again "
+                        "with its step")
+    return started, before, removals
 
 
 def repair_in_place_change(out: Path, manifest: Path) -> str | None:
@@ -6103,19 +6166,24 @@ def repair_in_place_change(out: Path, manifest: Path) -> str | None:
     journal = out / IN_PLACE_JOURNAL
     if not os.path.lexists(journal):
         return None
-    data = read_json(journal, "journal of an unfinished change")
-    before = {str(p) for p in journal_paths(out, journal, data, "before")}
-    removals = journal_paths(out, journal, data, "removals")
-    if sha256_or_none(manifest) == data.get("manifest_sha256"):
-        added = output_paths(out) - before - {str(journal)}
-        remove_output_paths(added)
-        what = (f"undid the change a stopped run left unfinished in {display(out)} "
-                f"({counted(len(added), 'path')} it had added removed)")
-    else:
-        remove_output_paths(removals)
-        what = (f"finished the change a stopped run left in {display(out)} "
-                f"({counted(len(removals), 'path')} its manifest no longer lists removed)")
-    os.unlink(journal)
+    started, before, removals = checked_journal(out, journal, manifest)
+    try:
+        if sha256_or_none(manifest) == started:
+            added = output_paths(out) - before - {str(journal)}
+            remove_output_paths(added)
+            what = (f"undid the change a stopped run left unfinished in {display(out)} "
+                    f"({counted(len(added), 'path')} it had added removed)")
+        else:
+            remove_output_paths(removals)
+            what = (f"finished the change a stopped run left in {display(out)} "
+                    f"({counted(len(removals), 'path')} its manifest no longer lists removed; "
+                    "its review page redrawn)")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot repair {display(out)} from {display(journal)}: "
+                        f"{getattr(error, 'strerror', None) or error}; remove it, and build "
+                        f"{display(out)} again with its step") from None
     return what
 
 
@@ -6126,9 +6194,11 @@ def changed_in_place(out: Path, manifest: Path):
     only once its manifest (`manifest`) is written (InPlaceChange.commit),
     when the block ends. If the block fails instead, every path it added
     under `out` is removed again, nothing is removed, and `out` is as it was;
-    an OSError (a full disk, say) ends the run with one line saying so. If
-    the run is killed outright, its journal lets the next run undo or finish
-    the change (repair_in_place_change), as the caller has it do first.
+    an OSError (a full disk, say) ends the run with one line saying so. What
+    fails once the manifest is being written (the review page, say), or a
+    run killed outright, leaves the journal, from which the next run undoes
+    or finishes the change (repair_in_place_change), as the caller has it
+    do first.
     """
     out = Path(out)
     change = InPlaceChange(out, manifest)
@@ -6136,6 +6206,12 @@ def changed_in_place(out: Path, manifest: Path):
         change.write_journal()
         yield change
     except BaseException as error:
+        if change.committed:  # the manifest is written: the journal stays, the next run finishes
+            if isinstance(error, OSError):
+                raise UserError(f"cannot finish changing {display(out)}: "
+                                f"{error.strerror or error}; its manifest is written: run the "
+                                "same command again to finish") from None
+            raise
         remove_output_paths(output_paths(out) - change.before)
         if isinstance(error, OSError):
             raise UserError(f"cannot change {display(out)}: {error.strerror or error}; it is "
@@ -11278,25 +11354,27 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
             raise UserError(file_in_place(out, f"{kind} output folder"))
     results, records = {}, []
     with contextlib.ExitStack() as locks:  # every input read and checked before a write
-        manifests = []
+        manifests, redraw = [], []  # redraw: a change a killed run left was finished
         for out, _step, kind in steps:
             claim_output(out, kind)  # first: one folder given twice is not "in use"
             locks.enter_context(output_lock(out))
             repaired = repair_in_place_change(out, out / MANIFEST_FILES[kind])
             if repaired:
                 log.warning("extend: %s", repaired)
+            redraw.append(bool(repaired) and repaired.startswith("finished"))
             manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
                                            cache.embedding_size))
             check_manifest_model(manifests[-1], cache, cache_path, out)
         constraints = people_constraints(cache_path, cache)
         pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"],
                                           constraints["together"])
-        for (out, step, kind), manifest in zip(steps, manifests):
+        for (out, step, kind), manifest, finished in zip(steps, manifests, redraw):
             with changed_in_place(out, out / MANIFEST_FILES[kind]) as change:  # all or nothing
                 done = step(cache, out, locations, manifest, change, pairs)
+                if done is not None or finished:  # (its journal kept until the page is drawn)
+                    write_extended_review(out, kind, done[1] if done else manifest, cache,
+                                          constraints, locations)
             results[step.__name__] = record = done[0] if done is not None else None
-            if done is not None:
-                write_extended_review(out, kind, done[1], cache, constraints, locations)
             records.append((out, record))
     for out, record in records:
         if record is None:
@@ -13887,6 +13965,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.info("interrupted")
         print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # standard output's reader went away outside `say`
+        stdout_to_devnull()
+        log.info("stopped: standard output was closed")
+        print("error: standard output was closed; the work done so far is saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:
         log.debug("unexpected error", exc_info=True)

@@ -6,6 +6,7 @@ recorded, SIGTERM and SIGHUP save and stop the workers, the pool starts no more
 workers than it has tasks, and the lock never signals a process. (Each test
 reproduces one way earlier code lost data, issue 17.)"""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +21,8 @@ import psutil
 import pytest
 
 import sort_faces
-from conftest import DATA, ROOT, copy_photos, embed_quiet, one_line_error, run_cli
+from conftest import (DATA, ROOT, copy_photos, embed_quiet, left_running, one_line_error, run_cli,
+                      wait_for_chunks)
 
 
 def face_places(cache) -> set:
@@ -249,9 +251,74 @@ def test_sigterm_and_sighup_save_stop_the_pool_and_exit_130(tmp_path, signum):
     assert embed_quiet(src, cache)["new"] == 40 - saved.n_files
 
 
+def fork_server_of(run: psutil.Process, within: float = 60) -> psutil.Process:
+    """The fork server `run` starts with its first pool (its child whose
+    command is multiprocessing's forkserver), once it is there."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        for child in run.children():
+            with contextlib.suppress(psutil.Error):
+                if "forkserver" in " ".join(child.cmdline()):
+                    return child
+        time.sleep(0.02)
+    raise AssertionError("the run started no fork server")
+
+
+@pytest.mark.parametrize("signum,to,when", [
+    (signal.SIGINT, "group", "importing"),   # Ctrl-C while the fork server imports
+    (signal.SIGHUP, "group", "running"),     # the terminal closed, mid-run
+    (signal.SIGTERM, "run", "forking")])     # `kill PID` while a worker is being forked
+def test_a_stop_signal_at_the_pools_start_or_to_the_group_is_one_line(tmp_path, signum, to,
+                                                                      when):
+    """A stop signal to the run (or, as a terminal sends it, to its whole
+    process group, multiprocessing's own processes included) while the fork
+    server imports, while a worker is being forked, or mid-run: exit 130 with
+    one line, no traceback from any process, nothing left running, and the
+    next run finishes the work."""
+    src = copy_photos(tmp_path / "src", 12, sets=("lfw10",))
+    cache = tmp_path / "c.npz"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
+                                str(cache), "--model", "buffalo_s", "--flush-every", "2",
+                                "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = psutil.Process(process.pid)
+    server = fork_server_of(run)
+    if when == "forking":
+        deadline = time.time() + 60
+        while time.time() < deadline and not server.children():
+            time.sleep(0.005)
+    elif when == "running":
+        wait_for_chunks(cache, 1)
+    started = run.children(recursive=True)
+    if to == "group":
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == sort_faces.EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "Error" not in err.replace("error: interrupted", ""), err
+    assert left_running(started, within=5) == []
+    embed_quiet(src, cache)
+    assert sort_faces.load_cache(cache).n_files == 12
+
+
 # ---------------------------------------------------------------------------
 # The lock is portable
 # ---------------------------------------------------------------------------
+
+
+@pytest.mark.fast
+def test_one_folder_named_two_ways_is_one_lock(tmp_path):
+    """An output (or cache) named through a link, or by another path, takes
+    the lock of the folder it names: a second run is refused, as by name."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out)
+    with sort_faces.output_lock(out):
+        for other in (tmp_path / "link", tmp_path / "." / "link" / ".." / "out"):
+            with pytest.raises(sort_faces.UserError, match="in use by another run"):
+                with sort_faces.output_lock(other):
+                    pass
 
 
 @pytest.mark.fast

@@ -162,6 +162,22 @@ sort_faces.run_model_step(step, [[sort_faces.PhotoTask({str(busy)!r}, 0, 0, "")]
     assert left_running([worker], within=5) == []
 
 
+def test_a_closed_standard_output_stops_nothing(tmp_path):
+    """`embed ... | head -1`: the reader goes away after the first line; the
+    run goes on unheard, finishes the work and exits 0, with no traceback."""
+    src = _copy_photos(tmp_path / "src", sets=("face_recognition",))
+    cache = tmp_path / "c.npz"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
+                                str(cache), "--model", "buffalo_s", "--workers", "1"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("embed: ")
+    process.stdout.close()  # as `head -1` exits
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "Traceback" not in err, err
+    assert sort_faces.load_cache(cache).n_files >= 12
+    assert embed_quiet(src, cache)["new"] == 0  # nothing was left to do
+
+
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     src = _copy_photos(tmp_path / "src", sets=("lfw10",))
     cache = tmp_path / "c.npz"

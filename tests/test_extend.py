@@ -259,9 +259,10 @@ def test_an_extend_killed_outright_is_undone_or_finished_by_the_next(halves, ext
     output holds files no manifest lists (a new person's folder, photos in a
     known person's); the next extend first removes them (a line says so),
     then does the work, as an uninterrupted extend did. Killed after the
-    manifest but before the removals it asks for (singletons that joined a
-    person): the next extend makes them. Either way every folder then holds
-    exactly what its manifest lists."""
+    manifest but before its review page and the removals it asks for
+    (singletons that joined a person): the next extend makes them and draws
+    the page. Either way every folder then holds exactly what its manifest
+    lists."""
     (tmp_path / "before").mkdir()
     cache, raw, refined = built_then_grown(halves, tmp_path / "before")
     before = contents(raw)
@@ -277,37 +278,65 @@ def test_an_extend_killed_outright_is_undone_or_finished_by_the_next(halves, ext
     caplog.clear()
     (tmp_path / "after").mkdir()
     cache, raw, refined = built_then_grown(halves, tmp_path / "after")
-    extend_killed(cache, raw, refined, "remove_output_paths", after=False)
+    extend_killed(cache, raw, refined, "write_extended_review", after=False)
     assert members(json.loads((raw / "manifest.json").read_text())["clusters"]) == \
         members(extended["after_raw"]["clusters"])  # the manifest was written
     gone = set(extended["before_raw"]["singletons"]["outputs"]) - \
         set(extended["after_raw"]["singletons"]["outputs"])
     assert gone and all((raw / "_singletons" / name).exists() for name in gone)  # not yet removed
+    page = (raw / "index.html").read_text()
+    assert not all(e["name"] in page for e in extended["after_raw"]["clusters"])  # not yet drawn
     assert sort_faces.extend(cache, raw, refined, quiet=True)["extend_raw"] is None
     assert "finished the change a stopped run left" in caplog.text
+    page = (raw / "index.html").read_text()  # redrawn: every person of the manifest on it
+    assert all(e["name"] in page for e in extended["after_raw"]["clusters"])
     folders_match_manifest(raw, "cluster")
     folders_match_manifest(refined, "refine")
 
 
 @pytest.mark.fast
 def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(tmp_path):
+    """A journal extend did not write (or one edited since) is refused with
+    one line, and nothing inside or outside the output is removed: paths
+    outside it, names no file system takes, a `before` without the manifest
+    or marker (it would empty the output), removals of them or of itself."""
     out = tmp_path / "out"
     (out / "person_001").mkdir(parents=True)
     (out / "person_001" / "a.jpg").write_bytes(b"photo")
     (out / "manifest.json").write_text("{}")
+    (out / sort_faces.OUTPUT_MARKER).write_text("{}")
     outside = tmp_path / "keep.jpg"
     outside.write_bytes(b"mine")
     journal = out / sort_faces.IN_PLACE_JOURNAL
+    sha = sort_faces.sha256_file(str(out / "manifest.json"))
+    kept = ["manifest.json", sort_faces.OUTPUT_MARKER, "person_001", "person_001/a.jpg"]
     for data in ({"before": "person_001", "removals": []},
-                 {"before": [], "removals": ["../keep.jpg"]},
-                 {"before": [], "removals": [str(outside)]}):
+                 {"before": kept, "removals": ["../keep.jpg"]},
+                 {"before": kept, "removals": [str(outside)]},
+                 {"before": kept, "removals": ["person_001/\0a.jpg"]},
+                 {"before": kept, "removals": ["x" * 5000]},
+                 {"before": kept, "removals": ["manifest.json/x"]},
+                 {"before": [], "removals": []},                       # would empty the output
+                 {"before": kept, "removals": ["manifest.json"]},
+                 {"before": kept, "removals": [sort_faces.IN_PLACE_JOURNAL]}):
         journal.write_text(json.dumps({"manifest_sha256": "x", **data}))
-        with pytest.raises(sort_faces.UserError, match="journal|outside"):
+        with pytest.raises(sort_faces.UserError, match="journal|outside|cannot repair") as error:
             sort_faces.repair_in_place_change(out, out / "manifest.json")
+        assert "\n" not in str(error.value)
         assert outside.read_bytes() == b"mine" and (out / "person_001" / "a.jpg").exists()
+        assert (out / "manifest.json").exists() and (out / sort_faces.OUTPUT_MARKER).exists()
+    journal.write_text(json.dumps({"before": kept, "removals": []}))  # no manifest sha256
+    with pytest.raises(sort_faces.UserError, match="not a face-sets journal"):
+        sort_faces.repair_in_place_change(out, out / "manifest.json")
     journal.write_text("not json")
     with pytest.raises(sort_faces.UserError, match="cannot read journal"):
         sort_faces.repair_in_place_change(out, out / "manifest.json")
+    (out / "person_002").mkdir()  # a well-formed journal: what was added since is removed
+    journal.write_text(json.dumps({"manifest_sha256": sha, "before": kept, "removals": []}))
+    assert "1 path it had added removed" in sort_faces.repair_in_place_change(
+        out, out / "manifest.json")
+    assert not (out / "person_002").exists() and not journal.exists()
+    assert (out / "person_001" / "a.jpg").exists()
 
 
 @pytest.mark.fast

@@ -1269,6 +1269,41 @@ def install_stop_signals() -> None:
         signal.signal(signum, _stop_signal)
 
 
+def block_stop_signals():
+    """Ctrl-C, SIGTERM and SIGHUP blocked in this thread; the mask before."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, *STOP_SIGNALS))
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP held for the block, not lost: one that
+    arrives meanwhile stops the run as it ends (KeyboardInterrupt). For a
+    block that starts a process: the run never stops between the process's
+    start and the record of it (it could not stop that process), and the
+    process inherits the three blocked (this thread's signal mask), so none
+    of them reaching its process group kills it or breaks its imports
+    before it sets them itself. Only the main thread handles signals: in
+    another the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, *STOP_SIGNALS)
+    held: list[int] = []
+    saved = {signum: signal.signal(signum, lambda signum, _frame: held.append(signum))
+             for signum in signums}
+    masked = hasattr(signal, "pthread_sigmask")
+    mask = block_stop_signals() if masked else None
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():  # first: one still pending now meets these
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if held:
+        raise KeyboardInterrupt(f"signal {held[0]}")
+
+
 def progress(iterable=None, **kwargs):
     """A tqdm bar on stderr, off when stderr is not a terminal."""
     from tqdm import tqdm
@@ -3886,6 +3921,13 @@ def this_run() -> RunOrigin:
     return RunOrigin(os.getpid(), psutil.Process().create_time(), dict(os.environ))
 
 
+def parent_as_run() -> RunOrigin:
+    """This process's parent as the run it ends with (a Ray actor's: its
+    node's raylet), with this process's own environment."""
+    parent = os.getppid()
+    return RunOrigin(parent, psutil.Process(parent).create_time(), dict(os.environ))
+
+
 def join_run(run: RunOrigin) -> None:
     """A worker's first act: the run's environment, and an end with the run."""
     if os.environ != run.environment:
@@ -3946,27 +3988,20 @@ def worker_context():
 
 def start_pool_helpers(context) -> None:
     """multiprocessing's own processes for the workers (its resource tracker,
-    and the fork server), started with the stop signals ignored, as the
-    workers have them: a Ctrl-C or a closed terminal reaches the whole
-    process group, and would kill them under the run (the tracker, then
-    every semaphore the run releases is a traceback) or interrupt the fork
-    server's imports (a traceback); the run stops its workers itself, and
-    these end with it. (Ignored signals are inherited; the window in which
-    the run ignores them too is the few milliseconds of their start.)"""
+    and the fork server), started with the stop signals blocked
+    (stop_signals_held), as the workers hold them off: a Ctrl-C or a closed
+    terminal reaches the whole process group, and would kill them under
+    the run (the tracker, then every semaphore the run releases is a
+    traceback) or interrupt the fork server's imports (a traceback). The
+    run stops its workers itself, and these end with it."""
     from multiprocessing import forkserver, resource_tracker
 
-    if threading.current_thread() is not threading.main_thread():
-        return  # (signals are set in the main thread only; the pools start there)
-    saved = {signum: signal.signal(signum, signal.SIG_IGN)
-             for signum in (signal.SIGINT, *STOP_SIGNALS)}
-    try:
+    with stop_signals_held():
         resource_tracker.ensure_running()
+        if hasattr(signal, "pthread_sigmask"):
+            block_stop_signals()  # again: the tracker's start unblocks SIGINT and SIGTERM
         if context.get_start_method() == "forkserver":
             forkserver.ensure_running()
-    finally:
-        for signum, handler in saved.items():
-            if handler is not None:  # (None: a handler not set from Python, left ignored)
-                signal.signal(signum, handler)
 
 
 def _init_worker(pack_dir, modules, providers, det_size, device_queue, embedding_size,
@@ -4177,7 +4212,12 @@ class ModelPool(WorkerPool):
         self.pool = make_pool()
         # asked first, answered by the first worker up; not waited for, so that the
         # other workers start meanwhile (the pool starts them as tasks arrive)
-        self.starting = self.pool.submit(pool_canary)
+        try:
+            with stop_signals_held():  # (it starts a worker: never stopped between)
+                self.starting = self.pool.submit(pool_canary)
+        except BaseException:  # (a stop as it ends: the run has no pool to stop yet)
+            self.stop_workers()
+            raise
 
     def started(self, block: bool = True) -> None:
         """`on_start(the canary's answer)` once, when it is in (or, with
@@ -4196,7 +4236,8 @@ class ModelPool(WorkerPool):
             self.on_start = None
 
     def submit(self, batch: list) -> None:
-        self.inflight[self.pool.submit(self.step.work, batch)] = batch
+        with stop_signals_held():  # (it may start a worker: never stopped between)
+            self.inflight[self.pool.submit(self.step.work, batch)] = batch
 
     def drain(self, block: bool) -> None:
         done, _ = concurrent.futures.wait(self.inflight, timeout=None if block else 0,
@@ -4222,7 +4263,8 @@ class ModelPool(WorkerPool):
     def start(self) -> None:
         """A fresh pool that can run (its canary answered), else PoolFailure."""
         self.pool = self.make_pool()
-        self.starting = self.pool.submit(pool_canary)
+        with stop_signals_held():  # (it may start a worker: never stopped between)
+            self.starting = self.pool.submit(pool_canary)
         try:
             self.starting.result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -4232,12 +4274,18 @@ class ModelPool(WorkerPool):
             pass  # started() says so
         self.started()
 
+    def run_one(self, task) -> list:
+        """`task` alone (its results), on this pool."""
+        with stop_signals_held():  # (it may start a worker: never stopped between)
+            future = self.pool.submit(self.step.work, [task])
+        return future.result()
+
     def recover(self) -> None:
         suspects = self.suspects + list(self.inflight.values())
         self.suspects, self.inflight = [], {}
         self.restart()
         self.run_alone((task for batch in suspects for task in batch),
-                       lambda task: self.pool.submit(self.step.work, [task]).result(),
+                       self.run_one,
                        concurrent.futures.process.BrokenProcessPool,
                        lambda _error: self.restart())  # PoolFailure if a fresh pool cannot run
 
@@ -4490,8 +4538,14 @@ class ModelServerProcess:
             target=_serve_models, name=f"face-sets model server {device}", daemon=True,
             args=(str(step.pack_dir), step.modules, providers, step.identity["det_size"],
                   device, self.info["address"], self.authkey, send, this_run()))
-        self.process.start()
-        send.close()
+        try:
+            with stop_signals_held():  # never stopped between its start and this record
+                self.process.start()
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            send.close()
 
     def wait_ready(self) -> None:
         """Until the server has loaded the model: PoolFailure if it cannot, or
@@ -5048,7 +5102,7 @@ class RayModelWorker:
             return
         # its parent is its node's raylet, which a killed local run takes with it
         _init_worker(pack, modules, providers, det_size, None, embedding_size, options,
-                     os.getppid())
+                     parent_as_run())
 
     def ready(self) -> str:
         """'' once the model is loaded, else why it could not be."""

@@ -6209,21 +6209,23 @@ def checked_journal(out: Path, journal: Path, manifest: Path) -> tuple[str, set[
     return started, before, removals
 
 
-def repair_in_place_change(out: Path, manifest: Path) -> str | None:
+def repair_in_place_change(out: Path, manifest: Path, listed: set[str]) -> str | None:
     """Undo or finish the change of `out` a run killed outright left (its
     IN_PLACE_JOURNAL), before anything else reads `out`: while the manifest
     is still the one the change started from, every path the run added is
     removed (undone: `out` is as it was); once it was written, the removals
-    the run journaled are made (finished). Returns one line saying which,
-    or None when no change was left. A journal that is not face-sets' own is
-    refused (UserError), and nothing is touched."""
+    the run journaled are made (finished). Never a path the manifest as it
+    is lists (`listed`: listed_paths), whatever the journal says. Returns
+    one line saying which, or None when no change was left. A journal that
+    is not face-sets' own is refused (UserError), and nothing is touched."""
     journal = out / IN_PLACE_JOURNAL
     if not os.path.lexists(journal):
         return None
     started, before, removals = checked_journal(out, journal, manifest)
+    removals = [path for path in removals if str(path) not in listed]
     try:
         if sha256_or_none(manifest) == started:
-            added = output_paths(out) - before - {str(journal)}
+            added = output_paths(out) - before - {str(journal)} - listed
             remove_output_paths(added)
             what = (f"undid the change a stopped run left unfinished in {display(out)} "
                     f"({counted(len(added), 'path')} it had added removed)")
@@ -7284,6 +7286,22 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST_FILES[manifest.step]
     write_json_atomic(path, manifest.to_json())
     return path
+
+
+def listed_paths(out: Path, manifest: ClusterManifest | RefineManifest) -> set[str]:
+    """Every path under `out` that its (loaded) manifest lists, or that its
+    review page is: the manifest, the marker, each person's (or faceset's)
+    folder and its files, the singletons' and no-face photos'."""
+    groups = [(entry.folder, entry.outputs) for entry in manifest.entries]
+    if isinstance(manifest, ClusterManifest):
+        groups += [("_singletons", manifest.singletons.outputs),
+                   ("_noface", manifest.noface.outputs)]
+    paths = {out / MANIFEST_FILES[manifest.step], out / OUTPUT_MARKER, out / REVIEW_PAGE_NAME,
+             out / THUMBS_DIR_NAME}
+    for folder, outputs in groups:
+        paths.add(out / folder)
+        paths.update(out / folder / name for name in outputs)
+    return {str(path) for path in paths}
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
@@ -11412,12 +11430,13 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
         for out, _step, kind in steps:
             claim_output(out, kind)  # first: one folder given twice is not "in use"
             locks.enter_context(output_lock(out))
-            repaired = repair_in_place_change(out, out / MANIFEST_FILES[kind])
+            manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
+                                           cache.embedding_size))
+            repaired = repair_in_place_change(out, out / MANIFEST_FILES[kind],
+                                              listed_paths(out, manifests[-1]))
             if repaired:
                 log.warning("extend: %s", repaired)
             redraw.append(bool(repaired) and repaired.startswith("finished"))
-            manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
-                                           cache.embedding_size))
             check_manifest_model(manifests[-1], cache, cache_path, out)
         constraints = people_constraints(cache_path, cache)
         pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"],

@@ -299,7 +299,8 @@ def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(t
     """A journal extend did not write (or one edited since) is refused with
     one line, and nothing inside or outside the output is removed: paths
     outside it, names no file system takes, a `before` without the manifest
-    or marker (it would empty the output), removals of them or of itself."""
+    or marker (it would empty the output), removals of them or of itself.
+    And whatever a journal says, no path the manifest lists is removed."""
     out = tmp_path / "out"
     (out / "person_001").mkdir(parents=True)
     (out / "person_001" / "a.jpg").write_bytes(b"photo")
@@ -310,6 +311,7 @@ def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(t
     journal = out / sort_faces.IN_PLACE_JOURNAL
     sha = sort_faces.sha256_file(str(out / "manifest.json"))
     kept = ["manifest.json", sort_faces.OUTPUT_MARKER, "person_001", "person_001/a.jpg"]
+    listed = {str(out / name) for name in kept}  # what the manifest lists (listed_paths)
     for data in ({"before": "person_001", "removals": []},
                  {"before": kept, "removals": ["../keep.jpg"]},
                  {"before": kept, "removals": [str(outside)]},
@@ -321,22 +323,28 @@ def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(t
                  {"before": kept, "removals": [sort_faces.IN_PLACE_JOURNAL]}):
         journal.write_text(json.dumps({"manifest_sha256": "x", **data}))
         with pytest.raises(sort_faces.UserError, match="journal|outside|cannot repair") as error:
-            sort_faces.repair_in_place_change(out, out / "manifest.json")
+            sort_faces.repair_in_place_change(out, out / "manifest.json", listed)
         assert "\n" not in str(error.value)
         assert outside.read_bytes() == b"mine" and (out / "person_001" / "a.jpg").exists()
         assert (out / "manifest.json").exists() and (out / sort_faces.OUTPUT_MARKER).exists()
     journal.write_text(json.dumps({"before": kept, "removals": []}))  # no manifest sha256
     with pytest.raises(sort_faces.UserError, match="not a face-sets journal"):
-        sort_faces.repair_in_place_change(out, out / "manifest.json")
+        sort_faces.repair_in_place_change(out, out / "manifest.json", listed)
     journal.write_text("not json")
     with pytest.raises(sort_faces.UserError, match="cannot read journal"):
-        sort_faces.repair_in_place_change(out, out / "manifest.json")
+        sort_faces.repair_in_place_change(out, out / "manifest.json", listed)
     (out / "person_002").mkdir()  # a well-formed journal: what was added since is removed
     journal.write_text(json.dumps({"manifest_sha256": sha, "before": kept, "removals": []}))
     assert "1 path it had added removed" in sort_faces.repair_in_place_change(
-        out, out / "manifest.json")
+        out, out / "manifest.json", listed)
     assert not (out / "person_002").exists() and not journal.exists()
     assert (out / "person_001" / "a.jpg").exists()
+    # well-formed, but naming what the manifest lists: never removed, whatever it says
+    for data in ({"manifest_sha256": sha, "before": kept[:2], "removals": []},       # undo
+                 {"manifest_sha256": "x", "before": kept, "removals": ["person_001"]}):  # finish
+        journal.write_text(json.dumps(data))
+        sort_faces.repair_in_place_change(out, out / "manifest.json", listed)
+        assert (out / "person_001" / "a.jpg").exists() and not journal.exists()
 
 
 @pytest.mark.fast

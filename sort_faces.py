@@ -1287,7 +1287,8 @@ def stop_signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signums = (signal.SIGINT, *STOP_SIGNALS)
+    signums = [signum for signum in (signal.SIGINT, *STOP_SIGNALS)  # (one the run was started
+               if signal.getsignal(signum) is not signal.SIG_IGN]    # ignoring stays ignored)
     held: list[int] = []
     saved = {signum: signal.signal(signum, lambda signum, _frame: held.append(signum))
              for signum in signums}
@@ -4304,7 +4305,10 @@ class ModelPool(WorkerPool):
         for process in processes:
             with contextlib.suppress(Exception):
                 process.join(timeout=10)
+        manager = getattr(self.pool, "_executor_manager_thread", None)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:  # ended before the run's exit wakes it (a closed pipe: EBADF)
+            manager.join(timeout=10)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)

@@ -277,10 +277,13 @@ def test_a_stop_signal_at_the_pools_start_or_to_the_group_is_one_line(tmp_path, 
     next run finishes the work."""
     src = copy_photos(tmp_path / "src", 12, sets=("lfw10",))
     cache = tmp_path / "c.npz"
+    # (Ctrl-C at its default, as in a terminal: a suite run in the background by a
+    # shell without job control has it ignored, and so would the run)
     process = subprocess.Popen([sys.executable, str(ROOT / "sort_faces.py"), "embed", str(src),
                                 str(cache), "--model", "buffalo_s", "--flush-every", "2",
                                 "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = psutil.Process(process.pid)
     server = fork_server_of(run)
     if when == "forking":

@@ -3919,14 +3919,14 @@ class RunOrigin:
 
 
 def this_run() -> RunOrigin:
-    return RunOrigin(os.getpid(), psutil.Process().create_time(), dict(os.environ))
+    return RunOrigin(os.getpid(), process_started(os.getpid()), dict(os.environ))
 
 
 def parent_as_run() -> RunOrigin:
     """This process's parent as the run it ends with (a Ray actor's: its
     node's raylet), with this process's own environment."""
     parent = os.getppid()
-    return RunOrigin(parent, psutil.Process(parent).create_time(), dict(os.environ))
+    return RunOrigin(parent, process_started(parent), dict(os.environ))
 
 
 def join_run(run: RunOrigin) -> None:
@@ -6204,23 +6204,24 @@ def checked_journal(out: Path, journal: Path, manifest: Path) -> tuple[str, set[
     started = data.get("manifest_sha256") if isinstance(data, dict) else None
     before = {str(p) for p in journal_paths(out, journal, data, "before")}
     removals = journal_paths(out, journal, data, "removals")
-    kept = {str(out / OUTPUT_MARKER), str(manifest)}
-    if not isinstance(started, str) or not kept <= before or \
-            kept & {str(p) for p in removals} or str(journal) in {str(p) for p in removals}:
+    kept, removed = {str(out / OUTPUT_MARKER), str(manifest)}, {str(p) for p in removals}
+    if not isinstance(started, str) or not kept <= before or (kept | {str(journal)}) & removed:
         raise UserError(f"{display(journal)} is not a face-sets journal (its manifest, marker or "
                         f"removals are not extend's): remove it, and build {display(out)} again "
                         "with its step")
     return started, before, removals
 
 
-def repair_in_place_change(out: Path, manifest: Path, listed: set[str]) -> str | None:
+def repair_in_place_change(out: Path, manifest: Path,
+                           listed: set[str]) -> tuple[str, bool] | None:
     """Undo or finish the change of `out` a run killed outright left (its
     IN_PLACE_JOURNAL), before anything else reads `out`: while the manifest
     is still the one the change started from, every path the run added is
     removed (undone: `out` is as it was); once it was written, the removals
     the run journaled are made (finished). Never a path the manifest as it
     is lists (`listed`: listed_paths), whatever the journal says. Returns
-    one line saying which, or None when no change was left. A journal that
+    (one line saying which, whether it was finished: its review page is to
+    be drawn), or None when no change was left. A journal that
     is not face-sets' own is refused (UserError), and nothing is touched."""
     journal = out / IN_PLACE_JOURNAL
     if not os.path.lexists(journal):
@@ -6228,7 +6229,8 @@ def repair_in_place_change(out: Path, manifest: Path, listed: set[str]) -> str |
     started, before, removals = checked_journal(out, journal, manifest)
     removals = [path for path in removals if str(path) not in listed]
     try:
-        if sha256_or_none(manifest) == started:
+        finished = sha256_or_none(manifest) != started
+        if not finished:
             added = output_paths(out) - before - {str(journal)} - listed
             remove_output_paths(added)
             what = (f"undid the change a stopped run left unfinished in {display(out)} "
@@ -6244,7 +6246,7 @@ def repair_in_place_change(out: Path, manifest: Path, listed: set[str]) -> str |
         raise UserError(f"cannot repair {display(out)} from {display(journal)}: "
                         f"{getattr(error, 'strerror', None) or error}; remove it, and build "
                         f"{display(out)} again with its step") from None
-    return what
+    return what, finished
 
 
 @contextlib.contextmanager
@@ -11436,11 +11438,11 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
             locks.enter_context(output_lock(out))
             manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
                                            cache.embedding_size))
-            repaired = repair_in_place_change(out, out / MANIFEST_FILES[kind],
-                                              listed_paths(out, manifests[-1]))
-            if repaired:
-                log.warning("extend: %s", repaired)
-            redraw.append(bool(repaired) and repaired.startswith("finished"))
+            line, finished = repair_in_place_change(out, out / MANIFEST_FILES[kind],
+                                                    listed_paths(out, manifests[-1])) or ("", False)
+            if line:
+                log.warning("extend: %s", line)
+            redraw.append(finished)
             check_manifest_model(manifests[-1], cache, cache_path, out)
         constraints = people_constraints(cache_path, cache)
         pairs, _counts = same_photo_pairs(cache["face_file"], cache["embeddings"],

@@ -336,7 +336,7 @@ def test_a_journal_that_is_not_face_sets_own_is_refused_and_nothing_is_touched(t
     (out / "person_002").mkdir()  # a well-formed journal: what was added since is removed
     journal.write_text(json.dumps({"manifest_sha256": sha, "before": kept, "removals": []}))
     assert "1 path it had added removed" in sort_faces.repair_in_place_change(
-        out, out / "manifest.json", listed)
+        out, out / "manifest.json", listed)[0]
     assert not (out / "person_002").exists() and not journal.exists()
     assert (out / "person_001" / "a.jpg").exists()
     # well-formed, but naming what the manifest lists: never removed, whatever it says

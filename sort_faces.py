@@ -1635,18 +1635,20 @@ def bounded_map(function, items, executor, ahead: int):
 
 # Characters no file system takes (Windows is the strictest) and its reserved names.
 _RESERVED_CHARS = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+# flat_name_chars' str.translate table: each reserved character "_", each byte
+# of a source name that is not UTF-8 (a lone surrogate, U+DC80..U+DCFF) "%XX".
+_NAME_CHAR_TABLE = {**{ord(ch): "_" for ch in _RESERVED_CHARS},
+                    **{code: f"%{code - 0xDC00:02X}" for code in range(0xDC80, 0xDD00)}}
 
 
 _RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                    *(f"LPT{i}" for i in range(1, 10))}
 
 
-def _name_char(ch: str) -> str:
-    """One character of a flat output name: reserved ones become "_", a byte of
-    the source name that is not UTF-8 (a lone surrogate here) becomes %XX."""
-    if "\udc80" <= ch <= "\udcff":
-        return f"%{ord(ch) - 0xDC00:02X}"
-    return "_" if ch in _RESERVED_CHARS else ch
+def flat_name_chars(text: str) -> str:
+    """`text` with the characters of a flat output name: reserved ones "_", a
+    byte of the source name that is not UTF-8 (a lone surrogate here) %XX."""
+    return text.translate(_NAME_CHAR_TABLE)
 
 
 def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
@@ -1662,11 +1664,12 @@ def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     absolute = os.path.abspath(path)
     drive, rest = os.path.splitdrive(absolute)
     separators = "/\\" if os.sep == "\\" else "/"
-    parts = [p for p in "".join("/" if ch in separators else ch for ch in rest).split("/") if p]
+    parts = [p for p in (rest.replace("\\", "/") if "\\" in separators else rest).split("/")
+             if p]
     if drive:
         parts.insert(0, drive.rstrip(":").replace("\\", "_").strip("_"))
     plain = "__".join(parts)
-    name = "".join(_name_char(ch) for ch in plain).rstrip(" .") or "_"
+    name = flat_name_chars(plain).rstrip(" .") or "_"
     lossy = name != plain or "%" in plain or any("__" in part for part in parts) or \
         bool(re.search(r"~[0-9a-f]{10}$", os.path.splitext(name)[0]))  # looks like a hashed name
     stem, ext = os.path.splitext(name)
@@ -5872,7 +5875,7 @@ def entry_folder(name: str, label: str | None = None) -> str:
     MAX_LABEL_BYTES of it. The number keeps folders of one output apart."""
     if not label:
         return name
-    safe = "".join("_" if ch in "/\\" else _name_char(ch) for ch in label).strip(" .")
+    safe = flat_name_chars(label).strip(" .")
     return f"{name}_{safe.encode('utf-8')[:MAX_LABEL_BYTES].decode('utf-8', 'ignore')}"
 
 

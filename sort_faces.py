@@ -5994,6 +5994,9 @@ def check_output_location(out: Path, cache_path: Path, cache: FaceCache, kind: s
     out = Path(os.path.abspath(out))
     if os.path.realpath(out) == os.path.realpath(Path(cache_path).parent):
         raise UserError(f"output {out} is the cache's folder; choose a folder of its own")
+    if os.path.realpath(out) == os.path.realpath(cache_path):
+        raise UserError(f"output {out} is the cache file itself; give the step a folder of "
+                        f"its own")
     if is_within(cache_path, out):
         raise UserError(f"output {out} contains the cache {cache_path}; choose another folder")
     for source in cache.meta.get("sources", []):
@@ -6040,8 +6043,9 @@ def claim_output(out: Path, kind: str) -> str | None:
         raise UserError(f"output {display(out)} exists and was not made by face-sets (it has no "
                         f"{OUTPUT_MARKER}); nothing in it is touched: choose an empty or new folder")
     if marker["kind"] != kind:
-        raise UserError(f"output {display(out)} is a face-sets {marker['kind']} output, not a "
-                        f"{kind} one; give {kind} a folder of its own")
+        raise UserError(f"output {display(out)} is a face-sets {marker['kind']} output, not "
+                        f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} one; give {kind} a "
+                        f"folder of its own")
     return marker["id"]
 
 

@@ -136,7 +136,8 @@ def test_output_locations_that_could_touch_photos_are_refused(tmp_path):
     embed_quiet(src, cache)
     for out, message in ((src / "out", "inside the source tree"),
                          (cache.parent, "cache's folder"),
-                         (tmp_path, "contains the cache")):
+                         (tmp_path, "contains the cache"),
+                         (cache, "is the cache file itself")):
         with pytest.raises(sort_faces.UserError, match=message):
             sort_faces.cluster(cache, out, quiet=True)
     foreign = tmp_path / "documents"
@@ -145,6 +146,11 @@ def test_output_locations_that_could_touch_photos_are_refused(tmp_path):
     with pytest.raises(sort_faces.UserError, match="not made by face-sets"):
         sort_faces.refine(cache, foreign, quiet=True)
     assert (foreign / "letter.txt").read_text() == "mine"
+    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    with pytest.raises(sort_faces.UserError, match="a face-sets cluster output, not an export-swap "):
+        sort_faces.claim_output(tmp_path / "raw", "export-swap")
+    with pytest.raises(sort_faces.UserError, match="a face-sets cluster output, not a refine "):
+        sort_faces.refine(cache, tmp_path / "raw", quiet=True)
     with pytest.raises(sort_faces.UserError, match="cache not found"):
         sort_faces.cluster(tmp_path / "missing.npz", tmp_path / "o", quiet=True)
 

@@ -12,24 +12,13 @@ if [ "${1:-}" = "--gpu" ]; then gpu=1; shift; fi
 [ $# -eq 2 ] || { echo "usage: $0 [--gpu] NEW_SRC NAME" >&2; exit 2; }
 src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
 name="$2"
-if [ -n "$gpu" ]; then
-    bash "$root/scripts/setup_venv.sh" --gpu
-    python="${GPU_VENV:-.venv-gpu}/bin/python"
-else
-    bash "$root/scripts/setup_venv.sh" requirements.txt
-    python=.venv/bin/python
-fi
+# shellcheck source=scripts/steps.sh
+source "$root/scripts/steps.sh"
+use_venv "$gpu"
 cd "$root"
-py=("$python" sort_faces.py)
 cache="work/cache/$name.npz"
 out="work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run scripts/pipeline.sh first" >&2; exit 2; }
-status=0
-step() {
-    local rc=0
-    "${py[@]}" "$@" || rc=$?
-    if [ "$rc" -eq 1 ]; then status=1; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
-}
 step embed "$src" "$cache"
 step extend "$cache" "$out/raw_full" --refine-out "$out/facesets_full"
 step enrich "$cache"

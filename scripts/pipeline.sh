@@ -21,23 +21,12 @@ link="${LINK:-copy}"
 case "$link" in copy|hardlink|symlink) ;;
     *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
 esac
-if [ -n "$gpu" ]; then
-    bash "$root/scripts/setup_venv.sh" --gpu
-    python="${GPU_VENV:-.venv-gpu}/bin/python"
-else
-    bash "$root/scripts/setup_venv.sh" requirements.txt
-    python=.venv/bin/python
-fi
+# shellcheck source=scripts/steps.sh
+source "$root/scripts/steps.sh"
+use_venv "$gpu"
 cd "$root"
-py=("$python" sort_faces.py)
 cache="work/cache/$name.npz"
 out="work/out/$name"
-status=0
-step() {  # run one step; exit code 1 (some files unreadable) is reported, not fatal
-    local rc=0
-    "${py[@]}" "$@" || rc=$?
-    if [ "$rc" -eq 1 ]; then status=1; elif [ "$rc" -ne 0 ]; then exit "$rc"; fi
-}
 step embed "$src" "$cache"
 step cluster "$cache" "$out/raw_full" --link "$link"
 # shellcheck disable=SC2086

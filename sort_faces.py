@@ -6256,6 +6256,17 @@ def repair_in_place_change(out: Path, manifest: Path,
     return what, finished
 
 
+def unfinished_change_note(out: Path) -> str | None:
+    """A line for the steps that read `out` without repairing it (people,
+    review) when it holds a stopped extend's journal (IN_PLACE_JOURNAL): what
+    its page shows is the manifest's, and who repairs it."""
+    if not os.path.lexists(Path(out) / IN_PLACE_JOURNAL):
+        return None
+    return (f"{display(out)} holds a change a stopped extend left unfinished "
+            f"({IN_PLACE_JOURNAL}); shown is what its manifest lists. The next extend finishes "
+            f"or undoes the change; a people decision rebuilds {display(out)} whole")
+
+
 @contextlib.contextmanager
 def changed_in_place(out: Path, manifest: Path):
     """Change the output `out` in place, all or nothing (extend): the step adds
@@ -12761,6 +12772,9 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
     kind, manifest_path, cache_path = people_output(out)
     cache = load_cache(cache_path)
     if verb in (None, "suggest"):
+        note = unfinished_change_note(out)
+        if note:
+            log.warning("people: %s", note)
         view = people_view(load_manifest(manifest_path, kind, cache.n_faces,
                                          cache.embedding_size), kind)
         suggestions = people_suggestions(view, out, cache, people_constraints(cache_path, cache))
@@ -13699,6 +13713,9 @@ def review(out, port: int = 0, open_browser: bool = False, quiet: bool = False) 
     url = f"http://{REVIEW_HOST}:{app.port}/?token={app.token}"
     print(f"review: {display(out)} at {url}", flush=True)
     say("review: open that address in a browser on this machine; Ctrl-C stops it", quiet)
+    note = unfinished_change_note(out)
+    if note:
+        log.warning("review: %s", note)
     log.info("review: serving %s on %s:%d", out, REVIEW_HOST, app.port)
     thread = threading.Thread(target=server.serve_forever, name="review-server", daemon=True)
     thread.start()

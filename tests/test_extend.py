@@ -269,6 +269,11 @@ def test_an_extend_killed_outright_is_undone_or_finished_by_the_next(halves, ext
     extend_killed(cache, raw, None, "write_manifest", after=False)
     assert contents(raw) != before and (raw / sort_faces.IN_PLACE_JOURNAL).exists()
     assert (raw / "manifest.json").read_bytes() == before["manifest.json"]
+    listing = sort_faces.people(raw)  # people (and review) say so, and touch nothing
+    assert "holds a change a stopped extend left unfinished" in caplog.text
+    assert {row["person"] for row in listing["people"]} == \
+        {e["name"] for e in json.loads(before["manifest.json"])["clusters"]}
+    assert (raw / sort_faces.IN_PLACE_JOURNAL).exists()
     result = sort_faces.extend(cache, raw, None, quiet=True)
     assert "undid the change a stopped run left unfinished" in caplog.text
     after = json.loads((raw / "manifest.json").read_text())

@@ -396,7 +396,7 @@ PEOPLE_OUTPUTS = {
 # --- errors and logging ---
 # Nouns whose plural is not noun + "s"; every count the tool prints goes through counted().
 PLURALS = {"person": "people", "alias": "aliases", "no-face image": "no-face images",
-           "model process": "model processes"}
+           "model process": "model processes", "copy": "copies"}
 # SIGTERM and SIGHUP end a run the way Ctrl-C does (work saved, pool stopped).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
                      if hasattr(signal, name))
@@ -5951,6 +5951,29 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     return old if same and (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) else None
 
 
+def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, sha256: str | None) -> bool:
+    """Put at `dst` the copy `old` (the file of that name in the output being
+    replaced) of a photo gone from the source since, when `old` is a regular
+    file whose bytes are the photo's as the cache has them (`sha256`): the
+    copy (or, in a hardlink output, the last link) may be all that is left
+    of it. A symlink output has nothing to keep. True if it was kept."""
+    if old is None or sha256 is None or link == "symlink":
+        return False
+    try:
+        held = os.lstat(old)
+        if not stat.S_ISREG(held.st_mode) or sha256_file(str(old)) != sha256:
+            return False
+        if link == "copy" and held.st_nlink > 1:  # shared with a file outside: a copy of its own
+            tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+            shutil.copy2(old, tmp)
+            os.replace(tmp, dst)
+        else:
+            link_or_copy(old, dst)
+    except OSError:
+        return False
+    return True
+
+
 def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:
     """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
     A copy whose `earlier` copy (earlier_copy) is still the photo's is that
@@ -6316,13 +6339,19 @@ def earlier_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
-def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None) -> list[str]:
+def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None,
+                      sha256s: dict[str, str] | None = None) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names.
     `earlier`: the folder of the same name in the output this build replaces,
-    whose copies still true are linked in rather than copied (earlier_copy)."""
+    whose copies still true are linked in rather than copied (earlier_copy),
+    and whose copy of a photo gone from the source since is kept when its
+    bytes are still the photo's (`sha256s`: each path's, as the cache has
+    it; kept_copy_of_gone_photo): a copy or hardlink output outlives its
+    photos, a rebuild included."""
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     failed_videos: set[str] = set()
+    kept = 0
     for path in paths:
         name = output_name(path)
         if name in names:
@@ -6333,16 +6362,30 @@ def materialise_files(folder: Path, paths, link: str, earlier: Path | None = Non
         video = getattr(path, "video", None)
         if video in failed_videos:
             continue  # said once for the video, not once a frame
+        old = earlier / name if earlier else None
         try:
-            materialise(path, inside(folder, name), link,
-                        earlier_copy(earlier / name if earlier else None, path))
+            materialise(path, inside(folder, name), link, earlier_copy(old, path))
             names[name] = path
         except OSError as error:
+            if isinstance(error, FileNotFoundError) and kept_copy_of_gone_photo(
+                    old, inside(folder, name), link, (sha256s or {}).get(path)):
+                names[name] = path
+                kept += 1
+                continue
             if video is not None:
                 failed_videos.add(video)
             log.warning("cannot materialise %s into %s/: %s", display(video or path),
                         display(folder.name), error.strerror or error)  # not the build path
+    if kept:
+        log.warning("kept %s in %s/ whose photos are gone from the source since (the copies "
+                    "the output held, their bytes the photos' as the cache has them)",
+                    counted(kept, "copy"), display(folder.name))
     return list(names)
+
+
+def location_sha256s(cache: FaceCache, locations, rows) -> dict[str, str]:
+    """Each location of the file rows `rows` with its file's sha256."""
+    return {path: str(cache["sha256"][row]) for row in rows for path in locations[row]}
 
 
 def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
@@ -6359,7 +6402,8 @@ def write_group(folder: Path, faces, cache, locations, link, earlier: Path | Non
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
     return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
-                 outputs=materialise_files(folder, paths, link, earlier))
+                 outputs=materialise_files(folder, paths, link, earlier,
+                                           location_sha256s(cache, locations, file_rows)))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
@@ -11006,7 +11050,9 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             **fields, clustering=info, clusters=entries, singletons=singletons,
             rejected=[face_record(cache, f, locations) for f in rejected],
             noface=NoFace(files=noface, outputs=materialise_files(
-                work / "_noface", noface, link, earlier_folder(out, "_noface"))),
+                work / "_noface", noface, link, earlier_folder(out, "_noface"),
+                location_sha256s(cache, locations, np.flatnonzero(
+                    cache["file_status"] == "noface")))),
             unreadable=unreadable,
             summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
                                    faces_in_people=int(sum(len(g) for g in people)),

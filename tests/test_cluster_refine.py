@@ -331,3 +331,58 @@ def test_a_rebuild_links_the_copies_still_true_and_copies_again_what_changed(tmp
     sort_faces.cluster(cache, out, link="copy", quiet=True)
     assert all(s.stat().st_nlink == 1 for s in src.rglob("*.jpg"))
     assert all(c.read_bytes() == source_of[c].read_bytes() for c in copies)
+
+
+def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, caplog):
+    """A copy or hardlink output outlives its photos, a rebuild included: a
+    photo deleted from the source since keeps its copy in the rebuilt person
+    folder, faceset folder and _noface/ (the old output's copy, its bytes
+    checked against the cache's sha256); a copy whose bytes are not the
+    photo's any more is not kept. A symlink output has nothing to keep."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cv2.imwrite(str(src / "wall.jpg"), np.full((300, 400, 3), 128, np.uint8))
+    cache = tmp_path / "cache" / "c.npz"
+    embed_quiet(src, cache)
+    refine_params = {"min_faces": 2, "min_short": 20, "min_blur": 0.0}
+    outputs = {}
+    for link in ("copy", "hardlink", "symlink"):
+        outputs[link] = (tmp_path / f"raw_{link}", tmp_path / f"refined_{link}")
+        sort_faces.cluster(cache, outputs[link][0], link=link, quiet=True)
+        sort_faces.refine(cache, outputs[link][1], link=link, quiet=True, **refine_params)
+    raw, refined = outputs["copy"]
+    person = json.loads((raw / "manifest.json").read_text())["clusters"][0]["name"]
+    faceset = json.loads((refined / "refine_manifest.json").read_text())["facesets"][0]["name"]
+    gone = ["obama1.jpg", "obama2.jpg", "wall.jpg"]
+    names = {photo: sort_faces.safe_dst_name(str(src / photo)) for photo in gone}
+    assert all((raw / person / names[p]).is_file() for p in gone[:2])
+    assert (raw / "_noface" / names["wall.jpg"]).is_file()
+    photo_bytes = {p: (src / p).read_bytes() for p in gone}
+    for photo in gone:
+        (src / photo).unlink()
+    (raw / person / names["obama2.jpg"]).write_bytes(b"not the photo any more")
+    for link, (raw_out, refined_out) in outputs.items():
+        caplog.clear()
+        sort_faces.cluster(cache, raw_out, link=link, quiet=True)
+        sort_faces.refine(cache, refined_out, link=link, quiet=True, **refine_params)
+        kept = [raw_out / person / names["obama1.jpg"], raw_out / "_noface" / names["wall.jpg"],
+                refined_out / faceset / names["obama1.jpg"]]
+        if link == "symlink":
+            assert "kept" not in caplog.text
+            continue
+        assert [p.read_bytes() for p in kept] == [photo_bytes["obama1.jpg"],
+                                                  photo_bytes["wall.jpg"],
+                                                  photo_bytes["obama1.jpg"]], link
+        assert "whose photos are gone from the source since" in caplog.text
+        manifest = json.loads((raw_out / "manifest.json").read_text())
+        listed = {e["name"]: e["outputs"] for e in manifest["clusters"]}
+        assert names["obama1.jpg"] in listed[person]
+        assert names["wall.jpg"] in manifest["noface"]["outputs"]
+        for entry in manifest["clusters"]:
+            assert sorted(os.listdir(raw_out / entry["name"])) == sorted(entry["outputs"])
+        if link == "copy":  # its copy was changed: not kept
+            assert not (raw_out / person / names["obama2.jpg"]).exists()
+            assert names["obama2.jpg"] not in listed[person]
+        else:
+            assert (raw_out / person / names["obama2.jpg"]).read_bytes() == \
+                photo_bytes["obama2.jpg"]

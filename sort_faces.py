@@ -152,7 +152,8 @@ __all__ = [
     # options, caches, manifests, outputs
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
-    "face_rows", "keep_numbers", "people_view", "people_suggestions",
+    "face_rows", "keep_numbers", "people_view", "people_suggestions", "decided_not_of",
+    "plan_candidates",
     "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
     "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
     "Stages", "SizeFilter", "RefineSummary",
@@ -249,7 +250,9 @@ OFFLINE_PACK_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx", "2d106det.onnx"
 DEFAULT_MODEL_ROOT = "~/.insightface"
 DEFAULT_DET_SIZE = 640
 DEFAULT_FLUSH_EVERY = 50
-WORK_DIR = Path("work")
+# work/ beside this file (the project's, gitignored): its logs/ and models/, wherever
+# the command is run from (never a work/ inside the folder a user happens to be in).
+WORK_DIR = Path(os.path.abspath(__file__)).parent / "work"
 
 # Faces that fill the frame (close-ups, selfies, tight crops). SCRFD finds a
 # face whose box spans up to about 416 px of its input (0.65 of the long side at
@@ -1222,12 +1225,16 @@ def log_dir() -> Path:
 def setup_logging(step: str, verbosity: int = 0) -> Path:
     """Log to a fresh file under work/logs/ and, at `verbosity`, to stderr."""
     directory = log_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = directory / f"{step}-{stamp}-{os.getpid()}.log"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+    except OSError as error:
+        raise UserError(f"cannot write the log {display(path)}: {error.strerror or error} (set "
+                        "FACESETS_LOG_DIR to a folder of yours)") from None
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
-    file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     file_handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_handler)
     console = logging.StreamHandler(sys.stderr)
@@ -1684,17 +1691,36 @@ def safe_dst_name(path: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     return stem + ext
 
 
-class FrameLocation(str):
-    """Where a sampled frame is: a str ("clip.mp4#t=12.345", as manifests and
-    pages show it) that knows its video's path and its time in seconds."""
+class SeenPath(str):
+    """A photo's path as the cache last saw it (its path table): a str that
+    knows the sha256, size and modification time of what it held, so that a
+    step never reads or copies what has been put at the path since (as_seen),
+    and knows which bytes a copy of it must hold (kept_copy_of_gone_photo)."""
 
-    def __new__(cls, video: str, time_s: float):
-        self = super().__new__(cls, f"{video}#t={float(time_s):.3f}")
-        self.video, self.time = str(video), float(time_s)
+    def __new__(cls, path: str, sha256: str, size: int, mtime_ns: int):
+        self = super().__new__(cls, path)
+        self.sha256, self.size, self.mtime_ns = str(sha256), int(size), int(mtime_ns)
         return self
 
     def __reduce__(self):
-        return FrameLocation, (self.video, self.time)
+        return SeenPath, (str(self), self.sha256, self.size, self.mtime_ns)
+
+
+class FrameLocation(str):
+    """Where a sampled frame is: a str ("clip.mp4#t=12.345", as manifests and
+    pages show it) that knows its video's path and its time in seconds, and
+    (`seen`: (size, mtime_ns), from the cache's path table) the video's size
+    and modification time when the cache saw it (as_seen)."""
+
+    def __new__(cls, video: str, time_s: float, seen: tuple[int, int] | None = None):
+        self = super().__new__(cls, f"{video}#t={float(time_s):.3f}")
+        self.video, self.time = str(video), float(time_s)
+        self.size, self.mtime_ns = (int(seen[0]), int(seen[1])) if seen else (None, None)
+        return self
+
+    def __reduce__(self):
+        return FrameLocation, (self.video, self.time,
+                               None if self.size is None else (self.size, self.mtime_ns))
 
     def still_name(self) -> str:
         """The file name of its JPEG still in an output folder: the location
@@ -2202,25 +2228,46 @@ def rows_from_records(records: list[dict], columns: dict, embedding_size: int) -
     return out
 
 
+def as_seen(location: str, size: int | None = None) -> bool:
+    """Does `location` (a frame's: its video) still hold what the cache saw
+    there: a regular file of the size and modification time it had then
+    (SeenPath, FrameLocation's `seen`), and of `size` where given? A photo
+    replaced under its name, or changed, since embed is not: its pixels are
+    another picture's, until embed takes them in. A photo only touched (its
+    time changed, its bytes the same sha256) still is."""
+    path = getattr(location, "video", location)
+    try:
+        now = os.stat(path)
+        seen = getattr(location, "size", None), getattr(location, "mtime_ns", None)
+        if not stat.S_ISREG(now.st_mode) or (size is not None and now.st_size != size):
+            return False
+        if seen[0] is None or (now.st_size, now.st_mtime_ns) == seen:
+            return True
+        return now.st_size == seen[0] and isinstance(location, SeenPath) and \
+            sha256_file(path) == location.sha256
+    except (OSError, ValueError):
+        return False
+
+
 def existing_location(locations: list[str], size: int) -> str | None:
-    """The first location that still holds a file of the cached size."""
-    for path in locations:
-        with contextlib.suppress(OSError):
-            if os.path.getsize(getattr(path, "video", path)) == size:
-                return path
-    return None
+    """The first location that still holds what the cache saw there (as_seen),
+    of the cached size."""
+    return next((path for path in locations if as_seen(path, size)), None)
 
 
 def file_locations(cache: FaceCache) -> list[list[str]]:
-    """Per cache file row: every path that holds its content, canonical first.
+    """Per cache file row: every path that holds its content, canonical first,
+    each a SeenPath (a frame's, a FrameLocation at every path of its video).
 
     Empty for content no path holds any more (a photo edited in place is a new
     row; its old row must not be materialised from the edited file).
     """
+    table = cache.path_table()
     by_sha = cache.paths_by_sha()
-    locations = [by_sha.get(sha, []) for sha in cache["sha256"]]
+    locations = [[SeenPath(p, *table[p]) for p in by_sha.get(sha, [])]
+                 for sha in cache["sha256"]]
     for row in np.flatnonzero(cache["file_video"] != ""):  # a frame: at every path of its video
-        locations[row] = [FrameLocation(p, cache["file_time"][row])
+        locations[row] = [FrameLocation(p, cache["file_time"][row], table[p][1:])
                           for p in by_sha.get(cache["file_video"][row], [])]
     return locations
 
@@ -6339,19 +6386,20 @@ def earlier_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
-def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None,
-                      sha256s: dict[str, str] | None = None) -> list[str]:
+def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names.
-    `earlier`: the folder of the same name in the output this build replaces,
-    whose copies still true are linked in rather than copied (earlier_copy),
-    and whose copy of a photo gone from the source since is kept when its
-    bytes are still the photo's (`sha256s`: each path's, as the cache has
-    it; kept_copy_of_gone_photo): a copy or hardlink output outlives its
-    photos, a rebuild included."""
+    Only a path that still holds what the cache saw there (as_seen; a frame:
+    its video) is copied: a photo replaced or changed since embed is left
+    out, with a line saying so, until embed takes it in. `earlier`: the
+    folder of the same name in the output this build replaces, whose copies
+    still true are linked in rather than copied (earlier_copy), and whose
+    copy of a photo gone or changed since is kept when its bytes are still
+    the photo's as the cache has them (kept_copy_of_gone_photo): a copy or
+    hardlink output outlives its photos, a rebuild included."""
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     failed_videos: set[str] = set()
-    kept = 0
+    kept, changed = 0, []
     for path in paths:
         name = output_name(path)
         if name in names:
@@ -6364,28 +6412,32 @@ def materialise_files(folder: Path, paths, link: str, earlier: Path | None = Non
             continue  # said once for the video, not once a frame
         old = earlier / name if earlier else None
         try:
+            if not as_seen(path):
+                if kept_copy_of_gone_photo(old, inside(folder, name), link,
+                                           getattr(path, "sha256", None)):
+                    names[name] = path
+                    kept += 1
+                    continue
+                if os.path.lexists(video or path):
+                    changed.append(video or path)
+                    if video is not None:
+                        failed_videos.add(video)
+                    continue
             materialise(path, inside(folder, name), link, earlier_copy(old, path))
             names[name] = path
         except OSError as error:
-            if isinstance(error, FileNotFoundError) and kept_copy_of_gone_photo(
-                    old, inside(folder, name), link, (sha256s or {}).get(path)):
-                names[name] = path
-                kept += 1
-                continue
             if video is not None:
                 failed_videos.add(video)
             log.warning("cannot materialise %s into %s/: %s", display(video or path),
                         display(folder.name), error.strerror or error)  # not the build path
     if kept:
-        log.warning("kept %s in %s/ whose photos are gone from the source since (the copies "
+        log.warning("kept %s in %s/ whose photos are gone or changed since embed (the copies "
                     "the output held, their bytes the photos' as the cache has them)",
                     counted(kept, "copy"), display(folder.name))
+    for path in changed:
+        log.warning("left %s out of %s/: it has changed since embed (another picture may be "
+                    "there now); run embed to take it in", display(path), display(folder.name))
     return list(names)
-
-
-def location_sha256s(cache: FaceCache, locations, rows) -> dict[str, str]:
-    """Each location of the file rows `rows` with its file's sha256."""
-    return {path: str(cache["sha256"][row]) for row in rows for path in locations[row]}
 
 
 def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
@@ -6402,8 +6454,7 @@ def write_group(folder: Path, faces, cache, locations, link, earlier: Path | Non
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
     return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
-                 outputs=materialise_files(folder, paths, link, earlier,
-                                           location_sha256s(cache, locations, file_rows)))
+                 outputs=materialise_files(folder, paths, link, earlier))
 
 
 def run_header(step: str, cache_path: Path, cache: FaceCache, parameters: dict) -> dict:
@@ -7373,13 +7424,14 @@ def listed_paths(out: Path, manifest: ClusterManifest | RefineManifest) -> set[s
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
-                   replace_smaller: bool) -> None:
-    """A re-run that would replace OUT's facesets (refine, export-swap) with
-    fewer than half as many is refused before anything is written (UserError
-    naming what would be lost and the options OUT was made with), unless
-    `replace_smaller` (--replace-smaller): a re-run with other options, or the
-    pipeline's defaults after a run with REFINE_ARGS, never empties a result
-    silently."""
+                   replace_smaller: bool, noun: str = "faceset", why: str = "") -> None:
+    """A re-run that would replace OUT's facesets (refine, export-swap), or
+    an export's crops (`noun` "crop"), with fewer than half as many is
+    refused before OUT is touched (UserError naming what would be lost, `why`
+    where the step knows, and the options OUT was made with), unless
+    `replace_smaller` (--replace-smaller): a re-run with other options, the
+    pipeline's defaults after a run with REFINE_ARGS, or photos gone since
+    never empty a result silently."""
     path = out / MANIFEST_FILES[kind]
     if replace_smaller or not os.path.lexists(path):
         return
@@ -7387,14 +7439,15 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
         old = load_manifest(path, kind)
     except UserError:  # what the step's own checks of OUT say (refine keeps numbers from it)
         return
-    had = len(old.facesets)
+    had = len(old.facesets) if noun == "faceset" else old.summary.crops
     if 2 * count >= had:
         return
     made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
-    raise UserError(f"{display(out)} holds {counted(had, 'faceset')} and this {kind} would leave "
-                    f"{count}: nothing was replaced. To keep them, run with the options they were "
-                    f"made with ({' '.join(made_with) or 'the same'}); to replace them, add "
+    raise UserError(f"{display(out)} holds {counted(had, noun)} and this {kind} would leave "
+                    f"{count}{f' ({why})' if why else ''}: nothing was replaced. To keep them, "
+                    f"run with the options they were made with "
+                    f"({' '.join(made_with) or 'the same'}); to replace them, add "
                     "--replace-smaller")
 
 
@@ -11050,9 +11103,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
             **fields, clustering=info, clusters=entries, singletons=singletons,
             rejected=[face_record(cache, f, locations) for f in rejected],
             noface=NoFace(files=noface, outputs=materialise_files(
-                work / "_noface", noface, link, earlier_folder(out, "_noface"),
-                location_sha256s(cache, locations, np.flatnonzero(
-                    cache["file_status"] == "noface")))),
+                work / "_noface", noface, link, earlier_folder(out, "_noface"))),
             unreadable=unreadable,
             summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
                                    faces_in_people=int(sum(len(g) for g in people)),
@@ -11829,9 +11880,18 @@ def _export_one(task: CropTask, decoded) -> dict:
 
 
 def require_enrich(cache: FaceCache, faces, cache_path: Path) -> None:
-    status = cache.extra.get("enrich_status")
+    """UserError, naming the enrich command, when a face of `faces` lacks the
+    landmarks and pose that enrich can still give it: one whose photo is
+    still there (existing_location). A face whose photo has gone since, which
+    enrich cannot read either, is ranked without them (its terms 0)."""
+    status = enrich_column(cache, "enrich_status")
     faces = np.asarray(list(faces), dtype=np.int64)
-    if status is None or len(status) < cache.n_faces or np.any(status[faces] == ""):
+    to_do = faces[status[faces] == ""] if len(faces) else faces
+    if not len(to_do):
+        return
+    locations = file_locations(cache)
+    rows = np.unique(cache["face_file"][to_do])
+    if any(existing_location(locations[row], int(cache["file_size"][row])) for row in rows):
         raise UserError(f"the cache {cache_path} has faces without landmarks and pose: run "
                         f"`{tool_command('enrich', Path(cache_path))}` first, or pass --enrich")
 
@@ -12207,11 +12267,31 @@ def plan_faceset(faceset: Entry, cache: FaceCache, score: dict, params: dict, lo
     return FacesetPlan(faceset.name, "faceset", ranked, dropped)
 
 
+def decided_not_of(facesets: list[Entry], constraints: dict) -> dict[str, set[int]]:
+    """Per faceset, the faces the people decisions (`constraints`:
+    fold_decisions') say are not that person: the rejected, and those pinned
+    apart from a group of faces the faceset holds."""
+    groups = [set(group) for group in constraints["together"]]
+    rejected = set(constraints["rejected"])
+    not_of = {}
+    for faceset in facesets:
+        faces = {face.face for face in faceset.faces}
+        held = {i for i, group in enumerate(groups) if group & faces}
+        not_of[faceset.name] = rejected | {face for pair in constraints["apart"]
+                                           for mine, other in (pair, pair[::-1])
+                                           if mine in held for face in groups[other]}
+    return not_of
+
+
 def plan_candidates(facesets: list[Entry], singles: list[int], embeddings: np.ndarray,
-                    score: dict, params: dict) -> list[FacesetPlan]:
+                    score: dict, params: dict,
+                    not_of: dict[str, set[int]] | None = None) -> list[FacesetPlan]:
     """The singletons close enough to a faceset's centroid, and scored well
-    enough, to be worth a look as more of that person (kind "candidate")."""
-    singles = np.array(singles, dtype=np.int64)
+    enough, to be worth a look as more of that person (kind "candidate"),
+    none that a faceset already holds, and none a people decision says is
+    not that person (`not_of`: decided_not_of)."""
+    in_facesets = manifest_face_ids(facesets)
+    singles = np.array([f for f in singles if f not in in_facesets], dtype=np.int64)
     centroids = unit_rows(np.array([s.centroid for s in facesets], dtype=np.float32)) \
         if facesets else np.zeros((0, 1))
     best, distance = nearest_centroid(embeddings[singles], centroids)
@@ -12219,21 +12299,66 @@ def plan_candidates(facesets: list[Entry], singles: list[int], embeddings: np.nd
     for index, faceset in enumerate(facesets):
         chosen = [int(f) for f, b, d in zip(singles, best, distance)
                   if b == index and d <= params["candidate_match_threshold"]
-                  and score[int(f)] >= params["candidate_min_score"]]
+                  and score[int(f)] >= params["candidate_min_score"]
+                  and int(f) not in (not_of or {}).get(faceset.name, ())]
         if chosen:
             plans.append(FacesetPlan(faceset.name, "candidate",
                                      sorted(chosen, key=lambda f: (-score[f], f)), {}))
     return plans
 
 
+def held_copies(outputs) -> dict[str, Path]:
+    """The photo files the cluster and refine outputs `outputs` ((folder,
+    manifest) pairs) list, by file name (output_name of the photo's path):
+    where a photo gone from the source may still be read (photo_or_held_copy)."""
+    held: dict[str, Path] = {}
+    for folder, manifest in outputs:
+        groups = [(entry_folder(e.name, e.label), e) for e in
+                  (manifest.facesets if isinstance(manifest, RefineManifest) else
+                   manifest.clusters)]
+        if isinstance(manifest, ClusterManifest):
+            groups.append(("_singletons", manifest.singletons))
+        for name, group in groups:
+            for file_name in group.outputs:
+                held.setdefault(file_name, Path(folder) / name / file_name)
+    return held
+
+
+def photo_or_held_copy(locations: list[str], size: int, sha256: str,
+                       held: dict[str, Path]) -> str | None:
+    """Where a photo's bytes are to be read: its first location that still
+    holds a file of the cached size (existing_location), else a copy an
+    output holds (`held`: held_copies) whose bytes are the photo's as the
+    cache has them, a photo deleted from the source since included; None when
+    neither is left. A video's frame has only its video."""
+    found = existing_location(locations, size)
+    if found is not None or not held:
+        return found
+    for path in locations:
+        copy = None if isinstance(path, FrameLocation) else held.get(output_name(path))
+        with contextlib.suppress(OSError):
+            if copy is not None and stat.S_ISREG(os.lstat(copy).st_mode) and \
+                    os.path.getsize(copy) == size and sha256_file(str(copy)) == sha256:
+                return str(copy)
+    return None
+
+
 def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dict,
-               per_file: list[np.ndarray], checks=SWAP_DETECTION["roop"]) -> list[CropTask]:
-    """A CropTask for every face the plan ranks (path None where its photo
-    has moved or vanished since embed), each crop to be checked at `checks`."""
+               per_file: list[np.ndarray], checks=SWAP_DETECTION["roop"],
+               held: dict[str, Path] | None = None) -> list[CropTask]:
+    """A CropTask for every face the plan ranks, each crop to be checked at
+    `checks`, read from its photo, or from a copy an output holds (`held`)
+    where the photo has gone since (photo_or_held_copy); path None where
+    neither is left."""
+    paths: dict[int, str | None] = {}
+
     def task(face: int) -> CropTask:
-        row = cache["face_file"][face]
-        return CropTask(existing_location(locations[row], int(cache["file_size"][row])),
-                        cache["bbox"][face], params["pad_ratio"], params["out_size"], face,
+        row = int(cache["face_file"][face])
+        if row not in paths:
+            paths[row] = photo_or_held_copy(locations[row], int(cache["file_size"][row]),
+                                            str(cache["sha256"][row]), held or {})
+        return CropTask(paths[row], cache["bbox"][face], params["pad_ratio"],
+                        params["out_size"], face,
                         cache["bbox"][[o for o in per_file[row] if o != face]], checks)
     return [task(face) for item in plan for face in item.ranked]
 
@@ -12430,9 +12555,14 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
             for faceset in refined.facesets]
     if candidates:
         plan += plan_candidates(refined.facesets, raw.singletons.face_ids(), cache["embeddings"],
-                                scores[0], params)
+                                scores[0], params,
+                                decided_not_of(refined.facesets,
+                                               people_constraints(cache_path, cache)))
     checks = crop_checks(tools)
-    tasks = crop_tasks(plan, cache, locations, params, per_file, checks)
+    held = held_copies([(Path(where).parent, manifest) for manifest, where in
+                        ((refined, refine_manifest_path), (raw, raw_manifest_path))
+                        if manifest is not None])
+    tasks = crop_tasks(plan, cache, locations, params, per_file, checks, held)
     runnable = sum(task.path is not None for task in tasks)
     provider_list, workers = worker_setup(providers, workers)
     settings = [f"{size}" + (f" padded by {pad:.0%}" if pad else "") for size, pad in checks]
@@ -12445,6 +12575,11 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         exported = lay_out_export(work, plan, crops, cache, locations, scores,
                                   {f.name: f.label for f in refined.facesets if f.label}, params,
                                   tools)
+        gone = sum(task.path is None for task in tasks)
+        refuse_smaller(out, "export-swap", sum(len(e.crops) for e in exported["faceset"]),
+                       params, EXPORT_DEFAULTS, replace_smaller, "crop",
+                       f"{counted(gone, 'face')} of photos that have moved or vanished since "
+                       f"embed, with no copy in the outputs" if gone else "")
         if set(tools) - {"roop"}:
             embedder = SwapEmbedder(pack_dir, recognizer, provider_list) \
                 if recognizer is not None and embedding_tools else None
@@ -12503,10 +12638,17 @@ def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_
     if not refined.facesets:
         lines.append((f"nothing to export: {display(refine_manifest_path)} has no facesets", None))
         reasons = refine_shortfalls(refined, Path(refine_manifest_path).parent)
-        lines += [(f"refine's {text}", args) for text, args in reasons]
+        lines += [(f"in refine, {text}", args) for text, args in reasons]
         if any(args for _text, args in reasons):
             lines.append(("then export again", again))
-    short = [e for e in manifest.facesets if len(e.crops) < top_n]
+    for entry in manifest.facesets:
+        if entry.crops:
+            continue
+        reasons = collections.Counter(left.reason for left in entry.skipped)
+        why = "; ".join(f"{counted(n, 'face')}: {reason}" for reason, n in reasons.most_common())
+        lines.append((f"{entry.name} has no crop, so no files: "
+                      f"{why or 'refine kept no face of it for export'}", None))
+    short = [e for e in manifest.facesets if 0 < len(e.crops) < top_n]
     if short:
         smallest = min(short, key=lambda e: len(e.crops))
         lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} have "
@@ -14103,7 +14245,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = -1 if getattr(args, "quiet", False) else (1 if getattr(args, "verbose", False) else 0)
-    log_path = setup_logging(args.command, verbosity)
+    try:
+        log_path = setup_logging(args.command, verbosity)
+    except UserError as error:
+        print(f"error: {' '.join(display(error).split())}", file=sys.stderr)
+        return error.exit_code
     install_stop_signals()
     try:
         return args.handler(args)

@@ -10,14 +10,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 gpu=""
 if [ "${1:-}" = "--gpu" ]; then gpu=1; shift; fi
 [ $# -eq 2 ] || { echo "usage: $0 [--gpu] NEW_SRC NAME" >&2; exit 2; }
-src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
-name="$2"
 # shellcheck source=scripts/steps.sh
 source "$root/scripts/steps.sh"
+src="$(source_folder "$1")" || exit 2
+name="$2"
+check_name "$name" || exit 2
 use_venv "$gpu"
-cd "$root"
-cache="work/cache/$name.npz"
-out="work/out/$name"
+cache="${at}work/cache/$name.npz"
+out="${at}work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run scripts/pipeline.sh first" >&2; exit 2; }
 step embed "$src" "$cache"
 step extend "$cache" "$out/raw_full" --refine-out "$out/facesets_full"
@@ -27,6 +27,7 @@ step export-swap "$cache" "$out/facesets_full/refine_manifest.json" "$out/facese
     --raw-manifest "$out/raw_full/manifest.json" --candidates ${EXPORT_ARGS:-}
 echo
 for part in raw_full facesets_full facesets_swap_ready; do
-    printf '%-20s %s\n' "$part:" "$root/$out/$part  (review: $root/$out/$part/index.html)"
+    folder="$root/work/out/$name/$part"
+    printf '%-20s %s\n' "$part:" "$folder  (review: $folder/index.html)"
 done
 exit "$status"

@@ -15,18 +15,18 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 gpu=""
 if [ "${1:-}" = "--gpu" ]; then gpu=1; shift; fi
 [ $# -ge 1 ] || { echo "usage: $0 [--gpu] SRC [NAME]" >&2; exit 2; }
-src="$(cd "$1" 2>/dev/null && pwd)" || { echo "error: source folder not found: $1" >&2; exit 2; }
+# shellcheck source=scripts/steps.sh
+source "$root/scripts/steps.sh"
+src="$(source_folder "$1")" || exit 2
 name="${2:-$(basename "$src")}"
+check_name "$name" || exit 2
 link="${LINK:-copy}"
 case "$link" in copy|hardlink|symlink) ;;
     *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
 esac
-# shellcheck source=scripts/steps.sh
-source "$root/scripts/steps.sh"
 use_venv "$gpu"
-cd "$root"
-cache="work/cache/$name.npz"
-out="work/out/$name"
+cache="${at}work/cache/$name.npz"
+out="${at}work/out/$name"
 step embed "$src" "$cache"
 step cluster "$cache" "$out/raw_full" --link "$link"
 # shellcheck disable=SC2086
@@ -37,15 +37,18 @@ step enrich "$cache"
 step export-swap "$cache" "$out/facesets_full/refine_manifest.json" "$out/facesets_swap_ready" \
     --raw-manifest "$out/raw_full/manifest.json" --candidates ${EXPORT_ARGS:-}
 echo
-printf '%-20s %s\n' "cache:" "$root/$cache" "duplicates:" "$root/work/cache/$name.duplicates.json"
+printf '%-20s %s\n' "cache:" "$root/work/cache/$name.npz" \
+    "duplicates:" "$root/work/cache/$name.duplicates.json"
 for part in raw_full facesets_full facesets_swap_ready; do
-    printf '%-20s %s\n' "$part:" "$root/$out/$part  (review: $root/$out/$part/index.html)"
+    folder="$root/work/out/$name/$part"
+    printf '%-20s %s\n' "$part:" "$folder  (review: $folder/index.html)"
 done
 printf '%-20s %s\n' "logs:" "$root/work/logs/"
 # Small libraries: refine's size filter (--min-faces 15) may have dropped everyone.
 case " ${REFINE_ARGS:-} " in
     *" --min-faces "*) ;;
-    *) "$python" - "$out/facesets_full/refine_manifest.json" "$src" "$name" "$link" "$gpu" <<'PY'
+    *) "$python" - "$out/facesets_full/refine_manifest.json" "$src" "$name" "$link" "$gpu" \
+           "${at}scripts/pipeline.sh" <<'PY'
 import json, shlex, sys
 manifest = json.load(open(sys.argv[1]))
 size = manifest["stages"].get("size_filter") or {}
@@ -56,7 +59,7 @@ if size.get("kept_at_suggestion"):
     print(f"\n{n} facesets; the size filter (--min-faces {size['min_faces']}) dropped "
           f"{size['dropped_people']} people (the largest has {size['largest_images']} images). "
           f"To keep the {size['kept_at_suggestion']} with {keep} or more, re-run:\n"
-          f"  {link}REFINE_ARGS=\"--min-faces {keep}\" bash scripts/pipeline.sh {gpu}"
+          f"  {link}REFINE_ARGS=\"--min-faces {keep}\" bash {shlex.quote(sys.argv[6])} {gpu}"
           f"{shlex.quote(sys.argv[2])} {shlex.quote(sys.argv[3])}")
 PY
     ;;

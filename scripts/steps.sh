@@ -1,11 +1,35 @@
 # Sourced by pipeline.sh and merge.sh (not run on its own): what the two recipes share.
-#   use_venv GPU   set up the venv (.venv; .venv-gpu or GPU_VENV when GPU is not empty, the
-#                  GPU build: scripts/setup_venv.sh --gpu) and point `py` at its sort_faces.py
-#   step ARGS...   one step, `sort_faces.py ARGS...`: exit code 1 (some files unreadable or
-#                  damaged, each named in the log) is kept in `status` and the recipe goes on;
-#                  any other failure ends the recipe with its code
-# Needs `root` (the project folder); the recipe runs the steps from there.
+#   source_folder ARG  the photo folder ARG, absolute (on stdout), or one line why not (exit 2)
+#   check_name NAME    NAME names work/cache/NAME.npz and work/out/NAME/: a plain name, or
+#                      one line why not (exit 2)
+#   use_venv GPU       set up the venv (.venv; .venv-gpu or GPU_VENV when GPU is not empty, the
+#                      GPU build: scripts/setup_venv.sh --gpu) and point `py` at its sort_faces.py
+#   step ARGS...       one step, `sort_faces.py ARGS...`: exit code 1 (some files unreadable
+#                      or damaged, each named in the log) is kept in `status` and the recipe
+#                      goes on; any other failure ends the recipe with its code
+# Needs `root` (the project folder). The steps run in the folder the recipe was started in,
+# their paths (`at`: "" in the project folder, else the project's absolute path) as typed
+# there, so that every command they print runs as pasted where the user is.
 status=0
+if [ "$PWD" = "$root" ]; then at=""; else at="$root/"; fi
+source_folder() {
+    if [ -d "$1" ]; then
+        (CDPATH='' cd -- "$1" >/dev/null && pwd)
+    elif [ -e "$1" ]; then
+        echo "error: $1 is a file, not a folder: give the folder that holds the photos" >&2
+        return 2
+    else
+        echo "error: source folder not found: $1" >&2
+        return 2
+    fi
+}
+check_name() {
+    case "$1" in
+        ""|.|..|*/*) echo "error: the name '$1' is not a plain name (it names" \
+                          "work/cache/NAME.npz and work/out/NAME/): give one without /" >&2
+                     return 2 ;;
+    esac
+}
 use_venv() {
     if [ -n "$1" ]; then
         bash "$root/scripts/setup_venv.sh" --gpu
@@ -14,7 +38,9 @@ use_venv() {
         bash "$root/scripts/setup_venv.sh" requirements.txt
         python=.venv/bin/python
     fi
-    py=("$python" sort_faces.py)
+    case "$python" in /*) ;; *) python="$root/$python" ;; esac
+    if [ -z "$at" ]; then python="${python#"$root/"}"; fi
+    py=("$python" "${at}sort_faces.py")
 }
 step() {
     local rc=0

@@ -335,10 +335,12 @@ def test_a_rebuild_links_the_copies_still_true_and_copies_again_what_changed(tmp
 
 def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, caplog):
     """A copy or hardlink output outlives its photos, a rebuild included: a
-    photo deleted from the source since keeps its copy in the rebuilt person
-    folder, faceset folder and _noface/ (the old output's copy, its bytes
-    checked against the cache's sha256); a copy whose bytes are not the
-    photo's any more is not kept. A symlink output has nothing to keep."""
+    photo deleted from the source since, or replaced there by another
+    picture, keeps its copy in the rebuilt person folder, faceset folder and
+    _noface/ (the old output's copy, its bytes checked against the cache's
+    sha256); a copy whose bytes are not the photo's any more is not kept. A
+    symlink output has nothing to keep. A new output never copies the other
+    picture into the person's folder: it is left out, with a line saying so."""
     src = tmp_path / "src"
     shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
     cv2.imwrite(str(src / "wall.jpg"), np.full((300, 400, 3), 128, np.uint8))
@@ -353,27 +355,37 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     raw, refined = outputs["copy"]
     person = json.loads((raw / "manifest.json").read_text())["clusters"][0]["name"]
     faceset = json.loads((refined / "refine_manifest.json").read_text())["facesets"][0]["name"]
-    gone = ["obama1.jpg", "obama2.jpg", "wall.jpg"]
+    gone = ["obama1.jpg", "obama2.jpg", "wall.jpg", "obama3.jpg"]
     names = {photo: sort_faces.safe_dst_name(str(src / photo)) for photo in gone}
-    assert all((raw / person / names[p]).is_file() for p in gone[:2])
+    assert all((raw / person / names[p]).is_file() for p in ("obama1.jpg", "obama2.jpg",
+                                                             "obama3.jpg"))
     assert (raw / "_noface" / names["wall.jpg"]).is_file()
     photo_bytes = {p: (src / p).read_bytes() for p in gone}
-    for photo in gone:
+    for photo in gone[:3]:
         (src / photo).unlink()
+    biden = (DATA / "face_recognition" / "joe_biden" / "biden.jpg").read_bytes()
+    (src / "new.tmp").write_bytes(biden)  # another person's photo under the name (a new
+    os.replace(src / "new.tmp", src / "obama3.jpg")  # file: a hardlink output keeps the old)
     (raw / person / names["obama2.jpg"]).write_bytes(b"not the photo any more")
     for link, (raw_out, refined_out) in outputs.items():
         caplog.clear()
         sort_faces.cluster(cache, raw_out, link=link, quiet=True)
         sort_faces.refine(cache, refined_out, link=link, quiet=True, **refine_params)
         kept = [raw_out / person / names["obama1.jpg"], raw_out / "_noface" / names["wall.jpg"],
-                refined_out / faceset / names["obama1.jpg"]]
+                refined_out / faceset / names["obama1.jpg"],
+                raw_out / person / names["obama3.jpg"]]
+        for folder in (raw_out, refined_out):
+            assert all(p.read_bytes() != biden for p in folder.rglob("*") if p.is_file()
+                       and not p.is_symlink()), link
         if link == "symlink":
-            assert "kept" not in caplog.text
+            assert "kept" not in caplog.text and "obama3.jpg out of person_001/: it has " \
+                "changed since embed" in caplog.text
             continue
         assert [p.read_bytes() for p in kept] == [photo_bytes["obama1.jpg"],
                                                   photo_bytes["wall.jpg"],
-                                                  photo_bytes["obama1.jpg"]], link
-        assert "whose photos are gone from the source since" in caplog.text
+                                                  photo_bytes["obama1.jpg"],
+                                                  photo_bytes["obama3.jpg"]], link
+        assert "whose photos are gone or changed since embed" in caplog.text
         manifest = json.loads((raw_out / "manifest.json").read_text())
         listed = {e["name"]: e["outputs"] for e in manifest["clusters"]}
         assert names["obama1.jpg"] in listed[person]
@@ -386,3 +398,8 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
         else:
             assert (raw_out / person / names["obama2.jpg"]).read_bytes() == \
                 photo_bytes["obama2.jpg"]
+    fresh = tmp_path / "raw_new"  # nothing to keep: the other picture is left out
+    caplog.clear()
+    sort_faces.cluster(cache, fresh, quiet=True)
+    assert not any(p.read_bytes() == biden for p in fresh.rglob("*") if p.is_file())
+    assert "it has changed since embed" in caplog.text

@@ -333,3 +333,73 @@ def test_export_with_enrich_flag_enriches_first(tmp_path):
                                       quiet=True)
     assert manifest["summary"]["crops"] >= 3
     assert np.all(sort_faces.load_cache(cache).extra["enrich_status"] == "ok")
+
+
+def test_an_export_of_photos_gone_from_the_source_reads_the_outputs_copies(tmp_path, caplog):
+    """Photos deleted from the source since, or replaced there by another
+    picture: export-swap crops them from the copies the refine output holds
+    (their bytes the photos'), the same PNGs;
+    where no copy is left (a symlink output) a re-run that would leave fewer
+    than half of the export's crops is refused and nothing is replaced, and
+    with --replace-smaller the empty faceset says why it has no crop."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache = tmp_path / "cache" / "c.npz"
+    embed_quiet(src, cache)
+    swaps = {}
+    for link in ("copy", "symlink"):
+        sort_faces.refine(cache, tmp_path / f"refined_{link}", link=link, min_faces=3,
+                          min_short=40, quiet=True)
+        swaps[link] = (tmp_path / f"refined_{link}" / "refine_manifest.json",
+                       tmp_path / f"swap_{link}")
+        first = sort_faces.export_swap(cache, *swaps[link], enrich_first=True,
+                                       min_face_short=60, quiet=True)
+    assert first["summary"]["crops"] >= 3
+    crops = {p.read_bytes() for p in swaps["copy"][1].rglob("*.png")}
+    # one more photo, embedded and refined but gone before enrich could read it: the export
+    # does not ask for an enrich that cannot help, and crops it from the refine output's copy
+    shutil.copy2(DATA / "group_photos" / "obama_and_biden.jpg", src)
+    embed_quiet(src, cache)
+    sort_faces.refine(cache, tmp_path / "refined_copy", min_faces=3, min_short=40, quiet=True)
+    for photo in src.iterdir():
+        photo.unlink()
+    (src / "obama.jpg").write_bytes((DATA / "face_recognition" / "joe_biden" /
+                                     "biden.jpg").read_bytes())  # another picture at its path
+    again = sort_faces.export_swap(cache, *swaps["copy"], min_face_short=60, quiet=True)
+    assert again["summary"]["crops"] == first["summary"]["crops"] + 1
+    assert crops < {p.read_bytes() for p in swaps["copy"][1].rglob("*.png")}
+    manifest_before = (swaps["symlink"][1] / "export_manifest.json").read_bytes()
+    with pytest.raises(sort_faces.UserError, match=r"holds \d+ crops and this export-swap would "
+                       r"leave 0 \(\d+ faces of photos that have moved or vanished since embed"):
+        sort_faces.export_swap(cache, *swaps["symlink"], min_face_short=60, quiet=True)
+    assert (swaps["symlink"][1] / "export_manifest.json").read_bytes() == manifest_before
+    caplog.set_level("INFO", logger="face-sets")
+    caplog.clear()
+    emptied = sort_faces.export_swap(cache, *swaps["symlink"], min_face_short=60,
+                                     replace_smaller=True, quiet=True)
+    assert emptied["summary"]["crops"] == 0
+    assert re.search(r"faceset_001 has no crop, so no files: \d+ faces: the photo has moved or "
+                     r"vanished since embed", caplog.text)
+
+
+@pytest.mark.fast
+def test_candidates_leave_out_faces_decided_not_that_person_or_in_a_faceset():
+    """export-swap --candidates offers no face a people decision says is not
+    the faceset's person (kept apart from faces it holds, or rejected), and
+    none a faceset already holds."""
+    near = np.array([[1.0, 0.0], [0.99, 0.14], [0.98, 0.2], [0.97, 0.24], [0.99, 0.1],
+                     [0.98, -0.2], [0.99, -0.1], [0.97, 0.2]], np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    faceset = sort_faces.Entry(
+        name="faceset_001", size=2, images=2, outputs=[], centroid=[1.0, 0.0],
+        faces=[sort_faces.FaceRef(face=f, file=f"{f}.jpg", bbox=[0, 0, 99, 99]) for f in (0, 1)])
+    constraints = {"together": [[5], [0, 1]], "apart": [(0, 1)], "apart_only": [5],
+                   "rejected": [7], "names": []}
+    not_of = sort_faces.decided_not_of([faceset], constraints)
+    assert not_of == {"faceset_001": {5, 7}}
+    score = {f: 1.0 for f in range(8)}
+    params = dict(sort_faces.EXPORT_DEFAULTS)
+    offered = sort_faces.plan_candidates([faceset], [1, 4, 5, 6, 7], near, score, params)
+    assert sorted(offered[0].ranked) == [4, 5, 6, 7]  # without the decisions: all but 1
+    decided = sort_faces.plan_candidates([faceset], [1, 4, 5, 6, 7], near, score, params, not_of)
+    assert sorted(decided[0].ranked) == [4, 6]

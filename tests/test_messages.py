@@ -147,7 +147,7 @@ def test_empty_refine_and_export_say_why_and_their_commands_run(labeled_export, 
     capsys.readouterr()
     sort_faces.export_swap(cache, empty / REFINED, tmp_path / "swap", **EXPORT)
     said = capsys.readouterr().out
-    assert "nothing to export" in said and "refine's the size filter" in said
+    assert "nothing to export" in said and "in refine, the size filter" in said
     export_page = (tmp_path / "swap" / "index.html").read_text()
     assert 'id="notice"' in export_page and "nothing to export" in export_page
     assert "then export again" in export_page

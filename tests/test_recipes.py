@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, run_pasted
 
 GATES = {"REFINE_ARGS": "--min-short 40 --min-faces 5 --min-blur 20",
          "EXPORT_ARGS": "--min-face-short 60 --top-n 8", "LINK": "hardlink"}
@@ -166,15 +166,20 @@ def test_readme_commands_work_on_a_fresh_clone(tmp_path):
 
 def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_path):
     """Five people with 8 photos each: the default --min-faces 15 keeps no one, and
-    refine, export-swap and the pipeline all say so, with the command that helps."""
+    refine, export-swap and the pipeline all say so, with the command that helps.
+    The pipeline is run from another folder than the project's: the commands it
+    prints run as pasted there."""
     src = tmp_path / "family"
     for person in sorted(p.name for p in (DATA / "five_celebs").iterdir() if p.is_dir()):
         shutil.copytree(DATA / "five_celebs" / person, src / person,
                         ignore=lambda folder, names: sorted(names)[8:])
     name = f"small-test-{os.getpid()}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     try:
-        result = run_script("pipeline.sh", src, name)
+        result = run_script("pipeline.sh", src, name, cwd=elsewhere)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert not (elsewhere / "work").exists()  # logs and models beside sort_faces.py
         out = ROOT / "work" / "out" / name
         refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
         size = refined["stages"]["size_filter"]
@@ -182,11 +187,17 @@ def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_
         keep = size["suggested_min_faces"]
         assert keep == min(5, size["largest_images"]) and size["kept_at_suggestion"] >= 1
         assert "the size filter (--min-faces 15) dropped" in result.stdout
-        assert f"--min-faces {keep}" in result.stdout  # refine's own command
         assert "nothing to export" in result.stdout
-        rerun = f'REFINE_ARGS="--min-faces {keep}" bash scripts/pipeline.sh {src} {name}'
+        refine_again = next(line.split(": ", 2)[2] for line in result.stdout.splitlines()
+                            if line.startswith("refine: the size filter"))
+        assert f"--min-faces {keep}" in refine_again  # refine's own command, as pasted there
+        code, _out, err = run_pasted(refine_again, cwd=elsewhere)
+        assert code == 0, err
+        rerun = (f'REFINE_ARGS="--min-faces {keep}" bash {ROOT}/scripts/pipeline.sh {src} '
+                 f'{name}')
         assert rerun in result.stdout
-        again = run_script("pipeline.sh", src, name, env={"REFINE_ARGS": f"--min-faces {keep}"})
+        code, out_text, err = run_pasted(rerun, cwd=elsewhere, timeout=1200)
+        again = subprocess.CompletedProcess(rerun, code, out_text, err)
         assert again.returncode == 0, again.stderr[-3000:]
         refined = json.loads((out / "facesets_full" / "refine_manifest.json").read_text())
         export = json.loads((out / "facesets_swap_ready" / "export_manifest.json").read_text())

@@ -157,7 +157,7 @@ __all__ = [
     "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
     "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
     "Stages", "SizeFilter", "RefineSummary",
-    "claim_output", "safe_dst_name", "inside", "scan_images",
+    "claim_output", "write_marker", "safe_dst_name", "inside", "scan_images",
     "exclusive_lock", "pid_alive", "display",
     "atomic_output", "write_json_atomic", "sha256_file", "open_cache_for_writing",
     "journal_chunks", "rows_from_records", "file_locations", "faces_by_file", "duplicates_path",
@@ -6099,10 +6099,12 @@ def write_marker(folder: Path, kind: str, output_id: str | None = None) -> None:
         "version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds")})
 
 
-def claim_output(out: Path, kind: str) -> str | None:
+def claim_output(out: Path, kind: str, wanted: str | None = None) -> str | None:
     """May a `kind` step replace or change the folder `out`? Returns the id of
     the output it will replace (None for a new or empty folder); UserError if
-    the folder is a file, another kind of output, or not face-sets' at all."""
+    the folder is a file, another kind of output (`wanted`: what the step
+    asked for, as the message says it: extend's "RAW_OUT, a cluster output"),
+    or not face-sets' at all."""
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
         raise UserError(f"output {display(out)} is a file, not a folder")
@@ -6113,6 +6115,8 @@ def claim_output(out: Path, kind: str) -> str | None:
         raise UserError(f"output {display(out)} exists and was not made by face-sets (it has no "
                         f"{OUTPUT_MARKER}); nothing in it is touched: choose an empty or new folder")
     if marker["kind"] != kind:
+        if wanted:
+            raise UserError(f"{display(out)} is a face-sets {marker['kind']} output; {wanted}")
         raise UserError(f"output {display(out)} is a face-sets {marker['kind']} output, not "
                         f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} one; give {kind} a "
                         f"folder of its own")
@@ -7244,7 +7248,8 @@ def refusal_lines(refused: list[Refusal]) -> list[str]:
     reasons: dict[str, list[str]] = {}
     for refusal in refused:
         reasons.setdefault(refusal.reason, []).append(refusal.tool)
-    return [f"export-swap: {', '.join(tools)} not written: {reason}"
+    return [f"export-swap: {', '.join(tools)} not written: "
+            + (reason.replace("they need ", "it needs ", 1) if len(tools) == 1 else reason)
             for reason, tools in reasons.items()]
 
 
@@ -10341,8 +10346,12 @@ def people_output(out: Path) -> tuple[str, Path, Path]:
             return kind, manifest_path, Path(load_manifest(manifest_path, kind).cache)
     if not out.is_dir():
         raise UserError(file_in_place(out, "cluster or refine output folder"))
-    raise UserError(f"{display(out)} is not a cluster or refine output (it has no "
-                    f"{MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']})")
+    marker = read_marker(out)
+    what = f"a face-sets {marker['kind']} output" if marker else \
+        f"it has no {MANIFEST_FILES['cluster']} or {MANIFEST_FILES['refine']}"
+    raise UserError(f"{display(out)} is not a cluster or refine output ({what}): decide about "
+                    "people on the output of cluster (person_NNN/) or refine (faceset_NNN/); an "
+                    "export-swap run again takes the decisions in")
 
 
 def holder(view: dict, faces) -> str | None:
@@ -10373,7 +10382,8 @@ def say_same_photo(step: str, info: dict, quiet: bool) -> None:
     prevented = info.get("same_photo_apart", 0)
     if prevented:
         say(f"{step}: {counted(prevented, 'merge')} prevented by the same-photo rule (faces "
-            "that share a photo are different people); the review page marks them", quiet)
+            "that share a photo are different people); where it kept a person apart from "
+            "their nearest, the review page marks it", quiet)
 
 
 class PeopleBuild(NamedTuple):
@@ -10657,6 +10667,10 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
     if ray is not None:
         check_ray_address(ray)
         ray_module()
+    if str(cache_path).endswith(("/", os.sep)):  # Path() would drop it, and write a file there
+        raise UserError(f"the cache {display(str(cache_path))} ends in {os.sep}, as a folder "
+                        f"does: give the cache's file, "
+                        f"{as_typed(Path(cache_path) / 'library.npz')} say")
     src, cache_path = Path(src), Path(cache_path)
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
@@ -11549,7 +11563,8 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
     with contextlib.ExitStack() as locks:  # every input read and checked before a write
         manifests, redraw = [], []  # redraw: a change a killed run left was finished
         for out, _step, kind in steps:
-            claim_output(out, kind)  # first: one folder given twice is not "in use"
+            claim_output(out, kind, "extend takes a cluster output as RAW_OUT and a refine "
+                         "one as --refine-out")  # first: one folder given twice is not "in use"
             locks.enter_context(output_lock(out))
             manifests.append(load_manifest(out / MANIFEST_FILES[kind], kind, cache.n_faces,
                                            cache.embedding_size))
@@ -11577,10 +11592,10 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
             made = record.get("new_people", record.get("new_facesets", []))
             joined = sum(len(v) for v in record["joined"].values())
             apart = record.get("same_photo_apart", 0)
-            say(f"extend: {record['faces_added']} new faces into {out}: {joined} joined existing "
-                f"sets, {len(made)} new ({', '.join(made) or 'none'})"
-                + (f"; {apart} kept apart by the same-photo rule (faces that share a photo are "
-                   "different people)" if apart else ""), quiet)
+            say(f"extend: {counted(record['faces_added'], 'new face')} into {out}: {joined} "
+                f"joined existing sets, {len(made)} new ({', '.join(made) or 'none'})"
+                + (f"; {counted(apart, 'merge')} prevented by the same-photo rule (faces that "
+                   "share a photo are different people)" if apart else ""), quiet)
     return results
 
 
@@ -11667,7 +11682,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
                 summary["missing"] += 1
                 continue
             tasks.append(EnrichTask(path, cache["bbox"][faces], cache["kps"][faces], faces))
-        say(f"enrich: {len(todo_faces)} faces in {len(tasks)} images to do "
+        say(f"enrich: {counted(len(todo_faces), 'face')} in {counted(len(tasks), 'image')} to do "
             f"(model {pack_name}, {'+'.join(modules)})", quiet)
         pending: list[tuple[list[int], dict]] = []
 
@@ -12636,7 +12651,8 @@ def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_
     --top-n."""
     lines = []
     if not refined.facesets:
-        lines.append((f"nothing to export: {display(refine_manifest_path)} has no facesets", None))
+        lines.append((f"nothing to export: {display(os.path.abspath(refine_manifest_path))} "
+                      "has no facesets", None))  # (the page's line too: a path from anywhere)
         reasons = refine_shortfalls(refined, Path(refine_manifest_path).parent)
         lines += [(f"in refine, {text}", args) for text, args in reasons]
         if any(args for _text, args in reasons):
@@ -12770,7 +12786,8 @@ def decision_words(decision: dict, view: dict, cache: FaceCache) -> str:
 
     verb = decision["verb"]
     if verb == "name":
-        return f"name {person(decision['faces'])} {shlex.quote(decision['name'])}"
+        name = shlex.quote(decision["name"])
+        return f"name {person(decision['faces'])} {'-- ' if name.startswith('-') else ''}{name}"
     if verb == "merge":
         people = list(dict.fromkeys(person(keys) for keys in decision["people"]))
         return "merge " + " ".join(people)
@@ -12991,8 +13008,9 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
     with exclusive_lock(cache_path, "cache"), output_lock(out):
         manifest = load_manifest(manifest_path, kind, cache.n_faces, cache.embedding_size)
         if fingerprint is not None and output_fingerprint(manifest_path) != fingerprint:
-            raise UserError(f"{display(out)} was rebuilt since it was shown (by another run): "
-                            f"the {verb} was not applied; look at it as it is now")
+            raise UserError(f"{display(out)} was rebuilt since it was shown (by another run, "
+                            f"or a decision from another page): the {verb} was not applied; "
+                            "look at it as it is now")
         decisions = load_decisions(path)
         before = people_view(manifest, kind)
         decision = new_decision(verb, before, out, cache, decisions, people_named,
@@ -13007,12 +13025,18 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                                          cache.embedding_size), kind)  # as rebuilt
     if verb == "undo":  # what was undone, as it reads on the rebuilt OUT
         undone = decisions[decision["undoes"] - 1]
-        what = f"undid decision {undone['id']}: {decision_words(undone, view, cache)}"
+        what = (f"undid decision {undone['id']}: {decision_words(undone, view, cache)} "
+                f"(kept as decision {decision['id']}")
     else:
-        what = f"decision {decision['id']}: {decision_words(decision, before, cache)}"
-    message = (f"people: {what}; decision {decision['id']} ({verb}) kept in {display(path)}; "
-               f"{display(out)} rebuilt: {len(view['entries'])} "
-               f"{'people' if kind == 'cluster' else 'facesets'}")
+        what = f"decision {decision['id']}: {decision_words(decision, before, cache)} (kept"
+    gone = sorted({e.name for e in before["entries"]} - {e.name for e in view["entries"]})
+    gone_line = ""
+    if gone and verb not in ("merge", "undo"):  # (a merge says whom it took; undo, what)
+        gone_line = (f"; gone from it: {', '.join(gone)} ("
+                     + ("no face left" if kind == "cluster" else "refine's gates keep no faceset "
+                        "of what is left") + ")")
+    message = (f"people: {what} in {display(path)}); {display(out)} rebuilt: "
+               f"{len(view['entries'])} {'people' if kind == 'cluster' else 'facesets'}{gone_line}")
     say(message, quiet)
     return {"people": people_listing(view), "decision": decision, "message": message}
 
@@ -13937,7 +13961,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # usage errors exit 2 with one line, as UserError does
         line = " ".join(display(message).split())
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
+        command = self.prog.split()[1:2]  # the subcommand (a verb's prog names OUT's metavar)
+        self.exit(EXIT_USAGE, f"{' '.join(self.prog.split()[:2])}: error: {line} (see "
+                              f"{tool_command(*command, '--help')})\n")
 
 
 def add_model_flags(parser) -> None:

@@ -200,3 +200,33 @@ def test_versions_are_recorded_and_summaries_say_what_they_count(small_run, tmp_
     assert code == 0 and said in out
     log = last_log("cluster")
     assert " INFO cluster: " in log  # the summary is in the log at INFO, not DEBUG
+
+
+@pytest.mark.fast
+def test_usage_errors_and_wrong_folders_say_so_in_one_runnable_line(tmp_path):
+    """A usage error's hint is a command that runs as pasted (this interpreter,
+    this file); a cache given as a folder (a trailing /) is refused before
+    anything is written; an export output given to `people` is named as one;
+    extend given a refine output as RAW_OUT says what extend takes."""
+    code, _out, err = run_cli("export-swap", "--bogus")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    hint = err.strip().rsplit("(see ", 1)[1].rstrip(")")
+    assert hint.endswith("export-swap --help")
+    code, out, _err = run_pasted(hint)
+    assert code == 0 and "usage:" in out
+    (tmp_path / "photos").mkdir()
+    code, _out, err = run_cli("embed", tmp_path / "photos", f"{tmp_path / 'cache'}/")
+    assert code == 2 and "ends in /, as a folder does" in err and "library.npz" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    export = tmp_path / "swap"
+    export.mkdir()
+    sort_faces.write_marker(export, "export-swap")
+    code, _out, err = run_cli("people", export)
+    assert code == 2 and "not a cluster or refine output (a face-sets export-swap output)" in err
+    refined = tmp_path / "refined"
+    refined.mkdir()
+    sort_faces.write_marker(refined, "refine")
+    with pytest.raises(sort_faces.UserError, match="is a face-sets refine output; extend takes "
+                       "a cluster output as RAW_OUT"):
+        sort_faces.claim_output(refined, "cluster", "extend takes a cluster output as RAW_OUT "
+                                "and a refine one as --refine-out")

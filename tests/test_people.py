@@ -625,7 +625,7 @@ def test_undo_and_a_person_merged_away_say_what_happened(clustered, capsys):
         return code, printed.out, printed.err
 
     code, printed, _err = said("merge", first, third)
-    assert code == 0 and f"decision 1: merge {first} {third};" in printed, printed
+    assert code == 0 and f"decision 1: merge {first} {third} (kept in" in printed, printed
     code, _out, err = said("name", third, "Carol")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{third} was merged into {first} (decision 1)" in err
@@ -637,7 +637,8 @@ def test_undo_and_a_person_merged_away_say_what_happened(clustered, capsys):
     code, printed, _err = said("undo")
     assert code == 0 and f"undid decision 2: reject {' '.join(faces[:6])}" in printed, printed
     code, printed, _err = said("undo")
-    assert code == 0 and f"undid decision 1: merge {first} {third};" in printed, printed
+    assert code == 0 and f"undid decision 1: merge {first} {third} (kept as decision" in \
+        printed, printed
     assert third in {e["name"] for e in manifest_of(out)["clusters"]}
     # gone without a decision: a rebuild at a looser threshold joined it to another
     sort_faces.cluster(cache, out, threshold=0.75, quiet=True)
@@ -696,3 +697,17 @@ def test_suggest_never_offers_to_join_two_labeled_people(labeled_cache, tmp_path
         # then; they are three men of one photo, so the rule keeps them apart and the
         # move is not offered)
         assert len(merges) >= 5 and len(moves) >= 4, (threshold, len(merges), len(moves))
+
+
+def test_a_decision_is_said_as_words_that_run_after_people_out(clustered, capsys):
+    """A name that starts with a dash is said after `--`, so the decision's
+    words, pasted after `people OUT`, make it again."""
+    cache, out = clustered
+    person = manifest_of(out)["clusters"][0]["name"]
+    assert sort_faces.main(["people", str(out), "name", person, "--", "-Elton"]) == 0
+    said = capsys.readouterr().out
+    words = said.split("decision 1: ", 1)[1].split(" (kept in", 1)[0]
+    assert words == f"name {person} -- -Elton"
+    assert sort_faces.main(["people", str(out), "undo"]) == 0
+    assert sort_faces.main(["people", str(out), *shlex.split(words)]) == 0
+    assert manifest_of(out)["clusters"][0]["label"] == "-Elton"

@@ -382,7 +382,7 @@ def test_a_refine_output_is_served_and_decided_on(celebs_cache, tmp_path):
         before = server.fingerprint()
         status, answer = server.decide({"verb": "name", "people": ["faceset_002"],
                                         "name": "Alice", "fingerprint": before})
-        assert status == 200 and answer["ok"] and "name faceset_002 Alice;" in answer["message"]
+        assert status == 200 and answer["ok"] and "name faceset_002 Alice (kept in" in answer["message"]
         assert answer["fingerprint"] == server.fingerprint() != before
         refined = json.loads((out / "refine_manifest.json").read_text())
         assert next(e for e in refined["facesets"] if e["name"] == "faceset_002")["label"] == \

@@ -8805,7 +8805,9 @@ def refine_partition(embeddings, face_short, blur, det_score, face_image, *,
     stages["quality_gates"] = {option: int(mask[kept_faces].sum()) for option, mask in
                                quality_gate_masks(face_short, blur, det_score, damage=damage,
                                                   **gates).items()}
-    stages["initial_single_faces"] = int(sum(len(c) == 1 for c in clusters_initial))
+    # as cluster counts them (constrained_people): one face pinned by a decision is a person
+    stages["initial_single_faces"] = int(sum(len(c) == 1 and int(c[0]) not in pinned
+                                             for c in clusters_initial))
     gated = [g[[f not in dropped for f in g]] for g in clusters]
     gated = [g for g in gated if len(g)]
     stages["after_quality"] = len(gated)

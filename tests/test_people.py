@@ -711,3 +711,15 @@ def test_a_decision_is_said_as_words_that_run_after_people_out(clustered, capsys
     assert sort_faces.main(["people", str(out), "undo"]) == 0
     assert sort_faces.main(["people", str(out), *shlex.split(words)]) == 0
     assert manifest_of(out)["clusters"][0]["label"] == "-Elton"
+
+
+def test_refine_counts_people_as_cluster_does_after_a_move_to_a_new_person(clustered, tmp_path):
+    """A face moved to a new person is a person of one face: refine's count
+    "as cluster counts them" says so too (it said one person fewer, one
+    single face more)."""
+    cache, out = clustered
+    face = manifest_of(out)["clusters"][0]["faces"][0]["face"]
+    sort_faces.people(out, "move", faces_named=[str(face)], to="new", quiet=True)
+    people = len(manifest_of(out)["clusters"])
+    stages = sort_faces.refine(cache, tmp_path / "refined", quiet=True, min_faces=1)["stages"]
+    assert stages["initial_clusters"] - stages["initial_single_faces"] == people

@@ -140,7 +140,7 @@ except ImportError as missing:
           f"`{_run}`", file=sys.stderr)
     sys.exit(2)  # EXIT_USAGE
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 # What tests and importing callers use; everything else is an implementation detail.
 __all__ = [
@@ -9231,6 +9231,7 @@ details.row>summary .head{display:inline-flex;margin:0}
 details.row[open]>summary{margin-bottom:6px}
 .more{margin-top:6px}
 .more>summary{cursor:pointer;color:var(--muted);font-size:13px;margin-bottom:4px}
+.lines{margin:4px 0 0;padding-left:20px;font-size:13px;overflow-wrap:anywhere}
 .strip{display:flex;flex-wrap:wrap;gap:4px}
 .t{position:relative;display:block;flex:none;width:%(px)dpx;height:%(px)dpx;border-radius:4px;
 overflow:hidden;background:#e6e9ee}
@@ -9428,6 +9429,10 @@ def _group_html(group: dict) -> str:
     for section in group.get("sections") or []:
         body += (f'<details class="more"><summary>{e(str(section.get("heading", "")))}</summary>'
                  f'{_strip_html(section.get("thumbs") or [], name)}</details>')
+    lines = group.get("lines") or []
+    if lines:  # text a row holds instead of pictures (the files that could not be read)
+        body += '<ul class="lines">' + "".join(f"<li>{e(str(line))}</li>" for line in lines) + \
+            "</ul>"
     data = f'data-row data-name="{e(name.lower())}"'
     row = "row noted" if note else "row"
     if group.get("collapsed"):
@@ -9447,7 +9452,8 @@ def render_review_page(page: dict) -> str:
         ``groups`` (list of dict): one row each, in order, with ``name`` (str),
         ``href`` (folder link, optional), ``subtitle`` (optional), ``thumbs``,
         ``sections`` (optional list of ``{"heading", "thumbs"}`` shown as
-        closed <details> under the strip), ``collapsed`` (bool: the whole
+        closed <details> under the strip), ``lines`` (optional list of text
+        lines under the strip), ``collapsed`` (bool: the whole
         row inside a closed <details>) and ``note`` (optional ``{"text",
         "command"}``: a line above the strip for the user to check, with the
         command that acts on it; the row is marked, class ``noted``).
@@ -9704,6 +9710,12 @@ def cluster_review_page(manifest: ClusterManifest, cache: FaceCache, locations,
                    "thumbs": [{"image": r, "title": label_path(cache, locations, r),
                                "href": f"_noface/{safe_dst_name(label_path(cache, locations, r))}"}
                               for r in noface_rows[:REVIEW_MAX_LOOSE]]})
+    if manifest.unreadable:
+        groups.append({"name": "_unreadable", "collapsed": True,
+                       "subtitle": f"{counted(len(manifest.unreadable), 'file')} that could not "
+                                   "be read (in no folder; the log names each too)",
+                       "lines": [f"{display(u.file)}: {display(u.reason)}"
+                                 for u in manifest.unreadable[:REVIEW_MAX_LOOSE]]})
     n_images = len(np.unique(cache["face_file"])) + len(noface_rows)
     people = {"out": str(Path(out).resolve()), "suggestions": list(suggestions)} if out else None
     return {"title": f"cluster: {Path(manifest.cache).name}", "people": people,

@@ -5,6 +5,7 @@ run, counted), a JPEG that libjpeg repairs, a GIF, and a link the file system
 cannot make. (tests/test_odd_library.py runs a whole library of such files
 through every step; these are the cases found first, issue 17.)"""
 
+import html
 import json
 import os
 import shutil
@@ -133,6 +134,11 @@ def test_known_unreadable_files_are_reported_on_every_run_and_exit_1(tmp_path):
         assert code == sort_faces.EXIT_PARTIAL, err
         assert "1 unreadable" in out and "broken.jpg" in (err if _run == 0 else
                                                          last_log("embed"))
+    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)  # and on the review page
+    page = (tmp_path / "raw" / "index.html").read_text()
+    assert "_unreadable" in page and "1 file that could not be read" in page
+    reason = json.loads((tmp_path / "raw" / "manifest.json").read_text())["unreadable"][0]
+    assert html.escape(f"{reason['file']}: {reason['reason']}") in page
 
 
 def test_special_files_are_reported_once_and_counted(tmp_path):

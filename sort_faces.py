@@ -2243,10 +2243,19 @@ def as_seen(location: str, size: int | None = None) -> bool:
             return False
         if seen[0] is None or (now.st_size, now.st_mtime_ns) == seen:
             return True
-        return now.st_size == seen[0] and isinstance(location, SeenPath) and \
-            sha256_file(path) == location.sha256
+        if now.st_size != seen[0] or not isinstance(location, SeenPath):
+            return False
+        key = (str(path), now.st_size, now.st_mtime_ns, now.st_ino)
+        if key not in _TOUCHED_SHA256:  # once a process (the review app rebuilds at each click)
+            _TOUCHED_SHA256[key] = sha256_file(path)
+        return _TOUCHED_SHA256[key] == location.sha256
     except (OSError, ValueError):
         return False
+
+
+# The sha256 of each file as_seen found touched since embed (its time changed),
+# by path, size, time and inode: a later check in this process does not read it again.
+_TOUCHED_SHA256: dict[tuple, str] = {}
 
 
 def existing_location(locations: list[str], size: int) -> str | None:

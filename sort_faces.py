@@ -2228,6 +2228,27 @@ def rows_from_records(records: list[dict], columns: dict, embedding_size: int) -
     return out
 
 
+# The sha256 of each photo found touched or rewritten since embed, by path, size,
+# times and inode: a later check in this process (the review app rebuilds at each
+# click) does not read it again.
+_TOUCHED_SHA256: dict[tuple, str] = {}
+
+
+def holds_what_was_seen(location: str) -> bool:
+    """Does the photo at `location` (a SeenPath) hold the bytes the cache saw
+    there (its sha256; hashed once a process, as as_seen does)?"""
+    if not isinstance(location, SeenPath):
+        return True
+    try:
+        now = os.stat(location)
+        key = (str(location), now.st_size, now.st_mtime_ns, now.st_ino, now.st_ctime_ns)
+        if key not in _TOUCHED_SHA256:
+            _TOUCHED_SHA256[key] = sha256_file(str(location))
+    except (OSError, ValueError):
+        return False
+    return _TOUCHED_SHA256[key] == location.sha256
+
+
 def as_seen(location: str, size: int | None = None) -> bool:
     """Does `location` (a frame's: its video) still hold what the cache saw
     there: a regular file of the size and modification time it had then
@@ -2243,19 +2264,10 @@ def as_seen(location: str, size: int | None = None) -> bool:
             return False
         if seen[0] is None or (now.st_size, now.st_mtime_ns) == seen:
             return True
-        if now.st_size != seen[0] or not isinstance(location, SeenPath):
-            return False
-        key = (str(path), now.st_size, now.st_mtime_ns, now.st_ino)
-        if key not in _TOUCHED_SHA256:  # once a process (the review app rebuilds at each click)
-            _TOUCHED_SHA256[key] = sha256_file(path)
-        return _TOUCHED_SHA256[key] == location.sha256
+        return now.st_size == seen[0] and isinstance(location, SeenPath) and \
+            holds_what_was_seen(location)
     except (OSError, ValueError):
         return False
-
-
-# The sha256 of each file as_seen found touched since embed (its time changed),
-# by path, size, time and inode: a later check in this process does not read it again.
-_TOUCHED_SHA256: dict[tuple, str] = {}
 
 
 def existing_location(locations: list[str], size: int) -> str | None:
@@ -5990,7 +6002,9 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     """`old`, the file of the same name in the output being replaced, when it
     is a copy of `src` as `src` is now: a regular file (not a link) of the
     same size and modification time (copy2 keeps it; an edit of either
-    changes it), and not the photo itself (as in a `--link hardlink` output)
+    changes it), made (or linked in) since the photo last changed (its
+    status-change time: a photo rewritten with its old time restored is
+    copied anew), and not the photo itself (as in a `--link hardlink` output)
     nor any other file's name too (one link only: a copy hardlinked by hand
     to a file outside OUT, which may hold other bytes, is copied anew).
     A name is the source path's own (output_name), so it is that photo's
@@ -6003,8 +6017,24 @@ def earlier_copy(old: Path | None, src: str) -> Path | None:
     except OSError:
         return None
     same = held is not None and \
-        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
+        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns) and \
+        now.st_ctime_ns <= held.st_ctime_ns  # the photo not written since the copy was made
     return old if same and (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) else None
+
+
+def rewritten_since_copy(old: Path | None, src: str) -> bool:
+    """Was the photo `src` written since `old`, its copy in the output being
+    replaced, was made (or linked in), though its size and time are still
+    the copy's (a photo rewritten with its old time restored)? Then whether
+    it still holds what the cache saw is a question for its bytes
+    (holds_what_was_seen)."""
+    held = lone_file(old) if old is not None and not isinstance(src, FrameLocation) else None
+    try:
+        now = os.stat(src)
+    except OSError:
+        return False
+    return held is not None and now.st_ctime_ns > held.st_ctime_ns and \
+        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
 
 
 def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, sha256: str | None) -> bool:
@@ -6425,7 +6455,8 @@ def materialise_files(folder: Path, paths, link: str, earlier: Path | None = Non
             continue  # said once for the video, not once a frame
         old = earlier / name if earlier else None
         try:
-            if not as_seen(path):
+            if not as_seen(path) or (rewritten_since_copy(old, path)
+                                     and not holds_what_was_seen(path)):
                 if kept_copy_of_gone_photo(old, inside(folder, name), link,
                                            getattr(path, "sha256", None)):
                     names[name] = path

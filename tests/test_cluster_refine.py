@@ -403,3 +403,27 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     sort_faces.cluster(cache, fresh, quiet=True)
     assert not any(p.read_bytes() == biden for p in fresh.rglob("*") if p.is_file())
     assert "it has changed since embed" in caplog.text
+
+
+def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(tmp_path):
+    """Another picture written over a photo, padded to its size and with its
+    time put back (what embed, judging by size and time, does not see): a
+    rebuild sees that the photo was written since its copy was made, finds
+    its bytes are not the cache's, and keeps the copy it had."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache, out = tmp_path / "c.npz", tmp_path / "raw"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, out, quiet=True)
+    target = max(src.iterdir(), key=lambda p: p.stat().st_size)
+    original, seen = target.read_bytes(), target.stat()
+    other = min((p for p in (DATA / "face_recognition").rglob("*.jp*g")
+                 if "obama" not in p.name), key=lambda p: p.stat().st_size).read_bytes()
+    assert len(other) < len(original)
+    target.write_bytes(other + b"\0" * (len(original) - len(other)))
+    os.utime(target, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (seen.st_size,
+                                                                  seen.st_mtime_ns)
+    sort_faces.cluster(cache, out, quiet=True)
+    copies = [p for p in out.glob("person_*/*") if p.name == sort_faces.output_name(str(target))]
+    assert copies and all(p.read_bytes() == original for p in copies)

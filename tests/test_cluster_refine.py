@@ -408,8 +408,10 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
 def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(tmp_path):
     """Another picture written over a photo, padded to its size and with its
     time put back (what embed, judging by size and time, does not see): a
-    rebuild sees that the photo was written since its copy was made, finds
-    its bytes are not the cache's, and keeps the copy it had."""
+    rebuild keeps the copy it had. An output that copied the other picture
+    (built while it was there) copies the photo again once it is put back:
+    the photo was written since its copy was made (its status-change time),
+    and its bytes are the cache's again."""
     src = tmp_path / "src"
     shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
     cache, out = tmp_path / "c.npz", tmp_path / "raw"
@@ -426,4 +428,14 @@ def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(
                                                                   seen.st_mtime_ns)
     sort_faces.cluster(cache, out, quiet=True)
     copies = [p for p in out.glob("person_*/*") if p.name == sort_faces.output_name(str(target))]
+    assert copies and all(p.read_bytes() == original for p in copies)
+    # an output first built while the other picture was there holds it (size and time cannot
+    # tell); the photo put back as it was, its next rebuild copies it again
+    fresh = tmp_path / "fresh"
+    sort_faces.cluster(cache, fresh, quiet=True)
+    target.write_bytes(original)
+    os.utime(target, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    sort_faces.cluster(cache, fresh, quiet=True)
+    copies = [p for p in fresh.glob("person_*/*")
+              if p.name == sort_faces.output_name(str(target))]
     assert copies and all(p.read_bytes() == original for p in copies)

@@ -9610,6 +9610,21 @@ def face_thumb(cache: FaceCache, locations, face: int, folder: str | None, **ext
     return thumb
 
 
+def copy_held_in(folder: Path, locations: list[str]) -> str | None:
+    """The copy `folder` (an output's person or faceset folder) holds of a
+    photo at one of `locations` (SeenPaths) whose bytes are the photo's as
+    the cache saw them: where a photo gone from the source still shows."""
+    for path in locations:
+        if isinstance(path, SeenPath):
+            copy = folder / output_name(path)
+            with contextlib.suppress(OSError, ValueError):
+                if stat.S_ISREG(os.lstat(copy).st_mode) and \
+                        os.path.getsize(copy) == path.size and \
+                        sha256_file(str(copy)) == path.sha256:
+                    return str(copy)
+    return None
+
+
 def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations,
                     reuse_from: Path | None = None) -> dict:
     """Give every strip entry of `page` a src under folder/_thumbs/.
@@ -9618,34 +9633,41 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
     photo) or "png" (a file, e.g. an exported crop, path relative to folder).
     A thumbnail already in folder/_thumbs or in reuse_from/_thumbs (the output
     this one replaces; only when that is a folder of its own, not a link out
-    of it: earlier_folder) is reused; entries whose photo cannot be read are
-    dropped.
+    of it: earlier_folder) is reused; a face whose photo is gone since embed
+    is made from the copy its row's folder holds (copy_held_in); entries
+    with neither are dropped.
     """
     thumbs_dir = Path(folder) / THUMBS_DIR_NAME
     thumbs_dir.mkdir(parents=True, exist_ok=True)
     reused = earlier_folder(reuse_from, THUMBS_DIR_NAME) if reuse_from else None
-    entries = [t for g in page["groups"] for t in
+    entries = [(t, g.get("href")) for g in page["groups"] for t in
                [*g.get("thumbs", []), *(t for s in g.get("sections", []) for t in s["thumbs"])]]
 
-    def source(entry):
+    def source(entry, href):
+        """(the file to read its pixels from, or None; the path its name is
+        made of; its box; its padding)."""
         if "png" in entry:
-            return str(Path(folder) / entry["png"]), entry["box"], 0.0
+            return str(Path(folder) / entry["png"]), None, entry["box"], 0.0
         if "image" in entry:
             row = entry["image"]
             size = (cache["file_width"][row], cache["file_height"][row])
-            return label_path(cache, locations, row), (0, 0, *size), 0.0
+            return label_path(cache, locations, row), None, (0, 0, *size), 0.0
         row = int(cache["face_file"][entry["face"]])
-        return existing_location(locations[row], int(cache["file_size"][row])), \
-            tuple(cache["bbox"][entry["face"]]), THUMB_PAD
+        path = existing_location(locations[row], int(cache["file_size"][row]))
+        named = path or label_path(cache, locations, row)
+        if path is None and href:  # gone since embed: the copy its row's folder holds, if true
+            path = copy_held_in(Path(folder) / href, locations[row])
+        return path, named, tuple(cache["bbox"][entry["face"]]), THUMB_PAD
 
     todo: dict[tuple, list] = {}
-    for entry in entries:
-        path, bbox, pad = source(entry)
-        if path is None:  # the photo is gone: no thumbnail, the entry is left out
-            entry["src"] = f"{THUMBS_DIR_NAME}/missing"
-            continue
-        name = thumb_file_name(path, bbox) if pad else \
+    for entry, href in entries:
+        path, named, bbox, pad = source(entry, href)
+        name = thumb_file_name(named or path, bbox) if pad else \
             thumb_file_name(path, bbox).replace(".jpg", "-whole.jpg")
+        if path is None and not (thumbs_dir / name).exists() and \
+                not (reused and lone_file(reused / name)):
+            entry["src"] = f"{THUMBS_DIR_NAME}/missing"  # gone, and no copy: left out
+            continue
         entry["src"] = f"{THUMBS_DIR_NAME}/{name}"
         target = thumbs_dir / name
         old = reused / name if reused else None

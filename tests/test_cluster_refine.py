@@ -369,6 +369,7 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     (raw / person / names["obama2.jpg"]).write_bytes(b"not the photo any more")
     for link, (raw_out, refined_out) in outputs.items():
         caplog.clear()
+        shutil.rmtree(raw_out / "_thumbs")  # no thumbnail to reuse: made from the kept copy
         sort_faces.cluster(cache, raw_out, link=link, quiet=True)
         sort_faces.refine(cache, refined_out, link=link, quiet=True, **refine_params)
         kept = [raw_out / person / names["obama1.jpg"], raw_out / "_noface" / names["wall.jpg"],
@@ -386,6 +387,8 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
                                                   photo_bytes["obama1.jpg"],
                                                   photo_bytes["obama3.jpg"]], link
         assert "whose photos are gone or changed since embed" in caplog.text
+        page = (raw_out / "index.html").read_text()  # its face still shows, from the copy
+        assert page.count(f'title="{src / "obama1.jpg"}') >= 1, link
         manifest = json.loads((raw_out / "manifest.json").read_text())
         listed = {e["name"]: e["outputs"] for e in manifest["clusters"]}
         assert names["obama1.jpg"] in listed[person]
@@ -439,3 +442,7 @@ def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(
     copies = [p for p in fresh.glob("person_*/*")
               if p.name == sort_faces.output_name(str(target))]
     assert copies and all(p.read_bytes() == original for p in copies)
+    # a new output of the photos gone has no copy to keep, nor to show them from: their
+    # thumbnails are left out, never made of another picture
+    fresh_page = (fresh / "index.html").read_text()
+    assert f'title="{src / "obama1.jpg"}' not in fresh_page

@@ -2249,6 +2249,20 @@ def holds_what_was_seen(location: str) -> bool:
     return _TOUCHED_SHA256[key] == location.sha256
 
 
+def true_copy(copy: Path | None, location: str) -> bool:
+    """Is `copy` (a file an output holds) a regular file, not a link, whose
+    bytes are the photo's at `location` (a SeenPath) as the cache saw them:
+    its size, then its sha256? What may stand in for a photo gone since."""
+    if copy is None or not isinstance(location, SeenPath):
+        return False
+    try:
+        held = os.lstat(copy)
+        return stat.S_ISREG(held.st_mode) and held.st_size == location.size and \
+            sha256_file(str(copy)) == location.sha256
+    except (OSError, ValueError):
+        return False
+
+
 def as_seen(location: str, size: int | None = None) -> bool:
     """Does `location` (a frame's: its video) still hold what the cache saw
     there: a regular file of the size and modification time it had then
@@ -6037,19 +6051,16 @@ def rewritten_since_copy(old: Path | None, src: str) -> bool:
         (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
 
 
-def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, sha256: str | None) -> bool:
+def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, location: str) -> bool:
     """Put at `dst` the copy `old` (the file of that name in the output being
-    replaced) of a photo gone from the source since, when `old` is a regular
-    file whose bytes are the photo's as the cache has them (`sha256`): the
+    replaced) of a photo gone from `location` since, when `old` is a true
+    copy of it (true_copy: its bytes the photo's as the cache has them): the
     copy (or, in a hardlink output, the last link) may be all that is left
     of it. A symlink output has nothing to keep. True if it was kept."""
-    if old is None or sha256 is None or link == "symlink":
+    if link == "symlink" or not true_copy(old, location):
         return False
     try:
-        held = os.lstat(old)
-        if not stat.S_ISREG(held.st_mode) or sha256_file(str(old)) != sha256:
-            return False
-        if link == "copy" and held.st_nlink > 1:  # shared with a file outside: a copy of its own
+        if link == "copy" and os.lstat(old).st_nlink > 1:  # shared outside: a copy of its own
             tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
             shutil.copy2(old, tmp)
             os.replace(tmp, dst)
@@ -6457,8 +6468,7 @@ def materialise_files(folder: Path, paths, link: str, earlier: Path | None = Non
         try:
             if not as_seen(path) or (rewritten_since_copy(old, path)
                                      and not holds_what_was_seen(path)):
-                if kept_copy_of_gone_photo(old, inside(folder, name), link,
-                                           getattr(path, "sha256", None)):
+                if kept_copy_of_gone_photo(old, inside(folder, name), link, path):
                     names[name] = path
                     kept += 1
                     continue
@@ -9614,15 +9624,8 @@ def copy_held_in(folder: Path, locations: list[str]) -> str | None:
     """The copy `folder` (an output's person or faceset folder) holds of a
     photo at one of `locations` (SeenPaths) whose bytes are the photo's as
     the cache saw them: where a photo gone from the source still shows."""
-    for path in locations:
-        if isinstance(path, SeenPath):
-            copy = folder / output_name(path)
-            with contextlib.suppress(OSError, ValueError):
-                if stat.S_ISREG(os.lstat(copy).st_mode) and \
-                        os.path.getsize(copy) == path.size and \
-                        sha256_file(str(copy)) == path.sha256:
-                    return str(copy)
-    return None
+    return next((str(folder / output_name(path)) for path in locations
+                 if true_copy(folder / output_name(path), path)), None)
 
 
 def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations,
@@ -12415,23 +12418,18 @@ def held_copies(outputs) -> dict[str, Path]:
     return held
 
 
-def photo_or_held_copy(locations: list[str], size: int, sha256: str,
-                       held: dict[str, Path]) -> str | None:
+def photo_or_held_copy(locations: list[str], size: int, held: dict[str, Path]) -> str | None:
     """Where a photo's bytes are to be read: its first location that still
-    holds a file of the cached size (existing_location), else a copy an
-    output holds (`held`: held_copies) whose bytes are the photo's as the
-    cache has them, a photo deleted from the source since included; None when
+    holds what the cache saw there (existing_location), else a copy an
+    output holds (`held`: held_copies) that is a true copy of it (true_copy),
+    a photo deleted or replaced in the source since included; None when
     neither is left. A video's frame has only its video."""
     found = existing_location(locations, size)
     if found is not None or not held:
         return found
-    for path in locations:
-        copy = None if isinstance(path, FrameLocation) else held.get(output_name(path))
-        with contextlib.suppress(OSError):
-            if copy is not None and stat.S_ISREG(os.lstat(copy).st_mode) and \
-                    os.path.getsize(copy) == size and sha256_file(str(copy)) == sha256:
-                return str(copy)
-    return None
+    return next((str(held[output_name(path)]) for path in locations
+                 if isinstance(path, SeenPath) and true_copy(held.get(output_name(path)), path)),
+                None)
 
 
 def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dict,
@@ -12447,7 +12445,7 @@ def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dic
         row = int(cache["face_file"][face])
         if row not in paths:
             paths[row] = photo_or_held_copy(locations[row], int(cache["file_size"][row]),
-                                            str(cache["sha256"][row]), held or {})
+                                            held or {})
         return CropTask(paths[row], cache["bbox"][face], params["pad_ratio"],
                         params["out_size"], face,
                         cache["bbox"][[o for o in per_file[row] if o != face]], checks)

@@ -618,6 +618,13 @@ OUTPUT_MARKER = ".face-sets-output.json"
 # In an output extend changes in place, while it does (changed_in_place): what a
 # later run needs to undo or finish the change if this one is killed outright.
 IN_PLACE_JOURNAL = ".face-sets-change.json"
+# Why a rebuild left a photo of the cache out of a folder (materialise_files), and no copy of
+# it was there to keep.
+MATERIALISE_LEFT_OUT = {
+    "changed": "it is not the picture the cache has any more (changed or replaced since embed; "
+               "embed takes a new picture in), and the output held no copy of that one",
+    "gone": "it is gone from the source since embed, and the output held no copy of it",
+}
 MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
                   "export-swap": "export_manifest.json"}
 ENTRY_NAME_PATTERNS = {"cluster": r"person_\d{3,9}", "refine": r"faceset_\d{3,9}",
@@ -2294,13 +2301,18 @@ def file_locations(cache: FaceCache) -> list[list[str]]:
     """Per cache file row: every path that holds its content, canonical first,
     each a SeenPath (a frame's, a FrameLocation at every path of its video).
 
-    Empty for content no path holds any more (a photo edited in place is a new
-    row; its old row must not be materialised from the edited file).
+    Content no path holds any more (a photo edited or replaced in place, and
+    embedded again: a new row) is where the row's file was, as the cache saw
+    it then: as_seen tells it is not there now, so nothing reads the new
+    file as the old row's, and a copy an output holds of it is still found
+    by its name (true_copy). A video's frames have no such place.
     """
     table = cache.path_table()
     by_sha = cache.paths_by_sha()
-    locations = [[SeenPath(p, *table[p]) for p in by_sha.get(sha, [])]
-                 for sha in cache["sha256"]]
+    locations = [[SeenPath(p, *table[p]) for p in by_sha[sha]] if sha in by_sha else
+                 [SeenPath(path, sha, size, mtime)]
+                 for path, sha, size, mtime in zip(cache["files"], cache["sha256"],
+                                                   cache["file_size"], cache["file_mtime_ns"])]
     for row in np.flatnonzero(cache["file_video"] != ""):  # a frame: at every path of its video
         locations[row] = [FrameLocation(p, cache["file_time"][row], table[p][1:])
                           for p in by_sha.get(cache["file_video"][row], [])]
@@ -6440,44 +6452,64 @@ def earlier_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
-def materialise_files(folder: Path, paths, link: str, earlier: Path | None = None) -> list[str]:
+def earlier_files(out: Path) -> dict[str, Path]:
+    """Every file of the output a build replaces, by name, in its folders of
+    OUT's own (earlier_folder; not its thumbnails): where a rebuild finds the
+    copy it had of a photo, in whichever folder the photo's face was (a
+    person renamed, split or moved since). A name is its photo's path's own
+    (output_name), so any folder's file of that name is that photo's."""
+    found: dict[str, Path] = {}
+    try:
+        children = sorted(entry.name for entry in os.scandir(out))
+    except OSError:  # no output yet
+        return found
+    for name in children:
+        folder = None if name == THUMBS_DIR_NAME else earlier_folder(out, name)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder) if folder is not None else ():
+                found.setdefault(entry.name, folder / entry.name)
+    return found
+
+
+def materialise_files(folder: Path, paths, link: str,
+                      earlier: dict[str, Path] | None = None) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names.
     Only a path that still holds what the cache saw there (as_seen; a frame:
     its video) is copied: a photo replaced or changed since embed is left
-    out, with a line saying so, until embed takes it in. `earlier`: the
-    folder of the same name in the output this build replaces, whose copies
-    still true are linked in rather than copied (earlier_copy), and whose
-    copy of a photo gone or changed since is kept when its bytes are still
-    the photo's as the cache has them (kept_copy_of_gone_photo): a copy or
+    out, with a line saying so, until embed takes it in. `earlier`: the files
+    of the output this build replaces (earlier_files), whose copies still
+    true are linked in rather than copied (earlier_copy), and whose copy of
+    a photo gone or changed since is kept when its bytes are still the
+    photo's as the cache has them (kept_copy_of_gone_photo): a copy or
     hardlink output outlives its photos, a rebuild included."""
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     failed_videos: set[str] = set()
-    kept, changed = 0, []
-    for path in paths:
+    kept, left_out = 0, {"changed": [], "gone": []}
+    # what is there as the cache saw it takes its name first, a copy kept of what has gone after
+    # (a photo edited in place and embedded again: its new picture, not the copy of the old)
+    for path, seen in sorted(((path, as_seen(path)) for path in paths), key=lambda p: not p[1]):
         name = output_name(path)
         if name in names:
-            if names[name] != path:  # safe_dst_name keeps this from happening
+            if seen and names[name] != path:  # safe_dst_name keeps this from happening
                 log.warning("%s and %s would share the name %s in %s; the second is left out",
                             display(names[name]), display(path), name, display(folder))
             continue
         video = getattr(path, "video", None)
         if video in failed_videos:
             continue  # said once for the video, not once a frame
-        old = earlier / name if earlier else None
+        old = earlier.get(name) if earlier else None
         try:
-            if not as_seen(path) or (rewritten_since_copy(old, path)
-                                     and not holds_what_was_seen(path)):
-                if kept_copy_of_gone_photo(old, inside(folder, name), link, path):
-                    names[name] = path
-                    kept += 1
-                    continue
-                if os.path.lexists(video or path):
-                    changed.append(video or path)
-                    if video is not None:
-                        failed_videos.add(video)
-                    continue
-            materialise(path, inside(folder, name), link, earlier_copy(old, path))
+            if seen and (not rewritten_since_copy(old, path) or holds_what_was_seen(path)):
+                materialise(path, inside(folder, name), link, earlier_copy(old, path))
+            elif kept_copy_of_gone_photo(old, inside(folder, name), link, path):
+                kept += 1
+            else:
+                left_out["changed" if os.path.lexists(video or path) else "gone"].append(
+                    video or path)
+                if video is not None:
+                    failed_videos.add(video)
+                continue
             names[name] = path
         except OSError as error:
             if video is not None:
@@ -6488,9 +6520,10 @@ def materialise_files(folder: Path, paths, link: str, earlier: Path | None = Non
         log.warning("kept %s in %s/ whose photos are gone or changed since embed (the copies "
                     "the output held, their bytes the photos' as the cache has them)",
                     counted(kept, "copy"), display(folder.name))
-    for path in changed:
-        log.warning("left %s out of %s/: it has changed since embed (another picture may be "
-                    "there now); run embed to take it in", display(path), display(folder.name))
+    for why, paths_left in left_out.items():
+        for path in paths_left:
+            log.warning("left %s out of %s/: %s", display(path), display(folder.name),
+                        MATERIALISE_LEFT_OUT[why])
     return list(names)
 
 
@@ -6502,7 +6535,8 @@ def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
                    bbox=[round(float(v), 1) for v in cache["bbox"][face]], **dropped)
 
 
-def write_group(folder: Path, faces, cache, locations, link, earlier: Path | None = None) -> Group:
+def write_group(folder: Path, faces, cache, locations, link,
+                earlier: dict[str, Path] | None = None) -> Group:
     """Materialise every location of every photo of `faces` into `folder`
     (`earlier`: as materialise_files)."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
@@ -10495,11 +10529,11 @@ def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache
     with (contextlib.nullcontext() if locked else output_lock(out)), \
             building(out, kind) as work:  # locked: the caller holds OUT's lock
         entries = []
+        earlier = earlier_files(out)
         for name, faces in progress(sorted(zip(names, build.groups), key=lambda p: p[0]),
                                     desc=kind, unit=shape["prefix"]):
             folder = entry_folder(name, labels.get(name))
-            group = write_group(work / folder, faces, cache, locations, link,
-                                earlier_folder(out, folder))
+            group = write_group(work / folder, faces, cache, locations, link, earlier)
             centroid = centroid_record(cache["embeddings"], faces) if shape["centroid"] else None
             entries.append(Entry(name=name, label=labels.get(name), size=len(faces),
                                  centroid=centroid, **vars(group)))
@@ -11190,13 +11224,13 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     noface, unreadable = noface_and_unreadable(cache, locations)
 
     def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
-        singletons = write_group(work / "_singletons", singles, cache, locations, link,
-                                 earlier_folder(out, "_singletons"))
+        earlier = earlier_files(out)  # (while OUT is still the output this build replaces)
+        singletons = write_group(work / "_singletons", singles, cache, locations, link, earlier)
         return ClusterManifest(
             **fields, clustering=info, clusters=entries, singletons=singletons,
             rejected=[face_record(cache, f, locations) for f in rejected],
             noface=NoFace(files=noface, outputs=materialise_files(
-                work / "_noface", noface, link, earlier_folder(out, "_noface"))),
+                work / "_noface", noface, link, earlier)),
             unreadable=unreadable,
             summary=ClusterSummary(people=len(people), faces=int(cache.n_faces),
                                    faces_in_people=int(sum(len(g) for g in people)),

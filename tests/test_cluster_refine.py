@@ -379,8 +379,10 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
             assert all(p.read_bytes() != biden for p in folder.rglob("*") if p.is_file()
                        and not p.is_symlink()), link
         if link == "symlink":
-            assert "kept" not in caplog.text and "obama3.jpg out of person_001/: it has " \
-                "changed since embed" in caplog.text
+            assert "kept" not in caplog.text and "obama3.jpg out of person_001/: it is not " \
+                "the picture the cache has any more" in caplog.text
+            assert "obama1.jpg out of person_001/: it is gone from the source" in caplog.text
+            assert not [p for p in raw_out.rglob("*") if p.is_symlink() and not p.exists()]
             continue
         assert [p.read_bytes() for p in kept] == [photo_bytes["obama1.jpg"],
                                                   photo_bytes["wall.jpg"],
@@ -405,11 +407,21 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     caplog.clear()
     sort_faces.cluster(cache, fresh, quiet=True)
     assert not any(p.read_bytes() == biden for p in fresh.rglob("*") if p.is_file())
-    assert "it has changed since embed" in caplog.text
+    assert "it is not the picture the cache has any more" in caplog.text
     # a new output of the photos gone has no copy to keep, nor to show them from: their
     # thumbnails are left out, never made of another picture
     fresh_page = (fresh / "index.html").read_text()
     assert f'title="{src / "obama1.jpg"}' not in fresh_page
+    # embed takes the other picture in (a new row; no path holds the old one's bytes now),
+    # and a decision renames the person's folder: the copies are kept wherever the faces go
+    raw, refined = outputs["copy"]
+    embed_quiet(src, cache)
+    sort_faces.people(raw, "name", people_named=[person], name="Barack", quiet=True)
+    named = raw / f"{person}_Barack"
+    assert (named / names["obama1.jpg"]).read_bytes() == photo_bytes["obama1.jpg"]
+    assert (named / names["obama3.jpg"]).read_bytes() == photo_bytes["obama3.jpg"]
+    holders = [p.parent.name for p in raw.rglob(names["obama3.jpg"]) if p.read_bytes() == biden]
+    assert holders and person not in " ".join(holders)  # the new picture: with its own face
 
 
 def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(tmp_path):

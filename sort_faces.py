@@ -197,7 +197,7 @@ __all__ = [
     "second_look_keeps", "blur_score", "square_crop_box", "crop_square", "size_filter_summary",
     # review pages
     "thumb_file_name", "write_review_page", "strip_faces", "refine_shortfalls",
-    "shortfall_notice",
+    "shortfall_notice", "export_gate",
 ]
 
 # ============================================================================
@@ -1238,7 +1238,9 @@ def setup_logging(step: str, verbosity: int = 0) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as error:
-        raise UserError(f"cannot write the log {display(path)}: {error.strerror or error} (set "
+        reason = "it is not a folder" if directory.exists() and not directory.is_dir() else \
+            (error.strerror or str(error))
+        raise UserError(f"cannot write the log folder {display(directory)}: {reason} (set "
                         "FACESETS_LOG_DIR to a folder of yours)") from None
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
@@ -7513,11 +7515,14 @@ def listed_paths(out: Path, manifest: ClusterManifest | RefineManifest) -> set[s
 
 
 def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
-                   replace_smaller: bool, noun: str = "faceset", why: str = "") -> None:
+                   replace_smaller: bool, noun: str = "faceset", why: str = "",
+                   restorable: int = 0) -> None:
     """A re-run that would replace OUT's facesets (refine, export-swap), or
     an export's crops (`noun` "crop"), with fewer than half as many is
     refused before OUT is touched (UserError naming what would be lost, `why`
-    where the step knows, and the options OUT was made with), unless
+    where the step knows, and how to keep them: the options OUT was made
+    with, or, where `restorable` more would have kept it, the photos put
+    back), unless
     `replace_smaller` (--replace-smaller): a re-run with other options, the
     pipeline's defaults after a run with REFINE_ARGS, or photos gone since
     never empty a result silently."""
@@ -7533,11 +7538,11 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
         return
     made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
+    keep = ("put the photos back where they were" if 2 * (count + restorable) >= had else
+            f"run with the options they were made with ({' '.join(made_with) or 'the same'})")
     raise UserError(f"{display(out)} holds {counted(had, noun)} and this {kind} would leave "
                     f"{count}{f' ({why})' if why else ''}: nothing was replaced. To keep them, "
-                    f"run with the options they were made with "
-                    f"({' '.join(made_with) or 'the same'}); to replace them, add "
-                    "--replace-smaller")
+                    f"{keep}; to replace them, add --replace-smaller")
 
 
 # ============================================================================
@@ -10782,8 +10787,8 @@ def embed(src, cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT
         ray_module()
     if str(cache_path).endswith(("/", os.sep)):  # Path() would drop it, and write a file there
         raise UserError(f"the cache {display(str(cache_path))} ends in {os.sep}, as a folder "
-                        f"does: give the cache's file, "
-                        f"{as_typed(Path(cache_path) / 'library.npz')} say")
+                        f"does: give the cache's file, such as "
+                        f"{as_typed(Path(cache_path) / 'library.npz')}")
     src, cache_path = Path(src), Path(cache_path)
     if not src.is_dir():
         raise UserError(f"source folder not found or not a folder: {src}")
@@ -12689,7 +12694,8 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
     runnable = sum(task.path is not None for task in tasks)
     provider_list, workers = worker_setup(providers, workers)
     settings = [f"{size}" + (f" padded by {pad:.0%}" if pad else "") for size, pad in checks]
-    say(f"export-swap: {len(refined.facesets)} facesets, {runnable} crops to make for "
+    say(f"export-swap: {counted(len(refined.facesets), 'faceset')}, "
+        f"{counted(runnable, 'crop')} to make for "
         f"{', '.join(tools)} (re-detection at det {', '.join(settings[:-1])} and "
         f"{settings[-1]} with {pack_name})", quiet)
     with output_lock(out), building(out, "export-swap") as work, \
@@ -12702,7 +12708,7 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
         refuse_smaller(out, "export-swap", sum(len(e.crops) for e in exported["faceset"]),
                        params, EXPORT_DEFAULTS, replace_smaller, "crop",
                        f"{counted(gone, 'face')} of photos that have moved or vanished since "
-                       f"embed, with no copy in the outputs" if gone else "")
+                       f"embed, with no copy in the outputs" if gone else "", gone)
         if set(tools) - {"roop"}:
             embedder = SwapEmbedder(pack_dir, recognizer, provider_list) \
                 if recognizer is not None and embedding_tools else None
@@ -12750,6 +12756,17 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
     return manifest.to_json()
 
 
+def export_gate(reason: str) -> str:
+    """A dropped or skipped face's reason as the gate that made it, for a
+    count: "face short edge 67 px < 100" is --min-face-short's."""
+    for pattern, gate in (("face short edge", "under --min-face-short"),
+                          ("from the faceset centroid", "past --outlier-threshold"),
+                          ("near-duplicate photo", "a near-duplicate of a better photo")):
+        if pattern in reason:
+            return gate
+    return reason
+
+
 def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_manifest_path,
                       top_n: int, again: list, tools=DEFAULT_SWAP_TOOLS
                       ) -> list[tuple[str, list | None]]:
@@ -12768,14 +12785,16 @@ def export_shortfalls(manifest: ExportManifest, refined: RefineManifest, refine_
     for entry in manifest.facesets:
         if entry.crops:
             continue
-        reasons = collections.Counter(left.reason for left in entry.skipped)
+        reasons = collections.Counter(export_gate(left.reason)
+                                      for left in entry.dropped + entry.skipped)
         why = "; ".join(f"{counted(n, 'face')}: {reason}" for reason, n in reasons.most_common())
         lines.append((f"{entry.name} has no crop, so no files: "
-                      f"{why or 'refine kept no face of it for export'}", None))
+                      f"{why or 'refine kept no face of it'}", None))
     short = [e for e in manifest.facesets if 0 < len(e.crops) < top_n]
     if short:
         smallest = min(short, key=lambda e: len(e.crops))
-        lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} have "
+        lines.append((f"{len(short)} of {counted(len(manifest.facesets), 'faceset')} "
+                      f"{'has' if len(short) == 1 else 'have'} "
                       f"fewer than --top-n {top_n} crops (smallest: {smallest.name}, "
                       f"{len(smallest.crops)}); "
                       + (f"their _top{top_n}.fsz holds all they have" if "roop" in tools
@@ -14067,6 +14086,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but words it does not know are a usage error of the
+        subcommand they follow (its --help named), not of the whole tool."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
     def error(self, message):  # usage errors exit 2 with one line, as UserError does
         line = " ".join(display(message).split())
         command = self.prog.split()[1:2]  # the subcommand (a verb's prog names OUT's metavar)
@@ -14103,6 +14131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"face-sets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=ArgumentParser)
+    parser.commands = sub.choices  # each subcommand's parser, by name (parse_args' errors)
 
     p = add_command(sub, "embed", cli_embed,
                     help="scan a photo tree and embed every face into a resumable cache",

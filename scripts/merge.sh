@@ -18,7 +18,8 @@ check_name "$name" || exit 2
 use_venv "$gpu"
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
-[ -f "$cache" ] || { echo "error: no cache $cache: run scripts/pipeline.sh first" >&2; exit 2; }
+[ -f "$cache" ] || { echo "error: no cache $cache: run bash $(printf %q "${at}scripts/pipeline.sh")" \
+                          "SRC $(printf %q "$name") first" >&2; exit 2; }
 step embed "$src" "$cache"
 step extend "$cache" "$out/raw_full" --refine-out "$out/facesets_full"
 step enrich "$cache"

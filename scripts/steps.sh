@@ -26,7 +26,8 @@ source_folder() {
 check_name() {
     case "$1" in
         ""|.|..|*/*) echo "error: the name '$1' is not a plain name (it names" \
-                          "work/cache/NAME.npz and work/out/NAME/): give one without /" >&2
+                          "work/cache/NAME.npz and work/out/NAME/): give one that is not" \
+                          ". or .. and has no /" >&2
                      return 2 ;;
     esac
 }

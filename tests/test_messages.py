@@ -214,6 +214,9 @@ def test_usage_errors_and_wrong_folders_say_so_in_one_runnable_line(tmp_path):
     assert hint.endswith("export-swap --help")
     code, out, _err = run_pasted(hint)
     assert code == 0 and "usage:" in out
+    code, _out, err = run_cli("cluster", "c.npz", "out", "--bogus")  # after the subcommand's words
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+    assert err.strip().endswith("sort_faces.py cluster --help)")
     (tmp_path / "photos").mkdir()
     code, _out, err = run_cli("embed", tmp_path / "photos", f"{tmp_path / 'cache'}/")
     assert code == 2 and "ends in /, as a folder does" in err and "library.npz" in err
@@ -230,3 +233,16 @@ def test_usage_errors_and_wrong_folders_say_so_in_one_runnable_line(tmp_path):
                        "a cluster output as RAW_OUT"):
         sort_faces.claim_output(refined, "cluster", "extend takes a cluster output as RAW_OUT "
                                 "and a refine one as --refine-out")
+
+
+@pytest.mark.fast
+def test_a_faceset_without_a_crop_names_the_gate_that_took_its_faces():
+    """export-swap's line for a faceset with no crop counts its faces by the
+    gate that took them (it blamed refine when --min-face-short had)."""
+    assert sort_faces.export_gate("face short edge 67 px < 100") == "under --min-face-short"
+    assert sort_faces.export_gate("distance 0.61 from the faceset centroid > 0.45") == \
+        "past --outlier-threshold"
+    assert sort_faces.export_gate("near-duplicate photo of /p/a.jpg") == \
+        "a near-duplicate of a better photo"
+    reason = "the photo has moved or vanished since embed"
+    assert sort_faces.export_gate(reason) == reason

@@ -12705,10 +12705,11 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                                   {f.name: f.label for f in refined.facesets if f.label}, params,
                                   tools)
         gone = sum(task.path is None for task in tasks)
-        refuse_smaller(out, "export-swap", sum(len(e.crops) for e in exported["faceset"]),
-                       params, EXPORT_DEFAULTS, replace_smaller, "crop",
-                       f"{counted(gone, 'face')} of photos that have moved or vanished since "
-                       f"embed, with no copy in the outputs" if gone else "", gone)
+        if gone:  # photos gone since, with no copy left: never an export emptied silently
+            refuse_smaller(out, "export-swap", sum(len(e.crops) for e in exported["faceset"]),
+                           params, EXPORT_DEFAULTS, replace_smaller, "crop",
+                           f"{counted(gone, 'face')} of photos that have moved or vanished "
+                           f"since embed, with no copy in the outputs", gone)
         if set(tools) - {"roop"}:
             embedder = SwapEmbedder(pack_dir, recognizer, provider_list) \
                 if recognizer is not None and embedding_tools else None

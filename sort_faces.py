@@ -32,8 +32,9 @@ last, wires them all.
     FILES AND ATOMIC IO  atomic writes, locks, inputs read only when they are regular files
                          (a folder given for one: what was wanted, and the file inside it),
                          paths kept inside an output, the source scan, stable output names
-                         of photos and video frames
-    CACHE                the .npz cache, its journal of checked chunks, consistent reads
+                         of photos and video frames, paths that know what the cache saw there
+    CACHE                the .npz cache, its journal of checked chunks, consistent reads,
+                         where each row's content is and whether it is still there as seen
     IMAGES               decoding real photo libraries into 8-bit BGR within a memory budget,
                          at the reductions a step needs (libjpeg's DCT scaling)
     VIDEO                frames planned from a video's timestamps and decoded exactly with
@@ -52,7 +53,8 @@ last, wires them all.
                          guarded so that it ends with its run
     MODEL STEPS          one entry that runs a ModelStep: on the local pool, or on Ray
     PERCEPTUAL HASH      64-bit image hash and the exact Hamming pair search
-    OUTPUT FOLDERS       stable names, copy/link, ownership markers, build-beside-then-swap,
+    OUTPUT FOLDERS       stable names, copy/link (a rebuild keeping the copies of photos gone
+                         since), ownership markers, build-beside-then-swap,
                          all-or-nothing changes in place, manifests as typed records (one
                          loader that validates them, one writer)
     CLUSTERING           scalable exact average-linkage clustering (candidate pairs from

@@ -1757,7 +1757,9 @@ def output_name(location: str) -> str:
 # plus `path_aliases` and `meta` as JSON text. A run flushes new rows every
 # --flush-every files as a small chunk in <cache>.journal/; loading applies the
 # chunks the main file has not absorbed yet, and a finished run folds them in.
-# So a flush costs the size of 50 files, not of the whole cache.
+# So a flush costs the size of 50 files, not of the whole cache. Where a row's
+# content is (file_locations) comes from the paths table, each location knowing
+# what embed saw there (SeenPath), so no step reads another picture as it (as_seen).
 # ============================================================================
 
 
@@ -5963,7 +5965,9 @@ def photo_hashes(photo: PhotoPixels, det_size: int) -> np.ndarray:
 # Materialising photos into an output folder: stable flat names, copy / hard
 # link / symlink, and the build-beside-then-swap that keeps a re-run from ever
 # leaving a half-written result (and extend's all-or-nothing change in place).
-# Also the guards that keep outputs away from the user's photos.
+# A rebuild links in the copies it had, and keeps those of photos gone or
+# replaced since when their bytes are still the photo's (a copy output outlives
+# its photos). Also the guards that keep outputs away from the user's photos.
 # ============================================================================
 
 def entry_folder(name: str, label: str | None = None) -> str:

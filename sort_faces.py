@@ -6460,13 +6460,15 @@ def earlier_folder(out: Path, name: str) -> Path | None:
     return folder
 
 
-def earlier_files(out: Path) -> dict[str, Path]:
+def earlier_files(out: Path) -> dict[str, list[Path]]:
     """Every file of the output a build replaces, by name, in its folders of
     OUT's own (earlier_folder; not its thumbnails): where a rebuild finds the
     copy it had of a photo, in whichever folder the photo's face was (a
     person renamed, split or moved since). A name is its photo's path's own
-    (output_name), so any folder's file of that name is that photo's."""
-    found: dict[str, Path] = {}
+    (output_name), but two folders may hold two pictures under it (a photo
+    replaced in place, its old copy with the old picture's face, and the new
+    one with its own): each is judged by its bytes."""
+    found: dict[str, list[Path]] = {}
     try:
         children = sorted(entry.name for entry in os.scandir(out))
     except OSError:  # no output yet
@@ -6475,12 +6477,12 @@ def earlier_files(out: Path) -> dict[str, Path]:
         folder = None if name == THUMBS_DIR_NAME else earlier_folder(out, name)
         with contextlib.suppress(OSError):
             for entry in os.scandir(folder) if folder is not None else ():
-                found.setdefault(entry.name, folder / entry.name)
+                found.setdefault(entry.name, []).append(folder / entry.name)
     return found
 
 
 def materialise_files(folder: Path, paths, link: str,
-                      earlier: dict[str, Path] | None = None) -> list[str]:
+                      earlier: dict[str, list[Path]] | None = None) -> list[str]:
     """Copy/link each path into `folder` under its safe name; return the names.
     Only a path that still holds what the cache saw there (as_seen; a frame:
     its video) is copied: a photo replaced or changed since embed is left
@@ -6506,11 +6508,14 @@ def materialise_files(folder: Path, paths, link: str,
         video = getattr(path, "video", None)
         if video in failed_videos:
             continue  # said once for the video, not once a frame
-        old = earlier.get(name) if earlier else None
+        olds = earlier.get(name, ()) if earlier else ()
         try:
-            if seen and (not rewritten_since_copy(old, path) or holds_what_was_seen(path)):
-                materialise(path, inside(folder, name), link, earlier_copy(old, path))
-            elif kept_copy_of_gone_photo(old, inside(folder, name), link, path):
+            if seen and (not any(rewritten_since_copy(old, path) for old in olds)
+                         or holds_what_was_seen(path)):
+                materialise(path, inside(folder, name), link,
+                            next(filter(None, (earlier_copy(old, path) for old in olds)), None))
+            elif any(kept_copy_of_gone_photo(old, inside(folder, name), link, path)
+                     for old in olds):
                 kept += 1
             else:
                 left_out["changed" if os.path.lexists(video or path) else "gone"].append(
@@ -6544,7 +6549,7 @@ def face_record(cache: FaceCache, face: int, locations, **dropped) -> FaceRef:
 
 
 def write_group(folder: Path, faces, cache, locations, link,
-                earlier: dict[str, Path] | None = None) -> Group:
+                earlier: dict[str, list[Path]] | None = None) -> Group:
     """Materialise every location of every photo of `faces` into `folder`
     (`earlier`: as materialise_files)."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
@@ -7520,11 +7525,12 @@ def listed_paths(out: Path, manifest: ClusterManifest | RefineManifest) -> set[s
     return {str(path) for path in paths}
 
 
-def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dict,
+def refuse_smaller(out: Path, kind: str, count: int | dict, params: dict, defaults: dict,
                    replace_smaller: bool, noun: str = "faceset", why: str = "",
                    restorable: int = 0) -> None:
     """A re-run that would replace OUT's facesets (refine, export-swap), or
-    an export's crops (`noun` "crop"), with fewer than half as many is
+    an export's crops (`noun` "crop"; `count`: each faceset's by name, the
+    facesets both exports hold counted), with fewer than half as many is
     refused before OUT is touched (UserError naming what would be lost, `why`
     where the step knows, and how to keep them: the options OUT was made
     with, or, where `restorable` more would have kept it, the photos put
@@ -7539,7 +7545,11 @@ def refuse_smaller(out: Path, kind: str, count: int, params: dict, defaults: dic
         old = load_manifest(path, kind)
     except UserError:  # what the step's own checks of OUT say (refine keeps numbers from it)
         return
-    had = len(old.facesets) if noun == "faceset" else old.summary.crops
+    if noun == "crop":  # over the facesets both hold: one export of fewer facesets is not this
+        had = sum(len(e.crops) for e in old.facesets if e.name in count)
+        count = sum(count[e.name] for e in old.facesets if e.name in count)
+    else:
+        had = len(old.facesets)
     if 2 * count >= had:
         return
     made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
@@ -11801,7 +11811,7 @@ def enrich(cache_path, *, model=DEFAULT_MODEL, model_root=DEFAULT_MODEL_ROOT, pr
         for row, faces in sorted(by_file.items()):
             path = existing_location(locations[row], int(cache["file_size"][row]))
             if path is None:
-                log.warning("skipped: %s has moved or vanished since embed",
+                log.warning("skipped: %s has moved, changed or vanished since embed",
                             label_path(cache, locations, row))
                 summary["missing"] += 1
                 continue
@@ -12446,11 +12456,12 @@ def plan_candidates(facesets: list[Entry], singles: list[int], embeddings: np.nd
     return plans
 
 
-def held_copies(outputs) -> dict[str, Path]:
+def held_copies(outputs) -> dict[str, list[Path]]:
     """The photo files the cluster and refine outputs `outputs` ((folder,
-    manifest) pairs) list, by file name (output_name of the photo's path):
-    where a photo gone from the source may still be read (photo_or_held_copy)."""
-    held: dict[str, Path] = {}
+    manifest) pairs) list, by file name (output_name of the photo's path;
+    two pictures may share one, as earlier_files says): where a photo gone
+    from the source may still be read (photo_or_held_copy)."""
+    held: dict[str, list[Path]] = {}
     for folder, manifest in outputs:
         groups = [(entry_folder(e.name, e.label), e) for e in
                   (manifest.facesets if isinstance(manifest, RefineManifest) else
@@ -12459,11 +12470,12 @@ def held_copies(outputs) -> dict[str, Path]:
             groups.append(("_singletons", manifest.singletons))
         for name, group in groups:
             for file_name in group.outputs:
-                held.setdefault(file_name, Path(folder) / name / file_name)
+                held.setdefault(file_name, []).append(Path(folder) / name / file_name)
     return held
 
 
-def photo_or_held_copy(locations: list[str], size: int, held: dict[str, Path]) -> str | None:
+def photo_or_held_copy(locations: list[str], size: int,
+                       held: dict[str, list[Path]]) -> str | None:
     """Where a photo's bytes are to be read: its first location that still
     holds what the cache saw there (existing_location), else a copy an
     output holds (`held`: held_copies) that is a true copy of it (true_copy),
@@ -12472,14 +12484,13 @@ def photo_or_held_copy(locations: list[str], size: int, held: dict[str, Path]) -
     found = existing_location(locations, size)
     if found is not None or not held:
         return found
-    return next((str(held[output_name(path)]) for path in locations
-                 if isinstance(path, SeenPath) and true_copy(held.get(output_name(path)), path)),
-                None)
+    return next((str(copy) for path in locations if isinstance(path, SeenPath)
+                 for copy in held.get(output_name(path), ()) if true_copy(copy, path)), None)
 
 
 def crop_tasks(plan: list[FacesetPlan], cache: FaceCache, locations, params: dict,
                per_file: list[np.ndarray], checks=SWAP_DETECTION["roop"],
-               held: dict[str, Path] | None = None) -> list[CropTask]:
+               held: dict[str, list[Path]] | None = None) -> list[CropTask]:
     """A CropTask for every face the plan ranks, each crop to be checked at
     `checks`, read from its photo, or from a copy an output holds (`held`)
     where the photo has gone since (photo_or_held_copy); path None where
@@ -12501,7 +12512,8 @@ def make_crops(tasks: list[CropTask], pack_dir: Path, identity: dict, providers:
                workers: int, bar, quiet: bool = False) -> dict[int, dict]:
     """Each task's face -> {"png", "blacked_out"} or {"error"}: crop and
     re-detect in the model pool (export_task)."""
-    crops = {t.face: {"error": "the photo has moved or vanished since embed"}
+    crops = {t.face: {"error": "the photo has moved, changed or vanished since embed, and no "
+                               "output holds a copy of it"}
              for t in tasks if t.path is None}
     runnable = [t for t in tasks if t.path is not None]
     if not runnable:
@@ -12711,11 +12723,10 @@ def export_swap(cache_path, refine_manifest_path, out, *, raw_manifest_path=None
                                   {f.name: f.label for f in refined.facesets if f.label}, params,
                                   tools)
         gone = sum(task.path is None for task in tasks)
-        if gone:  # photos gone since, with no copy left: never an export emptied silently
-            refuse_smaller(out, "export-swap", sum(len(e.crops) for e in exported["faceset"]),
-                           params, EXPORT_DEFAULTS, replace_smaller, "crop",
-                           f"{counted(gone, 'face')} of photos that have moved or vanished "
-                           f"since embed, with no copy in the outputs", gone)
+        refuse_smaller(out, "export-swap", {e.name: len(e.crops) for e in exported["faceset"]},
+                       params, EXPORT_DEFAULTS, replace_smaller, "crop",
+                       f"{counted(gone, 'face')} of photos that have moved, changed or vanished "
+                       f"since embed, with no copy in the outputs" if gone else "", gone)
         if set(tools) - {"roop"}:
             embedder = SwapEmbedder(pack_dir, recognizer, provider_list) \
                 if recognizer is not None and embedding_tools else None

@@ -413,9 +413,13 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     fresh_page = (fresh / "index.html").read_text()
     assert f'title="{src / "obama1.jpg"}' not in fresh_page
     # embed takes the other picture in (a new row; no path holds the old one's bytes now),
-    # and a decision renames the person's folder: the copies are kept wherever the faces go
+    # extend puts it in under the old one's file name, and a decision renames the person's
+    # folder: each picture's copy is kept, wherever its face goes
     raw, refined = outputs["copy"]
     embed_quiet(src, cache)
+    sort_faces.extend(cache, raw, quiet=True)  # the new picture joins under the same file name
+    assert sorted(p.read_bytes() == biden for p in raw.rglob(names["obama3.jpg"])) == \
+        [False, True]
     sort_faces.people(raw, "name", people_named=[person], name="Barack", quiet=True)
     named = raw / f"{person}_Barack"
     assert (named / names["obama1.jpg"]).read_bytes() == photo_bytes["obama1.jpg"]

@@ -370,7 +370,8 @@ def test_an_export_of_photos_gone_from_the_source_reads_the_outputs_copies(tmp_p
     assert crops < {p.read_bytes() for p in swaps["copy"][1].rglob("*.png")}
     manifest_before = (swaps["symlink"][1] / "export_manifest.json").read_bytes()
     with pytest.raises(sort_faces.UserError, match=r"holds \d+ crops and this export-swap would "
-                       r"leave 0 \(\d+ faces of photos that have moved or vanished since embed"
+                       r"leave 0 \(\d+ faces of photos that have moved, changed or vanished since "
+                       r"embed"
                        r".*To keep them, put the photos back where they were"):
         sort_faces.export_swap(cache, *swaps["symlink"], min_face_short=60, quiet=True)
     assert (swaps["symlink"][1] / "export_manifest.json").read_bytes() == manifest_before
@@ -379,8 +380,14 @@ def test_an_export_of_photos_gone_from_the_source_reads_the_outputs_copies(tmp_p
     emptied = sort_faces.export_swap(cache, *swaps["symlink"], min_face_short=60,
                                      replace_smaller=True, quiet=True)
     assert emptied["summary"]["crops"] == 0
-    assert re.search(r"faceset_001 has no crop, so no files: \d+ faces: the photo has moved or "
-                     r"vanished since embed", caplog.text)
+    assert re.search(r"faceset_001 has no crop, so no files: \d+ faces: the photo has moved, "
+                     r"changed or vanished since embed", caplog.text)
+    # stricter options that would leave fewer than half of the crops: refused the same way
+    sort_faces.export_swap(cache, *swaps["copy"], min_face_short=60, quiet=True)
+    with pytest.raises(sort_faces.UserError, match=r"would leave 0: nothing was replaced. To "
+                       r"keep them, run with the options they were made with "
+                       r"\(--min-face-short 60\)"):
+        sort_faces.export_swap(cache, *swaps["copy"], min_face_short=5000, quiet=True)
 
 
 @pytest.mark.fast

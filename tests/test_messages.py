@@ -244,5 +244,5 @@ def test_a_faceset_without_a_crop_names_the_gate_that_took_its_faces():
         "past --outlier-threshold"
     assert sort_faces.export_gate("near-duplicate photo of /p/a.jpg") == \
         "a near-duplicate of a better photo"
-    reason = "the photo has moved or vanished since embed"
+    reason = "the photo has moved, changed or vanished since embed"
     assert sort_faces.export_gate(reason) == reason

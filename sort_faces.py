@@ -155,7 +155,7 @@ __all__ = [
     "check_option", "check_options", "OPTION_RULES", "load_cache", "save_cache", "FaceCache",
     "people_path", "load_decisions", "write_decisions", "fold_decisions", "face_key",
     "face_rows", "keep_numbers", "people_view", "people_suggestions", "decided_not_of",
-    "plan_candidates",
+    "plan_candidates", "people_constraints",
     "journal_dir", "load_manifest", "parse_manifest", "write_manifest", "Manifest",
     "ClusterManifest", "RefineManifest", "ExportManifest", "Entry", "Group", "FaceRef", "Former",
     "Stages", "SizeFilter", "RefineSummary",
@@ -10337,6 +10337,26 @@ def people_constraints(cache_path: Path, cache: FaceCache, decisions=None) -> di
     return fold_decisions(decisions, lambda keys: face_rows(cache, keys))
 
 
+def constraints_within(constraints: dict, pool: np.ndarray) -> dict:
+    """`constraints` (fold_decisions') on the faces of `pool` alone, as
+    positions in it: what a step that clusters only some faces (extend's
+    new people and facesets) must honour of the decisions."""
+    position = {int(face): i for i, face in enumerate(pool)}
+    groups, index = [], {}
+    for g, members in enumerate(constraints["together"]):
+        local = [position[int(f)] for f in members if int(f) in position]
+        if local:
+            index[g] = len(groups)
+            groups.append(local)
+    return {"together": groups,
+            "apart": [(index[a], index[b]) for a, b in constraints["apart"]
+                      if a in index and b in index],
+            "apart_only": [position[int(f)] for f in constraints.get("apart_only", ())
+                           if int(f) in position],
+            "rejected": [position[int(f)] for f in constraints["rejected"] if int(f) in position],
+            "names": []}
+
+
 def keep_decisions(cache_path: Path, decisions) -> None:
     """At the end of a rebuild that `people` asked for (`decisions`: the file's
     and its new one), just before the rebuilt output replaces the old: keep
@@ -11561,11 +11581,13 @@ def close_extend(out: Path, manifest: ClusterManifest | RefineManifest, change: 
 
 
 def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest,
-               change: InPlaceChange, pairs: np.ndarray) -> tuple[dict, ClusterManifest] | None:
+               change: InPlaceChange, pairs: np.ndarray,
+               constraints: dict) -> tuple[dict, ClusterManifest] | None:
     """Fold new faces into a `cluster` output (its manifest read and checked),
     the manifest written last (the files it no longer needs go through
     `change`), faces of one photo never in one person (`pairs`,
-    same_photo_pairs). Returns the run record and the manifest, or None when
+    same_photo_pairs), the people decisions honoured where new people form
+    (`constraints`). Returns the run record and the manifest, or None when
     there was nothing to do."""
     threshold, link = manifest.parameters["threshold"], manifest.parameters["link"]
     embeddings = cache["embeddings"]
@@ -11583,7 +11605,11 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
     # 2. the rest, with the old singletons, may now form new people
     old_singles = manifest.singletons.face_ids()
     pool = np.concatenate([np.array(old_singles, dtype=np.int64), new[~joins]])
+    local = constraints_within(constraints, pool)
     labels, info = agglomerative_labels(embeddings[pool], threshold,
+                                        together=[np.array(g, np.int64)
+                                                  for g in local["together"]],
+                                        apart=local["apart"],
                                         cannot_link=pairs_within(pairs, pool, cache.n_faces))
     record["same_photo_apart"] += info["cannot_link"]["kept_apart"]
     groups = [pool[group] for group in groups_from_labels(labels)]
@@ -11621,11 +11647,12 @@ def extend_raw(cache: FaceCache, out: Path, locations, manifest: ClusterManifest
 
 
 def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManifest,
-                  change: InPlaceChange, pairs: np.ndarray) -> tuple[dict, RefineManifest] | None:
+                  change: InPlaceChange, pairs: np.ndarray,
+                  constraints: dict) -> tuple[dict, RefineManifest] | None:
     """Fold new faces into a `refine` output (its manifest read and checked)
     under its own gates, its manifest written last; as extend_raw (it removes
     nothing: `change` is unused; the new facesets' refine_partition keeps
-    faces of one photo apart itself)."""
+    faces of one photo apart itself, and the decisions on its faces)."""
     params = manifest.parameters
     link = params.get("link", "copy")
     embeddings = cache["embeddings"]
@@ -11657,7 +11684,8 @@ def extend_refine(cache: FaceCache, out: Path, locations, manifest: RefineManife
     sub = {k: params[k] for k in REFINE_DEFAULTS}
     grown, sub_dropped, sub_stages, _origin = refine_partition(
         embeddings[pool], cache["face_short"][pool], cache["blur"][pool], cache["det_score"][pool],
-        cache["face_file"][pool], damage=face_damage(cache)[pool], **sub)
+        cache["face_file"][pool], damage=face_damage(cache)[pool],
+        constraints=constraints_within(constraints, pool), **sub)
     record["same_photo_apart"] += sub_stages["clustering"]["same_photo_apart"]
     number = manifest.next_number
     record["new_facesets"] = add_new_entries("refine", [pool[group] for group in grown], number,
@@ -11713,7 +11741,7 @@ def extend(cache_path, raw_out, refine_out=None, *, quiet=False) -> dict:
                                           constraints["together"])
         for (out, step, kind), manifest, finished in zip(steps, manifests, redraw):
             with changed_in_place(out, out / MANIFEST_FILES[kind]) as change:  # all or nothing
-                done = step(cache, out, locations, manifest, change, pairs)
+                done = step(cache, out, locations, manifest, change, pairs, constraints)
                 if done is not None or finished:  # (its journal kept until the page is drawn)
                     write_extended_review(out, kind, done[1] if done else manifest, cache,
                                           constraints, locations)

@@ -723,3 +723,28 @@ def test_refine_counts_people_as_cluster_does_after_a_move_to_a_new_person(clust
     people = len(manifest_of(out)["clusters"])
     stages = sort_faces.refine(cache, tmp_path / "refined", quiet=True, min_faces=1)["stages"]
     assert stages["initial_clusters"] - stages["initial_single_faces"] == people
+
+
+def test_extend_keeps_the_decisions_where_new_facesets_form(celebs_cache, tmp_path):
+    """A split's pieces are kept apart, also when extend gathers the faces
+    refine's size filter dropped (the split's small pieces) with new ones
+    into new facesets: no faceset it makes holds faces of two pieces."""
+    cache = tmp_path / "cache" / "c.npz"
+    cache.parent.mkdir()
+    shutil.copy2(celebs_cache, cache)
+    refined = tmp_path / "refined"
+    sort_faces.refine(cache, refined, quiet=True, min_faces=3, min_short=40)
+    refined_manifest = lambda: json.loads((refined / "refine_manifest.json").read_text())  # noqa
+    biggest = max(refined_manifest()["facesets"], key=lambda e: e["size"])
+    sort_faces.people(refined, "split", people_named=[biggest["name"]], split_threshold=0.3,
+                      quiet=True)
+    sort_faces.cluster(cache, tmp_path / "raw", quiet=True)
+    embed_quiet(DATA / "group_photos", cache)  # new faces, for extend to fold in
+    sort_faces.extend(cache, tmp_path / "raw", refined, quiet=True)
+    constraints = sort_faces.people_constraints(cache, sort_faces.load_cache(cache))
+    groups = [set(g) for g in constraints["together"]]
+    assert constraints["apart"]
+    for entry in refined_manifest()["facesets"]:
+        faces = {f["face"] for f in entry["faces"]}
+        assert not [pair for pair in constraints["apart"]
+                    if groups[pair[0]] & faces and groups[pair[1]] & faces], entry["name"]

@@ -6091,6 +6091,20 @@ def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, location: st
     return True
 
 
+def kept_still(old: Path, dst: Path) -> bool:
+    """Put at `dst` the still `old` (a JPEG of a video's frame, in the output
+    being replaced) of a video gone or changed since embed, which can no
+    longer give it: made when the video was as the cache saw it. True if
+    it was kept."""
+    if lone_file(old) is None:
+        return False
+    try:
+        link_or_copy(old, dst)
+    except OSError:
+        return False
+    return True
+
+
 def materialise(src: str, dst: Path, link: str, earlier: Path | None = None) -> str:
     """Put `src` at `dst` by copy, hardlink or symlink; return the mode used.
     A copy whose `earlier` copy (earlier_copy) is still the photo's is that
@@ -6515,13 +6529,13 @@ def materialise_files(folder: Path, paths, link: str,
                 materialise(path, inside(folder, name), link,
                             next(filter(None, (earlier_copy(old, path) for old in olds)), None))
             elif any(kept_copy_of_gone_photo(old, inside(folder, name), link, path)
+                     if video is None else kept_still(old, inside(folder, name))
                      for old in olds):
                 kept += 1
             else:
-                left_out["changed" if os.path.lexists(video or path) else "gone"].append(
-                    video or path)
-                if video is not None:
-                    failed_videos.add(video)
+                why = left_out["changed" if os.path.lexists(video or path) else "gone"]
+                if (video or path) not in why:  # a video: said once, not once a frame
+                    why.append(video or path)
                 continue
             names[name] = path
         except OSError as error:
@@ -6530,9 +6544,10 @@ def materialise_files(folder: Path, paths, link: str,
             log.warning("cannot materialise %s into %s/: %s", display(video or path),
                         display(folder.name), error.strerror or error)  # not the build path
     if kept:
-        log.warning("kept %s in %s/ whose photos are gone or changed since embed (the copies "
-                    "the output held, their bytes the photos' as the cache has them)",
-                    counted(kept, "copy"), display(folder.name))
+        log.warning("kept %s in %s/ whose photos (or videos) are gone or changed since embed "
+                    "(the copies the output held, their bytes the photos' as the cache has "
+                    "them; a video's stills as they were made)", counted(kept, "copy"),
+                    display(folder.name))
     for why, paths_left in left_out.items():
         for path in paths_left:
             log.warning("left %s out of %s/: %s", display(path), display(folder.name),

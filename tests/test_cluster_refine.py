@@ -388,7 +388,7 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
                                                   photo_bytes["wall.jpg"],
                                                   photo_bytes["obama1.jpg"],
                                                   photo_bytes["obama3.jpg"]], link
-        assert "whose photos are gone or changed since embed" in caplog.text
+        assert "whose photos (or videos) are gone or changed since embed" in caplog.text
         page = (raw_out / "index.html").read_text()  # its face still shows, from the copy
         assert page.count(f'title="{src / "obama1.jpg"}') >= 1, link
         manifest = json.loads((raw_out / "manifest.json").read_text())

@@ -571,3 +571,26 @@ def test_a_slideshow_and_a_far_frame_are_each_frame_once_and_the_run_ends(tmp_pa
                  [i / 10 for i in range(30)])
     summary = embed_quiet(fine, tmp_path / "fine.npz", video_every=0.04)
     assert summary["frames"] == 30
+
+
+def test_a_rebuild_keeps_the_stills_of_a_video_gone_since(tmp_path, caplog):
+    """A video deleted from the source since embed can give no still: a
+    rebuild keeps the stills the output made of it (a copy of the frame as it
+    was embedded), says so, and a new output leaves the video out with a line."""
+    src = tmp_path / "src"
+    src.mkdir()
+    clip = two_people_clip(src / "two.mp4")
+    cache = tmp_path / "c.npz"
+    embed_quiet(src, cache, video_every=0.5)
+    raw = tmp_path / "raw"
+    sort_faces.cluster(cache, raw, quiet=True)
+    stills = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*#t=*.jpg")}
+    assert stills
+    clip.unlink()
+    sort_faces.cluster(cache, raw, quiet=True)
+    assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*#t=*.jpg")} == stills
+    assert "(or videos) are gone or changed since embed" in caplog.text
+    caplog.clear()
+    sort_faces.cluster(cache, tmp_path / "new", quiet=True)
+    assert not list((tmp_path / "new").rglob("*#t=*.jpg"))
+    assert caplog.text.count("two.mp4 out of") == len({p.parent for p in stills})

@@ -9766,7 +9766,11 @@ def fill_thumbnails(folder: Path, page: dict, cache: FaceCache | None, locations
         list(progress(pool.map(make, todo.items()), total=len(todo), desc="thumbnails",
                       unit="photo", leave=False))
     for group in page["groups"]:
-        group["thumbs"] = [t for t in group.get("thumbs", []) if (Path(folder) / t["src"]).exists()]
+        shown = [t for t in group.get("thumbs", []) if (Path(folder) / t["src"]).exists()]
+        if len(shown) < len(group.get("thumbs", [])) and group.get("subtitle"):
+            group["subtitle"] += (f"; {len(group['thumbs']) - len(shown)} not shown (the photo "
+                                  "gone since embed, and no copy of it here)")
+        group["thumbs"] = shown
         for section in group.get("sections", []):
             section["thumbs"] = [t for t in section["thumbs"] if (Path(folder) / t["src"]).exists()]
     return page
@@ -13224,7 +13228,8 @@ def people(out, verb=None, *, people_named=(), faces_named=(), name=None, to=Non
                      + ("no face left" if kind == "cluster" else "refine's gates keep no faceset "
                         "of what is left") + ")")
     message = (f"people: {what} in {display(path)}); {display(out)} rebuilt: "
-               f"{len(view['entries'])} {'people' if kind == 'cluster' else 'facesets'}{gone_line}")
+               f"{counted(len(view['entries']), 'person' if kind == 'cluster' else 'faceset')}"
+               f"{gone_line}")
     say(message, quiet)
     return {"people": people_listing(view), "decision": decision, "message": message}
 
@@ -14153,12 +14158,14 @@ class ArgumentParser(argparse.ArgumentParser):
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
             command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            command = getattr(command, "commands", {}).get(getattr(parsed, "verb", None), command)
             command.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
 
     def error(self, message):  # usage errors exit 2 with one line, as UserError does
         line = " ".join(display(message).split())
-        command = self.prog.split()[1:2]  # the subcommand (a verb's prog names OUT's metavar)
+        command = self.prog.split()[1:]  # the subcommand (a verb's: `people out name`, where
+        # `out` is OUT's placeholder, and --help answers before OUT is read)
         self.exit(EXIT_USAGE, f"{' '.join(self.prog.split()[:2])}: error: {line} (see "
                               f"{tool_command(*command, '--help')})\n")
 
@@ -14314,6 +14321,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "face.")
     p.add_argument("out", help="a cluster or refine output folder")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
+    p.commands = verbs.choices  # each verb's parser (parse_args' errors)
     v = verbs.add_parser("name", help="name a person: name person_003 \"Alice\"")
     v.add_argument("person")
     v.add_argument("name")

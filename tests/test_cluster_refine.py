@@ -412,6 +412,7 @@ def test_a_rebuild_keeps_the_copies_of_photos_gone_from_the_source(tmp_path, cap
     # thumbnails are left out, never made of another picture
     fresh_page = (fresh / "index.html").read_text()
     assert f'title="{src / "obama1.jpg"}' not in fresh_page
+    assert "not shown (the photo gone since embed, and no copy of it here)" in fresh_page
     # embed takes the other picture in (a new row; no path holds the old one's bytes now),
     # extend puts it in under the old one's file name, and a decision renames the person's
     # folder: each picture's copy is kept, wherever its face goes

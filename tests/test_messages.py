@@ -217,6 +217,11 @@ def test_usage_errors_and_wrong_folders_say_so_in_one_runnable_line(tmp_path):
     code, _out, err = run_cli("cluster", "c.npz", "out", "--bogus")  # after the subcommand's words
     assert code == 2 and "unrecognized arguments: --bogus" in err
     assert err.strip().endswith("sort_faces.py cluster --help)")
+    code, _out, err = run_cli("people", "out", "undo", "now")  # after a verb: the verb's help
+    hint = err.strip().rsplit("(see ", 1)[1].rstrip(")")
+    assert code == 2 and hint.endswith("people out undo --help")
+    code, out, _err = run_pasted(hint)
+    assert code == 0 and "usage:" in out and "undo" in out
     (tmp_path / "photos").mkdir()
     code, _out, err = run_cli("embed", tmp_path / "photos", f"{tmp_path / 'cache'}/")
     assert code == 2 and "ends in /, as a folder does" in err and "library.npz" in err

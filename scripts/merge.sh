@@ -20,6 +20,10 @@ cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run bash $(printf %q "${at}scripts/pipeline.sh")" \
                           "SRC $(printf %q "$name") first" >&2; exit 2; }
+# shellcheck disable=SC2086
+check_args export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
+    "$out/facesets_swap_ready" --raw-manifest "$out/raw_full/manifest.json" --candidates \
+    ${EXPORT_ARGS:-}
 step embed "$src" "$cache"
 step extend "$cache" "$out/raw_full" --refine-out "$out/facesets_full"
 step enrich "$cache"

@@ -27,6 +27,12 @@ esac
 use_venv "$gpu"
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
+# shellcheck disable=SC2086
+check_args refine "$cache" "$out/facesets_full" --link "$link" ${REFINE_ARGS:-}
+# shellcheck disable=SC2086
+check_args export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
+    "$out/facesets_swap_ready" --raw-manifest "$out/raw_full/manifest.json" --candidates \
+    ${EXPORT_ARGS:-}
 step embed "$src" "$cache"
 step cluster "$cache" "$out/raw_full" --link "$link"
 # shellcheck disable=SC2086

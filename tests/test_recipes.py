@@ -141,6 +141,20 @@ def test_recipe_refuses_an_unknown_link_before_any_step(tmp_path):
     assert result.stderr == "error: LINK must be copy, hardlink or symlink, not 'reflink'\n"
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("env, flag", [({"REFINE_ARGS": "--min-faces 0"}, "--min-faces"),
+                                       ({"EXPORT_ARGS": "--top-n abc"}, "--top-n")])
+def test_recipe_checks_the_steps_options_before_any_step(tmp_path, env, flag):
+    """A bad value in REFINE_ARGS or EXPORT_ARGS stops the pipeline before
+    embed, with the step's one line, and nothing is written."""
+    name = f"check-args-{os.getpid()}"
+    result = run_script("pipeline.sh", tmp_path, name, env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"argument {flag}:" in lines[0], result.stderr
+    assert not list((ROOT / "work").glob(f"*/{name}*"))
+
+
 def test_readme_commands_work_on_a_fresh_clone(tmp_path):
     """A newcomer: clone, then the README's first command, with no .venv yet.
     The second, `bash scripts/test.sh`, is what CI runs on a fresh clone

@@ -478,6 +478,11 @@ CPU = "CPUExecutionProvider"
 # "server" runs the GPU's shape with any provider, which is how the tests check it on
 # the CPU, and how a GPU's two shapes are compared (tests/benchmarks/gpu_check.sh).
 PIPELINE_ENV = "FACESETS_PIPELINE"
+# How a user runs a step through a recipe (scripts/pipeline.sh and merge.sh set it: the recipe's
+# command, quoted for the shell), and the variable that carries each step's options there: a
+# refusal to replace a result then names the recipe's command, not the step's.
+RECIPE_ENV = "FACESETS_RECIPE"
+RECIPE_ARGS = {"refine": "REFINE_ARGS", "export-swap": "EXPORT_ARGS"}
 PIPELINE_SHAPES = ("auto", "server", "pool")
 # The model tasks whose requests a model server runs together: several decode workers'
 # face crops in one session.run, at most SERVER_BATCH_ITEMS of them.
@@ -7569,8 +7574,11 @@ def refuse_smaller(out: Path, kind: str, count: int | dict, params: dict, defaul
         return
     made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
+    recipe = os.environ.get(RECIPE_ENV, "").strip()
     keep = ("put the photos back where they were" if 2 * (count + restorable) >= had else
             f"run with the options they were made with ({' '.join(made_with) or 'the same'})")
+    if recipe and made_with and keep.startswith("run") and kind in RECIPE_ARGS:
+        keep += f": {RECIPE_ARGS[kind]}={shell_word(' '.join(made_with))} {recipe}"
     raise UserError(f"{display(out)} holds {counted(had, noun)} and this {kind} would leave "
                     f"{count}{f' ({why})' if why else ''}: nothing was replaced. To keep them, "
                     f"{keep}; to replace them, add --replace-smaller")

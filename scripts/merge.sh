@@ -16,6 +16,10 @@ src="$(source_folder "$1")" || exit 2
 name="$2"
 check_name "$name" || exit 2
 use_venv "$gpu"
+# this command, for a step's refusal to name (EXPORT_ARGS=... before it)
+FACESETS_RECIPE="bash $(printf %q "${at}scripts/merge.sh")${gpu:+ --gpu} $(printf %q "$src")"\
+" $(printf %q "$name")"
+export FACESETS_RECIPE
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run bash $(printf %q "${at}scripts/pipeline.sh")" \

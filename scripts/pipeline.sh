@@ -25,6 +25,10 @@ case "$link" in copy|hardlink|symlink) ;;
     *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
 esac
 use_venv "$gpu"
+# this command, for a step's refusal to name (REFINE_ARGS=... before it)
+FACESETS_RECIPE="$([ "$link" = copy ] || printf 'LINK=%s ' "$link")bash $(printf %q \
+    "${at}scripts/pipeline.sh")${gpu:+ --gpu} $(printf %q "$src") $(printf %q "$name")"
+export FACESETS_RECIPE
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
 # shellcheck disable=SC2086

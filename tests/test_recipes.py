@@ -225,6 +225,8 @@ def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_
         assert plain.returncode == 2
         assert f"holds {sort_faces.counted(len(refined['facesets']), 'faceset')}" in plain.stderr
         assert f"--min-faces {keep}" in plain.stderr and "--replace-smaller" in plain.stderr
+        assert f"REFINE_ARGS='--min-faces {keep}' bash scripts/pipeline.sh {src} " \
+            f"{name}" in plain.stderr  # the pipeline's own command (run from the project here)
         assert all((out / part / manifest).read_bytes() == before for (part, before), manifest in
                    zip(kept.items(), ("refine_manifest.json", "export_manifest.json")))
     finally:

@@ -481,8 +481,11 @@ PIPELINE_ENV = "FACESETS_PIPELINE"
 # How a user runs a step through a recipe (scripts/pipeline.sh and merge.sh set it: the recipe's
 # command, quoted for the shell), and the variable that carries each step's options there: a
 # refusal to replace a result then names the recipe's command, not the step's.
-RECIPE_ENV = "FACESETS_RECIPE"
+RECIPE_ENV = "FACESETS_RECIPE_{step}"  # FACESETS_RECIPE_REFINE, FACESETS_RECIPE_EXPORT_SWAP
 RECIPE_ARGS = {"refine": "REFINE_ARGS", "export-swap": "EXPORT_ARGS"}
+# Set (to anything), the command line is parsed and checked, and nothing runs (exit 0): how
+# the recipes check REFINE_ARGS and EXPORT_ARGS before their first step.
+CHECK_ONLY_ENV = "FACESETS_CHECK_ONLY"
 PIPELINE_SHAPES = ("auto", "server", "pool")
 # The model tasks whose requests a model server runs together: several decode workers'
 # face crops in one session.run, at most SERVER_BATCH_ITEMS of them.
@@ -7574,14 +7577,21 @@ def refuse_smaller(out: Path, kind: str, count: int | dict, params: dict, defaul
         return
     made_with = option_words({k: v for k, v in old.parameters.items() if k in defaults},
                              {k: v for k, v in params.items()})
-    recipe = os.environ.get(RECIPE_ENV, "").strip()
+    recipe = os.environ.get(RECIPE_ENV.format(step=kind.upper().replace("-", "_")), "").strip()
     keep = ("put the photos back where they were" if 2 * (count + restorable) >= had else
             f"run with the options they were made with ({' '.join(made_with) or 'the same'})")
-    if recipe and made_with and keep.startswith("run") and kind in RECIPE_ARGS:
-        keep += f": {RECIPE_ARGS[kind]}={shell_word(' '.join(made_with))} {recipe}"
+    if kind == "export-swap" and noun == "faceset" and not made_with:
+        keep = "export the refine output that had them (refine made fewer facesets since)"
+    again = "add --replace-smaller"
+    if recipe and kind in RECIPE_ARGS:  # the recipe's variable holds all of the step's options
+        every = option_words({k: v for k, v in old.parameters.items() if k in defaults},
+                             {k: v for k, v in defaults.items() if k != "link"}, skip=("link",))
+        if keep.startswith("run"):
+            keep += f": {RECIPE_ARGS[kind]}={shell_word(' '.join(every))} {recipe}"
+        again += f" to {RECIPE_ARGS[kind]}"
     raise UserError(f"{display(out)} holds {counted(had, noun)} and this {kind} would leave "
                     f"{count}{f' ({why})' if why else ''}: nothing was replaced. To keep them, "
-                    f"{keep}; to replace them, add --replace-smaller")
+                    f"{keep}; to replace them, {again}")
 
 
 # ============================================================================
@@ -14484,6 +14494,8 @@ def cli_embed(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get(CHECK_ONLY_ENV):  # a recipe checking its steps' words before any runs
+        return 0
     verbosity = -1 if getattr(args, "quiet", False) else (1 if getattr(args, "verbose", False) else 0)
     try:
         log_path = setup_logging(args.command, verbosity)

@@ -17,15 +17,15 @@ name="$2"
 check_name "$name" || exit 2
 use_venv "$gpu"
 # this command, for a step's refusal to name (EXPORT_ARGS=... before it)
-FACESETS_RECIPE="bash $(printf %q "${at}scripts/merge.sh")${gpu:+ --gpu} $(printf %q "$src")"\
-" $(printf %q "$name")"
-export FACESETS_RECIPE
+FACESETS_RECIPE_EXPORT_SWAP="bash $(printf %q "${at}scripts/merge.sh")${gpu:+ --gpu}"\
+" $(printf %q "$src") $(printf %q "$name")"
+export FACESETS_RECIPE_EXPORT_SWAP
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
 [ -f "$cache" ] || { echo "error: no cache $cache: run bash $(printf %q "${at}scripts/pipeline.sh")" \
                           "SRC $(printf %q "$name") first" >&2; exit 2; }
 # shellcheck disable=SC2086
-check_args export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
+check_args EXPORT_ARGS export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
     "$out/facesets_swap_ready" --raw-manifest "$out/raw_full/manifest.json" --candidates \
     ${EXPORT_ARGS:-}
 step embed "$src" "$cache"

@@ -25,16 +25,18 @@ case "$link" in copy|hardlink|symlink) ;;
     *) echo "error: LINK must be copy, hardlink or symlink, not '$link'" >&2; exit 2 ;;
 esac
 use_venv "$gpu"
-# this command, for a step's refusal to name (REFINE_ARGS=... before it)
-FACESETS_RECIPE="$([ "$link" = copy ] || printf 'LINK=%s ' "$link")bash $(printf %q \
+# this command, for a step's refusal to name (the step's own REFINE_ARGS=/EXPORT_ARGS= before it)
+command="$([ "$link" = copy ] || printf 'LINK=%s ' "$link")bash $(printf %q \
     "${at}scripts/pipeline.sh")${gpu:+ --gpu} $(printf %q "$src") $(printf %q "$name")"
-export FACESETS_RECIPE
+FACESETS_RECIPE_REFINE="${EXPORT_ARGS:+EXPORT_ARGS=$(printf %q "$EXPORT_ARGS") }$command"
+FACESETS_RECIPE_EXPORT_SWAP="${REFINE_ARGS:+REFINE_ARGS=$(printf %q "$REFINE_ARGS") }$command"
+export FACESETS_RECIPE_REFINE FACESETS_RECIPE_EXPORT_SWAP
 cache="${at}work/cache/$name.npz"
 out="${at}work/out/$name"
 # shellcheck disable=SC2086
-check_args refine "$cache" "$out/facesets_full" --link "$link" ${REFINE_ARGS:-}
+check_args REFINE_ARGS refine "$cache" "$out/facesets_full" --link "$link" ${REFINE_ARGS:-}
 # shellcheck disable=SC2086
-check_args export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
+check_args EXPORT_ARGS export-swap "$cache" "$out/facesets_full/refine_manifest.json" \
     "$out/facesets_swap_ready" --raw-manifest "$out/raw_full/manifest.json" --candidates \
     ${EXPORT_ARGS:-}
 step embed "$src" "$cache"

@@ -4,9 +4,10 @@
 #                      one line why not (exit 2)
 #   use_venv GPU       set up the venv (.venv; .venv-gpu or GPU_VENV when GPU is not empty, the
 #                      GPU build: scripts/setup_venv.sh --gpu) and point `py` at its sort_faces.py
-#   check_args ARGS... a step's words checked, before any step runs (its parser checks every
-#                      option's value; --help answers only when all are good), or its one
-#                      line and exit 2: REFINE_ARGS="--min-faces 0" stops before embed
+#   check_args VAR ARGS...  a step's words checked before any step runs (its parser checks
+#                      every word and option value, and nothing runs: FACESETS_CHECK_ONLY), or
+#                      its one line, a line naming VAR (the variable the words came from), and
+#                      exit 2: REFINE_ARGS="--min-faces 0" stops before embed
 #   step ARGS...       one step, `sort_faces.py ARGS...`: exit code 1 (some files unreadable
 #                      or damaged, each named in the log) is kept in `status` and the recipe
 #                      goes on; any other failure ends the recipe with its code
@@ -47,7 +48,10 @@ use_venv() {
     py=("$python" "${at}sort_faces.py")
 }
 check_args() {
-    "${py[@]}" "$@" --help >/dev/null || exit 2
+    local var="$1"
+    shift
+    FACESETS_CHECK_ONLY=1 "${py[@]}" "$@" || {
+        echo "(those are the words of $var)" >&2; exit 2; }
 }
 step() {
     local rc=0

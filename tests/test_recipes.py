@@ -142,16 +142,20 @@ def test_recipe_refuses_an_unknown_link_before_any_step(tmp_path):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("env, flag", [({"REFINE_ARGS": "--min-faces 0"}, "--min-faces"),
-                                       ({"EXPORT_ARGS": "--top-n abc"}, "--top-n")])
-def test_recipe_checks_the_steps_options_before_any_step(tmp_path, env, flag):
-    """A bad value in REFINE_ARGS or EXPORT_ARGS stops the pipeline before
-    embed, with the step's one line, and nothing is written."""
+@pytest.mark.parametrize("env, said", [({"REFINE_ARGS": "--min-faces 0"}, "argument --min-faces:"),
+                                       ({"EXPORT_ARGS": "--top-n abc"}, "argument --top-n:"),
+                                       ({"REFINE_ARGS": "--min-faces 5 --bogus"},
+                                        "unrecognized arguments: --bogus")])
+def test_recipe_checks_the_steps_options_before_any_step(tmp_path, env, said):
+    """A bad value or an unknown word in REFINE_ARGS or EXPORT_ARGS stops the
+    pipeline before embed, with the step's one line and the variable named,
+    and nothing is written."""
     name = f"check-args-{os.getpid()}"
     result = run_script("pipeline.sh", tmp_path, name, env=env)
     assert (result.returncode, result.stdout) == (2, "")
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"argument {flag}:" in lines[0], result.stderr
+    assert len(lines) == 2 and said in lines[0], result.stderr
+    assert lines[1] == f"(those are the words of {next(iter(env))})"
     assert not list((ROOT / "work").glob(f"*/{name}*"))
 
 
@@ -227,6 +231,7 @@ def test_a_small_library_is_told_why_it_has_no_facesets_and_how_to_get_them(tmp_
         assert f"--min-faces {keep}" in plain.stderr and "--replace-smaller" in plain.stderr
         assert f"REFINE_ARGS='--min-faces {keep}' bash scripts/pipeline.sh {src} " \
             f"{name}" in plain.stderr  # the pipeline's own command (run from the project here)
+        assert "add --replace-smaller to REFINE_ARGS" in plain.stderr
         assert all((out / part / manifest).read_bytes() == before for (part, before), manifest in
                    zip(kept.items(), ("refine_manifest.json", "export_manifest.json")))
     finally:

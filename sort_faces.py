@@ -6099,15 +6099,18 @@ def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, location: st
     return True
 
 
-def kept_still(old: Path, dst: Path) -> bool:
-    """Put at `dst` the still `old` (a JPEG of a video's frame, in the output
-    being replaced) of a video gone or changed since embed, which can no
-    longer give it: made when the video was as the cache saw it. True if
-    it was kept."""
-    if lone_file(old) is None:
-        return False
+def kept_still(olds: list[Path], dst: Path) -> bool:
+    """Put at `dst` the still the output being replaced made of a frame of a
+    video gone since embed (`olds`: its files of the still's name), which can
+    no longer give it. A still has no sha256 in the cache to be checked
+    against, so only an unambiguous one is kept: one file, or several of the
+    same bytes (a video replaced, then embedded again and deleted, leaves
+    two pictures under one name: neither is kept). True if it was kept."""
     try:
-        link_or_copy(old, dst)
+        if not olds or not all(stat.S_ISREG(os.lstat(old).st_mode) for old in olds) or \
+                len({sha256_file(str(old)) for old in olds}) != 1:
+            return False
+        link_or_copy(olds[0], dst)
     except OSError:
         return False
     return True
@@ -6536,9 +6539,9 @@ def materialise_files(folder: Path, paths, link: str,
                          or holds_what_was_seen(path)):
                 materialise(path, inside(folder, name), link,
                             next(filter(None, (earlier_copy(old, path) for old in olds)), None))
-            elif any(kept_copy_of_gone_photo(old, inside(folder, name), link, path)
-                     if video is None else kept_still(old, inside(folder, name))
-                     for old in olds):
+            elif (any(kept_copy_of_gone_photo(old, inside(folder, name), link, path)
+                      for old in olds) if video is None else
+                  not os.path.lexists(video) and kept_still(olds, inside(folder, name))):
                 kept += 1
             else:
                 why = left_out["changed" if os.path.lexists(video or path) else "gone"]
@@ -6577,6 +6580,10 @@ def write_group(folder: Path, faces, cache, locations, link,
     (`earlier`: as materialise_files)."""
     file_rows = sorted({int(cache["face_file"][f]) for f in faces})
     paths = [p for row in file_rows for p in locations[row]]
+    nowhere = sum(not locations[row] for row in file_rows)
+    if nowhere:  # frames of a video no path holds now (replaced, and embedded again)
+        log.warning("%s in %s/ have no file: their video is gone or replaced since embed",
+                    counted(nowhere, "frame"), display(folder.name))
     return Group(faces=[face_record(cache, f, locations) for f in faces], images=len(file_rows),
                  outputs=materialise_files(folder, paths, link, earlier))
 

@@ -576,7 +576,8 @@ def test_a_slideshow_and_a_far_frame_are_each_frame_once_and_the_run_ends(tmp_pa
 def test_a_rebuild_keeps_the_stills_of_a_video_gone_since(tmp_path, caplog):
     """A video deleted from the source since embed can give no still: a
     rebuild keeps the stills the output made of it (a copy of the frame as it
-    was embedded), says so, and a new output leaves the video out with a line."""
+    was embedded), says so, and a new output leaves the video out with a line.
+    A video replaced by another keeps none (a still has no sha256 to check)."""
     src = tmp_path / "src"
     src.mkdir()
     clip = two_people_clip(src / "two.mp4")
@@ -590,7 +591,16 @@ def test_a_rebuild_keeps_the_stills_of_a_video_gone_since(tmp_path, caplog):
     sort_faces.cluster(cache, raw, quiet=True)
     assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*#t=*.jpg")} == stills
     assert "(or videos) are gone or changed since embed" in caplog.text
+    sort_faces.cluster(cache, raw, quiet=True)  # and again (the kept stills are linked twice)
+    assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*#t=*.jpg")} == stills
     caplog.clear()
     sort_faces.cluster(cache, tmp_path / "new", quiet=True)
     assert not list((tmp_path / "new").rglob("*#t=*.jpg"))
     assert caplog.text.count("two.mp4 out of") == len({p.parent for p in stills})
+    # a video replaced by another (and not embedded again) gives no still, and none is kept:
+    # a still cannot be checked against the cache, and the new video's frame is another picture
+    two_people_clip(clip, size=(352, 256))
+    caplog.clear()
+    sort_faces.cluster(cache, raw, quiet=True)
+    assert not list(raw.rglob("*#t=*.jpg"))
+    assert "two.mp4 out of" in caplog.text and "not the picture the cache has" in caplog.text

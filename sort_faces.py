@@ -6099,6 +6099,14 @@ def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, location: st
     return True
 
 
+def held_name(name: str, sha256: str) -> str:
+    """The name a kept copy of a photo's earlier picture takes in a folder
+    where the picture now at its path has its name (a photo replaced in
+    place, both faces in one person): its name, then its sha256's start."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}~{sha256[:10]}{ext}"
+
+
 def kept_still(olds: list[Path], dst: Path) -> bool:
     """Put at `dst` the still the output being replaced made of a frame of a
     video gone since embed (`olds`: its files of the still's name), which can
@@ -6525,6 +6533,10 @@ def materialise_files(folder: Path, paths, link: str,
     # (a photo edited in place and embedded again: its new picture, not the copy of the old)
     for path, seen in sorted(((path, as_seen(path)) for path in paths), key=lambda p: not p[1]):
         name = output_name(path)
+        old_picture = isinstance(path, SeenPath) and held_name(name, path.sha256)
+        olds = [*earlier.get(name, ()), *earlier.get(old_picture, ())] if earlier else []
+        if name in names and not seen and old_picture:  # the picture there now has the name:
+            name = old_picture  # the old one's copy, if kept, goes beside it under its own
         if name in names:
             if seen and names[name] != path:  # safe_dst_name keeps this from happening
                 log.warning("%s and %s would share the name %s in %s; the second is left out",
@@ -6533,7 +6545,6 @@ def materialise_files(folder: Path, paths, link: str,
         video = getattr(path, "video", None)
         if video in failed_videos:
             continue  # said once for the video, not once a frame
-        olds = earlier.get(name, ()) if earlier else ()
         try:
             if seen and (not any(rewritten_since_copy(old, path) for old in olds)
                          or holds_what_was_seen(path)):

@@ -463,3 +463,28 @@ def test_a_photo_rewritten_with_its_old_size_and_time_is_not_copied_as_its_face(
     copies = [p for p in fresh.glob("person_*/*")
               if p.name == sort_faces.output_name(str(target))]
     assert copies and all(p.read_bytes() == original for p in copies)
+
+
+def test_a_photo_replaced_by_another_of_its_person_keeps_both_pictures(tmp_path):
+    """A photo replaced in place by another picture of the same person (here
+    its mirror image), and embedded again: both faces are that person's, and
+    the rebuilt folder holds both pictures, the new one under the photo's
+    name and the old one's copy beside it under a name of its own."""
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "face_recognition" / "barack_obama", src)
+    cache, out = tmp_path / "c.npz", tmp_path / "raw"
+    embed_quiet(src, cache)
+    sort_faces.cluster(cache, out, quiet=True)
+    photo = src / "obama1.jpg"
+    original = photo.read_bytes()
+    cv2.imwrite(str(src / "mirror.tmp.jpg"), cv2.flip(cv2.imread(str(photo)), 1))
+    os.replace(src / "mirror.tmp.jpg", photo)
+    mirror = photo.read_bytes()
+    embed_quiet(src, cache)
+    manifest = sort_faces.cluster(cache, out, quiet=True)
+    name = sort_faces.output_name(str(photo))
+    holder = next(e for e in manifest["clusters"] if name in e["outputs"])
+    pictures = {p.read_bytes() for p in (out / holder["name"]).iterdir()
+                if p.name.startswith(name.rsplit(".", 1)[0])}
+    assert pictures == {original, mirror}
+    assert len([n for n in holder["outputs"] if n.startswith(name.rsplit(".", 1)[0])]) == 2

@@ -14355,7 +14355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with it; every later cluster, refine, extend and export-swap "
                                 "honours it. FACE is the id the review page shows under each "
                                 "face.")
-    p.add_argument("out", help="a cluster or refine output folder")
+    p.add_argument("out", metavar="OUT", help="a cluster or refine output folder")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
     p.commands = verbs.choices  # each verb's parser (parse_args' errors)
     v = verbs.add_parser("name", help="name a person: name person_003 \"Alice\"")

@@ -219,7 +219,7 @@ def test_usage_errors_and_wrong_folders_say_so_in_one_runnable_line(tmp_path):
     assert err.strip().endswith("sort_faces.py cluster --help)")
     code, _out, err = run_cli("people", "out", "undo", "now")  # after a verb: the verb's help
     hint = err.strip().rsplit("(see ", 1)[1].rstrip(")")
-    assert code == 2 and hint.endswith("people out undo --help")
+    assert code == 2 and hint.endswith("people OUT undo --help")
     code, out, _err = run_pasted(hint)
     assert code == 0 and "usage:" in out and "undo" in out
     (tmp_path / "photos").mkdir()

@@ -1837,11 +1837,12 @@ class FaceCache:
                                   self["path_size"], self["path_mtime_ns"])
         }
 
-    def paths_by_sha(self) -> dict[str, list[str]]:
-        """sha256 -> every path currently holding that content, canonical first."""
+    def paths_by_sha(self, table: dict | None = None) -> dict[str, list[str]]:
+        """sha256 -> every path currently holding that content, canonical first
+        (`table`: path_table's, where the caller has it already)."""
         canonical = dict(zip(self["sha256"], self["files"]))
         grouped: dict[str, list[str]] = {}
-        for path, (sha, _size, _mtime) in sorted(self.path_table().items()):
+        for path, (sha, _size, _mtime) in sorted((table or self.path_table()).items()):
             grouped.setdefault(sha, []).append(path)
         for sha, paths in grouped.items():
             first = canonical.get(sha)
@@ -2322,7 +2323,7 @@ def file_locations(cache: FaceCache) -> list[list[str]]:
     by its name (true_copy). A video's frames have no such place.
     """
     table = cache.path_table()
-    by_sha = cache.paths_by_sha()
+    by_sha = cache.paths_by_sha(table)
     locations = [[SeenPath(p, *table[p]) for p in by_sha[sha]] if sha in by_sha else
                  [SeenPath(path, sha, size, mtime)]
                  for path, sha, size, mtime in zip(cache["files"], cache["sha256"],
@@ -10597,10 +10598,11 @@ def say_same_photo(step: str, info: dict, quiet: bool) -> None:
 
 class PeopleBuild(NamedTuple):
     """What a cluster or refine run hands to write_people_output: its people
-    (or facesets; face arrays), and `manifest(work, names, **fields)`, which
-    writes the kind's other parts into the folder being built (`work`;
-    `names`: each group's name) and returns its manifest record, made of
-    them and of `fields`, the fields every people output has (the header,
+    (or facesets; face arrays), and `manifest(work, names, earlier, **fields)`,
+    which writes the kind's other parts into the folder being built (`work`;
+    `names`: each group's name; `earlier`: the files of the output it
+    replaces, earlier_files) and returns its manifest record, made of them
+    and of `fields`, the fields every people output has (the header,
     `entries`, `former`, `next_number`)."""
     groups: list
     manifest: Callable[..., Manifest]
@@ -10635,7 +10637,7 @@ def write_people_output(kind: str, cache_path: Path, out: Path, cache: FaceCache
                                  centroid=centroid, **vars(group)))
         former = former_entries(previous, names)
         number = max(previous["first_free"], next_number(names + [f.name for f in former]))
-        manifest = build.manifest(work, names, **header, entries=entries, former=former,
+        manifest = build.manifest(work, names, earlier, **header, entries=entries, former=former,
                                   next_number=number)
         manifest.summary.seconds = round(time.time() - started, 1)
         write_manifest(work, manifest)
@@ -11319,8 +11321,7 @@ def cluster(cache_path, out, *, threshold=CLUSTER_DEFAULTS["threshold"],
     locations = file_locations(cache)
     noface, unreadable = noface_and_unreadable(cache, locations)
 
-    def record(work: Path, _names, *, entries: list[Entry], **fields) -> ClusterManifest:
-        earlier = earlier_files(out)  # (while OUT is still the output this build replaces)
+    def record(work: Path, _names, earlier, *, entries: list[Entry], **fields) -> ClusterManifest:
         singletons = write_group(work / "_singletons", singles, cache, locations, link, earlier)
         return ClusterManifest(
             **fields, clustering=info, clusters=entries, singletons=singletons,
@@ -11384,7 +11385,8 @@ def refine(cache_path, out, *, link=CLUSTER_DEFAULTS["link"], quiet=False, locke
                    {**REFINE_DEFAULTS, "link": link}, replace_smaller)
     locations = file_locations(cache)
 
-    def record(_work, names: list, *, entries: list[Entry], **fields) -> RefineManifest:
+    def record(_work, names: list, _earlier, *, entries: list[Entry],
+               **fields) -> RefineManifest:
         return RefineManifest(
             **fields, stages=Stages.of(stages), facesets=entries,
             dropped=[face_record(cache, face, locations, stage=stage, reason=reason,

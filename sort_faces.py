@@ -6041,43 +6041,37 @@ def lone_file(path: Path) -> os.stat_result | None:
     return held if stat.S_ISREG(held.st_mode) and held.st_nlink == 1 else None
 
 
-def earlier_copy(old: Path | None, src: str) -> Path | None:
-    """`old`, the file of the same name in the output being replaced, when it
-    is a copy of `src` as `src` is now: a regular file (not a link) of the
-    same size and modification time (copy2 keeps it; an edit of either
-    changes it), made (or linked in) since the photo last changed (its
-    status-change time: a photo rewritten with its old time restored is
-    copied anew), and not the photo itself (as in a `--link hardlink` output)
-    nor any other file's name too (one link only: a copy hardlinked by hand
-    to a file outside OUT, which may hold other bytes, is copied anew).
-    A name is the source path's own (output_name), so it is that photo's
-    copy; a rebuild links it instead of copying the photo again."""
-    if old is None or isinstance(src, FrameLocation):
-        return None
-    held = lone_file(old)
+def earlier_copy(olds, src: str) -> tuple[Path | None, bool]:
+    """(copy, rewritten) of `olds`, the files of `src`'s name in the output
+    being replaced (earlier_files), with one look at `src`:
+    - copy: the first that is a copy of `src` as it is now, which a rebuild
+      links in instead of copying the photo again: a regular file (not a
+      link) of the same size and modification time (copy2 keeps them; an
+      edit of either changes them), made (or linked in) since the photo last
+      changed (its status-change time), not the photo itself (as in a
+      `--link hardlink` output) nor any other file's name too (one link
+      only: a copy hardlinked by hand to a file outside OUT, which may hold
+      other bytes, is copied anew);
+    - rewritten: whether `src` was written since one of them was made though
+      its size and time are still that one's (a photo rewritten with its old
+      time put back): whether it still holds what the cache saw is then a
+      question for its bytes (holds_what_was_seen)."""
+    if not olds or isinstance(src, FrameLocation):
+        return None, False
     try:
         now = os.stat(src)
     except OSError:
-        return None
-    same = held is not None and \
-        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns) and \
-        now.st_ctime_ns <= held.st_ctime_ns  # the photo not written since the copy was made
-    return old if same and (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) else None
-
-
-def rewritten_since_copy(old: Path | None, src: str) -> bool:
-    """Was the photo `src` written since `old`, its copy in the output being
-    replaced, was made (or linked in), though its size and time are still
-    the copy's (a photo rewritten with its old time restored)? Then whether
-    it still holds what the cache saw is a question for its bytes
-    (holds_what_was_seen)."""
-    held = lone_file(old) if old is not None and not isinstance(src, FrameLocation) else None
-    try:
-        now = os.stat(src)
-    except OSError:
-        return False
-    return held is not None and now.st_ctime_ns > held.st_ctime_ns and \
-        (held.st_size, held.st_mtime_ns) == (now.st_size, now.st_mtime_ns)
+        return None, False
+    copy, rewritten = None, False
+    for old in olds:
+        held = lone_file(old)
+        if held is None or (held.st_size, held.st_mtime_ns) != (now.st_size, now.st_mtime_ns):
+            continue
+        if now.st_ctime_ns > held.st_ctime_ns:
+            rewritten = True
+        elif copy is None and (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            copy = old
+    return copy, rewritten
 
 
 def kept_copy_of_gone_photo(old: Path | None, dst: Path, link: str, location: str) -> bool:
@@ -6547,10 +6541,9 @@ def materialise_files(folder: Path, paths, link: str,
         if video in failed_videos:
             continue  # said once for the video, not once a frame
         try:
-            if seen and (not any(rewritten_since_copy(old, path) for old in olds)
-                         or holds_what_was_seen(path)):
-                materialise(path, inside(folder, name), link,
-                            next(filter(None, (earlier_copy(old, path) for old in olds)), None))
+            copy, rewritten = earlier_copy(olds, path) if seen else (None, False)
+            if seen and (not rewritten or holds_what_was_seen(path)):
+                materialise(path, inside(folder, name), link, copy)
             elif (any(kept_copy_of_gone_photo(old, inside(folder, name), link, path)
                       for old in olds) if video is None else
                   not os.path.lexists(video) and kept_still(olds, inside(folder, name))):
@@ -14515,6 +14508,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get(CHECK_ONLY_ENV):  # a recipe checking its steps' words before any runs
+        print(f"checked, and nothing run: {CHECK_ONLY_ENV} is set", file=sys.stderr)
         return 0
     verbosity = -1 if getattr(args, "quiet", False) else (1 if getattr(args, "verbose", False) else 0)
     try:

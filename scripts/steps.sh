@@ -48,10 +48,10 @@ use_venv() {
     py=("$python" "${at}sort_faces.py")
 }
 check_args() {
-    local var="$1"
+    local var="$1" said
     shift
-    FACESETS_CHECK_ONLY=1 "${py[@]}" "$@" || {
-        echo "(those are the words of $var)" >&2; exit 2; }
+    said="$(FACESETS_CHECK_ONLY=1 "${py[@]}" "$@" 2>&1 >/dev/null)" || {
+        printf '%s\n(those are the words of %s)\n' "$said" "$var" >&2; exit 2; }
 }
 step() {
     local rc=0
